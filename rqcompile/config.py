@@ -1,0 +1,91 @@
+"""RQConfig: everything that decides the compressed format, validated once, up front.
+
+A config is a frozen dataclass so it can be hashed, stored in artifact manifests and compared; every error a user
+can make with it is raised here, with the allowed values, rather than deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("planar", "iso", "rotor", "hadamard", "none")
+SUPPORTED_BITS = (2, 3, 4)
+ISO_MODES = ("full", "fast")
+
+
+@dataclass(frozen=True)
+class RQConfig:
+    """How K/V head vectors are compressed.
+
+    Args:
+        backend: rotation applied before quantizing: ``planar`` (2D Givens), ``iso`` (4D quaternion), ``rotor``
+            (3D Clifford rotor), ``hadamard`` (dense baseline inside each norm group) or ``none``.
+        bits: bits per coordinate for keys and values, unless ``key_bits`` / ``value_bits`` override it.
+        key_bits, value_bits: per-tensor overrides of ``bits``.
+        norm_group: coordinates sharing one fp16 norm; ``None`` means ``min(head_dim, 128)``.
+        seed: rotations are random but deterministic from (seed, layer, kv-head, K-or-V).
+        iso_mode: ``full`` uses ``q_L v conj(q_R)`` (all of SO(4)), ``fast`` only ``q_L v``.
+        residual_window: most recent tokens kept uncompressed (eager caches); 0 disables it.
+        check_finite: raise on NaN/inf K/V in the eager caches (one host sync per layer and step when on a GPU).
+    """
+
+    backend: str = "planar"
+    bits: int = 3
+    key_bits: int | None = None
+    value_bits: int | None = None
+    norm_group: int | None = None
+    seed: int = 0
+    iso_mode: str = "full"
+    residual_window: int = 0
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        for name in ("bits", "key_bits", "value_bits"):
+            value = getattr(self, name)
+            if value is None and name != "bits":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_BITS:
+                raise ValueError(f"{name}={value!r} is not supported; choose one of {SUPPORTED_BITS}")
+        if self.iso_mode not in ISO_MODES:
+            raise ValueError(f"unknown iso_mode {self.iso_mode!r}; choose one of {ISO_MODES}")
+        if self.norm_group is not None and (self.norm_group <= 0 or self.norm_group % 8):
+            raise ValueError(f"norm_group={self.norm_group} must be a positive multiple of 8")
+        if self.residual_window < 0:
+            raise ValueError(f"residual_window={self.residual_window} must be >= 0")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {type(self.seed).__name__}")
+
+    @property
+    def k_bits(self) -> int:
+        return self.key_bits if self.key_bits is not None else self.bits
+
+    @property
+    def v_bits(self) -> int:
+        return self.value_bits if self.value_bits is not None else self.bits
+
+    def group_for(self, head_dim: int) -> int:
+        """The norm group for a head dimension; it must divide head_dim so every vector has whole groups."""
+        group = self.norm_group if self.norm_group is not None else min(head_dim, 128)
+        if head_dim % 8:
+            raise ValueError(f"head_dim={head_dim} must be a multiple of 8 for bit packing")
+        if head_dim % group:
+            raise ValueError(f"norm_group={group} must divide head_dim={head_dim}")
+        return group
+
+    def replace(self, **changes: Any) -> RQConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RQConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown RQConfig fields {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,155 @@
+"""`torch.library` custom ops for the compressed cache: rq::quantize, rq::dequantize, rq::attention.
+
+They are functional (no `mutates_args`): the cache write stays an ordinary `index_copy_` of their outputs, which
+torch.export, Inductor, AOTInductor and the ONNX exporter all understand (a mutating custom op reaches the ONNX
+exporter as `auto_functionalized_v2`, which it cannot translate). The default implementation is the plain-torch
+reference from `rqcompile.quant.quantizer`; `rqcompile.kernels` registers Triton implementations for CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rqcompile.quant import quantizer
+from rqcompile.quant.packing import packed_size
+
+
+@torch.library.custom_op("rq::quantize", mutates_args=())
+def quantize(
+    x: torch.Tensor,
+    rotation: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    levels: torch.Tensor,
+    bits: int,
+    group: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, T, d] -> (codes uint8 [B, H, T, d*bits/8], norms fp16 [B, H, T, d/group])."""
+    return quantizer.quantize(x, rotation, mean, scale, levels, bits, group)
+
+
+@quantize.register_fake
+def _(x, rotation, mean, scale, levels, bits, group):
+    batch, heads, tokens, dim = x.shape
+    codes = x.new_empty((batch, heads, tokens, packed_size(dim, bits)), dtype=torch.uint8)
+    norms = x.new_empty((batch, heads, tokens, dim // group), dtype=torch.float16)
+    return codes, norms
+
+
+@torch.library.custom_op("rq::dequantize", mutates_args=())
+def dequantize(
+    codes: torch.Tensor,
+    norms: torch.Tensor,
+    rotation: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    levels: torch.Tensor,
+    bits: int,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(codes, norms) -> reconstructed K/V [B, H, T, head_dim] in `dtype`."""
+    return quantizer.dequantize(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype)
+
+
+@dequantize.register_fake
+def _(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype):
+    return codes.new_empty((*codes.shape[:-1], head_dim), dtype=dtype)
+
+
+@torch.library.custom_op("rq::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_norms: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_norms: torch.Tensor,
+    k_rotation: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_levels: torch.Tensor,
+    v_rotation: torch.Tensor,
+    v_mean: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_levels: torch.Tensor,
+    k_bits: int,
+    v_bits: int,
+    attn_mask: torch.Tensor | None,
+    sm_scale: float,
+) -> torch.Tensor:
+    """SDPA of q [B, Hq, Tq, d] over the compressed cache, computed in the rotated space (GQA by head grouping)."""
+    group_k = q.shape[-1] // k_norms.shape[-1]
+    group_v = q.shape[-1] // v_norms.shape[-1]
+    k = quantizer.QuantState(k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, k_bits, group_k)
+    v = quantizer.QuantState(v_rotation, v_mean, v_scale, v_levels, v_bits, group_v)
+    return quantizer.rotated_attention(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale)
+
+
+@attention.register_fake
+def _(
+    q,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    k_rotation,
+    k_scale,
+    k_levels,
+    v_rotation,
+    v_mean,
+    v_scale,
+    v_levels,
+    k_bits,
+    v_bits,
+    attn_mask,
+    sm_scale,
+):
+    return torch.empty_like(q)
+
+
+def quantize_state(x: torch.Tensor, state: quantizer.QuantState) -> tuple[torch.Tensor, torch.Tensor]:
+    """rq::quantize with one QuantState's parameters."""
+    return torch.ops.rq.quantize(x, state.rotation, state.mean, state.scale, state.levels, state.bits, state.group)
+
+
+def dequantize_state(
+    codes: torch.Tensor, norms: torch.Tensor, state: quantizer.QuantState, dtype: torch.dtype
+) -> torch.Tensor:
+    """rq::dequantize with one QuantState's parameters."""
+    return torch.ops.rq.dequantize(
+        codes, norms, state.rotation, state.mean, state.scale, state.levels, state.bits, state.head_dim, dtype
+    )
+
+
+def attention_state(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_norms: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_norms: torch.Tensor,
+    k: quantizer.QuantState,
+    v: quantizer.QuantState,
+    attn_mask: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """rq::attention with two QuantStates' parameters."""
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    return torch.ops.rq.attention(
+        q,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        k.rotation,
+        k.scale,
+        k.levels,
+        v.rotation,
+        v.mean,
+        v.scale,
+        v.levels,
+        k.bits,
+        v.bits,
+        attn_mask,
+        sm_scale,
+    )

@@ -1,0 +1,1 @@
+"""The compressed format in plain torch: rotations, codebooks, packing and the reference quantizer."""

@@ -1,0 +1,186 @@
+"""Block-diagonal rotations, all stored the same way: a tensor of blocks `[H, nb, b, b]` per (layer, K|V).
+
+Each backend generates its blocks from its own parameters (angles, quaternions, rotors, signs); once built, every
+path (reference, kernels, exports) only sees the matrices, so there is one apply/inverse for all backends.
+Parameters are random but deterministic from (seed, layer, kv-head, K|V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_SIZE = {"none": 1, "planar": 2, "rotor": 3, "iso": 4}
+_KINDS = {"k": 0, "v": 1}
+
+
+def head_generator(seed: int, layer_idx: int, head: int, kind: str) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, layer, kv-head, K|V)."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
+    mixed = (seed * 0x9E3779B1 + layer_idx * 0x85EBCA77 + head * 0xC2B2AE3D + _KINDS[kind] * 0x27D4EB2F) % (2**61 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def givens(theta: torch.Tensor) -> torch.Tensor:
+    """2x2 rotations [..., 2, 2] from angles."""
+    c, s = torch.cos(theta), torch.sin(theta)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def quat_left(q: torch.Tensor) -> torch.Tensor:
+    """Matrix of v -> q * v for quaternions (w, x, y, z)."""
+    w, x, y, z = q.unbind(-1)
+    rows = [[w, -x, -y, -z], [x, w, -z, y], [y, z, w, -x], [z, -y, x, w]]
+    return torch.stack([torch.stack(r, -1) for r in rows], -2)
+
+
+def quat_right(q: torch.Tensor) -> torch.Tensor:
+    """Matrix of v -> v * q for quaternions (w, x, y, z)."""
+    w, x, y, z = q.unbind(-1)
+    rows = [[w, -x, -y, -z], [x, w, z, -y], [y, -z, w, x], [z, y, -x, w]]
+    return torch.stack([torch.stack(r, -1) for r in rows], -2)
+
+
+def quat_conj(q: torch.Tensor) -> torch.Tensor:
+    return q * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=q.dtype)
+
+
+# --- Cl(3,0): multivectors as 8 coefficients over the basis [1, e1, e2, e3, e12, e13, e23, e123]. ---
+_BASIS = [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]
+
+
+def _blade_product(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
+    """Geometric product of two basis blades of Cl(3,0) (all e_i^2 = +1): sign and resulting blade."""
+    items, sign = list(a) + list(b), 1.0
+    changed = True
+    while changed:  # bubble sort, counting swaps; cancel equal neighbours (e_i e_i = 1)
+        changed = False
+        for i in range(len(items) - 1):
+            if items[i] > items[i + 1]:
+                items[i], items[i + 1] = items[i + 1], items[i]
+                sign, changed = -sign, True
+            elif items[i] == items[i + 1]:
+                del items[i : i + 2]
+                changed = True
+                break
+    return sign, tuple(items)
+
+
+_TABLE = [[_blade_product(a, b) for b in _BASIS] for a in _BASIS]
+
+
+def clifford_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Geometric product of multivectors [..., 8] in Cl(3,0)."""
+    out = torch.zeros(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype)
+    for i in range(8):
+        for j in range(8):
+            sign, blade = _TABLE[i][j]
+            out[..., _BASIS.index(blade)] += sign * a[..., i] * b[..., j]
+    return out
+
+
+def clifford_reverse(a: torch.Tensor) -> torch.Tensor:
+    """Reversion: flips the sign of bivectors and the trivector."""
+    return a * torch.tensor([1, 1, 1, 1, -1, -1, -1, -1], dtype=a.dtype)
+
+
+def rotor_sandwich_matrix(rotor: torch.Tensor) -> torch.Tensor:
+    """3x3 matrix of v -> R v R~ for even multivectors R [..., 8] (scalar + bivector, unit norm).
+
+    The sandwich of a vector by a rotor is a vector (its trivector part cancels), so the matrix is all we keep.
+    """
+    cols = []
+    for axis in range(3):
+        e = torch.zeros(8, dtype=rotor.dtype)
+        e[1 + axis] = 1.0
+        image = clifford_product(clifford_product(rotor, e), clifford_reverse(rotor))
+        cols.append(image[..., 1:4])
+    return torch.stack(cols, -1)
+
+
+def random_rotor(gen: torch.Generator, count: int) -> torch.Tensor:
+    """Haar-random unit rotors (scalar + bivector), [count, 8]."""
+    coeff = torch.randn(count, 4, generator=gen, dtype=torch.float64)
+    coeff = coeff / coeff.norm(dim=-1, keepdim=True)
+    rotor = torch.zeros(count, 8, dtype=torch.float64)
+    rotor[:, 0] = coeff[:, 0]
+    rotor[:, 4:7] = coeff[:, 1:4]
+    return rotor
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """Normalized Sylvester Walsh-Hadamard matrix of order n (a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"the hadamard backend needs a power-of-two norm group, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def _head_blocks(backend: str, dim: int, group: int, gen: torch.Generator, iso_mode: str) -> torch.Tensor:
+    if backend == "none":
+        return torch.ones(dim, 1, 1, dtype=torch.float64)
+    if backend == "planar":
+        theta = torch.rand(dim // 2, generator=gen, dtype=torch.float64) * (2 * math.pi)
+        return givens(theta)
+    if backend == "iso":
+        q_left = torch.randn(dim // 4, 4, generator=gen, dtype=torch.float64)
+        q_left = q_left / q_left.norm(dim=-1, keepdim=True)
+        blocks = quat_left(q_left)
+        if iso_mode == "full":
+            q_right = torch.randn(dim // 4, 4, generator=gen, dtype=torch.float64)
+            q_right = q_right / q_right.norm(dim=-1, keepdim=True)
+            blocks = blocks @ quat_right(quat_conj(q_right))
+        return blocks
+    if backend == "rotor":
+        whole, leftover = divmod(dim, 3)
+        blocks = rotor_sandwich_matrix(random_rotor(gen, whole))
+        if leftover:
+            last = torch.eye(3, dtype=torch.float64)
+            if leftover == 2:  # the two leftover coordinates get a planar rotation
+                last[:2, :2] = givens(torch.rand((), generator=gen, dtype=torch.float64) * (2 * math.pi))
+            blocks = torch.cat([blocks, last[None]], 0)
+        return blocks
+    if backend == "hadamard":
+        signs = torch.randint(0, 2, (dim // group, group), generator=gen).to(torch.float64) * 2 - 1
+        return hadamard_matrix(group)[None] * signs[:, None, :]
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def make_rotation(
+    backend: str,
+    num_heads: int,
+    head_dim: int,
+    group: int,
+    *,
+    seed: int,
+    layer_idx: int,
+    kind: str,
+    iso_mode: str = "full",
+) -> torch.Tensor:
+    """Blocks [H, nb, b, b] (float32) of the backend's rotation for one layer's K or V."""
+    if backend in ("planar", "iso") and head_dim % BLOCK_SIZE[backend]:
+        raise ValueError(f"backend {backend!r} needs head_dim divisible by {BLOCK_SIZE[backend]}, got {head_dim}")
+    heads = [
+        _head_blocks(backend, head_dim, group, head_generator(seed, layer_idx, h, kind), iso_mode)
+        for h in range(num_heads)
+    ]
+    return torch.stack(heads).to(torch.float32)
+
+
+def rotate(x: torch.Tensor, blocks: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Apply the per-head block-diagonal rotation to x [B, H, T, d] (or its inverse, the transpose)."""
+    _, nb, b, _ = blocks.shape
+    dim = x.shape[-1]
+    if blocks.shape[0] != x.shape[1]:
+        raise ValueError(f"rotation has {blocks.shape[0]} heads but the tensor has {x.shape[1]}")
+    if nb * b < dim or nb * b - dim >= b:
+        raise ValueError(f"rotation blocks {nb}x{b} do not cover head_dim {dim}")
+    padded = F.pad(x, (0, nb * b - dim)) if nb * b != dim else x
+    xb = padded.unflatten(-1, (nb, b)).to(blocks.dtype)
+    equation = "hjki,bhtjk->bhtji" if inverse else "hjik,bhtjk->bhtji"
+    return torch.einsum(equation, blocks, xb).flatten(-2)[..., :dim]
