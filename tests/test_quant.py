@@ -1,0 +1,242 @@
+"""The compressed format (docs/FORMAT.md), checked piece by piece against math and published tables."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rqcompile import ops
+from rqcompile.config import RQConfig
+from rqcompile.quant import rotations
+from rqcompile.quant.codebook import codebook, lloyd_max_distortion, lloyd_max_normal
+from rqcompile.quant.packing import pack, packed_size, unpack
+from rqcompile.quant.quantizer import dequantize, make_state, quantize
+
+BACKENDS = ["planar", "iso", "rotor", "hadamard"]
+HEAD_DIMS = [64, 128, 256]
+
+# Max (1960) / Lloyd (1982) levels of the N(0, 1) quantizer, positive half.
+PUBLISHED_LEVELS = {
+    2: [0.4528, 1.5104],
+    3: [0.2451, 0.7560, 1.3440, 2.1520],
+    4: [0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6181, 2.0690, 2.7326],
+}
+PUBLISHED_DISTORTION = {2: 0.1175, 3: 0.03454, 4: 0.009497}
+
+
+# --- codebooks ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lloyd_max_levels_match_the_published_tables(bits):
+    levels = lloyd_max_normal(bits)
+    positive = sorted(x for x in levels if x > 0)
+    assert positive == pytest.approx(PUBLISHED_LEVELS[bits], abs=6e-4)
+    assert [-x for x in reversed(positive)] == pytest.approx([x for x in levels if x < 0], abs=1e-12)
+    assert lloyd_max_distortion(bits) == pytest.approx(PUBLISHED_DISTORTION[bits], rel=3e-3)
+
+
+def test_codebook_is_scaled_for_a_unit_vector_in_the_norm_group():
+    assert codebook(3, 128) * math.sqrt(128) == pytest.approx(torch.tensor(lloyd_max_normal(3)).float(), abs=1e-6)
+
+
+# --- rotations ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS + ["none"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_rotation_is_orthogonal_and_its_inverse_is_exact(backend, head_dim):
+    blocks = rotations.make_rotation(backend, 2, head_dim, min(head_dim, 128), seed=3, layer_idx=1, kind="k")
+    eye = torch.eye(blocks.shape[-1]).expand_as(blocks)
+    assert torch.allclose(blocks @ blocks.transpose(-1, -2), eye, atol=1e-5)
+    x = torch.randn(2, 2, 7, head_dim)
+    y = rotations.rotate(x, blocks)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+    assert torch.allclose(rotations.rotate(y, blocks, inverse=True), x, atol=1e-5)
+    if backend != "none":
+        assert not torch.allclose(y, x, atol=1e-3), "a rotation that does nothing"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotation_is_deterministic_from_seed_layer_head_and_kind(backend):
+    make = lambda **kw: rotations.make_rotation(backend, 4, 128, 128, **{"seed": 0, "layer_idx": 0, "kind": "k", **kw})
+    base = make()
+    assert torch.equal(base, make())
+    assert not torch.equal(base, make(seed=1))
+    assert not torch.equal(base, make(layer_idx=1))
+    assert not torch.equal(base, make(kind="v"))
+    assert not torch.equal(base[0], base[1]), "heads must get different rotations"
+    # A head's rotation does not depend on how many heads were generated alongside it.
+    assert torch.equal(rotations.make_rotation(backend, 2, 128, 128, seed=0, layer_idx=0, kind="k"), base[:2])
+
+
+def test_iso_full_is_a_general_so4_element_and_fast_is_left_isoclinic():
+    full = rotations.make_rotation("iso", 1, 64, 64, seed=0, layer_idx=0, kind="k", iso_mode="full")[0, 0]
+    fast = rotations.make_rotation("iso", 1, 64, 64, seed=0, layer_idx=0, kind="k", iso_mode="fast")[0, 0]
+    # A left multiplication q_L v is isoclinic: M + M^T is a multiple of the identity. A general SO(4) element is not.
+    sym = fast + fast.T
+    assert torch.allclose(sym, sym[0, 0] * torch.eye(4), atol=1e-5)
+    assert not torch.allclose(full + full.T, (full + full.T)[0, 0] * torch.eye(4), atol=1e-3)
+    assert torch.det(full).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_rotor_sandwich_has_no_trivector_part_and_matches_the_matrix():
+    gen = torch.Generator().manual_seed(0)
+    rotor = rotations.random_rotor(gen, 5)
+    v = torch.zeros(5, 8, dtype=torch.float64)
+    v[:, 1:4] = torch.randn(5, 3, dtype=torch.float64)
+    image = rotations.clifford_product(rotations.clifford_product(rotor, v), rotations.clifford_reverse(rotor))
+    assert image[:, [0, 4, 5, 6, 7]].abs().max() < 1e-12  # a vector in, a vector out
+    matrix = rotations.rotor_sandwich_matrix(rotor)
+    assert torch.allclose((matrix @ v[:, 1:4, None])[..., 0], image[:, 1:4], atol=1e-12)
+    assert torch.allclose(torch.det(matrix), torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("head_dim,leftover", [(64, 1), (128, 2), (96, 0)])
+def test_rotor_handles_head_dims_not_divisible_by_three(head_dim, leftover):
+    blocks = rotations.make_rotation("rotor", 1, head_dim, min(head_dim, 128), seed=0, layer_idx=0, kind="k")
+    assert blocks.shape[1] == math.ceil(head_dim / 3)
+    x = torch.randn(1, 1, 3, head_dim)
+    assert torch.allclose(rotations.rotate(rotations.rotate(x, blocks), blocks, inverse=True), x, atol=1e-5)
+    if leftover == 2:  # the two leftover coordinates are rotated, not left alone
+        assert not torch.allclose(rotations.rotate(x, blocks)[..., -2:], x[..., -2:])
+
+
+# --- packing --------------------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4]),
+    dim=st.sampled_from([8, 16, 64, 128, 256]),
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_unpack_round_trips_at_exactly_bits_per_code(bits, dim, lead, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (*lead, dim), generator=gen)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape[-1] == packed_size(dim, bits) == dim * bits // 8
+    assert torch.equal(unpack(packed, bits, dim), codes)
+
+
+def test_packing_layout_is_the_documented_one():
+    codes = torch.tensor([5, 2, 7, 1, 0, 3, 6, 4] * 2)  # 16 three-bit codes
+    packed = pack(codes, 3)
+    low = [(c & 3) for c in codes.tolist()]
+    high = [(c >> 2) & 1 for c in codes.tolist()]
+    expect_low = [sum(low[4 * j + i] << (2 * i) for i in range(4)) for j in range(4)]
+    expect_high = [sum(high[8 * j + i] << i for i in range(8)) for j in range(2)]
+    assert packed.tolist() == expect_low + expect_high
+
+
+def test_unsupported_bits_are_refused():
+    with pytest.raises(ValueError, match="bits=5"):
+        pack(torch.zeros(8, dtype=torch.long), 5)
+
+
+# --- quantizer ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantize_error_on_gaussian_vectors_is_the_lloyd_max_distortion(backend, bits):
+    torch.manual_seed(bits)
+    head_dim = 128
+    state = make_state(RQConfig(backend=backend, bits=bits), layer_idx=0, kind="k", num_heads=2, head_dim=head_dim)
+    x = torch.randn(4, 2, 256, head_dim) * 3.0
+    codes, norms = quantize(x, state.rotation, state.mean, state.scale, state.levels, bits, state.group)
+    x_hat = dequantize(codes, norms, state.rotation, state.mean, state.scale, state.levels, bits, head_dim)
+    relative_mse = (((x_hat - x) ** 2).sum(-1) / (x**2).sum(-1)).mean().item()
+    assert relative_mse == pytest.approx(lloyd_max_distortion(bits), rel=0.05)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_storage_is_exactly_bits_per_element_plus_one_fp16_norm_per_group(head_dim):
+    state = make_state(RQConfig(bits=3), layer_idx=0, kind="v", num_heads=1, head_dim=head_dim)
+    codes, norms = ops.quantize_state(torch.randn(1, 1, 5, head_dim), state)
+    assert codes.shape == (1, 1, 5, head_dim * 3 // 8) and codes.dtype == torch.uint8
+    assert norms.shape == (1, 1, 5, head_dim // min(head_dim, 128)) and norms.dtype == torch.float16
+
+
+def test_corrected_norm_preserves_the_vector_length():
+    state = make_state(RQConfig(backend="iso", bits=2), layer_idx=0, kind="k", num_heads=1, head_dim=128)
+    x = torch.randn(1, 1, 64, 128)
+    x_hat = ops.dequantize_state(*ops.quantize_state(x, state), state, torch.float32)
+    assert torch.allclose(x_hat.norm(dim=-1), x.norm(dim=-1), rtol=2e-3)  # fp16 norm rounding only
+
+
+def test_zero_vectors_round_trip_to_zero_and_nan_is_refused():
+    state = make_state(RQConfig(backend="rotor", bits=3), layer_idx=0, kind="k", num_heads=1, head_dim=64)
+    x = torch.randn(1, 1, 3, 64)
+    x[0, 0, 1] = 0.0
+    x_hat = ops.dequantize_state(*ops.quantize_state(x, state), state, torch.float32)
+    assert torch.isfinite(x_hat).all()
+    assert torch.equal(x_hat[0, 0, 1], torch.zeros(64))
+    x[0, 0, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ops.quantize_state(x, state)
+
+
+def test_mean_and_scale_are_undone_by_dequantize():
+    state = make_state(RQConfig(backend="planar", bits=4), layer_idx=0, kind="k", num_heads=2, head_dim=64)
+    mean, scale = torch.randn(2, 64), torch.rand(2, 64) + 0.5
+    x = torch.randn(1, 2, 100, 64) * scale[:, None] + mean[:, None]
+    codes, norms = quantize(x, state.rotation, mean, scale, state.levels, 4, state.group)
+    x_hat = dequantize(codes, norms, state.rotation, mean, scale, state.levels, 4, 64)
+    assert ((x_hat - x) ** 2).mean() < 0.02 * ((x - mean[:, None]) ** 2).mean()
+
+
+# --- attention in the rotated space ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_len,mask_kind", [(1, None), (5, "bool"), (5, "float")])
+def test_rotated_space_attention_equals_sdpa_over_the_dequantized_cache(backend, q_len, mask_kind):
+    torch.manual_seed(0)
+    cfg = RQConfig(backend=backend, key_bits=4, value_bits=2)
+    k = make_state(cfg, layer_idx=2, kind="k", num_heads=2, head_dim=128)
+    v = make_state(cfg, layer_idx=2, kind="v", num_heads=2, head_dim=128)
+    v = type(v)(v.rotation, torch.randn(2, 128), torch.rand(2, 128) + 0.5, v.levels, v.bits, v.group)
+    keys, values, q = torch.randn(3, 2, 40, 128), torch.randn(3, 2, 40, 128), torch.randn(3, 6, q_len, 128)
+    kc, kn = ops.quantize_state(keys, k)
+    vc, vn = ops.quantize_state(values, v)
+    mask = None
+    if mask_kind:
+        allowed = torch.ones(q_len, 40, dtype=torch.bool).tril(40 - q_len)[None, None].expand(3, 1, q_len, 40)
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    expected = F.scaled_dot_product_attention(
+        q,
+        ops.dequantize_state(kc, kn, k, torch.float32),
+        ops.dequantize_state(vc, vn, v, torch.float32),
+        attn_mask=mask,
+        enable_gqa=True,
+    )
+    got = ops.attention_state(q, kc, kn, vc, vn, k, v, mask)
+    assert torch.allclose(got, expected, atol=2e-5)
+
+
+def test_ops_pass_the_torch_library_checks():
+    state = make_state(RQConfig(), layer_idx=0, kind="k", num_heads=2, head_dim=64)
+    x = torch.randn(1, 2, 4, 64)
+    codes, norms = ops.quantize_state(x, state)
+    tensors = (state.rotation, state.mean, state.scale, state.levels)
+    torch.library.opcheck(torch.ops.rq.quantize.default, (x, *tensors, 3, 64))
+    torch.library.opcheck(torch.ops.rq.dequantize.default, (codes, norms, *tensors, 3, 64, torch.float32))
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"backend": "spiral"}, "unknown backend 'spiral'"),
+        ({"bits": 5}, "bits=5 is not supported"),
+        ({"bits": 3, "key_bits": 8}, "key_bits=8"),
+        ({"iso_mode": "slow"}, "iso_mode"),
+        ({"residual_window": -1}, "residual_window"),
+    ],
+)
+def test_bad_config_is_refused_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RQConfig(**kwargs)
+
+
+def test_norm_group_must_divide_head_dim():
+    with pytest.raises(ValueError, match="must divide head_dim"):
+        RQConfig(norm_group=48).group_for(64)
