@@ -228,21 +228,21 @@ class RQCache(Cache):
         self.rq_config = config
         layers: list = []
         if model_config is not None:
-            from transformers.cache_utils import get_layer_types_and_kwargs
-
             text_config = model_config.get_text_config(decoder=True)
-            layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
-            for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
-                layers.append(self._make_layer(layer_type, idx, kwargs))
+            window = getattr(text_config, "sliding_window", None)
+            layer_types = getattr(text_config, "layer_types", None) or (
+                ["sliding_attention" if window else "full_attention"] * text_config.num_hidden_layers
+            )
+            layers = [self._make_layer(kind, idx, window) for idx, kind in enumerate(layer_types)]
         super().__init__(layers=layers)
 
-    def _make_layer(self, layer_type: str, idx: int, kwargs: dict[str, Any]):
+    def _make_layer(self, layer_type: str, idx: int, sliding_window: int | None):
         if layer_type == "full_attention":
             return RQCacheLayer(self.rq_config, idx)
         if layer_type in ("sliding_attention", "chunked_attention"):
-            return RQSlidingCacheLayer(self.rq_config, idx, **kwargs)
+            return RQSlidingCacheLayer(self.rq_config, idx, sliding_window=sliding_window)
         if layer_type in _LINEAR_TYPES:
-            return LinearAttentionLayer(**kwargs)
+            return LinearAttentionLayer()
         raise ValueError(
             f"layer {idx} has type {layer_type!r}, which rqcompile caches do not support "
             f"(supported: full/sliding attention, linear attention)"
