@@ -153,3 +153,12 @@ def attention_state(
         attn_mask,
         sm_scale,
     )
+
+
+# CUDA: Triton implementations (eager, torch.compile and AOTInductor); CPU keeps the reference above.
+try:
+    from rqcompile.kernels import register as _register_kernels
+except ImportError:  # pragma: no cover - no triton
+    pass
+else:
+    _register_kernels()

@@ -1,0 +1,276 @@
+"""Triton kernels for rq::quantize and rq::dequantize (docs/FORMAT.md), one pass over the K/V rows.
+
+Quantize: per program a tile of `BLOCK_T` tokens of one (batch, KV head); per norm group: rotate (block-diagonal
+b <= 4 as `b` gathered loads + FMAs; dense b == g, the hadamard backend, as one fp32 `tl.dot` per group), group
+norm, codes = number of decision boundaries exceeded (exactly the reference's rule), corrected norm, bit packing.
+Dequantize: the inverse, used by the prefill path (dequantize + SDPA) and rq::dequantize on CUDA.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from rqcompile.kernels.common import dot_precision, supported_dim
+
+TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, as the reference clamps with
+
+
+@triton.jit
+def _pack_store(code, out_row, t_ok, g, G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pack codes [BLOCK_T, G] of norm group `g` into the row's bytes (layout of docs/FORMAT.md)."""
+    if BITS == 4:
+        sh = tl.arange(0, 2) * 4
+        byte = tl.sum(tl.reshape(code, [BLOCK_T, G // 2, 2]) << sh[None, None, :], axis=2)
+        cols = g * (G // 2) + tl.arange(0, G // 2)
+        tl.store(out_row + cols[None, :], byte.to(tl.uint8), mask=t_ok)
+    else:
+        sh = tl.arange(0, 4) * 2
+        byte = tl.sum(tl.reshape(code & 3, [BLOCK_T, G // 4, 4]) << sh[None, None, :], axis=2)
+        cols = g * (G // 4) + tl.arange(0, G // 4)
+        tl.store(out_row + cols[None, :], byte.to(tl.uint8), mask=t_ok)
+        if BITS == 3:
+            sh8 = tl.arange(0, 8)
+            hb = tl.sum(tl.reshape((code >> 2) & 1, [BLOCK_T, G // 8, 8]) << sh8[None, None, :], axis=2)
+            cols8 = D // 4 + g * (G // 8) + tl.arange(0, G // 8)
+            tl.store(out_row + cols8[None, :], hb.to(tl.uint8), mask=t_ok)
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr,
+    sxb,
+    sxh,
+    sxt,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    lev_ptr,
+    codes_ptr,
+    norms_ptr,
+    H,
+    T,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    BITS: tl.constexpr,
+    DENSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    CB: tl.constexpr = D * BITS // 8
+    NL: tl.constexpr = 1 << BITS
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = (t < T)[:, None]
+    x_row = x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64)[:, None] * sxt
+    out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
+    for g in tl.static_range(NG):
+        c = g * G + tl.arange(0, G)
+        if DENSE:
+            xv = tl.load(x_row + c[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+            u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + c)[None, :], tl.load(scale_ptr + h * D + c)[None, :])
+            ri = tl.arange(0, G)
+            # R_g[i, k]; y = u @ R_g^T, loaded transposed as [k, i]
+            rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + ri[:, None])
+            y = tl.dot(u, rt, input_precision=DOT_PREC)
+        else:
+            blk = c // RB
+            ii = c % RB
+            y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+            for k in tl.static_range(RB):
+                src = blk * RB + k
+                sv = src < D
+                xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
+                mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
+                sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
+                u = tl.where(sv[None, :], tl.math.div_rn(xv - mu[None, :], sc[None, :]), 0.0)
+                coef = tl.load(rot_ptr + ((h * NB + blk) * RB + ii) * RB + k)
+                y += coef[None, :] * u
+        n = tl.sqrt_rn(tl.sum(y * y, axis=1))
+        unit = tl.where(n[:, None] > 0, tl.math.div_rn(y, tl.maximum(n, TINY)[:, None]), 0.0)
+        code = tl.zeros([BLOCK_T, G], dtype=tl.int32)
+        for k in tl.static_range(NL - 1):
+            bnd = (tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5
+            code += (unit > bnd).to(tl.int32)
+        lv = tl.load(lev_ptr + code)
+        cn = tl.sqrt_rn(tl.sum(lv * lv, axis=1))
+        corrected = tl.math.div_rn(n, tl.maximum(cn, TINY))
+        tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
+        _pack_store(code, codes_ptr + out_tok[:, None] * CB, t_ok, g, G, D, BITS, BLOCK_T)
+
+
+@triton.jit
+def _load_codes(row_ptr, idx, mask, BITS: tl.constexpr, D: tl.constexpr):
+    """Codes of elements `idx` (any shape) of packed rows `row_ptr` (same shape), per docs/FORMAT.md."""
+    if BITS == 4:
+        byte = tl.load(row_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((idx % 2) * 4)) & 15
+    else:
+        byte = tl.load(row_ptr + idx // 4, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((idx % 4) * 2)) & 3
+        if BITS == 3:
+            hb = tl.load(row_ptr + D // 4 + idx // 8, mask=mask, other=0).to(tl.int32)
+            code = code | (((hb >> (idx % 8)) & 1) << 2)
+    return code
+
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr,
+    norms_ptr,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    lev_ptr,
+    out_ptr,
+    H,
+    T,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    BITS: tl.constexpr,
+    DENSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    CB: tl.constexpr = D * BITS // 8
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = (t < T)[:, None]
+    tok = bh.to(tl.int64) * T + t.to(tl.int64)
+    crow = codes_ptr + tok[:, None] * CB
+    for g in tl.static_range(NG):
+        c = g * G + tl.arange(0, G)
+        if DENSE:
+            code = _load_codes(crow, c[None, :], t_ok, BITS, D)
+            nrm = tl.load(norms_ptr + tok * NG + g, mask=t < T, other=0.0).to(tl.float32)
+            y = tl.load(lev_ptr + code) * nrm[:, None]
+            ri = tl.arange(0, G)
+            r = tl.load(rot_ptr + ((h * NB + g) * G + ri[:, None]) * G + ri[None, :])  # R_g[i, k]
+            u = tl.dot(y, r, input_precision=DOT_PREC)  # u[k] = sum_i R[i, k] y[i]
+        else:
+            blk = c // RB
+            kk = c % RB
+            u = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+            for i in tl.static_range(RB):
+                src = blk * RB + i
+                sv = src < D
+                m2 = t_ok & sv[None, :]
+                code = _load_codes(crow, src[None, :], m2, BITS, D)
+                nrm = tl.load(norms_ptr + tok[:, None] * NG + (src // G)[None, :], mask=m2, other=0.0)
+                y = tl.where(m2, tl.load(lev_ptr + code) * nrm.to(tl.float32), 0.0)
+                coef = tl.load(rot_ptr + ((h * NB + blk) * RB + i) * RB + kk)
+                u += coef[None, :] * y
+        out = u * tl.load(scale_ptr + h * D + c)[None, :] + tl.load(mean_ptr + h * D + c)[None, :]
+        tl.store(out_ptr + tok[:, None] * D + c[None, :], out.to(out_ptr.dtype.element_ty), mask=t_ok)
+
+
+def _block_t(dim: int, dense: bool) -> int:
+    return 16 if dense else max(1, min(64, 4096 // dim))
+
+
+def quantize_supported(x, rotation, bits: int, group: int) -> bool:
+    dim = x.shape[-1]
+    rb = rotation.shape[-1]
+    return (
+        supported_dim(dim)
+        and group >= 8
+        and dim % group == 0
+        and (group & (group - 1)) == 0
+        and (rb <= 4 or (rb == group and rotation.shape[1] == dim // group))
+    )
+
+
+def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wrap=lambda k: k):
+    """(codes uint8 [B, H, T, d*bits/8], norms fp16 [B, H, T, d/group]) from x [B, H, T, d] (any strides)."""
+    import torch
+
+    batch, heads, tokens, dim = x.shape
+    rb = rotation.shape[-1]
+    nb = rotation.shape[1]
+    dense = rb > 4
+    codes = torch.empty((batch, heads, tokens, dim * bits // 8), dtype=torch.uint8, device=x.device)
+    norms = torch.empty((batch, heads, tokens, dim // group), dtype=torch.float16, device=x.device)
+    if batch * heads * tokens == 0:
+        return codes, norms
+    bt = _block_t(dim, dense)
+    grid = (triton.cdiv(tokens, bt), batch * heads)
+    wrap(_quantize_kernel)[grid](
+        x,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        rotation.contiguous(),
+        mean.contiguous(),
+        scale.contiguous(),
+        levels.contiguous(),
+        codes,
+        norms,
+        heads,
+        tokens,
+        D=dim,
+        G=group,
+        NG=dim // group,
+        RB=rb,
+        NB=nb,
+        BITS=bits,
+        DENSE=dense,
+        DOT_PREC=dot_precision(),
+        BLOCK_T=bt,
+        num_warps=4,
+    )
+    return codes, norms
+
+
+def launch_dequantize(codes, norms, rotation, mean, scale, levels, bits: int, head_dim: int, dtype, wrap=lambda k: k):
+    import torch
+
+    batch, heads, tokens, _ = codes.shape
+    group = head_dim // norms.shape[-1]
+    rb = rotation.shape[-1]
+    dense = rb > 4
+    out = torch.empty((batch, heads, tokens, head_dim), dtype=dtype, device=codes.device)
+    if batch * heads * tokens == 0:
+        return out
+    bt = _block_t(head_dim, dense)
+    grid = (triton.cdiv(tokens, bt), batch * heads)
+    wrap(_dequantize_kernel)[grid](
+        codes.contiguous(),
+        norms.contiguous(),
+        rotation.contiguous(),
+        mean.contiguous(),
+        scale.contiguous(),
+        levels.contiguous(),
+        out,
+        heads,
+        tokens,
+        D=head_dim,
+        G=group,
+        NG=head_dim // group,
+        RB=rb,
+        NB=rotation.shape[1],
+        BITS=bits,
+        DENSE=dense,
+        DOT_PREC=dot_precision(),
+        BLOCK_T=bt,
+        num_warps=4,
+    )
+    return out
+
+
+def dequantize_supported(norms, rotation, head_dim: int) -> bool:
+    group = head_dim // norms.shape[-1]
+    rb = rotation.shape[-1]
+    return supported_dim(head_dim) and group >= 8 and (group & (group - 1)) == 0 and (rb <= 4 or rb == group)
