@@ -1,0 +1,388 @@
+"""One device run: environment, copy bandwidth, kernel correctness at real sizes, quantize throughput, decode
+attention latency at Qwen3.5-27B attention shapes (24 query heads, 4 KV heads, head_dim 256) against bf16 SDPA
+and dequantize-then-SDPA, torch.compile / AOTInductor checks. Short table at the end, full JSON under --out.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_bench.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+import rqcompile.ops  # noqa: F401  (registers the rq ops and their CUDA kernels)
+from rqcompile.config import RQConfig
+from rqcompile.kernels.attention import launch_attention
+from rqcompile.kernels.quantize import launch_dequantize, launch_quantize
+from rqcompile.quant import quantizer
+from rqcompile.quant.packing import unpack
+
+RESULTS: dict = {"env": {}, "checks": [], "quantize": [], "attention": [], "compile": [], "errors": []}
+GIB = 1024**3
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def med(fn, graph=False):
+    if graph:
+        return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def env():
+    p = torch.cuda.get_device_properties(0)
+    e = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": p.name,
+        "sms": p.multi_processor_count,
+        "mem_gib": round(p.total_memory / GIB, 1),
+        "python": sys.version.split()[0],
+    }
+    try:
+        import transformers
+
+        e["transformers"] = transformers.__version__
+    except Exception as exc:  # noqa: BLE001
+        e["transformers"] = repr(exc)
+    RESULTS["env"] = e
+    log("ENV", e)
+
+
+def copy_bandwidth():
+    n = 2 * GIB // 2
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = med(lambda: dst.copy_(src))
+    bw = 2 * src.numel() * 2 / (ms * 1e-3)
+    RESULTS["env"]["copy_bw_GBps"] = bw / 1e9
+    log(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s ({ms:.3f} ms for 2 GiB)")
+    return bw
+
+
+def state(backend, bits, kind, heads, dim, calibrated=False):
+    st = quantizer.make_state(
+        RQConfig(backend=backend, bits=bits), layer_idx=1, kind=kind, num_heads=heads, head_dim=dim
+    )
+    if calibrated:
+        from dataclasses import replace
+
+        st = replace(st, mean=torch.randn(heads, dim) * 0.3, scale=torch.rand(heads, dim) + 0.5)
+    return st.to("cuda")
+
+
+def check_quantize(backend, bits, dim=256, heads=4, tokens=4096, batch=2):
+    st = state(backend, bits, "k", heads, dim, calibrated=True)
+    x = (torch.randn(batch, tokens, heads, dim, device="cuda") * 3).to(torch.bfloat16).transpose(1, 2)
+    codes, norms = torch.ops.rq.quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
+    rc, rn = quantizer.quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
+    cu, ru = unpack(codes, bits, dim), unpack(rc, bits, dim)
+    mism = (cu != ru).float().mean().item()
+    maxdiff = (cu - ru).abs().max().item()
+    nerr = ((norms.float() - rn.float()).abs() / rn.float().abs().clamp_min(1e-6)).max().item()
+    ok = mism < 1e-3 and maxdiff <= 1 and nerr < 1e-2 and not torch.isnan(norms).any().item()
+    r = {"what": f"quantize {backend} {bits}b", "code_mismatch": mism, "max_code_diff": maxdiff, "norm_relerr": nerr}
+    r["ok"] = ok
+    RESULTS["checks"].append(r)
+    log(r)
+    # dequantize kernel against the reference on the same codes
+    y = torch.ops.rq.dequantize(rc, rn, st.rotation, st.mean, st.scale, st.levels, bits, dim, torch.float32)
+    ry = quantizer.dequantize(rc, rn, st.rotation, st.mean, st.scale, st.levels, bits, dim)
+    e = ((y - ry).norm() / ry.norm()).item()
+    r2 = {"what": f"dequantize {backend} {bits}b", "relerr": e, "ok": e < 1e-4}
+    RESULTS["checks"].append(r2)
+    log(r2)
+
+
+def check_attention(backend, kb, vb, batch=2, tq=1, tk=5000, mask_kind="none"):
+    heads, rep, dim = 4, 6, 256
+    ks, vs = state(backend, kb, "k", heads, dim, True), state(backend, vb, "v", heads, dim, True)
+    k = torch.randn(batch, heads, tk, dim, device="cuda") * 2
+    v = torch.randn(batch, heads, tk, dim, device="cuda")
+    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, kb, ks.group)
+    vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, vb, vs.group)
+    q = torch.randn(batch, heads * rep, tq, dim, device="cuda", dtype=torch.bfloat16)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(batch, 1, 1, tk, device="cuda") > 0.2
+    elif mask_kind == "float":
+        mask = torch.randn(batch, heads * rep, tq, tk, device="cuda")
+    elif mask_kind == "causal":
+        mask = torch.ones(tq, tk, dtype=torch.bool, device="cuda").tril(tk - tq)
+    sm = 1 / math.sqrt(dim)
+    out = torch.ops.rq.attention(
+        q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, kb, vb, mask, sm
+    )
+    ref = quantizer.rotated_attention(q.float(), kc, kn, vc, vn, ks, vs, mask, sm)
+    e = ((out.float() - ref).norm() / ref.norm()).item()
+    ok = e < 1e-2 and not torch.isnan(out).any().item()
+    r = {"what": f"attention {backend} K{kb}V{vb} B{batch} Tq{tq} Tk{tk} mask={mask_kind}", "relerr": e, "ok": ok}
+    RESULTS["checks"].append(r)
+    log(r)
+
+
+def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch=1):
+    st = state(backend, bits, "k", heads, dim)
+    xs = [torch.randn(batch, heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    i = [0]
+
+    def run():
+        i[0] ^= 1
+        return launch_quantize(xs[i[0]], st.rotation, st.mean, st.scale, st.levels, bits, st.group)
+
+    ms = med(run)
+    elems = batch * heads * tokens * dim
+    nbytes = elems * 2 + elems * bits / 8 + elems / st.group * 2
+    bw = nbytes / (ms * 1e-3)
+    r = {"backend": backend, "bits": bits, "shape": [batch, heads, tokens, dim], "ms": ms, "GBps": bw / 1e9}
+    r["frac_copy_bw"] = bw / copy_bw
+    RESULTS["quantize"].append(r)
+    log(f"quantize {backend:8s} {bits}b: {ms:.3f} ms, {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy")
+
+
+def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True):
+    heads, hq, dim = 4, 24, 256
+    ks, vs = state(backend, bits, "k", heads, dim), state(backend, bits, "v", heads, dim)
+    q = torch.randn(batch, hq, 1, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, heads, ctx, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, heads, ctx, dim, device="cuda", dtype=torch.bfloat16)
+    kc, kn = launch_quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, bits, ks.group)
+    vc, vn = launch_quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, bits, vs.group)
+    sm = 1 / math.sqrt(dim)
+    row = {"batch": batch, "ctx": ctx, "bits": bits, "backend": backend}
+    packed_bytes = sum(t.numel() * t.element_size() for t in (kc, kn, vc, vn))
+    bf16_bytes = 2 * k.numel() * 2
+
+    def fused():
+        return torch.ops.rq.attention(
+            q,
+            kc,
+            kn,
+            vc,
+            vn,
+            ks.rotation,
+            ks.scale,
+            ks.levels,
+            vs.rotation,
+            vs.mean,
+            vs.scale,
+            vs.levels,
+            bits,
+            bits,
+            None,
+            sm,
+        )
+
+    def fused_kernel_only():
+        return launch_attention(
+            q,
+            kc,
+            kn,
+            vc,
+            vn,
+            ks.rotation,
+            ks.scale,
+            ks.levels,
+            vs.rotation,
+            vs.mean,
+            vs.scale,
+            vs.levels,
+            bits,
+            bits,
+            None,
+            sm,
+        )
+
+    # correctness at this size against SDPA over the dequantized cache
+    kd = launch_dequantize(kc, kn, ks.rotation, ks.mean, ks.scale, ks.levels, bits, dim, torch.bfloat16)
+    vd = launch_dequantize(vc, vn, vs.rotation, vs.mean, vs.scale, vs.levels, bits, dim, torch.bfloat16)
+    ref = F.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), scale=sm, enable_gqa=True)
+    err = ((fused().float() - ref).norm() / ref.norm()).item()
+    row["relerr_vs_dequant_sdpa_fp32"] = err
+    del kd, vd, ref
+
+    row["fused_ms"] = med(fused)
+    row["fused_graph_ms"] = med(fused_kernel_only, graph=True)
+    row["fused_floor_ms"] = packed_bytes / copy_bw * 1e3
+    if with_sdpa:
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, scale=sm, enable_gqa=True)
+
+        row["sdpa_ms"] = med(sdpa)
+        row["sdpa_graph_ms"] = med(sdpa, graph=True)
+        row["sdpa_floor_ms"] = bf16_bytes / copy_bw * 1e3
+
+        def deq_sdpa():
+            kd = launch_dequantize(kc, kn, ks.rotation, ks.mean, ks.scale, ks.levels, bits, dim, torch.bfloat16)
+            vd = launch_dequantize(vc, vn, vs.rotation, vs.mean, vs.scale, vs.levels, bits, dim, torch.bfloat16)
+            return F.scaled_dot_product_attention(q, kd, vd, scale=sm, enable_gqa=True)
+
+        row["deq_sdpa_ms"] = med(deq_sdpa)
+        row["deq_sdpa_floor_ms"] = (packed_bytes + 2 * bf16_bytes) / copy_bw * 1e3
+    RESULTS["attention"].append(row)
+    log(json.dumps(row))
+
+
+def check_compile():
+    """torch.compile and AOTInductor over the rq ops on CUDA: same results as eager, Triton kernels in the graph."""
+    heads, rep, dim, bits, tk = 4, 6, 256, 3, 3000
+    ks = state("planar", bits, "k", heads, dim)
+    x = torch.randn(2, heads, tk, dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, heads * rep, 1, dim, device="cuda", dtype=torch.bfloat16)
+
+    class M(torch.nn.Module):
+        def forward(self, x, q):
+            kc, kn = torch.ops.rq.quantize(x, ks.rotation, ks.mean, ks.scale, ks.levels, bits, ks.group)
+            return torch.ops.rq.attention(
+                q,
+                kc,
+                kn,
+                kc,
+                kn,
+                ks.rotation,
+                ks.scale,
+                ks.levels,
+                ks.rotation,
+                ks.mean,
+                ks.scale,
+                ks.levels,
+                bits,
+                bits,
+                None,
+                1 / math.sqrt(dim),
+            )
+
+    m = M()
+    eager = m(x, q)
+    try:
+        from torch._inductor.utils import run_and_get_code
+
+        cm = torch.compile(m, fullgraph=True)
+        out, codes = run_and_get_code(cm, x, q)
+        src = "\n".join(codes)
+        r = {
+            "what": "torch.compile",
+            "maxdiff": (out.float() - eager.float()).abs().max().item(),
+            "triton_kernels_in_graph": ("_quantize_kernel" in src, "_attn_split_kernel" in src),
+            "extern_rq_call": "torch.ops.rq" in src,
+            "eager_ms": med(lambda: m(x, q)),
+            "compiled_ms": med(lambda: cm(x, q)),
+        }
+        r["ok"] = r["maxdiff"] < 1e-2 and all(r["triton_kernels_in_graph"])
+    except Exception as exc:  # noqa: BLE001
+        r = {"what": "torch.compile", "ok": False, "error": repr(exc)[:2000]}
+        traceback.print_exc()
+    RESULTS["compile"].append(r)
+    log(r)
+    try:
+        import tempfile
+
+        ep = torch.export.export(m, (x, q), strict=False)
+        ops_in_ep = sorted({str(n.target) for n in ep.graph.nodes if "rq" in str(n.target)})
+        path = os.path.join(tempfile.mkdtemp(), "m.pt2")
+        torch._inductor.aoti_compile_and_package(ep, package_path=path)
+        loaded = torch._inductor.aoti_load_package(path)
+        out = loaded(x, q)
+        import zipfile
+
+        names = zipfile.ZipFile(path).namelist()
+        cubins = [n for n in names if n.endswith((".cubin", ".fatbin", ".hsaco", ".ptx"))]
+        r = {
+            "what": "AOTInductor",
+            "exported_ops": ops_in_ep,
+            "maxdiff": (out.float() - eager.float()).abs().max().item(),
+            "kernel_binaries": cubins[:10],
+            "ok": (out.float() - eager.float()).abs().max().item() < 1e-2,
+        }
+    except Exception as exc:  # noqa: BLE001
+        r = {"what": "AOTInductor", "ok": False, "error": repr(exc)[:2000]}
+        traceback.print_exc()
+    RESULTS["compile"].append(r)
+    log(r)
+
+
+def guarded(fn, *a, **k):
+    try:
+        fn(*a, **k)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        RESULTS["errors"].append(f"{fn.__name__}{a}: {exc!r}"[:1000])
+    torch.cuda.empty_cache()
+
+
+def table(copy_bw):
+    log("\n==== SUMMARY (" + RESULTS["env"].get("gpu", "?") + f", copy bw {copy_bw / 1e9:.0f} GB/s) ====")
+    bad = [c["what"] for c in RESULTS["checks"] + RESULTS["compile"] if not c.get("ok")]
+    log(f"checks: {len(RESULTS['checks']) - len([b for b in bad if 'torch.compile' not in b])} ok, failed: {bad}")
+    for r in RESULTS["quantize"]:
+        s = f"quantize {r['backend']:8s} {r['bits']}b  {r['ms']:.3f} ms  {r['GBps']:.0f} GB/s"
+        log(s + f"  {r['frac_copy_bw']:.0%} of copy")
+    log("attn B ctx  | fused ms (graph) floor% | sdpa ms (graph) floor% | deq+sdpa ms | speedup vs sdpa (graph)")
+    for r in RESULTS["attention"]:
+        s = f"B{r['batch']} {r['ctx'] // 1024:4d}K {r['bits']}b | {r['fused_ms']:.3f} ({r['fused_graph_ms']:.3f}) "
+        s += f"{r['fused_floor_ms'] / r['fused_graph_ms']:.0%}"
+        if "sdpa_ms" in r:
+            s += f" | {r['sdpa_ms']:.3f} ({r['sdpa_graph_ms']:.3f}) {r['sdpa_floor_ms'] / r['sdpa_graph_ms']:.0%}"
+            s += f" | {r['deq_sdpa_ms']:.3f} | {r['sdpa_ms'] / r['fused_ms']:.2f}x"
+            s += f" ({r['sdpa_graph_ms'] / r['fused_graph_ms']:.2f}x)"
+        log(s)
+    for e in RESULTS["errors"]:
+        log("ERROR", e[:300])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    t0 = time.time()
+    torch.manual_seed(0)
+    env()
+    copy_bw = copy_bandwidth()
+    for backend in ("planar", "iso", "rotor", "hadamard", "none"):
+        for bits in (2, 3, 4):
+            guarded(check_quantize, backend, bits)
+    for backend, kb, vb in (("planar", 3, 3), ("iso", 4, 2), ("rotor", 2, 4), ("hadamard", 3, 3)):
+        guarded(check_attention, backend, kb, vb)
+    guarded(check_attention, "planar", 3, 3, batch=3, mask_kind="bool")
+    guarded(check_attention, "planar", 3, 3, batch=2, tq=7, mask_kind="float")
+    guarded(check_attention, "iso", 3, 3, batch=2, tq=16, mask_kind="causal")
+    log(f"checks done at {time.time() - t0:.0f}s")
+    for backend, bits in (("planar", 3), ("planar", 2), ("planar", 4), ("iso", 3), ("rotor", 3), ("hadamard", 3)):
+        guarded(bench_quantize, copy_bw, backend, bits)
+    log(f"quantize bench done at {time.time() - t0:.0f}s")
+    mem = torch.cuda.get_device_properties(0).total_memory
+    for batch in (1, 8):
+        for ctx in (4096, 32768, 131072, 524288):
+            need = 2 * batch * 4 * ctx * 256 * 2 * 2.6  # bf16 K/V + copies made by the baselines
+            if need > 0.8 * mem:
+                guarded(bench_attention, copy_bw, batch, ctx, with_sdpa=False)
+                continue
+            guarded(bench_attention, copy_bw, batch, ctx)
+    for bits in (2, 4):
+        guarded(bench_attention, copy_bw, 8, 131072, bits=bits)
+    log(f"attention bench done at {time.time() - t0:.0f}s")
+    guarded(check_compile)
+    RESULTS["wall_s"] = time.time() - t0
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    table(copy_bw)
+
+
+if __name__ == "__main__":
+    main()
