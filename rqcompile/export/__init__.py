@@ -1,0 +1,1 @@
+"""Deployment: ONNX translations of the rq ops, the TensorRT-readiness checker and the artifact format."""

@@ -1,0 +1,289 @@
+"""ONNX translations of rq::quantize / rq::dequantize / rq::attention for `torch.onnx.export(dynamo=True)`.
+
+Each translation is a plain Python function over `onnxscript.opset18` ops (the `@onnxscript.script` form fails for
+multi-output ops, see DESIGN.md §4); the exporter calls it with symbolic tensors for tensor arguments and Python
+values for `bits`, `group`, `head_dim`, `dtype`, `sm_scale`. The math follows docs/FORMAT.md and
+`rqcompile.quant.quantizer` step by step so codes match the reference bit for bit except at exact decision ties.
+
+Two flavours, differing only in how codes are packed and unpacked:
+
+- ``standard``: BitShift / BitwiseAnd / BitwiseOr on uint8 (onnxruntime).
+- ``tensorrt``: no bitwise ops (the TensorRT ONNX parser has none) and uint8 only where a graph input is cast to
+  int32 or a result is cast to uint8 for a graph output (TensorRT allows UINT8 only as network I/O); unpacking is
+  int32 Div/Mod, packing a float multiply-add of the codes, lookups are Gather. No custom domains.
+
+Static sizes (heads, head_dim, rotation blocks) are read from the quant-state tensors, which are initializers with
+known shapes; batch and sequence lengths stay dynamic (Reshape uses 0 = "copy this dim").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from onnxscript import opset18 as op
+
+from rqcompile.quant.packing import packed_size, planes
+
+FLAVOURS = ("standard", "tensorrt")
+
+# ONNX TensorProto element types used here.
+_FLOAT, _UINT8, _INT32, _INT64, _FLOAT16 = 1, 2, 6, 7, 10
+_TORCH_TO_ONNX = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.float64: 11}
+_TINY = float(torch.finfo(torch.float32).tiny)
+# Rotation blocks up to this size are applied by broadcast-multiply + ReduceSum, larger ones (hadamard) by MatMul.
+_ELEMENTWISE_MAX_BLOCK = 4
+
+
+def _ints(*values: int) -> Any:
+    return op.Constant(value_ints=list(values))
+
+
+def _onnx_dtype(dtype: Any) -> int:
+    """The exporter passes `torch.dtype` arguments as onnx_ir DataType (an int enum); accept torch dtypes too."""
+    if isinstance(dtype, torch.dtype):
+        return _TORCH_TO_ONNX[dtype]
+    return int(dtype)
+
+
+def _static(dim: Any, what: str) -> int:
+    if not isinstance(dim, int):
+        raise ValueError(f"ONNX translation of rq ops needs a static {what}, got {dim!r}")
+    return dim
+
+
+def _rotate(u: Any, rotation: Any, dim: int, *, inverse: bool) -> Any:
+    """Block-diagonal rotation of u [B, H, T, dim] by blocks [H, nb, b, b] (docs/FORMAT.md)."""
+    heads, nb, b, _ = (_static(s, "rotation shape") for s in rotation.shape)
+    padding = nb * b - dim
+    if padding:
+        u = op.Pad(u, _ints(0, 0, 0, 0, 0, 0, 0, padding))
+    ub = op.Reshape(u, _ints(0, 0, 0, nb, b))  # [B, H, T, nb, b]
+    if b <= _ELEMENTWISE_MAX_BLOCK:
+        # y[..., j, i] = sum_k R[h, j, i, k] u[..., j, k]; inverse uses R[h, j, k, i].
+        blocks = op.Transpose(rotation, perm=[0, 1, 3, 2]) if inverse else rotation
+        prod = op.Mul(op.Unsqueeze(ub, _ints(4)), op.Unsqueeze(blocks, _ints(1)))  # [B, H, T, nb, b, b]
+        y = op.ReduceSum(prod, _ints(-1), keepdims=0)
+    else:
+        # Row-vector form: y = u @ R^T (forward), u @ R (inverse), batched over [B, H, nb].
+        blocks = rotation if inverse else op.Transpose(rotation, perm=[0, 1, 3, 2])
+        ut = op.Transpose(ub, perm=[0, 1, 3, 2, 4])  # [B, H, nb, T, b]
+        y = op.Transpose(op.MatMul(ut, blocks), perm=[0, 1, 3, 2, 4])
+    y = op.Reshape(y, _ints(0, 0, 0, nb * b))
+    if padding:
+        y = op.Slice(y, _ints(0), _ints(dim), _ints(3))
+    return y
+
+
+def _per_head(t: Any) -> Any:
+    """[H, d] -> [H, 1, d], broadcastable against [B, H, T, d]."""
+    return op.Unsqueeze(t, _ints(1))
+
+
+# --- packing -------------------------------------------------------------------------------------------------
+
+
+def _pack_standard(codes: Any, bits: int, dim: int) -> Any:
+    """Float codes [B, H, T, dim] -> uint8 bytes, with BitShift / BitwiseAnd / BitwiseOr."""
+    codes = op.Cast(codes, to=_UINT8)
+    out, shift = [], 0
+    for width in planes(bits):
+        per_byte = 8 // width
+        plane = op.BitShift(codes, op.Constant(value=_u8(shift)), direction="RIGHT")
+        plane = op.BitwiseAnd(plane, op.Constant(value=_u8((1 << width) - 1)))
+        plane = op.Reshape(plane, _ints(0, 0, 0, dim // per_byte, per_byte))
+        shifted = op.BitShift(plane, op.Constant(value=_u8(*[width * i for i in range(per_byte)])), direction="LEFT")
+        byte = op.Gather(shifted, op.Constant(value_int=0), axis=4)
+        for i in range(1, per_byte):
+            byte = op.BitwiseOr(byte, op.Gather(shifted, op.Constant(value_int=i), axis=4))
+        out.append(byte)
+        shift += width
+    return out[0] if len(out) == 1 else op.Concat(*out, axis=-1)
+
+
+def _unpack_standard(packed: Any, bits: int, dim: int) -> Any:
+    """uint8 bytes -> int64 codes [B, H, T, dim], with BitShift / BitwiseAnd / BitwiseOr."""
+    codes, start, shift = None, 0, 0
+    for width in planes(bits):
+        per_byte = 8 // width
+        nbytes = dim // per_byte
+        chunk = op.Slice(packed, _ints(start), _ints(start + nbytes), _ints(3))
+        shifts = op.Constant(value=_u8(*[width * i for i in range(per_byte)]))
+        plane = op.BitShift(op.Unsqueeze(chunk, _ints(4)), shifts, direction="RIGHT")
+        plane = op.BitwiseAnd(plane, op.Constant(value=_u8((1 << width) - 1)))
+        plane = op.Reshape(plane, _ints(0, 0, 0, dim))
+        if shift:
+            plane = op.BitShift(plane, op.Constant(value=_u8(shift)), direction="LEFT")
+        codes = plane if codes is None else op.BitwiseOr(codes, plane)
+        start += nbytes
+        shift += width
+    return op.Cast(codes, to=_INT64)
+
+
+def _pack_tensorrt(codes: Any, bits: int, dim: int) -> Any:
+    """Float codes -> uint8 bytes by exact float arithmetic (Floor / Mul / ReduceSum); the only uint8 is the Cast."""
+    out, rest = [], codes
+    for width in planes(bits):
+        per_byte = 8 // width
+        if width == bits:
+            plane = rest
+        else:  # split off the low `width` bits: high = floor(c / 2^w), low = c - 2^w * high
+            high = op.Floor(op.Mul(rest, op.Constant(value_float=1.0 / (1 << width))))
+            plane = op.Sub(rest, op.Mul(high, op.Constant(value_float=float(1 << width))))
+            rest = high
+        plane = op.Reshape(plane, _ints(0, 0, 0, dim // per_byte, per_byte))
+        weights = op.Constant(value_floats=[float(1 << (width * i)) for i in range(per_byte)])
+        out.append(op.ReduceSum(op.Mul(plane, weights), _ints(-1), keepdims=0))
+    packed = out[0] if len(out) == 1 else op.Concat(*out, axis=-1)
+    return op.Cast(packed, to=_UINT8)
+
+
+def _unpack_tensorrt(packed: Any, bits: int, dim: int) -> Any:
+    """uint8 bytes -> int32 codes: one Cast to int32, then Div / Mod per bit plane (no bitwise ops)."""
+    data = op.Cast(packed, to=_INT32)
+    codes, start, scale = None, 0, 1
+    for width in planes(bits):
+        per_byte = 8 // width
+        nbytes = dim // per_byte
+        chunk = op.Unsqueeze(op.Slice(data, _ints(start), _ints(start + nbytes), _ints(3)), _ints(4))
+        divisors = op.Cast(_ints(*[1 << (width * i) for i in range(per_byte)]), to=_INT32)
+        plane = op.Mod(op.Div(chunk, divisors), op.Cast(_ints(1 << width), to=_INT32))
+        plane = op.Reshape(plane, _ints(0, 0, 0, dim))
+        if scale != 1:
+            plane = op.Mul(plane, op.Cast(_ints(scale), to=_INT32))
+        codes = plane if codes is None else op.Add(codes, plane)
+        start += nbytes
+        scale <<= width
+    return codes
+
+
+def _u8(*values: int) -> Any:
+    """A uint8 constant tensor (1-D, or a scalar for one value)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    array = np.array(values if len(values) > 1 else values[0], dtype=np.uint8)
+    return ir.tensor(array)
+
+
+_PACK = {"standard": (_pack_standard, _unpack_standard), "tensorrt": (_pack_tensorrt, _unpack_tensorrt)}
+
+
+# --- the three ops ---------------------------------------------------------------------------------------------
+
+
+def _boundaries(levels: Any, count: int) -> Any:
+    """(levels[1:] + levels[:-1]) * 0.5, exactly as the reference computes them."""
+    upper = op.Slice(levels, _ints(1), _ints(count), _ints(0))
+    lower = op.Slice(levels, _ints(0), _ints(count - 1), _ints(0))
+    return op.Mul(op.Add(upper, lower), op.Constant(value_float=0.5))
+
+
+def _dequantize_rotated(codes: Any, norms: Any, levels: Any, bits: int, dim: int, groups: int, flavour: str) -> Any:
+    """codebook[code] * norm in the rotated space, float32 [B, H, T, dim]."""
+    values = op.Gather(levels, _PACK[flavour][1](codes, bits, dim), axis=0)
+    values = op.Reshape(values, _ints(0, 0, 0, groups, dim // groups))
+    scaled = op.Mul(values, op.Unsqueeze(op.Cast(norms, to=_FLOAT), _ints(-1)))
+    return op.Reshape(scaled, _ints(0, 0, 0, dim))
+
+
+def make_quantize(flavour: str = "standard") -> Callable[..., tuple[Any, Any]]:
+    """Translation of rq::quantize: x [B, H, T, d] -> (codes uint8, corrected norms fp16)."""
+    _check_flavour(flavour)
+
+    def rq_quantize(x, rotation, mean, scale, levels, bits: int, group: int):
+        heads, dim = (_static(s, "mean shape [H, d]") for s in mean.shape)
+        packed_size(dim, bits)
+        count = 2**bits
+        u = op.Div(op.Sub(op.Cast(x, to=_FLOAT), _per_head(mean)), _per_head(scale))
+        y = op.Reshape(_rotate(u, rotation, dim, inverse=False), _ints(0, 0, 0, dim // group, group))
+        norm = op.Sqrt(op.ReduceSum(op.Mul(y, y), _ints(-1), keepdims=1))  # [B, H, T, G, 1]
+        safe = op.Max(norm, op.Constant(value_float=_TINY))
+        unit = op.Where(op.Greater(norm, op.Constant(value_float=0.0)), op.Div(y, safe), op.Constant(value_float=0.0))
+        above = op.Greater(op.Unsqueeze(unit, _ints(-1)), _boundaries(levels, count))  # [B, H, T, G, g, L-1]
+        codes = op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0)  # float codes [B, H, T, G, g]
+        chosen = op.Gather(levels, op.Cast(codes, to=_INT32 if flavour == "tensorrt" else _INT64), axis=0)
+        chosen_norm = op.Sqrt(op.ReduceSum(op.Mul(chosen, chosen), _ints(-1), keepdims=0))
+        corrected = op.Div(op.Squeeze(norm, _ints(-1)), op.Max(chosen_norm, op.Constant(value_float=_TINY)))
+        packed = _PACK[flavour][0](op.Reshape(codes, _ints(0, 0, 0, dim)), bits, dim)
+        return packed, op.Cast(corrected, to=_FLOAT16)
+
+    return rq_quantize
+
+
+def make_dequantize(flavour: str = "standard") -> Callable[..., Any]:
+    """Translation of rq::dequantize: (codes, norms) -> x [B, H, T, head_dim] in `dtype`."""
+    _check_flavour(flavour)
+
+    def rq_dequantize(codes, norms, rotation, mean, scale, levels, bits: int, head_dim: int, dtype):
+        groups = _static(norms.shape[-1], "number of norm groups")
+        y = _dequantize_rotated(codes, norms, levels, bits, head_dim, groups, flavour)
+        u = _rotate(y, rotation, head_dim, inverse=True)
+        return op.Cast(op.Add(op.Mul(u, _per_head(scale)), _per_head(mean)), to=_onnx_dtype(dtype))
+
+    return rq_dequantize
+
+
+def make_attention(flavour: str = "standard") -> Callable[..., Any]:
+    """Translation of rq::attention: SDPA over the compressed cache in the rotated space (GQA by head grouping)."""
+    _check_flavour(flavour)
+
+    def rq_attention(
+        q,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        k_rotation,
+        k_scale,
+        k_levels,
+        v_rotation,
+        v_mean,
+        v_scale,
+        v_levels,
+        k_bits: int,
+        v_bits: int,
+        attn_mask,
+        sm_scale: float,
+    ):
+        kv_heads, dim = (_static(s, "k_scale shape [H, d]") for s in k_scale.shape)
+        q_heads = _static(q.shape[1], "number of query heads")
+        k_groups = _static(k_norms.shape[-1], "number of key norm groups")
+        v_groups = _static(v_norms.shape[-1], "number of value norm groups")
+        # [B, Hq, Tq, d] -> [B, Hkv, rep*Tq, d]: query heads of one KV head side by side (same as the reference).
+        qf = op.Reshape(op.Cast(q, to=_FLOAT), _ints(0, kv_heads, -1, dim))
+        q_rot = _rotate(op.Mul(qf, _per_head(k_scale)), k_rotation, dim, inverse=False)
+        k_rot = _dequantize_rotated(k_codes, k_norms, k_levels, k_bits, dim, k_groups, flavour)
+        v_rot = _dequantize_rotated(v_codes, v_norms, v_levels, v_bits, dim, v_groups, flavour)
+        scores = op.Mul(op.MatMul(q_rot, op.Transpose(k_rot, perm=[0, 1, 3, 2])), op.Constant(value_float=sm_scale))
+        scores = op.Reshape(scores, _ints(0, q_heads, -1, 0))  # [B, Hq, Tq, Tk]
+        if attn_mask is not None:
+            if attn_mask.dtype is not None and int(attn_mask.dtype) == 9:  # BOOL: True = attend
+                scores = op.Where(attn_mask, scores, op.Constant(value_float=float("-inf")))
+            else:
+                scores = op.Add(scores, op.Cast(attn_mask, to=_FLOAT))
+        probs = op.Softmax(scores, axis=-1)
+        probs = op.Where(op.IsNaN(probs), op.Constant(value_float=0.0), probs)  # a fully masked row attends nothing
+        acc = op.MatMul(op.Reshape(probs, _ints(0, kv_heads, -1, 0)), v_rot)  # [B, Hkv, rep*Tq, d]
+        out = _rotate(acc, v_rotation, dim, inverse=True)
+        out = op.Add(op.Mul(out, _per_head(v_scale)), _per_head(v_mean))
+        return op.Cast(op.Reshape(out, _ints(0, q_heads, -1, dim)), to=_onnx_dtype(q.dtype))
+
+    return rq_attention
+
+
+def _check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown ONNX flavour {flavour!r}; choose one of {FLAVOURS}")
+
+
+def translation_table(flavour: str = "standard") -> dict[Any, Callable[..., Any]]:
+    """`custom_translation_table` for torch.onnx.export covering the three rq ops."""
+    import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
+
+    return {
+        torch.ops.rq.quantize.default: make_quantize(flavour),
+        torch.ops.rq.dequantize.default: make_dequantize(flavour),
+        torch.ops.rq.attention.default: make_attention(flavour),
+    }
