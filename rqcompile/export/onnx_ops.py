@@ -287,3 +287,36 @@ def translation_table(flavour: str = "standard") -> dict[Any, Callable[..., Any]
         torch.ops.rq.dequantize.default: make_dequantize(flavour),
         torch.ops.rq.attention.default: make_attention(flavour),
     }
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    path: str | Any,
+    *,
+    flavour: str = "standard",
+    dynamic_shapes: Any = None,
+    opset: int = 18,
+) -> Any:
+    """torch.onnx.export(dynamo=True) with the rq translations; the TensorRT flavour is checked before returning.
+
+    Returns the saved path. Buffers of `module` become initializers (the quant state travels inside the graph).
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=dynamic_shapes,
+        custom_translation_table=translation_table(flavour),
+        verbose=False,
+    )
+    program.save(str(path))
+    if flavour == "tensorrt":
+        from rqcompile.export.tensorrt_check import assert_tensorrt_ready
+
+        assert_tensorrt_ready(path)
+    return path
