@@ -1,0 +1,188 @@
+"""ONNX translations of the rq ops: exported with torch.onnx (dynamo), run in onnxruntime, equal to the reference.
+
+Codes must match the reference exactly except at decision ties (float sums in a different order can land a value on
+the other side of a boundary); the rate is bounded. Norms are fp16, so such a tie can also flip one fp16 ulp.
+Reconstruction and attention are compared tightly against the reference fed the same codes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+from rqcompile import ops  # noqa: E402,F401
+from rqcompile.config import RQConfig  # noqa: E402
+from rqcompile.export.onnx_ops import export_onnx  # noqa: E402
+from rqcompile.quant.packing import unpack  # noqa: E402
+from rqcompile.quant.quantizer import QuantState, dequantize, make_state, quantize, rotated_attention  # noqa: E402
+
+HEAD_DIM = 64
+MAX_CODE_MISMATCH = 1e-3
+
+
+class QuantizeDequantize(torch.nn.Module):
+    """Quantizes its input with one QuantState and reconstructs it: the cache write and read of one layer."""
+
+    def __init__(self, state: QuantState, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.bits, self.group, self.dtype = state.bits, state.group, dtype
+        for name, tensor in state.tensors().items():
+            self.register_buffer(name, tensor)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        codes, norms = torch.ops.rq.quantize(
+            x, self.rotation, self.mean, self.scale, self.levels, self.bits, self.group
+        )
+        recon = torch.ops.rq.dequantize(
+            codes, norms, self.rotation, self.mean, self.scale, self.levels, self.bits, x.shape[-1], self.dtype
+        )
+        return codes, norms, recon
+
+
+class CompressedAttention(torch.nn.Module):
+    """rq::attention over packed K/V inputs (the decode step of one layer)."""
+
+    def __init__(self, k: QuantState, v: QuantState, sm_scale: float = 0.125) -> None:
+        super().__init__()
+        self.k_bits, self.v_bits, self.sm_scale = k.bits, v.bits, sm_scale
+        for prefix, state in (("k_", k), ("v_", v)):
+            for name, tensor in state.tensors().items():
+                self.register_buffer(prefix + name, tensor)
+
+    def forward(self, q, k_codes, k_norms, v_codes, v_norms, mask=None):
+        return torch.ops.rq.attention(
+            q,
+            k_codes,
+            k_norms,
+            v_codes,
+            v_norms,
+            self.k_rotation,
+            self.k_scale,
+            self.k_levels,
+            self.v_rotation,
+            self.v_mean,
+            self.v_scale,
+            self.v_levels,
+            self.k_bits,
+            self.v_bits,
+            mask,
+            self.sm_scale,
+        )
+
+
+def _export(module, args, path, flavour, dynamic_shapes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_onnx(module, args, path, flavour=flavour, dynamic_shapes=dynamic_shapes)
+
+
+def _run(path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return [torch.from_numpy(o) for o in session.run(None, {n: inputs[n].numpy() for n in names})]
+
+
+def _calibrated(state: QuantState, gen: torch.Generator) -> QuantState:
+    """Non-trivial mean/scale so the translations are checked on them too."""
+    heads, dim = state.mean.shape
+    return replace(
+        state,
+        mean=torch.randn(heads, dim, generator=gen) * 0.2,
+        scale=torch.rand(heads, dim, generator=gen) + 0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    "flavour,backend,bits,group,dtype",
+    [
+        ("standard", "planar", 2, 64, torch.float32),
+        ("standard", "iso", 3, 32, torch.float32),
+        ("standard", "rotor", 4, 64, torch.float32),  # 64 % 3 == 1: padded rotor blocks
+        ("standard", "hadamard", 3, 32, torch.float16),  # dense 32x32 blocks: the MatMul rotation path
+        ("tensorrt", "planar", 2, 32, torch.float32),
+        ("tensorrt", "iso", 4, 64, torch.float32),
+        ("tensorrt", "rotor", 3, 64, torch.float32),
+        ("tensorrt", "hadamard", 4, 64, torch.float16),
+    ],
+)
+def test_quantize_dequantize_match_the_reference(tmp_path, flavour, backend, bits, group, dtype):
+    gen = torch.Generator().manual_seed(bits * 7 + group)
+    config = RQConfig(backend=backend, bits=bits, norm_group=group)
+    state = _calibrated(make_state(config, layer_idx=1, kind="k", num_heads=2, head_dim=HEAD_DIM), gen)
+    module = QuantizeDequantize(state, dtype).eval()
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("tokens")}
+    path = _export(module, (torch.randn(2, 2, 5, HEAD_DIM),), tmp_path / "qd.onnx", flavour, (dims,))
+
+    x = torch.randn(3, 2, 33, HEAD_DIM, generator=gen) * 3.0  # other batch and length than at export
+    x[0, 0, 0] = 0.0  # a zero vector: norm 0, codes of 0
+    codes, norms, recon = _run(path, {"x": x})
+    ref_codes, ref_norms = quantize(x, state.rotation, state.mean, state.scale, state.levels, bits, group)
+
+    assert codes.dtype == torch.uint8 and codes.shape == ref_codes.shape
+    mismatch = (unpack(codes, bits, HEAD_DIM) != unpack(ref_codes, bits, HEAD_DIM)).float().mean().item()
+    assert mismatch <= MAX_CODE_MISMATCH, f"{mismatch:.2e} of codes differ from the reference"
+    assert norms.dtype == torch.float16
+    torch.testing.assert_close(norms.float(), ref_norms.float(), rtol=2e-3, atol=0)  # at most a tie's fp16 ulp
+    assert (norms == ref_norms).float().mean() >= 0.99
+    # Dequantize on the same codes: the ONNX read path equals the reference read path.
+    expected = dequantize(codes, norms, state.rotation, state.mean, state.scale, state.levels, bits, HEAD_DIM, dtype)
+    assert recon.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(recon.float(), expected.float(), rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "flavour,mask_kind,k_bits,v_bits,backend",
+    [
+        ("standard", "bool", 4, 2, "iso"),
+        ("tensorrt", "bool", 3, 3, "planar"),
+        ("tensorrt", "float", 2, 4, "rotor"),
+        ("standard", "none", 3, 2, "hadamard"),
+    ],
+)
+def test_attention_matches_the_reference(tmp_path, flavour, mask_kind, k_bits, v_bits, backend):
+    gen = torch.Generator().manual_seed(k_bits * 10 + v_bits)
+    config = RQConfig(backend=backend, key_bits=k_bits, value_bits=v_bits, norm_group=32)
+    make = lambda kind: _calibrated(make_state(config, layer_idx=0, kind=kind, num_heads=2, head_dim=HEAD_DIM), gen)
+    k, v = make("k"), make("v")
+    k = replace(k, mean=torch.zeros_like(k.mean))  # rq::attention takes no key mean (softmax ignores it)
+    module = CompressedAttention(k, v).eval()
+
+    def inputs(batch: int, q_len: int, k_len: int) -> dict[str, torch.Tensor]:
+        keys = torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen)
+        values = torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen)
+        k_codes, k_norms = quantize(keys, k.rotation, k.mean, k.scale, k.levels, k.bits, k.group)
+        v_codes, v_norms = quantize(values, v.rotation, v.mean, v.scale, v.levels, v.bits, v.group)
+        out = {"q": torch.randn(batch, 4, q_len, HEAD_DIM, generator=gen)}  # GQA: 4 query heads on 2 KV heads
+        out.update(k_codes=k_codes, k_norms=k_norms, v_codes=v_codes, v_norms=v_norms)
+        if mask_kind == "bool":
+            mask = torch.rand(batch, 1, q_len, k_len, generator=gen) > 0.3
+            mask[0, 0, 0] = False  # a fully masked row attends to nothing (output = v_mean)
+            out["mask"] = mask
+        elif mask_kind == "float":
+            out["mask"] = torch.randn(batch, 1, q_len, k_len, generator=gen)
+        return out
+
+    names = ["q", "k_codes", "k_norms", "v_codes", "v_norms"] + ([] if mask_kind == "none" else ["mask"])
+    batch, q_len, k_len = torch.export.Dim("batch"), torch.export.Dim("q_len"), torch.export.Dim("k_len")
+    shapes = (
+        [{0: batch, 2: q_len}]
+        + [{0: batch, 2: k_len}] * 4
+        + ([] if mask_kind == "none" else [{0: batch, 2: q_len, 3: k_len}])
+    )
+    example = inputs(2, 3, 7)
+    path = _export(module, tuple(example[n] for n in names), tmp_path / "attn.onnx", flavour, tuple(shapes))
+
+    test = inputs(3, 5, 19)
+    (out,) = _run(path, test)
+    expected = rotated_attention(
+        test["q"], test["k_codes"], test["k_norms"], test["v_codes"], test["v_norms"], k, v, test.get("mask"), 0.125
+    )
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
