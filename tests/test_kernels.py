@@ -64,7 +64,9 @@ def _check_codes(codes, norms, ref_codes, ref_norms, bits, dim):
     assert diff.max().item() <= 1
     assert diff.ne(0).float().mean().item() <= MAX_MISMATCH
     rel = (norms.float() - ref_norms.float()).abs() / ref_norms.float().abs().clamp_min(1e-6)
-    assert rel.max().item() < 2e-3
+    same = diff.unflatten(-1, (norms.shape[-1], -1)).eq(0).all(-1)  # groups whose codes all agree
+    assert rel[same].max().item() < 2e-3  # one fp16 rounding step
+    assert rel.max().item() < 0.1  # a boundary flip changes the corrected norm a little
 
 
 def _quantize_case(backend, bits, dim, device, tokens, batch=2, heads=2, strided=True):

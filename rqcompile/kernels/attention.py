@@ -24,6 +24,8 @@ import triton.language as tl
 from rqcompile.kernels.common import is_pow2, sm_count
 
 LOG2E = 1.4426950408889634
+# launch defaults (tuned on the device, see benchmarks/NOTES.md); lut: 0 gathered codebook load, 1 select chain
+DEFAULTS = {"block_n": 64, "lut": 1, "num_warps": 4, "split_waves": 2}
 
 
 @triton.jit
@@ -62,7 +64,19 @@ def _q_slot(
 
 
 @triton.jit
-def _slot_values(lo, hi, hsh, nrm, lev_ptr, s: tl.constexpr, BITS: tl.constexpr):
+def _lut(code, lev_ptr, NL: tl.constexpr, LUT: tl.constexpr):
+    """codebook[code]: a gathered load (LUT == 0) or a chain of selects over the NL scalar levels (LUT == 1)."""
+    if LUT == 0:
+        val = tl.load(lev_ptr + code)
+    else:
+        val = tl.zeros(code.shape, dtype=tl.float32) + tl.load(lev_ptr)
+        for k in tl.static_range(1, NL):
+            val = tl.where(code == k, tl.load(lev_ptr + k), val)
+    return val
+
+
+@triton.jit
+def _slot_values(lo, hi, hsh, nrm, lev_ptr, s: tl.constexpr, BITS: tl.constexpr, LUT: tl.constexpr):
     """codebook[code] * norm (fp16) for slot s of the byte tile `lo` (and the 3-bit high plane `hi`)."""
     if BITS == 4:
         code = (lo >> (4 * s)) & 15
@@ -70,7 +84,7 @@ def _slot_values(lo, hi, hsh, nrm, lev_ptr, s: tl.constexpr, BITS: tl.constexpr)
         code = (lo >> (2 * s)) & 3
         if BITS == 3:
             code = code | (((hi >> (hsh + s)) & 1) << 2)
-    return (tl.load(lev_ptr + code) * nrm).to(tl.float16)
+    return (_lut(code, lev_ptr, 1 << BITS, LUT) * nrm).to(tl.float16)
 
 
 @triton.jit
@@ -116,6 +130,7 @@ def _attn_split_kernel(
     HAS_KVLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    LUT: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -176,11 +191,11 @@ def _attn_split_kernel(
             nk = tl.load(knb + n64[None, :] * NGK + (jk // (KDK // NGK))[:, None], mask=n_ok[None, :], other=0.0).to(
                 tl.float32
             )
-        sc = tl.dot(q0, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 0, KBITS))
-        sc += tl.dot(q1, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 1, KBITS))
+        sc = tl.dot(q0, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 0, KBITS, LUT))
+        sc += tl.dot(q1, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 1, KBITS, LUT))
         if SK == 4:
-            sc += tl.dot(q2, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 2, KBITS))
-            sc += tl.dot(q3, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 3, KBITS))
+            sc += tl.dot(q2, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 2, KBITS, LUT))
+            sc += tl.dot(q3, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 3, KBITS, LUT))
         sc = tl.where(n_ok[None, :], sc, float("-inf"))
         if MASK_KIND == 1:
             mv = tl.load(mrow[:, None] + n64[None, :] * smn, mask=m_ok[:, None] & n_ok[None, :], other=0)
@@ -208,11 +223,15 @@ def _attn_split_kernel(
             nv = tl.load(vnb + n64[:, None] * NGV + (jv // (KDV // NGV))[None, :], mask=n_ok[:, None], other=0.0).to(
                 tl.float32
             )
-        acc0 = acc0 * alpha[:, None] + tl.dot(p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 0, VBITS))
-        acc1 = acc1 * alpha[:, None] + tl.dot(p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 1, VBITS))
+        acc0 = acc0 * alpha[:, None] + tl.dot(p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 0, VBITS, LUT))
+        acc1 = acc1 * alpha[:, None] + tl.dot(p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 1, VBITS, LUT))
         if SV == 4:
-            acc2 = acc2 * alpha[:, None] + tl.dot(p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 2, VBITS))
-            acc3 = acc3 * alpha[:, None] + tl.dot(p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 3, VBITS))
+            acc2 = acc2 * alpha[:, None] + tl.dot(
+                p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 2, VBITS, LUT)
+            )
+            acc3 = acc3 * alpha[:, None] + tl.dot(
+                p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 3, VBITS, LUT)
+            )
 
     pidx = (bh.to(tl.int64) * NS + split) * M + rows
     tl.store(pm_ptr + pidx, m_i, mask=m_ok)
@@ -316,11 +335,18 @@ def launch_attention(
     kv_len=None,
     wrap=lambda k: k,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
+    lut: int | None = None,
+    num_warps: int | None = None,
+    split_waves: int | None = None,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B]."""
     import torch
 
+    block_n = DEFAULTS["block_n"] if block_n is None else block_n
+    lut = DEFAULTS["lut"] if lut is None else lut
+    num_warps = DEFAULTS["num_warps"] if num_warps is None else num_warps
+    split_waves = DEFAULTS["split_waves"] if split_waves is None else split_waves
     batch, q_heads, q_len, dim = q.shape
     heads = k_codes.shape[1]
     tk = k_codes.shape[2]
@@ -340,7 +366,7 @@ def launch_attention(
 
     total_blocks = max(1, triton.cdiv(tk, block_n))
     if num_splits is None:
-        target = 2 * sm_count(device.index or 0) if device.type == "cuda" else 4
+        target = split_waves * sm_count(device.index or 0) if device.type == "cuda" else 4
         num_splits = triton.cdiv(target, batch * heads * m_tiles)
     num_splits = max(1, min(int(num_splits), total_blocks, 128))
     span = triton.cdiv(total_blocks, num_splits) * block_n
@@ -401,7 +427,8 @@ def launch_attention(
         HAS_KVLEN=kv_len is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        num_warps=4,
+        LUT=lut,
+        num_warps=num_warps,
     )
     vrb = v_rotation.shape[-1]
     dense_v = vrb > 4

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from rqcompile.kernels.common import dot_precision, supported_dim
 
-TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, as the reference clamps with
+TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny, as the reference clamps with
 
 
 @triton.jit
@@ -60,6 +60,8 @@ def _quantize_kernel(
     DENSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    LUT: tl.constexpr,
+    RESHAPE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -80,6 +82,14 @@ def _quantize_kernel(
             # R_g[i, k]; y = u @ R_g^T, loaded transposed as [k, i]
             rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + ri[:, None])
             y = tl.dot(u, rt, input_precision=DOT_PREC)
+        elif RESHAPE:  # RB in (1, 2, 4): one contiguous load, rotate in registers
+            xv = tl.load(x_row + c[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+            u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + c)[None, :], tl.load(scale_ptr + h * D + c)[None, :])
+            u3 = tl.reshape(u, [BLOCK_T, G // RB, RB])
+            jb = g * (G // RB) + tl.arange(0, G // RB)
+            ri = tl.arange(0, RB)
+            r3 = tl.load(rot_ptr + ((h * NB + jb[:, None, None]) * RB + ri[None, :, None]) * RB + ri[None, None, :])
+            y = tl.reshape(tl.sum(u3[:, :, None, :] * r3[None, :, :, :], axis=3), [BLOCK_T, G])
         else:
             blk = c // RB
             ii = c % RB
@@ -99,7 +109,12 @@ def _quantize_kernel(
         for k in tl.static_range(NL - 1):
             bnd = (tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5
             code += (unit > bnd).to(tl.int32)
-        lv = tl.load(lev_ptr + code)
+        if LUT == 0:
+            lv = tl.load(lev_ptr + code)
+        else:
+            lv = tl.zeros([BLOCK_T, G], dtype=tl.float32) + tl.load(lev_ptr)
+            for k in tl.static_range(1, NL):
+                lv = tl.where(code == k, tl.load(lev_ptr + k), lv)
         cn = tl.sqrt_rn(tl.sum(lv * lv, axis=1))
         corrected = tl.math.div_rn(n, tl.maximum(cn, TINY))
         tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
@@ -176,8 +191,12 @@ def _dequantize_kernel(
         tl.store(out_ptr + tok[:, None] * D + c[None, :], out.to(out_ptr.dtype.element_ty), mask=t_ok)
 
 
+# launch defaults (tuned on the device, see benchmarks/NOTES.md)
+DEFAULTS = {"block_t": 16, "block_t_dense": 64, "lut": 1, "num_warps": 4, "reshape": True}
+
+
 def _block_t(dim: int, dense: bool) -> int:
-    return 16 if dense else max(1, min(64, 4096 // dim))
+    return DEFAULTS["block_t_dense"] if dense else DEFAULTS["block_t"]
 
 
 def quantize_supported(x, rotation, bits: int, group: int) -> bool:
@@ -229,7 +248,9 @@ def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wra
         DENSE=dense,
         DOT_PREC=dot_precision(),
         BLOCK_T=bt,
-        num_warps=4,
+        LUT=DEFAULTS["lut"],
+        RESHAPE=DEFAULTS["reshape"] and rb in (1, 2, 4),
+        num_warps=DEFAULTS["num_warps"],
     )
     return codes, norms
 
