@@ -88,6 +88,56 @@ def exported(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
+class CacheWrite(torch.nn.Module):
+    """The cache write of a whole-LM export: quantized codes index_copy'd into a uint8 cache passed in and out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        state = make_state(RQConfig(bits=3), layer_idx=0, kind="k", num_heads=2, head_dim=64)
+        for name, tensor in state.tensors().items():
+            self.register_buffer(name, tensor)
+
+    def forward(self, cache_codes, cache_norms, x, position):
+        codes, norms = torch.ops.rq.quantize(x, self.rotation, self.mean, self.scale, self.levels, 3, 64)
+        cache_codes = cache_codes.index_copy(2, position, codes)
+        cache_norms = cache_norms.index_copy(2, position, norms)
+        keys = torch.ops.rq.dequantize(
+            cache_codes, cache_norms, self.rotation, self.mean, self.scale, self.levels, 3, 64, torch.float32
+        )
+        return cache_codes, cache_norms, keys
+
+
+def test_uint8_cache_writes_are_widened_to_int32_for_tensorrt(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from rqcompile.export.onnx_ops import translation_table
+    from rqcompile.export.onnx_rewrite import widen_uint8
+
+    cache = torch.zeros(1, 2, 8, 24, dtype=torch.uint8), torch.zeros(1, 2, 8, 1, dtype=torch.float16)
+    args = (*cache, torch.randn(1, 2, 2, 64), torch.tensor([3, 4]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            CacheWrite().eval(),
+            args,
+            dynamo=True,
+            opset_version=18,
+            custom_translation_table=translation_table("tensorrt"),
+        )
+    raw = program.model_proto
+    assert not check_tensorrt(raw).ok  # ScatterND / Transpose on uint8 inside the graph
+    widened = widen_uint8(raw)
+    assert check_tensorrt(widened).ok
+    assert [i.type.tensor_type.elem_type for i in widened.graph.input] == [
+        i.type.tensor_type.elem_type for i in raw.graph.input
+    ]
+    feeds = {i.name: a.numpy() for i, a in zip(raw.graph.input, args)}
+    before = ort.InferenceSession(raw.SerializeToString()).run(None, feeds)
+    after = ort.InferenceSession(widened.SerializeToString()).run(None, feeds)
+    for a, b in zip(before, after):
+        assert a.dtype == b.dtype and (a == b).all()
+    assert check_tensorrt(export_onnx(CacheWrite().eval(), args, tmp_path / "w.onnx", flavour="tensorrt")).ok
+
+
 def _model(nodes, inputs, outputs, opset=18, initializers=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

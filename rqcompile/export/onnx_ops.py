@@ -298,7 +298,7 @@ def export_onnx(
     dynamic_shapes: Any = None,
     opset: int = 18,
 ) -> Any:
-    """torch.onnx.export(dynamo=True) with the rq translations; the TensorRT flavour is checked before returning.
+    """torch.onnx.export(dynamo=True) with the rq translations; the TensorRT flavour is widened and checked.
 
     Returns the saved path. Buffers of `module` become initializers (the quant state travels inside the graph).
     """
@@ -316,7 +316,13 @@ def export_onnx(
     )
     program.save(str(path))
     if flavour == "tensorrt":
+        import onnx
+
+        from rqcompile.export.onnx_rewrite import widen_uint8
         from rqcompile.export.tensorrt_check import assert_tensorrt_ready
 
+        # Cache writes / slices of packed codes are uint8 in the exported graph; TensorRT wants uint8 only at I/O.
+        model = widen_uint8(onnx.load(str(path), load_external_data=False))  # weights stay where they were saved
+        onnx.save(model, str(path))
         assert_tensorrt_ready(path)
     return path
