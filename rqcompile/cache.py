@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
+from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import QuantState, make_state
@@ -48,9 +49,10 @@ class RQCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, config: RQConfig, layer_idx: int, **kwargs: Any) -> None:
+    def __init__(self, config: RQConfig, layer_idx: int, calibration: Calibration | None = None, **kw: Any) -> None:
         super().__init__()
         self.config = config
+        self.calibration = calibration
         self.layer_idx = layer_idx
         self.k_state: QuantState | None = None
         self.v_state: QuantState | None = None
@@ -66,8 +68,15 @@ class RQCacheLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         _, heads, _, head_dim = key_states.shape
         if self.k_state is None or self.k_state.num_heads != heads or self.k_state.head_dim != head_dim:
+            calib = self.calibration
             make = lambda kind: make_state(  # noqa: E731
-                self.config, layer_idx=self.layer_idx, kind=kind, num_heads=heads, head_dim=head_dim
+                self.config,
+                layer_idx=self.layer_idx,
+                kind=kind,
+                num_heads=heads,
+                head_dim=head_dim,
+                mean=calib.get(self.layer_idx, kind, "mean") if calib else None,
+                scale=calib.get(self.layer_idx, kind, "scale") if calib else None,
             ).to(self.device)
             self.k_state, self.v_state = make("k"), make("v")
         self.is_initialized = True
@@ -185,8 +194,15 @@ class RQSlidingCacheLayer(RQCacheLayer):
 
     is_sliding = True
 
-    def __init__(self, config: RQConfig, layer_idx: int, sliding_window: int | None = None, **kwargs: Any) -> None:
-        super().__init__(config, layer_idx)
+    def __init__(
+        self,
+        config: RQConfig,
+        layer_idx: int,
+        calibration: Calibration | None = None,
+        sliding_window: int | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(config, layer_idx, calibration)
         self.sliding_window = sliding_window
 
 
@@ -223,9 +239,17 @@ class RQCache(Cache):
     asks for conv/recurrent state, compressed attention layers on `update`.
     """
 
-    def __init__(self, config: RQConfig | None = None, *, model_config: Any = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        config: RQConfig | None = None,
+        *,
+        model_config: Any = None,
+        calibration: Calibration | None = None,
+        **overrides: Any,
+    ) -> None:
         config = (config or RQConfig()).replace(**overrides) if overrides else (config or RQConfig())
         self.rq_config = config
+        self.calibration = calibration
         layers: list = []
         if model_config is not None:
             text_config = model_config.get_text_config(decoder=True)
@@ -238,9 +262,9 @@ class RQCache(Cache):
 
     def _make_layer(self, layer_type: str, idx: int, sliding_window: int | None):
         if layer_type == "full_attention":
-            return RQCacheLayer(self.rq_config, idx)
+            return RQCacheLayer(self.rq_config, idx, self.calibration)
         if layer_type in ("sliding_attention", "chunked_attention"):
-            return RQSlidingCacheLayer(self.rq_config, idx, sliding_window=sliding_window)
+            return RQSlidingCacheLayer(self.rq_config, idx, self.calibration, sliding_window=sliding_window)
         if layer_type in _LINEAR_TYPES:
             return LinearAttentionLayer()
         raise ValueError(
@@ -255,7 +279,7 @@ class RQCache(Cache):
             if idx == layer_idx and linear:
                 self.layers.append(LinearAttentionLayer())
             else:
-                self.layers.append(RQCacheLayer(self.rq_config, idx))
+                self.layers.append(RQCacheLayer(self.rq_config, idx, self.calibration))
 
     # -- attention layers ------------------------------------------------------------------------------------
     def update(
@@ -307,22 +331,34 @@ class RQCache(Cache):
 class PlanarQuantCache(RQCache):
     """Compressed cache with 2D Givens rotations (the fastest backend)."""
 
-    def __init__(self, bits: int = 3, *, model_config: Any = None, **options: Any) -> None:
-        super().__init__(RQConfig(backend="planar", bits=bits, **options), model_config=model_config)
+    def __init__(
+        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | None = None, **options: Any
+    ) -> None:
+        super().__init__(
+            RQConfig(backend="planar", bits=bits, **options), model_config=model_config, calibration=calibration
+        )
 
 
 class IsoQuantCache(RQCache):
     """Compressed cache with 4D quaternion rotations (`q_L v conj(q_R)`)."""
 
-    def __init__(self, bits: int = 3, *, model_config: Any = None, **options: Any) -> None:
-        super().__init__(RQConfig(backend="iso", bits=bits, **options), model_config=model_config)
+    def __init__(
+        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | None = None, **options: Any
+    ) -> None:
+        super().__init__(
+            RQConfig(backend="iso", bits=bits, **options), model_config=model_config, calibration=calibration
+        )
 
 
 class RotorQuantCache(RQCache):
     """Compressed cache with 3D Clifford-algebra rotors."""
 
-    def __init__(self, bits: int = 3, *, model_config: Any = None, **options: Any) -> None:
-        super().__init__(RQConfig(backend="rotor", bits=bits, **options), model_config=model_config)
+    def __init__(
+        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | None = None, **options: Any
+    ) -> None:
+        super().__init__(
+            RQConfig(backend="rotor", bits=bits, **options), model_config=model_config, calibration=calibration
+        )
 
 
 __all__ = [

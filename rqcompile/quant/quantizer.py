@@ -56,8 +56,28 @@ class QuantState:
         return {"rotation": self.rotation, "mean": self.mean, "scale": self.scale, "levels": self.levels}
 
 
-def make_state(config: RQConfig, *, layer_idx: int, kind: str, num_heads: int, head_dim: int) -> QuantState:
-    """The deterministic quantizer of one layer's keys (`kind="k"`) or values (`kind="v"`)."""
+def make_state(
+    config: RQConfig,
+    *,
+    layer_idx: int,
+    kind: str,
+    num_heads: int,
+    head_dim: int,
+    mean: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> QuantState:
+    """The deterministic quantizer of one layer's keys (`kind="k"`) or values (`kind="v"`).
+
+    `mean` / `scale` ([H, d]) come from calibration; by default zeros / ones.
+    """
+    for name, tensor in (("mean", mean), ("scale", scale)):
+        if tensor is not None and tuple(tensor.shape) != (num_heads, head_dim):
+            raise ValueError(
+                f"calibrated {name} for layer {layer_idx} {kind} has shape {tuple(tensor.shape)}, "
+                f"expected {(num_heads, head_dim)}"
+            )
+    if scale is not None and not bool((scale > 0).all()):
+        raise ValueError(f"calibrated scale for layer {layer_idx} {kind} must be positive")
     group = config.group_for(head_dim)
     bits = config.k_bits if kind == "k" else config.v_bits
     rotation = make_rotation(
@@ -72,8 +92,8 @@ def make_state(config: RQConfig, *, layer_idx: int, kind: str, num_heads: int, h
     )
     return QuantState(
         rotation=rotation,
-        mean=torch.zeros(num_heads, head_dim),
-        scale=torch.ones(num_heads, head_dim),
+        mean=torch.zeros(num_heads, head_dim) if mean is None else mean.detach().float().cpu(),
+        scale=torch.ones(num_heads, head_dim) if scale is None else scale.detach().float().cpu(),
         levels=codebook(bits, group),
         bits=bits,
         group=group,

@@ -1,0 +1,111 @@
+"""Calibration: per-channel key mean and scales measured on sample text, folded into the format's mean/scale.
+
+Why: real keys have a few channels far larger than the rest (and a per-channel offset). A 2-4 dimensional block
+rotation cannot spread that energy the way a dense Hadamard does, so the Gaussian codebook clips the big channels.
+Subtracting the per-channel key mean is exact for attention (it shifts all of a query's scores equally) and dividing
+by the per-channel RMS equalizes the channels before the block rotation; both are undone by dequantization, and in
+the rotated-space attention they fold into q (the scale) or vanish (the key mean).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+_KINDS = ("k", "v")
+_FIELDS = ("mean", "scale")
+
+
+@dataclass
+class Calibration:
+    """Per-layer, per-KV-head channel statistics: `stats[(layer, "k"|"v", "mean"|"scale")] -> [H, d]` float32."""
+
+    stats: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
+    source: str = ""
+
+    def get(self, layer_idx: int, kind: str, name: str) -> torch.Tensor | None:
+        return self.stats.get((layer_idx, kind, name))
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"calibration.{layer}.{kind}.{name}": t.contiguous() for (layer, kind, name), t in self.stats.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str = "") -> Calibration:
+        stats = {}
+        for key, tensor in tensors.items():
+            prefix, layer, kind, name = key.split(".")
+            if prefix != "calibration" or kind not in _KINDS or name not in _FIELDS:
+                raise ValueError(f"unexpected calibration tensor {key!r}")
+            stats[(int(layer), kind, name)] = tensor.float()
+        return cls(stats, source)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _, _ in self.stats})
+
+
+_ATTN_NAME = "rqcompile_calibration_capture"
+
+
+@contextlib.contextmanager
+def _capturing(model, sink: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]):
+    """Temporarily route the model's attention through a function that records post-RoPE K and V per layer."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        sink.setdefault(module.layer_idx, []).append((key.detach().float(), value.detach().float()))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_ATTN_NAME, capture)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_ATTN_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def calibrate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    key_mean: bool = True,
+    key_scale: bool = True,
+    value_scale: bool = False,
+    chunk: int = 512,
+    source: str = "",
+) -> Calibration:
+    """Measure channel statistics of every attention layer's K (and V) on `input_ids` ([B, T] or [T]).
+
+    Scales are per-channel RMS (after removing the mean), normalized to average 1 per head; only their ratios
+    matter since every norm group is renormalized.
+    """
+    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+    sink: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    with torch.no_grad(), _capturing(model, sink):
+        for start in range(0, ids.shape[1], chunk):  # independent windows: bounded memory, no cache needed
+            model(ids[:, start : start + chunk].to(model.device), use_cache=False)
+    if not sink:
+        raise ValueError(
+            "calibration saw no attention layer: the model does not route attention through transformers'"
+            " attention interface"
+        )
+    stats: dict[tuple[int, str, str], torch.Tensor] = {}
+    for layer_idx, pieces in sink.items():
+        for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", False, value_scale)):
+            x = torch.cat([p[0 if kind == "k" else 1] for p in pieces], dim=2)  # [B, H, T, d]
+            x = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
+            mean = x.mean(1)
+            if want_mean:
+                stats[(layer_idx, kind, "mean")] = mean
+            if want_scale:
+                centred = x - mean[:, None] if want_mean else x
+                rms = centred.pow(2).mean(1).sqrt().clamp_min(1e-6)
+                stats[(layer_idx, kind, "scale")] = rms / rms.mean(-1, keepdim=True)
+    return Calibration(stats, source)
+
+
+__all__ = ["Calibration", "calibrate"]

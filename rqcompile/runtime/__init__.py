@@ -1,0 +1,1 @@
+"""Generation over compiled programs and loaded artifacts (no transformers model code needed)."""
