@@ -1,0 +1,87 @@
+"""Calibration measures per-channel key statistics and folds them into the format's mean/scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_qwen3_5
+
+from rqcompile.cache import RQCache
+from rqcompile.calibrate import Calibration, calibrate
+from rqcompile.config import RQConfig
+from rqcompile.ops import dequantize_state, quantize_state
+from rqcompile.quant.quantizer import make_state
+
+
+def _ids(model, length=48, seed=0):
+    return torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3_5])
+def test_calibration_covers_every_attention_layer_with_head_by_channel_stats(factory):
+    model = factory()
+    calib = calibrate(model, _ids(model), value_scale=True)
+    attention_layers = [
+        i
+        for i, kind in enumerate(getattr(model.config, "layer_types", None) or ["full_attention"] * 99)
+        if kind == "full_attention" and i < model.config.num_hidden_layers
+    ]
+    assert calib.layers == attention_layers
+    shape = (model.config.num_key_value_heads, model.config.head_dim)
+    for layer in attention_layers:
+        assert calib.get(layer, "k", "mean").shape == shape
+        scale = calib.get(layer, "k", "scale")
+        assert scale.shape == shape and bool((scale > 0).all())
+        assert torch.allclose(scale.mean(-1), torch.ones(shape[0]), atol=1e-5)
+        assert calib.get(layer, "v", "scale") is not None and calib.get(layer, "v", "mean") is None
+    assert model.config._attn_implementation != "rqcompile_calibration_capture", "attention routing must be restored"
+
+
+def test_calibration_round_trips_through_flat_tensors():
+    calib = Calibration({(1, "k", "mean"): torch.randn(2, 64), (1, "k", "scale"): torch.rand(2, 64) + 0.1})
+    again = Calibration.from_tensors(calib.to_tensors())
+    assert again.stats.keys() == calib.stats.keys()
+    assert all(torch.equal(again.stats[k], calib.stats[k]) for k in calib.stats)
+    with pytest.raises(ValueError, match="unexpected calibration tensor"):
+        Calibration.from_tensors({"calibration.1.q.mean": torch.zeros(1)})
+
+
+def test_channel_scale_and_mean_cut_the_error_on_keys_with_outlier_channels():
+    torch.manual_seed(0)
+    heads, dim = 2, 64
+    channel_scale = torch.ones(heads, dim)
+    channel_scale[:, [3, 17, 40]] = 30.0  # a few huge channels, as real keys have
+    offset = torch.randn(heads, dim) * 2
+    keys = torch.randn(1, heads, 512, dim) * channel_scale[:, None] + offset[:, None]
+    centred = keys - keys.mean(2, keepdim=True)
+    rms = centred.pow(2).mean(2).sqrt()[0]
+    plain = make_state(RQConfig(backend="planar", bits=3), layer_idx=0, kind="k", num_heads=heads, head_dim=dim)
+    tuned = make_state(
+        RQConfig(backend="planar", bits=3),
+        layer_idx=0,
+        kind="k",
+        num_heads=heads,
+        head_dim=dim,
+        mean=keys.mean(2)[0],
+        scale=rms / rms.mean(-1, keepdim=True),
+    )
+    error = lambda s: (dequantize_state(*quantize_state(keys, s), s, torch.float32) - keys).pow(2).mean().item()
+    assert error(tuned) < 0.2 * error(plain)
+
+
+def test_a_calibrated_cache_uses_the_calibrated_state():
+    model = tiny_llama()
+    calib = calibrate(model, _ids(model, seed=1), value_scale=True)
+    cache = RQCache(RQConfig(backend="iso", bits=3), calibration=calib)
+    model(_ids(model), past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert torch.equal(layer.k_state.mean, calib.get(0, "k", "mean"))
+    assert torch.equal(layer.v_state.scale, calib.get(0, "v", "scale"))
+    assert torch.equal(layer.v_state.mean, torch.zeros_like(layer.v_state.mean))
+
+
+def test_badly_shaped_calibration_is_refused():
+    with pytest.raises(ValueError, match="expected \\(2, 64\\)"):
+        make_state(RQConfig(), layer_idx=0, kind="k", num_heads=2, head_dim=64, mean=torch.zeros(3, 64))
+    with pytest.raises(ValueError, match="positive"):
+        make_state(RQConfig(), layer_idx=0, kind="k", num_heads=2, head_dim=64, scale=torch.zeros(2, 64))
