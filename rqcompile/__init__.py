@@ -1,6 +1,16 @@
 """rqcompile: KV-cache compression by block rotations + Lloyd-Max quantization."""
 
+from rqcompile.cache import IsoQuantCache, PlanarQuantCache, RotorQuantCache, RQCache
+from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 
-__all__ = ["RQConfig"]
+__all__ = [
+    "RQConfig",
+    "RQCache",
+    "PlanarQuantCache",
+    "IsoQuantCache",
+    "RotorQuantCache",
+    "Calibration",
+    "calibrate",
+]
 __version__ = "0.1.0"
