@@ -192,7 +192,7 @@ def _dequantize_kernel(
 
 
 # launch defaults (tuned on the device, see benchmarks/NOTES.md)
-DEFAULTS = {"block_t": 16, "block_t_dense": 64, "lut": 1, "num_warps": 4, "reshape": True}
+DEFAULTS = {"block_t": 8, "block_t_dense": 64, "lut": 0, "num_warps": 4, "reshape": True}
 
 
 def _block_t(dim: int, dense: bool) -> int:
