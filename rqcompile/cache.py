@@ -61,6 +61,7 @@ class RQCacheLayer(CacheLayerMixin):
     def _clear(self) -> None:
         self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
         self.k_window = self.v_window = None
+        self.k_sink = self.v_sink = None
         self.is_initialized = False
 
     # -- transformers layer API ---------------------------------------------------------------------------------
@@ -92,6 +93,13 @@ class RQCacheLayer(CacheLayerMixin):
                     raise ValueError(
                         f"layer {self.layer_idx}: {name} states contain NaN/inf; refusing to write them to the cache"
                     )
+        sink_room = self.config.sink_tokens - (0 if self.k_sink is None else self.k_sink.shape[-2])
+        if sink_room > 0 and self.get_seq_length() == self._sink_length():
+            self.k_sink = _cat(self.k_sink, key_states[:, :, :sink_room])
+            self.v_sink = _cat(self.v_sink, value_states[:, :, :sink_room])
+            key_states, value_states = key_states[:, :, sink_room:], value_states[:, :, sink_room:]
+            if key_states.shape[-2] == 0:
+                return self._materialize()
         window = self.config.residual_window
         if window == 0:
             self._append_compressed(key_states, value_states)
@@ -114,6 +122,9 @@ class RQCacheLayer(CacheLayerMixin):
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized history (+ window) for the model's attention; a transient copy, never stored."""
         keys, values = [], []
+        if self.k_sink is not None:
+            keys.append(self.k_sink)
+            values.append(self.v_sink)
         if self.k_codes is not None and self.k_codes.shape[-2] > 0:
             keys.append(dequantize_state(self.k_codes, self.k_norms, self.k_state, self.dtype))
             values.append(dequantize_state(self.v_codes, self.v_norms, self.v_state, self.dtype))
@@ -122,10 +133,13 @@ class RQCacheLayer(CacheLayerMixin):
             values.append(self.v_window)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
+    def _sink_length(self) -> int:
+        return 0 if self.k_sink is None else self.k_sink.shape[-2]
+
     def get_seq_length(self) -> int:
         compressed = 0 if self.k_codes is None else self.k_codes.shape[-2]
         recent = 0 if self.k_window is None else self.k_window.shape[-2]
-        return compressed + recent
+        return self._sink_length() + compressed + recent
 
     def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -140,7 +154,7 @@ class RQCacheLayer(CacheLayerMixin):
         self._clear()
 
     def _map(self, fn) -> None:
-        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_window", "v_window"):
+        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_window", "v_window", "k_sink", "v_sink"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -159,13 +173,16 @@ class RQCacheLayer(CacheLayerMixin):
         length = self.get_seq_length()
         keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, length)
         keep = max(keep, 0)
+        sink = self._sink_length()
         compressed = 0 if self.k_codes is None else self.k_codes.shape[-2]
         if self.k_window is not None:
-            self.k_window = self.k_window[:, :, : max(keep - compressed, 0)].clone()
-            self.v_window = self.v_window[:, :, : max(keep - compressed, 0)].clone()
-        if self.k_codes is not None and keep < compressed:
+            self.k_window = self.k_window[:, :, : max(keep - sink - compressed, 0)].clone()
+            self.v_window = self.v_window[:, :, : max(keep - sink - compressed, 0)].clone()
+        if self.k_codes is not None and keep - sink < compressed:
             for name in ("k_codes", "k_norms", "v_codes", "v_norms"):
-                setattr(self, name, getattr(self, name)[:, :, :keep].clone())
+                setattr(self, name, getattr(self, name)[:, :, : max(keep - sink, 0)].clone())
+        if self.k_sink is not None and keep < sink:
+            self.k_sink, self.v_sink = self.k_sink[:, :, :keep].clone(), self.v_sink[:, :, :keep].clone()
 
     def offload(self) -> None:
         self._map(lambda t: t.to("cpu", non_blocking=True))
@@ -177,11 +194,11 @@ class RQCacheLayer(CacheLayerMixin):
     def memory(self) -> dict[str, int]:
         """Bytes allocated for this layer, and what a bf16 cache of the same tokens would take."""
         compressed = _storage_bytes(self.k_codes, self.k_norms, self.v_codes, self.v_norms)
-        window = _storage_bytes(self.k_window, self.v_window)
+        window = _storage_bytes(self.k_window, self.v_window, self.k_sink, self.v_sink)
         tokens = self.get_seq_length()
         if self.k_state is None or tokens == 0:
             return {"tokens": tokens, "compressed_bytes": compressed, "window_bytes": window, "bf16_bytes": 0}
-        batch = (self.k_codes if self.k_codes is not None else self.k_window).shape[0]
+        batch = next(t for t in (self.k_codes, self.k_window, self.k_sink) if t is not None).shape[0]
         bf16 = 2 * 2 * batch * self.k_state.num_heads * tokens * self.k_state.head_dim
         return {"tokens": tokens, "compressed_bytes": compressed, "window_bytes": window, "bf16_bytes": bf16}
 

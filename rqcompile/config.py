@@ -28,6 +28,9 @@ class RQConfig:
         seed: rotations are random but deterministic from (seed, layer, kv-head, K-or-V).
         iso_mode: ``full`` uses ``q_L v conj(q_R)`` (all of SO(4)), ``fast`` only ``q_L v``.
         residual_window: most recent tokens kept uncompressed (eager caches); 0 disables it.
+        sink_tokens: first tokens of the sequence kept uncompressed. The first token is usually an attention
+            "sink" with an atypical key that every query attends to; quantizing it costs block backends most of
+            their error (measured: docs in QUALITY.md). 0 disables it.
         check_finite: raise on NaN/inf K/V in the eager caches (one host sync per layer and step when on a GPU).
     """
 
@@ -39,6 +42,7 @@ class RQConfig:
     seed: int = 0
     iso_mode: str = "full"
     residual_window: int = 0
+    sink_tokens: int = 0
     check_finite: bool = True
 
     def __post_init__(self) -> None:
@@ -56,6 +60,8 @@ class RQConfig:
             raise ValueError(f"norm_group={self.norm_group} must be a positive multiple of 8")
         if self.residual_window < 0:
             raise ValueError(f"residual_window={self.residual_window} must be >= 0")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens={self.sink_tokens} must be >= 0")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {type(self.seed).__name__}")
 

@@ -189,3 +189,21 @@ def test_unknown_backend_or_bits_and_nan_states_give_clear_errors():
     bad[0, 1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         layer.update(bad, torch.randn(1, 2, 3, 64))
+
+
+def test_sink_tokens_stay_exact_and_survive_crop():
+    model = tiny_llama()
+    cache = PlanarQuantCache(bits=2, sink_tokens=2)
+    exact = DynamicCache()
+    ids = _prompt(model, length=9)
+    model(ids, past_key_values=cache, use_cache=True)
+    model(ids, past_key_values=exact, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.k_sink.shape[-2] == 2 and layer.k_codes.shape[-2] == 7 and cache.get_seq_length() == 9
+    keys, _ = layer._materialize()
+    assert torch.equal(keys[:, :, :2], exact.layers[0].keys[:, :, :2])
+    assert not torch.allclose(keys[:, :, 2:], exact.layers[0].keys[:, :, 2:], atol=1e-3)
+    cache.crop(-8)  # back into the sink: the next token refills it
+    assert cache.get_seq_length() == 1 and layer.k_codes.shape[-2] == 0
+    model(ids[:, 1:3], past_key_values=cache, use_cache=True)
+    assert layer.k_sink.shape[-2] == 2 and layer.k_codes.shape[-2] == 1
