@@ -1,0 +1,565 @@
+"""Quality of the compressed KV caches on a real model (SmolLM2-135M-Instruct), on CPU.
+
+For every config of the grid: decode-time perplexity (prefill, then teacher-forced one token at a time through the
+cache) and its delta vs the uncompressed cache measured in the same run, mean KL(p_fp || p_cache) per decode step,
+greedy agreement over 64 generated tokens, bits per element from the bytes the cache really allocated, and wall time.
+Plus per-layer relative MSE of K and V on the model's real activations for each backend at 3 bits.
+
+Evaluation text: the license corpus. Calibration text: the stdlib corpus (never the evaluation text).
+
+    .venv/bin/python benchmarks/quality.py --grid quick            # a few configs, a couple of minutes
+    .venv/bin/python benchmarks/quality.py --grid full --out benchmarks/results/quality_full.json --markdown QUALITY.md
+
+Scoring runs through `IncrementalRQCache`: the real `RQCache` storage (packed codes + fp16 norms, which is what the
+bytes are counted from) plus a float copy of each token's dequantized K/V, made once when the token is written, so
+the decode loop does not dequantize the whole history 30 times per step. Quantization is per token, so that copy is
+the same as what `RQCache` materializes on every step; the script checks it against the plain `RQCache` at the start
+of every run (max |logprob difference| is written to the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rqcompile.cache import RQCache, RQCacheLayer, _cat
+from rqcompile.calibrate import Calibration, _capturing, calibrate
+from rqcompile.config import RQConfig
+from rqcompile.eval import (
+    KiviFakeQuantCache,
+    decode_time_ppl,
+    greedy_agreement,
+    greedy_tokens,
+    kl_divergence,
+    license_corpus,
+    reference_cache,
+    stdlib_corpus,
+)
+from rqcompile.models import load_smollm2
+from rqcompile.ops import dequantize_state, quantize_state
+from rqcompile.quant.quantizer import make_state
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = ("planar", "iso", "rotor")
+BACKENDS = (*BLOCK, "hadamard")
+TARGETS = {4: 1.0, 3: 3.0, 2: 10.0}  # max ppl delta in %, from issue 2
+CALIB_TOKENS = 4096
+GREEDY_N = 64
+KIVI_GROUP = 32
+BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/quality.py) -->", "<!-- END GENERATED -->"
+
+
+# --- a scoring cache with the real storage ------------------------------------------------------------------------
+
+
+class IncrementalRQCacheLayer(RQCacheLayer):
+    """`RQCacheLayer` that also keeps each token's dequantized K/V, computed once when the token is written."""
+
+    def _clear(self) -> None:
+        super()._clear()
+        self.k_hat = self.v_hat = None
+
+    def _append_compressed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super()._append_compressed(keys, values)
+        n = keys.shape[-2]
+        k = dequantize_state(self.k_codes[:, :, -n:], self.k_norms[:, :, -n:], self.k_state, self.dtype)
+        v = dequantize_state(self.v_codes[:, :, -n:], self.v_norms[:, :, -n:], self.v_state, self.dtype)
+        self.k_hat, self.v_hat = _cat(self.k_hat, k), _cat(self.v_hat, v)
+
+    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [t for t in (self.k_hat, self.k_window) if t is not None]
+        values = [t for t in (self.v_hat, self.v_window) if t is not None]
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+
+class IncrementalRQCache(RQCache):
+    """`RQCache` (no model_config: layers built on first touch) made of `IncrementalRQCacheLayer`s."""
+
+    def _ensure(self, layer_idx: int, linear: bool) -> None:
+        if linear:
+            raise ValueError("IncrementalRQCache supports plain attention models only")
+        while len(self.layers) <= layer_idx:
+            self.layers.append(IncrementalRQCacheLayer(self.rq_config, len(self.layers), self.calibration))
+
+
+# --- the grid -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    kind: str  # "rq" | "kivi"
+    group: str  # table the row goes to
+    config: RQConfig | None = None
+    calib: str = "none"  # "none" | "kv" (K mean + K scale + V scale) | "kmean" (key mean only)
+    key_bits: int = 0
+    value_bits: int = 0
+
+    @property
+    def nominal_bits(self) -> tuple[int, int]:
+        if self.config is not None:
+            return self.config.k_bits, self.config.v_bits
+        return self.key_bits, self.value_bits
+
+
+def _default_calib(backend: str) -> str:
+    return "kmean" if backend == "hadamard" else "kv"
+
+
+def _calib_label(calib: str) -> str:
+    return {"none": "", "kv": "-cal", "kmean": "-kmean"}[calib]
+
+
+def rq(backend: str, kb: int, vb: int, calib: str = "none", group: str = "", norm_group: int | None = None) -> Spec:
+    bits = f"{kb}" if kb == vb else f"K{kb}V{vb}"
+    name = f"{backend}-{bits}{_calib_label(calib)}" + (f"-g{norm_group}" if norm_group else "")
+    cfg = RQConfig(backend=backend, bits=kb, key_bits=kb, value_bits=vb, norm_group=norm_group)
+    return Spec(name, "rq", group, cfg, calib)
+
+
+def kivi(kb: int, vb: int) -> Spec:
+    bits = f"{kb}" if kb == vb else f"K{kb}V{vb}"
+    return Spec(f"kivi-{bits}", "kivi", "kivi", key_bits=kb, value_bits=vb)
+
+
+def grid(name: str) -> list[Spec]:
+    if name == "quick":
+        return [
+            rq("planar", 3, 3, group="plain"),
+            rq("hadamard", 3, 3, group="plain"),
+            rq("planar", 3, 3, "kv", group="calibrated"),
+            rq("iso", 3, 3, "kv", group="calibrated"),
+            rq("hadamard", 3, 3, "kmean", group="calibrated"),
+            kivi(3, 3),
+        ]
+    specs = [rq(b, n, n, group="plain") for b in BACKENDS for n in (2, 3, 4)]
+    specs += [kivi(n, n) for n in (2, 3, 4)]
+    specs += [rq(b, n, n, _default_calib(b), group="calibrated") for b in BACKENDS for n in (3, 4)]
+    specs += [rq(b, 4, v, _default_calib(b), group="mixed") for b in BACKENDS for v in (3, 2)]
+    specs += [kivi(4, 3), kivi(4, 2)]
+    specs += [rq(b, 3, 3, _default_calib(b), group="g32", norm_group=32) for b in BACKENDS]
+    return specs
+
+
+# --- measurements ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    model: object
+    ids: torch.Tensor
+    prefill: int
+    decode: int
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
+    reference: object = None
+    greedy_reference: torch.Tensor | None = None
+
+
+def kivi_bits(kb: int, vb: int, tokens: int, head_dim: int, group: int = KIVI_GROUP) -> float:
+    """KIVI's storage, analytically (the baseline is a fake-quant cache that allocates float tensors): keys per
+    channel per `group`-token block with fp16 scale+zero, the < group newest keys in fp16; values per token per
+    `group` channels with fp16 scale+zero."""
+    full = tokens // group * group
+    k_bits = full * head_dim * kb + (full // group) * head_dim * 32 + (tokens - full) * head_dim * 16
+    v_bits = tokens * head_dim * vb + tokens * (head_dim // group) * 32
+    return (k_bits + v_bits) / (2 * tokens * head_dim)
+
+
+def make_factory(spec: Spec, ctx: Context, holder: list, incremental: bool = True):
+    if spec.kind == "kivi":
+        return lambda: holder.append(KiviFakeQuantCache(spec.key_bits, spec.value_bits, KIVI_GROUP)) or holder[-1]
+    calibration = ctx.calibrations.get(spec.calib)
+    cls = IncrementalRQCache if incremental else RQCache
+    return lambda: holder.append(cls(spec.config, calibration=calibration)) or holder[-1]
+
+
+def memory_bits(cache: RQCache, model_config) -> dict:
+    report = cache.memory_report()
+    heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
+    elements = sum(m["tokens"] for m in report.layers.values()) * heads * head_dim * 2
+    layer0 = cache.layers[0]
+    calib = sum(int(t.numel()) * 4 for t in (cache.calibration.stats if cache.calibration else {}).values())
+    n_layers = len(report.layers)
+    rotation = layer0.k_state.rotation.nbytes + layer0.v_state.rotation.nbytes
+    return {
+        "bytes_held": report.compressed_bytes,
+        "bf16_bytes": report.bf16_bytes,
+        "bits_per_element": report.compressed_bytes * 8 / elements,
+        "calibration_bytes_per_layer": calib // max(n_layers, 1),
+        "rotation_bytes_per_layer": rotation,
+        "accounting": "measured (memory_report)",
+    }
+
+
+def run_spec(spec: Spec, ctx: Context) -> dict:
+    holder: list = []
+    t0 = time.perf_counter()
+    res = decode_time_ppl(ctx.model, ctx.ids, make_factory(spec, ctx, holder), ctx.prefill, ctx.decode, progress=False)
+    decode_s = time.perf_counter() - t0
+    kl = kl_divergence(ctx.reference, res).mean().item()
+    if spec.kind == "rq":
+        mem = memory_bits(holder[0], ctx.model.config)
+    else:
+        mem = {
+            "bits_per_element": kivi_bits(
+                spec.key_bits, spec.value_bits, ctx.prefill + ctx.decode, ctx.model.config.head_dim
+            ),
+            "accounting": "analytic (fake-quant cache)",
+        }
+    res.logprobs = None  # drop the [decode, vocab] tensor before the greedy run
+    t1 = time.perf_counter()
+    prompt = ctx.ids[:, : ctx.prefill]
+    agree = greedy_agreement(
+        ctx.model, prompt, make_factory(spec, ctx, []), GREEDY_N, reference=ctx.greedy_reference, progress=False
+    )
+    greedy_s = time.perf_counter() - t1
+    ref_ppl = ctx.reference.ppl
+    return {
+        "name": spec.name,
+        "kind": spec.kind,
+        "group": spec.group,
+        "config": spec.config.to_dict() if spec.config else {"key_bits": spec.key_bits, "value_bits": spec.value_bits},
+        "calibration": spec.calib,
+        "key_bits": spec.nominal_bits[0],
+        "value_bits": spec.nominal_bits[1],
+        "ppl": res.ppl,
+        "ppl_delta_pct": 100 * (res.ppl / ref_ppl - 1),
+        "kl_mean": kl,
+        "greedy_prefix": agree.prefix,
+        "greedy_overall": agree.overall,
+        "decode_seconds": decode_s,
+        "greedy_seconds": greedy_s,
+        **mem,
+    }
+
+
+@torch.inference_mode()
+def consistency_check(ctx: Context, spec: Spec, steps: int = 8) -> float:
+    """Max |logprob| difference between the scoring cache and the plain RQCache over a short decode."""
+    a = decode_time_ppl(ctx.model, ctx.ids, make_factory(spec, ctx, [], incremental=True), 128, steps, progress=False)
+    b = decode_time_ppl(ctx.model, ctx.ids, make_factory(spec, ctx, [], incremental=False), 128, steps, progress=False)
+    return (a.logprobs - b.logprobs).abs().max().item()
+
+
+@torch.inference_mode()
+def layer_mse(model, ids: torch.Tensor, calibrations: dict[str, Calibration], bits: int = 3) -> dict:
+    """Per-layer relative MSE ||x - x_hat||^2 / ||x||^2 of post-RoPE K and of V on `ids`, per backend."""
+    sink: dict[int, list] = {}
+    with _capturing(model, sink):
+        model(ids, use_cache=False)
+    out = {}
+    for backend in BACKENDS:
+        for calib in ("none", _default_calib(backend)):
+            cal = calibrations.get(calib)
+            cfg = RQConfig(backend=backend, bits=bits)
+            rows = {"k": [], "v": []}
+            for layer in sorted(sink):
+                k, v = sink[layer][0]
+                for kind, x in (("k", k), ("v", v)):
+                    state = make_state(
+                        cfg,
+                        layer_idx=layer,
+                        kind=kind,
+                        num_heads=x.shape[1],
+                        head_dim=x.shape[-1],
+                        mean=cal.get(layer, kind, "mean") if cal else None,
+                        scale=cal.get(layer, kind, "scale") if cal else None,
+                    )
+                    codes, norms = quantize_state(x, state)
+                    xh = dequantize_state(codes, norms, state, torch.float32)
+                    rows[kind].append(((x - xh).pow(2).sum() / x.pow(2).sum()).item())
+            out[f"{backend}-{bits}{_calib_label(calib)}"] = rows
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt_delta(x: float) -> str:
+    return f"{x:+.1f}%" if abs(x) < 100 else f"{x:+.0f}%"
+
+
+def results_table(rows: list[dict], fp_ppl: float) -> str:
+    head = (
+        "| config | K/V bits | calibration | bits/elem | ppl | delta | KL (nats) | greedy prefix | greedy overall "
+        "| wall s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| fp (DynamicCache) | 16/16 (fp32 compute) | - | 16 (bf16 ref.) | {fp_ppl:.3f} | - | 0 | 1.00 | 1.00 | - |"
+    ]
+    for r in rows:
+        bits = f"{r['bits_per_element']:.3f}" + ("*" if r["kind"] == "kivi" else "")
+        cal = {"none": "-", "kv": "K mean+scale, V scale", "kmean": "K mean"}[r["calibration"]]
+        lines.append(
+            f"| {r['name']} | {r['key_bits']}/{r['value_bits']} | {cal} | {bits} | {r['ppl']:.3f} "
+            f"| {_fmt_delta(r['ppl_delta_pct'])} | {r['kl_mean']:.4f} | {r['greedy_prefix']:.2f} "
+            f"| {r['greedy_overall']:.2f} | {r['decode_seconds'] + r['greedy_seconds']:.0f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def targets_table(rows: list[dict]) -> str:
+    """Per backend and bits (K=V): plain and best calibrated delta (default norm group) vs the target, vs hadamard."""
+    by = {(r["name"]): r for r in rows}
+
+    def best(backend: str, n: int) -> dict | None:
+        cands = [
+            r
+            for r in rows
+            if r["kind"] == "rq"
+            and r["config"]["backend"] == backend
+            and r["key_bits"] == n
+            and r["value_bits"] == n
+            and r["config"]["norm_group"] is None
+        ]
+        return min(cands, key=lambda r: r["ppl_delta_pct"]) if cands else None
+
+    lines = [
+        "| backend | bits | target | plain | best (config) | met? | missed by | best hadamard | >= hadamard? |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in (4, 3, 2):
+        had = best("hadamard", n)
+        for backend in BACKENDS:
+            b = best(backend, n)
+            if b is None:
+                continue
+            plain = by.get(f"{backend}-{n}")
+            target = TARGETS[n]
+            d = b["ppl_delta_pct"]
+            met = "yes" if d <= target else "no"
+            miss = "-" if d <= target else f"{d - target:.1f} pts ({d / target:.1f}x)"
+            vs = "-"
+            if had is not None and backend != "hadamard":
+                vs = "yes" if d <= had["ppl_delta_pct"] else f"no ({d - had['ppl_delta_pct']:+.1f} pts)"
+            lines.append(
+                f"| {backend} | {n} | <= {target:.0f}% | {_fmt_delta(plain['ppl_delta_pct']) if plain else '-'} "
+                f"| {_fmt_delta(d)} ({b['name']}) | {met} | {miss} "
+                f"| {_fmt_delta(had['ppl_delta_pct']) + ' (' + had['name'] + ')' if had else '-'} | {vs} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def mse_table(mse: dict) -> str:
+    n = len(next(iter(mse.values()))["k"])
+    pick = [0, 1, 2, n // 2, n - 1]
+    head = "| quantizer | K mean | K max (layer) | " + " | ".join(f"K L{i}" for i in pick) + " | V mean | V max |\n"
+    head += "|---" * (5 + len(pick)) + "|\n"
+    lines = []
+    for name, rows in mse.items():
+        k, v = rows["k"], rows["v"]
+        kmax = max(range(n), key=lambda i: k[i])
+        lines.append(
+            f"| {name} | {sum(k) / n:.4f} | {k[kmax]:.4f} (L{kmax}) | "
+            + " | ".join(f"{k[i]:.4f}" for i in pick)
+            + f" | {sum(v) / n:.4f} | {max(v):.4f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {"planar": "C0", "iso": "C1", "rotor": "C2", "hadamard": "C3", "kivi": "C4"}
+    markers = {"none": "o", "kv": "s", "kmean": "s"}
+    for r in data["results"]:
+        backend = r["config"].get("backend", "kivi") if r["kind"] == "rq" else "kivi"
+        g32 = r["kind"] == "rq" and r["config"]["norm_group"] == 32
+        mixed = r["key_bits"] != r["value_bits"]
+        ax.scatter(
+            r["bits_per_element"],
+            max(r["ppl_delta_pct"], 0.05),
+            edgecolors=colors[backend],
+            marker="^" if g32 else ("D" if mixed else markers[r["calibration"]]),
+            facecolors="none" if r["calibration"] == "none" and r["kind"] == "rq" else colors[backend],
+            s=40,
+        )
+    for backend in (*BACKENDS, "kivi"):
+        pts = sorted(
+            (r["bits_per_element"], max(r["ppl_delta_pct"], 0.05))
+            for r in data["results"]
+            if (r["config"].get("backend") == backend if backend != "kivi" else r["kind"] == "kivi")
+            and r["group"] in ("plain", "kivi")
+            and r["key_bits"] == r["value_bits"]
+        )
+        if pts:
+            ax.plot(
+                *zip(*pts), color=colors[backend], lw=1, label=f"{backend} (plain)" if backend != "kivi" else "kivi"
+            )
+    for n, t in TARGETS.items():
+        ax.hlines(t, n, n + 1.2, colors="k", linestyles="dotted", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per element (bytes held x 8 / elements; KIVI analytic)")
+    ax.set_ylabel("decode-time ppl delta vs fp cache (%)")
+    ax.set_title(
+        f"SmolLM2-135M, license text, prefill {data['prefill']} + decode {data['decode']}\n"
+        "hollow o: plain, filled s: calibrated, D: mixed K4/V<4 (calibrated), ^: norm group 32; dotted: targets"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(data: dict) -> str:
+    m = data["meta"]
+    parts = [
+        f"### Run: grid `{data['grid']}`, prefill {data['prefill']}, decode {data['decode']} "
+        f"(fp ppl {data['fp_ppl']:.3f} over those {data['decode']} steps)\n",
+        f"- command: `{m['command']}`",
+        f"- machine: {m['machine']}; torch {m['torch']}, transformers {m['transformers']}, python {m['python']}; "
+        f"{m['date']}; total wall {m['total_seconds'] / 60:.1f} min",
+        f"- calibration: {CALIB_TOKENS} tokens of the stdlib corpus; evaluation: license corpus, tokens "
+        f"[0, {data['prefill'] + data['decode'] + 1}); greedy: {GREEDY_N} tokens after the {data['prefill']}-token "
+        "prefix",
+        f"- scoring cache vs plain RQCache, max |logprob diff| over 8 steps: {data['consistency_max_abs']:.2e}",
+        "- bits/elem: bytes the cache allocated (packed codes + fp16 norms, memory_report) x 8 / (tokens x kv_heads x "
+        "head_dim x 2); `*` = KIVI, analytic (its cache is fake-quant). Per-layer constants not included: "
+        + ", ".join(f"{k} {v} B/layer" for k, v in sorted(data["per_layer_constants"].items())),
+        "- wall s: decode-time ppl run + greedy run, one thread\n",
+    ]
+    groups = [
+        ("plain", "Plain (no calibration)"),
+        ("kivi", "KIVI-style baseline (per-channel keys / per-token values, group 32, fp16 scale+zero)"),
+        ("calibrated", "Calibrated (block: K mean + K scale + V scale; hadamard: K mean)"),
+        ("mixed", "Mixed precision, calibrated"),
+        ("g32", "Norm group 32, calibrated"),
+    ]
+    for g, title in groups:
+        rows = [r for r in data["results"] if r["group"] == g]
+        if rows:
+            parts.append(f"#### {title} — decode {data['decode']}\n")
+            parts.append(results_table(rows, data["fp_ppl"]))
+    parts.append(f"#### Targets (K=V bits, default norm group) — decode {data['decode']}\n")
+    parts.append(targets_table(data["results"]))
+    if data.get("mse"):
+        parts.append(
+            f"#### Per-layer relative MSE at 3 bits, ||x - x̂||² / ||x||², on the first {data['prefill']} "
+            "evaluation tokens\n"
+        )
+        parts.append(mse_table(data["mse"]))
+    return "\n".join(parts)
+
+
+def write_markdown(path: Path, block: str) -> None:
+    text = path.read_text() if path.exists() else "# Quality\n\n"
+    generated = f"{BEGIN}\n{block}\n{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: generated, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + generated + "\n"
+    path.write_text(text)
+
+
+# --- main -----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--decode", type=int, default=512, help="teacher-forced decode steps (default 512)")
+    p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default 512)")
+    p.add_argument("--grid", choices=("quick", "full"), default="quick")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default benchmarks/results/quality_<grid>.json)"
+    )
+    p.add_argument("--plot", type=Path, default=None, help="plot PNG (default: next to --out)")
+    p.add_argument("--markdown", type=Path, default=None, help="write the generated tables into this file")
+    p.add_argument("--only", default=None, help="regex: run only configs whose name matches")
+    p.add_argument("--no-mse", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(1)
+    out = args.out or ROOT / "benchmarks" / "results" / f"quality_{args.grid}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    model, tok = load_smollm2()
+    ids = license_corpus(tok, args.prefill + args.decode + 1)
+    calib_ids = stdlib_corpus(tok, CALIB_TOKENS)
+    ctx = Context(model, ids, args.prefill, args.decode)
+    ctx.calibrations["kv"] = calibrate(model, calib_ids, key_scale=True, value_scale=True, source="stdlib")
+    ctx.calibrations["kmean"] = calibrate(model, calib_ids, key_scale=False, value_scale=False, source="stdlib")
+    specs = grid(args.grid)
+    if args.only:
+        specs = [s for s in specs if re.search(args.only, s.name)]
+
+    consistency = consistency_check(ctx, rq("planar", 3, 3, "kv"))
+    ctx.reference = decode_time_ppl(model, ids, reference_cache, args.prefill, args.decode, progress=False)
+    ctx.greedy_reference = greedy_tokens(model, ids[:, : args.prefill], reference_cache, GREEDY_N, progress=False)
+    print(f"fp ppl {ctx.reference.ppl:.4f} ({ctx.reference.seconds:.0f} s); consistency {consistency:.2e}", flush=True)
+
+    results = []
+    for spec in specs:
+        r = run_spec(spec, ctx)
+        results.append(r)
+        print(
+            f"{r['name']:>24}: bits {r['bits_per_element']:.3f} ppl {r['ppl']:.3f} ({_fmt_delta(r['ppl_delta_pct'])})"
+            f" KL {r['kl_mean']:.4f} greedy {r['greedy_prefix']:.2f}/{r['greedy_overall']:.2f}"
+            f" [{r['decode_seconds'] + r['greedy_seconds']:.0f} s]",
+            flush=True,
+        )
+    mse = {} if args.no_mse else layer_mse(model, ids[:, : args.prefill], ctx.calibrations)
+
+    import transformers
+
+    probe = RQCache(RQConfig(), calibration=ctx.calibrations["kv"])
+    with torch.inference_mode():
+        model(ids[:, :8], past_key_values=probe, use_cache=True)
+    layer0 = probe.layers[0]
+    constants = {
+        "calibration (K mean+scale, V scale; fp32)": sum(
+            int(t.nbytes) for (layer, _, _), t in ctx.calibrations["kv"].stats.items() if layer == 0
+        ),
+        "calibration (K mean; fp32)": sum(
+            int(t.nbytes) for (layer, _, _), t in ctx.calibrations["kmean"].stats.items() if layer == 0
+        ),
+        "planar rotations K+V (fp32)": layer0.k_state.rotation.nbytes + layer0.v_state.rotation.nbytes,
+    }
+    data = {
+        "grid": args.grid,
+        "prefill": args.prefill,
+        "decode": args.decode,
+        "fp_ppl": ctx.reference.ppl,
+        "fp_seconds": ctx.reference.seconds,
+        "consistency_max_abs": consistency,
+        "per_layer_constants": constants,
+        "results": results,
+        "mse": mse,
+        "meta": {
+            "command": "python "
+            + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+            "machine": f"2-core CPU ({platform.processor() or platform.machine()}), torch.set_num_threads(1), shared",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "total_seconds": time.perf_counter() - t_start,
+        },
+    }
+    out.write_text(json.dumps(data, indent=1))
+    png = args.plot or out.with_suffix(".png")
+    try:
+        plot(data, png)
+    except ImportError:
+        print("matplotlib missing (pip install rqcompile[plot]); no plot", file=sys.stderr)
+    if args.markdown:
+        write_markdown(args.markdown, markdown(data))
+    print(f"wrote {out} ({data['meta']['total_seconds'] / 60:.1f} min)", flush=True)
+    return data
+
+
+if __name__ == "__main__":
+    main()
