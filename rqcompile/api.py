@@ -1,0 +1,273 @@
+"""`rqcompile.apply`: capture a causal LM, compress its K/V cache in the graph, (optionally) fuse attention.
+
+    lm = rqcompile.apply(model, backend="planar", bits=3, max_cache_len=1024)
+    lm.generate(input_ids, max_new_tokens=64)
+    lm.memory_report()
+    lm.compile()            # torch.compile(fullgraph=True) of both programs
+
+The result runs the two rewritten programs (unlifted GraphModules sharing one set of buffers: packed K/V codes,
+fp16 norms, quantizer parameters and the linear-attention states of hybrid models). `exported()` re-exports them as
+ExportedPrograms (for AOTInductor / ONNX), `functional_step()` gives the cache-as-inputs/outputs form ONNX needs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from rqcompile.cache import MemoryReport
+from rqcompile.calibrate import Calibration
+from rqcompile.config import RQConfig
+from rqcompile.passes.capture import AttentionSite, LinearAttentionState, capture
+from rqcompile.passes.fuse_attention import fuse_attention
+from rqcompile.passes.kv_compress import SiteRewrite, compress_kv_cache
+from rqcompile.quant.quantizer import QuantState
+from rqcompile.runtime.generate import SamplingConfig, generate
+
+__all__ = ["CompiledLM", "FunctionalStep", "apply"]
+
+
+class FunctionalStep(nn.Module):
+    """`forward(input_ids, cache_position, *cache_tensors) -> (logits, *new_cache_tensors)`: no hidden state.
+
+    The cache tensors are, in order, `names` (compressed K/V codes and norms, then linear-attention states); the
+    program writes into clones of them, so the inputs are left untouched and the outputs are the new cache. This is
+    the form ONNX needs (it drops buffer mutation). The quantizer parameters and weights stay buffers/constants.
+    """
+
+    def __init__(self, program: fx.GraphModule, names: list[str]):
+        super().__init__()
+        self.program = program
+        self.names = list(names)
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *cache: torch.Tensor):
+        if len(cache) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} cache tensors ({', '.join(self.names)}), got {len(cache)}")
+        new = [t.clone() for t in cache]
+        logits = torch.func.functional_call(
+            self.program, dict(zip(self.names, new, strict=True)), (input_ids, cache_position)
+        )
+        return (logits, *new)
+
+
+def _compilable(gm: fx.GraphModule) -> fx.GraphModule:
+    """A plain GraphModule over the same graph and tensors, without export's input-guard submodule and hooks.
+
+    `ep.module()` calls a `_guards_fn` submodule (input shape checks) that Dynamo cannot trace ("Attempt to trace
+    generator"); shapes are guarded by torch.compile itself, so the compiled copy drops that call.
+    """
+    graph = copy.deepcopy(gm.graph)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    return fx.GraphModule(gm, graph)
+
+
+class CompiledLM:
+    """A causal LM whose K/V cache is stored compressed by rewritten graph programs; see `apply`."""
+
+    def __init__(
+        self,
+        *,
+        prefill: fx.GraphModule,
+        decode: fx.GraphModule,
+        config: RQConfig,
+        model_config: Any,
+        sites: list[AttentionSite],
+        linear_states: list[LinearAttentionState],
+        quant_states: dict[int, dict[str, QuantState]],
+        buffers: dict[str, torch.Tensor],
+        rewrites: list[SiteRewrite],
+        max_cache_len: int,
+        batch_size: int,
+        prefill_logits: str,
+        fused: bool,
+    ):
+        self.prefill_module = prefill
+        self.decode_module = decode
+        self.config = config
+        self.model_config = model_config
+        self.sites = sites
+        self.linear_states = linear_states
+        self.quant_states = quant_states
+        self.buffers = buffers
+        self.rewrites = rewrites
+        self.max_cache_len = max_cache_len
+        self.batch_size = batch_size
+        self.prefill_logits = prefill_logits
+        self.fused = fused
+        self._prefill_fn: Callable = prefill
+        self._decode_fn: Callable = decode
+        self.compiled = False
+        self._exported: dict[str, torch.export.ExportedProgram] = {}
+
+    # -- running -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """T >= 2 tokens at positions `cache_position` -> logits (last or all positions, as captured)."""
+        return self._prefill_fn(input_ids, cache_position)
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """One token per row at position `cache_position` [1] -> logits [B, 1, V]."""
+        return self._decode_fn(input_ids, cache_position)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Iterable[int] | None = None,
+        streamer: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Prompt [B, T] -> prompt + new tokens (rqcompile.runtime.generate; CacheOverflowError past the cache)."""
+        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return generate(
+            self, input_ids, max_new_tokens, sampling=sampling, eos_token_id=eos_token_id, streamer=streamer
+        )
+
+    def compile(self, **options: Any) -> CompiledLM:
+        """Lower both programs through `torch.compile(fullgraph=True, **options)` (in place; returns self).
+
+        Decode has static shapes (one compilation for all steps: the position is a tensor); prefill is compiled
+        dynamic in the prompt length.
+        """
+        options = {"fullgraph": True, **options}
+        self._decode_fn = torch.compile(_compilable(self.decode_module), **options)
+        self._prefill_fn = torch.compile(_compilable(self.prefill_module), **{"dynamic": True, **options})
+        self.compiled = True
+        return self
+
+    # -- inspection ----------------------------------------------------------------------------------------------
+    @property
+    def cache_names(self) -> list[str]:
+        """Names of the state buffers, in the order `functional_step` takes them."""
+        kv = [n for s in self.sites for n in (f"k_codes_{s.layer_idx}", f"k_norms_{s.layer_idx}")] + [
+            n for s in self.sites for n in (f"v_codes_{s.layer_idx}", f"v_norms_{s.layer_idx}")
+        ]
+        linear = [n for st in self.linear_states for n in (st.conv_buffer, st.recurrent_buffer)]
+        return kv + linear
+
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """The live state tensors (shared by both programs), in `cache_names` order."""
+        return [self.decode_module.get_buffer(n) for n in self.cache_names]
+
+    def functional_step(self, which: Literal["prefill", "decode"] = "decode") -> FunctionalStep:
+        """The program as `forward(input_ids, cache_position, *cache) -> (logits, *new_cache)` (ONNX form)."""
+        program = self.decode_module if which == "decode" else self.prefill_module
+        return FunctionalStep(program, self.cache_names)
+
+    def exported(self, which: Literal["prefill", "decode"] = "decode") -> torch.export.ExportedProgram:
+        """The rewritten program re-exported (strict=False: it is a GraphModule) with its buffers lifted.
+
+        prefill is dynamic in the prompt length like the captured one. Cached after the first call.
+        """
+        if which not in self._exported:
+            device = self.decode_module.get_buffer(self.cache_names[0]).device
+            if which == "decode":
+                args = (
+                    torch.zeros(self.batch_size, 1, dtype=torch.long, device=device),
+                    torch.zeros(1, dtype=torch.long, device=device),
+                )
+                dynamic = None
+                program = self.decode_module
+            else:
+                t = min(self.max_cache_len, 70)
+                args = (
+                    torch.zeros(self.batch_size, t, dtype=torch.long, device=device),
+                    torch.arange(t, device=device),
+                )
+                dim = torch.export.Dim("prompt_len", min=2, max=self.max_cache_len)
+                dynamic = ((None, dim), (dim,))
+                program = self.prefill_module
+            saved = [t.clone() for t in self.cache_tensors()]
+            with torch.no_grad():
+                self._exported[which] = torch.export.export(program, args, dynamic_shapes=dynamic, strict=False)
+            for live, old in zip(self.cache_tensors(), saved, strict=True):
+                live.copy_(old)  # export runs the program once on the sample inputs
+        return self._exported[which]
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes allocated by the compressed K/V buffers vs a bf16 cache of the same max_cache_len (real tensors)."""
+        layers = {}
+        for site in self.sites:
+            i = site.layer_idx
+            tensors = [self.buffers[f"{kind}_{part}_{i}"] for kind in "kv" for part in ("codes", "norms")]
+            compressed = sum(t.untyped_storage().nbytes() for t in tensors)
+            bf16 = 2 * 2 * self.batch_size * site.num_kv_heads * site.max_cache_len * site.head_dim
+            layers[i] = {
+                "tokens": site.max_cache_len,
+                "compressed_bytes": compressed,
+                "window_bytes": 0,
+                "bf16_bytes": bf16,
+            }
+        return MemoryReport(layers)
+
+    def rewrite_report(self) -> str:
+        return "\n".join(str(r) for r in self.rewrites)
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledLM({self.config}, sites={[s.layer_idx for s in self.sites]}, max_cache_len={self.max_cache_len}, "
+            f"batch_size={self.batch_size}, fused={self.fused}, compiled={self.compiled})"
+        )
+
+
+def apply(
+    model: nn.Module,
+    backend: str = "planar",
+    bits: int = 3,
+    *,
+    key_bits: int | None = None,
+    value_bits: int | None = None,
+    max_cache_len: int = 1024,
+    batch_size: int = 1,
+    seed: int = 0,
+    calibration: Calibration | None = None,
+    fuse: bool = True,
+    config: RQConfig | None = None,
+    prefill_logits: Literal["last", "all"] = "last",
+) -> CompiledLM:
+    """Capture `model` (prefill + decode programs), compress every full-attention K/V cache, optionally fuse.
+
+    `config` overrides backend/bits/key_bits/value_bits/seed when given. The model's own weights are shared, not
+    copied; its float K/V caches are never allocated beyond capture (the capture wrapper's are dropped).
+    """
+    if config is None:
+        config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
+    captured = capture(model, max_cache_len=max_cache_len, batch_size=batch_size, prefill_logits=prefill_logits)
+    buffers: dict[str, torch.Tensor] = {}
+    quant_states: dict[int, dict[str, QuantState]] = {}
+    prefill = compress_kv_cache(
+        captured.prefill, captured.sites, config, calibration, buffers=buffers, quant_states=quant_states
+    )
+    decode = compress_kv_cache(
+        captured.decode, captured.sites, config, calibration, buffers=buffers, quant_states=quant_states
+    )
+    if fuse:
+        fuse_attention(prefill)
+        fuse_attention(decode)
+    return CompiledLM(
+        prefill=prefill,
+        decode=decode,
+        config=config,
+        model_config=captured.config,
+        sites=list(captured.sites),
+        linear_states=list(captured.linear_states),
+        quant_states=quant_states,
+        buffers=buffers,
+        rewrites=list(prefill.meta["rq_kv_compress"]),
+        max_cache_len=max_cache_len,
+        batch_size=batch_size,
+        prefill_logits=prefill_logits,
+        fused=fuse,
+    )

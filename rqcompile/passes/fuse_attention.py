@@ -1,0 +1,98 @@
+"""Fuse `rq::dequantize(K), rq::dequantize(V) -> [repeat_kv] -> SDPA` into one `rq::attention`.
+
+After `compress_kv_cache` every attention site reads its cache as a dequantized float tensor of the whole
+max_cache_len, repeated over the query heads for GQA. `rq::attention` instead scores the rotated query directly against
+the packed codes and norms (and does GQA by head grouping), so the dequantized cache is never materialized:
+
+    k = rq.dequantize(k_codes, k_norms, k_rot, k_mean, k_scale, k_levels, k_bits, d, dtype)   # same for v
+    out = aten.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), mask, scale=s)
+ ->
+    out = rq.attention(q, k_codes, k_norms, v_codes, v_norms, k_rot, k_scale, k_levels,
+                       v_rot, v_mean, v_scale, v_levels, k_bits, v_bits, mask, s)
+
+The key mean is dropped: it adds the same amount to all of a query's scores, which softmax ignores.
+Only plain SDPA calls are fused (no dropout, no is_causal, no enable_gqa); anything else is left as it was and
+reported in `gm.meta["rq_fuse_attention_skipped"]`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
+from rqcompile.passes.kv_compress import SDPA, VIEW_OPS
+
+__all__ = ["fuse_attention"]
+
+aten = torch.ops.aten
+DEQUANTIZE = torch.ops.rq.dequantize.default
+ATTENTION = torch.ops.rq.attention.default
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+    """Follow SDPA's K/V input back through view ops; the dequantize node (or None) and the views passed."""
+    views = []
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
+        views.append(node)
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == DEQUANTIZE:
+        return node, views
+    return None, views
+
+
+def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite (in place) every SDPA whose K and V are (repeated) `rq::dequantize` outputs into `rq::attention`.
+
+    Returns `gm`; `gm.meta["rq_fuse_attention"]` counts the fused sites.
+    """
+    graph = gm.graph
+    fused, skipped = 0, []
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target == SDPA):
+            continue
+        q = _arg(node, 0, "query")
+        k_deq, k_views = _chain_to_dequantize(_arg(node, 1, "key"))
+        v_deq, v_views = _chain_to_dequantize(_arg(node, 2, "value"))
+        if k_deq is None or v_deq is None:
+            continue
+        mask = _arg(node, 3, "attn_mask")
+        dropout = _arg(node, 4, "dropout_p", 0.0)
+        is_causal = _arg(node, 5, "is_causal", False)
+        scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+        gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
+        if dropout or is_causal or gqa:
+            skipped.append(f"{node.name}: dropout_p={dropout} is_causal={is_causal} enable_gqa={gqa}")
+            continue
+        kc, kn, k_rot, _k_mean, k_scale, k_levels, k_bits, head_dim, _ = k_deq.args
+        vc, vn, v_rot, v_mean, v_scale, v_levels, v_bits, _, _ = v_deq.args
+        sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        with graph.inserting_before(node):
+            # rq::attention's fake kernel gives its output q's strides while the kernel returns a contiguous tensor;
+            # a contiguous q makes the two agree (else torch.compile fails its stride asserts on a transposed q).
+            q = graph.call_function(aten.clone.default, (q,), {"memory_format": torch.contiguous_format})
+            attn = graph.call_function(
+                ATTENTION,
+                (q, kc, kn, vc, vn, k_rot, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels, k_bits, v_bits, mask)
+                + (sm_scale,),
+            )
+        attn.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+        node.replace_all_uses_with(attn)
+        graph.erase_node(node)
+        for dead in [*k_views, *v_views, k_deq, v_deq]:  # views first (users before producers)
+            if dead in graph.nodes and not dead.users:
+                graph.erase_node(dead)
+        fused += 1
+    graph.lint()
+    gm.recompile()
+    gm.meta["rq_fuse_attention"] = fused
+    gm.meta["rq_fuse_attention_skipped"] = skipped
+    return gm

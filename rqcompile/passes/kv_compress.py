@@ -1,0 +1,373 @@
+"""The K/V-compression rewrite: every attention cache write becomes quantize -> two packed writes -> dequantize.
+
+Level: the *unlifted* GraphModule of a captured program (`ExportedProgram.module()`; an ExportedProgram passed in is
+unlifted first). Why there and not in the ExportedProgram itself: the pass must replace buffers (a float cache
+[B, H, L, d] becomes uint8 codes and fp16 norms, and the quantizer parameters become new buffers). In an
+ExportedProgram buffers are lifted placeholders tied to `state_dict`, `graph_signature` (inputs_to_buffers,
+buffers_to_mutate) and the range constraints, all of which would have to be edited consistently; in the unlifted
+GraphModule a buffer is just a `get_attr` node plus `register_buffer`, and an in-place `index_copy_` on it is the
+cache write. The rewritten module runs as is (eager), under `torch.compile`, and re-exports to a fresh
+ExportedProgram (`torch.export.export(gm, ...)`) for AOTInductor / ONNX.
+
+What is matched (structure only, no model names), in the export training IR:
+
+    written = aten.index_copy_.default(<get_attr cache buffer>, 2, cache_position, new)   # K and V each
+    [aten.unsqueeze -> aten.expand -> aten.reshape]                                       # repeat_kv, GQA only
+    aten.scaled_dot_product_attention.default(q, <K path>, <V path>, mask, scale=...)
+
+and rewritten, per K and V of every matched site, to
+
+    codes, norms = rq.quantize(new, rotation, mean, scale, levels, bits, group)
+    codes_all = aten.index_copy_.default(<get_attr {k|v}_codes_i>, 2, cache_position, codes)   # uint8 [B,H,L,d*b/8]
+    norms_all = aten.index_copy_.default(<get_attr {k|v}_norms_i>, 2, cache_position, norms)   # fp16  [B,H,L,d/g]
+    written' = rq.dequantize(codes_all, norms_all, rotation, mean, scale, levels, bits, d, dtype)
+
+`written'` replaces `written` everywhere, so repeat_kv and SDPA are untouched (`fuse_attention` then removes the
+materialized cache). The old float cache buffers are deleted from the module. Quantizer parameters live in buffers
+`rq_{k|v}_{rotation|mean|scale|levels}_{i}`; `buffers=` lets two programs (prefill and decode) share one set of
+tensors, so they keep one cache.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
+from rqcompile.calibrate import Calibration
+from rqcompile.config import RQConfig
+from rqcompile.quant.quantizer import QuantState, make_state
+
+aten = torch.ops.aten
+
+__all__ = [
+    "AttentionMatch",
+    "KVCompressError",
+    "SiteRewrite",
+    "compress_kv_cache",
+    "find_attention_sites",
+    "to_graph_module",
+]
+
+#: ops that repeat_kv (and harmless layout changes) may put between the cache write and SDPA
+VIEW_OPS = {
+    aten.unsqueeze.default,
+    aten.expand.default,
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+}
+SDPA = aten.scaled_dot_product_attention.default
+INDEX_COPY = aten.index_copy_.default
+
+
+class KVCompressError(ValueError):
+    """The graph has no attention subgraph the pass can rewrite (or it does not agree with the sites given)."""
+
+
+@dataclass(frozen=True)
+class AttentionMatch:
+    """One matched attention subgraph: the SDPA node and the K/V cache writes (with the view chains between)."""
+
+    sdpa: fx.Node
+    k_write: fx.Node
+    v_write: fx.Node
+    k_buffer: str
+    v_buffer: str
+
+
+@dataclass(frozen=True)
+class SiteRewrite:
+    """What the pass did to one K or V cache: shapes and the bytes allocated before and after."""
+
+    layer_idx: int
+    kind: str  # "k" | "v"
+    buffer: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    codes_buffer: str
+    codes_shape: tuple[int, ...]
+    norms_buffer: str
+    norms_shape: tuple[int, ...]
+    bits: int
+    bytes_before: int
+    bytes_after: int
+
+    def __str__(self) -> str:
+        return (
+            f"layer {self.layer_idx} {self.kind.upper()}: {self.buffer} {list(self.shape)} {self.dtype} "
+            f"({self.bytes_before:,} B) -> {self.codes_buffer} uint8 {list(self.codes_shape)} + {self.norms_buffer} "
+            f"fp16 {list(self.norms_shape)} ({self.bytes_after:,} B, {self.bits}-bit)"
+        )
+
+
+def to_graph_module(program: fx.GraphModule | torch.export.ExportedProgram) -> fx.GraphModule:
+    """The unlifted GraphModule (buffers as `get_attr`) of a program; a GraphModule is returned as is."""
+    if isinstance(program, torch.export.ExportedProgram):
+        return program.module()
+    if isinstance(program, fx.GraphModule):
+        return program
+    raise TypeError(f"expected a torch.fx.GraphModule or torch.export.ExportedProgram, got {type(program).__name__}")
+
+
+def _is_call(node: Any, target: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    """Walk from an SDPA input back through repeat_kv / view ops to the node producing the tensor."""
+    while node.op == "call_function" and node.target in VIEW_OPS:
+        node = node.args[0]
+    return node
+
+
+def _cache_write_buffer(node: fx.Node) -> str | None:
+    """If `node` is `index_copy_(<buffer get_attr>, 2, index, source)` on a 4-d buffer, that buffer's name."""
+    if not _is_call(node, INDEX_COPY):
+        return None
+    target, dim = node.args[0], node.args[1]
+    if not (isinstance(target, fx.Node) and target.op == "get_attr"):
+        return None
+    val = target.meta.get("val")
+    ndim = val.dim() if isinstance(val, torch.Tensor) else 4
+    if ndim != 4 or dim not in (2, -2):
+        return None
+    return str(target.target)
+
+
+def _sdpa_kv(node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    k = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
+    v = node.args[2] if len(node.args) > 2 else node.kwargs["value"]
+    return k, v
+
+
+def _describe(gm: fx.GraphModule) -> str:
+    """What the graph has instead: counts of cache-write-like and attention-like ops."""
+    writes = [n for n in gm.graph.nodes if _is_call(n, INDEX_COPY)]
+    sdpas = [n for n in gm.graph.nodes if _is_call(n, SDPA)]
+    on = sorted({str(n.args[0].target) for n in writes if isinstance(n.args[0], fx.Node)})
+    buffers = [name for name, _ in gm.named_buffers()]
+    return (
+        f"found {len(writes)} aten.index_copy_ node(s)"
+        + (f" (on {', '.join(on[:8])}{'...' if len(on) > 8 else ''})" if on else "")
+        + f", {len(sdpas)} aten.scaled_dot_product_attention node(s), buffers "
+        + (", ".join(buffers[:8]) + ("..." if len(buffers) > 8 else "") if buffers else "none")
+    )
+
+
+_LOOKED_FOR = (
+    "looked for aten.index_copy_.default(<cache buffer [B, H, L, d]>, 2, cache_position, new) for K and V, each "
+    "reaching aten.scaled_dot_product_attention.default as its key / value (directly or through "
+    "unsqueeze -> expand -> reshape)"
+)
+
+
+def find_attention_sites(gm: fx.GraphModule) -> list[AttentionMatch]:
+    """Every SDPA whose key and value are (views of) in-place writes into cache buffers, in graph order."""
+    matches = []
+    for node in gm.graph.nodes:
+        if not _is_call(node, SDPA):
+            continue
+        k, v = (_through_views(x) for x in _sdpa_kv(node))
+        k_buf, v_buf = _cache_write_buffer(k), _cache_write_buffer(v)
+        if k_buf is None or v_buf is None:
+            continue
+        matches.append(AttentionMatch(node, k, v, k_buf, v_buf))
+    return matches
+
+
+def _sites_by_buffer(sites: Any) -> dict[str, tuple[Any, str]]:
+    out = {}
+    for site in sites:
+        out[site.k_buffer] = (site, "k")
+        out[site.v_buffer] = (site, "v")
+    return out
+
+
+def _get_attr(graph: fx.Graph, gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
+    if hasattr(gm, name):
+        existing = getattr(gm, name)
+        if existing is not tensor:
+            raise KVCompressError(f"the module already has an attribute {name!r}; refusing to overwrite it")
+    else:
+        gm.register_buffer(name, tensor, persistent=True)
+    node = graph.get_attr(name)
+    node.meta["val"] = tensor
+    return node
+
+
+def _shared(buffers: dict[str, torch.Tensor], name: str, make) -> torch.Tensor:
+    if name not in buffers:
+        buffers[name] = make()
+    return buffers[name]
+
+
+def compress_kv_cache(
+    program: fx.GraphModule | torch.export.ExportedProgram,
+    sites: Any,
+    config: RQConfig,
+    calibration: Calibration | None = None,
+    *,
+    buffers: dict[str, torch.Tensor] | None = None,
+    quant_states: dict[int, dict[str, QuantState]] | None = None,
+) -> fx.GraphModule:
+    """Rewrite every attention cache write of `program` to the compressed format (see the module docstring).
+
+    Args:
+        program: an unlifted GraphModule (`ep.module()`), rewritten in place, or an ExportedProgram (unlifted first).
+        sites: the `AttentionSite`s of the capture (layer index, buffer names, geometry); every matched cache
+            buffer must be one of them and every site must be matched.
+        config: the compressed format (backend, bits, norm group, seed).
+        calibration: optional per-layer key/value mean and scale folded into the quantizer.
+        buffers: name -> tensor of already created compressed-cache / quantizer buffers, reused instead of
+            allocating (so prefill and decode share one cache); new ones are added to it.
+        quant_states: filled with layer -> {"k": QuantState, "v": QuantState} (the tensors of the new buffers).
+
+    Returns the GraphModule; `gm.meta["rq_kv_compress"]` is the list of `SiteRewrite`s (layer, shapes, bytes).
+    Raises `KVCompressError` naming what was looked for and what was found when nothing matches.
+    """
+    gm = to_graph_module(program)
+    buffers = {} if buffers is None else buffers
+    quant_states = {} if quant_states is None else quant_states
+    sites = list(sites)
+    matches = find_attention_sites(gm)
+    if not matches:
+        raise KVCompressError(f"kv_compress: no attention subgraph matched; {_LOOKED_FOR}; {_describe(gm)}")
+    by_buffer = _sites_by_buffer(sites)
+    unknown = [b for m in matches for b in (m.k_buffer, m.v_buffer) if b not in by_buffer]
+    if unknown:
+        raise KVCompressError(
+            f"kv_compress: cache buffers {unknown} feed attention but are not among the sites given "
+            f"({sorted(by_buffer)})"
+        )
+    matched = {m.k_buffer for m in matches}
+    missing = [s.layer_idx for s in sites if s.k_buffer not in matched]
+    if missing:
+        raise KVCompressError(
+            f"kv_compress: sites of layers {missing} have no matching attention subgraph; {_LOOKED_FOR}; "
+            f"{_describe(gm)}"
+        )
+
+    graph = gm.graph
+    report: list[SiteRewrite] = []
+    for match in matches:
+        for write, buffer in ((match.k_write, match.k_buffer), (match.v_write, match.v_buffer)):
+            site, kind = by_buffer[buffer]
+            report.append(
+                _rewrite_write(gm, graph, write, buffer, site, kind, config, calibration, buffers, quant_states)
+            )
+    old = {r.buffer for r in report}
+    for node in list(graph.nodes):  # the float caches' get_attr nodes, now unused (no global DCE: writes are impure)
+        if node.op == "get_attr" and node.target in old and not node.users:
+            graph.erase_node(node)
+    for name in old:
+        if hasattr(gm, name):
+            delattr(gm, name)
+    graph.lint()
+    gm.recompile()
+    gm.meta["rq_kv_compress"] = report
+    return gm
+
+
+def _rewrite_write(
+    gm: fx.GraphModule,
+    graph: fx.Graph,
+    write: fx.Node,
+    buffer: str,
+    site: Any,
+    kind: str,
+    config: RQConfig,
+    calibration: Calibration | None,
+    buffers: dict[str, torch.Tensor],
+    quant_states: dict[int, dict[str, QuantState]],
+) -> SiteRewrite:
+    cache = gm.get_buffer(buffer)
+    batch, heads, length, head_dim = cache.shape
+    layer = site.layer_idx
+    if (heads, length, head_dim) != (site.num_kv_heads, site.max_cache_len, site.head_dim):
+        raise KVCompressError(
+            f"kv_compress: buffer {buffer} has shape {tuple(cache.shape)}, but its site says "
+            f"[B, {site.num_kv_heads}, {site.max_cache_len}, {site.head_dim}]"
+        )
+
+    def make_quant_state() -> QuantState:
+        return make_state(
+            config,
+            layer_idx=layer,
+            kind=kind,
+            num_heads=heads,
+            head_dim=head_dim,
+            mean=calibration.get(layer, kind, "mean") if calibration else None,
+            scale=calibration.get(layer, kind, "scale") if calibration else None,
+        ).to(cache.device)
+
+    fresh = None
+    params = {}
+    for field in ("rotation", "mean", "scale", "levels"):
+        name = f"rq_{kind}_{field}_{layer}"
+        if name not in buffers:
+            fresh = fresh or make_quant_state()
+            buffers[name] = getattr(fresh, field)
+        params[field] = buffers[name]
+    group = config.group_for(head_dim)
+    bits = config.k_bits if kind == "k" else config.v_bits
+    state = QuantState(params["rotation"], params["mean"], params["scale"], params["levels"], bits, group)
+    quant_states.setdefault(layer, {})[kind] = state
+
+    codes_name, norms_name = f"{kind}_codes_{layer}", f"{kind}_norms_{layer}"
+    codes = _shared(
+        buffers,
+        codes_name,
+        lambda: torch.zeros(batch, heads, length, state.code_bytes, dtype=torch.uint8, device=cache.device),
+    )
+    norms = _shared(
+        buffers,
+        norms_name,
+        lambda: torch.zeros(batch, heads, length, state.num_groups, dtype=torch.float16, device=cache.device),
+    )
+    if codes.shape != (batch, heads, length, state.code_bytes) or norms.shape != (
+        batch,
+        heads,
+        length,
+        state.num_groups,
+    ):
+        raise KVCompressError(f"kv_compress: shared buffers {codes_name}/{norms_name} have the wrong shape")
+
+    _, dim, index, source = write.args
+    with graph.inserting_before(write):
+        p = {f: _get_attr(graph, gm, f"rq_{kind}_{f}_{layer}", t) for f, t in params.items()}
+        quant = graph.call_function(
+            torch.ops.rq.quantize.default, (source, p["rotation"], p["mean"], p["scale"], p["levels"], bits, group)
+        )
+        new_codes = graph.call_function(operator.getitem, (quant, 0))
+        new_norms = graph.call_function(operator.getitem, (quant, 1))
+        codes_all = graph.call_function(INDEX_COPY, (_get_attr(graph, gm, codes_name, codes), dim, index, new_codes))
+        norms_all = graph.call_function(INDEX_COPY, (_get_attr(graph, gm, norms_name, norms), dim, index, new_norms))
+        restored = graph.call_function(
+            torch.ops.rq.dequantize.default,
+            (codes_all, norms_all, p["rotation"], p["mean"], p["scale"], p["levels"], bits, head_dim, cache.dtype),
+        )
+    codes_all.meta["val"], norms_all.meta["val"] = codes, norms
+    write.replace_all_uses_with(restored)
+    graph.erase_node(write)
+    return SiteRewrite(
+        layer_idx=layer,
+        kind=kind,
+        buffer=buffer,
+        shape=tuple(cache.shape),
+        dtype=cache.dtype,
+        codes_buffer=codes_name,
+        codes_shape=tuple(codes.shape),
+        norms_buffer=norms_name,
+        norms_shape=tuple(norms.shape),
+        bits=bits,
+        bytes_before=cache.untyped_storage().nbytes(),
+        bytes_after=codes.untyped_storage().nbytes() + norms.untyped_storage().nbytes(),
+    )
