@@ -34,6 +34,18 @@ if not HAS_CUDA:  # make sure the @triton.jit functions were built in interprete
     kquant = importlib.reload(kquant)
     kattn = importlib.reload(kattn)
 
+
+@pytest.fixture(autouse=True)
+def _interpret_mode(monkeypatch):
+    """Rebuild the kernels in interpreter mode right before each CPU test (earlier tests may have imported triton
+    state that makes module-import-time decoration stale)."""
+    global kquant, kattn
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        kquant = importlib.reload(kquant)
+        kattn = importlib.reload(kattn)
+
+
 MAX_MISMATCH = 1e-3  # fraction of codes allowed to differ (boundary ties), each by exactly one level
 
 
