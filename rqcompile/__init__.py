@@ -14,3 +14,10 @@ __all__ = [
     "calibrate",
 ]
 __version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """Load an exported artifact (AOTInductor or ONNX) as a runnable LM; see `rqcompile.runtime.loaded.load`."""
+    from rqcompile.runtime.loaded import load as _load
+
+    return _load(path, **kwargs)
