@@ -75,14 +75,20 @@ def calibrate(
     key_mean: bool = True,
     key_scale: bool = True,
     value_scale: bool = False,
+    scale_power: float = 1.0,
+    skip_first: int = 1,
     chunk: int = 512,
     source: str = "",
 ) -> Calibration:
     """Measure channel statistics of every attention layer's K (and V) on `input_ids` ([B, T] or [T]).
 
-    Scales are per-channel RMS (after removing the mean), normalized to average 1 per head; only their ratios
-    matter since every norm group is renormalized.
+    Scales are per-channel RMS (after removing the mean) raised to `scale_power` (1 equalizes the channels fully;
+    less keeps some of their spread), normalized to average 1 per head; only their ratios matter since every norm
+    group is renormalized. The first `skip_first` tokens of each chunk are left out of the statistics: they are the
+    attention sink, atypical, and kept uncompressed by `RQConfig.sink_tokens`.
     """
+    if scale_power <= 0:
+        raise ValueError(f"scale_power must be > 0, got {scale_power}")
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     sink: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     with torch.no_grad(), _capturing(model, sink):
@@ -96,15 +102,15 @@ def calibrate(
     stats: dict[tuple[int, str, str], torch.Tensor] = {}
     for layer_idx, pieces in sink.items():
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", False, value_scale)):
-            x = torch.cat([p[0 if kind == "k" else 1] for p in pieces], dim=2)  # [B, H, T, d]
+            x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
             x = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
             mean = x.mean(1)
             if want_mean:
                 stats[(layer_idx, kind, "mean")] = mean
             if want_scale:
                 centred = x - mean[:, None] if want_mean else x
-                rms = centred.pow(2).mean(1).sqrt().clamp_min(1e-6)
-                stats[(layer_idx, kind, "scale")] = rms / rms.mean(-1, keepdim=True)
+                scale = centred.pow(2).mean(1).sqrt().clamp_min(1e-6).pow(scale_power)
+                stats[(layer_idx, kind, "scale")] = scale / scale.mean(-1, keepdim=True)
     return Calibration(stats, source)
 
 
