@@ -1,0 +1,151 @@
+"""Exporting whole LMs (prefill + decode) to AOTInductor / ONNX / TensorRT-ready artifacts and loading them back.
+
+Specification: an exported artifact, loaded with `rqcompile.load` in a fresh process that never builds the
+transformers model, generates exactly the tokens the in-process program generates; ONNX logits match the torch
+program; the TensorRT target writes a checked graph and then fails the engine step with the TensorRT-missing error;
+a tampered artifact is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rqcompile.export.artifact import ArtifactIntegrityError
+from rqcompile.export.lm import export_lm, functional_programs
+from rqcompile.export.tensorrt_check import TensorRTNotInstalledError, check_tensorrt
+from rqcompile.passes.capture import capture
+from rqcompile.runtime.generate import generate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import tiny_llama, tiny_qwen3_5  # noqa: E402
+
+MAX_LEN = 24
+FAST_AOTI = {"aot_inductor.compile_wrapper_opt_level": "O0"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _prompt(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 160, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+class _Eager:
+    """The captured wrapper run eagerly, as a StepProgram (the reference)."""
+
+    def __init__(self, captured):
+        self.module, self.max_cache_len, self.batch_size = captured.module, captured.max_cache_len, 1
+
+    def prefill(self, ids, pos):
+        return self.module(ids, pos)
+
+    decode = prefill
+
+
+def _load_in_subprocess(path: Path, prompts: list[list[int]], new_tokens: int) -> dict:
+    script = f"""
+import json, sys, torch
+torch.set_num_threads(1)
+import rqcompile
+lm = rqcompile.load({str(path)!r})
+out = [lm.generate(torch.tensor([p]), {new_tokens}, eos_token_id=[]).tolist()[0] for p in {prompts!r}]
+models = sorted(m for m in sys.modules if m.startswith("transformers.models.") and m.endswith(".modeling_qwen3_5"))
+print(json.dumps({{"tokens": out, "modeling": models, "backend": lm.backend}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def qwen35():
+    torch.set_num_threads(1)
+    return capture(tiny_qwen3_5(), max_cache_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.set_num_threads(1)
+    return capture(tiny_llama(), max_cache_len=MAX_LEN)
+
+
+def test_aoti_round_trip_hybrid_in_a_fresh_process(qwen35, tmp_path):
+    """tiny qwen3_5 (hybrid): AOTI packages generate in a fresh process exactly the tokens of the eager program."""
+    fn = functional_programs(qwen35, prefill_chunk=8, for_target="aoti")
+    assert fn.prefill_len == 8  # the prefill graph holds a scan: static chunk (Inductor bug on symbolic scans)
+    prompts = [_prompt(11).tolist()[0], _prompt(3, seed=2).tolist()[0]]  # one chunk + 3 decode steps; 3 decode steps
+    reference = [generate(_Eager(qwen35), torch.tensor([p]), 6).tolist()[0] for p in prompts]
+    in_process = [generate(fn.runner(), torch.tensor([p]), 6).tolist()[0] for p in prompts]
+    assert in_process == reference
+    art = export_lm(fn, tmp_path / "aoti", target="aoti", inductor_configs=FAST_AOTI, progress=False)
+    program = art.manifest["program"]
+    assert program["max_cache_len"] == MAX_LEN and program["batch_size"] == 1 and program["prefill_len"] == 8
+    assert [s["name"] for s in program["state"]] == fn.state_names
+    assert {"k_cache_1", "v_cache_3", "conv_state_0", "recurrent_state_2"} <= set(fn.state_names)
+    got = _load_in_subprocess(tmp_path / "aoti", prompts, 6)
+    assert got["tokens"] == reference
+    assert got["modeling"] == [] and got["backend"] == "aoti"  # no transformers model code was imported
+
+
+def test_onnx_logits_match_and_generation_through_onnxruntime(llama, tmp_path):
+    """ONNX graphs (cache as explicit inputs/outputs) reproduce the torch logits and generate through onnxruntime."""
+    import rqcompile
+
+    fn = functional_programs(llama, for_target="onnx")
+    assert fn.prefill_len is None  # dynamic prompt length
+    art = export_lm(fn, tmp_path / "onnx", target="onnx", progress=False)
+    io = art.manifest["program"]["onnx_io"]
+    assert len(io["decode"]["inputs"]) == 2 + len(fn.state_names) == len(io["decode"]["outputs"]) + 1
+    lm = rqcompile.load(tmp_path / "onnx")
+    assert lm.backend.startswith("onnxruntime[")
+    ref = fn.runner()
+    ids = _prompt(9)
+    torch.testing.assert_close(
+        lm.prefill(ids, torch.arange(9)), ref.prefill(ids, torch.arange(9)), atol=1e-4, rtol=1e-4
+    )
+    token = torch.tensor([[5]])
+    torch.testing.assert_close(
+        lm.decode(token, torch.tensor([9])), ref.decode(token, torch.tensor([9])), atol=1e-4, rtol=1e-4
+    )
+    lm.reset()
+    assert torch.equal(lm.generate(ids, 8, eos_token_id=[]), generate(_Eager(llama), ids, 8))
+
+
+def test_tensorrt_target_writes_checked_onnx_then_fails_the_engine_step(llama, tmp_path):
+    """TensorRT flavour: the artifact with TensorRT-checked graphs is written, then build_engine raises clearly."""
+    import rqcompile
+
+    with pytest.raises(TensorRTNotInstalledError, match="TensorRT is not installed") as err:
+        export_lm(llama, tmp_path / "trt", target="tensorrt", progress=False)
+    assert str(tmp_path / "trt") in str(err.value)
+    manifest = json.loads((tmp_path / "trt" / "manifest.json").read_text())
+    assert manifest["target"] == "tensorrt" and manifest["tensorrt"]["engine"] is None
+    for name in ("prefill.onnx", "decode.onnx"):
+        assert check_tensorrt(tmp_path / "trt" / name).ok
+    lm = rqcompile.load(tmp_path / "trt")  # still runnable with onnxruntime
+    ids = _prompt(5)
+    assert torch.equal(lm.generate(ids, 4, eos_token_id=[]), generate(_Eager(llama), ids, 4))
+
+
+def test_tampered_artifact_is_refused(llama, tmp_path):
+    import rqcompile
+
+    export_lm(llama, tmp_path / "a", target="onnx", progress=False)
+    graph = tmp_path / "a" / "decode.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match="decode.onnx"):
+        rqcompile.load(tmp_path / "a")
