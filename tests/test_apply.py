@@ -1,0 +1,196 @@
+"""Specification of `rqcompile.apply` / `CompiledLM`: same logits and tokens as the eager compressed cache (RQCache)
+with the same backend / bits / seed / calibration, real memory of the compressed buffers, capacity errors, and a
+`torch.compile` lowering with no graph breaks and no recompiles across decode steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import tiny_models
+import torch
+from torch._dynamo.utils import counters
+
+from rqcompile.api import CompiledLM, apply
+from rqcompile.cache import RQCache
+from rqcompile.calibrate import Calibration
+from rqcompile.passes.kv_compress import KVCompressError
+from rqcompile.runtime.generate import CacheOverflowError
+
+MAX_LEN = 40
+PROMPT = 9
+TOTAL = 15
+MODELS = ["qwen3_5", "qwen3", "llama"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(one_thread):
+    return {name: tiny_models.ALL[name]() for name in MODELS}
+
+
+@pytest.fixture(scope="module")
+def lms(models) -> dict[str, CompiledLM]:
+    return {name: apply(m, "planar", 3, max_cache_len=MAX_LEN, prefill_logits="all") for name, m in models.items()}
+
+
+def _ids(n: int = TOTAL, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, tiny_models.VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _eager(model, cache: RQCache, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of the eager model with the compressed cache: prefill `prompt` tokens, then one token at a time."""
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        outs = [model(ids[:, :prompt], use_cache=True, **{kw: cache}).logits]
+        for i in range(prompt, ids.shape[1]):
+            outs.append(model(ids[:, i : i + 1], use_cache=True, **{kw: cache}).logits)
+    return torch.cat(outs, dim=1)
+
+
+def _steps(lm: CompiledLM, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    outs = [lm.prefill(ids[:, :prompt], torch.arange(prompt))]
+    for i in range(prompt, ids.shape[1]):
+        outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i])))
+    return torch.cat(outs, dim=1)
+
+
+def _eager_greedy(model, cache: RQCache, ids: torch.Tensor, new: int) -> torch.Tensor:
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out, step = ids, ids
+    with torch.no_grad():
+        for _ in range(new):
+            token = model(step, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+            out, step = torch.cat([out, token], dim=1), token
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_equal_the_eager_compressed_cache(models, lms, name):
+    lm, ids = lms[name], _ids()
+    ref = _eager(models[name], RQCache(lm.config, model_config=models[name].config), ids, PROMPT)
+    got = _steps(lm, ids, PROMPT)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_generation_equals_the_eager_compressed_cache(models, lms, name):
+    lm, ids = lms[name], _ids(PROMPT, seed=3)
+    ref = _eager_greedy(models[name], RQCache(lm.config, model_config=models[name].config), ids, 12)
+    assert torch.equal(lm.generate(ids, 12), ref)
+
+
+def test_attributes(lms):
+    lm = lms["qwen3_5"]
+    assert lm.config.backend == "planar" and lm.config.bits == 3
+    assert lm.model_config.model_type.startswith("qwen3_5")
+    assert [s.layer_idx for s in lm.sites] == [1, 3]
+    assert set(lm.quant_states) == {1, 3}
+    assert lm.quant_states[1]["k"].bits == 3 and lm.quant_states[3]["v"].head_dim == 64
+    assert len(lm.rewrites) == 4
+
+
+def test_other_backend_mixed_bits_and_calibration_equal_eager(models):
+    model = models["llama"]
+    gen = torch.Generator().manual_seed(5)
+    calib = Calibration(
+        {(layer, "k", "mean"): torch.randn(2, 64, generator=gen) * 0.1 for layer in range(2)}
+        | {(layer, "k", "scale"): torch.rand(2, 64, generator=gen) + 0.5 for layer in range(2)}
+    )
+    lm = apply(
+        model,
+        "iso",
+        key_bits=4,
+        value_bits=2,
+        max_cache_len=MAX_LEN,
+        calibration=calib,
+        fuse=True,
+        seed=7,
+        prefill_logits="all",
+    )
+    assert (lm.config.k_bits, lm.config.v_bits, lm.config.seed) == (4, 2, 7)
+    ids = _ids()
+    ref = _eager(model, RQCache(lm.config, model_config=model.config, calibration=calib), ids, PROMPT)
+    torch.testing.assert_close(_steps(lm, ids, PROMPT), ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(lm.quant_states[0]["k"].mean, calib.get(0, "k", "mean"))
+
+
+def test_memory_report_counts_the_real_buffers(lms):
+    for lm in lms.values():
+        report = lm.memory_report()
+        per_site = 2 * 1 * 2 * MAX_LEN * (64 * 3 // 8 + 2 * (64 // 64))  # K+V, B=1, H=2: codes + fp16 norms
+        assert report.compressed_bytes == per_site * len(lm.sites)
+        assert report.bf16_bytes == 2 * 2 * 2 * MAX_LEN * 64 * len(lm.sites)
+        assert report.compressed_bytes == sum(
+            t.untyped_storage().nbytes() for t in lm.cache_tensors()[: 4 * len(lm.sites)]
+        )
+        assert round(report.ratio, 2) == 4.92  # 3-bit, head_dim 64 (one norm per 64 coordinates)
+
+
+def test_cache_overflow_is_a_clear_error(lms):
+    lm = lms["llama"]
+    with pytest.raises(CacheOverflowError, match="longer than the cache"):
+        lm.generate(_ids(MAX_LEN + 1), 1)
+    with pytest.raises(CacheOverflowError, match="lower max_new_tokens"):
+        lm.generate(_ids(30), 20)
+
+
+def test_model_without_attention_is_a_clear_error():
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    kwargs = tiny_models._qwen3_5_text_kwargs() | {"num_hidden_layers": 2, "layer_types": ["linear_attention"] * 2}
+    torch.manual_seed(0)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(intermediate_size=64, **kwargs)).eval()
+    with pytest.raises(KVCompressError, match="no attention subgraph matched.*found 0 aten.index_copy_"):
+        apply(model, max_cache_len=8)
+
+
+def test_functional_step_takes_and_returns_the_cache(lms):
+    lm = lms["llama"]
+    ids = _ids()
+    lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT))
+    before = [t.clone() for t in lm.cache_tensors()]
+    step = lm.functional_step("decode")
+    logits, *new = step(ids[:, PROMPT : PROMPT + 1], torch.tensor([PROMPT]), *before)
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.cache_tensors(), strict=True))  # nothing hidden mutated
+    ref = lm.decode(ids[:, PROMPT : PROMPT + 1], torch.tensor([PROMPT]))
+    torch.testing.assert_close(logits, ref)
+    assert all(torch.equal(a, b) for a, b in zip(new, lm.cache_tensors(), strict=True))
+    assert len(new) == len(lm.cache_names)
+
+
+def _compile_check(name: str, models, steps: int) -> None:
+    model = models[name]
+    lm = apply(model, "planar", 3, max_cache_len=PROMPT + steps + 2)
+    ids = _ids(PROMPT, seed=4)
+    eager_tokens = lm.generate(ids, steps + 1)
+    eager_logits = _steps(lm, _ids(PROMPT + 3, seed=5), PROMPT)
+    lm.compile()
+    torch._dynamo.reset()
+    counters.clear()
+    lm.generate(ids, 2)  # compiles prefill and decode once
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    assert compiled_graphs == 2 and not counters["graph_break"]
+    tokens = lm.generate(ids, steps + 1)  # `steps` decode steps
+    assert counters["stats"]["unique_graphs"] == compiled_graphs, "recompiled during decode"
+    assert not counters["recompiles"] and not counters["graph_break"]
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(_steps(lm, _ids(PROMPT + 3, seed=5), PROMPT), eager_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_matches_eager_without_graph_breaks_or_recompiles(models):
+    _compile_check("llama", models, steps=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen3_5", "llama"])
+def test_compile_32_decode_steps(models, name):
+    _compile_check(name, models, steps=32)

@@ -1,0 +1,156 @@
+"""Specification of the graph passes `compress_kv_cache` and `fuse_attention` on captured tiny models.
+
+Each model is captured once per module; every test rewrites fresh unlifted copies (`ep.module()`) of its programs.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import tiny_models
+import torch
+
+from rqcompile.config import RQConfig
+from rqcompile.passes.capture import AttentionSite, capture
+from rqcompile.passes.fuse_attention import fuse_attention
+from rqcompile.passes.kv_compress import KVCompressError, compress_kv_cache
+
+aten = torch.ops.aten
+rq = torch.ops.rq
+MAX_LEN = 32
+MODELS = ["llama", "qwen3_5"]  # GQA dense, and hybrid with linear-attention layers
+CFG = RQConfig(backend="planar", bits=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def captured(one_thread):
+    return {name: capture(tiny_models.ALL[name](), max_cache_len=MAX_LEN, prefill_logits="all") for name in MODELS}
+
+
+def _calls(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def _compressed(c, fuse: bool = False):
+    buffers: dict = {}
+    states: dict = {}
+    progs = []
+    for ep in (c.prefill, c.decode):
+        gm = compress_kv_cache(ep.module(), c.sites, CFG, buffers=buffers, quant_states=states)
+        progs.append(fuse_attention(gm) if fuse else gm)
+    return progs, buffers, states
+
+
+def _run(prefill, decode, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    with torch.no_grad():
+        outs = [prefill(ids[:, :prompt], torch.arange(prompt))]
+        for i in range(prompt, ids.shape[1]):
+            outs.append(decode(ids[:, i : i + 1], torch.tensor([i])))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compress_replaces_every_cache_write_by_quantize_and_two_packed_writes(captured, name):
+    c = captured[name]
+    n = len(c.sites)
+    for ep in (c.prefill, c.decode):
+        gm = compress_kv_cache(ep.module(), c.sites, CFG)
+        assert len(_calls(gm, rq.quantize.default)) == 2 * n
+        assert len(_calls(gm, rq.dequantize.default)) == 2 * n
+        assert len(_calls(gm, aten.scaled_dot_product_attention.default)) == n  # SDPA untouched by this pass
+        writes = _calls(gm, aten.index_copy_.default)
+        assert len(writes) == 4 * n
+        dtypes = sorted(str(gm.get_buffer(w.args[0].target).dtype) for w in writes)
+        assert dtypes == ["torch.float16"] * (2 * n) + ["torch.uint8"] * (2 * n)
+        for w in writes:  # each write stores a quantize output
+            assert w.args[3].target is operator.getitem and w.args[3].args[0].target == rq.quantize.default
+        buffers = dict(gm.named_buffers())
+        for site in c.sites:
+            assert site.k_buffer not in buffers and site.v_buffer not in buffers  # float caches are gone
+            i = site.layer_idx
+            assert buffers[f"k_codes_{i}"].shape == (1, site.num_kv_heads, MAX_LEN, site.head_dim * 3 // 8)
+            assert buffers[f"v_norms_{i}"].shape == (1, site.num_kv_heads, MAX_LEN, 1)
+        for st in c.linear_states:  # linear-attention state is left alone
+            assert st.conv_buffer in buffers and st.recurrent_buffer in buffers
+
+
+def test_compress_reports_layers_shapes_and_bytes(captured):
+    c = captured["llama"]
+    gm = compress_kv_cache(c.decode, c.sites, CFG)  # an ExportedProgram is accepted too (unlifted first)
+    report = gm.meta["rq_kv_compress"]
+    assert [(r.layer_idx, r.kind) for r in report] == [(s.layer_idx, k) for s in c.sites for k in "kv"]
+    for r in report:
+        assert r.shape == (1, 2, MAX_LEN, 64) and r.dtype == torch.float32
+        assert r.bytes_before == 1 * 2 * MAX_LEN * 64 * 4
+        assert r.bytes_after == 1 * 2 * MAX_LEN * (64 * 3 // 8 + 2 * 1)  # packed codes + one fp16 norm per vector
+        assert "layer" in str(r) and "uint8" in str(r)
+
+
+def test_fuse_removes_sdpa_and_dequantize(captured):
+    for c in captured.values():
+        n = len(c.sites)
+        (pre, dec), _, _ = _compressed(c, fuse=True)
+        for gm in (pre, dec):
+            assert not _calls(gm, aten.scaled_dot_product_attention.default)
+            assert not _calls(gm, rq.dequantize.default)
+            assert len(_calls(gm, rq.attention.default)) == n
+            assert len(_calls(gm, rq.quantize.default)) == 2 * n
+            assert not _calls(gm, aten.expand.default) or all(  # repeat_kv of the cache is gone
+                "codes" not in str(e.args[0]) for e in _calls(gm, aten.expand.default)
+            )
+            assert gm.meta["rq_fuse_attention"] == n
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_equals_unfused_and_programs_share_one_cache(captured, name):
+    c = captured[name]
+    torch.manual_seed(1)
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 14))
+    (pre, dec), buffers, states = _compressed(c)
+    assert pre.get_buffer(f"k_codes_{c.sites[0].layer_idx}") is dec.get_buffer(f"k_codes_{c.sites[0].layer_idx}")
+    assert set(states) == {s.layer_idx for s in c.sites} and set(states[c.sites[0].layer_idx]) == {"k", "v"}
+    unfused = _run(pre, dec, ids, 9)
+    (fpre, fdec), _, _ = _compressed(c, fuse=True)
+    fused = _run(fpre, fdec, ids, 9)
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
+    assert unfused.shape == (1, 14, tiny_models.VOCAB)
+
+
+class _NoAttention(torch.nn.Module):
+    """A stateful graph with a cache-like write but no attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k_cache_0", torch.zeros(1, 2, 8, 16))
+
+    def forward(self, x, pos):
+        return self.k_cache_0.index_copy_(2, pos, x).sum(dim=2)
+
+
+def test_graph_without_attention_is_a_clear_error():
+    ep = torch.export.export(_NoAttention(), (torch.randn(1, 2, 1, 16), torch.tensor([0])), strict=True)
+    site = AttentionSite(0, "k_cache_0", "v_cache_0", 2, 2, 16, 8)
+    with pytest.raises(KVCompressError) as info:
+        compress_kv_cache(ep, [site], CFG)
+    msg = str(info.value)
+    assert "no attention subgraph" in msg
+    assert "index_copy_" in msg and "scaled_dot_product_attention" in msg  # what it looked for
+    assert "found 1 aten.index_copy_ node(s) (on k_cache_0), 0 aten.scaled_dot_product_attention" in msg  # found
+
+
+def test_sites_that_do_not_match_the_graph_are_a_clear_error(captured):
+    c = captured["llama"]
+    ghost = AttentionSite(7, "k_cache_7", "v_cache_7", 2, 4, 64, MAX_LEN)
+    with pytest.raises(KVCompressError, match="layers \\[7\\] have no matching attention subgraph"):
+        compress_kv_cache(c.decode.module(), [*c.sites, ghost], CFG)
+    with pytest.raises(KVCompressError, match="not among the sites"):
+        compress_kv_cache(c.decode.module(), c.sites[:1], CFG)
