@@ -1,0 +1,395 @@
+"""The `rqcompile` command line: export, generate, evaluate, benchmark and inspect compressed-KV LMs.
+
+    rqcompile export --demo -o smollm2-aoti                 # SmolLM2-135M, planar 3-bit, AOTInductor artifact
+    rqcompile export MODEL_DIR --target onnx -o out         # any llama/qwen3/qwen3_5 checkpoint directory
+    rqcompile generate smollm2-aoti --prompt "What is the capital of France?"
+    rqcompile generate --demo --prompt "Hello" --bits 3     # eager compressed cache (RQCache), no export
+    rqcompile eval --demo --bits 3                          # decode-time perplexity vs the uncompressed cache
+    rqcompile bench --demo                                  # CPU decode-step timing, RQCache vs uncompressed
+    rqcompile inspect smollm2-aoti                          # manifest, memory per layer, bits/element
+
+Heavy imports (torch, transformers) happen inside the commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+BACKENDS = ("planar", "iso", "rotor", "hadamard", "none")
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+def _tiny_qwen3_5():
+    """A random-weight text Qwen3.5 (hybrid: 2 gated-delta-net + 2 full-attention layers), no tokenizer."""
+    import torch
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(
+        vocab_size=160,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return Qwen3_5ForCausalLM(config).float().eval()
+
+
+def _load_model(args) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer or None, tokenizer directory or None) from --demo / --tiny-qwen3_5 / a model path."""
+    if args.tiny_qwen3_5:
+        return _tiny_qwen3_5(), None, None
+    if args.demo or not args.model:
+        from rqcompile.models import default_cache_dir, load_smollm2
+
+        _progress(f"loading SmolLM2-135M-Instruct (first run converts the GGUF, ~20 s) from {default_cache_dir()}")
+        model, tok = load_smollm2()
+        return model, tok, str(default_cache_dir())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32").eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+    except Exception:  # noqa: BLE001 - a model directory without tokenizer files is fine for ids-only use
+        tok = None
+    return model, tok, args.model if tok is not None else None
+
+
+def _progress(message: str) -> None:
+    print(f"[rqcompile] {message}", file=sys.stderr, flush=True)
+
+
+def _rq_config(args):
+    from rqcompile.config import RQConfig
+
+    return RQConfig(backend=args.backend, bits=args.bits, key_bits=args.key_bits, value_bits=args.value_bits)
+
+
+def _prompt_ids(args, tok, vocab: int):
+    import torch
+
+    if args.prompt_ids:
+        return torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
+    if tok is None:
+        raise SystemExit("this model has no tokenizer: pass --prompt-ids 1,2,3")
+    if getattr(tok, "chat_template", None) and not args.raw:
+        messages = [{"role": "user", "content": args.prompt}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, return_tensors="pt").input_ids
+    return tok(args.prompt, return_tensors="pt").input_ids
+
+
+# --- commands -----------------------------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from rqcompile.export.lm import export_lm
+
+    torch.manual_seed(0)
+    model, _, tok_dir = _load_model(args)
+    if args.uncompressed:
+        from rqcompile.passes.capture import capture
+
+        _progress("capturing prefill + decode (uncompressed cache)")
+        program = capture(model, max_cache_len=args.max_cache_len, batch_size=args.batch_size)
+    else:
+        try:
+            from rqcompile.api import apply
+        except ImportError as exc:
+            raise SystemExit(f"rqcompile.api is not available ({exc}); use --uncompressed") from exc
+        _progress(f"capturing and compressing the K/V cache ({args.backend}, {args.bits} bits)")
+        config = _rq_config(args)
+        program = apply(model, config=config, max_cache_len=args.max_cache_len, batch_size=args.batch_size)
+    _progress(f"exporting to {args.output} (target {args.target})")
+    t0 = time.perf_counter()
+    try:
+        art = export_lm(
+            program, args.output, target=args.target, tokenizer_dir=tok_dir, overwrite=args.overwrite, progress=True
+        )
+    except Exception as exc:
+        if type(exc).__name__ == "TensorRTNotInstalledError":
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+        raise
+    size = sum(e["size"] for e in art.manifest["files"].values())
+    print(f"wrote {art.path} ({args.target}, {size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from rqcompile.runtime.generate import SamplingConfig
+
+    sampling = SamplingConfig(
+        do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed
+    )
+    if args.artifact:
+        from rqcompile.runtime.loaded import load
+
+        lm = load(args.artifact)
+        ids = _prompt_ids(args, lm.tokenizer, 0)
+        out = lm.generate(ids, args.max_new_tokens, sampling=sampling)
+        tok = lm.tokenizer
+    else:
+        from rqcompile.cache import RQCache
+
+        model, tok, _ = _load_model(args)
+        ids = _prompt_ids(args, tok, model.config.vocab_size)
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.max_new_tokens,
+                do_sample=sampling.do_sample,
+                past_key_values=RQCache(_rq_config(args), model_config=model.config),
+                pad_token_id=getattr(tok, "eos_token_id", None) if tok is not None else 0,
+            )
+    new = out[0, ids.shape[1] :]
+    print(tok.decode(new, skip_special_tokens=True) if tok is not None else ",".join(map(str, new.tolist())))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from rqcompile.cache import RQCache
+    from rqcompile.eval import decode_time_ppl, license_corpus, reference_cache
+
+    torch.manual_seed(0)
+    model, tok, _ = _load_model(args)
+    need = args.prefill + args.decode + 1
+    if tok is not None:
+        ids = license_corpus(tok, need)
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (1, need), generator=torch.Generator().manual_seed(0))
+    config = _rq_config(args)
+    _progress(f"decode-time perplexity: prefill {args.prefill}, decode {args.decode} tokens")
+    ref = decode_time_ppl(model, ids, reference_cache, args.prefill, args.decode, progress=True)
+    test = decode_time_ppl(
+        model, ids, lambda: RQCache(config, model_config=model.config), args.prefill, args.decode, progress=True
+    )
+    delta = 100 * (test.ppl / ref.ppl - 1)
+    result = {"uncompressed_ppl": ref.ppl, "compressed_ppl": test.ppl, "delta_percent": delta, "config": str(config)}
+    print(
+        json.dumps(result) if args.json else f"uncompressed ppl {ref.ppl:.3f}  {config}: {test.ppl:.3f} ({delta:+.2f}%)"
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+    from transformers import DynamicCache
+
+    from rqcompile.cache import RQCache
+
+    if torch.cuda.is_available():
+        print("CUDA is available: for kernel and decode-attention timings use  python benchmarks/gpu_bench.py")
+    torch.manual_seed(0)
+    model, _, _ = _load_model(args)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prefill + args.steps + 1))
+    config = _rq_config(args)
+    rows = []
+    from tqdm.auto import tqdm
+
+    for name, make in (
+        ("uncompressed", DynamicCache),
+        (str(config), lambda: RQCache(config, model_config=model.config)),
+    ):
+        cache = make()
+        with torch.no_grad():
+            model(input_ids=ids[:, : args.prefill], past_key_values=cache, use_cache=True)
+            times = []
+            for i in tqdm(range(args.steps), desc=name[:30], leave=False):
+                pos = args.prefill + i
+                t0 = time.perf_counter()
+                model(input_ids=ids[:, pos : pos + 1], past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        rows.append((name, 1000 * times[len(times) // 2]))
+    for name, ms in rows:
+        print(f"{name:<60} {ms:8.2f} ms/step (median of {args.steps}, CPU, eager)")
+    return 0
+
+
+def _format_arithmetic(rq: dict[str, Any] | None, head_dim: int | None) -> list[str]:
+    if not rq or not head_dim:
+        return ["format: uncompressed cache (no rq_config)"]
+    group = rq.get("norm_group") or min(head_dim, 128)
+    lines = []
+    for kind, bits in (("K", rq.get("key_bits") or rq["bits"]), ("V", rq.get("value_bits") or rq["bits"])):
+        per = bits + 16 * (head_dim // group) / head_dim
+        lines.append(
+            f"format {kind}: {bits} bits/code + one fp16 norm per {group} coords = {per:.3f} bits/element "
+            f"({16 / per:.2f}x smaller than bf16)"
+        )
+    return lines
+
+
+def cmd_inspect(args) -> int:
+    from rqcompile.export.artifact import read_artifact
+
+    art = read_artifact(args.artifact)
+    m = art.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    prog = m.get("program") or {}
+    print(f"artifact   {art.path}")
+    versions = f"format {m['format_version']}, torch {m.get('torch')}, rqcompile {m.get('rqcompile')}"
+    print(f"target     {m['target']}  ({versions})")
+    mc = m.get("model_config") or {}
+    print(f"model      {mc.get('model_type')}  layers {mc.get('num_hidden_layers')}  vocab {mc.get('vocab_size')}")
+    print(f"rq_config  {m.get('rq_config')}")
+    if prog:
+        print(
+            f"programs   {prog['files']}  batch {prog['batch_size']}  max_cache_len {prog['max_cache_len']}  "
+            f"prefill_len {prog['prefill_len'] or 'dynamic'}  eos {prog['eos_token_id']}"
+        )
+        import math
+
+        itemsize = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8}
+        total = 0
+        print("state      name                      shape                dtype      bytes")
+        for s in prog["state"]:
+            nbytes = math.prod(s["shape"]) * itemsize.get(s["dtype"], 4)
+            total += nbytes
+            print(f"           {s['name']:<25} {str(s['shape']):<20} {s['dtype']:<10} {nbytes:>10,}")
+        print(f"           total state {total:,} bytes ({total / 2**20:.2f} MiB)")
+    head_dim = mc.get("head_dim") or (
+        mc["hidden_size"] // mc["num_attention_heads"]
+        if mc.get("hidden_size") and mc.get("num_attention_heads")
+        else None
+    )
+    for line in _format_arithmetic(m.get("rq_config"), head_dim):
+        print(line)
+    print(f"files      {len(m['files'])} (sha256-verified)")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    g = p.add_argument_group("model (one of)")
+    if positional:
+        g.add_argument("model", nargs="?", help="transformers checkpoint directory (llama / qwen3 / qwen3_5)")
+    else:
+        g.add_argument("--model", help="transformers checkpoint directory (llama / qwen3 / qwen3_5)")
+    g.add_argument("--demo", action="store_true", help="the built-in SmolLM2-135M-Instruct (default)")
+    g.add_argument("--tiny-qwen3_5", action="store_true", help="a tiny random-weight hybrid Qwen3.5 (for smoke tests)")
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression")
+    g.add_argument("--backend", choices=BACKENDS, default="planar", help="rotation before quantizing (default planar)")
+    g.add_argument("--bits", type=int, choices=(2, 3, 4), default=3, help="bits per coordinate (default 3)")
+    g.add_argument("--key-bits", type=int, choices=(2, 3, 4), help="override bits for keys")
+    g.add_argument("--value-bits", type=int, choices=(2, 3, 4), help="override bits for values")
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default="What is the capital of France?", help="prompt text (chat template applied)")
+    p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
+    p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rqcompile",
+        description="KV-cache compression compiler: rotate + Lloyd-Max quantize the K/V cache, export, run.",
+        epilog="Run `rqcompile COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for name, help_text in (
+        ("export", "compress a model's K/V cache in the graph and export an artifact (AOTInductor / ONNX / TensorRT)"),
+        ("apply", "same as export"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _model_args(p)
+        _quant_args(p)
+        p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+        p.add_argument("--target", choices=("aoti", "onnx", "tensorrt"), default="aoti", help="default aoti")
+        p.add_argument("--max-cache-len", type=int, default=256, help="cache positions (prompt + new tokens)")
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--uncompressed", action="store_true", help="export the captured program without compression")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+        p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text from an artifact, or from a model with the eager compressed cache",
+        description="Generate from an exported artifact (rqcompile.load), or from a model with RQCache.",
+    )
+    p.add_argument("artifact", nargs="?", help="artifact directory (omit to use a model with the eager cache)")
+    _model_args(p, positional=False)
+    _quant_args(p)
+    _prompt_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        help="decode-time perplexity of a compression config vs the uncompressed cache",
+        description="Quick quality check: prefill, then score each decoded token (license-text corpus).",
+    )
+    _model_args(p)
+    _quant_args(p)
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--decode", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "bench",
+        help="CPU timing of decode steps: eager compressed cache vs uncompressed",
+        description="Median eager decode-step time on this machine (on CUDA, see benchmarks/gpu_bench.py).",
+    )
+    _model_args(p)
+    _quant_args(p)
+    p.add_argument("--prefill", type=int, default=64)
+    p.add_argument("--steps", type=int, default=16)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show an artifact's manifest, cache memory per layer and the format arithmetic",
+        description="Verify an artifact (sha256, versions) and print what it holds.",
+    )
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
