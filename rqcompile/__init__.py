@@ -21,3 +21,7 @@ def load(path, **kwargs):
     from rqcompile.runtime.loaded import load as _load
 
     return _load(path, **kwargs)
+
+from rqcompile.api import CompiledLM, apply  # noqa: E402
+
+__all__ += ["apply", "CompiledLM"]
