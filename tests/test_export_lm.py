@@ -149,3 +149,19 @@ def test_tampered_artifact_is_refused(llama, tmp_path):
     graph.write_bytes(bytes(data))
     with pytest.raises(ArtifactIntegrityError, match="decode.onnx"):
         rqcompile.load(tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_compressed_program_onnx_round_trip(tmp_path):
+    """rqcompile.apply's CompiledLM (uint8 codes + fp16 norms in the cache) exports and generates identically."""
+    import rqcompile
+    from rqcompile.api import apply
+
+    compiled = apply(tiny_qwen3_5(), "planar", 4, max_cache_len=MAX_LEN)
+    ids = _prompt(9)
+    reference = compiled.generate(ids, 6)
+    fn = functional_programs(compiled, for_target="onnx")
+    assert "k_codes_1" in fn.state_names and "recurrent_state_0" in fn.state_names
+    assert torch.equal(generate(fn.runner(), ids, 6), reference)
+    export_lm(fn, tmp_path / "c", target="onnx", progress=False)
+    assert torch.equal(rqcompile.load(tmp_path / "c").generate(ids, 6, eos_token_id=[]), reference)
