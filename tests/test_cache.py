@@ -207,3 +207,27 @@ def test_sink_tokens_stay_exact_and_survive_crop():
     assert cache.get_seq_length() == 1 and layer.k_codes.shape[-2] == 0
     model(ids[:, 1:3], past_key_values=cache, use_cache=True)
     assert layer.k_sink.shape[-2] == 2 and layer.k_codes.shape[-2] == 1
+
+
+def test_sliding_window_layers_give_the_same_generation_as_the_dequantized_reference():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        sliding_window=6,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    ids = _prompt(model, batch=1, length=10)
+    cfg = RQConfig(backend="iso", bits=4)
+    cache = RQCache(cfg, model_config=config)
+    got = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    want = model.generate(ids, past_key_values=FakeQuantCache(cfg, config), max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
+    assert all(layer.is_sliding for layer in cache.layers)
