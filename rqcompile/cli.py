@@ -171,9 +171,10 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
+    from transformers import DynamicCache
 
     from rqcompile.cache import RQCache
-    from rqcompile.eval import decode_time_ppl, license_corpus, reference_cache
+    from rqcompile.eval import decode_time_ppl, license_corpus
 
     torch.manual_seed(0)
     model, tok, _ = _load_model(args)
@@ -184,7 +185,9 @@ def cmd_eval(args) -> int:
         ids = torch.randint(0, model.config.vocab_size, (1, need), generator=torch.Generator().manual_seed(0))
     config = _rq_config(args)
     _progress(f"decode-time perplexity: prefill {args.prefill}, decode {args.decode} tokens")
-    ref = decode_time_ppl(model, ids, reference_cache, args.prefill, args.decode, progress=True)
+    ref = decode_time_ppl(
+        model, ids, lambda: DynamicCache(config=model.config), args.prefill, args.decode, progress=True
+    )
     test = decode_time_ppl(
         model, ids, lambda: RQCache(config, model_config=model.config), args.prefill, args.decode, progress=True
     )
@@ -212,7 +215,7 @@ def cmd_bench(args) -> int:
     from tqdm.auto import tqdm
 
     for name, make in (
-        ("uncompressed", DynamicCache),
+        ("uncompressed", lambda: DynamicCache(config=model.config)),
         (str(config), lambda: RQCache(config, model_config=model.config)),
     ):
         cache = make()

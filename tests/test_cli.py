@@ -1,0 +1,92 @@
+"""The `rqcompile` command line, end to end on the tiny random hybrid Qwen3.5 (no downloads, no tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rqcompile.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--tiny-qwen3_5"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_help_is_cheap_and_lists_every_command():
+    done = subprocess.run(
+        [sys.executable, "-m", "rqcompile.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("export", "apply", "generate", "eval", "bench", "inspect"):
+        assert command in done.stdout
+    sub = subprocess.run(
+        [sys.executable, "-m", "rqcompile.cli", "export", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert "--target" in sub.stdout and "--tiny-qwen3_5" in sub.stdout and "--demo" in sub.stdout
+
+
+def test_export_inspect_generate_onnx_artifact(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["export", *TINY, "--uncompressed", "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]) == 0
+    assert (out / "manifest.json").is_file()
+    capsys.readouterr()
+
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "target     onnx" in text and "k_cache_1" in text and "total state" in text
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["program"]["max_cache_len"] == 24
+
+    assert main(["generate", str(out), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5"]) == 0
+    from_artifact = capsys.readouterr().out.strip().splitlines()[-1]
+    assert len(from_artifact.split(",")) == 5
+
+    # the same model with the eager uncompressed-vs-compressed path: eager generate runs and prints 5 ids
+    assert main(["generate", *TINY, "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5", "--bits", "4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
+
+
+def test_eval_and_bench_on_the_tiny_model(capsys):
+    assert main(["eval", *TINY, "--prefill", "16", "--decode", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["uncompressed_ppl"] > 0 and result["compressed_ppl"] > 0
+
+    assert main(["bench", *TINY, "--prefill", "8", "--steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "uncompressed" in text and "ms/step" in text
+
+
+def test_inspect_refuses_a_tampered_artifact(tmp_path):
+    from rqcompile.export.artifact import ArtifactIntegrityError, write_artifact
+
+    write_artifact(tmp_path / "a", target="onnx", files={"x.onnx": b"graph"})
+    (tmp_path / "a" / "x.onnx").write_bytes(b"grapH")
+    with pytest.raises(ArtifactIntegrityError, match="x.onnx"):
+        main(["inspect", str(tmp_path / "a")])
+
+
+@pytest.mark.slow
+def test_compressed_export_uses_rqcompile_apply(tmp_path, capsys):
+    pytest.importorskip("rqcompile.api")
+    out = tmp_path / "c"
+    argv = ["export", *TINY, "--bits", "4", "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "k_codes_1" in text and "bits/element" in text
+    assert main(["generate", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
