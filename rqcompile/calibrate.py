@@ -75,7 +75,7 @@ def calibrate(
     key_mean: bool = True,
     key_scale: bool = True,
     value_scale: bool = False,
-    scale_power: float = 1.0,
+    scale_power: float = 0.8,
     skip_first: int = 1,
     chunk: int = 512,
     source: str = "",
