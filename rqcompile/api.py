@@ -54,6 +54,10 @@ class FunctionalStep(nn.Module):
         return (logits, *new)
 
 
+def _has_scan(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target is torch.ops.higher_order.scan for n in gm.graph.nodes)
+
+
 def _compilable(gm: fx.GraphModule) -> fx.GraphModule:
     """A plain GraphModule over the same graph and tensors, without export's input-guard submodule and hooks.
 
@@ -135,15 +139,19 @@ class CompiledLM:
             self, input_ids, max_new_tokens, sampling=sampling, eos_token_id=eos_token_id, streamer=streamer
         )
 
-    def compile(self, **options: Any) -> CompiledLM:
+    def compile(self, *, dynamic_prefill: bool | None = None, **options: Any) -> CompiledLM:
         """Lower both programs through `torch.compile(fullgraph=True, **options)` (in place; returns self).
 
-        Decode has static shapes (one compilation for all steps: the position is a tensor); prefill is compiled
-        dynamic in the prompt length.
+        Decode has static shapes: one compilation serves every step (the position is a tensor). Prefill is compiled
+        dynamic in the prompt length, except when its graph holds a `scan` (Qwen3.5's chunked gated delta rule):
+        Inductor in torch 2.13 fails on a scan with a symbolic length ("KeyError: s70"), so that prefill is compiled
+        per prompt length (`dynamic_prefill=None` picks; pass True/False to force).
         """
         options = {"fullgraph": True, **options}
+        if dynamic_prefill is None:
+            dynamic_prefill = not _has_scan(self.prefill_module)
         self._decode_fn = torch.compile(_compilable(self.decode_module), **options)
-        self._prefill_fn = torch.compile(_compilable(self.prefill_module), **{"dynamic": True, **options})
+        self._prefill_fn = torch.compile(_compilable(self.prefill_module), **{"dynamic": dynamic_prefill, **options})
         self.compiled = True
         return self
 
