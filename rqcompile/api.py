@@ -252,6 +252,12 @@ def apply(
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
+    unsupported = {k: getattr(config, k, 0) for k in ("residual_window", "sink_tokens") if getattr(config, k, 0)}
+    if unsupported:
+        raise NotImplementedError(
+            f"apply() compresses every cached token; {unsupported} (uncompressed tokens) is only supported by the "
+            "eager caches (rqcompile.RQCache) so far"
+        )
     captured = capture(model, max_cache_len=max_cache_len, batch_size=batch_size, prefill_logits=prefill_logits)
     buffers: dict[str, torch.Tensor] = {}
     quant_states: dict[int, dict[str, QuantState]] = {}
