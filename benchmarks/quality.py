@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from rqcompile.cache import RQCache, RQCacheLayer, _cat
-from rqcompile.calibrate import Calibration, _capturing, calibrate
+from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 from rqcompile.eval import (
     KiviFakeQuantCache,
@@ -55,24 +55,33 @@ TARGETS = {4: 1.0, 3: 3.0, 2: 10.0}  # max ppl delta in %, from issue 2
 CALIB_TOKENS = 4096
 GREEDY_N = 64
 KIVI_GROUP = 32
-BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/quality.py) -->", "<!-- END GENERATED -->"
+BEGIN, END = "<!-- BEGIN GENERATED {} (benchmarks/quality.py) -->", "<!-- END GENERATED {} -->"
 
 
 # --- a scoring cache with the real storage ------------------------------------------------------------------------
 
 
 class IncrementalRQCacheLayer(RQCacheLayer):
-    """`RQCacheLayer` that also keeps each token's dequantized K/V, computed once when the token is written."""
+    """`RQCacheLayer` that also keeps each token's dequantized K/V, computed once when the token is written.
+
+    `sink` (experiment, not a library option yet): the first `sink` tokens are served exactly (as if kept in fp16
+    beside the codes; `memory_bits` adds their fp16 bytes to the measured bytes)."""
+
+    sink = 0
 
     def _clear(self) -> None:
         super()._clear()
         self.k_hat = self.v_hat = None
 
     def _append_compressed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        start = 0 if self.k_hat is None else self.k_hat.shape[-2]
         super()._append_compressed(keys, values)
         n = keys.shape[-2]
         k = dequantize_state(self.k_codes[:, :, -n:], self.k_norms[:, :, -n:], self.k_state, self.dtype)
         v = dequantize_state(self.v_codes[:, :, -n:], self.v_norms[:, :, -n:], self.v_state, self.dtype)
+        exact = max(0, min(self.sink - start, n))
+        if exact:
+            k[:, :, :exact], v[:, :, :exact] = keys[:, :, :exact], values[:, :, :exact]
         self.k_hat, self.v_hat = _cat(self.k_hat, k), _cat(self.v_hat, v)
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,11 +93,17 @@ class IncrementalRQCacheLayer(RQCacheLayer):
 class IncrementalRQCache(RQCache):
     """`RQCache` (no model_config: layers built on first touch) made of `IncrementalRQCacheLayer`s."""
 
+    def __init__(self, config: RQConfig, *, calibration: Calibration | None = None, sink: int = 0) -> None:
+        super().__init__(config, calibration=calibration)
+        self.sink = sink
+
     def _ensure(self, layer_idx: int, linear: bool) -> None:
         if linear:
             raise ValueError("IncrementalRQCache supports plain attention models only")
         while len(self.layers) <= layer_idx:
-            self.layers.append(IncrementalRQCacheLayer(self.rq_config, len(self.layers), self.calibration))
+            layer = IncrementalRQCacheLayer(self.rq_config, len(self.layers), self.calibration)
+            layer.sink = self.sink
+            self.layers.append(layer)
 
 
 # --- the grid -------------------------------------------------------------------------------------------------------
@@ -103,6 +118,7 @@ class Spec:
     calib: str = "none"  # "none" | "kv" (K mean + K scale + V scale) | "kmean" (key mean only)
     key_bits: int = 0
     value_bits: int = 0
+    sink: int = 0  # experiment: first tokens served exactly (fp16 bytes added to the count)
 
     @property
     def nominal_bits(self) -> tuple[int, int]:
@@ -116,14 +132,67 @@ def _default_calib(backend: str) -> str:
 
 
 def _calib_label(calib: str) -> str:
-    return {"none": "", "kv": "-cal", "kmean": "-kmean"}[calib]
+    return {"none": "", "kv": "-cal", "kmean": "-kmean", "qk": "-qcal"}[calib]
 
 
-def rq(backend: str, kb: int, vb: int, calib: str = "none", group: str = "", norm_group: int | None = None) -> Spec:
+CALIB_TEXT = {
+    "none": "-",
+    "kv": "K mean+scale, V scale",
+    "kmean": "K mean",
+    "qk": "K mean, K scale sqrt(rms_k/rms_q), V scale",
+}
+
+
+@torch.inference_mode()
+def query_aware_calibration(model, ids: torch.Tensor, base: Calibration, chunk: int = 512) -> Calibration:
+    """Experiment: key scale chosen for the *score* error, not the key error.
+
+    Dividing keys by per-channel s before an isotropic quantizer leaves a key error of size ~s_i per channel and a
+    score error E[(q.e)^2] ~ (sum_i q_i^2 s_i^2)(sum_i k_i^2 / s_i^2), minimized (Cauchy-Schwarz) by
+    s_i = sqrt(rms_k_i / rms_q_i): SmoothQuant's alpha = 0.5 balance, where the `kv` preset uses s_i = rms_k_i.
+    rms_q is per KV head over its query heads (GQA) on the calibration text; K mean and V scale are kept from `base`.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sums: dict[int, torch.Tensor] = {}
+    count = [0]
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        b, hq, t, d = query.shape
+        hk = key.shape[1]
+        sq = query.detach().float().pow(2).reshape(b, hk, hq // hk, t, d).sum((0, 2, 3)) / (hq // hk)
+        sums[module.layer_idx] = sums.get(module.layer_idx, 0) + sq
+        if module.layer_idx == 0:
+            count[0] += b * t
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("rq_quality_qcapture", capture)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("rq_quality_qcapture")
+    try:
+        ids = ids.reshape(1, -1)
+        for start in range(0, ids.shape[1], chunk):
+            model(ids[:, start : start + chunk], use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    stats = dict(base.stats)
+    for layer, sq in sums.items():
+        rms_q = (sq / count[0]).sqrt().clamp_min(1e-6)
+        rms_k = base.get(layer, "k", "scale")  # normalized rms of the centred keys; only ratios matter
+        s = (rms_k / rms_q).sqrt()
+        stats[(layer, "k", "scale")] = s / s.mean(-1, keepdim=True)
+    return Calibration(stats, base.source + "+query-aware")
+
+
+def rq(
+    backend: str, kb: int, vb: int, calib: str = "none", group: str = "", norm_group: int | None = None, sink: int = 0
+) -> Spec:
     bits = f"{kb}" if kb == vb else f"K{kb}V{vb}"
     name = f"{backend}-{bits}{_calib_label(calib)}" + (f"-g{norm_group}" if norm_group else "")
+    name += f"-sink{sink}" if sink else ""
     cfg = RQConfig(backend=backend, bits=kb, key_bits=kb, value_bits=vb, norm_group=norm_group)
-    return Spec(name, "rq", group, cfg, calib)
+    return Spec(name, "rq", group, cfg, calib, sink=sink)
 
 
 def kivi(kb: int, vb: int) -> Spec:
@@ -147,6 +216,14 @@ def grid(name: str) -> list[Spec]:
     specs += [rq(b, 4, v, _default_calib(b), group="mixed") for b in BACKENDS for v in (3, 2)]
     specs += [kivi(4, 3), kivi(4, 2)]
     specs += [rq(b, 3, 3, _default_calib(b), group="g32", norm_group=32) for b in BACKENDS]
+    return specs
+
+
+def experiment_grid() -> list[Spec]:
+    """Attention sink: the first token's K/V served exactly, on top of each backend's calibration."""
+    specs = [rq(b, n, n, _default_calib(b), group="sink", sink=1) for n in (3, 4, 2) for b in BACKENDS]
+    specs += [rq(b, 4, 3, _default_calib(b), group="sink", sink=1) for b in BLOCK]
+    specs += [rq("planar", 3, 3, group="sink", sink=1), rq("planar", 3, 3, "kv", group="sink", sink=4)]
     return specs
 
 
@@ -178,22 +255,24 @@ def make_factory(spec: Spec, ctx: Context, holder: list, incremental: bool = Tru
     if spec.kind == "kivi":
         return lambda: holder.append(KiviFakeQuantCache(spec.key_bits, spec.value_bits, KIVI_GROUP)) or holder[-1]
     calibration = ctx.calibrations.get(spec.calib)
-    cls = IncrementalRQCache if incremental else RQCache
-    return lambda: holder.append(cls(spec.config, calibration=calibration)) or holder[-1]
+    if not incremental:
+        return lambda: holder.append(RQCache(spec.config, calibration=calibration)) or holder[-1]
+    return lambda: holder.append(IncrementalRQCache(spec.config, calibration=calibration, sink=spec.sink)) or holder[-1]
 
 
-def memory_bits(cache: RQCache, model_config) -> dict:
+def memory_bits(cache: RQCache, model_config, sink: int = 0) -> dict:
     report = cache.memory_report()
     heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
     elements = sum(m["tokens"] for m in report.layers.values()) * heads * head_dim * 2
+    sink_bytes = len(report.layers) * sink * heads * head_dim * 2 * 2  # fp16 K and V of the sink tokens
     layer0 = cache.layers[0]
     calib = sum(int(t.numel()) * 4 for t in (cache.calibration.stats if cache.calibration else {}).values())
     n_layers = len(report.layers)
     rotation = layer0.k_state.rotation.nbytes + layer0.v_state.rotation.nbytes
     return {
-        "bytes_held": report.compressed_bytes,
+        "bytes_held": report.compressed_bytes + sink_bytes,
         "bf16_bytes": report.bf16_bytes,
-        "bits_per_element": report.compressed_bytes * 8 / elements,
+        "bits_per_element": (report.compressed_bytes + sink_bytes) * 8 / elements,
         "calibration_bytes_per_layer": calib // max(n_layers, 1),
         "rotation_bytes_per_layer": rotation,
         "accounting": "measured (memory_report)",
@@ -207,7 +286,7 @@ def run_spec(spec: Spec, ctx: Context) -> dict:
     decode_s = time.perf_counter() - t0
     kl = kl_divergence(ctx.reference, res).mean().item()
     if spec.kind == "rq":
-        mem = memory_bits(holder[0], ctx.model.config)
+        mem = memory_bits(holder[0], ctx.model.config, spec.sink)
     else:
         mem = {
             "bits_per_element": kivi_bits(
@@ -229,6 +308,7 @@ def run_spec(spec: Spec, ctx: Context) -> dict:
         "group": spec.group,
         "config": spec.config.to_dict() if spec.config else {"key_bits": spec.key_bits, "value_bits": spec.value_bits},
         "calibration": spec.calib,
+        "sink": spec.sink,
         "key_bits": spec.nominal_bits[0],
         "value_bits": spec.nominal_bits[1],
         "ppl": res.ppl,
@@ -252,18 +332,39 @@ def consistency_check(ctx: Context, spec: Spec, steps: int = 8) -> float:
 
 @torch.inference_mode()
 def layer_mse(model, ids: torch.Tensor, calibrations: dict[str, Calibration], bits: int = 3) -> dict:
-    """Per-layer relative MSE ||x - x_hat||^2 / ||x||^2 of post-RoPE K and of V on `ids`, per backend."""
-    sink: dict[int, list] = {}
-    with _capturing(model, sink):
+    """Per-layer relative MSE ||x - x_hat||^2 / ||x||^2 of post-RoPE K and of V on `ids`, per backend; plus
+    `score`: the relative error of the attention logits q.k that the key error causes, ||Q (K - K_hat)^T||^2 /
+    ||Q K^T||^2 after removing each query's mean over keys (softmax ignores it), over all query/key pairs."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sink: dict[int, tuple] = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        sink[module.layer_idx] = (query.detach().float(), key.detach().float(), value.detach().float())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("rq_quality_capture", capture)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("rq_quality_capture")
+    try:
         model(ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+
+    def centred_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        groups = q.shape[1] // k.shape[1]
+        s = q @ k.repeat_interleave(groups, dim=1).transpose(-1, -2)
+        return s - s.mean(-1, keepdim=True)
+
     out = {}
     for backend in BACKENDS:
-        for calib in ("none", _default_calib(backend)):
+        for calib in ("none", _default_calib(backend), *(["qk"] if "qk" in calibrations else [])):
             cal = calibrations.get(calib)
             cfg = RQConfig(backend=backend, bits=bits)
-            rows = {"k": [], "v": []}
+            rows = {"k": [], "v": [], "score": []}
             for layer in sorted(sink):
-                k, v = sink[layer][0]
+                q, k, v = sink[layer]
                 for kind, x in (("k", k), ("v", v)):
                     state = make_state(
                         cfg,
@@ -277,6 +378,9 @@ def layer_mse(model, ids: torch.Tensor, calibrations: dict[str, Calibration], bi
                     codes, norms = quantize_state(x, state)
                     xh = dequantize_state(codes, norms, state, torch.float32)
                     rows[kind].append(((x - xh).pow(2).sum() / x.pow(2).sum()).item())
+                    if kind == "k":
+                        err = centred_scores(q, x - xh).pow(2).sum() / centred_scores(q, x).pow(2).sum()
+                        rows["score"].append(err.item())
             out[f"{backend}-{bits}{_calib_label(calib)}"] = rows
     return out
 
@@ -298,7 +402,7 @@ def results_table(rows: list[dict], fp_ppl: float) -> str:
     ]
     for r in rows:
         bits = f"{r['bits_per_element']:.3f}" + ("*" if r["kind"] == "kivi" else "")
-        cal = {"none": "-", "kv": "K mean+scale, V scale", "kmean": "K mean"}[r["calibration"]]
+        cal = CALIB_TEXT[r["calibration"]]
         lines.append(
             f"| {r['name']} | {r['key_bits']}/{r['value_bits']} | {cal} | {bits} | {r['ppl']:.3f} "
             f"| {_fmt_delta(r['ppl_delta_pct'])} | {r['kl_mean']:.4f} | {r['greedy_prefix']:.2f} "
@@ -352,17 +456,23 @@ def targets_table(rows: list[dict]) -> str:
 def mse_table(mse: dict) -> str:
     n = len(next(iter(mse.values()))["k"])
     pick = [0, 1, 2, n // 2, n - 1]
-    head = "| quantizer | K mean | K max (layer) | " + " | ".join(f"K L{i}" for i in pick) + " | V mean | V max |\n"
-    head += "|---" * (5 + len(pick)) + "|\n"
+    head = "| quantizer | K mean | K max (layer) | " + " | ".join(f"K L{i}" for i in pick)
+    head += " | V mean | V max | score err mean | score err max (layer) |\n" + "|---" * (8 + len(pick)) + "|\n"
     lines = []
     for name, rows in mse.items():
-        k, v = rows["k"], rows["v"]
+        k, v, sc = rows["k"], rows["v"], rows.get("score")
         kmax = max(range(n), key=lambda i: k[i])
-        lines.append(
+        line = (
             f"| {name} | {sum(k) / n:.4f} | {k[kmax]:.4f} (L{kmax}) | "
             + " | ".join(f"{k[i]:.4f}" for i in pick)
             + f" | {sum(v) / n:.4f} | {max(v):.4f} |"
         )
+        if sc:
+            smax = max(range(n), key=lambda i: sc[i])
+            line += f" {sum(sc) / n:.4f} | {sc[smax]:.4f} (L{smax}) |"
+        else:
+            line += " - | - |"
+        lines.append(line)
     return head + "\n".join(lines) + "\n"
 
 
@@ -374,7 +484,7 @@ def plot(data: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = {"planar": "C0", "iso": "C1", "rotor": "C2", "hadamard": "C3", "kivi": "C4"}
-    markers = {"none": "o", "kv": "s", "kmean": "s"}
+    markers = {"none": "o", "kv": "s", "kmean": "s", "qk": "*"}
     for r in data["results"]:
         backend = r["config"].get("backend", "kivi") if r["kind"] == "rq" else "kivi"
         g32 = r["kind"] == "rq" and r["config"]["norm_group"] == 32
@@ -383,7 +493,7 @@ def plot(data: dict, path: Path) -> None:
             r["bits_per_element"],
             max(r["ppl_delta_pct"], 0.05),
             edgecolors=colors[backend],
-            marker="^" if g32 else ("D" if mixed else markers[r["calibration"]]),
+            marker="X" if r.get("sink") else "^" if g32 else ("D" if mixed else markers[r["calibration"]]),
             facecolors="none" if r["calibration"] == "none" and r["kind"] == "rq" else colors[backend],
             s=40,
         )
@@ -406,7 +516,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_ylabel("decode-time ppl delta vs fp cache (%)")
     ax.set_title(
         f"SmolLM2-135M, license text, prefill {data['prefill']} + decode {data['decode']}\n"
-        "hollow o: plain, filled s: calibrated, D: mixed K4/V<4 (calibrated), ^: norm group 32; dotted: targets"
+        "hollow o: plain, s: calibrated, D: mixed K4/V<4, ^: norm group 32, X: +exact sink token; dotted: targets"
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -438,6 +548,7 @@ def markdown(data: dict) -> str:
         ("calibrated", "Calibrated (block: K mean + K scale + V scale; hadamard: K mean)"),
         ("mixed", "Mixed precision, calibrated"),
         ("g32", "Norm group 32, calibrated"),
+        ("sink", "Experiment: attention sink, first token's K/V exact (+ each backend's calibration)"),
     ]
     for g, title in groups:
         rows = [r for r in data["results"] if r["group"] == g]
@@ -455,11 +566,13 @@ def markdown(data: dict) -> str:
     return "\n".join(parts)
 
 
-def write_markdown(path: Path, block: str) -> None:
+def write_markdown(path: Path, block: str, key: str) -> None:
+    """Put `block` between this run's markers (`key`: the results file's stem), replacing an earlier block."""
     text = path.read_text() if path.exists() else "# Quality\n\n"
-    generated = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: generated, text, flags=re.S)
+    begin, end = BEGIN.format(key), END.format(key)
+    generated = f"{begin}\n{block}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: generated, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + generated + "\n"
     path.write_text(text)
@@ -472,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--decode", type=int, default=512, help="teacher-forced decode steps (default 512)")
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default 512)")
-    p.add_argument("--grid", choices=("quick", "full"), default="quick")
+    p.add_argument("--grid", choices=("quick", "full", "experiment"), default="quick")
     p.add_argument(
         "--out", type=Path, default=None, help="results JSON (default benchmarks/results/quality_<grid>.json)"
     )
@@ -480,7 +593,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--markdown", type=Path, default=None, help="write the generated tables into this file")
     p.add_argument("--only", default=None, help="regex: run only configs whose name matches")
     p.add_argument("--no-mse", action="store_true")
+    p.add_argument("--render", type=Path, default=None, help="only redo plot/markdown from this results JSON")
     args = p.parse_args(argv)
+    if args.render:
+        data = json.loads(args.render.read_text())
+        plot(data, args.plot or args.render.with_suffix(".png"))
+        if args.markdown:
+            write_markdown(args.markdown, markdown(data), args.render.stem)
+        return data
 
     torch.set_num_threads(1)
     out = args.out or ROOT / "benchmarks" / "results" / f"quality_{args.grid}.json"
@@ -492,7 +612,9 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = Context(model, ids, args.prefill, args.decode)
     ctx.calibrations["kv"] = calibrate(model, calib_ids, key_scale=True, value_scale=True, source="stdlib")
     ctx.calibrations["kmean"] = calibrate(model, calib_ids, key_scale=False, value_scale=False, source="stdlib")
-    specs = grid(args.grid)
+    if args.grid == "experiment" and not args.no_mse:
+        ctx.calibrations["qk"] = query_aware_calibration(model, calib_ids, ctx.calibrations["kv"])
+    specs = experiment_grid() if args.grid == "experiment" else grid(args.grid)
     if args.only:
         specs = [s for s in specs if re.search(args.only, s.name)]
 
@@ -556,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         print("matplotlib missing (pip install rqcompile[plot]); no plot", file=sys.stderr)
     if args.markdown:
-        write_markdown(args.markdown, markdown(data))
+        write_markdown(args.markdown, markdown(data), out.stem)
     print(f"wrote {out} ({data['meta']['total_seconds'] / 60:.1f} min)", flush=True)
     return data
 
