@@ -60,6 +60,24 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
             print(f"  {name:<32} {held} | {answer!r}")
 
 
+def smollm2_compiled_demo(bits: int, max_new_tokens: int) -> None:
+    """The compiler path: capture, rewrite the attention subgraphs, run the rewritten programs."""
+    import rqcompile
+    from rqcompile.models import load_smollm2
+
+    model, tok = load_smollm2()
+    question = QUESTIONS[0]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    print(f"\nrqcompile.apply(SmolLM2, backend='planar', bits={bits + 1}): capture + KV-compression pass ...")
+    t0 = time.perf_counter()
+    lm = rqcompile.apply(model, backend="planar", bits=bits + 1, max_cache_len=ids.shape[1] + max_new_tokens)
+    print(f"  built in {time.perf_counter() - t0:.0f}s; {lm.memory_report()}")
+    out = lm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
+    print(f"  Q: {question}\n  A: {tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()!r}")
+
+
 def qwen3_5_demo(bits: int) -> None:
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
@@ -85,16 +103,26 @@ def qwen3_5_demo(bits: int) -> None:
     for name, cache in (("planar", PlanarQuantCache(bits=bits)), ("iso", IsoQuantCache(bits=bits))):
         out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
         agree = (out[0, 64:] == reference[0, 64:]).float().mean().item()
-        print(f"  {name} {bits}-bit: {cache.memory_report()}; greedy agreement with uncompressed {agree:.0%}")
+        print(f"  eager {name} {bits}-bit: {cache.memory_report()}; greedy agreement with uncompressed {agree:.0%}")
+    import rqcompile
+
+    lm = rqcompile.apply(model, backend="iso", bits=bits, max_cache_len=96)
+    compiled = lm.generate(ids, max_new_tokens=16)
+    eager = model.generate(ids, past_key_values=IsoQuantCache(bits=bits), max_new_tokens=16, do_sample=False)
+    same = torch.equal(compiled[0, 64:], eager[0, 64:])
+    print(f"  rqcompile.apply iso {bits}-bit: {lm.memory_report()}; tokens identical to the eager cache: {same}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--skip-compiled", action="store_true", help="skip rqcompile.apply on SmolLM2 (~1 min)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     smollm2_demo(args.bits, args.max_new_tokens)
+    if not args.skip_compiled:
+        smollm2_compiled_demo(args.bits, args.max_new_tokens)
     qwen3_5_demo(args.bits)
 
 
