@@ -164,7 +164,7 @@ def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch
     log(f"quantize {backend:8s} {bits}b: {ms:.3f} ms, {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy")
 
 
-def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True):
+def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True, with_deq=True):
     heads, hq, dim = 4, 24, 256
     ks, vs = state(backend, bits, "k", heads, dim), state(backend, bits, "v", heads, dim)
     q = torch.randn(batch, hq, 1, dim, device="cuda", dtype=torch.bfloat16)
@@ -242,7 +242,8 @@ def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=Tru
             vd = launch_dequantize(vc, vn, vs.rotation, vs.mean, vs.scale, vs.levels, bits, dim, torch.bfloat16)
             return F.scaled_dot_product_attention(q, kd, vd, scale=sm, enable_gqa=True)
 
-        row["deq_sdpa_ms"] = med(deq_sdpa)
+        if with_deq:
+            row["deq_sdpa_ms"] = med(deq_sdpa)
         row["deq_sdpa_floor_ms"] = (packed_bytes + 2 * bf16_bytes) / copy_bw * 1e3
     RESULTS["attention"].append(row)
     log(json.dumps(row))
@@ -265,6 +266,19 @@ def sweep(copy_bw):
                     best = (ms, dict(block_t=bt, lut=lut, reshape=reshape))
     kquant.DEFAULTS.update(best[1])
     log("quantize defaults", kquant.DEFAULTS)
+    sweep_attention()
+
+
+def sweep_attention(configs=None):
+    """Attention launch sweep (planar 3 bit, 32K context, batch 1 and 8, CUDA-graph medians); the configuration
+    with the smallest summed time becomes kattn.DEFAULTS."""
+    heads, dim = 4, 256
+    if configs is None:
+        configs = [dict(block_n=32, num_warps=4, split_waves=4, num_stages=2, maxnreg=None)]
+        configs += [
+            dict(block_n=bn, num_warps=4, split_waves=sw, num_stages=2, maxnreg=mr)
+            for bn, sw, mr in ((32, 4, 168), (32, 8, 168), (32, 2, 168), (32, 4, 128), (32, 8, 128), (64, 4, 168))
+        ]
     shapes = []
     for batch in (1, 8):
         ks, vs = state("planar", 3, "k", heads, dim), state("planar", 3, "v", heads, dim)
@@ -273,52 +287,39 @@ def sweep(copy_bw):
         q = torch.randn(batch, 24, 1, dim, device="cuda", dtype=torch.bfloat16)
         shapes.append((q, kc, kn, ks, vs))
     best = None
-    for lut in (0, 1):
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                tot = 0.0
-                for q, kc, kn, ks, vs in shapes:
-                    fn = functools.partial(
-                        launch_attention,
-                        q,
-                        kc,
-                        kn,
-                        kc,
-                        kn,
-                        ks.rotation,
-                        ks.scale,
-                        ks.levels,
-                        vs.rotation,
-                        vs.mean,
-                        vs.scale,
-                        vs.levels,
-                        3,
-                        3,
-                        None,
-                        0.0625,
-                        block_n=block_n,
-                        lut=lut,
-                        num_warps=warps,
-                    )
-                    try:
-                        ms = med(fn, graph=True)
-                    except Exception as exc:  # noqa: BLE001
-                        log("sweep attention failed", lut, block_n, warps, repr(exc)[:200])
-                        ms = float("inf")
-                    tot += ms
-                    RESULTS["sweep"].append(
-                        {
-                            "kernel": "attention",
-                            "batch": q.shape[0],
-                            "lut": lut,
-                            "block_n": block_n,
-                            "warps": warps,
-                            "ms": ms,
-                        }
-                    )
-                    log(f"sweep attention B{q.shape[0]} 32K lut={lut} block_n={block_n} warps={warps}: {ms:.3f} ms")
-                if best is None or tot < best[0]:
-                    best = (tot, dict(lut=lut, block_n=block_n, num_warps=warps))
+    for cfg in configs:
+        tot = 0.0
+        for q, kc, kn, ks, vs in shapes:
+            fn = functools.partial(
+                launch_attention,
+                q,
+                kc,
+                kn,
+                kc,
+                kn,
+                ks.rotation,
+                ks.scale,
+                ks.levels,
+                vs.rotation,
+                vs.mean,
+                vs.scale,
+                vs.levels,
+                3,
+                3,
+                None,
+                0.0625,
+                **cfg,
+            )
+            try:
+                ms = med(fn, graph=True)
+            except Exception as exc:  # noqa: BLE001
+                log("sweep attention failed", cfg, repr(exc)[:200])
+                ms = float("inf")
+            tot += ms
+            RESULTS["sweep"].append({"kernel": "attention", "batch": q.shape[0], **cfg, "ms": ms})
+            log(f"sweep attention B{q.shape[0]} 32K {cfg}: {ms:.3f} ms")
+        if best is None or tot < best[0]:
+            best = (tot, dict(cfg))
     kattn.DEFAULTS.update(best[1])
     log("attention defaults", kattn.DEFAULTS)
 
@@ -463,20 +464,63 @@ def table(copy_bw):
         s += f"{r['fused_floor_ms'] / r['fused_graph_ms']:.0%}"
         if "sdpa_ms" in r:
             s += f" | {r['sdpa_ms']:.3f} ({r['sdpa_graph_ms']:.3f}) {r['sdpa_floor_ms'] / r['sdpa_graph_ms']:.0%}"
-            s += f" | {r['deq_sdpa_ms']:.3f} | {r['sdpa_ms'] / r['fused_ms']:.2f}x"
+            s += f" | {r.get('deq_sdpa_ms', float('nan')):.3f} | {r['sdpa_ms'] / r['fused_ms']:.2f}x"
             s += f" ({r['sdpa_graph_ms'] / r['fused_graph_ms']:.2f}x)"
         log(s)
     for e in RESULTS["errors"]:
         log("ERROR", e[:300])
 
 
+def attention_checks():
+    for backend, kb, vb in (("planar", 3, 3), ("planar", 2, 2), ("planar", 4, 4), ("iso", 4, 2), ("rotor", 2, 4)):
+        guarded(check_attention, backend, kb, vb)
+    guarded(check_attention, "hadamard", 3, 3)
+    guarded(check_attention, "planar", 3, 3, batch=3, mask_kind="bool")
+    guarded(check_attention, "planar", 3, 3, batch=2, tq=7, mask_kind="float")
+    guarded(check_attention, "iso", 3, 3, batch=2, tq=16, mask_kind="causal")
+
+
+def attn_only(args):
+    """`--attn-only`: environment, copy bandwidth, attention correctness, launch sweep, then fused vs bf16 SDPA for
+    every (batch, context, bits) asked for (planar), in one process; JSON under --out."""
+    t0 = time.time()
+    torch.manual_seed(0)
+    env()
+    copy_bw = copy_bandwidth()
+    attention_checks()
+    log(f"checks done at {time.time() - t0:.0f}s")
+    if not args.no_sweep:
+        guarded(sweep_attention)
+        log(f"sweep done at {time.time() - t0:.0f}s")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            for bits in [int(b) for b in args.bits.split(",")]:
+                guarded(bench_attention, copy_bw, batch, ctx, bits=bits, with_deq=not args.no_deq)
+    log(f"attention bench done at {time.time() - t0:.0f}s")
+    RESULTS["defaults"] = {"attention": dict(kattn.DEFAULTS)}
+    RESULTS["wall_s"] = time.time() - t0
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    table(copy_bw)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--aoti-only", action="store_true")
+    ap.add_argument("--attn-only", action="store_true", help="attention checks, sweep and latency only")
+    ap.add_argument("--batches", default="1,8", help="attention batches (comma-separated)")
+    ap.add_argument("--contexts", default="4096,32768,131072,524288", help="attention contexts")
+    ap.add_argument("--bits", default="3", help="attention bit widths for every (batch, context)")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-SDPA baseline")
     args = ap.parse_args()
     if args.aoti_only:
         aoti_only()
+        return
+    if args.attn_only:
+        attn_only(args)
         return
     t0 = time.time()
     torch.manual_seed(0)
@@ -485,11 +529,7 @@ def main():
     for backend in ("planar", "iso", "rotor", "hadamard", "none"):
         for bits in (2, 3, 4):
             guarded(check_quantize, backend, bits)
-    for backend, kb, vb in (("planar", 3, 3), ("iso", 4, 2), ("rotor", 2, 4), ("hadamard", 3, 3)):
-        guarded(check_attention, backend, kb, vb)
-    guarded(check_attention, "planar", 3, 3, batch=3, mask_kind="bool")
-    guarded(check_attention, "planar", 3, 3, batch=2, tq=7, mask_kind="float")
-    guarded(check_attention, "iso", 3, 3, batch=2, tq=16, mask_kind="causal")
+    attention_checks()
     log(f"checks done at {time.time() - t0:.0f}s")
     guarded(sweep, copy_bw)
     log(f"sweep done at {time.time() - t0:.0f}s")

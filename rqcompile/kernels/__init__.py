@@ -63,7 +63,7 @@ def _attention_ok(q, k_codes, k_norms, v_codes, v_norms, *rest):
 def _attention_launch(*args, wrap=_plain):
     from rqcompile.kernels.attention import launch_attention
 
-    return launch_attention(*args, wrap=wrap)
+    return launch_attention(*args, wrap=None if wrap is _plain else wrap)  # None: eager (may use maxnreg)
 
 
 def _attention_reference(

@@ -3,10 +3,13 @@
 Split kernel: grid (splits, batch * kv_heads, row tiles). One program owns one KV head and a tile of its
 `rep * Tq` query rows (GQA: the query heads of one KV head share each K/V tile), and a contiguous range of keys.
 It rotates q once (block-diagonal gather, or reads q pre-rotated for dense/hadamard), then streams packed K/V:
-no unpacking to [N, d] and no per-token inverse rotation. A code `i` is read as `i = S*j + s` (S = 4 codes per
-byte for 2/3 bits, 2 for 4 bits): for each slot `s` the codes of all bytes `j` form one [N, d/S] tile, so every
-score is a sum of S `tl.dot`s of q's matching columns against `codebook[code] * norm` (fp16 operands, fp32
-accumulation), and the values likewise accumulate into S [rows, d/S] accumulators. Online softmax in base 2.
+no unpacking to memory and no per-token inverse rotation. Each [BLOCK_N, d] tile of codes is read as int32 words
+(16-byte vector loads; with little-endian bytes the layout of docs/FORMAT.md puts 2-bit code i at bits 2*(i%16) of
+word i//16, 4-bit code i at bits 4*(i%8) of word i//8, and bit 2 of a 3-bit code at bit i%32 of word d/16 + i//32),
+expanded in registers to [BLOCK_N, d/PER, PER] and mapped to `codebook[code]` by a binary tree of selects on the
+code's bits (exact table values). One `tl.dot` per norm group against the fp16 levels (fp32 accumulation): the K
+norms scale the score columns after the dot, the V norms are folded into p, so no per-element norm multiply
+(for more than two norm groups the norms are applied per element instead). Online softmax in base 2.
 Combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query row (block-diagonal gather),
 applies V's scale and mean and writes the output in q's dtype.
 
@@ -21,38 +24,36 @@ import math
 import triton
 import triton.language as tl
 
-from rqcompile.kernels.common import is_pow2, sm_count
+from rqcompile.kernels.common import interpreting, is_pow2, sm_count
 
 LOG2E = 1.4426950408889634
-# launch defaults (tuned on the device, see benchmarks/NOTES.md); lut: 0 gathered codebook load, 1 select chain
-DEFAULTS = {"block_n": 64, "lut": 1, "num_warps": 4, "split_waves": 2}
+# launch defaults (tuned on the device, see benchmarks/NOTES.md); num_stages: software pipelining of the loop
+# maxnreg: register cap per thread (more programs per SM; eager launches only, see launch_attention)
+DEFAULTS = {"block_n": 32, "num_warps": 4, "split_waves": 8, "num_stages": 2, "maxnreg": 168}
 
 
 @triton.jit
-def _q_slot(
+def _q_rot(
     qrow,
     sqd,
     m_ok,
     rot_ptr,
     ks_ptr,
     h,
-    j,
     qk_scale,
-    s: tl.constexpr,
-    S: tl.constexpr,
     D: tl.constexpr,
     RB: tl.constexpr,
     NB: tl.constexpr,
     BM: tl.constexpr,
 ):
-    """Columns S*j + s of the rotated, K-scaled query rows, times qk_scale, as fp16 [BLOCK_M, D/S]."""
-    c = S * j + s
+    """The rotated, K-scaled query rows times qk_scale, fp32 [BLOCK_M, D] (natural column order)."""
+    c = tl.arange(0, D)
     if RB == 0:  # q already rotated and K-scaled on the host (dense rotation)
         qv = tl.load(qrow[:, None] + c[None, :] * sqd, mask=m_ok[:, None], other=0.0).to(tl.float32)
     else:
         blk = c // RB
         ii = c % RB
-        qv = tl.zeros([BM, D // S], dtype=tl.float32)
+        qv = tl.zeros([BM, D], dtype=tl.float32)
         for k in tl.static_range(RB):
             src = blk * RB + k
             sv = src < D
@@ -60,31 +61,88 @@ def _q_slot(
             ksc = tl.load(ks_ptr + h * D + src, mask=sv, other=0.0)
             coef = tl.load(rot_ptr + ((h * NB + blk) * RB + ii) * RB + k)
             qv += coef[None, :] * (x.to(tl.float32) * ksc[None, :])
-    return (qv * qk_scale).to(tl.float16)
+    return qv * qk_scale
 
 
 @triton.jit
-def _lut(code, lev_ptr, NL: tl.constexpr, LUT: tl.constexpr):
-    """codebook[code]: a gathered load (LUT == 0) or a chain of selects over the NL scalar levels (LUT == 1)."""
-    if LUT == 0:
-        val = tl.load(lev_ptr + code)
+def _pick(b, lev_ptr, k: tl.constexpr):
+    """levels[k + 1] where the bit is set, else levels[k] (one select, both scalars in registers)."""
+    return tl.where(b, tl.load(lev_ptr + k + 1), tl.load(lev_ptr + k))
+
+
+@triton.jit
+def _bit(w, sh):
+    return ((w >> sh) & 1) != 0
+
+
+@triton.jit
+def _levels(row, n_ok, lev_ptr, D: tl.constexpr, BITS: tl.constexpr):
+    """codebook[code] for a [BLOCK_N, D] tile of packed codes, as fp32 [BLOCK_N, D // PER, PER] (PER codes per
+    int32 word: element (n, j, l) is code PER*j + l of row n, so a plain reshape gives the natural order).
+
+    `row` points at each row's codes as int32 words (little-endian bytes, so the byte layout of docs/FORMAT.md is:
+    2 bits -> code i at bits 2*(i%16) of word i//16; 4 bits -> bits 4*(i%8) of word i//8; the 3-bit high plane
+    starts at word D//16 and holds bit 2 of code i at bit i%32 of word D//16 + i//32). Each word is loaded once
+    (16-byte vector loads) and every level is a binary tree of selects on the code's bits (exact: the table's
+    values, no approximation; 2**bits - 1 selects)."""
+    if BITS == 4:
+        PER: tl.constexpr = 8
     else:
-        val = tl.zeros(code.shape, dtype=tl.float32) + tl.load(lev_ptr)
-        for k in tl.static_range(1, NL):
-            val = tl.where(code == k, tl.load(lev_ptr + k), val)
+        PER: tl.constexpr = 16
+    W: tl.constexpr = D // PER
+    wi = tl.arange(0, W)
+    li = tl.arange(0, PER)
+    w = tl.load(row[:, None] + wi[None, :], mask=n_ok[:, None], other=0)[:, :, None]
+    if BITS == 4:
+        sh = (4 * li)[None, None, :]
+        b0 = _bit(w, sh)
+        b1 = _bit(w, sh + 1)
+        b2 = _bit(w, sh + 2)
+        b3 = _bit(w, sh + 3)
+        v0 = tl.where(b1, _pick(b0, lev_ptr, 2), _pick(b0, lev_ptr, 0))
+        v1 = tl.where(b1, _pick(b0, lev_ptr, 6), _pick(b0, lev_ptr, 4))
+        v2 = tl.where(b1, _pick(b0, lev_ptr, 10), _pick(b0, lev_ptr, 8))
+        v3 = tl.where(b1, _pick(b0, lev_ptr, 14), _pick(b0, lev_ptr, 12))
+        val = tl.where(b3, tl.where(b2, v3, v2), tl.where(b2, v1, v0))
+    else:
+        sh = (2 * li)[None, None, :]
+        b0 = _bit(w, sh)
+        b1 = _bit(w, sh + 1)
+        if BITS == 2:
+            val = tl.where(b1, _pick(b0, lev_ptr, 2), _pick(b0, lev_ptr, 0))
+        else:
+            wh = tl.load(row[:, None] + (W + wi // 2)[None, :], mask=n_ok[:, None], other=0)[:, :, None]
+            b2 = _bit(wh, (16 * (wi % 2))[None, :, None] + li[None, None, :])
+            v0 = tl.where(b1, _pick(b0, lev_ptr, 2), _pick(b0, lev_ptr, 0))
+            v1 = tl.where(b1, _pick(b0, lev_ptr, 6), _pick(b0, lev_ptr, 4))
+            val = tl.where(b2, v1, v0)
     return val
 
 
 @triton.jit
-def _slot_values(lo, hi, hsh, nrm, lev_ptr, s: tl.constexpr, BITS: tl.constexpr, LUT: tl.constexpr):
-    """codebook[code] * norm (fp16) for slot s of the byte tile `lo` (and the 3-bit high plane `hi`)."""
-    if BITS == 4:
-        code = (lo >> (4 * s)) & 15
-    else:
-        code = (lo >> (2 * s)) & 3
-        if BITS == 3:
-            code = code | (((hi >> (hsh + s)) & 1) << 2)
-    return (_lut(code, lev_ptr, 1 << BITS, LUT) * nrm).to(tl.float16)
+def _tile(
+    cbase,
+    nbase,
+    n64,
+    n_ok,
+    lev_ptr,
+    CW: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    NG: tl.constexpr,
+    POST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """fp16 [BLOCK_N, D]: codebook[code] (POST: the norms are applied outside, after the dots) or
+    codebook[code] * norm (per element)."""
+    val = _levels(cbase + n64 * CW, n_ok, lev_ptr, D, BITS)
+    if not POST:
+        PER: tl.constexpr = 8 if BITS == 4 else 16
+        W: tl.constexpr = D // PER
+        g = tl.arange(0, W) // (W // NG)
+        nrm = tl.load(nbase + n64[:, None] * NG + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        val = val * nrm[:, :, None]
+    return tl.reshape(val.to(tl.float16), [BLOCK_N, D])
 
 
 @triton.jit
@@ -127,35 +185,34 @@ def _attn_split_kernel(
     KRB: tl.constexpr,
     KNB: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    LUT: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     mt = tl.program_id(2)
     b = bh // H
     h = bh % H
-    SK: tl.constexpr = 2 if KBITS == 4 else 4
-    SV: tl.constexpr = 2 if VBITS == 4 else 4
-    KDK: tl.constexpr = D // SK
-    KDV: tl.constexpr = D // SV
-    CBK: tl.constexpr = D * KBITS // 8
-    CBV: tl.constexpr = D * VBITS // 8
+    CWK: tl.constexpr = D * KBITS // 32  # int32 words of codes per key
+    CWV: tl.constexpr = D * VBITS // 32
+    KPOST: tl.constexpr = NGK <= 2  # K norms applied to the scores after the dot (one dot per norm group)
+    VPOST: tl.constexpr = NGV <= 2  # V norms folded into p (one dot per norm group)
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rows < M
     r = rows // Tq
     tq = rows % Tq
     hq = h * REP + r
     qrow = q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
-    jk = tl.arange(0, KDK)
-    jv = tl.arange(0, KDV)
-    q0 = _q_slot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, jk, qk_scale, 0, SK, D, KRB, KNB, BLOCK_M)
-    q1 = _q_slot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, jk, qk_scale, 1, SK, D, KRB, KNB, BLOCK_M)
-    if SK == 4:
-        q2 = _q_slot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, jk, qk_scale, 2, SK, D, KRB, KNB, BLOCK_M)
-        q3 = _q_slot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, jk, qk_scale, 3, SK, D, KRB, KNB, BLOCK_M)
+    col = tl.arange(0, D)
+    qf = _q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M)
+    if KPOST and NGK == 2:
+        q0 = tl.where(col[None, :] < D // 2, qf, 0.0).to(tl.float16)
+        q1 = tl.where(col[None, :] < D // 2, 0.0, qf).to(tl.float16)
+    else:
+        q0 = qf.to(tl.float16)
+        q1 = q0
 
     n_lo = split * span
     n_hi = tl.minimum(n_lo + span, Tk)
@@ -164,45 +221,37 @@ def _attn_split_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, KDV], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, KDV], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, KDV], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_M, KDV], dtype=tl.float32)
-    kbase = kc_ptr + bh.to(tl.int64) * Tk * CBK
-    vbase = vc_ptr + bh.to(tl.int64) * Tk * CBV
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    kbase = kc_ptr + bh.to(tl.int64) * Tk * CWK
+    vbase = vc_ptr + bh.to(tl.int64) * Tk * CWV
     knb = kn_ptr + bh.to(tl.int64) * Tk * NGK
     vnb = vn_ptr + bh.to(tl.int64) * Tk * NGV
     mrow = mask_ptr + b.to(tl.int64) * smb + hq.to(tl.int64) * smh + tq.to(tl.int64) * smt
-    hshk = 4 * (jk % 2)
-    hshv = 4 * (jv % 2)
+    mrow0 = mask_ptr + b.to(tl.int64) * smb
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < n_hi
         n64 = n.to(tl.int64)
-        # ---- K tile, transposed: [D/S, BLOCK_N]
-        kp = kbase + n64[None, :] * CBK
-        klo = tl.load(kp + jk[:, None], mask=n_ok[None, :], other=0).to(tl.int32)
-        khi = klo
-        if KBITS == 3:
-            khi = tl.load(kp + D // 4 + jk[:, None] // 2, mask=n_ok[None, :], other=0).to(tl.int32)
-        if NGK == 1:
-            nk = tl.load(knb + n64, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        # ---- scores: q . (codebook[code] * norm), norms after the dot
+        kt = tl.trans(_tile(kbase, knb, n64, n_ok, klev_ptr, CWK, D, KBITS, NGK, KPOST, BLOCK_N))
+        if KPOST:
+            nk0 = tl.load(knb + n64 * NGK, mask=n_ok, other=0.0).to(tl.float32)
+            sc = tl.dot(q0, kt) * nk0[None, :]
+            if NGK == 2:
+                nk1 = tl.load(knb + n64 * NGK + 1, mask=n_ok, other=0.0).to(tl.float32)
+                sc += tl.dot(q1, kt) * nk1[None, :]
         else:
-            nk = tl.load(knb + n64[None, :] * NGK + (jk // (KDK // NGK))[:, None], mask=n_ok[None, :], other=0.0).to(
-                tl.float32
-            )
-        sc = tl.dot(q0, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 0, KBITS, LUT))
-        sc += tl.dot(q1, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 1, KBITS, LUT))
-        if SK == 4:
-            sc += tl.dot(q2, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 2, KBITS, LUT))
-            sc += tl.dot(q3, _slot_values(klo, khi, hshk[:, None], nk, klev_ptr, 3, KBITS, LUT))
+            sc = tl.dot(q0, kt)
         sc = tl.where(n_ok[None, :], sc, float("-inf"))
-        if MASK_KIND == 1:
-            mv = tl.load(mrow[:, None] + n64[None, :] * smn, mask=m_ok[:, None] & n_ok[None, :], other=0)
-            sc = tl.where(mv != 0, sc, float("-inf"))
-        if MASK_KIND == 2:
-            mv = tl.load(mrow[:, None] + n64[None, :] * smn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            sc += mv.to(tl.float32) * 1.4426950408889634
+        if MASK_KIND != 0:
+            if MASK_ROW:  # the same mask row for every query row of this program: one [BLOCK_N] load
+                mv = tl.load(mrow0 + n64 * smn, mask=n_ok, other=0)[None, :]
+            else:
+                mv = tl.load(mrow[:, None] + n64[None, :] * smn, mask=m_ok[:, None] & n_ok[None, :], other=0)
+            if MASK_KIND == 1:
+                sc = tl.where(mv != 0, sc, float("-inf"))
+            else:
+                sc += mv.to(tl.float32) * 1.4426950408889634
         # ---- online softmax (base 2)
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -210,38 +259,23 @@ def _attn_split_kernel(
         p = tl.exp2(sc - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-        p16 = p.to(tl.float16)
-        # ---- V tile: [BLOCK_N, D/S]
-        vp = vbase + n64[:, None] * CBV
-        vlo = tl.load(vp + jv[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-        vhi = vlo
-        if VBITS == 3:
-            vhi = tl.load(vp + D // 4 + jv[None, :] // 2, mask=n_ok[:, None], other=0).to(tl.int32)
-        if NGV == 1:
-            nv = tl.load(vnb + n64, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        # ---- values: p . (codebook[code] * norm), norms folded into p
+        vt = _tile(vbase, vnb, n64, n_ok, vlev_ptr, CWV, D, VBITS, NGV, VPOST, BLOCK_N)
+        if VPOST:
+            nv0 = tl.load(vnb + n64 * NGV, mask=n_ok, other=0.0).to(tl.float32)
+            pv = tl.dot((p * nv0[None, :]).to(tl.float16), vt)
+            if NGV == 2:
+                nv1 = tl.load(vnb + n64 * NGV + 1, mask=n_ok, other=0.0).to(tl.float32)
+                pv1 = tl.dot((p * nv1[None, :]).to(tl.float16), vt)
+                pv = tl.where(col[None, :] < D // 2, pv, pv1)
         else:
-            nv = tl.load(vnb + n64[:, None] * NGV + (jv // (KDV // NGV))[None, :], mask=n_ok[:, None], other=0.0).to(
-                tl.float32
-            )
-        acc0 = acc0 * alpha[:, None] + tl.dot(p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 0, VBITS, LUT))
-        acc1 = acc1 * alpha[:, None] + tl.dot(p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 1, VBITS, LUT))
-        if SV == 4:
-            acc2 = acc2 * alpha[:, None] + tl.dot(
-                p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 2, VBITS, LUT)
-            )
-            acc3 = acc3 * alpha[:, None] + tl.dot(
-                p16, _slot_values(vlo, vhi, hshv[None, :], nv, vlev_ptr, 3, VBITS, LUT)
-            )
+            pv = tl.dot(p.to(tl.float16), vt)
+        acc = acc * alpha[:, None] + pv
 
     pidx = (bh.to(tl.int64) * NS + split) * M + rows
     tl.store(pm_ptr + pidx, m_i, mask=m_ok)
     tl.store(pl_ptr + pidx, l_i, mask=m_ok)
-    prow = pacc_ptr + pidx[:, None] * D
-    tl.store(prow + (SV * jv + 0)[None, :], acc0, mask=m_ok[:, None])
-    tl.store(prow + (SV * jv + 1)[None, :], acc1, mask=m_ok[:, None])
-    if SV == 4:
-        tl.store(prow + (SV * jv + 2)[None, :], acc2, mask=m_ok[:, None])
-        tl.store(prow + (SV * jv + 3)[None, :], acc3, mask=m_ok[:, None])
+    tl.store(pacc_ptr + pidx[:, None] * D + col[None, :], acc, mask=m_ok[:, None])
 
 
 @triton.jit
@@ -300,13 +334,26 @@ def _attn_combine_kernel(
 
 def attention_supported(q, k_codes, v_codes, k_bits: int, v_bits: int, k_norms, v_norms) -> bool:
     dim = q.shape[-1]
-    if not is_pow2(dim) or dim > 512 or q.shape[1] % k_codes.shape[1]:
+    if not is_pow2(dim) or dim < 32 or dim > 512 or q.shape[1] % k_codes.shape[1]:
         return False
     for bits, norms in ((k_bits, k_norms), (v_bits, v_norms)):
-        slots = 2 if bits == 4 else 4
-        if dim // slots < 16 or dim % norms.shape[-1] or (dim // norms.shape[-1]) % 8:
+        if bits not in (2, 3, 4) or dim % norms.shape[-1] or (dim // norms.shape[-1]) % 16:
             return False
     return True
+
+
+def _words(codes):
+    """The packed codes as int32 words (4 consecutive bytes, little-endian), [..., d*bits/32]."""
+    import torch
+
+    codes = codes.contiguous()
+    if codes.storage_offset() % 4:
+        codes = codes.clone()
+    return codes.view(torch.int32)
+
+
+def _identity(kernel):
+    return kernel
 
 
 def _rotate(x, rotation, inverse=False):
@@ -333,18 +380,24 @@ def launch_attention(
     attn_mask,
     sm_scale: float,
     kv_len=None,
-    wrap=lambda k: k,
+    wrap=None,
     num_splits: int | None = None,
     block_n: int | None = None,
-    lut: int | None = None,
+    num_stages: int | None = None,
+    maxnreg: int | None = None,
     num_warps: int | None = None,
     split_waves: int | None = None,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B]."""
     import torch
 
+    wrap = _identity if wrap is None else wrap
     block_n = DEFAULTS["block_n"] if block_n is None else block_n
-    lut = DEFAULTS["lut"] if lut is None else lut
+    num_stages = DEFAULTS["num_stages"] if num_stages is None else num_stages
+    maxnreg = DEFAULTS["maxnreg"] if maxnreg is None else maxnreg
+    # the register cap is a plain Triton launch option; torch's wrap_triton (torch.compile / AOTInductor) is
+    # given only the options it knows
+    launch_opts = {"maxnreg": maxnreg} if maxnreg and wrap is _identity and not interpreting() else {}
     num_warps = DEFAULTS["num_warps"] if num_warps is None else num_warps
     split_waves = DEFAULTS["split_waves"] if split_waves is None else split_waves
     batch, q_heads, q_len, dim = q.shape
@@ -394,9 +447,9 @@ def launch_attention(
         q_in.stride(1),
         q_in.stride(2),
         q_in.stride(3),
-        k_codes.contiguous(),
+        _words(k_codes),
         k_norms.contiguous(),
-        v_codes.contiguous(),
+        _words(v_codes),
         v_norms.contiguous(),
         k_rotation.contiguous(),
         k_scale.contiguous(),
@@ -424,11 +477,13 @@ def launch_attention(
         KRB=krb,
         KNB=k_rotation.shape[1],
         MASK_KIND=mask_kind,
+        MASK_ROW=mask_kind != 0 and mstrides[1] == 0 and mstrides[2] == 0,
         HAS_KVLEN=kv_len is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        LUT=lut,
         num_warps=num_warps,
+        num_stages=num_stages,
+        **launch_opts,
     )
     vrb = v_rotation.shape[-1]
     dense_v = vrb > 4
