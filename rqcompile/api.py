@@ -6,7 +6,10 @@
     lm.compile()            # torch.compile(fullgraph=True) of both programs
 
 The result runs the two rewritten programs (unlifted GraphModules sharing one set of buffers: packed K/V codes,
-fp16 norms, quantizer parameters and the linear-attention states of hybrid models). `exported()` re-exports them as
+fp16 norms, quantizer parameters and the linear-attention states of hybrid models; with `sink_tokens` /
+`residual_window`, also the sink and recent-window buffers that hold those tokens in the model dtype, exactly as the
+eager `RQCache`). Attention is fused into `rq::attention` where supported: not with sink/window tokens, whose
+programs keep dequantize + SDPA (`fusion_notes` says why). `exported()` re-exports them as
 ExportedPrograms (for AOTInductor / ONNX), `functional_step()` gives the cache-as-inputs/outputs form ONNX needs.
 """
 
@@ -90,6 +93,7 @@ class CompiledLM:
         batch_size: int,
         prefill_logits: str,
         fused: bool,
+        fusion_notes: list[str] | None = None,
     ):
         self.prefill_module = prefill
         self.decode_module = decode
@@ -104,6 +108,7 @@ class CompiledLM:
         self.batch_size = batch_size
         self.prefill_logits = prefill_logits
         self.fused = fused
+        self.fusion_notes = list(fusion_notes or [])
         self._prefill_fn: Callable = prefill
         self._decode_fn: Callable = decode
         self.compiled = False
@@ -158,12 +163,19 @@ class CompiledLM:
     # -- inspection ----------------------------------------------------------------------------------------------
     @property
     def cache_names(self) -> list[str]:
-        """Names of the state buffers, in the order `functional_step` takes them."""
+        """Names of the state buffers, in the order `functional_step` takes them: K codes/norms, V codes/norms, then
+        the exact-token buffers (`{k|v}_sink_i`, `{k|v}_window_i`, when configured), then linear-attention states."""
         kv = [n for s in self.sites for n in (f"k_codes_{s.layer_idx}", f"k_norms_{s.layer_idx}")] + [
             n for s in self.sites for n in (f"v_codes_{s.layer_idx}", f"v_norms_{s.layer_idx}")
         ]
+        exact = [n for s in self.sites for n in self._exact_names(s.layer_idx)]
         linear = [n for st in self.linear_states for n in (st.conv_buffer, st.recurrent_buffer)]
-        return kv + linear
+        return kv + exact + linear
+
+    def _exact_names(self, layer_idx: int) -> list[str]:
+        """Sink / recent-window buffers of one layer (model dtype), as created by `compress_kv_cache`."""
+        names = [f"{kind}_{part}_{layer_idx}" for part in ("sink", "window") for kind in "kv"]
+        return [n for n in names if n in self.buffers]
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """The live state tensors (shared by both programs), in `cache_names` order."""
@@ -205,23 +217,30 @@ class CompiledLM:
         return self._exported[which]
 
     def memory_report(self) -> MemoryReport:
-        """Bytes allocated by the compressed K/V buffers vs a bf16 cache of the same max_cache_len (real tensors)."""
+        """Bytes allocated by the compressed K/V buffers (plus sink / recent-window buffers) vs a bf16 cache of the
+        same max_cache_len (real tensors)."""
         layers = {}
         for site in self.sites:
             i = site.layer_idx
             tensors = [self.buffers[f"{kind}_{part}_{i}"] for kind in "kv" for part in ("codes", "norms")]
             compressed = sum(t.untyped_storage().nbytes() for t in tensors)
+            exact = sum(self.buffers[n].untyped_storage().nbytes() for n in self._exact_names(i))
             bf16 = 2 * 2 * self.batch_size * site.num_kv_heads * site.max_cache_len * site.head_dim
             layers[i] = {
                 "tokens": site.max_cache_len,
                 "compressed_bytes": compressed,
-                "window_bytes": 0,
+                "window_bytes": exact,  # sink + recent-window tokens in the model dtype
                 "bf16_bytes": bf16,
             }
         return MemoryReport(layers)
 
     def rewrite_report(self) -> str:
-        return "\n".join(str(r) for r in self.rewrites)
+        lines = [str(r) for r in self.rewrites]
+        lines.append(
+            "attention: fused into rq::attention" if self.fused else "attention: not fused (dequantize + SDPA)"
+        )
+        lines += [f"  {note}" for note in self.fusion_notes]
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (
@@ -241,23 +260,30 @@ def apply(
     batch_size: int = 1,
     seed: int = 0,
     calibration: Calibration | None = None,
-    fuse: bool = True,
+    fuse: bool | None = None,
     config: RQConfig | None = None,
     prefill_logits: Literal["last", "all"] = "last",
 ) -> CompiledLM:
     """Capture `model` (prefill + decode programs), compress every full-attention K/V cache, optionally fuse.
 
-    `config` overrides backend/bits/key_bits/value_bits/seed when given. The model's own weights are shared, not
-    copied; its float K/V caches are never allocated beyond capture (the capture wrapper's are dropped).
+    `config` overrides backend/bits/key_bits/value_bits/seed when given; its `sink_tokens` / `residual_window`
+    keep those tokens in the model dtype exactly as the eager `RQCache` does. `fuse`: `None` fuses attention into
+    `rq::attention` when supported (not with sink/window tokens: `rq::attention` reads codes only), `False` never,
+    `True` always (a `ValueError` when it is not supported). The model's own weights are shared, not copied; its
+    float K/V caches are never allocated beyond capture (the capture wrapper's are dropped).
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
-    unsupported = {k: getattr(config, k, 0) for k in ("residual_window", "sink_tokens") if getattr(config, k, 0)}
-    if unsupported:
-        raise NotImplementedError(
-            f"apply() compresses every cached token; {unsupported} (uncompressed tokens) is only supported by the "
-            "eager caches (rqcompile.RQCache) so far"
-        )
+    exact = {k: getattr(config, k) for k in ("sink_tokens", "residual_window") if getattr(config, k)}
+    fusion_notes = []
+    if exact:
+        if fuse:
+            raise ValueError(
+                f"fuse=True is not supported with {exact}: rq::attention scores packed codes only and cannot take "
+                "the tokens held in the model dtype; pass fuse=None (fuse when supported) or fuse=False"
+            )
+        fusion_notes.append(f"not fused: {exact} keeps tokens in the model dtype, which rq::attention cannot read")
+    fuse = not exact if fuse is None else fuse
     captured = capture(model, max_cache_len=max_cache_len, batch_size=batch_size, prefill_logits=prefill_logits)
     buffers: dict[str, torch.Tensor] = {}
     quant_states: dict[int, dict[str, QuantState]] = {}
@@ -284,4 +310,5 @@ def apply(
         batch_size=batch_size,
         prefill_logits=prefill_logits,
         fused=fuse,
+        fusion_notes=fusion_notes,
     )

@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 from rqcompile.api import CompiledLM, apply
 from rqcompile.cache import RQCache
 from rqcompile.calibrate import Calibration
+from rqcompile.config import RQConfig
 from rqcompile.passes.kv_compress import KVCompressError
 from rqcompile.runtime.generate import CacheOverflowError
 
@@ -167,9 +168,9 @@ def test_functional_step_takes_and_returns_the_cache(lms):
     assert len(new) == len(lm.cache_names)
 
 
-def _compile_check(name: str, models, steps: int) -> None:
+def _compile_check(name: str, models, steps: int, config: RQConfig | None = None) -> None:
     model = models[name]
-    lm = apply(model, "planar", 3, max_cache_len=PROMPT + steps + 2)
+    lm = apply(model, "planar", 3, max_cache_len=PROMPT + steps + 2, config=config)
     ids = _ids(PROMPT, seed=4)
     eager_tokens = lm.generate(ids, steps + 1)
     eager_logits = _steps(lm, _ids(PROMPT + 3, seed=5), PROMPT)
@@ -194,3 +195,110 @@ def test_compile_matches_eager_without_graph_breaks_or_recompiles(models):
 @pytest.mark.parametrize("name", ["qwen3_5", "llama"])
 def test_compile_32_decode_steps(models, name):
     _compile_check(name, models, steps=32)
+
+
+# -- uncompressed tokens (sink_tokens / residual_window): the same tokens exact as the eager RQCache -----------------
+
+EXACT = RQConfig(backend="planar", bits=3, sink_tokens=3, residual_window=5)
+EXACT_MODELS = ["llama", "qwen3_5"]
+
+
+@pytest.fixture(scope="module")
+def exact_lms(models) -> dict[str, CompiledLM]:
+    return {
+        name: apply(models[name], config=EXACT, max_cache_len=MAX_LEN, prefill_logits="all") for name in EXACT_MODELS
+    }
+
+
+@pytest.mark.parametrize("name", EXACT_MODELS)
+def test_sink_and_window_logits_equal_the_eager_cache(models, exact_lms, name):
+    """Prompts shorter than S, between S and W, longer than both (prefill attends to its own last W tokens exactly and
+    to the earlier ones quantized), then decode steps past W; one program pair serves every sequence in turn."""
+    lm, ids = exact_lms[name], _ids()
+    assert not lm.fused
+    for prompt in (2, 4, PROMPT):
+        ref = _eager(models[name], RQCache(EXACT, model_config=models[name].config), ids, prompt)
+        torch.testing.assert_close(_steps(lm, ids, prompt), ref, atol=1e-4, rtol=1e-4)
+    plain = _eager(models[name], RQCache(EXACT.replace(sink_tokens=0, residual_window=0)), ids, PROMPT)
+    assert (plain - ref).abs().max() > 1e-2  # the exact tokens do change the logits
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RQConfig(backend="iso", key_bits=4, value_bits=2, seed=3, sink_tokens=1),
+        RQConfig(backend="rotor", bits=2, residual_window=3),
+    ],
+    ids=["sink-only", "window-only"],
+)
+def test_sink_only_and_window_only_with_calibration_equal_eager(models, config):
+    model = models["llama"]
+    gen = torch.Generator().manual_seed(2)
+    calib = Calibration(
+        {(layer, "k", "mean"): torch.randn(2, 64, generator=gen) * 0.1 for layer in range(2)}
+        | {(layer, "v", "scale"): torch.rand(2, 64, generator=gen) + 0.5 for layer in range(2)}
+    )
+    lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
+    ids = _ids()
+    ref = _eager(model, RQCache(config, model_config=model.config, calibration=calib), ids, PROMPT)
+    torch.testing.assert_close(_steps(lm, ids, PROMPT), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sink_and_window_greedy_generation_equals_eager(models, exact_lms):
+    lm, ids = exact_lms["qwen3_5"], _ids(PROMPT, seed=3)
+    ref = _eager_greedy(models["qwen3_5"], RQCache(EXACT, model_config=models["qwen3_5"].config), ids, 12)
+    assert torch.equal(lm.generate(ids, 12), ref)
+
+
+def test_fusion_is_skipped_and_reported_with_sink_or_window(models, exact_lms):
+    lm = exact_lms["llama"]
+    assert not lm.fused and lm.fusion_notes
+    report = lm.rewrite_report()
+    assert "not fused" in report and "sink_tokens" in report and "k_window_0" in report
+    attention = [torch.ops.rq.attention.default, torch.ops.aten.scaled_dot_product_attention.default]
+    for gm in (lm.prefill_module, lm.decode_module):
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert targets.count(attention[0]) == 0 and targets.count(attention[1]) == len(lm.sites)
+    with pytest.raises(ValueError, match="fuse=True is not supported with .*residual_window"):
+        apply(models["llama"], config=RQConfig(residual_window=4), max_cache_len=8, fuse=True)
+    assert apply(models["llama"], max_cache_len=8).fused  # fuse=None fuses when supported
+
+
+def test_sink_and_window_memory_and_functional_step(exact_lms):
+    lm = exact_lms["llama"]
+    report = lm.memory_report()
+    exact_per_layer = 2 * 1 * 2 * (3 + 5) * 64 * 4  # K+V, B=1, H=2, S+W tokens, fp32 (the model dtype)
+    assert all(m["window_bytes"] == exact_per_layer for m in report.layers.values())
+    codes = 2 * 1 * 2 * MAX_LEN * (64 * 3 // 8 + 2)
+    assert report.compressed_bytes == (codes + exact_per_layer) * len(lm.sites)
+    assert report.compressed_bytes == sum(t.untyped_storage().nbytes() for t in lm.cache_tensors())
+    names = lm.cache_names
+    assert names[8:] == [f"{kv}_{part}_{i}" for i in (0, 1) for part in ("sink", "window") for kv in "kv"]
+    ids = _ids()
+    lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT))
+    before = [t.clone() for t in lm.cache_tensors()]
+    logits, *new = lm.functional_step("decode")(ids[:, PROMPT : PROMPT + 1], torch.tensor([PROMPT]), *before)
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.cache_tensors(), strict=True))
+    torch.testing.assert_close(logits, lm.decode(ids[:, PROMPT : PROMPT + 1], torch.tensor([PROMPT])))
+    assert all(torch.equal(a, b) for a, b in zip(new, lm.cache_tensors(), strict=True))
+    assert not torch.equal(new[names.index("k_window_0")], before[names.index("k_window_0")])
+
+
+@pytest.mark.slow
+def test_compile_with_sink_and_window(models):
+    _compile_check("llama", models, steps=8, config=EXACT)
+
+
+@pytest.mark.slow
+def test_sink_and_window_onnx_round_trip(models, exact_lms, tmp_path):
+    """The export helpers take the extra state generically: ONNX graphs generate the same tokens."""
+    pytest.importorskip("onnxruntime")
+    import rqcompile
+    from rqcompile.export.lm import export_lm, functional_programs
+
+    lm, ids = exact_lms["llama"], _ids(PROMPT, seed=6)
+    reference = lm.generate(ids, 8)
+    fn = functional_programs(lm, for_target="onnx")
+    assert "k_window_0" in fn.state_names and "v_sink_1" in fn.state_names
+    export_lm(fn, tmp_path / "onnx", target="onnx", progress=False)
+    assert torch.equal(rqcompile.load(tmp_path / "onnx").generate(ids, 8, eos_token_id=[]), reference)

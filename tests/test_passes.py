@@ -14,7 +14,7 @@ import torch
 from rqcompile.config import RQConfig
 from rqcompile.passes.capture import AttentionSite, capture
 from rqcompile.passes.fuse_attention import fuse_attention
-from rqcompile.passes.kv_compress import KVCompressError, compress_kv_cache
+from rqcompile.passes.kv_compress import KVCompressError, compress_kv_cache, exact_read, exact_write
 
 aten = torch.ops.aten
 rq = torch.ops.rq
@@ -40,12 +40,12 @@ def _calls(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
 
 
-def _compressed(c, fuse: bool = False):
+def _compressed(c, fuse: bool = False, cfg: RQConfig = CFG):
     buffers: dict = {}
     states: dict = {}
     progs = []
     for ep in (c.prefill, c.decode):
-        gm = compress_kv_cache(ep.module(), c.sites, CFG, buffers=buffers, quant_states=states)
+        gm = compress_kv_cache(ep.module(), c.sites, cfg, buffers=buffers, quant_states=states)
         progs.append(fuse_attention(gm) if fuse else gm)
     return progs, buffers, states
 
@@ -154,3 +154,64 @@ def test_sites_that_do_not_match_the_graph_are_a_clear_error(captured):
         compress_kv_cache(c.decode.module(), [*c.sites, ghost], CFG)
     with pytest.raises(KVCompressError, match="not among the sites"):
         compress_kv_cache(c.decode.module(), c.sites[:1], CFG)
+
+
+# -- uncompressed tokens: sink_tokens / residual_window ------------------------------------------------------------
+
+
+def test_exact_write_fills_sink_slots_and_the_ring_like_the_eager_window():
+    new = torch.arange(7.0).view(1, 1, 7, 1) + 100  # token at position p has value 100 + p (prefill of 7 tokens)
+    sink = exact_write(torch.zeros(1, 1, 3, 1), new, torch.arange(7), ring=False)
+    assert sink.flatten().tolist() == [100, 101, 102]  # positions 0..2
+    ring = exact_write(torch.full((1, 1, 4, 1), -1.0), new, torch.arange(7), ring=True)
+    assert ring.flatten().tolist() == [104, 105, 106, 103]  # the last 4 positions (3..6), position p in slot p % 4
+    step = exact_write(ring, torch.full((1, 1, 1, 1), 107.0), torch.tensor([7]), ring=True)
+    assert step.flatten().tolist() == [104, 105, 106, 107]
+    assert torch.equal(exact_write(sink, torch.ones(1, 1, 1, 1), torch.tensor([7]), ring=False), sink)  # past S
+    short = exact_write(torch.full((1, 1, 4, 1), -1.0), new[:, :, :2], torch.arange(2), ring=True)
+    assert short.flatten().tolist() == [100, 101, -1, -1]
+
+
+def test_exact_read_takes_sink_and_the_w_most_recent_positions():
+    deq = torch.zeros(1, 1, 10, 1)  # dequantized: 0 everywhere
+    sink = torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)
+    ring = torch.tensor([14.0, 15.0, 16.0, 13.0]).view(1, 1, 4, 1)  # positions 4, 5, 6, 3 (slot p % 4)
+    out = exact_read(deq, sink, ring, torch.tensor([6])).flatten().tolist()
+    assert out == [1, 2, 0, 13, 14, 15, 16, 0, 0, 0]  # sink 0..1, quantized 2, exact 3..6, unwritten 7..9
+    prefill = exact_read(deq, None, ring, torch.arange(7)).flatten().tolist()  # recent = relative to max position
+    assert prefill == [0, 0, 0, 13, 14, 15, 16, 0, 0, 0]
+
+
+EXACT_CFG = RQConfig(backend="planar", bits=3, sink_tokens=2, residual_window=5)
+
+
+def test_sink_and_window_add_static_buffers_in_the_model_dtype_and_skip_fusion(captured):
+    for c in captured.values():
+        n = len(c.sites)
+        (pre, dec), buffers, _ = _compressed(c, fuse=True, cfg=EXACT_CFG)
+        for gm in (pre, dec):
+            assert len(_calls(gm, rq.quantize.default)) == 2 * n  # every token is still quantized
+            held = [str(w.args[0].target) for w in _calls(gm, aten.copy_.default) if w.args[0].op == "get_attr"]
+            assert sorted(b for b in held if "sink" in b or "window" in b) == sorted(
+                f"{kv}_{part}_{s.layer_idx}" for s in c.sites for kv in "kv" for part in ("sink", "window")
+            )  # one in-place write per K/V sink and window buffer
+            assert len(_calls(gm, exact_read)) == 2 * n
+            # rq::attention cannot read exact tokens: SDPA stays, and why is recorded
+            assert len(_calls(gm, aten.scaled_dot_product_attention.default)) == n
+            assert not _calls(gm, rq.attention.default) and gm.meta["rq_fuse_attention"] == 0
+            skipped = gm.meta["rq_fuse_attention_skipped"]
+            assert len(skipped) == n and all("sink / recent-window" in note for note in skipped)
+        for site in c.sites:
+            i = site.layer_idx
+            assert buffers[f"k_sink_{i}"].shape == (1, site.num_kv_heads, 2, site.head_dim)
+            assert buffers[f"v_window_{i}"].shape == (1, site.num_kv_heads, 5, site.head_dim)
+            assert buffers[f"k_window_{i}"].dtype == torch.float32
+            assert pre.get_buffer(f"v_sink_{i}") is dec.get_buffer(f"v_sink_{i}")  # shared by both programs
+        report = pre.meta["rq_kv_compress"][0]
+        assert report.exact_bytes == 1 * 2 * (2 + 5) * 64 * 4 and "exact tokens" in str(report)
+
+
+def test_window_longer_than_the_cache_is_clamped(captured):
+    c = captured["llama"]
+    (pre, _), buffers, _ = _compressed(c, cfg=RQConfig(sink_tokens=MAX_LEN + 3, residual_window=MAX_LEN + 1))
+    assert buffers["k_sink_0"].shape[2] == MAX_LEN and buffers["v_window_1"].shape[2] == MAX_LEN

@@ -12,7 +12,9 @@ the packed codes and norms (and does GQA by head grouping), so the dequantized c
 
 The key mean is dropped: it adds the same amount to all of a query's scores, which softmax ignores.
 Only plain SDPA calls are fused (no dropout, no is_causal, no enable_gqa); anything else is left as it was and
-reported in `gm.meta["rq_fuse_attention_skipped"]`.
+reported in `gm.meta["rq_fuse_attention_skipped"]`. So is a cache that holds tokens in the model dtype
+(`RQConfig.sink_tokens` / `residual_window`: K/V reach SDPA through `exact_read`): `rq::attention` scores packed codes
+only, and its schema (and the kernels / ONNX translations behind it) has no input for exact tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import fx
 
 import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
-from rqcompile.passes.kv_compress import SDPA, VIEW_OPS
+from rqcompile.passes.kv_compress import SDPA, VIEW_OPS, exact_read
 
 __all__ = ["fuse_attention"]
 
@@ -36,6 +38,12 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
+        node = node.args[0]
+    return node
 
 
 def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
@@ -60,6 +68,13 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
         if not (node.op == "call_function" and node.target == SDPA):
             continue
         q = _arg(node, 0, "query")
+        exact = [x for x in (_arg(node, 1, "key"), _arg(node, 2, "value")) if _through_views(x).target is exact_read]
+        if exact:
+            skipped.append(
+                f"{node.name}: K/V hold sink / recent-window tokens in the model dtype (sink_tokens / "
+                "residual_window); rq::attention reads packed codes only, so this site keeps dequantize + SDPA"
+            )
+            continue
         k_deq, k_views = _chain_to_dequantize(_arg(node, 1, "key"))
         v_deq, v_views = _chain_to_dequantize(_arg(node, 2, "value"))
         if k_deq is None or v_deq is None:

@@ -26,6 +26,24 @@ and rewritten, per K and V of every matched site, to
 materialized cache). The old float cache buffers are deleted from the module. Quantizer parameters live in buffers
 `rq_{k|v}_{rotation|mean|scale|levels}_{i}`; `buffers=` lets two programs (prefill and decode) share one set of
 tensors, so they keep one cache.
+
+Uncompressed tokens (`config.sink_tokens = S`, `config.residual_window = W`, as the eager `RQCacheLayer`): every token
+is still quantized into the codes at its position, and two more static-shaped buffers per K/V hold tokens in the model
+dtype: `{k|v}_sink_i` [B, H, S, d] (position p < S in slot p) and `{k|v}_window_i` [B, H, W, d], a ring (position p
+in slot p % W). Per K/V the graph gains
+
+    sink' = aten.copy_.default(<get_attr {k|v}_sink_i>, exact_write(<same>, new, cache_position, False))
+    window' = aten.copy_.default(<get_attr {k|v}_window_i>, exact_write(<same>, new, cache_position, True))
+    exact = exact_read(written', sink', window', cache_position)       # replaces `written` instead of written'
+
+`exact_write` / `exact_read` are Python functions of torch ops (where / index_select / argmax / remainder, no
+data-dependent shapes); re-export and torch.compile trace them into aten. On read the dequantized [B, H, L, d] takes
+the sink values at positions < S and the ring's at the W most recent positions
+`max(cache_position) - W < p <= max(cache_position)`. That is the eager cache's rule: it appends the step's tokens to
+its window *before* attention, so a prefill of T > W tokens attends to its first T - W (non-sink) tokens quantized and
+to its last W exactly. No reset is needed for a new sequence: every position <= max(cache_position) that the read
+takes from the sink or ring was written in the current sequence. S and W are clamped to max_cache_len. `fuse_attention`
+leaves such sites unfused (`rq::attention` reads codes only).
 """
 
 from __future__ import annotations
@@ -47,6 +65,8 @@ aten = torch.ops.aten
 __all__ = [
     "AttentionMatch",
     "KVCompressError",
+    "exact_read",
+    "exact_write",
     "SiteRewrite",
     "compress_kv_cache",
     "find_attention_sites",
@@ -99,13 +119,57 @@ class SiteRewrite:
     bits: int
     bytes_before: int
     bytes_after: int
+    exact_buffers: tuple[str, ...] = ()  # sink / recent-window buffers in the model dtype (see the module docstring)
+    exact_bytes: int = 0
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"layer {self.layer_idx} {self.kind.upper()}: {self.buffer} {list(self.shape)} {self.dtype} "
             f"({self.bytes_before:,} B) -> {self.codes_buffer} uint8 {list(self.codes_shape)} + {self.norms_buffer} "
             f"fp16 {list(self.norms_shape)} ({self.bytes_after:,} B, {self.bits}-bit)"
         )
+        if self.exact_buffers:
+            text += f" + exact tokens in {' + '.join(self.exact_buffers)} ({self.exact_bytes:,} B, {self.dtype})"
+        return text
+
+
+def exact_write(buffer: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor, ring: bool) -> torch.Tensor:
+    """The new contents of a sink (`ring=False`: slot s holds position s) or recent-window ring (`ring=True`: slot s
+    holds the latest position p <= max(cache_position) with p % n == s) buffer [B, H, n, d] after writing `new`
+    [B, H, T, d] at `cache_position` [T]. Slots whose position is not among the new tokens keep their value.
+    Static shapes and torch ops only (where / index_select / argmax), so it exports and compiles with the graph.
+    """
+    n = buffer.shape[2]
+    slots = torch.arange(n, device=cache_position.device, dtype=cache_position.dtype)
+    if ring:
+        last = cache_position.amax(dim=0, keepdim=True)  # [1]; amax without dim has no ONNX translation
+        slots = last - torch.remainder(last - slots, n)
+    match = cache_position.unsqueeze(0) == slots.unsqueeze(1)  # [n, T]: at most one True per row
+    picked = new.index_select(2, match.to(torch.int64).argmax(dim=1))
+    return torch.where(match.any(dim=1).unsqueeze(-1), picked, buffer)
+
+
+def exact_read(
+    dequantized: torch.Tensor,
+    sink: torch.Tensor | None,
+    window: torch.Tensor | None,
+    cache_position: torch.Tensor,
+) -> torch.Tensor:
+    """The cache [B, H, L, d] attention reads: dequantized codes, except positions < S (from `sink` [B, H, S, d]) and
+    the W most recent positions <= max(cache_position) (from the ring `window` [B, H, W, d]), held exactly."""
+    length = dequantized.shape[2]
+    positions = torch.arange(length, device=cache_position.device, dtype=cache_position.dtype)
+    out = dequantized
+    if window is not None:
+        size = window.shape[2]
+        last = cache_position.amax(dim=0, keepdim=True)  # [1]; amax without dim has no ONNX translation
+        recent = (positions > last - size) & (positions <= last)
+        out = torch.where(recent.unsqueeze(-1), window.index_select(2, torch.remainder(positions, size)), out)
+    if sink is not None:
+        size = sink.shape[2]
+        held = (positions < size).unsqueeze(-1)
+        out = torch.where(held, sink.index_select(2, positions.clamp(max=size - 1)), out)
+    return out
 
 
 def to_graph_module(program: fx.GraphModule | torch.export.ExportedProgram) -> fx.GraphModule:
@@ -339,6 +403,19 @@ def _rewrite_write(
         state.num_groups,
     ):
         raise KVCompressError(f"kv_compress: shared buffers {codes_name}/{norms_name} have the wrong shape")
+    exact = {}  # "sink" / "window" -> (buffer name, tensor): tokens held in the model dtype
+    for part, count in (("sink", config.sink_tokens), ("window", config.residual_window)):
+        size = min(count, length)
+        if size:
+            name = f"{kind}_{part}_{layer}"
+            tensor = _shared(
+                buffers,
+                name,
+                lambda size=size: torch.zeros(batch, heads, size, head_dim, dtype=cache.dtype, device=cache.device),
+            )
+            if tensor.shape != (batch, heads, size, head_dim) or tensor.dtype != cache.dtype:
+                raise KVCompressError(f"kv_compress: shared buffer {name} has the wrong shape or dtype")
+            exact[part] = (name, tensor)
 
     _, dim, index, source = write.args
     with graph.inserting_before(write):
@@ -354,6 +431,14 @@ def _rewrite_write(
             torch.ops.rq.dequantize.default,
             (codes_all, norms_all, p["rotation"], p["mean"], p["scale"], p["levels"], bits, head_dim, cache.dtype),
         )
+        written = {}
+        for part, (name, tensor) in exact.items():
+            held = _get_attr(graph, gm, name, tensor)
+            merged = graph.call_function(exact_write, (held, source, index, part == "window"))
+            written[part] = graph.call_function(aten.copy_.default, (held, merged))
+            written[part].meta["val"] = tensor
+        if exact:
+            restored = graph.call_function(exact_read, (restored, written.get("sink"), written.get("window"), index))
     codes_all.meta["val"], norms_all.meta["val"] = codes, norms
     write.replace_all_uses_with(restored)
     graph.erase_node(write)
@@ -370,4 +455,6 @@ def _rewrite_write(
         bits=bits,
         bytes_before=cache.untyped_storage().nbytes(),
         bytes_after=codes.untyped_storage().nbytes() + norms.untyped_storage().nbytes(),
+        exact_buffers=tuple(name for name, _ in exact.values()),
+        exact_bytes=sum(t.untyped_storage().nbytes() for _, t in exact.values()),
     )
