@@ -516,7 +516,8 @@ def plot(data: dict, path: Path) -> None:
     ax.set_ylabel("decode-time ppl delta vs fp cache (%)")
     ax.set_title(
         f"SmolLM2-135M, license text, prefill {data['prefill']} + decode {data['decode']}\n"
-        "hollow o: plain, s: calibrated, D: mixed K4/V<4, ^: norm group 32, X: +exact sink token; dotted: targets"
+        "hollow o: plain, s: calibrated, D: mixed K4/V<4, ^: norm group 32, X: +exact sink token; dotted: targets",
+        fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

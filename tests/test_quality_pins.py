@@ -94,6 +94,6 @@ def test_quality_benchmark_quick_grid_runs(tmp_path):
     data = mod.main(
         ["--grid", "quick", "--prefill", "64", "--decode", "8", "--out", str(out), "--markdown", str(md), "--no-mse"]
     )
-    assert out.is_file() and md.read_text().count(mod.BEGIN) == 1
+    assert out.is_file() and md.read_text().count(mod.BEGIN.format(out.stem)) == 1
     assert {r["name"] for r in data["results"]} >= {"planar-3", "hadamard-3", "kivi-3"}
     assert data["consistency_max_abs"] < 1e-4
