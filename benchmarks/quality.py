@@ -94,6 +94,8 @@ class IncrementalRQCache(RQCache):
     """`RQCache` (no model_config: layers built on first touch) made of `IncrementalRQCacheLayer`s."""
 
     def __init__(self, config: RQConfig, *, calibration: Calibration | None = None, sink: int = 0) -> None:
+        if getattr(config, "sink_tokens", 0) or config.residual_window:
+            raise ValueError("IncrementalRQCache does not implement sink_tokens / residual_window; use RQCache")
         super().__init__(config, calibration=calibration)
         self.sink = sink
 
