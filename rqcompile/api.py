@@ -186,6 +186,13 @@ class CompiledLM:
         program = self.decode_module if which == "decode" else self.prefill_module
         return FunctionalStep(program, self.cache_names)
 
+    def export(self, path: str, *, target: Literal["aoti", "onnx", "tensorrt"] = "aoti", **options: Any):
+        """Write a deployable artifact (see `rqcompile.export.lm.export_lm` for `options`); load it with
+        `rqcompile.load(path)`."""
+        from rqcompile.export.lm import export_lm  # export sits above the compiler in the layering
+
+        return export_lm(self, path, target=target, **options)
+
     def exported(self, which: Literal["prefill", "decode"] = "decode") -> torch.export.ExportedProgram:
         """The rewritten program re-exported (strict=False: it is a GraphModule) with its buffers lifted.
 

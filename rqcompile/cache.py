@@ -95,8 +95,9 @@ class RQCacheLayer(CacheLayerMixin):
                     )
         sink_room = self.config.sink_tokens - (0 if self.k_sink is None else self.k_sink.shape[-2])
         if sink_room > 0 and self.get_seq_length() == self._sink_length():
-            self.k_sink = _cat(self.k_sink, key_states[:, :, :sink_room])
-            self.v_sink = _cat(self.v_sink, value_states[:, :, :sink_room])
+            # clone: a slice would keep the whole prefill's K/V storage alive
+            self.k_sink = _cat(self.k_sink, key_states[:, :, :sink_room].clone())
+            self.v_sink = _cat(self.v_sink, value_states[:, :, :sink_room].clone())
             key_states, value_states = key_states[:, :, sink_room:], value_states[:, :, sink_room:]
             if key_states.shape[-2] == 0:
                 return self._materialize()

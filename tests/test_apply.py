@@ -302,3 +302,13 @@ def test_sink_and_window_onnx_round_trip(models, exact_lms, tmp_path):
     assert "k_window_0" in fn.state_names and "v_sink_1" in fn.state_names
     export_lm(fn, tmp_path / "onnx", target="onnx", progress=False)
     assert torch.equal(rqcompile.load(tmp_path / "onnx").generate(ids, 8, eos_token_id=[]), reference)
+
+
+def test_export_method_writes_an_artifact_that_load_runs_token_identically(tmp_path):
+    import rqcompile
+
+    lm = apply(tiny_models.tiny_llama(), backend="iso", bits=4, max_cache_len=32)
+    ids = _ids(6)
+    expected = lm.generate(ids, max_new_tokens=5)
+    lm.export(str(tmp_path / "artifact"), target="onnx")
+    assert torch.equal(rqcompile.load(tmp_path / "artifact").generate(ids, max_new_tokens=5), expected)

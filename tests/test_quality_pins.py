@@ -87,11 +87,6 @@ def _bits_per_element(cache: RQCache, mc) -> float:
     return report.compressed_bytes * 8 / (tokens * mc.num_key_value_heads * mc.head_dim * 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sink slice is a view of the prefill K/V, so each layer keeps the whole fp32 prefill storage alive "
-    "(measured ~28 bits/element instead of ~3.3 at prefill 128); remove this marker when fixed",
-)
 def test_sink_token_costs_only_its_own_bytes(smollm2, ids, calibration):
     caches: list[RQCache] = []
     config = RQConfig(backend="iso", bits=3, sink_tokens=1)
