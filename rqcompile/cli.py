@@ -148,7 +148,17 @@ def cmd_generate(args) -> int:
 
         lm = load(args.artifact)
         ids = _prompt_ids(args, lm.tokenizer, 0)
-        out = lm.generate(ids, args.max_new_tokens, sampling=sampling)
+        room = lm.max_cache_len - ids.shape[1] + 1  # the last new token is never written to the cache
+        if room < 1:
+            raise SystemExit(
+                f"the prompt has {ids.shape[1]} tokens but the artifact's cache holds {lm.max_cache_len} positions; "
+                "re-export with a larger --max-cache-len"
+            )
+        new_tokens = args.max_new_tokens
+        if new_tokens > room:
+            _progress(f"--max-new-tokens {new_tokens} > the {room} the cache leaves after the prompt: using {room}")
+            new_tokens = room
+        out = lm.generate(ids, new_tokens, sampling=sampling)
         tok = lm.tokenizer
     else:
         from rqcompile.cache import RQCache

@@ -37,25 +37,32 @@ def test_help_is_cheap_and_lists_every_command():
     assert "--target" in sub.stdout and "--tiny-qwen3_5" in sub.stdout and "--demo" in sub.stdout
 
 
-def test_export_inspect_generate_onnx_artifact(tmp_path, capsys):
+def test_export_inspect_generate_compressed_onnx_artifact(tmp_path, capsys):
+    """The product path end to end: export (rqcompile.apply, planar 4-bit) -> inspect -> generate from the artifact."""
     out = tmp_path / "art"
-    assert main(["export", *TINY, "--uncompressed", "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]) == 0
+    argv = ["export", *TINY, "--bits", "4", "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]
+    assert main(argv) == 0
     assert (out / "manifest.json").is_file()
     capsys.readouterr()
 
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "target     onnx" in text and "k_cache_1" in text and "total state" in text
+    assert "target     onnx" in text and "k_codes_1" in text and "total state" in text and "bits/element" in text
 
     assert main(["inspect", str(out), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
-    assert manifest["program"]["max_cache_len"] == 24
+    assert manifest["program"]["max_cache_len"] == 24 and manifest["rq_config"]["bits"] == 4
 
     assert main(["generate", str(out), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5"]) == 0
     from_artifact = capsys.readouterr().out.strip().splitlines()[-1]
     assert len(from_artifact.split(",")) == 5
 
-    # the same model with the eager uncompressed-vs-compressed path: eager generate runs and prints 5 ids
+    # more new tokens than the cache holds: clamped to what fits (24 - 4 + 1), with a note, not an overflow error
+    assert main(["generate", str(out), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "50"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()[-1].split(",")) == 21 and "using 21" in captured.err
+
+    # the same model with the eager compressed cache (RQCache, no export): runs and prints 5 ids
     assert main(["generate", *TINY, "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5", "--bits", "4"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
 
@@ -80,13 +87,14 @@ def test_inspect_refuses_a_tampered_artifact(tmp_path):
 
 
 @pytest.mark.slow
-def test_compressed_export_uses_rqcompile_apply(tmp_path, capsys):
-    pytest.importorskip("rqcompile.api")
-    out = tmp_path / "c"
-    argv = ["export", *TINY, "--bits", "4", "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]
+def test_uncompressed_export_inspect_generate(tmp_path, capsys):
+    """`--uncompressed` exports the captured program (float K/V cache) without rqcompile.apply (~30 s)."""
+    out = tmp_path / "u"
+    argv = ["export", *TINY, "--uncompressed", "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "k_codes_1" in text and "bits/element" in text
+    assert "k_cache_1" in text and "uncompressed cache" in text
     assert main(["generate", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 4
