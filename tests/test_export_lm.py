@@ -107,7 +107,7 @@ def test_aoti_round_trip_of_the_compressed_program_in_a_fresh_process(tmp_path):
     compiled = apply(tiny_qwen3_5(), backend="planar", bits=4, max_cache_len=16)
     prompts = [_prompt(10).tolist()[0], _prompt(3, seed=2).tolist()[0]]  # one 8-token chunk + 2 decode steps; decode
     reference = [compiled.generate(torch.tensor([p]), 4, eos_token_id=[]).tolist()[0] for p in prompts]
-    art = compiled_export(compiled, tmp_path / "aoti")
+    art = compiled.export(tmp_path / "aoti", target="aoti", prefill_chunk=8, inductor_configs=FAST_AOTI, progress=False)
     program = art.manifest["program"]
     assert program["prefill_len"] == 8 and art.manifest["rq_config"]["bits"] == 4
     state = {s["name"]: s for s in program["state"]}
@@ -116,10 +116,6 @@ def test_aoti_round_trip_of_the_compressed_program_in_a_fresh_process(tmp_path):
     got = _load_in_subprocess(tmp_path / "aoti", prompts, 4)
     assert got["tokens"] == reference
     assert got["modeling"] == [] and got["backend"] == "aoti"
-
-
-def compiled_export(compiled, path):
-    return export_lm(compiled, path, target="aoti", prefill_chunk=8, inductor_configs=FAST_AOTI, progress=False)
 
 
 def test_onnx_logits_match_and_generation_through_onnxruntime(llama, tmp_path):
