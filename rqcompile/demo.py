@@ -40,11 +40,20 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - t0:.1f}s (fp32, CPU)")
+    from rqcompile.calibrate import calibrate
+    from rqcompile.config import RQConfig
+    from rqcompile.eval import stdlib_corpus
+
+    t0 = time.perf_counter()
+    calib = calibrate(model, stdlib_corpus(tok, 2048), value_scale=True, source="stdlib")
+    print(f"calibrated on 2048 tokens of Python stdlib sources in {time.perf_counter() - t0:.0f}s")
+    preset = RQConfig(backend="iso", key_bits=4, value_bits=3, sink_tokens=1)
     caches = {
         "bf16-equivalent (DynamicCache)": DynamicCache,
         f"planar {bits}-bit": lambda: PlanarQuantCache(bits=bits),
         f"iso {bits}-bit": lambda: IsoQuantCache(bits=bits),
         f"rotor {bits}-bit": lambda: RotorQuantCache(bits=bits),
+        "iso K4/V3 calibrated + sink": lambda: RQCache(preset, calibration=calib),
     }
     for question in QUESTIONS:
         print(f"\nQ: {question}")
