@@ -1,11 +1,19 @@
-"""rqcompile: KV-cache compression by block rotations + Lloyd-Max quantization."""
+"""rqcompile: KV-cache compression by block rotations + Lloyd-Max quantization.
 
+Public API: `apply` (compile a model with a compressed cache), `load` (run an exported artifact), the drop-in
+transformers caches, `calibrate`, and `RQConfig`.
+"""
+
+from rqcompile.api import CompiledLM, apply
 from rqcompile.cache import IsoQuantCache, PlanarQuantCache, RotorQuantCache, RQCache
 from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 
 __all__ = [
     "RQConfig",
+    "apply",
+    "CompiledLM",
+    "load",
     "RQCache",
     "PlanarQuantCache",
     "IsoQuantCache",
@@ -17,11 +25,10 @@ __version__ = "0.1.0"
 
 
 def load(path, **kwargs):
-    """Load an exported artifact (AOTInductor or ONNX) as a runnable LM; see `rqcompile.runtime.loaded.load`."""
+    """Load an exported artifact (AOTInductor or ONNX) as a runnable LM; see `rqcompile.runtime.loaded.load`.
+
+    Imported lazily so that `import rqcompile` does not pull in onnxruntime or AOTInductor.
+    """
     from rqcompile.runtime.loaded import load as _load
 
     return _load(path, **kwargs)
-
-from rqcompile.api import CompiledLM, apply  # noqa: E402
-
-__all__ += ["apply", "CompiledLM"]
