@@ -26,39 +26,13 @@ from rqcompile.cache import MemoryReport
 from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
 from rqcompile.passes.capture import AttentionSite, LinearAttentionState, capture
+from rqcompile.passes.functional import FunctionalStep, has_scan
 from rqcompile.passes.fuse_attention import fuse_attention
 from rqcompile.passes.kv_compress import SiteRewrite, compress_kv_cache
 from rqcompile.quant.quantizer import QuantState
 from rqcompile.runtime.generate import SamplingConfig, generate
 
 __all__ = ["CompiledLM", "FunctionalStep", "apply"]
-
-
-class FunctionalStep(nn.Module):
-    """`forward(input_ids, cache_position, *cache_tensors) -> (logits, *new_cache_tensors)`: no hidden state.
-
-    The cache tensors are, in order, `names` (compressed K/V codes and norms, then linear-attention states); the
-    program writes into clones of them, so the inputs are left untouched and the outputs are the new cache. This is
-    the form ONNX needs (it drops buffer mutation). The quantizer parameters and weights stay buffers/constants.
-    """
-
-    def __init__(self, program: fx.GraphModule, names: list[str]):
-        super().__init__()
-        self.program = program
-        self.names = list(names)
-
-    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *cache: torch.Tensor):
-        if len(cache) != len(self.names):
-            raise ValueError(f"expected {len(self.names)} cache tensors ({', '.join(self.names)}), got {len(cache)}")
-        new = [t.clone() for t in cache]
-        logits = torch.func.functional_call(
-            self.program, dict(zip(self.names, new, strict=True)), (input_ids, cache_position)
-        )
-        return (logits, *new)
-
-
-def _has_scan(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and n.target is torch.ops.higher_order.scan for n in gm.graph.nodes)
 
 
 def _compilable(gm: fx.GraphModule) -> fx.GraphModule:
@@ -154,7 +128,7 @@ class CompiledLM:
         """
         options = {"fullgraph": True, **options}
         if dynamic_prefill is None:
-            dynamic_prefill = not _has_scan(self.prefill_module)
+            dynamic_prefill = not has_scan(self.prefill_module)
         self._decode_fn = torch.compile(_compilable(self.decode_module), **options)
         self._prefill_fn = torch.compile(_compilable(self.prefill_module), **{"dynamic": dynamic_prefill, **options})
         self.compiled = True

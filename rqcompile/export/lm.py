@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from rqcompile.config import RQConfig
+from rqcompile.passes.functional import FunctionalStep, has_scan
 
 __all__ = ["FunctionalLM", "FunctionalStep", "export_lm", "functional_programs", "mutated_buffers"]
 
@@ -50,24 +50,6 @@ def mutated_buffers(ep: torch.export.ExportedProgram) -> list[str]:
             if written and isinstance(arg, torch.fx.Node) and arg.name in in2buf and in2buf[arg.name] not in names:
                 names.append(in2buf[arg.name])
     return names
-
-
-class FunctionalStep(nn.Module):
-    """`forward(input_ids, cache_position, *state) -> (logits, *new_state)` around a buffer-mutating program.
-
-    The incoming state is cloned and bound to the program's buffers with `functional_call`, so the exported graph
-    neither aliases nor mutates its inputs (AOTInductor and ONNX both see plain inputs and outputs).
-    """
-
-    def __init__(self, program: torch.export.ExportedProgram | nn.Module, state_names: Sequence[str]):
-        super().__init__()
-        self.inner = program.module() if isinstance(program, torch.export.ExportedProgram) else program
-        self.state_names = list(state_names)
-
-    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *state: torch.Tensor):
-        bound = {name: tensor.clone() for name, tensor in zip(self.state_names, state, strict=True)}
-        logits = torch.func.functional_call(self.inner, bound, (input_ids, cache_position), strict=False)
-        return (logits, *[bound[name] for name in self.state_names])
 
 
 @dataclass
@@ -108,15 +90,6 @@ class FunctionalLM:
         return (ids, torch.arange(t, device=device), *[s.clone() for s in self.state_init])
 
 
-def _has_scan(root: nn.Module) -> bool:
-    for module in root.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.nodes:
-                if node.op == "call_function" and node.target is torch.ops.higher_order.scan:
-                    return True
-    return False
-
-
 def _configs(program: Any) -> tuple[Any, RQConfig | None]:
     """(HF model config, RQConfig or None) of a CapturedLM (config = HF) or a CompiledLM (config = RQConfig)."""
     config = getattr(program, "config", None)
@@ -140,14 +113,14 @@ def functional_programs(
         names = list(program.cache_names)
         live = program.cache_tensors() if callable(program.cache_tensors) else program.cache_tensors
         state_init = [torch.zeros_like(t) for t in live]
-        scan = _has_scan(prefill_step)
+        scan = has_scan(prefill_step)
     else:  # CapturedLM: ExportedPrograms mutating their buffers
         names = mutated_buffers(program.decode)
         names += [n for n in mutated_buffers(program.prefill) if n not in names]
         buffers = dict(program.decode.module().named_buffers())
         state_init = [torch.zeros_like(buffers[name]) for name in names]
         decode_step, prefill_step = FunctionalStep(program.decode, names), FunctionalStep(program.prefill, names)
-        scan = _has_scan(program.prefill.graph_module)
+        scan = has_scan(program.prefill.graph_module)
     if prefill == "auto":
         prefill = "static" if for_target == "aoti" and scan else "dynamic"
     if prefill not in ("dynamic", "static"):
