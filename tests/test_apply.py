@@ -312,3 +312,14 @@ def test_export_method_writes_an_artifact_that_load_runs_token_identically(tmp_p
     expected = lm.generate(ids, max_new_tokens=5)
     lm.export(str(tmp_path / "artifact"), target="onnx")
     assert torch.equal(rqcompile.load(tmp_path / "artifact").generate(ids, max_new_tokens=5), expected)
+
+
+@pytest.mark.parametrize("factory,batch", [("tiny_qwen3_5_moe", 1), ("tiny_llama", 2)])
+def test_greedy_generation_equals_the_eager_cache_for_moe_and_batches(factory, batch):
+    model = getattr(tiny_models, factory)()
+    ids = torch.randint(3, 100, (batch, 7), generator=torch.Generator().manual_seed(0))
+    lm = apply(model, backend="rotor", bits=3, max_cache_len=24, batch_size=batch)
+    eager = model.generate(
+        ids, past_key_values=RQCache(RQConfig(backend="rotor", bits=3)), max_new_tokens=6, do_sample=False
+    )
+    assert torch.equal(lm.generate(ids, max_new_tokens=6), eager)
