@@ -26,30 +26,9 @@ BACKENDS = ("planar", "iso", "rotor", "hadamard", "none")
 
 
 def _tiny_qwen3_5():
-    """A random-weight text Qwen3.5 (hybrid: 2 gated-delta-net + 2 full-attention layers), no tokenizer."""
-    import torch
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from rqcompile.models import tiny_qwen3_5
 
-    config = Qwen3_5TextConfig(
-        vocab_size=160,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        linear_conv_kernel_dim=4,
-        linear_key_head_dim=32,
-        linear_value_head_dim=32,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return Qwen3_5ForCausalLM(config).float().eval()
+    return tiny_qwen3_5()
 
 
 def _load_model(args) -> tuple[Any, Any, str | None]:

@@ -88,24 +88,10 @@ def smollm2_compiled_demo(bits: int, max_new_tokens: int) -> None:
 
 
 def qwen3_5_demo(bits: int) -> None:
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from rqcompile.models import tiny_qwen3_5
 
-    config = Qwen3_5TextConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=128,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=32,
-        linear_value_head_dim=32,
-        full_attention_interval=2,
-    )
-    torch.manual_seed(0)
-    model = Qwen3_5ForCausalLM(config).eval()
+    model = tiny_qwen3_5(head_dim=128, vocab_size=256)
+    config = model.config
     ids = torch.randint(0, 256, (1, 64))
     print(f"\nsmall random Qwen3.5 (hybrid: {config.layer_types})")
     reference = model.generate(ids, max_new_tokens=16, do_sample=False)

@@ -157,3 +157,29 @@ def chat_greedy(model, tok, question: str, max_new_tokens: int = 16) -> str:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def tiny_qwen3_5(head_dim: int = 64, vocab_size: int = 160):
+    """A small random-weight hybrid Qwen3.5 (linear, full, linear, full attention) for demos and smoke tests."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return Qwen3_5ForCausalLM(config).float().eval()
