@@ -99,23 +99,75 @@ def test_aoti_round_trip_hybrid_in_a_fresh_process(qwen35, tmp_path):
     assert got["modeling"] == [] and got["backend"] == "aoti"  # no transformers model code was imported
 
 
-def test_aoti_round_trip_of_the_compressed_program_in_a_fresh_process(tmp_path):
-    """rqcompile.apply's CompiledLM (planar 4-bit: uint8 codes + fp16 norms in the cache) exported to AOTInductor and
-    loaded by `rqcompile.load` in a fresh process generates exactly the tokens of `CompiledLM.generate`."""
+@pytest.fixture(scope="module")
+def compressed_aoti(tmp_path_factory):
+    """(artifact path, CompiledLM, prompts, reference tokens): rqcompile.apply's CompiledLM (planar 4-bit: uint8
+    codes + fp16 norms in the cache) of the tiny qwen3_5, exported to AOTInductor once for the tests below."""
     from rqcompile.api import apply
 
+    torch.set_num_threads(1)
     compiled = apply(tiny_qwen3_5(), backend="planar", bits=4, max_cache_len=16)
     prompts = [_prompt(10).tolist()[0], _prompt(3, seed=2).tolist()[0]]  # one 8-token chunk + 2 decode steps; decode
     reference = [compiled.generate(torch.tensor([p]), 4, eos_token_id=[]).tolist()[0] for p in prompts]
-    art = compiled.export(tmp_path / "aoti", target="aoti", prefill_chunk=8, inductor_configs=FAST_AOTI, progress=False)
-    program = art.manifest["program"]
-    assert program["prefill_len"] == 8 and art.manifest["rq_config"]["bits"] == 4
+    path = tmp_path_factory.mktemp("compressed") / "aoti"
+    compiled.export(path, target="aoti", prefill_chunk=8, inductor_configs=FAST_AOTI, progress=False)
+    return path, compiled, prompts, reference
+
+
+def test_aoti_round_trip_of_the_compressed_program_in_a_fresh_process(compressed_aoti):
+    """The compressed program's AOTI artifact, loaded by `rqcompile.load` in a fresh process, generates exactly the
+    tokens of `CompiledLM.generate`."""
+    path, _, prompts, reference = compressed_aoti
+    program = json.loads((path / "manifest.json").read_text())["program"]
+    assert program["prefill_len"] == 8
     state = {s["name"]: s for s in program["state"]}
     assert state["k_codes_1"]["dtype"] == "uint8" and state["k_norms_1"]["dtype"] == "float16"
     assert "recurrent_state_0" in state
-    got = _load_in_subprocess(tmp_path / "aoti", prompts, 4)
+    got = _load_in_subprocess(path, prompts, 4)
     assert got["tokens"] == reference
     assert got["modeling"] == [] and got["backend"] == "aoti"
+
+
+def test_aoti_artifact_holds_the_weights_once(compressed_aoti):
+    """The packages are code only: every weight and quant-state tensor lives once in `weights.safetensors`, shared by
+    both programs (the bytes of the largest weight occur there and in neither package)."""
+    from safetensors.torch import load_file
+
+    path, compiled, _, _ = compressed_aoti
+    constants = json.loads((path / "manifest.json").read_text())["program"]["constants"]
+    stored = load_file(str(path / constants["file"]))
+    assert set(constants["prefill"].values()) | set(constants["decode"].values()) == set(stored)
+    shared = set(constants["prefill"].values()) & set(constants["decode"].values())
+    assert len(shared) == len(stored)  # both programs read the same tensors; none is stored per program
+    weights = dict(compiled.decode_module.named_parameters())
+    largest = max(weights.values(), key=torch.Tensor.numel).detach().contiguous()
+    probe = largest.reshape(-1)[largest.numel() // 2 :][:64].numpy().tobytes()  # 256 bytes of weight data
+    assert probe in (path / constants["file"]).read_bytes()
+    for package in ("prefill.pt2", "decode.pt2"):
+        assert probe not in (path / package).read_bytes()
+
+
+def test_aoti_weights_tampered_or_inconsistent_are_refused(compressed_aoti, tmp_path):
+    """A flipped byte in the weights file fails its sha256; a manifest whose constant names no longer match what a
+    package asks for is refused before anything runs."""
+    import shutil
+
+    import rqcompile
+    from rqcompile.export.artifact import ArtifactError
+
+    path = compressed_aoti[0]
+    tampered = shutil.copytree(path, tmp_path / "tampered")
+    weights = bytearray((tampered / "weights.safetensors").read_bytes())
+    weights[-5] ^= 0xFF
+    (tampered / "weights.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(ArtifactIntegrityError, match="weights.safetensors"):
+        rqcompile.load(tampered)
+    inconsistent = shutil.copytree(path, tmp_path / "inconsistent")
+    manifest = json.loads((inconsistent / "manifest.json").read_text())
+    manifest["program"]["constants"]["decode"].popitem()
+    (inconsistent / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="constants for decode do not match"):
+        rqcompile.load(inconsistent)
 
 
 def test_onnx_logits_match_and_generation_through_onnxruntime(llama, tmp_path):

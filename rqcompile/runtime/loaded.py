@@ -71,6 +71,7 @@ class LoadedLM(StateRunner):
     def __init__(self, artifact: Artifact, prefill: Step, decode: Step, *, device: str = "cpu", backend: str = ""):
         self.artifact = artifact
         self.backend = backend
+        self.constants: dict[str, torch.Tensor] = {}  # AOTI: weights the packages point into (kept alive here)
         self._tokenizer = None
         super().__init__(artifact.manifest["program"], prefill, decode, device=device)
 
@@ -111,15 +112,33 @@ class LoadedLM(StateRunner):
         )
 
 
-def _aoti_steps(artifact: Artifact, device: str) -> tuple[Step, Step]:
+def _aoti_steps(artifact: Artifact, device: str) -> tuple[Step, Step, dict[str, torch.Tensor]]:
+    """Load both packages and bind the artifact's one copy of the constants to each (see rqcompile.export.aoti).
+
+    Returns the packages and the constant tensors, which the caller must keep alive (`user_managed=True`: the
+    packages hold pointers into them, so prefill and decode share one copy in memory)."""
     from torch._inductor import aoti_load_package
 
     import rqcompile.ops  # noqa: F401 - rq custom ops are extern calls inside the packages
 
-    files = artifact.manifest["program"]["files"]
-    prefill = aoti_load_package(str(artifact.file(files["prefill"])))
-    decode = aoti_load_package(str(artifact.file(files["decode"])))
-    return prefill, decode
+    spec = artifact.manifest["program"]
+    files, constants = spec["files"], spec.get("constants")
+    runners = {name: aoti_load_package(str(artifact.file(files[name]))) for name in ("prefill", "decode")}
+    if constants is None:  # packages that embed their own constants
+        return runners["prefill"], runners["decode"], {}
+    tensors = artifact.load_tensors(constants["file"], device=device)
+    for name, runner in runners.items():
+        mapping: dict[str, str] = constants[name]
+        expected = set(runner.get_constant_fqns())
+        if set(mapping) != expected or any(key not in tensors for key in mapping.values()):
+            raise ArtifactError(
+                f"{artifact.path}: the manifest's constants for {name} do not match what {files[name]} expects "
+                f"({len(mapping)} listed, {len(expected)} expected); the artifact is inconsistent, re-export it"
+            )
+        runner.load_constants(
+            {fqn: tensors[key] for fqn, key in mapping.items()}, check_full_update=True, user_managed=True
+        )
+    return runners["prefill"], runners["decode"], tensors
 
 
 def _onnx_steps(artifact: Artifact, providers: Sequence[str] | None) -> tuple[Step, Step, str]:
@@ -154,8 +173,10 @@ def load(path: str | Path, *, device: str = "cpu", providers: Sequence[str] | No
             "`rqcompile export` or rqcompile.export.lm.export_lm"
         )
     if artifact.target == "aoti":
-        prefill, decode = _aoti_steps(artifact, device)
-        return LoadedLM(artifact, prefill, decode, device=device, backend="aoti")
+        prefill, decode, constants = _aoti_steps(artifact, device)
+        lm = LoadedLM(artifact, prefill, decode, device=device, backend="aoti")
+        lm.constants = constants  # the packages point into these tensors
+        return lm
     if artifact.target in ("onnx", "tensorrt"):
         prefill, decode, used = _onnx_steps(artifact, providers)
         return LoadedLM(artifact, prefill, decode, device="cpu", backend=f"onnxruntime[{used}]")
