@@ -96,6 +96,21 @@ def test_round_trip(artifact_dir):
     assert (artifact.tokenizer_path / "tokenizer.json").read_text() == '{"model": {}}'
 
 
+def test_tokenizer_copy_leaves_the_model_weights_behind(tmp_path):
+    """The tokenizer directory is usually the model directory: only the tokenizer's files are copied, never the
+    original weights (safetensors or a pickle-capable .bin) or other model files."""
+    model_dir = tmp_path / "model"
+    (model_dir / "additional_chat_templates").mkdir(parents=True)
+    tokenizer = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"]
+    tokenizer += ["vocab.json", "merges.txt", "chat_template.jinja", "additional_chat_templates/tool.jinja"]
+    model = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "generation_config.json"]
+    for name in tokenizer + model:
+        (model_dir / name).write_text("{}")
+    artifact = write_artifact(tmp_path / "out", target="onnx", tokenizer_dir=model_dir)
+    assert set(artifact.manifest["files"]) == {f"tokenizer/{name}" for name in tokenizer}
+    assert read_artifact(tmp_path / "out").unlisted == []
+
+
 def test_quant_state_file_round_trip_and_digest_sensitivity(tmp_path):
     states = _states()
     path = save_quant_states(states, tmp_path / "qs.safetensors")

@@ -5,7 +5,7 @@ Layout (format version 1)::
     out/
       manifest.json               what, by which versions, and sha256 + size of every other file
       quant_state.safetensors     per-layer K/V rotation / mean / scale / codebook (if any)
-      tokenizer/...               copied tokenizer files (if given)
+      tokenizer/...               the tokenizer's files (if given; never the model weights beside them)
       <program files>             model.pt2 (aoti), model.onnx (+ .onnx.data), model.engine, ...
 
 Why it is built this way:
@@ -30,6 +30,7 @@ Torch compatibility rules (`check_torch_compatibility`):
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import hashlib
 import json
 import os
@@ -51,6 +52,23 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 QUANT_STATE_FILE = "quant_state.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# What a transformers tokenizer reads from its directory (config.json: the model type, where tokenizer_config.json
+# names no tokenizer class). Everything else in a tokenizer directory - model weights above all - is left out.
+TOKENIZER_PATTERNS = (
+    "tokenizer*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*.json",
+    "vocab*.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "chat_template*",
+    "additional_chat_templates/*",
+    "config.json",
+)
 TARGETS = ("eager", "inductor", "aoti", "onnx", "tensorrt")
 # Files that can carry pickled (i.e. executable) payloads: never written, never loaded.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz")
@@ -211,6 +229,20 @@ def _check_relpath(relpath: str) -> str:
     return Path(relpath).as_posix()
 
 
+def tokenizer_files(tokenizer_dir: str | Path) -> list[Path]:
+    """The files of `tokenizer_dir` a transformers tokenizer loads (`TOKENIZER_PATTERNS`), nothing else.
+
+    The tokenizer directory is usually the model directory: copying all of it would put the original weights
+    (model.safetensors, or a pickle-capable pytorch_model.bin) into every artifact.
+    """
+    root = Path(tokenizer_dir)
+    return [
+        src
+        for src in sorted(root.rglob("*"))
+        if src.is_file() and any(fnmatch.fnmatch(src.relative_to(root).as_posix(), p) for p in TOKENIZER_PATTERNS)
+    ]
+
+
 def _jsonable(config: Any) -> dict[str, Any] | None:
     """A model config as plain JSON: transformers configs via their own JSON writer, dicts as they are."""
     if config is None:
@@ -305,11 +337,10 @@ def _stage(staging, target, rq_config, model_config, quant_states, tensors, file
         else:
             shutil.copyfile(source, out)
     if tokenizer_dir is not None:
-        for src in sorted(Path(tokenizer_dir).rglob("*")):
-            if src.is_file():
-                rel = f"{TOKENIZER_DIR}/{src.relative_to(tokenizer_dir).as_posix()}"
-                (staging / _check_relpath(rel)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, staging / rel)
+        for src in tokenizer_files(tokenizer_dir):
+            rel = f"{TOKENIZER_DIR}/{src.relative_to(tokenizer_dir).as_posix()}"
+            (staging / _check_relpath(rel)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, staging / rel)
     if build is not None:
         build(staging)
     config = rq_config.to_dict() if isinstance(rq_config, RQConfig) else (dict(rq_config) if rq_config else None)
