@@ -69,25 +69,36 @@ def decode_time_ppl(
     decode: int = 512,
     keep_logprobs: bool = True,
     progress: bool | None = None,
+    chunk: int = 1,
 ) -> DecodeResult:
-    """Prefill `ids[:prefill]` into `make_cache()`, then feed `ids[prefill : prefill + decode]` one token at a time.
+    """Prefill `ids[:prefill]` into `make_cache()`, then feed `ids[prefill : prefill + decode]` `chunk` tokens at a
+    time (default one).
 
     Each fed token's output predicts the following id, so `prefill + decode + 1` ids are needed and the scored
     targets are `ids[prefill + 1 : prefill + decode + 1]`; none of them is predicted by the prefill pass itself.
+
+    `chunk > 1` gives the same scores as one-at-a-time feeding (up to float rounding) for a cache whose stored value
+    of a token never depends on when it is read - e.g. `RQCache` without `residual_window`, which quantizes each
+    token on write and returns the dequantized history, the chunk's own tokens included, so every query still reads
+    every earlier K/V (and its own) through the compressed store under the causal mask. It does *not* hold for
+    caches that keep recent tokens exact (a residual window, KIVI's fp16 residual): use `chunk=1` there.
     `progress=None` shows a bar only on a terminal.
     """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     ids = _check_ids(ids, prefill + decode + 1).to(model.device)
     kw = {_cache_kwarg(model): make_cache(), "use_cache": True}
     t0 = time.perf_counter()
     model(input_ids=ids[:, :prefill], logits_to_keep=1, **kw)
     nll = torch.empty(decode, dtype=torch.float64)
     logprobs = [] if keep_logprobs else None
-    steps = tqdm(range(decode), desc="decode", leave=False, disable=None if progress is None else not progress)
+    starts = range(0, decode, chunk)
+    steps = tqdm(starts, desc="decode", leave=False, disable=None if progress is None else not progress)
     for i in steps:
-        pos = prefill + i
-        out = model(input_ids=ids[:, pos : pos + 1], **kw)
-        lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        nll[i] = -lp[ids[0, pos + 1]].double()
+        pos, n = prefill + i, min(chunk, decode - i)
+        out = model(input_ids=ids[:, pos : pos + n], **kw)
+        lp = torch.log_softmax(out.logits[0, -n:].float(), dim=-1)
+        nll[i : i + n] = -lp.gather(-1, ids[0, pos + 1 : pos + n + 1, None]).squeeze(-1).double().cpu()
         if logprobs is not None:
             logprobs.append(lp.cpu())
     seconds = time.perf_counter() - t0
@@ -96,7 +107,7 @@ def decode_time_ppl(
         nll=mean,
         ppl=math.exp(mean),
         token_nll=nll,
-        logprobs=torch.stack(logprobs) if logprobs is not None else None,
+        logprobs=torch.cat(logprobs) if logprobs is not None else None,
         seconds=seconds,
     )
 
