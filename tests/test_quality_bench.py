@@ -1,4 +1,4 @@
-"""benchmarks/quality.py: its grid, and an end-to-end run on a tiny window (slow: loads SmolLM2, runs the quick grid)."""
+"""benchmarks/quality.py: its grid, and a tiny end-to-end run (slow: loads SmolLM2, runs the quick grid)."""
 
 from __future__ import annotations
 
