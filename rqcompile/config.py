@@ -13,6 +13,8 @@ from typing import Any
 BACKENDS = ("planar", "iso", "rotor", "hadamard", "none")
 SUPPORTED_BITS = (2, 3, 4)
 ISO_MODES = ("full", "fast")
+# Scale factors tried per norm group with `RQConfig(scale_search=SCALE_SEARCH)` (measured: QUALITY.md, Presets).
+SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class RQConfig:
             "sink" with an atypical key that every query attends to; quantizing it costs block backends most of
             their error (measured: docs in QUALITY.md). 0 disables it.
         check_finite: raise on NaN/inf K/V in the eager caches (one host sync per layer and step when on a GPU).
+        scale_search: candidate scale factors the quantizer tries per norm group (keys and values), keeping the one
+            whose codes reconstruct the group best (docs/FORMAT.md, "Scale search"). ``()`` (the default) quantizes
+            at the group's own norm only. Costs no bytes: it changes which codes and norm are written, not the
+            format the decoders read. ``SCALE_SEARCH`` is the measured set.
     """
 
     backend: str = "planar"
@@ -44,8 +50,16 @@ class RQConfig:
     residual_window: int = 0
     sink_tokens: int = 0
     check_finite: bool = True
+    scale_search: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.scale_search, list):  # from_dict of a JSON round trip
+            object.__setattr__(self, "scale_search", tuple(self.scale_search))
+        if not isinstance(self.scale_search, tuple) or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c < float("inf") for c in self.scale_search
+        ):
+            raise ValueError(f"scale_search={self.scale_search!r} must be a tuple of positive finite numbers")
+        object.__setattr__(self, "scale_search", tuple(float(c) for c in self.scale_search))
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         for name in ("bits", "key_bits", "value_bits"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rqcompile import ops
-from rqcompile.config import RQConfig
+from rqcompile.config import SCALE_SEARCH, RQConfig
 from rqcompile.quant import rotations
 from rqcompile.quant.codebook import codebook, lloyd_max_distortion, lloyd_max_normal
 from rqcompile.quant.packing import pack, packed_size, unpack
@@ -240,3 +241,93 @@ def test_bad_config_is_refused_with_a_clear_message(kwargs, message):
 def test_norm_group_must_divide_head_dim():
     with pytest.raises(ValueError, match="must divide head_dim"):
         RQConfig(norm_group=48).group_for(64)
+
+
+# --- scale search (docs/FORMAT.md, "Scale search") -----------------------------------------------------------
+def _outlier_keys(n: int = 512, dim: int = 64, seed: int = 0) -> torch.Tensor:
+    """Key-like vectors: Gaussian channels plus, on one token in eight, a few channels ten times larger."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, n, dim, generator=g)
+    atypical = torch.rand(1, 1, n, 1, generator=g) < 0.125
+    big = torch.zeros(dim)
+    big[[3, 17, 40]] = 10.0
+    return x + atypical * big * torch.randn(1, 1, n, 1, generator=g).sign()
+
+
+def _group_sq_error(state, x: torch.Tensor) -> torch.Tensor:
+    x_hat = ops.dequantize_state(*ops.quantize_state(x, state), state, torch.float32)
+    return ((x_hat - x) ** 2).unflatten(-1, (state.num_groups, state.group)).sum(-1)
+
+
+def test_state_levels_are_the_codebook_followed_by_the_scale_candidates():
+    plain = make_state(RQConfig(bits=3), layer_idx=0, kind="k", num_heads=1, head_dim=64)
+    searched = make_state(RQConfig(bits=3, scale_search=SCALE_SEARCH), layer_idx=0, kind="k", num_heads=1, head_dim=64)
+    assert plain.levels.shape == (8,) and plain.scale_candidates.numel() == 0
+    assert torch.equal(searched.codebook, plain.levels)
+    assert searched.scale_candidates.tolist() == pytest.approx(list(SCALE_SEARCH))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_scale_search_never_reconstructs_a_group_worse_than_the_plain_quantizer(backend, bits):
+    config = RQConfig(backend=backend, bits=bits)
+    plain = make_state(config, layer_idx=1, kind="k", num_heads=1, head_dim=64)
+    searched = make_state(config.replace(scale_search=SCALE_SEARCH), layer_idx=1, kind="k", num_heads=1, head_dim=64)
+    x = _outlier_keys()
+    err_plain, err_searched = _group_sq_error(plain, x), _group_sq_error(searched, x)
+    # candidate 1.0 is the plain codes, so only fp16 rounding of the stored norm can make a group worse
+    assert (err_searched <= err_plain * (1 + 2e-3) + 1e-6).all()
+    assert err_searched.mean() < err_plain.mean()
+
+
+@pytest.mark.parametrize("backend", ["planar", "iso", "rotor"])
+def test_scale_search_cuts_the_error_of_block_rotations_on_keys_with_outlier_channels(backend):
+    config = RQConfig(backend=backend, bits=3)
+    plain = make_state(config, layer_idx=1, kind="k", num_heads=1, head_dim=64)
+    searched = make_state(config.replace(scale_search=SCALE_SEARCH), layer_idx=1, kind="k", num_heads=1, head_dim=64)
+    x = _outlier_keys(seed=1)
+    assert _group_sq_error(searched, x).mean() < 0.85 * _group_sq_error(plain, x).mean()
+
+
+def test_decoders_read_only_the_codebook_part_of_the_levels():
+    state = make_state(
+        RQConfig(backend="iso", bits=3, scale_search=SCALE_SEARCH), layer_idx=0, kind="k", num_heads=2, head_dim=64
+    )
+    codes, norms = ops.quantize_state(_outlier_keys(dim=64).expand(1, 2, -1, -1).contiguous(), state)
+    full = dequantize(codes, norms, state.rotation, state.mean, state.scale, state.levels, 3, 64)
+    bare = dequantize(codes, norms, state.rotation, state.mean, state.scale, state.codebook, 3, 64)
+    assert torch.equal(full, bare)
+
+
+def test_scale_search_kernel_matches_the_reference(monkeypatch):
+    """The Triton quantize kernel (interpreter on CPU) runs the same search: same codes and norms."""
+    import importlib
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from rqcompile.kernels import quantize as kquant
+
+    kquant = importlib.reload(kquant)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for backend, bits in (("iso", 3), ("planar", 4), ("rotor", 2), ("hadamard", 3)):
+        config = RQConfig(backend=backend, bits=bits, scale_search=SCALE_SEARCH)
+        state = make_state(config, layer_idx=0, kind="k", num_heads=2, head_dim=64)
+        x = _outlier_keys(n=24).expand(2, 2, -1, -1).contiguous() * torch.tensor([1.0, 0.5]).view(1, 2, 1, 1)
+        args = (state.rotation, state.mean, state.scale, state.levels, bits, state.group)
+        codes, norms = kquant.launch_quantize(x.to(device), *(a.to(device) if torch.is_tensor(a) else a for a in args))
+        ref_codes, ref_norms = quantize(x, *args)
+        got, want = unpack(codes.cpu(), bits, 64), unpack(ref_codes, bits, 64)
+        assert (got != want).float().mean() <= 1e-3, backend
+        same = (got == want).all(-1)
+        assert torch.allclose(norms.cpu().float()[same], ref_norms.float()[same], rtol=2e-3), backend
+
+
+@pytest.mark.parametrize("bad", [(0.0,), (1.0, -2.0), (float("inf"),), ("1",), 1.2])
+def test_scale_search_candidates_must_be_positive_finite_numbers(bad):
+    with pytest.raises(ValueError, match="scale_search"):
+        RQConfig(scale_search=bad)
+
+
+def test_scale_search_survives_the_config_dict_round_trip():
+    config = RQConfig(backend="iso", scale_search=SCALE_SEARCH)
+    assert RQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -37,6 +37,28 @@ def _pack_store(code, out_row, t_ok, g, G: tl.constexpr, D: tl.constexpr, BITS: 
 
 
 @triton.jit
+def _codes(unit, lev_ptr, NL: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr):
+    """Code of each coordinate: how many decision boundaries (midpoints of adjacent levels) it exceeds."""
+    code = tl.zeros([BLOCK_T, G], dtype=tl.int32)
+    for k in tl.static_range(NL - 1):
+        bnd = (tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5
+        code += (unit > bnd).to(tl.int32)
+    return code
+
+
+@triton.jit
+def _lookup(code, lev_ptr, NL: tl.constexpr, LUT: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr):
+    """levels[code]: a gather, or (LUT) a chain of selects over the levels held in registers."""
+    if LUT == 0:
+        lv = tl.load(lev_ptr + code)
+    else:
+        lv = tl.zeros([BLOCK_T, G], dtype=tl.float32) + tl.load(lev_ptr)
+        for k in tl.static_range(1, NL):
+            lv = tl.where(code == k, tl.load(lev_ptr + k), lv)
+    return lv
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr,
     sxb,
@@ -62,6 +84,7 @@ def _quantize_kernel(
     BLOCK_T: tl.constexpr,
     LUT: tl.constexpr,
     RESHAPE: tl.constexpr,
+    NA: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -105,16 +128,21 @@ def _quantize_kernel(
                 y += coef[None, :] * u
         n = tl.sqrt_rn(tl.sum(y * y, axis=1))
         unit = tl.where(n[:, None] > 0, tl.math.div_rn(y, tl.maximum(n, TINY)[:, None]), 0.0)
-        code = tl.zeros([BLOCK_T, G], dtype=tl.int32)
-        for k in tl.static_range(NL - 1):
-            bnd = (tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5
-            code += (unit > bnd).to(tl.int32)
-        if LUT == 0:
-            lv = tl.load(lev_ptr + code)
-        else:
-            lv = tl.zeros([BLOCK_T, G], dtype=tl.float32) + tl.load(lev_ptr)
-            for k in tl.static_range(1, NL):
-                lv = tl.where(code == k, tl.load(lev_ptr + k), lv)
+        if NA == 0:
+            code = _codes(unit, lev_ptr, NL, BLOCK_T, G)
+        else:  # scale search: codes of unit / c for each candidate c, keep the largest cosine (first on ties)
+            code = tl.zeros([BLOCK_T, G], dtype=tl.int32)
+            best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+            for a in tl.static_range(NA):
+                code_a = _codes(tl.math.div_rn(unit, tl.load(lev_ptr + NL + a)), lev_ptr, NL, BLOCK_T, G)
+                lv_a = _lookup(code_a, lev_ptr, NL, LUT, BLOCK_T, G)
+                cos = tl.math.div_rn(
+                    tl.sum(unit * lv_a, axis=1), tl.maximum(tl.sqrt_rn(tl.sum(lv_a * lv_a, axis=1)), TINY)
+                )
+                better = cos > best
+                code = tl.where(better[:, None], code_a, code)
+                best = tl.where(better, cos, best)
+        lv = _lookup(code, lev_ptr, NL, LUT, BLOCK_T, G)
         cn = tl.sqrt_rn(tl.sum(lv * lv, axis=1))
         corrected = tl.math.div_rn(n, tl.maximum(cn, TINY))
         tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
@@ -250,6 +278,7 @@ def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wra
         BLOCK_T=bt,
         LUT=DEFAULTS["lut"],
         RESHAPE=DEFAULTS["reshape"] and rb in (1, 2, 4),
+        NA=levels.numel() - 2**bits,
         num_warps=DEFAULTS["num_warps"],
     )
     return codes, norms

@@ -23,9 +23,19 @@ class QuantState:
     rotation: torch.Tensor  # [H, nb, b, b] float32
     mean: torch.Tensor  # [H, d] float32
     scale: torch.Tensor  # [H, d] float32
-    levels: torch.Tensor  # [2**bits] float32
+    levels: torch.Tensor  # [2**bits + A] float32: the codebook, then A >= 0 encoder scale candidates
     bits: int
     group: int
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The 2**bits reconstruction levels (what decoders read)."""
+        return self.levels[: 2**self.bits]
+
+    @property
+    def scale_candidates(self) -> torch.Tensor:
+        """Scale factors the encoder tries per norm group (empty: the plain quantizer)."""
+        return self.levels[2**self.bits :]
 
     @property
     def num_heads(self) -> int:
@@ -94,7 +104,7 @@ def make_state(
         rotation=rotation,
         mean=torch.zeros(num_heads, head_dim) if mean is None else mean.detach().float().cpu(),
         scale=torch.ones(num_heads, head_dim) if scale is None else scale.detach().float().cpu(),
-        levels=codebook(bits, group),
+        levels=torch.cat([codebook(bits, group), torch.tensor(config.scale_search, dtype=torch.float32)]),
         bits=bits,
         group=group,
     )
@@ -115,23 +125,54 @@ def quantize(
     bits: int,
     group: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, T, d] -> (packed codes uint8 [B, H, T, d*bits/8], corrected norms fp16 [B, H, T, d/group])."""
+    """x [B, H, T, d] -> (packed codes uint8 [B, H, T, d*bits/8], corrected norms fp16 [B, H, T, d/group]).
+
+    `levels` is the codebook (`2**bits` values), optionally followed by the encoder's scale candidates (docs/FORMAT.md,
+    "Scale search"): each norm group is then coded at every candidate scale and the one whose reconstruction points
+    closest to the group's direction is kept. Decoders only ever read the first `2**bits` values.
+    """
     if x.dim() != 4:
         raise ValueError(f"expected x of shape [batch, heads, tokens, head_dim], got {tuple(x.shape)}")
     dim = x.shape[-1]
     if dim % group:
         raise ValueError(f"norm group {group} must divide head_dim {dim}")
-    if levels.numel() != 2**bits:
-        raise ValueError(f"codebook has {levels.numel()} levels, expected {2**bits} for bits={bits}")
+    count = 2**bits
+    if levels.dim() != 1 or levels.numel() < count:
+        raise ValueError(f"codebook has {levels.numel()} levels, expected {count} for bits={bits}")
     _check_finite(x, "K/V input")
+    codebook_levels, candidates = levels[:count], levels[count:]
     u = (x.float() - mean[:, None, :]) / scale[:, None, :]
     y = rotate(u, rotation).unflatten(-1, (dim // group, group))
     norm = y.norm(dim=-1, keepdim=True)
     unit = torch.where(norm > 0, y / norm.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(y))
-    codes = (unit.unsqueeze(-1) > boundaries(levels)).sum(-1)
-    chosen = levels[codes]
+    codes = _search_codes(unit, codebook_levels, candidates) if candidates.numel() else _codes(unit, codebook_levels)
+    chosen = codebook_levels[codes]
     corrected = norm.squeeze(-1) / chosen.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
     return pack(codes.flatten(-2), bits), corrected.to(torch.float16)
+
+
+def _codes(unit: torch.Tensor, codebook_levels: torch.Tensor) -> torch.Tensor:
+    """Code of each coordinate: how many decision boundaries it exceeds."""
+    return (unit.unsqueeze(-1) > boundaries(codebook_levels)).sum(-1)
+
+
+def _search_codes(unit: torch.Tensor, codebook_levels: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Per norm group, the codes of `unit / c` for the candidate scale `c` whose reconstruction direction is closest
+    to `unit` (largest cosine <unit, L[codes]> / ||L[codes]||; the first candidate wins ties). With the stored norm
+    restoring the group's length, the squared error of a group is 2 n^2 (1 - cosine), so this is the candidate of
+    least reconstruction error."""
+    best_codes, best_cos = None, None
+    for c in candidates.unbind():
+        codes = _codes(unit / c, codebook_levels)
+        chosen = codebook_levels[codes]
+        cos = (unit * chosen).sum(-1) / chosen.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        if best_codes is None:
+            best_codes, best_cos = codes, cos
+        else:
+            better = cos > best_cos
+            best_codes = torch.where(better[..., None], codes, best_codes)
+            best_cos = torch.where(better, cos, best_cos)
+    return best_codes
 
 
 def dequantize_rotated(
