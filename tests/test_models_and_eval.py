@@ -17,8 +17,10 @@ from rqcompile.eval import (
     KiviFakeQuantCache,
     decode_time_ppl,
     fake_quant_uniform,
+    forced_greedy_agreement,
     full_forward_ppl,
     greedy_agreement,
+    greedy_tokens,
     kl_divergence,
     kl_vs_reference,
     license_corpus,
@@ -194,6 +196,23 @@ def test_greedy_agreement_of_the_reference_with_itself_is_total(smollm2, ids):
 
 
 # --- KIVI baseline cache --------------------------------------------------------------------------------------------
+
+
+def test_forced_greedy_agreement_of_the_reference_with_itself_is_total(smollm2, ids):
+    model, prompt = smollm2[0], ids[:, :PREFILL]
+    reference = greedy_tokens(model, prompt, DynamicCache, 12)
+    agree = forced_greedy_agreement(model, prompt, DynamicCache, reference)
+    assert agree.prefix == 1.0 and agree.top1 == 1.0 and agree.first_divergence is None
+
+
+def test_forced_greedy_prefix_equals_the_free_running_prefix(smollm2, ids):
+    """Until the first mismatch both runs see the same tokens, so teacher forcing finds the same divergence."""
+    model, prompt = smollm2[0], ids[:, :PREFILL]
+    make = lambda: KiviFakeQuantCache(2, 2)  # noqa: E731 - diverges within a few tokens on this text
+    free = greedy_agreement(model, prompt, make, 12)
+    forced = forced_greedy_agreement(model, prompt, make, free.reference, chunk=1)
+    assert free.first_divergence is not None and forced.first_divergence == free.first_divergence
+    assert forced.prefix == free.prefix and forced.top1 >= forced.prefix
 
 
 def test_uniform_fake_quant_error_is_within_half_a_step():

@@ -4,8 +4,10 @@ from .corpus import license_corpus, license_text, stdlib_corpus, stdlib_text
 from .kivi import KiviFakeQuantCache, fake_quant_uniform
 from .metrics import (
     DecodeResult,
+    ForcedAgreement,
     GreedyAgreement,
     decode_time_ppl,
+    forced_greedy_agreement,
     full_forward_ppl,
     greedy_agreement,
     greedy_tokens,
@@ -16,9 +18,11 @@ from .metrics import (
 
 __all__ = [
     "DecodeResult",
+    "ForcedAgreement",
     "GreedyAgreement",
     "KiviFakeQuantCache",
     "decode_time_ppl",
+    "forced_greedy_agreement",
     "fake_quant_uniform",
     "full_forward_ppl",
     "greedy_agreement",

@@ -200,3 +200,45 @@ def greedy_agreement(
         reference=reference,
         test=test,
     )
+
+
+@dataclass
+class ForcedAgreement:
+    """Greedy agreement measured by teacher forcing the reference's greedy tokens through the test cache.
+
+    `prefix`: fraction of the n reference tokens before the first position where the test model's argmax differs -
+    exactly the prefix agreement of a free-running greedy generation, since until that position both see the same
+    tokens. `top1`: fraction of the n positions whose argmax equals the reference token (each position conditioned
+    on the reference's own tokens, unlike a free run, which continues from its own)."""
+
+    prefix: float
+    top1: float
+    first_divergence: int | None
+
+
+@torch.inference_mode()
+def forced_greedy_agreement(
+    model,
+    prompt_ids: torch.Tensor,
+    make_cache: MakeCache,
+    reference: torch.Tensor,
+    chunk: int | None = None,
+) -> ForcedAgreement:
+    """Prefill the prompt, then feed `reference[:-1]` (`chunk` tokens per forward, default all at once; use 1 for
+    caches that keep recent tokens exact, see `decode_time_ppl`) and compare each step's argmax with the next
+    reference token."""
+    ids = _check_ids(prompt_ids, 1).to(model.device)
+    reference = reference.to(model.device)
+    n = reference.numel()
+    kw = {_cache_kwarg(model): make_cache(), "use_cache": True}
+    predictions = [model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1:].argmax(-1)]
+    chunk = chunk or max(n - 1, 1)
+    for start in range(0, n - 1, chunk):
+        fed = reference[start : min(start + chunk, n - 1)]
+        predictions.append(model(input_ids=fed[None], **kw).logits[0].argmax(-1))
+    same = torch.cat(predictions) == reference
+    diff = (~same).nonzero()
+    first = int(diff[0]) if len(diff) else None
+    return ForcedAgreement(
+        prefix=(n if first is None else first) / n, top1=same.float().mean().item(), first_divergence=first
+    )
