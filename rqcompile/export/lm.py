@@ -9,7 +9,8 @@ Every exported program is therefore **functional**:
 where `state` is every buffer the captured program mutates (K/V caches - uint8 codes + fp16 norms once compressed -,
 conv and recurrent states of linear-attention layers), in a fixed order recorded in the manifest. The loader
 (`rqcompile.runtime.loaded`) owns the state tensors, feeds them to prefill or decode and keeps what comes back; the
-weights and quant state stay constants inside each program. The cost is that each program returns whole new cache
+weights and quant state are the programs' constants (inside each ONNX graph; for AOTInductor written once beside the
+code-only packages, see `rqcompile.export.aoti`). The cost is that each program returns whole new cache
 tensors (one copy per step on CPU; fine at the sizes here, and the price of portability).
 
 Prefill length: prefill is exported with a dynamic prompt length, except when its graph holds a `scan` (the chunked
