@@ -1,11 +1,15 @@
-"""Preset search for issue 6: the best measured configuration of each backend at about 4, 3.5, 3 and 2.5 bits/element.
+"""Preset search for issue 6: each backend's measured best configuration at about 4, 3.5, 3 and 2.5 bits/element.
 
-Every candidate uses the library's own `RQCache` (sink tokens and recent window included), calibration on the
-stdlib corpus, evaluation on the license corpus (never the same text). Bits per element are measured twice from the
-bytes the cache allocates: at the evaluation length, and at 32K tokens (one layer filled with synthetic K/V: the
-allocation does not depend on the values).
+Every candidate uses the library's own `RQCache` (sink token, scale search, recent window), calibration on 4096
+stdlib tokens (`calibrate(..., value_scale=True)`; hadamard gets the key mean only: scales hurt it, QUALITY.md),
+evaluation on two windows of the license corpus (offsets 0 and 8192; never the calibration text): prefill 512, then
+`--decode` teacher-forced steps. Configs without a recent window are fed the whole decode window in one forward
+(`decode_time_ppl(chunk=decode)`: per-token quantization makes that equal to one token at a time); configs with a
+window are fed one token at a time. Bits per element are measured from the bytes the cache allocates, at the
+evaluation length and at 32K tokens (one layer filled with synthetic K/V: the allocation does not depend on the
+values).
 
-    .venv/bin/python benchmarks/presets.py --decode 128 --out benchmarks/results/presets_d128.json
+    .venv/bin/python benchmarks/presets.py --decode 512 --out benchmarks/results/presets_d512.json
 """
 
 from __future__ import annotations
@@ -21,25 +25,32 @@ import transformers
 
 from rqcompile.cache import RQCache, RQCacheLayer
 from rqcompile.calibrate import Calibration, calibrate
-from rqcompile.config import RQConfig
+from rqcompile.config import SCALE_SEARCH, RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 from rqcompile.models import load_smollm2
 
 BACKENDS = ("planar", "iso", "rotor", "hadamard")
+OFFSETS = (0, 8192)
 WIDTHS = {
-    "4.25": dict(bits=4),
-    "3.75": dict(key_bits=4, value_bits=3),
-    "3.25": dict(bits=3),
-    "2.75": dict(key_bits=3, value_bits=2),
+    "K4V4": dict(bits=4),
+    "K4V3": dict(key_bits=4, value_bits=3),
+    "K3V3": dict(bits=3),
+    "K3V2": dict(key_bits=3, value_bits=2),
+    "K2V2": dict(bits=2),
 }
 
 
-def candidates() -> list[tuple[str, str, RQConfig]]:
+def candidates(window: bool) -> list[tuple[str, str, RQConfig]]:
+    """(backend, preset name, config): every width plain and with scale search, all with one exact sink token."""
     rows = []
     for backend in BACKENDS:
         for width, bits in WIDTHS.items():
-            rows.append((backend, width, RQConfig(backend=backend, sink_tokens=1, **bits)))
-        rows.append((backend, "3.25+w32", RQConfig(backend=backend, bits=3, sink_tokens=1, residual_window=32)))
+            base = RQConfig(backend=backend, sink_tokens=1, **bits)
+            rows.append((backend, width, base))
+            rows.append((backend, f"{width} search", base.replace(scale_search=SCALE_SEARCH)))
+        if window:
+            config = RQConfig(backend=backend, bits=3, sink_tokens=1, residual_window=32, scale_search=SCALE_SEARCH)
+            rows.append((backend, "K3V3 search w32", config))
     return rows
 
 
@@ -58,61 +69,83 @@ def bits_at(config: RQConfig, calibration: Calibration | None, model_config, tok
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--decode", type=int, default=512)
+    parser.add_argument("--no-window", action="store_true", help="skip the residual-window rows (fed one at a time)")
+    parser.add_argument("--only", default="", help="run only rows whose 'backend preset' contains this text")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/presets.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     model, tok = load_smollm2()
-    ids = license_corpus(tok, args.prefill + args.decode + 1)
+    windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=o) for o in OFFSETS]
     t0 = time.perf_counter()
     full = calibrate(model, stdlib_corpus(tok, 4096), value_scale=True, source="stdlib 4096 tokens")
     key_mean = Calibration({k: v for k, v in full.stats.items() if k[1] == "k" and k[2] == "mean"}, full.source)
     print(f"calibrated in {time.perf_counter() - t0:.0f}s", flush=True)
-    reference = decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode)
-    print(f"fp ppl {reference.ppl:.3f}", flush=True)
+    refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
+    print(f"fp ppl {[round(r.ppl, 3) for r in refs]}", flush=True)
     rows = []
-    for backend, width, config in candidates():
+    for backend, preset, config in candidates(window=not args.no_window):
+        if args.only not in f"{backend} {preset}":
+            continue
         calib = key_mean if backend == "hadamard" else full  # measured: scales hurt hadamard (QUALITY.md)
-        holder: list[RQCache] = []
-
-        def make(config=config, calib=calib, holder=holder):
-            holder.append(RQCache(config, calibration=calib))
-            return holder[-1]
-
+        chunk = 1 if config.residual_window else args.decode
         t0 = time.perf_counter()
-        result = decode_time_ppl(model, ids, make, prefill=args.prefill, decode=args.decode)
-        report = holder[0].memory_report()
-        elements = sum(m["tokens"] for m in report.layers.values()) * model.config.num_key_value_heads
+        per_window = []
+        for ids, ref in zip(windows, refs):
+            holder: list[RQCache] = []
+
+            def make(config=config, calib=calib, holder=holder):
+                holder.append(RQCache(config, calibration=calib))
+                return holder[-1]
+
+            result = decode_time_ppl(model, ids, make, prefill=args.prefill, decode=args.decode, chunk=chunk)
+            report = holder[0].memory_report()
+            elements = sum(m["tokens"] for m in report.layers.values()) * model.config.num_key_value_heads
+            per_window.append(
+                {
+                    "offset": OFFSETS[len(per_window)],
+                    "ppl": result.ppl,
+                    "delta_pct": 100 * (result.ppl / ref.ppl - 1),
+                    "kl": kl_divergence(ref, result).mean().item(),
+                    "bits_eval": report.compressed_bytes * 8 / (elements * model.config.head_dim * 2),
+                }
+            )
         row = {
             "backend": backend,
-            "preset": width,
+            "preset": preset,
             "config": config.to_dict(),
             "calibration": "key mean" if calib is key_mean else "key mean + K/V scales",
-            "ppl": result.ppl,
-            "delta_pct": 100 * (result.ppl / reference.ppl - 1),
-            "kl": kl_divergence(reference, result).mean().item(),
-            "bits_eval": report.compressed_bytes * 8 / (elements * model.config.head_dim * 2),
+            "chunk": chunk,
+            "windows": per_window,
+            "delta_pct_mean": sum(w["delta_pct"] for w in per_window) / len(per_window),
+            "kl_mean": sum(w["kl"] for w in per_window) / len(per_window),
+            "bits_eval": per_window[0]["bits_eval"],
             "bits_32k": bits_at(config, calib, model.config, 32768),
             "seconds": time.perf_counter() - t0,
         }
         rows.append(row)
+        deltas = " ".join(f"{w['delta_pct']:+6.1f}%" for w in per_window)
         print(
-            f"{backend:9s} {width:9s} ppl {row['ppl']:7.3f} {row['delta_pct']:+7.1f}% KL {row['kl']:.4f} "
-            f"bits {row['bits_eval']:.2f} (eval) {row['bits_32k']:.3f} (32K) {row['seconds']:.0f}s",
+            f"{backend:9s} {preset:16s} {deltas} (mean {row['delta_pct_mean']:+6.1f}%) KL {row['kl_mean']:.4f} "
+            f"bits {row['bits_32k']:.3f} (32K) {row['bits_eval']:.3f} (eval) {row['seconds']:.0f}s",
             flush=True,
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "prefill": args.prefill,
             "decode": args.decode,
-            "fp_ppl": reference.ppl,
+            "offsets": list(OFFSETS),
+            "fp_ppl": [r.ppl for r in refs],
+            "scale_search": list(SCALE_SEARCH),
             "rows": rows,
             "machine": f"{platform.processor() or platform.machine()} CPU, 1 thread",
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "command": f"benchmarks/presets.py --prefill {args.prefill} --decode {args.decode} --out {args.out}",
+            "command": f"benchmarks/presets.py --prefill {args.prefill} --decode {args.decode} --out {args.out}"
+            + (" --no-window" if args.no_window else "")
+            + (f" --only '{args.only}'" if args.only else ""),
         }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1))
     return data
 

@@ -38,7 +38,9 @@ class Harness:
         torch.set_grad_enabled(False)
         self.model, self.tok = load_smollm2()
         self.windows = [license_corpus(self.tok, PREFILL + DECODE + 1, offset=o) for o in OFFSETS]
-        self.refs = [decode_time_ppl(self.model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE) for ids in self.windows]
+        self.refs = [
+            decode_time_ppl(self.model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE) for ids in self.windows
+        ]
         self._calibs: dict = {}
         self.calib_tokens, self.scale_power = calib_tokens, scale_power
 
@@ -198,15 +200,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("experiment")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--search", default="", help="comma-separated scale_search candidates for every config")
     args = parser.parse_args(argv)
+    search = tuple(float(c) for c in args.search.split(",") if c)
     h = Harness()
     print(f"fp ppl {[r.ppl for r in h.refs]}", flush=True)
     rows = []
     exp = args.experiment
     full = h.calibration()
     km = h.key_mean()
-    bitsets = {"K4V4": dict(bits=4), "K4V3": dict(key_bits=4, value_bits=3), "K3V3": dict(bits=3),
-               "K3V2": dict(key_bits=3, value_bits=2)}
+    bitsets = {
+        "K4V4": dict(bits=4),
+        "K4V3": dict(key_bits=4, value_bits=3),
+        "K3V3": dict(bits=3),
+        "K3V2": dict(key_bits=3, value_bits=2),
+    }
     backends = ("planar", "iso", "rotor", "hadamard")
 
     def cal(b):
@@ -252,7 +260,7 @@ def main(argv=None):
                 energy[(layer, kind)] = t
         for name in ("K3V3", "K4V3"):
             for b in ("planar", "iso", "rotor"):
-                cfg = RQConfig(backend=b, sink_tokens=1, **bitsets[name])
+                cfg = RQConfig(backend=b, sink_tokens=1, scale_search=search, **bitsets[name])
                 rows.append(h.run(cfg, full, f"{b} {name} base"))
                 with patched(make_state=permuted_make_state(rope_pairs)):
                     rows.append(h.run(cfg, full, f"{b} {name} rope-pairs"))
@@ -266,18 +274,23 @@ def main(argv=None):
         for p in (0.6, 0.7, 0.8, 0.9, 1.0):
             c = h.calibration(power=p)
             for b in ("planar", "iso", "rotor"):
-                rows.append(h.run(RQConfig(backend=b, sink_tokens=1, bits=3), c, f"{b} K3V3 power {p}"))
+                rows.append(
+                    h.run(RQConfig(backend=b, sink_tokens=1, bits=3, scale_search=search), c, f"{b} K3V3 power {p}")
+                )
         for n in (1024, 16384):
             c = h.calibration(tokens=n)
             for b in ("planar", "iso", "rotor"):
-                rows.append(h.run(RQConfig(backend=b, sink_tokens=1, bits=3), c, f"{b} K3V3 calib {n}"))
+                rows.append(
+                    h.run(RQConfig(backend=b, sink_tokens=1, bits=3, scale_search=search), c, f"{b} K3V3 calib {n}")
+                )
     elif exp == "layers":
         # K4 in one contiguous range of layers, K3 elsewhere (V3): which layers carry the key error?
         for b in ("iso",):
             for lo, hi in ((0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30), (0, 3), (3, 9)):
                 table = {i: 4 for i in range(lo, hi)}
                 with patched(make_state=layer_bits_make_state(table)):
-                    rows.append(h.run(RQConfig(backend=b, sink_tokens=1, bits=3), full, f"{b} K3V3 K4@{lo}-{hi}"))
+                    cfg = RQConfig(backend=b, sink_tokens=1, bits=3, scale_search=search)
+                    rows.append(h.run(cfg, full, f"{b} K3V3 K4@{lo}-{hi}"))
     else:
         raise SystemExit(f"unknown experiment {exp}")
     if args.out:

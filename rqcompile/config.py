@@ -38,6 +38,9 @@ class RQConfig:
             whose codes reconstruct the group best (docs/FORMAT.md, "Scale search"). ``()`` (the default) quantizes
             at the group's own norm only. Costs no bytes: it changes which codes and norm are written, not the
             format the decoders read. ``SCALE_SEARCH`` is the measured set.
+        layer_bits: per-layer overrides ``((layer_idx, key_bits, value_bits), ...)`` of ``key_bits`` /
+            ``value_bits``, e.g. 4-bit keys only in the layers whose key error costs most. ``()``: every layer uses
+            ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it).
     """
 
     backend: str = "planar"
@@ -51,8 +54,10 @@ class RQConfig:
     sink_tokens: int = 0
     check_finite: bool = True
     scale_search: tuple[float, ...] = ()
+    layer_bits: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_layer_bits()
         if isinstance(self.scale_search, list):  # from_dict of a JSON round trip
             object.__setattr__(self, "scale_search", tuple(self.scale_search))
         if not isinstance(self.scale_search, tuple) or not all(
@@ -78,6 +83,38 @@ class RQConfig:
             raise ValueError(f"sink_tokens={self.sink_tokens} must be >= 0")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {type(self.seed).__name__}")
+
+    def _check_layer_bits(self) -> None:
+        entries = self.layer_bits
+        if isinstance(entries, list):  # from_dict of a JSON round trip
+            entries = tuple(tuple(e) if isinstance(e, list) else e for e in entries)
+        ok = isinstance(entries, tuple) and all(
+            isinstance(e, tuple)
+            and len(e) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in e)
+            and e[0] >= 0
+            and e[1] in SUPPORTED_BITS
+            and e[2] in SUPPORTED_BITS
+            for e in entries
+        )
+        if not ok:
+            raise ValueError(
+                f"layer_bits={self.layer_bits!r} must be a tuple of (layer_idx >= 0, key_bits, value_bits) with bits"
+                f" in {SUPPORTED_BITS}"
+            )
+        layers = [e[0] for e in entries]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layer_bits={self.layer_bits!r} names a layer more than once")
+        object.__setattr__(self, "layer_bits", tuple(sorted(entries)))
+
+    def bits_for(self, layer_idx: int, kind: str) -> int:
+        """Bits of layer `layer_idx`'s keys (`kind="k"`) or values (`"v"`), `layer_bits` overrides included."""
+        if kind not in ("k", "v"):
+            raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
+        for layer, key_bits, value_bits in self.layer_bits:
+            if layer == layer_idx:
+                return key_bits if kind == "k" else value_bits
+        return self.k_bits if kind == "k" else self.v_bits
 
     @property
     def k_bits(self) -> int:

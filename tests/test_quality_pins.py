@@ -1,13 +1,14 @@
 """Quality pins on the real SmolLM2-135M: fail when compression quality regresses, cheap enough for every CI run.
 
-Decode-time ppl over a short window (prefill 128 license tokens, then 32 teacher-forced steps through the cache) for
-the default config (planar, 3 bits) and the calibrated iso 3-bit preset with one sink token (K mean + K scale + V
-scale from `calibrate`'s defaults on 512 stdlib tokens, never on the evaluation text; `sink_tokens=1`). Each delta
-must stay below a bound ~25% above the value measured when the pin was set, and above a floor that shows the cache
-really quantizes. Measured at pin time (torch 2.13 CPU, transformers 5.24, one thread, calibrate scale_power 0.8 /
-skip_first 1): fp ppl 15.203; planar-3 +386%; iso-3-cal-sink1 +9.7% (iso-3-cal without the sink: +38.5%).
+Decode-time ppl and KL over one window of the license corpus (prefill 512, then 256 teacher-forced steps fed in one
+forward: `decode_time_ppl(chunk=256)`, which for a cache without a recent window is the same as one token at a time)
+for the plain default config (planar, 3 bits) and the presets of QUALITY.md: calibrated (`calibrate(...,
+value_scale=True)` on 2048 stdlib tokens, never the evaluation text), one exact sink token, scale search. Each delta
+must stay below a bound ~25% above the value measured when the pin was set (and KL likewise), and above a floor that
+shows the cache really quantizes. Measured at pin time (torch 2.13 CPU, transformers 5.24, one thread): see PINS.
+A block backend's codes can flip on float-rounding differences and cascade (~1-2% ppl), hence the margins.
 
-The full-length numbers come from benchmarks/quality.py; its end-to-end smoke run is marked slow.
+The full-length numbers come from benchmarks/presets.py; benchmarks/quality.py's end-to-end smoke run is marked slow.
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ import torch
 from rqcompile import models
 from rqcompile.cache import RQCache
 from rqcompile.calibrate import calibrate
-from rqcompile.config import RQConfig
-from rqcompile.eval import decode_time_ppl, license_corpus, reference_cache, stdlib_corpus
+from rqcompile.config import SCALE_SEARCH, RQConfig
+from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 
-PREFILL, DECODE = 128, 32
+PREFILL, DECODE = 512, 256
+PRESET = dict(sink_tokens=1, scale_search=SCALE_SEARCH)
 
-# (config, calibrated?, lower bound %, upper bound %) on the ppl delta vs the fp cache.
+# name: (config, calibrated?, (ppl delta % floor, ceiling), KL ceiling). Measured at pin time (fp ppl 12.173):
+# planar-3 +970.3% KL 2.346; iso-K4V3-preset +10.3% KL 0.091 (without the scale search +13.7% KL 0.141);
+# iso-K3V3-preset +28.2% KL 0.251 (without the search +32.3% KL 0.305); rotor-K3V2-preset +65.3% KL 0.459.
 PINS = {
-    "planar-3": (RQConfig(backend="planar", bits=3), False, 100.0, 485.0),
-    "iso-3-cal-sink1": (RQConfig(backend="iso", bits=3, sink_tokens=1), True, 2.0, 12.1),
+    "planar-3": (RQConfig(backend="planar", bits=3), False, (500.0, 1300.0), 3.0),
+    "iso-K4V3-preset": (RQConfig(backend="iso", key_bits=4, value_bits=3, **PRESET), True, (3.0, 13.0), 0.115),
+    "iso-K3V3-preset": (RQConfig(backend="iso", bits=3, **PRESET), True, (12.0, 35.0), 0.31),
+    "rotor-K3V2-preset": (RQConfig(backend="rotor", key_bits=3, value_bits=2, **PRESET), True, (25.0, 82.0), 0.57),
 }
 
 
@@ -54,29 +60,42 @@ def ids(smollm2):
 
 @pytest.fixture(scope="module")
 def calibration(smollm2):
-    return calibrate(smollm2[0], stdlib_corpus(smollm2[1], 512), key_scale=True, value_scale=True, source="stdlib")
+    return calibrate(smollm2[0], stdlib_corpus(smollm2[1], 2048), value_scale=True, source="stdlib 2048")
 
 
 @pytest.fixture(scope="module")
-def fp_ppl(smollm2, ids):
-    return decode_time_ppl(smollm2[0], ids, reference_cache, PREFILL, DECODE, keep_logprobs=False).ppl
+def reference(smollm2, ids):
+    return decode_time_ppl(smollm2[0], ids, prefill=PREFILL, decode=DECODE, chunk=DECODE)
 
 
-@pytest.mark.parametrize("name", sorted(PINS))
-def test_decode_time_ppl_pin(name, smollm2, ids, calibration, fp_ppl):
-    config, calibrated, low, high = PINS[name]
+def _measure(smollm2, ids, reference, config, calibration):
     caches: list[RQCache] = []
 
     def make():
-        caches.append(RQCache(config, calibration=calibration if calibrated else None))
+        caches.append(RQCache(config, calibration=calibration))
         return caches[-1]
 
-    ppl = decode_time_ppl(smollm2[0], ids, make, PREFILL, DECODE, keep_logprobs=False).ppl
-    delta = 100 * (ppl / fp_ppl - 1)
-    assert low < delta < high, f"{name}: ppl {ppl:.3f} vs fp {fp_ppl:.3f} = {delta:+.1f}%, pinned to ({low}, {high})%"
+    result = decode_time_ppl(smollm2[0], ids, make, PREFILL, DECODE, chunk=DECODE)
+    delta = 100 * (result.ppl / reference.ppl - 1)
+    return delta, kl_divergence(reference, result).mean().item(), caches[0]
 
+
+@pytest.mark.parametrize("name", sorted(PINS))
+def test_decode_time_quality_pin(name, smollm2, ids, calibration, reference):
+    config, calibrated, (low, high), kl_high = PINS[name]
+    delta, kl, cache = _measure(smollm2, ids, reference, config, calibration if calibrated else None)
+    assert low < delta < high, f"{name}: ppl delta {delta:+.2f}% (KL {kl:.4f}), pinned to ({low}, {high})%"
+    assert kl < kl_high, f"{name}: KL {kl:.4f} (ppl delta {delta:+.2f}%), pinned below {kl_high}"
     if not config.sink_tokens:
-        assert _bits_per_element(caches[0], smollm2[0].config) == pytest.approx(3.25)
+        assert _bits_per_element(cache, smollm2[0].config) == pytest.approx(3.25)
+
+
+def test_scale_search_is_what_makes_the_preset_better(smollm2, ids, calibration, reference):
+    """The same calibrated iso K4/V3 + sink config without the scale search is clearly worse (KL, nats/token)."""
+    config = PINS["iso-K4V3-preset"][0]
+    _, kl_search, _ = _measure(smollm2, ids, reference, config, calibration)
+    _, kl_plain, _ = _measure(smollm2, ids, reference, config.replace(scale_search=()), calibration)
+    assert kl_search < 0.85 * kl_plain, f"KL with search {kl_search:.4f} vs without {kl_plain:.4f}"
 
 
 def _bits_per_element(cache: RQCache, mc) -> float:
@@ -95,9 +114,9 @@ def test_sink_token_costs_only_its_own_bytes(smollm2, ids, calibration):
         caches.append(RQCache(config, calibration=calibration))
         return caches[-1]
 
-    decode_time_ppl(smollm2[0], ids, make, PREFILL, 2, keep_logprobs=False)
+    decode_time_ppl(smollm2[0], ids[:, :131], make, 128, 2, keep_logprobs=False)
     mc = smollm2[0].config
-    sink_extra = 16 * 2 / 2 / (PREFILL + 2) * 2  # generous: one fp32 token of K and V per layer over the sequence
+    sink_extra = 16 * 2 / 2 / (128 + 2) * 2  # generous: one fp32 token of K and V per layer over the sequence
     assert _bits_per_element(caches[0], mc) < 3.25 + sink_extra + 0.05
 
 

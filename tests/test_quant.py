@@ -331,3 +331,41 @@ def test_scale_search_candidates_must_be_positive_finite_numbers(bad):
 def test_scale_search_survives_the_config_dict_round_trip():
     config = RQConfig(backend="iso", scale_search=SCALE_SEARCH)
     assert RQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# --- per-layer bits -------------------------------------------------------------------------------------------
+def test_layer_bits_override_key_and_value_bits_of_the_named_layers_only():
+    config = RQConfig(backend="iso", bits=3, layer_bits=((4, 4, 2),))
+    states = {
+        (layer, kind): make_state(config, layer_idx=layer, kind=kind, num_heads=1, head_dim=64)
+        for layer in (3, 4)
+        for kind in ("k", "v")
+    }
+    assert [states[(4, "k")].bits, states[(4, "v")].bits, states[(3, "k")].bits, states[(3, "v")].bits] == [4, 2, 3, 3]
+    assert states[(4, "k")].levels.numel() == 16 and states[(4, "v")].code_bytes == 16
+
+
+def test_a_cache_layer_allocates_the_bits_its_layer_is_given():
+    from rqcompile.cache import RQCacheLayer
+
+    config = RQConfig(backend="planar", bits=3, layer_bits=((1, 4, 4),))
+    held = []
+    for layer_idx in (0, 1):
+        layer = RQCacheLayer(config, layer_idx)
+        layer.update(torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64))
+        held.append(layer.memory()["compressed_bytes"] * 8 / (64 * 2 * 64 * 2))
+    assert held == [3.25, 4.25]
+
+
+@pytest.mark.parametrize(
+    "bad", [((0, 5, 3),), ((-1, 4, 3),), ((0, 4),), ((1, 4, 3), (1, 3, 3)), ((0, True, 3),), (0, 4, 3)]
+)
+def test_bad_layer_bits_are_refused(bad):
+    with pytest.raises(ValueError, match="layer_bits"):
+        RQConfig(layer_bits=bad)
+
+
+def test_layer_bits_survive_the_config_dict_round_trip():
+    config = RQConfig(backend="rotor", layer_bits=((7, 4, 3), (2, 4, 2)))
+    assert config.layer_bits == ((2, 4, 2), (7, 4, 3))
+    assert RQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -89,7 +89,7 @@ def make_state(
     if scale is not None and not bool((scale > 0).all()):
         raise ValueError(f"calibrated scale for layer {layer_idx} {kind} must be positive")
     group = config.group_for(head_dim)
-    bits = config.k_bits if kind == "k" else config.v_bits
+    bits = config.bits_for(layer_idx, kind)
     rotation = make_rotation(
         config.backend,
         num_heads,
