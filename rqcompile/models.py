@@ -183,3 +183,30 @@ def tiny_qwen3_5(head_dim: int = 64, vocab_size: int = 160):
     )
     torch.manual_seed(0)
     return Qwen3_5ForCausalLM(config).float().eval()
+
+
+def qwen3_5_27b_config(num_hidden_layers: int = 64):
+    """The text config of Qwen3.5-27B (DESIGN.md §5), for random-weight runs at real dimensions: hidden 5120, 64
+    layers with every 4th full attention (24 query / 4 KV heads, head_dim 256, partial rotary 0.25), gated delta-net
+    linear layers (16 key / 48 value heads of dim 128, conv 4), MLP 17408, vocab 248320. `num_hidden_layers` keeps
+    the 3:1 pattern when lowered for smoke runs."""
+    from transformers import Qwen3_5TextConfig
+
+    return Qwen3_5TextConfig(
+        vocab_size=248320,
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_hidden_layers=num_hidden_layers,
+        layer_types=["full_attention" if i % 4 == 3 else "linear_attention" for i in range(num_hidden_layers)],
+        num_attention_heads=24,
+        num_key_value_heads=4,
+        head_dim=256,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_num_key_heads=16,
+        linear_num_value_heads=48,
+        max_position_embeddings=1 << 21,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+        tie_word_embeddings=False,
+    )

@@ -77,8 +77,15 @@ def attention(
     v_bits: int,
     attn_mask: torch.Tensor | None,
     sm_scale: float,
+    kv_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SDPA of q [B, Hq, Tq, d] over the compressed cache, computed in the rotated space (GQA by head grouping)."""
+    """SDPA of q [B, Hq, Tq, d] over the compressed cache, computed in the rotated space (GQA by head grouping).
+
+    `kv_len` (optional int [B]): keys at positions >= kv_len[b] are masked, on top of `attn_mask`. It says nothing
+    the mask does not, but it lets a kernel stop reading a static cache at the last valid key instead of streaming
+    (and masking) all of max_cache_len.
+    """
+    attn_mask = mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2])
     group_k = q.shape[-1] // k_norms.shape[-1]
     group_v = q.shape[-1] // v_norms.shape[-1]
     k = quantizer.QuantState(k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, k_bits, group_k)
@@ -104,8 +111,21 @@ def _(
     v_bits,
     attn_mask,
     sm_scale,
+    kv_len=None,
 ):
     return q.new_empty(q.shape)  # contiguous, like every implementation
+
+
+def mask_with_kv_len(attn_mask: torch.Tensor | None, kv_len: torch.Tensor | None, tk: int) -> torch.Tensor | None:
+    """`attn_mask` (bool or additive float, SDPA-style) with keys >= kv_len[b] masked as well."""
+    if kv_len is None:
+        return attn_mask
+    valid = (torch.arange(tk, device=kv_len.device) < kv_len[:, None])[:, None, None, :]
+    if attn_mask is None:
+        return valid
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & valid
+    return torch.where(valid, attn_mask, torch.tensor(float("-inf"), dtype=attn_mask.dtype, device=attn_mask.device))
 
 
 def quantize_state(x: torch.Tensor, state: quantizer.QuantState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +152,7 @@ def attention_state(
     v: quantizer.QuantState,
     attn_mask: torch.Tensor | None = None,
     sm_scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """rq::attention with two QuantStates' parameters."""
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
@@ -152,6 +173,7 @@ def attention_state(
         v.bits,
         attn_mask,
         sm_scale,
+        kv_len,
     )
 
 

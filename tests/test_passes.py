@@ -13,7 +13,7 @@ import torch
 
 from rqcompile.config import RQConfig
 from rqcompile.passes.capture import AttentionSite, capture
-from rqcompile.passes.fuse_attention import fuse_attention
+from rqcompile.passes.fuse_attention import fuse_attention, valid_kv_length
 from rqcompile.passes.kv_compress import KVCompressError, compress_kv_cache, exact_read, exact_write
 
 aten = torch.ops.aten
@@ -108,6 +108,31 @@ def test_fuse_removes_sdpa_and_dequantize(captured):
                 "codes" not in str(e.args[0]) for e in _calls(gm, aten.expand.default)
             )
             assert gm.meta["rq_fuse_attention"] == n
+
+
+def test_fused_attention_reads_only_up_to_the_last_visible_key(captured):
+    """Each fused site gets kv_len from its mask (one computation per mask), so a kernel can stop at the keys
+    written so far instead of streaming all of max_cache_len."""
+    for c in captured.values():
+        (pre, dec), _, _ = _compressed(c, fuse=True)
+        for gm in (pre, dec):
+            lens = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is valid_kv_length]
+            assert len(lens) == 1
+            assert all(a.args[16] is lens[0] for a in _calls(gm, rq.attention.default))
+
+
+def test_valid_kv_length_is_one_past_the_last_visible_key():
+    positions = torch.arange(MAX_LEN)
+    causal_decode = (positions <= 9)[None, None, None, :]  # [1, 1, 1, Tk] static-cache mask at position 9
+    assert valid_kv_length(causal_decode, batch=3).tolist() == [10, 10, 10]
+    prefill = (positions[None, :] <= torch.arange(4, 8)[:, None])[None, None]  # rows at positions 4..7
+    assert valid_kv_length(prefill, batch=1).tolist() == [8]
+    padded = torch.zeros(2, 1, 1, MAX_LEN, dtype=torch.bool)
+    padded[0, ..., :5], padded[1, ..., 3:12] = True, True
+    assert valid_kv_length(padded, batch=2).tolist() == [5, 12]
+    additive = torch.zeros(1, 1, 1, MAX_LEN).masked_fill(positions >= 20, float("-inf"))
+    assert valid_kv_length(additive, batch=2).tolist() == [20, 20]
+    assert valid_kv_length(positions[None, :] <= 3, batch=1).tolist() == [4]  # 2-D mask
 
 
 @pytest.mark.parametrize("name", MODELS)

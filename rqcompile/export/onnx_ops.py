@@ -246,6 +246,7 @@ def make_attention(flavour: str = "standard") -> Callable[..., Any]:
         v_bits: int,
         attn_mask,
         sm_scale: float,
+        kv_len=None,  # unused: it only lets kernels skip keys that attn_mask already masks
     ):
         kv_heads, dim = (_static(s, "k_scale shape [H, d]") for s in k_scale.shape)
         q_heads = _static(q.shape[1], "number of query heads")

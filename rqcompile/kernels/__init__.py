@@ -83,7 +83,11 @@ def _attention_reference(
     v_bits,
     attn_mask,
     sm_scale,
+    kv_len=None,
 ):
+    from rqcompile.ops import mask_with_kv_len
+
+    attn_mask = mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2])
     group_k = q.shape[-1] // k_norms.shape[-1]
     group_v = q.shape[-1] // v_norms.shape[-1]
     k = quantizer.QuantState(k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, k_bits, group_k)

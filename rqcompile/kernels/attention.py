@@ -13,7 +13,8 @@ norms scale the score columns after the dot, the V norms are folded into p, so n
 Combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query row (block-diagonal gather),
 applies V's scale and mean and writes the output in q's dtype.
 
-Masks: none; an optional per-batch valid length `kv_len` (keys >= kv_len[b] are never read); or any
+Masks: none; an optional per-batch valid length `kv_len` (keys >= kv_len[b] are never read, and the splits divide
+the valid keys among themselves, so the work follows the context, not max_cache_len); or any
 SDPA-style mask (bool or additive float, broadcastable to [B, Hq, Tq, Tk]) read tile by tile with its strides.
 """
 
@@ -214,10 +215,14 @@ def _attn_split_kernel(
         q0 = qf.to(tl.float16)
         q1 = q0
 
-    n_lo = split * span
-    n_hi = tl.minimum(n_lo + span, Tk)
-    if HAS_KVLEN:
-        n_hi = tl.minimum(n_hi, tl.load(kvlen_ptr + b).to(tl.int32))
+    if HAS_KVLEN:  # the splits share the valid keys only: a short context in a long static cache keeps every split busy
+        kvl = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk)
+        span_b = (((kvl + NS - 1) // NS + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        n_lo = split * span_b
+        n_hi = tl.minimum(n_lo + span_b, kvl)
+    else:
+        n_lo = split * span
+        n_hi = tl.minimum(n_lo + span, Tk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

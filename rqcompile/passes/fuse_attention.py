@@ -10,7 +10,9 @@ the packed codes and norms (and does GQA by head grouping), so the dequantized c
     out = rq.attention(q, k_codes, k_norms, v_codes, v_norms, k_rot, k_scale, k_levels,
                        v_rot, v_mean, v_scale, v_levels, k_bits, v_bits, mask, s)
 
-The key mean is dropped: it adds the same amount to all of a query's scores, which softmax ignores.
+The key mean is dropped: it adds the same amount to all of a query's scores, which softmax ignores. The fused op
+also gets `kv_len = 1 + the last key any query of the row may see` (computed once per mask from the static-cache
+mask), so a kernel reads the keys written so far instead of all of max_cache_len.
 Only plain SDPA calls are fused (no dropout, no is_causal, no enable_gqa); anything else is left as it was and
 reported in `gm.meta["rq_fuse_attention_skipped"]`. So is a cache that holds tokens in the model dtype
 (`RQConfig.sink_tokens` / `residual_window`: K/V reach SDPA through `exact_read`): `rq::attention` scores packed codes
@@ -57,6 +59,17 @@ def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
     return None, views
 
 
+def valid_kv_length(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """int32 [batch]: 1 + the last key position that `mask` (bool True = attend, or additive float) lets any query
+    of each batch row see; keys past it can be skipped without changing the result."""
+    tk = mask.shape[-1]
+    allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+    allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))  # SDPA broadcasting to 4-D
+    positions = torch.arange(1, tk + 1, device=mask.device, dtype=torch.int32)
+    last = torch.where(allowed, positions, 0).flatten(1).amax(-1)  # [B or 1]
+    return last.expand(batch).to(torch.int32)
+
+
 def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite (in place) every SDPA whose K and V are (repeated) `rq::dequantize` outputs into `rq::attention`.
 
@@ -64,6 +77,7 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """
     graph = gm.graph
     fused, skipped = 0, []
+    kv_lens: dict[fx.Node, fx.Node] = {}  # one valid-length computation per mask node
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target == SDPA):
             continue
@@ -90,6 +104,12 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
         kc, kn, k_rot, _k_mean, k_scale, k_levels, k_bits, head_dim, _ = k_deq.args
         vc, vn, v_rot, v_mean, v_scale, v_levels, v_bits, _, _ = v_deq.args
         sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        kv_len = None
+        if isinstance(mask, fx.Node) and "val" in q.meta:
+            if mask not in kv_lens:
+                with graph.inserting_after(mask):
+                    kv_lens[mask] = graph.call_function(valid_kv_length, (mask, q.meta["val"].shape[0]))
+            kv_len = kv_lens[mask]
         with graph.inserting_before(node):
             # rq::attention's fake kernel gives its output q's strides while the kernel returns a contiguous tensor;
             # a contiguous q makes the two agree (else torch.compile fails its stride asserts on a transposed q).
@@ -97,7 +117,7 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
             attn = graph.call_function(
                 ATTENTION,
                 (q, kc, kn, vc, vn, k_rot, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels, k_bits, v_bits, mask)
-                + (sm_scale,),
+                + (sm_scale, kv_len),
             )
         attn.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
         node.replace_all_uses_with(attn)

@@ -1,0 +1,372 @@
+"""End to end on one GPU: Qwen3.5-27B at its real dimensions (random bf16 weights), decode tokens/s and peak memory.
+
+Contexts are filled with synthetic K/V (random bf16, quantized on write for the compressed caches) instead of
+prefilling hundreds of thousands of tokens; the linear-attention layers get their state from a 16-token prefill.
+Paths, each timed over `--steps` greedy decode steps after 2 warm-up steps (CUDA events, batch 1 by default):
+
+- `bf16 DynamicCache`: transformers' own cache, eager (the baseline users have today);
+- `RQCache (drop-in)`: `rqcompile.RQCache`, eager: stores codes, materializes each layer's dequantized K/V for SDPA;
+- `apply (fused)`: `rqcompile.apply(model)`, one capture for the largest context, attention fused into
+  `rq::attention` (Triton), which reads only the keys written so far (kv_len);
+- `apply (fused) + torch.compile`: the same programs through `CompiledLM.compile()`.
+
+Longest context: with the caching allocator capped at `--cap-gib` (79 GiB ~ the usable memory of an 80 GB H100),
+the largest bf16 DynamicCache context among a few candidates around the predicted limit, and the compressed
+drop-in cache at 1M tokens (one decode step each). Peak memory = `torch.cuda.max_memory_allocated()` over fill +
+decode, weights included; cache bytes are measured from the tensors held.
+
+    PYTHONPATH=. python3 benchmarks/e2e_bench.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+GIB = 1 << 30
+RESULTS: dict = {"rows": [], "longest": [], "errors": []}
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def cache_kwarg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def build_model(layers: int, device: str):
+    from transformers import Qwen3_5ForCausalLM
+
+    from rqcompile.models import qwen3_5_27b_config
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen3_5ForCausalLM(qwen3_5_27b_config(layers))
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def attention_layers(model) -> list[int]:
+    return [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def random_kv(batch: int, heads: int, length: int, dim: int, device) -> torch.Tensor:
+    return torch.randn(batch, heads, length, dim, device=device, dtype=torch.bfloat16)
+
+
+def time_decode(step, first_pos: int, steps: int, batch: int, device) -> dict:
+    """Greedy decode: 2 warm-up steps, then `steps` timed with CUDA events."""
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = first_pos
+    for _ in range(2):
+        tok = step(tok, pos).argmax(-1)[:, -1:]
+        pos += 1
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        tok = step(tok, pos).argmax(-1)[:, -1:]
+        pos += 1
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    return {"ms_per_step": ms, "tokens_per_s": batch * 1000.0 / ms}
+
+
+# --- bf16 transformers cache -------------------------------------------------------------------------------------
+
+
+def bf16_dynamic(model, context: int, steps: int, batch: int) -> dict:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    device = model.device
+    cfg = model.config
+    torch.cuda.reset_peak_memory_stats()
+    cache = DynamicCache(config=cfg)
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    with torch.no_grad():
+        model(input_ids=torch.zeros(batch, 16, dtype=torch.long, device=device), **kw)
+        for i in attention_layers(model):
+            layer = cache.layers[i]
+            assert isinstance(layer, DynamicLayer), type(layer)
+            layer.keys = random_kv(batch, cfg.num_key_value_heads, context, cfg.head_dim, device)
+            layer.values = random_kv(batch, cfg.num_key_value_heads, context, cfg.head_dim, device)
+        held = sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in attention_layers(model))
+
+        def step(tok, pos):
+            cp = torch.tensor([pos], device=device)
+            return model(input_ids=tok, cache_position=cp, **kw).logits
+
+        timing = time_decode(step, context, steps, batch, device)
+    return {**timing, "cache_bytes": held, "peak_bytes": torch.cuda.max_memory_allocated()}
+
+
+# --- compressed drop-in cache ------------------------------------------------------------------------------------
+
+
+def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, chunk: int = 16384):
+    """(codes, norms) of `context` random tokens, quantized chunk by chunk (rq::quantize, Triton on CUDA)."""
+    from rqcompile.ops import quantize_state
+
+    codes = torch.empty(batch, heads, context, state.code_bytes, dtype=torch.uint8, device=device)
+    norms = torch.empty(batch, heads, context, state.num_groups, dtype=torch.float16, device=device)
+    for s in range(0, context, chunk):
+        n = min(chunk, context - s)
+        c, nm = quantize_state(random_kv(batch, heads, n, dim, device), state)
+        codes[:, :, s : s + n], norms[:, :, s : s + n] = c, nm
+    return codes, norms
+
+
+def rq_dropin(model, context: int, steps: int, batch: int, backend: str, bits: int) -> dict:
+    from rqcompile import RQCache, RQConfig
+    from rqcompile.cache import RQCacheLayer
+
+    device = model.device
+    cfg = model.config
+    torch.cuda.reset_peak_memory_stats()
+    cache = RQCache(RQConfig(backend=backend, bits=bits), model_config=cfg)
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    with torch.no_grad():
+        model(input_ids=torch.zeros(batch, 16, dtype=torch.long, device=device), **kw)
+        for i in attention_layers(model):
+            layer = cache.layers[i]
+            assert isinstance(layer, RQCacheLayer), type(layer)
+            h, d = cfg.num_key_value_heads, cfg.head_dim
+            layer.k_codes, layer.k_norms = fill_codes(layer.k_state, batch, h, context, d, device)
+            layer.v_codes, layer.v_norms = fill_codes(layer.v_state, batch, h, context, d, device)
+        held = cache.memory_report().compressed_bytes
+
+        def step(tok, pos):
+            cp = torch.tensor([pos], device=device)
+            return model(input_ids=tok, cache_position=cp, **kw).logits
+
+        timing = time_decode(step, context, steps, batch, device)
+    return {**timing, "cache_bytes": held, "peak_bytes": torch.cuda.max_memory_allocated()}
+
+
+# --- rqcompile.apply ---------------------------------------------------------------------------------------------
+
+
+def apply_fill(lm, context: int, batch: int, device) -> None:
+    cfg = lm.model_config
+    with torch.no_grad():
+        lm.prefill(torch.zeros(batch, 16, dtype=torch.long, device=device), torch.arange(16, device=device))
+        for site in lm.sites:
+            i = site.layer_idx
+            for kind in "kv":
+                state = lm.quant_states[i][kind]
+                codes, norms = fill_codes(state, batch, cfg.num_key_value_heads, context, cfg.head_dim, device)
+                lm.buffers[f"{kind}_codes_{i}"][:, :, :context] = codes
+                lm.buffers[f"{kind}_norms_{i}"][:, :, :context] = norms
+                del codes, norms
+
+
+def apply_decode(lm, context: int, steps: int, batch: int) -> dict:
+    device = lm.buffers[lm.cache_names[0]].device
+    torch.cuda.reset_peak_memory_stats()
+    apply_fill(lm, context, batch, device)
+
+    def step(tok, pos):
+        with torch.no_grad():
+            return lm.decode(tok, torch.tensor([pos], device=device))
+
+    timing = time_decode(step, context, steps, batch, device)
+    held = sum(lm.buffers[n].nbytes for n in lm.cache_names if "codes" in n or "norms" in n)
+    return {**timing, "cache_bytes_allocated_for_max_len": held, "peak_bytes": torch.cuda.max_memory_allocated()}
+
+
+# --- driver ------------------------------------------------------------------------------------------------------
+
+
+def record(path: str, context: int, result: dict, out: Path | None, **extra) -> None:
+    row = {"path": path, "context": context, **extra, **result}
+    RESULTS["rows"].append(row)
+    log(
+        f"{path:34s} ctx {context:>8d}: {result['ms_per_step']:8.2f} ms/step {result['tokens_per_s']:8.2f} tok/s "
+        f"peak {result['peak_bytes'] / GIB:6.1f} GiB"
+    )
+    save(out)
+
+
+def save(out: Path | None) -> None:
+    if out is not None:
+        (out / "e2e_bench.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def guarded(what: str, fn, *args, out=None, **kw):
+    try:
+        return fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - every path is measured independently; the error is reported
+        msg = f"{what}: {type(e).__name__}: {str(e)[:400]}"
+        log("FAILED", msg)
+        traceback.print_exc(limit=4)
+        RESULTS["errors"].append(msg)
+        save(out)
+        return None
+    finally:
+        free()
+
+
+def longest(model, args, out) -> None:
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = args.cap_gib * GIB
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+    free()
+    weights = sum(p.nbytes for p in model.parameters())
+    per_token = 16 * model.config.num_key_value_heads * model.config.head_dim * 2 * 2  # bf16 K+V, 16 layers
+    predicted = int((cap - weights - 2 * GIB) / per_token)
+    RESULTS["longest_setup"] = {
+        "cap_gib": args.cap_gib,
+        "weights_bytes": weights,
+        "bf16_bytes_per_token": per_token,
+        "bf16_predicted_tokens": predicted,
+    }
+    log(f"cap {args.cap_gib} GiB, weights {weights / GIB:.1f} GiB, bf16 predicted max ~{predicted} tokens")
+    for frac in (1.15, 1.05, 0.95, 0.85, 0.7):
+        ctx = int(predicted * frac) // 1024 * 1024
+        r = guarded(f"longest bf16 {ctx}", bf16_dynamic, model, ctx, 1, 1, out=out)
+        RESULTS["longest"].append({"path": "bf16 DynamicCache", "context": ctx, "fits": r is not None, **(r or {})})
+        log(f"  bf16 {ctx}: {'fits' if r else 'OOM/failed'}")
+        save(out)
+        if r is not None:
+            break
+    for ctx in (1 << 20, 3 << 18):
+        r = guarded(f"longest rq {ctx}", rq_dropin, model, ctx, 1, 1, args.backend, args.bits, out=out)
+        RESULTS["longest"].append(
+            {"path": f"RQCache {args.backend} {args.bits}-bit", "context": ctx, "fits": r is not None, **(r or {})}
+        )
+        log(f"  rq {ctx}: {'fits' if r else 'OOM/failed'}" + (f" peak {r['peak_bytes'] / GIB:.1f} GiB" if r else ""))
+        save(out)
+        if r is not None:
+            break
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    free()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=64)
+    p.add_argument("--contexts", default="8192,32768,131072")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--backend", default="planar")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--cap-gib", type=float, default=79.0)
+    p.add_argument("--skip", default="", help="comma list of: bf16,dropin,longest,apply,compile")
+    p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    skip = set(filter(None, args.skip.split(",")))
+    out = args.out
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    import rqcompile
+
+    RESULTS["meta"] = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["benchmarks/e2e_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "layers": args.layers,
+        "batch": args.batch,
+        "backend": args.backend,
+        "bits": args.bits,
+    }
+    contexts = [int(c) for c in args.contexts.split(",")]
+    model = build_model(args.layers, "cuda")
+    log(
+        f"model built in {time.perf_counter() - t0:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
+        f"params, {torch.cuda.memory_allocated() / GIB:.1f} GiB"
+    )
+    for ctx in contexts:
+        if "bf16" not in skip:
+            r = guarded(f"bf16 {ctx}", bf16_dynamic, model, ctx, args.steps, args.batch, out=out)
+            if r:
+                record("bf16 DynamicCache (eager)", ctx, r, out)
+        if "dropin" not in skip:
+            r = guarded(
+                f"dropin {ctx}", rq_dropin, model, ctx, args.steps, args.batch, args.backend, args.bits, out=out
+            )
+            if r:
+                record(f"RQCache {args.backend} {args.bits}b (eager)", ctx, r, out)
+    if "longest" not in skip:
+        longest(model, args, out)
+    if "apply" not in skip:
+        t1 = time.perf_counter()
+        lm = guarded(
+            "apply",
+            rqcompile.apply,
+            model,
+            args.backend,
+            args.bits,
+            max_cache_len=max(contexts) + 64,
+            batch_size=args.batch,
+            out=out,
+        )
+        RESULTS["apply_seconds"] = time.perf_counter() - t1
+        log(
+            f"apply (capture + rewrite, max_cache_len {max(contexts) + 64}): {RESULTS['apply_seconds']:.0f} s, "
+            f"fused={getattr(lm, 'fused', None)}"
+        )
+        if lm is not None:
+            for ctx in contexts:
+                r = guarded(f"apply {ctx}", apply_decode, lm, ctx, args.steps, args.batch, out=out)
+                if r:
+                    record(f"apply {args.backend} {args.bits}b fused (eager)", ctx, r, out)
+            left = args.budget_s - (time.perf_counter() - t0)
+            if "compile" not in skip and left > 150:
+                t2 = time.perf_counter()
+                lm.compile()
+                ok = guarded("compile warm-up", apply_decode, lm, contexts[0], 1, args.batch, out=out)
+                RESULTS["compile_seconds"] = time.perf_counter() - t2
+                log(f"compile + first step: {RESULTS['compile_seconds']:.0f} s")
+                if ok:
+                    for ctx in contexts:
+                        r = guarded(f"compiled {ctx}", apply_decode, lm, ctx, args.steps, args.batch, out=out)
+                        if r:
+                            record(f"apply {args.backend} {args.bits}b fused + torch.compile", ctx, r, out)
+            else:
+                log(f"torch.compile skipped ({left:.0f} s of budget left)")
+    RESULTS["total_seconds"] = time.perf_counter() - t0
+    save(out)
+    log("\n| path | context | ms/step | tok/s | peak GiB |\n|---|---|---|---|---|")
+    for r in RESULTS["rows"]:
+        log(
+            f"| {r['path']} | {r['context']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.2f} | "
+            f"{r['peak_bytes'] / GIB:.1f} |"
+        )
+    for r in RESULTS["longest"]:
+        log(
+            f"longest: {r['path']} {r['context']} fits={r['fits']}"
+            + (f" peak {r['peak_bytes'] / GIB:.1f} GiB" if r.get("peak_bytes") else "")
+        )
+    log(f"total {RESULTS['total_seconds']:.0f} s; errors: {len(RESULTS['errors'])}")
+
+
+if __name__ == "__main__":
+    main()
