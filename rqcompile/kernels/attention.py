@@ -433,11 +433,13 @@ def launch_attention(
     if attn_mask is None:
         mask_kind, mask, mstrides = 0, q, (0, 0, 0, 0)
     else:
-        mask = attn_mask.expand(batch, q_heads, q_len, tk)
+        mask = attn_mask
         if mask.dtype == torch.bool:
-            mask_kind, mask = 1, mask.view(torch.uint8)
+            # a uint8 copy of the (unexpanded) mask, not a dtype view: Inductor cannot lower view(bool -> uint8)
+            mask_kind, mask = 1, mask.to(torch.uint8)
         else:
             mask_kind = 2
+        mask = mask.expand(batch, q_heads, q_len, tk)
         mstrides = tuple(mask.stride())
     kvl = kv_len.to(torch.int32) if kv_len is not None else q
 
