@@ -30,13 +30,26 @@ from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdli
 from rqcompile.models import load_smollm2
 
 BACKENDS = ("planar", "iso", "rotor", "hadamard")
-OFFSETS = (0, 8192)
+OFFSETS = (0, 8192)  # --offsets 0,8192,16384 adds the held-out window
 WIDTHS = {
     "K4V4": dict(bits=4),
     "K4V3": dict(key_bits=4, value_bits=3),
     "K3V3": dict(bits=3),
     "K3V2": dict(key_bits=3, value_bits=2),
     "K2V2": dict(bits=2),
+}
+
+
+# Half of the 30 layers at the higher width: 3.5 and 3.0 bits/element at head_dim 64. The halves come from
+# benchmarks/quality_research.py (experiments "layers" and "vlayers", QUALITY.md): 4-bit keys helped iso K3V3 most in
+# layers 0-4 and 10-19 (though any half does about as well), 3-bit values helped K3V2 most in the first layers.
+# Those experiments ran on the evaluation windows, so the third window (offset 16384) is the held-out check.
+K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))
+V3_LAYERS = tuple(range(0, 15))
+MIXED = {
+    "K4/3 V3": dict(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS)),
+    "K4 V3/2": dict(key_bits=4, value_bits=2, layer_bits=tuple((i, 4, 3) for i in V3_LAYERS)),
+    "K3 V3/2": dict(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in V3_LAYERS)),
 }
 
 
@@ -48,6 +61,14 @@ def candidates(window: bool) -> list[tuple[str, str, RQConfig]]:
             base = RQConfig(backend=backend, sink_tokens=1, **bits)
             rows.append((backend, width, base))
             rows.append((backend, f"{width} search", base.replace(scale_search=SCALE_SEARCH)))
+        for width, bits in MIXED.items():
+            rows.append(
+                (
+                    backend,
+                    f"{width} search",
+                    RQConfig(backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, **bits),
+                )
+            )
         if window:
             config = RQConfig(backend=backend, bits=3, sink_tokens=1, residual_window=32, scale_search=SCALE_SEARCH)
             rows.append((backend, "K3V3 search w32", config))
@@ -71,13 +92,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=512)
     parser.add_argument("--no-window", action="store_true", help="skip the residual-window rows (fed one at a time)")
-    parser.add_argument("--only", default="", help="run only rows whose 'backend preset' contains this text")
+    parser.add_argument(
+        "--only", default="", help="run only rows whose 'backend preset' contains one of these |-separated texts"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/presets.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     model, tok = load_smollm2()
-    windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=o) for o in OFFSETS]
+    offsets = [int(o) for o in args.offsets.split(",")]
+    windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=o) for o in offsets]
     t0 = time.perf_counter()
     full = calibrate(model, stdlib_corpus(tok, 4096), value_scale=True, source="stdlib 4096 tokens")
     key_mean = Calibration({k: v for k, v in full.stats.items() if k[1] == "k" and k[2] == "mean"}, full.source)
@@ -86,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"fp ppl {[round(r.ppl, 3) for r in refs]}", flush=True)
     rows = []
     for backend, preset, config in candidates(window=not args.no_window):
-        if args.only not in f"{backend} {preset}":
+        if not any(part in f"{backend} {preset}" for part in args.only.split("|")):
             continue
         calib = key_mean if backend == "hadamard" else full  # measured: scales hurt hadamard (QUALITY.md)
         chunk = 1 if config.residual_window else args.decode
@@ -104,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             elements = sum(m["tokens"] for m in report.layers.values()) * model.config.num_key_value_heads
             per_window.append(
                 {
-                    "offset": OFFSETS[len(per_window)],
+                    "offset": offsets[len(per_window)],
                     "ppl": result.ppl,
                     "delta_pct": 100 * (result.ppl / ref.ppl - 1),
                     "kl": kl_divergence(ref, result).mean().item(),
@@ -134,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = {
             "prefill": args.prefill,
             "decode": args.decode,
-            "offsets": list(OFFSETS),
+            "offsets": offsets,
             "fp_ppl": [r.ppl for r in refs],
             "scale_search": list(SCALE_SEARCH),
             "rows": rows,
@@ -142,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "command": f"benchmarks/presets.py --prefill {args.prefill} --decode {args.decode} --out {args.out}"
+            + f" --offsets {args.offsets}"
             + (" --no-window" if args.no_window else "")
             + (f" --only '{args.only}'" if args.only else ""),
         }

@@ -270,23 +270,55 @@ def main(argv=None):
                     with patched(make_state=permuted_make_state(lambda *a, fn=fn, bs=bs: fn(*a, b=bs))):
                         rows.append(h.run(cfg, full, f"{b} {name} energy-deal"))
                     # uncalibrated scale: the permutation alone against raw energy
+    elif exp == "alloc":
+        # From the "layers" experiment: 4-bit keys help most in layers 0-4, 15-19, 10-14 (iso K3V3 KL -0.047, -0.047,
+        # -0.037 of 0.235). 15 of 30 layers at K4 = 3.5 bits/element; control: the even layers.
+        chosen = tuple(range(0, 5)) + tuple(range(10, 20))
+        even = tuple(range(0, 30, 2))
+        for b in ("iso", "rotor", "planar", "hadamard"):
+            base = RQConfig(backend=b, sink_tokens=1, bits=3, scale_search=search)
+            for name, layers in (("K4@0-4,10-19", chosen), ("K4@even", even)):
+                cfg = base.replace(layer_bits=tuple((i, 4, 3) for i in layers))
+                rows.append(h.run(cfg, cal(b), f"{b} K3V3 {name}"))
+                if b != "iso":
+                    break
+        for b in ("iso", "hadamard"):  # ~3.0 bits: K3, V3 in half the layers, V2 elsewhere
+            base = RQConfig(backend=b, sink_tokens=1, key_bits=3, value_bits=2, scale_search=search)
+            for name, layers in (("V3@0-4,10-19", chosen), ("V3@even", even)):
+                cfg = base.replace(layer_bits=tuple((i, 3, 3) for i in layers))
+                rows.append(h.run(cfg, cal(b), f"{b} K3V2 {name}"))
+    elif exp == "vlayers":
+        # V3 in one range of layers, V2 elsewhere (K3): which layers' values carry the error at 2 bits?
+        for lo, hi in ((0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30)):
+            cfg = RQConfig(backend="iso", sink_tokens=1, key_bits=3, value_bits=2, scale_search=search)
+            cfg = cfg.replace(layer_bits=tuple((i, 3, 3) for i in range(lo, hi)))
+            rows.append(h.run(cfg, full, f"iso K3V2 V3@{lo}-{hi}"))
+    elif exp == "group":
+        # norm group 32 (two fp16 norms per 64-dim head: +0.25 bits/element) against a 4-bit half of the layers
+        for b in ("iso", "rotor", "planar", "hadamard"):
+            for name, bits in (("K3V3", dict(bits=3)), ("K3V2", dict(key_bits=3, value_bits=2))):
+                cfg = RQConfig(backend=b, sink_tokens=1, norm_group=32, scale_search=search, **bits)
+                rows.append(h.run(cfg, cal(b), f"{b} {name} g32"))
+        for sink in (2, 4):
+            cfg = RQConfig(backend="iso", sink_tokens=sink, bits=3, scale_search=search)
+            rows.append(h.run(cfg, full, f"iso K3V3 sink {sink}"))
     elif exp == "power":
-        for p in (0.6, 0.7, 0.8, 0.9, 1.0):
+        for p in (0.6, 1.0):
             c = h.calibration(power=p)
-            for b in ("planar", "iso", "rotor"):
+            for b in ("iso",):
                 rows.append(
                     h.run(RQConfig(backend=b, sink_tokens=1, bits=3, scale_search=search), c, f"{b} K3V3 power {p}")
                 )
-        for n in (1024, 16384):
+        for n in (16384,):
             c = h.calibration(tokens=n)
-            for b in ("planar", "iso", "rotor"):
+            for b in ("iso",):
                 rows.append(
                     h.run(RQConfig(backend=b, sink_tokens=1, bits=3, scale_search=search), c, f"{b} K3V3 calib {n}")
                 )
     elif exp == "layers":
         # K4 in one contiguous range of layers, K3 elsewhere (V3): which layers carry the key error?
         for b in ("iso",):
-            for lo, hi in ((0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30), (0, 3), (3, 9)):
+            for lo, hi in ((0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30), (0, 3), (3, 9)):  # noqa: B007
                 table = {i: 4 for i in range(lo, hi)}
                 with patched(make_state=layer_bits_make_state(table)):
                     cfg = RQConfig(backend=b, sink_tokens=1, bits=3, scale_search=search)
