@@ -54,6 +54,12 @@ class _Eager:
     decode = prefill
 
 
+def _probe(weight: torch.Tensor) -> bytes:
+    """256 bytes from the middle of a weight: found in a file only if that file holds the weight."""
+    flat = weight.detach().contiguous().reshape(-1)
+    return flat[flat.numel() // 2 :][:64].numpy().tobytes()
+
+
 def _load_in_subprocess(path: Path, prompts: list[list[int]], new_tokens: int) -> dict:
     script = f"""
 import json, sys, torch
@@ -139,9 +145,7 @@ def test_aoti_artifact_holds_the_weights_once(compressed_aoti):
     assert set(constants["prefill"].values()) | set(constants["decode"].values()) == set(stored)
     shared = set(constants["prefill"].values()) & set(constants["decode"].values())
     assert len(shared) == len(stored)  # both programs read the same tensors; none is stored per program
-    weights = dict(compiled.decode_module.named_parameters())
-    largest = max(weights.values(), key=torch.Tensor.numel).detach().contiguous()
-    probe = largest.reshape(-1)[largest.numel() // 2 :][:64].numpy().tobytes()  # 256 bytes of weight data
+    probe = _probe(max(compiled.decode_module.parameters(), key=torch.Tensor.numel))
     assert probe in (path / constants["file"]).read_bytes()
     for package in ("prefill.pt2", "decode.pt2"):
         assert probe not in (path / package).read_bytes()
@@ -192,6 +196,25 @@ def test_onnx_logits_match_and_generation_through_onnxruntime(llama, tmp_path):
     )
     lm.reset()
     assert torch.equal(lm.generate(ids, 8, eos_token_id=[]), generate(_Eager(llama), ids, 8))
+
+
+def test_onnx_graphs_share_one_copy_of_the_weights(llama, tmp_path):
+    """Both graphs point their weights into one external data file, where each weight is stored once (the bytes of
+    the embedding, which ONNX keeps in its layout, occur once there and in neither graph file)."""
+    import onnx
+
+    fn = functional_programs(llama, for_target="onnx")
+    art = export_lm(fn, tmp_path / "onnx", target="onnx", progress=False)
+    probe = _probe(fn.decode.state_dict["inner.lm.model.embed_tokens.weight"])
+    assert set(art.manifest["files"]) >= {"prefill.onnx", "decode.onnx", "weights.onnx.data"}
+    for graph in ("prefill.onnx", "decode.onnx"):
+        model = onnx.load(str(tmp_path / "onnx" / graph), load_external_data=False)
+        external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+        assert len(external) >= 10 and {e.value for i in external for e in i.external_data if e.key == "location"} == {
+            "weights.onnx.data"
+        }
+        assert probe not in (tmp_path / "onnx" / graph).read_bytes()
+    assert (tmp_path / "onnx" / "weights.onnx.data").read_bytes().count(probe) == 1
 
 
 def test_tensorrt_target_writes_checked_onnx_then_fails_the_engine_step(llama, tmp_path):
