@@ -230,6 +230,18 @@ class CompiledLM:
         )
 
 
+def _release_float_caches(captured) -> None:
+    """Free the capture wrapper's float K/V caches now that no program reads them.
+
+    torch.export (strict) keeps references to the wrapper's buffers in its own bookkeeping after export returns, so
+    dropping our references is not enough: a 27B model's bf16 cache of 128K tokens stayed allocated (8 GiB, measured
+    on the H200). Their storage is shrunk to nothing instead; the tensors are unused by every rewritten program.
+    """
+    for site in captured.sites:
+        for name in (site.k_buffer, site.v_buffer):
+            captured.module.get_buffer(name).untyped_storage().resize_(0)
+
+
 def apply(
     model: nn.Module,
     backend: str = "planar",
@@ -277,6 +289,7 @@ def apply(
     if fuse:
         fuse_attention(prefill)
         fuse_attention(decode)
+    _release_float_caches(captured)
     return CompiledLM(
         prefill=prefill,
         decode=decode,
