@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--only", default="", help="run only rows whose 'backend preset' contains one of these |-separated texts"
     )
+    parser.add_argument("--offsets", default=",".join(map(str, OFFSETS)), help="license-corpus window offsets")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/presets.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
