@@ -151,6 +151,31 @@ def test_aoti_artifact_holds_the_weights_once(compressed_aoti):
         assert probe not in (path / package).read_bytes()
 
 
+def test_aoti_constants_are_stored_once_per_content():
+    """Tied weights (two names, one content) and the same weight in both programs are stored once; a name whose
+    content differs between programs gets its own entry instead of overwriting the other program's."""
+    from rqcompile.export.aoti import collect_constants
+
+    class Tied(torch.nn.Module):
+        def __init__(self, scale: float):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+            self.b = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3).clone())  # same content, other tensor
+            self.c = torch.nn.Parameter(torch.full((3,), scale))
+
+        def forward(self, x):
+            return x @ self.a.T + x @ self.b.T + self.c.sum()
+
+    x = (torch.ones(1, 3),)
+    first, second = (torch.export.export(Tied(s), x) for s in (1.0, 2.0))
+    store, seen = {}, {}
+    one = collect_constants(first, ["a", "b", "c"], store, seen)
+    two = collect_constants(second, ["a", "b", "c"], store, seen)
+    assert one == {"a": "a", "b": "a", "c": "c"} and two["a"] == two["b"] == "a"
+    assert two["c"] != "c" and torch.equal(store[two["c"]], torch.full((3,), 2.0))
+    assert len(store) == 3 and torch.equal(store["c"], torch.ones(3))
+
+
 def test_aoti_weights_tampered_or_inconsistent_are_refused(compressed_aoti, tmp_path):
     """A flipped byte in the weights file fails its sha256; a manifest whose constant names no longer match what a
     package asks for is refused before anything runs."""

@@ -15,6 +15,7 @@ major.minor that built it (artifact rules).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def _content_key(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _own_storage(tensor: torch.Tensor, kept) -> torch.Tensor:
+def _own_storage(tensor: torch.Tensor, kept: Iterable[torch.Tensor]) -> torch.Tensor:
     """`tensor`, or a copy where it is a view or shares storage with a kept tensor (safetensors refuses both)."""
     ptr = tensor.untyped_storage().data_ptr()
     whole = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.nbytes
