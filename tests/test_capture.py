@@ -179,6 +179,24 @@ def test_chunked_prefill_continues_from_the_cache(models, captured):
 # --- errors and side effects ----------------------------------------------------------------------------------------
 
 
+def test_unmaterialized_capture_holds_no_cache_memory_and_traces_the_same_graph(models, captured):
+    """For programs rewritten before they run (rqcompile.apply): placeholder caches of one element, the same
+    cache writes and attention reads."""
+    lean = capture(models["llama"], max_cache_len=MAX_LEN, batch_size=B, prefill_logits="all", materialize_cache=False)
+    for site in lean.sites:
+        for name in (site.k_buffer, site.v_buffer):
+            buf = lean.module.get_buffer(name)
+            assert buf.shape == (B, 2, MAX_LEN, 64) and buf.untyped_storage().nbytes() == buf.element_size()
+
+    def cache_ops(ep):  # the writes and reads the K/V rewrite matches (layout ops around them may differ)
+        names = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        return names.count("aten.index_copy_.default"), names.count("aten.scaled_dot_product_attention.default")
+
+    full = captured["llama"]
+    assert cache_ops(lean.decode) == cache_ops(full.decode) == (2 * len(lean.sites), len(lean.sites))
+    assert cache_ops(lean.prefill) == cache_ops(full.prefill)
+
+
 def test_model_config_is_left_as_it_was(models, captured):
     for name in MODELS:
         assert models[name].config._attn_implementation != ATTN_IMPLEMENTATION

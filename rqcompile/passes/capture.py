@@ -381,6 +381,7 @@ class CaptureModule(nn.Module):
         max_cache_len: int,
         batch_size: int = 1,
         prefill_logits: Literal["last", "all"] = "last",
+        materialize_cache: bool = True,
     ):
         super().__init__()
         path, config = _text_parts(model)
@@ -421,8 +422,8 @@ class CaptureModule(nn.Module):
             num_heads = config.num_attention_heads
             num_kv = config.num_key_value_heads
             shape = (batch_size, num_kv, max_cache_len, head_dim)
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            for kind in "kv":
+                self.register_buffer(f"{kind}_cache_{i}", _float_cache(shape, dtype, device, materialize_cache), False)
             self.sites.append(
                 AttentionSite(i, f"k_cache_{i}", f"v_cache_{i}", num_kv, num_heads, head_dim, max_cache_len)
             )
@@ -518,19 +519,27 @@ def capture(
     batch_size: int = 1,
     dtype: torch.dtype | None = None,
     prefill_logits: Literal["last", "all"] = "last",
+    materialize_cache: bool = True,
 ) -> CapturedLM:
     """Export `model` (a llama / mistral / qwen2 / qwen3 / qwen3_5 / qwen3_5_moe causal LM) as prefill + decode.
 
     `dtype` is the dtype of the K/V buffers and must match the model's (cast the model first); None takes the
     model's. The model is used as is (eval mode is expected); its config's attention implementation is swapped to
-    `ATTN_IMPLEMENTATION` only while the wrapper runs.
+    `ATTN_IMPLEMENTATION` only while the wrapper runs. `materialize_cache=False` captures against zero-memory
+    placeholder K/V caches: for programs that are rewritten to another cache before they run (`rqcompile.apply`).
     """
     param = next(model.parameters())
     if dtype is not None and dtype != param.dtype:
         raise ValueError(
             f"dtype {dtype} differs from the model's {param.dtype}: cast the model first (model.to(dtype))"
         )
-    module = CaptureModule(model, max_cache_len=max_cache_len, batch_size=batch_size, prefill_logits=prefill_logits)
+    module = CaptureModule(
+        model,
+        max_cache_len=max_cache_len,
+        batch_size=batch_size,
+        prefill_logits=prefill_logits,
+        materialize_cache=materialize_cache,
+    )
     device = param.device
     sample_t = min(max_cache_len, _CHUNK + 6)  # > one chunk: a one-chunk sample specializes the chunk count
     ids = torch.zeros(batch_size, sample_t, dtype=torch.long, device=device)
@@ -559,6 +568,16 @@ def capture(
     )
 
 
+def _float_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, materialize: bool) -> torch.Tensor:
+    """A zero K/V cache; unmaterialized, one zero expanded to `shape` (stride 0, no memory): export traces shapes
+    only, and a program that is rewritten to a compressed cache never reads it - so `apply` at 1M positions does not
+    first need the whole float cache free (64 GiB for Qwen3.5-27B)."""
+    if materialize:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
 def _reset_buffers(module: nn.Module) -> None:
     for buf in module.buffers(recurse=False):
-        buf.zero_()
+        if 0 not in buf.stride():  # an unmaterialized cache is already zero (and cannot be written)
+            buf.zero_()
