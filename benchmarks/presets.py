@@ -76,15 +76,25 @@ def candidates(window: bool) -> list[tuple[str, str, RQConfig]]:
 
 
 def bits_at(config: RQConfig, calibration: Calibration | None, model_config, tokens: int) -> float:
-    """Measured bits/element of one attention layer holding `tokens` synthetic tokens."""
+    """Measured bits/element of the whole cache holding `tokens` synthetic tokens: each layer's (K bits, V bits)
+    width is measured once on a layer filled with random K/V (the allocation does not depend on the values), then
+    averaged over the model's layers (they differ only with `layer_bits`)."""
     heads, dim = model_config.num_key_value_heads, model_config.head_dim
-    layer = RQCacheLayer(config, 0, calibration)
-    gen = torch.Generator().manual_seed(0)
-    for start in range(0, tokens, 4096):
-        n = min(4096, tokens - start)
-        layer.update(torch.randn(1, heads, n, dim, generator=gen), torch.randn(1, heads, n, dim, generator=gen))
-    held = layer.memory()
-    return (held["compressed_bytes"] + held["window_bytes"]) * 8 / (tokens * heads * dim * 2)
+    measured: dict[tuple[int, int], float] = {}
+    per_layer = []
+    for layer_idx in range(model_config.num_hidden_layers):
+        width = (config.bits_for(layer_idx, "k"), config.bits_for(layer_idx, "v"))
+        if width not in measured:
+            layer = RQCacheLayer(config, layer_idx, calibration)
+            gen = torch.Generator().manual_seed(0)
+            for start in range(0, tokens, 4096):
+                n = min(4096, tokens - start)
+                k, v = torch.randn(2, 1, heads, n, dim, generator=gen)
+                layer.update(k, v)
+            held = layer.memory()
+            measured[width] = (held["compressed_bytes"] + held["window_bytes"]) * 8 / (tokens * heads * dim * 2)
+        per_layer.append(measured[width])
+    return sum(per_layer) / len(per_layer)
 
 
 def main(argv: list[str] | None = None) -> dict:
