@@ -40,7 +40,9 @@ class RQConfig:
             format the decoders read. ``SCALE_SEARCH`` is the measured set.
         layer_bits: per-layer overrides ``((layer_idx, key_bits, value_bits), ...)`` of ``key_bits`` /
             ``value_bits``, e.g. 4-bit keys only in the layers whose key error costs most. ``()``: every layer uses
-            ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it).
+            ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it). Every state
+            built by ``make_state`` follows it (eager caches, kernels, exported quant states); ``rqcompile.apply``
+            does not yet (its pass still takes the config-wide width).
     """
 
     backend: str = "planar"
