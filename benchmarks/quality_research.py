@@ -253,6 +253,15 @@ def main(argv=None):
                 rows.append(h.run(base.replace(scale_search=grids["s5"]), cal(b), f"{b} K3V3 s5 keys only"))
             with patched(make_state=kind_only_make_state("v")):
                 rows.append(h.run(base.replace(scale_search=grids["s5"]), cal(b), f"{b} K3V3 s5 values only"))
+    elif exp == "search4":  # candidate sets at 4-bit keys
+        grids = {
+            "s5": (0.85, 1.0, 1.15, 1.3, 1.5),
+            "s12": (0.75, 0.85, 0.95, 1.0, 1.05, 1.15, 1.25, 1.35, 1.5, 1.65, 1.8, 2.0),
+        }
+        for b in ("iso", "rotor"):
+            for gname, grid in grids.items():
+                cfg = RQConfig(backend=b, sink_tokens=1, key_bits=4, value_bits=3, scale_search=grid)
+                rows.append(h.run(cfg, cal(b), f"{b} K4V3 {gname}"))
     elif exp == "perm":
         energy = {}
         for (layer, kind, field), t in full.stats.items():
