@@ -603,14 +603,21 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or ROOT / "benchmarks" / "results" / f"quality_{args.grid}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+
+    def phase(what: str) -> None:
+        print(f"[{time.perf_counter() - t_start:5.0f} s] {what}", flush=True)
+
     model, tok = load_smollm2()
+    phase("model loaded")
     ids = license_corpus(tok, args.prefill + args.decode + 1)
     calib_ids = stdlib_corpus(tok, CALIB_TOKENS)
     ctx = Context(model, ids, args.prefill, args.decode)
     ctx.calibrations["kv"] = calibrate(model, calib_ids, key_scale=True, value_scale=True, source="stdlib")
-    ctx.calibrations["kmean"] = calibrate(model, calib_ids, key_scale=False, value_scale=False, source="stdlib")
+    kmean = {key: t for key, t in ctx.calibrations["kv"].stats.items() if key[1:] == ("k", "mean")}
+    ctx.calibrations["kmean"] = Calibration(kmean, "stdlib (key mean only)")  # the same mean, without the scales
     if args.grid == "experiment" and not args.no_mse:
         ctx.calibrations["qk"] = query_aware_calibration(model, calib_ids, ctx.calibrations["kv"])
+    phase("calibrated")
     specs = experiment_grid() if args.grid == "experiment" else grid(args.grid)
     if args.only:
         specs = [s for s in specs if re.search(args.only, s.name)]
@@ -618,8 +625,9 @@ def main(argv: list[str] | None = None) -> dict:
     ctx.reference = decode_time_ppl(
         model, ids, reference_cache, args.prefill, args.decode, progress=False, chunk=args.decode
     )
+    torch.set_num_threads(1)  # token by token from here to the grid
     ctx.greedy_reference = greedy_tokens(model, ids[:, : args.prefill], reference_cache, GREEDY_N, progress=False)
-    print(f"fp ppl {ctx.reference.ppl:.4f} ({ctx.reference.seconds:.0f} s)", flush=True)
+    phase(f"fp ppl {ctx.reference.ppl:.4f}, fp greedy tokens")
     noise = chunking_noise(ctx, rq("iso", 3, 3, "kv", sink=1), min(args.decode, 128))
     print(
         f"chunked vs one-at-a-time ({noise['config']}, {noise['steps']} steps): ppl {noise['ppl_one_at_a_time']:.3f}"
@@ -639,7 +647,10 @@ def main(argv: list[str] | None = None) -> dict:
             f" [{r['decode_seconds'] + r['greedy_seconds']:.0f} s]",
             flush=True,
         )
+    phase("grid done")
+    torch.set_num_threads(args.threads)
     mse = {} if args.no_mse else layer_mse(model, ids[:, : args.prefill], ctx.calibrations)
+    phase("per-layer MSE done")
 
     import transformers
 
