@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
 from rqcompile import ops  # noqa: E402,F401
-from rqcompile.config import RQConfig  # noqa: E402
+from rqcompile.config import SCALE_SEARCH, RQConfig  # noqa: E402
 from rqcompile.export.onnx_ops import export_onnx  # noqa: E402
 from rqcompile.quant.packing import unpack  # noqa: E402
 from rqcompile.quant.quantizer import QuantState, dequantize, make_state, quantize, rotated_attention  # noqa: E402
@@ -99,21 +99,23 @@ def _calibrated(state: QuantState, gen: torch.Generator) -> QuantState:
 
 
 @pytest.mark.parametrize(
-    "flavour,backend,bits,group,dtype",
+    "flavour,backend,bits,group,dtype,search",
     [
-        ("standard", "planar", 2, 64, torch.float32),
-        ("standard", "iso", 3, 32, torch.float32),
-        ("standard", "rotor", 4, 64, torch.float32),  # 64 % 3 == 1: padded rotor blocks
-        ("standard", "hadamard", 3, 32, torch.float16),  # dense 32x32 blocks: the MatMul rotation path
-        ("tensorrt", "planar", 2, 32, torch.float32),
-        ("tensorrt", "iso", 4, 64, torch.float32),
-        ("tensorrt", "rotor", 3, 64, torch.float32),
-        ("tensorrt", "hadamard", 4, 64, torch.float16),
+        ("standard", "planar", 2, 64, torch.float32, False),
+        ("standard", "iso", 3, 32, torch.float32, False),
+        ("standard", "rotor", 4, 64, torch.float32, False),  # 64 % 3 == 1: padded rotor blocks
+        ("standard", "hadamard", 3, 32, torch.float16, False),  # dense 32x32 blocks: the MatMul rotation path
+        ("tensorrt", "planar", 2, 32, torch.float32, False),
+        ("tensorrt", "iso", 4, 64, torch.float32, False),
+        ("tensorrt", "rotor", 3, 64, torch.float32, False),
+        ("tensorrt", "hadamard", 4, 64, torch.float16, False),
+        ("standard", "iso", 3, 64, torch.float32, True),  # scale search: candidates after the codebook
+        ("tensorrt", "planar", 4, 32, torch.float32, True),
     ],
 )
-def test_quantize_dequantize_match_the_reference(tmp_path, flavour, backend, bits, group, dtype):
+def test_quantize_dequantize_match_the_reference(tmp_path, flavour, backend, bits, group, dtype, search):
     gen = torch.Generator().manual_seed(bits * 7 + group)
-    config = RQConfig(backend=backend, bits=bits, norm_group=group)
+    config = RQConfig(backend=backend, bits=bits, norm_group=group, scale_search=SCALE_SEARCH if search else ())
     state = _calibrated(make_state(config, layer_idx=1, kind="k", num_heads=2, head_dim=HEAD_DIM), gen)
     module = QuantizeDequantize(state, dtype).eval()
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("tokens")}

@@ -180,6 +180,30 @@ def _boundaries(levels: Any, count: int) -> Any:
     return op.Mul(op.Add(upper, lower), op.Constant(value_float=0.5))
 
 
+def _search_codes(unit: Any, levels: Any, count: int, searched: int, index_type: int) -> Any:
+    """Scale search (docs/FORMAT.md), as `rqcompile.quant.quantizer._search_codes`: the codes of `unit / c` for the
+    candidate c with the largest cosine to `unit`, the first one on ties. Float codes [B, H, T, G, g]; no ArgMax
+    (its int64 output): the first maximum is found by weighting ties with decreasing constants."""
+    candidates = op.Reshape(op.Slice(levels, _ints(count), _ints(count + searched), _ints(0)), _ints(searched, 1))
+    scaled = op.Div(op.Unsqueeze(unit, _ints(-2)), candidates)  # [B, H, T, G, A, g]
+    above = op.Greater(op.Unsqueeze(scaled, _ints(-1)), _boundaries(levels, count))
+    codes = op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0)  # [B, H, T, G, A, g]
+    chosen = op.Gather(levels, op.Cast(codes, to=index_type), axis=0)
+    dot = op.ReduceSum(op.Mul(op.Unsqueeze(unit, _ints(-2)), chosen), _ints(-1), keepdims=0)  # [B, H, T, G, A]
+    length = op.Sqrt(op.ReduceSum(op.Mul(chosen, chosen), _ints(-1), keepdims=0))
+    cosine = op.Div(dot, op.Max(length, op.Constant(value_float=_TINY)))
+    best = op.Cast(op.GreaterOrEqual(cosine, op.ReduceMax(cosine, _ints(-1), keepdims=1)), to=_FLOAT)
+    first = op.Mul(best, op.Constant(value=_float_tensor([float(searched - i) for i in range(searched)])))
+    pick = op.Cast(op.Equal(first, op.ReduceMax(first, _ints(-1), keepdims=1)), to=_FLOAT)  # one-hot [.., A]
+    return op.ReduceSum(op.Mul(codes, op.Unsqueeze(pick, _ints(-1))), _ints(-2), keepdims=0)
+
+
+def _float_tensor(values: list[float]) -> Any:
+    import onnx
+
+    return onnx.helper.make_tensor("values", onnx.TensorProto.FLOAT, [len(values)], values)
+
+
 def _dequantize_rotated(codes: Any, norms: Any, levels: Any, bits: int, dim: int, groups: int, flavour: str) -> Any:
     """codebook[code] * norm in the rotated space, float32 [B, H, T, dim]."""
     values = op.Gather(levels, _PACK[flavour][1](codes, bits, dim), axis=0)
@@ -201,9 +225,14 @@ def make_quantize(flavour: str = "standard") -> Callable[..., tuple[Any, Any]]:
         norm = op.Sqrt(op.ReduceSum(op.Mul(y, y), _ints(-1), keepdims=1))  # [B, H, T, G, 1]
         safe = op.Max(norm, op.Constant(value_float=_TINY))
         unit = op.Where(op.Greater(norm, op.Constant(value_float=0.0)), op.Div(y, safe), op.Constant(value_float=0.0))
-        above = op.Greater(op.Unsqueeze(unit, _ints(-1)), _boundaries(levels, count))  # [B, H, T, G, g, L-1]
-        codes = op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0)  # float codes [B, H, T, G, g]
-        chosen = op.Gather(levels, op.Cast(codes, to=_INT32 if flavour == "tensorrt" else _INT64), axis=0)
+        index_type = _INT32 if flavour == "tensorrt" else _INT64
+        searched = _static(levels.shape[0], "levels length") - count  # scale candidates after the codebook
+        if searched:
+            codes = _search_codes(unit, levels, count, searched, index_type)
+        else:
+            above = op.Greater(op.Unsqueeze(unit, _ints(-1)), _boundaries(levels, count))  # [B, H, T, G, g, L-1]
+            codes = op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0)  # float codes [B, H, T, G, g]
+        chosen = op.Gather(levels, op.Cast(codes, to=index_type), axis=0)
         chosen_norm = op.Sqrt(op.ReduceSum(op.Mul(chosen, chosen), _ints(-1), keepdims=0))
         corrected = op.Div(op.Squeeze(norm, _ints(-1)), op.Max(chosen_norm, op.Constant(value_float=_TINY)))
         packed = _PACK[flavour][0](op.Reshape(codes, _ints(0, 0, 0, dim)), bits, dim)
