@@ -41,8 +41,7 @@ class RQConfig:
         layer_bits: per-layer overrides ``((layer_idx, key_bits, value_bits), ...)`` of ``key_bits`` /
             ``value_bits``, e.g. 4-bit keys only in the layers whose key error costs most. ``()``: every layer uses
             ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it). Every state
-            built by ``make_state`` follows it (eager caches, kernels, exported quant states); ``rqcompile.apply``
-            does not yet (its pass still takes the config-wide width).
+            built by ``make_state`` follows it: eager caches, ``rqcompile.apply``'s buffers, kernels and exports.
     """
 
     backend: str = "planar"

@@ -124,6 +124,21 @@ def test_other_backend_mixed_bits_and_calibration_equal_eager(models):
     assert torch.equal(lm.quant_states[0]["k"].mean, calib.get(0, "k", "mean"))
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_per_layer_bits_and_scale_search_equal_eager(models, fuse):
+    """`layer_bits` gives each layer its own code width (and buffer size); `scale_search` changes only the encoder."""
+    from rqcompile.config import SCALE_SEARCH
+
+    model = models["llama"]
+    config = RQConfig(backend="rotor", key_bits=3, value_bits=2, layer_bits=((1, 4, 3),), scale_search=SCALE_SEARCH)
+    lm = apply(model, config=config, max_cache_len=MAX_LEN, fuse=fuse, prefill_logits="all")
+    assert [(lm.quant_states[i]["k"].bits, lm.quant_states[i]["v"].bits) for i in (0, 1)] == [(3, 2), (4, 3)]
+    assert lm.buffers["k_codes_1"].shape[-1] == 64 * 4 // 8 and lm.buffers["k_codes_0"].shape[-1] == 64 * 3 // 8
+    ids = _ids()
+    ref = _eager(model, RQCache(config, model_config=model.config), ids, PROMPT)
+    torch.testing.assert_close(_steps(lm, ids, PROMPT), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_memory_report_counts_the_real_buffers(lms):
     for lm in lms.values():
         report = lm.memory_report()

@@ -381,7 +381,7 @@ def _rewrite_write(
             buffers[name] = getattr(fresh, field)
         params[field] = buffers[name]
     group = config.group_for(head_dim)
-    bits = config.k_bits if kind == "k" else config.v_bits
+    bits = config.bits_for(layer, kind)  # layer_bits overrides included
     state = QuantState(params["rotation"], params["mean"], params["scale"], params["levels"], bits, group)
     quant_states.setdefault(layer, {})[kind] = state
 
