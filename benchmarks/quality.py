@@ -146,7 +146,9 @@ def rq(
     bits = f"{kb}" if kb == vb else f"K{kb}V{vb}"
     name = f"{backend}-{bits}{_calib_label(calib)}" + (f"-g{norm_group}" if norm_group else "")
     name += f"-sink{sink}" if sink else ""
-    cfg = RQConfig(backend=backend, bits=kb, key_bits=kb, value_bits=vb, norm_group=norm_group, sink_tokens=sink)
+    cfg = RQConfig(  # the plain encoder (no scale search): this grid measures the format; presets.py the presets
+        backend=backend, bits=kb, key_bits=kb, value_bits=vb, norm_group=norm_group, sink_tokens=sink, scale_search=()
+    )
     return Spec(name, "rq", group, cfg, calib)
 
 
@@ -530,7 +532,7 @@ def markdown(data: dict) -> str:
         "- bits/elem: bytes the cache allocated (packed codes + fp16 norms, memory_report) x 8 / (tokens x kv_heads x "
         "head_dim x 2); `*` = KIVI, analytic (its cache is fake-quant). Per-layer constants not included: "
         + ", ".join(f"{k} {v} B/layer" for k, v in sorted(data["per_layer_constants"].items())),
-        "- wall s: decode-time ppl run + greedy run, one thread\n",
+        "- wall s: decode-time ppl run + greedy run of the config (threads as in `machine`)\n",
     ]
     groups = [
         ("plain", "Plain (no calibration)"),
