@@ -58,7 +58,7 @@ def candidates(window: bool) -> list[tuple[str, str, RQConfig]]:
     rows = []
     for backend in BACKENDS:
         for width, bits in WIDTHS.items():
-            base = RQConfig(backend=backend, sink_tokens=1, **bits)
+            base = RQConfig(backend=backend, sink_tokens=1, scale_search=(), **bits)
             rows.append((backend, width, base))
             rows.append((backend, f"{width} search", base.replace(scale_search=SCALE_SEARCH)))
         for width, bits in MIXED.items():

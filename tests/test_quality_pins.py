@@ -33,7 +33,7 @@ PRESET = dict(sink_tokens=1, scale_search=SCALE_SEARCH)
 # planar-3 +970.3% KL 2.346; iso-K4V3-preset +10.3% KL 0.091 (without the scale search +13.7% KL 0.141);
 # iso-K3V3-preset +28.2% KL 0.251 (without the search +32.3% KL 0.305); rotor-K3V2-preset +65.3% KL 0.459.
 PINS = {
-    "planar-3": (RQConfig(backend="planar", bits=3), False, (500.0, 1300.0), 3.0),
+    "planar-3": (RQConfig(backend="planar", bits=3, scale_search=()), False, (500.0, 1300.0), 3.0),
     "iso-K4V3-preset": (RQConfig(backend="iso", key_bits=4, value_bits=3, **PRESET), True, (3.0, 13.0), 0.115),
     "iso-K3V3-preset": (RQConfig(backend="iso", bits=3, **PRESET), True, (12.0, 35.0), 0.31),
     "rotor-K3V2-preset": (RQConfig(backend="rotor", key_bits=3, value_bits=2, **PRESET), True, (25.0, 82.0), 0.57),

@@ -142,7 +142,9 @@ def test_unsupported_bits_are_refused():
 def test_quantize_error_on_gaussian_vectors_is_the_lloyd_max_distortion(backend, bits):
     torch.manual_seed(bits)
     head_dim = 128
-    state = make_state(RQConfig(backend=backend, bits=bits), layer_idx=0, kind="k", num_heads=2, head_dim=head_dim)
+    # the codebook's own distortion: the default scale search can only lower it
+    plain = RQConfig(backend=backend, bits=bits, scale_search=())
+    state = make_state(plain, layer_idx=0, kind="k", num_heads=2, head_dim=head_dim)
     x = torch.randn(4, 2, 256, head_dim) * 3.0
     codes, norms = quantize(x, state.rotation, state.mean, state.scale, state.levels, bits, state.group)
     x_hat = dequantize(codes, norms, state.rotation, state.mean, state.scale, state.levels, bits, head_dim)
@@ -260,7 +262,7 @@ def _group_sq_error(state, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_state_levels_are_the_codebook_followed_by_the_scale_candidates():
-    plain = make_state(RQConfig(bits=3), layer_idx=0, kind="k", num_heads=1, head_dim=64)
+    plain = make_state(RQConfig(bits=3, scale_search=()), layer_idx=0, kind="k", num_heads=1, head_dim=64)
     searched = make_state(RQConfig(bits=3, scale_search=SCALE_SEARCH), layer_idx=0, kind="k", num_heads=1, head_dim=64)
     assert plain.levels.shape == (8,) and plain.scale_candidates.numel() == 0
     assert torch.equal(searched.codebook, plain.levels)
@@ -270,7 +272,7 @@ def test_state_levels_are_the_codebook_followed_by_the_scale_candidates():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_scale_search_never_reconstructs_a_group_worse_than_the_plain_quantizer(backend, bits):
-    config = RQConfig(backend=backend, bits=bits)
+    config = RQConfig(backend=backend, bits=bits, scale_search=())
     plain = make_state(config, layer_idx=1, kind="k", num_heads=1, head_dim=64)
     searched = make_state(config.replace(scale_search=SCALE_SEARCH), layer_idx=1, kind="k", num_heads=1, head_dim=64)
     x = _outlier_keys()
@@ -282,7 +284,7 @@ def test_scale_search_never_reconstructs_a_group_worse_than_the_plain_quantizer(
 
 @pytest.mark.parametrize("backend", ["planar", "iso", "rotor"])
 def test_scale_search_cuts_the_error_of_block_rotations_on_keys_with_outlier_channels(backend):
-    config = RQConfig(backend=backend, bits=3)
+    config = RQConfig(backend=backend, bits=3, scale_search=())
     plain = make_state(config, layer_idx=1, kind="k", num_heads=1, head_dim=64)
     searched = make_state(config.replace(scale_search=SCALE_SEARCH), layer_idx=1, kind="k", num_heads=1, head_dim=64)
     x = _outlier_keys(seed=1)
@@ -328,6 +330,10 @@ def test_scale_search_candidates_must_be_positive_finite_numbers(bad):
         RQConfig(scale_search=bad)
 
 
+def test_scale_search_is_on_by_default():
+    assert RQConfig().scale_search == SCALE_SEARCH and RQConfig(scale_search=()).scale_search == ()
+
+
 def test_scale_search_survives_the_config_dict_round_trip():
     config = RQConfig(backend="iso", scale_search=SCALE_SEARCH)
     assert RQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -342,7 +348,7 @@ def test_layer_bits_override_key_and_value_bits_of_the_named_layers_only():
         for kind in ("k", "v")
     }
     assert [states[(4, "k")].bits, states[(4, "v")].bits, states[(3, "k")].bits, states[(3, "v")].bits] == [4, 2, 3, 3]
-    assert states[(4, "k")].levels.numel() == 16 and states[(4, "v")].code_bytes == 16
+    assert states[(4, "k")].codebook.numel() == 16 and states[(4, "v")].code_bytes == 16
 
 
 def test_a_cache_layer_allocates_the_bits_its_layer_is_given():
