@@ -93,36 +93,44 @@ def time_decode(step, first_pos: int, steps: int, batch: int, device) -> dict:
     return {"ms_per_step": ms, "tokens_per_s": batch * 1000.0 / ms}
 
 
-# --- bf16 transformers cache -------------------------------------------------------------------------------------
+# --- eager caches -------------------------------------------------------------------------------------------------
+
+
+def eager_decode(model, cache, fill_layer, held_bytes, context: int, steps: int, batch: int) -> dict:
+    """Prefill 16 tokens through `cache` (the linear-attention layers' state), `fill_layer` every attention layer
+    with `context` synthetic tokens, then time greedy decode through transformers."""
+    device = model.device
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    with torch.no_grad():
+        model(input_ids=torch.zeros(batch, 16, dtype=torch.long, device=device), **kw)
+        for i in attention_layers(model):
+            fill_layer(cache.layers[i])
+        held = held_bytes()
+
+        def step(tok, pos):
+            return model(input_ids=tok, cache_position=torch.tensor([pos], device=device), **kw).logits
+
+        timing = time_decode(step, context, steps, batch, device)
+    return {**timing, "cache_bytes": held, "peak_bytes": torch.cuda.max_memory_allocated()}
 
 
 def bf16_dynamic(model, context: int, steps: int, batch: int) -> dict:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    device = model.device
     cfg = model.config
+    shape = (batch, cfg.num_key_value_heads, context, cfg.head_dim)
     torch.cuda.reset_peak_memory_stats()
     cache = DynamicCache(config=cfg)
-    kw = {cache_kwarg(model): cache, "use_cache": True}
-    with torch.no_grad():
-        model(input_ids=torch.zeros(batch, 16, dtype=torch.long, device=device), **kw)
-        for i in attention_layers(model):
-            layer = cache.layers[i]
-            assert isinstance(layer, DynamicLayer), type(layer)
-            layer.keys = random_kv(batch, cfg.num_key_value_heads, context, cfg.head_dim, device)
-            layer.values = random_kv(batch, cfg.num_key_value_heads, context, cfg.head_dim, device)
-        held = sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in attention_layers(model))
 
-        def step(tok, pos):
-            cp = torch.tensor([pos], device=device)
-            return model(input_ids=tok, cache_position=cp, **kw).logits
+    def fill(layer) -> None:
+        assert isinstance(layer, DynamicLayer), type(layer)
+        layer.keys, layer.values = random_kv(*shape, model.device), random_kv(*shape, model.device)
 
-        timing = time_decode(step, context, steps, batch, device)
-    return {**timing, "cache_bytes": held, "peak_bytes": torch.cuda.max_memory_allocated()}
+    def held() -> int:
+        return sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in attention_layers(model))
 
-
-# --- compressed drop-in cache ------------------------------------------------------------------------------------
+    return eager_decode(model, cache, fill, held, context, steps, batch)
 
 
 def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, chunk: int = 16384):
@@ -142,27 +150,17 @@ def rq_dropin(model, context: int, steps: int, batch: int, backend: str, bits: i
     from rqcompile import RQCache, RQConfig
     from rqcompile.cache import RQCacheLayer
 
-    device = model.device
     cfg = model.config
+    h, d = cfg.num_key_value_heads, cfg.head_dim
     torch.cuda.reset_peak_memory_stats()
     cache = RQCache(RQConfig(backend=backend, bits=bits), model_config=cfg)
-    kw = {cache_kwarg(model): cache, "use_cache": True}
-    with torch.no_grad():
-        model(input_ids=torch.zeros(batch, 16, dtype=torch.long, device=device), **kw)
-        for i in attention_layers(model):
-            layer = cache.layers[i]
-            assert isinstance(layer, RQCacheLayer), type(layer)
-            h, d = cfg.num_key_value_heads, cfg.head_dim
-            layer.k_codes, layer.k_norms = fill_codes(layer.k_state, batch, h, context, d, device)
-            layer.v_codes, layer.v_norms = fill_codes(layer.v_state, batch, h, context, d, device)
-        held = cache.memory_report().compressed_bytes
 
-        def step(tok, pos):
-            cp = torch.tensor([pos], device=device)
-            return model(input_ids=tok, cache_position=cp, **kw).logits
+    def fill(layer) -> None:
+        assert isinstance(layer, RQCacheLayer), type(layer)
+        layer.k_codes, layer.k_norms = fill_codes(layer.k_state, batch, h, context, d, model.device)
+        layer.v_codes, layer.v_norms = fill_codes(layer.v_state, batch, h, context, d, model.device)
 
-        timing = time_decode(step, context, steps, batch, device)
-    return {**timing, "cache_bytes": held, "peak_bytes": torch.cuda.max_memory_allocated()}
+    return eager_decode(model, cache, fill, lambda: cache.memory_report().compressed_bytes, context, steps, batch)
 
 
 # --- rqcompile.apply ---------------------------------------------------------------------------------------------
