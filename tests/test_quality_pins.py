@@ -8,14 +8,10 @@ must stay below a bound ~25% above the value measured when the pin was set (and 
 shows the cache really quantizes. Measured at pin time (torch 2.13 CPU, transformers 5.24, one thread): see PINS.
 A block backend's codes can flip on float-rounding differences and cascade (~1-2% ppl), hence the margins.
 
-The full-length numbers come from benchmarks/presets.py; benchmarks/quality.py's end-to-end smoke run is marked slow.
+The full-length numbers come from benchmarks/presets.py; tests/test_quality_bench.py runs benchmarks/quality.py (slow).
 """
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -118,20 +114,3 @@ def test_sink_token_costs_only_its_own_bytes(smollm2, ids, calibration):
     mc = smollm2[0].config
     sink_extra = 16 * 2 / 2 / (128 + 2) * 2  # generous: one fp32 token of K and V per layer over the sequence
     assert _bits_per_element(caches[0], mc) < 3.25 + sink_extra + 0.05
-
-
-@pytest.mark.slow
-def test_quality_benchmark_quick_grid_runs(tmp_path):
-    """benchmarks/quality.py end to end on a tiny window: results JSON, plot and markdown block are written."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quality_bench"] = mod
-    spec.loader.exec_module(mod)
-    out, md = tmp_path / "q.json", tmp_path / "Q.md"
-    data = mod.main(
-        ["--grid", "quick", "--prefill", "64", "--decode", "8", "--out", str(out), "--markdown", str(md), "--no-mse"]
-    )
-    assert out.is_file() and md.read_text().count(mod.BEGIN.format(out.stem)) == 1
-    assert {r["name"] for r in data["results"]} >= {"planar-3", "hadamard-3", "kivi-3"}
-    assert data["consistency_max_abs"] < 1e-4
