@@ -6,7 +6,19 @@ kernel module is imported, so the variable must be set before the first import o
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny matmuls
+    and token-by-token decoding are latency-bound, and on a shared 2-core machine a second thread oversubscribes
+    (measured 5x to 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from rqcompile.cli import main
 
@@ -16,12 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--tiny-qwen3_5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_help_is_cheap_and_lists_every_command():

@@ -30,12 +30,7 @@ FAST_AOTI = {"aot_inductor.compile_wrapper_opt_level": "O0"}
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _prompt(n: int, seed: int = 1) -> torch.Tensor:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 96
@@ -39,14 +39,6 @@ NEW_TOKENS = 16
 QUESTION = "What is the capital of France?"
 TIE = 1.0  # top-1/top-2 logit margin below which a float-level difference may flip greedy
 FAST_AOTI = {"aot_inductor.compile_wrapper_opt_level": "O0"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

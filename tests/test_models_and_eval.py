@@ -32,14 +32,7 @@ from rqcompile.eval import (
 PREFILL, DECODE = 96, 24  # 3 full 32-token key blocks at prefill, so the KIVI baseline really quantizes keys
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Token-by-token decoding of a 135M model is latency-bound; on a shared 2-core box, 2 intra-op threads
-    oversubscribe and run ~5x slower than one."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ MODELS = ["llama", "qwen3_5"]  # GQA dense, and hybrid with linear-attention lay
 CFG = RQConfig(backend="planar", bits=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ The full-length numbers come from benchmarks/presets.py; tests/test_quality_benc
 from __future__ import annotations
 
 import pytest
-import torch
 
 from rqcompile import models
 from rqcompile.cache import RQCache
@@ -36,12 +35,7 @@ PINS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
