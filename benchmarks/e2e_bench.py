@@ -133,6 +133,45 @@ def bf16_dynamic(model, context: int, steps: int, batch: int) -> dict:
     return eager_decode(model, cache, fill, held, context, steps, batch)
 
 
+def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out) -> None:
+    """transformers' StaticCache (bf16, max_cache_len = largest context + 64) with `torch.compile(model.forward)`:
+    the compiled baseline. Like every static cache it attends over all max_cache_len slots (masked) each step."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cfg = model.config
+    max_len = max(contexts) + 64
+    device = model.device
+    cache = StaticCache(config=cfg, max_cache_len=max_len)
+    forward = torch.compile(model.forward, fullgraph=False)
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    with torch.no_grad():
+        model(
+            input_ids=torch.zeros(batch, 16, dtype=torch.long, device=device),
+            cache_position=torch.arange(16, device=device),
+            **kw,
+        )
+
+        def step(tok, pos):
+            return forward(input_ids=tok, cache_position=torch.tensor([pos], device=device), **kw).logits
+
+        t0 = time.perf_counter()
+        step(torch.zeros(batch, 1, dtype=torch.long, device=device), 16)
+        RESULTS["bf16_static_compile_seconds"] = time.perf_counter() - t0
+        log(f"bf16 StaticCache torch.compile warm-up: {RESULTS['bf16_static_compile_seconds']:.0f} s")
+        for ctx in contexts:
+            torch.cuda.reset_peak_memory_stats()
+            for i in attention_layers(model):
+                layer = cache.layers[i]
+                assert isinstance(layer, StaticLayer), type(layer)
+                layer.keys[:, :, :ctx].normal_()
+                layer.values[:, :, :ctx].normal_()
+            held = sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in attention_layers(model))
+            r = time_decode(step, ctx, steps, batch, device)
+            r = {**r, "cache_bytes_allocated_for_max_len": held, "peak_bytes": torch.cuda.max_memory_allocated()}
+            record("bf16 StaticCache + torch.compile", ctx, r, out, max_cache_len=max_len)
+
+
 def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, chunk: int = 16384):
     """(codes, norms) of `context` random tokens, quantized chunk by chunk (rq::quantize, Triton on CUDA)."""
     from rqcompile.ops import quantize_state
@@ -271,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="planar")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--cap-gib", type=float, default=79.0)
-    p.add_argument("--skip", default="", help="comma list of: bf16,dropin,longest,apply,compile")
+    p.add_argument("--skip", default="", help="comma list of: bf16,dropin,static,longest,apply,compile")
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -312,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             if r:
                 record(f"RQCache {args.backend} {args.bits}b (eager)", ctx, r, out)
+    if "static" not in skip:
+        guarded("bf16 static compiled", bf16_static_compiled, model, contexts, args.steps, args.batch, out, out=out)
     if "longest" not in skip:
         longest(model, args, out)
     if "apply" not in skip:

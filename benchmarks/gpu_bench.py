@@ -76,10 +76,11 @@ def copy_bandwidth():
     return bw
 
 
-def state(backend, bits, kind, heads, dim, calibrated=False):
-    st = quantizer.make_state(
-        RQConfig(backend=backend, bits=bits), layer_idx=1, kind=kind, num_heads=heads, head_dim=dim
-    )
+def state(backend, bits, kind, heads, dim, calibrated=False, scale_search=None):
+    config = RQConfig(backend=backend, bits=bits)
+    if scale_search is not None:
+        config = config.replace(scale_search=scale_search)
+    st = quantizer.make_state(config, layer_idx=1, kind=kind, num_heads=heads, head_dim=dim)
     if calibrated:
         from dataclasses import replace
 
@@ -145,8 +146,8 @@ def check_attention(backend, kb, vb, batch=2, tq=1, tk=5000, mask_kind="none"):
     log(r)
 
 
-def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch=1):
-    st = state(backend, bits, "k", heads, dim)
+def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch=1, scale_search=None):
+    st = state(backend, bits, "k", heads, dim, scale_search=scale_search)
     xs = [torch.randn(batch, heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     i = [0]
 
@@ -158,10 +159,15 @@ def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch
     elems = batch * heads * tokens * dim
     nbytes = elems * 2 + elems * bits / 8 + elems / st.group * 2
     bw = nbytes / (ms * 1e-3)
+    n_search = len(st.scale_candidates)
     r = {"backend": backend, "bits": bits, "shape": [batch, heads, tokens, dim], "ms": ms, "GBps": bw / 1e9}
     r["frac_copy_bw"] = bw / copy_bw
+    r["scale_candidates"] = n_search
     RESULTS["quantize"].append(r)
-    log(f"quantize {backend:8s} {bits}b: {ms:.3f} ms, {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy")
+    log(
+        f"quantize {backend:8s} {bits}b search {n_search}: {ms:.3f} ms, {bw / 1e9:.0f} GB/s "
+        f"= {bw / copy_bw:.0%} of copy"
+    )
 
 
 def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True, with_deq=True):
@@ -487,6 +493,11 @@ def attn_only(args):
     torch.manual_seed(0)
     env()
     copy_bw = copy_bandwidth()
+    if args.quantize:
+        for backend in ("planar", "iso", "rotor", "hadamard"):
+            guarded(check_quantize, backend, 3)
+        for backend, bits, search in (("planar", 3, None), ("planar", 3, ()), ("iso", 3, None), ("planar", 4, None)):
+            guarded(bench_quantize, copy_bw, backend, bits, scale_search=search)
     attention_checks()
     log(f"checks done at {time.time() - t0:.0f}s")
     if not args.no_sweep:
@@ -514,6 +525,7 @@ def main():
     ap.add_argument("--contexts", default="4096,32768,131072,524288", help="attention contexts")
     ap.add_argument("--bits", default="3", help="attention bit widths for every (batch, context)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--quantize", action="store_true", help="with --attn-only: quantize checks and bench too")
     ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-SDPA baseline")
     args = ap.parse_args()
     if args.aoti_only:
