@@ -99,13 +99,17 @@ def check_quantize(backend, bits, dim=256, heads=4, tokens=4096, batch=2):
     nerr = ((norms.float() - rn.float()).abs() / rn.float().abs().clamp_min(1e-6)).max().item()
     same = (cu != ru).unflatten(-1, (norms.shape[-1], -1)).any(-1).logical_not()  # groups with no boundary flip
     nerr_same = ((norms.float() - rn.float()).abs() / rn.float().abs().clamp_min(1e-6))[same].max().item()
-    ok = mism < 1e-3 and maxdiff <= 1 and nerr_same < 2e-3 and nerr < 0.1 and not torch.isnan(norms).any().item()
+    # with the scale search a float tie can pick another candidate for a whole group (codes and norm both change);
+    # tests/test_kernels.py checks that such groups reconstruct as well as the reference's
+    flipped = 1.0 - same.float().mean().item()
+    ok = flipped < 2e-3 and nerr_same < 2e-3 and not torch.isnan(norms).any().item()
     r = {
         "what": f"quantize {backend} {bits}b",
         "code_mismatch": mism,
         "max_code_diff": maxdiff,
         "norm_relerr": nerr,
         "norm_relerr_unflipped": nerr_same,
+        "groups_flipped": flipped,
     }
     r["ok"] = ok
     RESULTS["checks"].append(r)

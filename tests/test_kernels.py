@@ -29,6 +29,7 @@ from rqcompile.kernels import attention as kattn  # noqa: E402
 from rqcompile.kernels import quantize as kquant  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
 from rqcompile.quant.packing import unpack  # noqa: E402
+from rqcompile.quant.rotations import rotate  # noqa: E402
 
 if not HAS_CUDA:  # make sure the @triton.jit functions were built in interpreter mode
     kquant = importlib.reload(kquant)
@@ -46,7 +47,7 @@ def _interpret_mode(monkeypatch):
         kattn = importlib.reload(kattn)
 
 
-MAX_MISMATCH = 1e-3  # fraction of codes allowed to differ (boundary ties), each by exactly one level
+MAX_FLIPPED_GROUPS = 2e-3  # fraction of norm groups whose codes may differ from the reference (float ties)
 
 
 def _state(backend, bits, kind, heads, dim, device="cpu", calibrated=True, seed=0):
@@ -69,16 +70,28 @@ def _poison(device):
         del junk
 
 
-def _check_codes(codes, norms, ref_codes, ref_norms, bits, dim):
+def _check_codes(codes, norms, ref_codes, ref_norms, x, st):
+    """The kernel's codes and norms equal the reference's, except in rare groups where float rounding tipped a
+    decision (a code at a boundary, or the scale search's pick between two near-equal candidates); there the
+    kernel's reconstruction must be as close to the input as the reference's."""
+    bits, dim = st.bits, st.head_dim
     assert not torch.isnan(norms.float()).any()
     got, want = unpack(codes, bits, dim), unpack(ref_codes, bits, dim)
-    diff = (got - want).abs()
-    assert diff.max().item() <= 1
-    assert diff.ne(0).float().mean().item() <= MAX_MISMATCH
+    flipped = (got != want).unflatten(-1, (st.num_groups, -1)).any(-1)  # groups where the two differ
+    assert flipped.float().mean().item() <= MAX_FLIPPED_GROUPS
     rel = (norms.float() - ref_norms.float()).abs() / ref_norms.float().abs().clamp_min(1e-6)
-    same = diff.unflatten(-1, (norms.shape[-1], -1)).eq(0).all(-1)  # groups whose codes all agree
-    assert rel[same].max().item() < 2e-3  # one fp16 rounding step
-    assert rel.max().item() < 0.1  # a boundary flip changes the corrected norm a little
+    assert rel[~flipped].max().item() < 2e-3  # one fp16 rounding step
+    if flipped.any():
+        target = rotate((x.float() - st.mean[:, None]) / st.scale[:, None], st.rotation)
+        target = target.unflatten(-1, (st.num_groups, -1))
+
+        def group_error(c, n):
+            rec = quantizer.dequantize_rotated(c, n, st.levels, bits, dim).unflatten(-1, (st.num_groups, -1))
+            return (rec - target).pow(2).sum(-1)
+
+        err, ref_err = group_error(codes, norms)[flipped], group_error(ref_codes, ref_norms)[flipped]
+        scale = target.pow(2).sum(-1)[flipped]
+        assert (err <= ref_err * 1.02 + 1e-4 * scale).all(), (err - ref_err).max()
 
 
 def _quantize_case(backend, bits, dim, device, tokens, batch=2, heads=2, strided=True):
@@ -91,7 +104,7 @@ def _quantize_case(backend, bits, dim, device, tokens, batch=2, heads=2, strided
     else:
         codes, norms = kquant.launch_quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
     ref_codes, ref_norms = quantizer.quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
-    _check_codes(codes, norms, ref_codes, ref_norms, bits, dim)
+    _check_codes(codes, norms, ref_codes, ref_norms, x, st)
     # dequantize of the reference codes
     _poison(device)
     if device == "cuda":

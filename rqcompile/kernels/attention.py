@@ -400,9 +400,6 @@ def launch_attention(
     block_n = DEFAULTS["block_n"] if block_n is None else block_n
     num_stages = DEFAULTS["num_stages"] if num_stages is None else num_stages
     maxnreg = DEFAULTS["maxnreg"] if maxnreg is None else maxnreg
-    # the register cap is a plain Triton launch option; torch's wrap_triton (torch.compile / AOTInductor) is
-    # given only the options it knows
-    launch_opts = {"maxnreg": maxnreg} if maxnreg and wrap is _identity and not interpreting() else {}
     num_warps = DEFAULTS["num_warps"] if num_warps is None else num_warps
     split_waves = DEFAULTS["split_waves"] if split_waves is None else split_waves
     batch, q_heads, q_len, dim = q.shape
@@ -411,6 +408,11 @@ def launch_attention(
     rep = q_heads // heads
     rows = rep * q_len
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
+    # The register cap is a plain Triton launch option; torch's wrap_triton (torch.compile / AOTInductor) is given
+    # only the options it knows. It is tuned for decode tiles: at BLOCK_M 64 (prefill) ptxas cannot fit the kernel
+    # in 168 registers and refuses it (C7600, seen on the H200), so larger tiles launch uncapped.
+    capped = maxnreg and block_m == 16 and wrap is _identity and not interpreting()
+    launch_opts = {"maxnreg": maxnreg} if capped else {}
     m_tiles = triton.cdiv(rows, block_m)
     qk_scale = float(sm_scale) * LOG2E
     device = q.device
