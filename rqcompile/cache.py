@@ -78,6 +78,7 @@ class RQCacheLayer(CacheLayerMixin):
                 head_dim=head_dim,
                 mean=calib.get(self.layer_idx, kind, "mean") if calib else None,
                 scale=calib.get(self.layer_idx, kind, "scale") if calib else None,
+                weight=calib.get(self.layer_idx, kind, "weight") if calib else None,
             ).to(self.device)
             self.k_state, self.v_state = make("k"), make("v")
         self.is_initialized = True

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 _KINDS = ("k", "v")
-_FIELDS = ("mean", "scale")
+_FIELDS = ("mean", "scale", "weight")
 
 
 @dataclass
 class Calibration:
-    """Per-layer, per-KV-head channel statistics: `stats[(layer, "k"|"v", "mean"|"scale")] -> [H, d]` float32."""
+    """Per-layer, per-KV-head channel statistics: `stats[(layer, "k"|"v", "mean"|"scale"|"weight")] -> [H, d]`
+    float32. `weight` is each channel's error weight, what calibrated bit allocation (`RQConfig.bit_allocation`)
+    distributes bits by."""
 
     stats: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
     source: str = ""
@@ -50,13 +52,16 @@ _ATTN_NAME = "rqcompile_calibration_capture"
 
 
 @contextlib.contextmanager
-def _capturing(model, sink: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]):
-    """Temporarily route the model's attention through a function that records post-RoPE K and V per layer."""
+def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module]):
+    """Temporarily route the model's attention through a function that records post-RoPE K and V, and the
+    per-channel second moment of the queries, per layer."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def capture(module, query, key, value, attention_mask, **kwargs):
-        sink.setdefault(module.layer_idx, []).append((key.detach().float(), value.detach().float()))
+        q2 = query.detach().float().pow(2)  # [B, Hq, T, d]
+        sink.setdefault(module.layer_idx, []).append((key.detach().float(), value.detach().float(), q2))
+        modules[module.layer_idx] = module
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(_ATTN_NAME, capture)
@@ -75,6 +80,7 @@ def calibrate(
     key_mean: bool = True,
     key_scale: bool = True,
     value_scale: bool = False,
+    error_weights: bool = True,
     scale_power: float = 0.8,
     skip_first: int = 1,
     chunk: int = 512,
@@ -85,13 +91,16 @@ def calibrate(
     Scales are per-channel RMS (after removing the mean) raised to `scale_power` (1 equalizes the channels fully;
     less keeps some of their spread), normalized to average 1 per head; only their ratios matter since every norm
     group is renormalized. The first `skip_first` tokens of each chunk are left out of the statistics: they are the
-    attention sink, atypical, and kept uncompressed by `RQConfig.sink_tokens`.
+    attention sink, atypical, and kept uncompressed by `RQConfig.sink_tokens`. `error_weights` also measures each
+    channel's error weight (variance times importance, `_importance`), normalized to mean 1 per head, which
+    `RQConfig.bit_allocation` needs.
     """
     if scale_power <= 0:
         raise ValueError(f"scale_power must be > 0, got {scale_power}")
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
-    sink: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    with torch.no_grad(), _capturing(model, sink):
+    sink: dict[int, list] = {}
+    modules: dict[int, torch.nn.Module] = {}
+    with torch.no_grad(), _capturing(model, sink, modules):
         for start in range(0, ids.shape[1], chunk):  # independent windows: bounded memory, no cache needed
             model(ids[:, start : start + chunk].to(model.device), use_cache=False)
     if not sink:
@@ -111,7 +120,29 @@ def calibrate(
                 centred = x - mean[:, None] if want_mean else x
                 scale = centred.pow(2).mean(1).sqrt().clamp_min(1e-6).pow(scale_power)
                 stats[(layer_idx, kind, "scale")] = scale / scale.mean(-1, keepdim=True)
+            if error_weights:
+                centred = x - mean[:, None] if kind == "k" and key_mean else x  # what the quantizer sees
+                variance = centred.pow(2).mean(1)
+                importance = _importance(kind, pieces, modules[layer_idx], x.shape[0], skip_first)
+                weight = variance * importance
+                stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
     return Calibration(stats, source)
+
+
+def _importance(kind: str, pieces: list, module: torch.nn.Module, kv_heads: int, skip_first: int) -> torch.Tensor:
+    """How much a unit error in each channel of a KV head costs, [H, d]. Keys: `E[q_j^2]` over the query heads
+    that read the KV head (a key error `e` moves a score by `q . e`). Values: `||W_o[:, j]||^2` over those query
+    heads' output-projection columns (ones when the module has no `o_proj`)."""
+    if kind == "k":
+        q2 = torch.cat([p[2][:, :, skip_first:] for p in pieces], dim=2)  # [B, Hq, T, d]
+        q2 = q2.mean(dim=(0, 2))  # [Hq, d]
+        return q2.unflatten(0, (kv_heads, -1)).mean(1)
+    d = pieces[0][1].shape[-1]
+    o_proj = getattr(module, "o_proj", None)
+    if o_proj is None or not hasattr(o_proj, "weight"):
+        return torch.ones(kv_heads, d)
+    cols = o_proj.weight.detach().float().pow(2).sum(0)  # [Hq * d]
+    return cols.view(-1, d).unflatten(0, (kv_heads, -1)).mean(1).cpu()
 
 
 __all__ = ["Calibration", "calibrate"]

@@ -12,6 +12,7 @@ from typing import Any
 
 BACKENDS = ("planar", "iso", "rotor", "hadamard", "none")
 SUPPORTED_BITS = (2, 3, 4)
+ALLOCATION_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # widths a calibrated bit allocation may give single coordinates
 ISO_MODES = ("full", "fast")
 # Scale factors tried per norm group with `RQConfig(scale_search=SCALE_SEARCH)` (measured: QUALITY.md, Presets).
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
@@ -39,6 +40,12 @@ class RQConfig:
             measured set (QUALITY.md: attention-output KL -17% to -44% for the block backends, -8% for hadamard);
             ``()`` quantizes at the group's own norm only. Costs no bytes: it changes which codes and norm are
             written (~5x the encoder's work), not the format the decoders read.
+        bit_allocation: code widths a calibrated bit allocation may use, e.g. ``(2, 3, 4, 5, 6)``; ``()`` (default)
+            gives every coordinate the same width. With it, each (layer, K|V) spends its average width (``bits`` /
+            ``key_bits`` / ``value_bits``, which may then be fractional, e.g. 3.5) unevenly: more bits for the
+            rotated coordinates whose error costs attention most, measured by ``rqcompile.calibrate`` (required).
+            Whole rotation blocks are reordered so equal widths are contiguous; rotations stay block-diagonal
+            (``rqcompile.quant.allocation``, docs/FORMAT.md "Bit allocation").
         layer_bits: per-layer overrides ``((layer_idx, key_bits, value_bits), ...)`` of ``key_bits`` /
             ``value_bits``, e.g. 4-bit keys only in the layers whose key error costs most. ``()``: every layer uses
             ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it). Every state
@@ -46,9 +53,9 @@ class RQConfig:
     """
 
     backend: str = "planar"
-    bits: int = 3
-    key_bits: int | None = None
-    value_bits: int | None = None
+    bits: float = 3
+    key_bits: float | None = None
+    value_bits: float | None = None
     norm_group: int | None = None
     seed: int = 0
     iso_mode: str = "full"
@@ -57,9 +64,11 @@ class RQConfig:
     check_finite: bool = True
     scale_search: tuple[float, ...] = SCALE_SEARCH
     layer_bits: tuple[tuple[int, int, int], ...] = ()
+    bit_allocation: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
+        self._check_bit_allocation()
         if isinstance(self.scale_search, list):  # from_dict of a JSON round trip
             object.__setattr__(self, "scale_search", tuple(self.scale_search))
         if not isinstance(self.scale_search, tuple) or not all(
@@ -73,8 +82,17 @@ class RQConfig:
             value = getattr(self, name)
             if value is None and name != "bits":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_BITS:
-                raise ValueError(f"{name}={value!r} is not supported; choose one of {SUPPORTED_BITS}")
+            if self.bit_allocation:
+                lo, hi = self.bit_allocation[0], self.bit_allocation[-1]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                    raise ValueError(
+                        f"{name}={value!r} must be an average width within bit_allocation={self.bit_allocation}"
+                    )
+            elif isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_BITS:
+                raise ValueError(
+                    f"{name}={value!r} is not supported; choose one of {SUPPORTED_BITS} (fractional averages need "
+                    "bit_allocation)"
+                )
         if self.iso_mode not in ISO_MODES:
             raise ValueError(f"unknown iso_mode {self.iso_mode!r}; choose one of {ISO_MODES}")
         if self.norm_group is not None and (self.norm_group <= 0 or self.norm_group % 8):
@@ -109,7 +127,17 @@ class RQConfig:
             raise ValueError(f"layer_bits={self.layer_bits!r} names a layer more than once")
         object.__setattr__(self, "layer_bits", tuple(sorted(entries)))
 
-    def bits_for(self, layer_idx: int, kind: str) -> int:
+    def _check_bit_allocation(self) -> None:
+        widths = self.bit_allocation
+        if isinstance(widths, list):  # from_dict of a JSON round trip
+            widths = tuple(widths)
+        if not isinstance(widths, tuple) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w in ALLOCATION_BITS for w in widths
+        ):
+            raise ValueError(f"bit_allocation={self.bit_allocation!r} must be a tuple of widths from {ALLOCATION_BITS}")
+        object.__setattr__(self, "bit_allocation", tuple(sorted(set(widths))))
+
+    def bits_for(self, layer_idx: int, kind: str) -> float:
         """Bits of layer `layer_idx`'s keys (`kind="k"`) or values (`"v"`), `layer_bits` overrides included."""
         if kind not in ("k", "v"):
             raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
@@ -119,11 +147,11 @@ class RQConfig:
         return self.k_bits if kind == "k" else self.v_bits
 
     @property
-    def k_bits(self) -> int:
+    def k_bits(self) -> float:
         return self.key_bits if self.key_bits is not None else self.bits
 
     @property
-    def v_bits(self) -> int:
+    def v_bits(self) -> float:
         return self.value_bits if self.value_bits is not None else self.bits
 
     def group_for(self, head_dim: int) -> int:

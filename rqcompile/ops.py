@@ -13,7 +13,7 @@ import math
 import torch
 
 from rqcompile.quant import quantizer
-from rqcompile.quant.packing import packed_size
+from rqcompile.quant.packing import layout_size
 
 
 @torch.library.custom_op("rq::quantize", mutates_args=())
@@ -25,15 +25,28 @@ def quantize(
     levels: torch.Tensor,
     bits: int,
     group: int,
+    perm: torch.Tensor | None = None,
+    widths: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, T, d] -> (codes uint8 [B, H, T, d*bits/8], norms fp16 [B, H, T, d/group])."""
-    return quantizer.quantize(x, rotation, mean, scale, levels, bits, group)
+    """x [B, H, T, d] -> (codes uint8 [B, H, T, d*bits/8], norms fp16 [B, H, T, d/group]).
+
+    A calibrated bit allocation passes `widths` (one per stored coordinate, replacing `bits`) and `perm` [H, d]
+    (the channel order the rotation reads); docs/FORMAT.md, "Bit allocation"."""
+    return quantizer.quantize(x, rotation, mean, scale, levels, _layout(bits, widths), group, perm)
+
+
+def _layout(bits: int, widths: list[int] | None) -> int | tuple[int, ...]:
+    return bits if widths is None else tuple(widths)
+
+
+def _code_bytes(dim: int, bits: int, widths: list[int] | None) -> int:
+    return layout_size((bits,) * dim if widths is None else widths)
 
 
 @quantize.register_fake
-def _(x, rotation, mean, scale, levels, bits, group):
+def _(x, rotation, mean, scale, levels, bits, group, perm=None, widths=None):
     batch, heads, tokens, dim = x.shape
-    codes = x.new_empty((batch, heads, tokens, packed_size(dim, bits)), dtype=torch.uint8)
+    codes = x.new_empty((batch, heads, tokens, _code_bytes(dim, bits, widths)), dtype=torch.uint8)
     norms = x.new_empty((batch, heads, tokens, dim // group), dtype=torch.float16)
     return codes, norms
 
@@ -49,13 +62,16 @@ def dequantize(
     bits: int,
     head_dim: int,
     dtype: torch.dtype,
+    perm: torch.Tensor | None = None,
+    widths: list[int] | None = None,
 ) -> torch.Tensor:
     """(codes, norms) -> reconstructed K/V [B, H, T, head_dim] in `dtype`."""
-    return quantizer.dequantize(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype)
+    layout = _layout(bits, widths)
+    return quantizer.dequantize(codes, norms, rotation, mean, scale, levels, layout, head_dim, dtype, perm)
 
 
 @dequantize.register_fake
-def _(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype):
+def _(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None):
     return codes.new_empty((*codes.shape[:-1], head_dim), dtype=dtype)
 
 
@@ -78,18 +94,74 @@ def attention(
     attn_mask: torch.Tensor | None,
     sm_scale: float,
     kv_len: torch.Tensor | None = None,
+    k_perm: torch.Tensor | None = None,
+    v_perm: torch.Tensor | None = None,
+    k_widths: list[int] | None = None,
+    v_widths: list[int] | None = None,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over the compressed cache, computed in the rotated space (GQA by head grouping).
 
     `kv_len` (optional int [B]): keys at positions >= kv_len[b] are masked, on top of `attn_mask`. It says nothing
     the mask does not, but it lets a kernel stop reading a static cache at the last valid key instead of streaming
-    (and masking) all of max_cache_len.
+    (and masking) all of max_cache_len. `k_perm`/`v_perm`, `k_widths`/`v_widths`: a calibrated bit allocation's
+    layout (as for rq::quantize).
     """
+    return reference_attention(
+        q,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        k_rotation,
+        k_scale,
+        k_levels,
+        v_rotation,
+        v_mean,
+        v_scale,
+        v_levels,
+        k_bits,
+        v_bits,
+        attn_mask,
+        sm_scale,
+        kv_len,
+        k_perm,
+        v_perm,
+        k_widths,
+        v_widths,
+    )
+
+
+def reference_attention(
+    q,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    k_rotation,
+    k_scale,
+    k_levels,
+    v_rotation,
+    v_mean,
+    v_scale,
+    v_levels,
+    k_bits,
+    v_bits,
+    attn_mask,
+    sm_scale,
+    kv_len=None,
+    k_perm=None,
+    v_perm=None,
+    k_widths=None,
+    v_widths=None,
+) -> torch.Tensor:
+    """rq::attention's torch implementation (any device), with the op's arguments."""
     attn_mask = mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2])
     group_k = q.shape[-1] // k_norms.shape[-1]
     group_v = q.shape[-1] // v_norms.shape[-1]
-    k = quantizer.QuantState(k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, k_bits, group_k)
-    v = quantizer.QuantState(v_rotation, v_mean, v_scale, v_levels, v_bits, group_v)
+    k = quantizer.QuantState(
+        k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, _layout(k_bits, k_widths), group_k, k_perm
+    )
+    v = quantizer.QuantState(v_rotation, v_mean, v_scale, v_levels, _layout(v_bits, v_widths), group_v, v_perm)
     return quantizer.rotated_attention(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale)
 
 
@@ -112,6 +184,10 @@ def _(
     attn_mask,
     sm_scale,
     kv_len=None,
+    k_perm=None,
+    v_perm=None,
+    k_widths=None,
+    v_widths=None,
 ):
     return q.new_empty(q.shape)  # contiguous, like every implementation
 
@@ -128,17 +204,28 @@ def mask_with_kv_len(attn_mask: torch.Tensor | None, kv_len: torch.Tensor | None
     return torch.where(valid, attn_mask, torch.tensor(float("-inf"), dtype=attn_mask.dtype, device=attn_mask.device))
 
 
+def layout_args(state: quantizer.QuantState) -> tuple[int, torch.Tensor | None, list[int] | None]:
+    """(bits, perm, widths) as the rq ops take them: a uniform state passes only `bits`."""
+    if state.uniform:
+        return state.widths[0], None, None
+    return max(state.widths), state.perm, list(state.widths)
+
+
 def quantize_state(x: torch.Tensor, state: quantizer.QuantState) -> tuple[torch.Tensor, torch.Tensor]:
     """rq::quantize with one QuantState's parameters."""
-    return torch.ops.rq.quantize(x, state.rotation, state.mean, state.scale, state.levels, state.bits, state.group)
+    bits, perm, widths = layout_args(state)
+    return torch.ops.rq.quantize(
+        x, state.rotation, state.mean, state.scale, state.levels, bits, state.group, perm, widths
+    )
 
 
 def dequantize_state(
     codes: torch.Tensor, norms: torch.Tensor, state: quantizer.QuantState, dtype: torch.dtype
 ) -> torch.Tensor:
     """rq::dequantize with one QuantState's parameters."""
+    bits, perm, widths = layout_args(state)
     return torch.ops.rq.dequantize(
-        codes, norms, state.rotation, state.mean, state.scale, state.levels, state.bits, state.head_dim, dtype
+        codes, norms, state.rotation, state.mean, state.scale, state.levels, bits, state.head_dim, dtype, perm, widths
     )
 
 
@@ -156,6 +243,8 @@ def attention_state(
 ) -> torch.Tensor:
     """rq::attention with two QuantStates' parameters."""
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    k_bits, k_perm, k_widths = layout_args(k)
+    v_bits, v_perm, v_widths = layout_args(v)
     return torch.ops.rq.attention(
         q,
         k_codes,
@@ -169,11 +258,15 @@ def attention_state(
         v.mean,
         v.scale,
         v.levels,
-        k.bits,
-        v.bits,
+        k_bits,
+        v_bits,
         attn_mask,
         sm_scale,
         kv_len,
+        k_perm,
+        v_perm,
+        k_widths,
+        v_widths,
     )
 
 

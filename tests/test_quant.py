@@ -131,9 +131,10 @@ def test_packing_layout_is_the_documented_one():
     assert packed.tolist() == expect_low + expect_high
 
 
-def test_unsupported_bits_are_refused():
-    with pytest.raises(ValueError, match="bits=5"):
-        pack(torch.zeros(8, dtype=torch.long), 5)
+def test_unpackable_widths_are_refused():
+    for bits in (0, 9):
+        with pytest.raises(ValueError, match=f"bits={bits}"):
+            pack(torch.zeros(8, dtype=torch.long), bits)
 
 
 # --- quantizer ------------------------------------------------------------------------------------------------

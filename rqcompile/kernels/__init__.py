@@ -29,76 +29,77 @@ def _plain(kernel):
     return kernel
 
 
-def _quantize_ok(x, rotation, mean, scale, levels, bits, group):
+# Calibrated bit allocation (a `perm` / `widths` layout) is not in the Triton kernels yet: such calls run the
+# reference implementation on the GPU.
+
+
+def _quantize_ok(x, rotation, mean, scale, levels, bits, group, perm=None, widths=None):
     from rqcompile.kernels.quantize import quantize_supported
 
-    return quantize_supported(x, rotation, bits, group)
+    return perm is None and widths is None and quantize_supported(x, rotation, bits, group)
 
 
-def _quantize_launch(x, rotation, mean, scale, levels, bits, group, wrap=_plain):
+def _quantize_launch(x, rotation, mean, scale, levels, bits, group, perm=None, widths=None, wrap=_plain):
     from rqcompile.kernels.quantize import launch_quantize
 
     return launch_quantize(x, rotation, mean, scale, levels, bits, group, wrap=wrap)
 
 
-def _dequantize_ok(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype):
+def _quantize_reference(x, rotation, mean, scale, levels, bits, group, perm=None, widths=None):
+    layout = bits if widths is None else tuple(widths)
+    return quantizer.quantize(x, rotation, mean, scale, levels, layout, group, perm)
+
+
+def _dequantize_ok(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None):
     from rqcompile.kernels.quantize import dequantize_supported
 
-    return dequantize_supported(norms, rotation, head_dim)
+    return perm is None and widths is None and dequantize_supported(norms, rotation, head_dim)
 
 
-def _dequantize_launch(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, wrap=_plain):
+def _dequantize_launch(
+    codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None, wrap=_plain
+):
     from rqcompile.kernels.quantize import launch_dequantize
 
     return launch_dequantize(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, wrap=wrap)
 
 
-def _attention_ok(q, k_codes, k_norms, v_codes, v_norms, *rest):
+def _dequantize_reference(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None):
+    layout = bits if widths is None else tuple(widths)
+    return quantizer.dequantize(codes, norms, rotation, mean, scale, levels, layout, head_dim, dtype, perm)
+
+
+def _attention_ok(q, k_codes, k_norms, v_codes, v_norms, *rest, **kwargs):
     from rqcompile.kernels.attention import attention_supported
 
+    names = ("k_perm", "v_perm", "k_widths", "v_widths")  # after kv_len (rest[11])
+    layout = list(rest[12:]) + [kwargs.get(n) for n in names]
+    if any(a is not None for a in layout):
+        return False
     k_bits, v_bits = rest[7], rest[8]
     return attention_supported(q, k_codes, v_codes, k_bits, v_bits, k_norms, v_norms)
 
 
-def _attention_launch(*args, wrap=_plain):
+def _attention_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
+    args = args[:17]  # the layout arguments are None here (_attention_ok)
+    kv_len = kwargs.get("kv_len")
+    if kv_len is not None:
+        args = (*args[:16], kv_len)
     return launch_attention(*args, wrap=None if wrap is _plain else wrap)  # None: eager (may use maxnreg)
 
 
-def _attention_reference(
-    q,
-    k_codes,
-    k_norms,
-    v_codes,
-    v_norms,
-    k_rotation,
-    k_scale,
-    k_levels,
-    v_rotation,
-    v_mean,
-    v_scale,
-    v_levels,
-    k_bits,
-    v_bits,
-    attn_mask,
-    sm_scale,
-    kv_len=None,
-):
-    from rqcompile.ops import mask_with_kv_len
+def _attention_reference(*args, **kwargs):
+    from rqcompile.ops import reference_attention
 
-    attn_mask = mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2])
-    group_k = q.shape[-1] // k_norms.shape[-1]
-    group_v = q.shape[-1] // v_norms.shape[-1]
-    k = quantizer.QuantState(k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, k_bits, group_k)
-    v = quantizer.QuantState(v_rotation, v_mean, v_scale, v_levels, v_bits, group_v)
-    return quantizer.rotated_attention(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale)
+    return reference_attention(*args, **kwargs)
 
 
 # name -> (supported?, Triton launch, reference fallback)
 _IMPLS = {
-    "rq::quantize": (_quantize_ok, _quantize_launch, quantizer.quantize),
-    "rq::dequantize": (_dequantize_ok, _dequantize_launch, quantizer.dequantize),
+    "rq::quantize": (_quantize_ok, _quantize_launch, _quantize_reference),
+    "rq::dequantize": (_dequantize_ok, _dequantize_launch, _dequantize_reference),
     "rq::attention": (_attention_ok, _attention_launch, _attention_reference),
 }
 

@@ -370,6 +370,7 @@ def _rewrite_write(
             head_dim=head_dim,
             mean=calibration.get(layer, kind, "mean") if calibration else None,
             scale=calibration.get(layer, kind, "scale") if calibration else None,
+            weight=calibration.get(layer, kind, "weight") if calibration else None,
         ).to(cache.device)
 
     fresh = None

@@ -1,37 +1,70 @@
-"""Bit packing of quantization codes at exactly `bits` bits per code (layout in docs/FORMAT.md).
+"""Bit packing of quantization codes (layout in docs/FORMAT.md, "Bit packing").
 
-2 and 4 bits pack 4 and 2 codes per byte; 3 bits is stored as a 2-bit plane followed by a 1-bit plane, so every
-code is read with at most two byte loads and two shifts, with no code straddling a byte (simple for kernels and
-expressible with Div/Mod in ONNX).
+A code of `w` bits is split into planes of 4, 2 and 1 bits (low bits first: 3 = 2+1, 5 = 4+1, 6 = 4+2), and each
+plane is packed on its own, so no code straddles a byte: every code is read with at most a few byte loads and shifts
+(simple for kernels and expressible with Div/Mod in ONNX). 2 and 4 bits are one plane.
+
+A vector may mix widths (calibrated bit allocation): `widths[i]` is the width of stored coordinate `i`. Coordinates
+of equal width must form runs that start and end on multiples of 8; each run is packed as above, runs in order. A
+uniform vector is one run, so it has exactly the single-width layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-_PLANES = {2: (2,), 3: (2, 1), 4: (4,)}
+MAX_BITS = 8
+RUN_ALIGN = 8  # codes per run must be a multiple of this (whole bytes in every plane)
 
 
 def planes(bits: int) -> tuple[int, ...]:
     """Widths of the bit planes a code of `bits` bits is split into, low bits first."""
-    try:
-        return _PLANES[bits]
-    except KeyError:
-        raise ValueError(f"bits={bits} is not supported; choose one of {tuple(_PLANES)}") from None
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits={bits!r} cannot be packed; choose a width in 1..{MAX_BITS}")
+    out, left = [], bits
+    for width in (4, 2, 1):
+        while left >= width:
+            out.append(width)
+            left -= width
+    return tuple(out)
+
+
+def runs(widths: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
+    """(width, start, count) of each maximal run of equal widths, checked to be 8-aligned."""
+    if not widths:
+        raise ValueError("a layout needs at least one coordinate")
+    out, start = [], 0
+    for i in range(1, len(widths) + 1):
+        if i == len(widths) or widths[i] != widths[start]:
+            out.append((int(widths[start]), start, i - start))
+            start = i
+    for width, start, count in out:
+        planes(width)
+        if start % RUN_ALIGN or count % RUN_ALIGN:
+            raise ValueError(
+                f"coordinates of width {width} run over [{start}, {start + count}); runs must start and end on "
+                f"multiples of {RUN_ALIGN}"
+            )
+    return tuple(out)
 
 
 def packed_size(dim: int, bits: int) -> int:
-    """Bytes one vector of `dim` codes takes."""
-    if dim % 8:
-        raise ValueError(f"dimension {dim} must be a multiple of 8 for bit packing")
+    """Bytes one vector of `dim` codes of `bits` bits takes."""
+    if dim % RUN_ALIGN:
+        raise ValueError(f"dimension {dim} must be a multiple of {RUN_ALIGN} for bit packing")
+    planes(bits)
     return dim * bits // 8
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2**bits) along the last dim into uint8 bytes."""
+def layout_size(widths: Sequence[int]) -> int:
+    """Bytes one vector with per-coordinate `widths` takes."""
+    return sum(count * width // 8 for width, _, count in runs(widths))
+
+
+def _pack_run(codes: torch.Tensor, bits: int) -> torch.Tensor:
     dim = codes.shape[-1]
-    packed_size(dim, bits)
-    codes = codes.to(torch.int32)
     out, shift = [], 0
     for width in planes(bits):
         per_byte = 8 // width
@@ -40,25 +73,53 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         weights = torch.tensor([1 << (width * i) for i in range(per_byte)], dtype=torch.int32, device=codes.device)
         out.append((plane * weights).sum(-1))
         shift += width
-    return torch.cat(out, dim=-1).to(torch.uint8)
+    return torch.cat(out, dim=-1)
 
 
-def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Inverse of `pack`: uint8 bytes -> int64 codes of shape [..., dim]."""
-    if packed.shape[-1] != packed_size(dim, bits):
-        raise ValueError(
-            f"expected {packed_size(dim, bits)} packed bytes for dim={dim}, bits={bits}, got {packed.shape[-1]}"
-        )
-    data = packed.to(torch.int64)
-    codes = torch.zeros(*packed.shape[:-1], dim, dtype=torch.int64, device=packed.device)
+def _unpack_run(data: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    codes = torch.zeros(*data.shape[:-1], dim, dtype=torch.int64, device=data.device)
     start, shift = 0, 0
     for width in planes(bits):
         per_byte = 8 // width
         nbytes = dim // per_byte
         chunk = data[..., start : start + nbytes]
-        shifts = torch.arange(per_byte, device=packed.device) * width
+        shifts = torch.arange(per_byte, device=data.device) * width
         plane = (chunk.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
         codes |= plane.flatten(-2) << shift
         start += nbytes
         shift += width
     return codes
+
+
+def _as_widths(bits: int | Sequence[int], dim: int) -> tuple[int, ...]:
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        packed_size(dim, bits)
+        return (bits,) * dim
+    widths = tuple(bits)
+    if len(widths) != dim:
+        raise ValueError(f"layout has {len(widths)} widths for {dim} coordinates")
+    return widths
+
+
+def pack(codes: torch.Tensor, bits: int | Sequence[int]) -> torch.Tensor:
+    """Pack integer codes along the last dim into uint8 bytes; `bits`: one width, or one per coordinate."""
+    widths = _as_widths(bits, codes.shape[-1])
+    codes = codes.to(torch.int32)
+    out = [_pack_run(codes[..., s : s + n], w) for w, s, n in runs(widths)]
+    return torch.cat(out, dim=-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int | Sequence[int], dim: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 bytes -> int64 codes of shape [..., dim]."""
+    widths = _as_widths(bits, dim)
+    if packed.shape[-1] != layout_size(widths):
+        raise ValueError(
+            f"expected {layout_size(widths)} packed bytes for {dim} codes of this layout, got {packed.shape[-1]}"
+        )
+    data = packed.to(torch.int64)
+    out, offset = [], 0
+    for width, _, count in runs(widths):
+        nbytes = count * width // 8
+        out.append(_unpack_run(data[..., offset : offset + nbytes], width, count))
+        offset += nbytes
+    return torch.cat(out, dim=-1)

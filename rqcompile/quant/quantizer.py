@@ -12,30 +12,59 @@ import torch
 
 from rqcompile.config import RQConfig
 from rqcompile.quant.codebook import boundaries, codebook
-from rqcompile.quant.packing import pack, packed_size, unpack
+from rqcompile.quant.packing import layout_size, pack, runs, unpack
 from rqcompile.quant.rotations import make_rotation, rotate
+
+Widths = int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class QuantState:
-    """Parameters of one layer's K (or V) quantizer; see docs/FORMAT.md for each tensor's meaning."""
+    """Parameters of one layer's K (or V) quantizer; see docs/FORMAT.md for each tensor's meaning.
+
+    `widths` is the bit width of each stored coordinate (an int means every coordinate has it); `perm` ([H, d]
+    int64, or None for the identity) is the channel order the rotation reads, set by calibrated bit allocation so
+    that coordinates of one width are contiguous."""
 
     rotation: torch.Tensor  # [H, nb, b, b] float32
     mean: torch.Tensor  # [H, d] float32
     scale: torch.Tensor  # [H, d] float32
-    levels: torch.Tensor  # [2**bits + A] float32: the codebook, then A >= 0 encoder scale candidates
-    bits: int
+    levels: torch.Tensor  # one codebook per run of equal widths, then A >= 0 encoder scale candidates
+    widths: Widths
     group: int
+    perm: torch.Tensor | None = None  # [H, d] int64
+
+    def __post_init__(self) -> None:
+        widths = _widths(self.widths, self.mean.shape[-1])
+        object.__setattr__(self, "widths", widths)
+        runs(widths)  # checks the layout
+        if self.perm is not None and tuple(self.perm.shape) != tuple(self.mean.shape):
+            raise ValueError(f"perm has shape {tuple(self.perm.shape)}, expected {tuple(self.mean.shape)}")
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.widths)) == 1 and self.perm is None
+
+    @property
+    def bits(self) -> int:
+        """The width of every coordinate; a mixed layout has none (use `widths` / `bits_per_code`)."""
+        if len(set(self.widths)) != 1:
+            raise ValueError(f"this quantizer mixes widths {sorted(set(self.widths))}; it has no single bit width")
+        return self.widths[0]
+
+    @property
+    def bits_per_code(self) -> float:
+        return sum(self.widths) / len(self.widths)
 
     @property
     def codebook(self) -> torch.Tensor:
-        """The 2**bits reconstruction levels (what decoders read)."""
-        return self.levels[: 2**self.bits]
+        """All reconstruction levels (what decoders read): each run's codebook, in run order."""
+        return self.levels[: codebook_size(self.widths)]
 
     @property
     def scale_candidates(self) -> torch.Tensor:
         """Scale factors the encoder tries per norm group (empty: the plain quantizer)."""
-        return self.levels[2**self.bits :]
+        return self.levels[codebook_size(self.widths) :]
 
     @property
     def num_heads(self) -> int:
@@ -47,7 +76,7 @@ class QuantState:
 
     @property
     def code_bytes(self) -> int:
-        return packed_size(self.head_dim, self.bits)
+        return layout_size(self.widths)
 
     @property
     def num_groups(self) -> int:
@@ -60,10 +89,36 @@ class QuantState:
             mean=self.mean.to(device),
             scale=self.scale.to(device),
             levels=self.levels.to(device),
+            perm=None if self.perm is None else self.perm.to(device),
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"rotation": self.rotation, "mean": self.mean, "scale": self.scale, "levels": self.levels}
+        out = {"rotation": self.rotation, "mean": self.mean, "scale": self.scale, "levels": self.levels}
+        if self.perm is not None:
+            out["perm"] = self.perm
+        return out
+
+
+def _widths(widths: Widths, dim: int) -> tuple[int, ...]:
+    if isinstance(widths, int) and not isinstance(widths, bool):
+        return (widths,) * dim
+    out = tuple(int(w) for w in widths)
+    if len(out) != dim:
+        raise ValueError(f"{len(out)} code widths for head_dim {dim}")
+    return out
+
+
+def codebook_size(widths: Widths) -> int:
+    """Number of codebook levels a layout reads: 2**w for each run of equal widths."""
+    widths = (widths,) if isinstance(widths, int) else widths
+    if isinstance(widths, tuple) and len(widths) == 1:
+        return 2 ** widths[0]
+    return sum(2**w for w, _, _ in runs(widths))
+
+
+def layout_codebook(widths: tuple[int, ...], group: int) -> torch.Tensor:
+    """The Lloyd-Max codebook of each run, concatenated in run order."""
+    return torch.cat([codebook(w, group) for w, _, _ in runs(widths)])
 
 
 def make_state(
@@ -75,12 +130,15 @@ def make_state(
     head_dim: int,
     mean: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> QuantState:
     """The deterministic quantizer of one layer's keys (`kind="k"`) or values (`kind="v"`).
 
-    `mean` / `scale` ([H, d]) come from calibration; by default zeros / ones.
+    `mean` / `scale` ([H, d]) come from calibration; by default zeros / ones. `weight` ([H, d], calibration's
+    per-channel error weight) is required when `config.bit_allocation` is set: it decides which coordinates get
+    more bits (`rqcompile.quant.allocation`).
     """
-    for name, tensor in (("mean", mean), ("scale", scale)):
+    for name, tensor in (("mean", mean), ("scale", scale), ("weight", weight)):
         if tensor is not None and tuple(tensor.shape) != (num_heads, head_dim):
             raise ValueError(
                 f"calibrated {name} for layer {layer_idx} {kind} has shape {tuple(tensor.shape)}, "
@@ -100,13 +158,27 @@ def make_state(
         kind=kind,
         iso_mode=config.iso_mode,
     )
+    perm = None
+    if config.bit_allocation:
+        if weight is None:
+            raise ValueError(
+                f"RQConfig.bit_allocation={config.bit_allocation} needs calibration: pass "
+                "calibration=rqcompile.calibrate(model, ids) (it measures the per-channel error weights), or use "
+                "uniform bits (bit_allocation=())"
+            )
+        from rqcompile.quant.allocation import allocate_bits
+
+        perm, widths = allocate_bits(weight.detach().float().cpu(), rotation, bits, config.bit_allocation)
+    else:
+        widths = (int(bits),) * head_dim
     return QuantState(
         rotation=rotation,
         mean=torch.zeros(num_heads, head_dim) if mean is None else mean.detach().float().cpu(),
         scale=torch.ones(num_heads, head_dim) if scale is None else scale.detach().float().cpu(),
-        levels=torch.cat([codebook(bits, group), torch.tensor(config.scale_search, dtype=torch.float32)]),
-        bits=bits,
+        levels=torch.cat([layout_codebook(widths, group), torch.tensor(config.scale_search, dtype=torch.float32)]),
+        widths=widths,
         group=group,
+        perm=perm,
     )
 
 
@@ -122,65 +194,98 @@ def quantize(
     mean: torch.Tensor,
     scale: torch.Tensor,
     levels: torch.Tensor,
-    bits: int,
+    bits: Widths,
     group: int,
+    perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, T, d] -> (packed codes uint8 [B, H, T, d*bits/8], corrected norms fp16 [B, H, T, d/group]).
+    """x [B, H, T, d] -> (packed codes uint8 [B, H, T, bytes], corrected norms fp16 [B, H, T, d/group]).
 
-    `levels` is the codebook (`2**bits` values), optionally followed by the encoder's scale candidates (docs/FORMAT.md,
-    "Scale search"): each norm group is then coded at every candidate scale and the one whose reconstruction points
-    closest to the group's direction is kept. Decoders only ever read the first `2**bits` values.
+    `bits`: one width, or the width of each stored coordinate (a calibrated allocation; `perm` [H, d] is then the
+    channel order the rotation reads). `levels` holds each run's codebook, optionally followed by the encoder's
+    scale candidates (docs/FORMAT.md, "Scale search"): each norm group is then coded at every candidate scale and
+    the one whose reconstruction points closest to the group's direction is kept. Decoders only read the codebooks.
     """
     if x.dim() != 4:
         raise ValueError(f"expected x of shape [batch, heads, tokens, head_dim], got {tuple(x.shape)}")
     dim = x.shape[-1]
     if dim % group:
         raise ValueError(f"norm group {group} must divide head_dim {dim}")
-    count = 2**bits
-    if levels.dim() != 1 or levels.numel() < count:
-        raise ValueError(f"codebook has {levels.numel()} levels, expected {count} for bits={bits}")
+    widths = _widths(bits, dim)
+    table = _run_table(widths, levels)
     _check_finite(x, "K/V input")
-    codebook_levels, candidates = levels[:count], levels[count:]
-    u = (x.float() - mean[:, None, :]) / scale[:, None, :]
+    candidates = levels[codebook_size(widths) :]
+    u = _permute((x.float() - mean[:, None, :]) / scale[:, None, :], perm)
     y = rotate(u, rotation).unflatten(-1, (dim // group, group))
     norm = y.norm(dim=-1, keepdim=True)
     unit = torch.where(norm > 0, y / norm.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(y))
-    codes = _search_codes(unit, codebook_levels, candidates) if candidates.numel() else _codes(unit, codebook_levels)
-    chosen = codebook_levels[codes]
+    codes, chosen = _search_codes(unit, table, candidates) if candidates.numel() else _codes(unit, table)
     corrected = norm.squeeze(-1) / chosen.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-    return pack(codes.flatten(-2), bits), corrected.to(torch.float16)
+    return pack(codes.flatten(-2), widths), corrected.to(torch.float16)
 
 
-def _codes(unit: torch.Tensor, codebook_levels: torch.Tensor) -> torch.Tensor:
-    """Code of each coordinate: how many decision boundaries it exceeds."""
-    return (unit.unsqueeze(-1) > boundaries(codebook_levels)).sum(-1)
+def _run_table(widths: tuple[int, ...], levels: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, count, codebook) of each run of equal widths, the codebooks sliced from `levels` in run order."""
+    need = codebook_size(widths)
+    if levels.dim() != 1 or levels.numel() < need:
+        raise ValueError(f"codebook has {levels.numel()} levels, this layout of widths needs {need}")
+    table, offset = [], 0
+    for width, start, count in runs(widths):
+        table.append((start, count, levels[offset : offset + 2**width]))
+        offset += 2**width
+    return table
 
 
-def _search_codes(unit: torch.Tensor, codebook_levels: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def _permute(u: torch.Tensor, perm: torch.Tensor | None, inverse: bool = False) -> torch.Tensor:
+    """u [B, H, T, d] with channels reordered per head: `u[..., perm[h]]` (or its inverse)."""
+    if perm is None:
+        return u
+    index = perm[None, :, None, :].expand(u.shape[0], -1, u.shape[2], -1)
+    if inverse:
+        return torch.empty_like(u).scatter_(-1, index, u)
+    return u.gather(-1, index)
+
+
+def _codes(unit: torch.Tensor, table) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of the unit groups [..., G, g] (how many decision boundaries each coordinate exceeds in its run's
+    codebook) and the levels they decode to."""
+    flat = unit.flatten(-2)
+    codes, values = [], []
+    for start, count, codebook_levels in table:
+        c = (flat[..., start : start + count].unsqueeze(-1) > boundaries(codebook_levels)).sum(-1)
+        codes.append(c)
+        values.append(codebook_levels[c])
+    shape = unit.shape
+    return torch.cat(codes, -1).view(shape), torch.cat(values, -1).view(shape)
+
+
+def _search_codes(unit: torch.Tensor, table, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per norm group, the codes of `unit / c` for the candidate scale `c` whose reconstruction direction is closest
     to `unit` (largest cosine <unit, L[codes]> / ||L[codes]||; the first candidate wins ties). With the stored norm
     restoring the group's length, the squared error of a group is 2 n^2 (1 - cosine), so this is the candidate of
     least reconstruction error."""
-    best_codes, best_cos = None, None
+    best_codes, best_values, best_cos = None, None, None
     for c in candidates.unbind():
-        codes = _codes(unit / c, codebook_levels)
-        chosen = codebook_levels[codes]
+        codes, chosen = _codes(unit / c, table)
         cos = (unit * chosen).sum(-1) / chosen.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
         if best_codes is None:
-            best_codes, best_cos = codes, cos
+            best_codes, best_values, best_cos = codes, chosen, cos
         else:
             better = cos > best_cos
             best_codes = torch.where(better[..., None], codes, best_codes)
+            best_values = torch.where(better[..., None], chosen, best_values)
             best_cos = torch.where(better, cos, best_cos)
-    return best_codes
+    return best_codes, best_values
 
 
 def dequantize_rotated(
-    codes: torch.Tensor, norms: torch.Tensor, levels: torch.Tensor, bits: int, head_dim: int
+    codes: torch.Tensor, norms: torch.Tensor, levels: torch.Tensor, bits: Widths, head_dim: int
 ) -> torch.Tensor:
     """Reconstruction in the rotated space (fp32): what the fused attention scores against."""
+    widths = _widths(bits, head_dim)
     group = head_dim // norms.shape[-1]
-    values = levels[unpack(codes, bits, head_dim)].unflatten(-1, (head_dim // group, group))
+    idx = unpack(codes, widths, head_dim)
+    values = torch.cat([cb[idx[..., s : s + n]] for s, n, cb in _run_table(widths, levels)], -1)
+    values = values.unflatten(-1, (head_dim // group, group))
     return (values * norms.float().unsqueeze(-1)).flatten(-2)
 
 
@@ -191,13 +296,14 @@ def dequantize(
     mean: torch.Tensor,
     scale: torch.Tensor,
     levels: torch.Tensor,
-    bits: int,
+    bits: Widths,
     head_dim: int,
     dtype: torch.dtype = torch.float32,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed codes + norms -> reconstructed x [B, H, T, d] in `dtype`."""
     y = dequantize_rotated(codes, norms, levels, bits, head_dim)
-    u = rotate(y, rotation, inverse=True)
+    u = _permute(rotate(y, rotation, inverse=True), perm, inverse=True)
     return (u * scale[:, None, :] + mean[:, None, :]).to(dtype)
 
 
@@ -225,11 +331,11 @@ def rotated_attention(
         raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
     rep = q_heads // kv_heads
     sm_scale = 1.0 / math.sqrt(dim) if sm_scale is None else sm_scale
-    # Fold K's scale into q, then rotate q by K's rotation (per KV head, shared by its query heads).
+    # Fold K's scale into q, order its channels as K's were, then rotate q by K's rotation (per KV head).
     qf = q.float().unflatten(1, (kv_heads, rep)).flatten(2, 3)  # [B, Hkv, rep*Tq, d]
-    q_rot = rotate(qf * k.scale[:, None, :], k.rotation)
-    k_rot = dequantize_rotated(k_codes, k_norms, k.levels, k.bits, dim)  # [B, Hkv, Tk, d]
-    v_rot = dequantize_rotated(v_codes, v_norms, v.levels, v.bits, dim)
+    q_rot = rotate(_permute(qf * k.scale[:, None, :], k.perm), k.rotation)
+    k_rot = dequantize_rotated(k_codes, k_norms, k.levels, k.widths, dim)  # [B, Hkv, Tk, d]
+    v_rot = dequantize_rotated(v_codes, v_norms, v.levels, v.widths, dim)
     scores = (q_rot @ k_rot.transpose(-1, -2)) * sm_scale  # [B, Hkv, rep*Tq, Tk]
     scores = scores.unflatten(2, (rep, q_len)).flatten(1, 2)  # [B, Hq, Tq, Tk]
     if attn_mask is not None:
@@ -240,7 +346,8 @@ def rotated_attention(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
     probs = probs.unflatten(1, (kv_heads, rep)).flatten(2, 3)  # [B, Hkv, rep*Tq, Tk]
     acc = probs @ v_rot
-    out = rotate(acc, v.rotation, inverse=True) * v.scale[:, None, :] + v.mean[:, None, :]
+    out = _permute(rotate(acc, v.rotation, inverse=True), v.perm, inverse=True)
+    out = out * v.scale[:, None, :] + v.mean[:, None, :]
     out = out.unflatten(2, (rep, q_len)).flatten(1, 2)
     return out.to(q.dtype)
 
