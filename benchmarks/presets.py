@@ -53,8 +53,20 @@ MIXED = {
 }
 
 
+# Calibrated bit allocation (RQConfig.bit_allocation): fractional average widths, one per bits/element target
+# (head_dim 64: + 0.25 bits of fp16 norms): 4.0, 3.5, 3.0 and 2.5 bits/element.
+ALLOCATION = (2, 3, 4, 5, 6)
+ALLOCATED = {
+    "K4V3.5 alloc": dict(key_bits=4, value_bits=3.5),
+    "K3.5V3 alloc": dict(key_bits=3.5, value_bits=3),
+    "K3V2.5 alloc": dict(key_bits=3, value_bits=2.5),
+    "K2.5V2 alloc": dict(key_bits=2.5, value_bits=2),
+}
+
+
 def candidates(window: bool) -> list[tuple[str, str, RQConfig]]:
-    """(backend, preset name, config): every width plain and with scale search, all with one exact sink token."""
+    """(backend, preset name, config): every width plain and with scale search, the mixed-layer and bit-allocation
+    presets, all with one exact sink token."""
     rows = []
     for backend in BACKENDS:
         for width, bits in WIDTHS.items():
@@ -69,6 +81,9 @@ def candidates(window: bool) -> list[tuple[str, str, RQConfig]]:
                     RQConfig(backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, **bits),
                 )
             )
+        for name, bits in ALLOCATED.items():
+            config = RQConfig(backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, bit_allocation=ALLOCATION)
+            rows.append((backend, name, config.replace(**bits)))
         if window:
             config = RQConfig(backend=backend, bits=3, sink_tokens=1, residual_window=32, scale_search=SCALE_SEARCH)
             rows.append((backend, "K3V3 search w32", config))
@@ -115,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=o) for o in offsets]
     t0 = time.perf_counter()
     full = calibrate(model, stdlib_corpus(tok, 4096), value_scale=True, source="stdlib 4096 tokens")
-    key_mean = Calibration({k: v for k, v in full.stats.items() if k[1] == "k" and k[2] == "mean"}, full.source)
+    # hadamard: the key mean and the error weights (which only bit allocation reads), no scales
+    keep = [k for k in full.stats if (k[1] == "k" and k[2] == "mean") or k[2] == "weight"]
+    key_mean = Calibration({k: full.stats[k] for k in keep}, full.source)
     print(f"calibrated in {time.perf_counter() - t0:.0f}s", flush=True)
     refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
     print(f"fp ppl {[round(r.ppl, 3) for r in refs]}", flush=True)
@@ -150,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
             "backend": backend,
             "preset": preset,
             "config": config.to_dict(),
-            "calibration": "key mean" if calib is key_mean else "key mean + K/V scales",
+            "calibration": "key mean (+ error weights)"
+            if calib is key_mean
+            else "key mean + K/V scales (+ error weights)",
             "chunk": chunk,
             "windows": per_window,
             "delta_pct_mean": sum(w["delta_pct"] for w in per_window) / len(per_window),
