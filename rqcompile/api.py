@@ -242,10 +242,22 @@ def _release_float_caches(captured) -> None:
             captured.module.get_buffer(name).untyped_storage().resize_(0)
 
 
+def _check_calibration(config: RQConfig, calibration: Calibration | None) -> None:
+    """A calibrated bit allocation needs the calibration's error weights: say so before the (slow) capture."""
+    if not config.bit_allocation:
+        return
+    if calibration is None or not any(name == "weight" for _, _, name in calibration.stats):
+        raise ValueError(
+            f"RQConfig.bit_allocation={config.bit_allocation} needs a calibration with error weights: pass "
+            "calibration=rqcompile.calibrate(model, ids) (error_weights=True, the default), or use uniform bits "
+            "(bit_allocation=())"
+        )
+
+
 def apply(
     model: nn.Module,
     backend: str = "planar",
-    bits: int = 3,
+    bits: float = 3,
     *,
     key_bits: int | None = None,
     value_bits: int | None = None,
@@ -263,7 +275,8 @@ def apply(
     keep those tokens in the model dtype exactly as the eager `RQCache` does. `fuse`: `None` fuses attention into
     `rq::attention` when supported (not with sink/window tokens: `rq::attention` reads codes only), `False` never,
     `True` always (a `ValueError` when it is not supported). The model's own weights are shared, not copied; its
-    float K/V caches are never allocated beyond capture (the capture wrapper's are dropped).
+    float K/V caches are never allocated beyond capture (the capture wrapper's are dropped). A config with
+    `bit_allocation` needs `calibration` (its per-channel error weights decide the layout; `ValueError` without).
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
@@ -277,6 +290,7 @@ def apply(
             )
         fusion_notes.append(f"not fused: {exact} keeps tokens in the model dtype, which rq::attention cannot read")
     fuse = not exact if fuse is None else fuse
+    _check_calibration(config, calibration)
     captured = capture(
         model,
         max_cache_len=max_cache_len,

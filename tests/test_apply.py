@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from rqcompile.api import CompiledLM, apply
 from rqcompile.cache import RQCache
-from rqcompile.calibrate import Calibration
+from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 from rqcompile.passes.kv_compress import KVCompressError
 from rqcompile.runtime.generate import CacheOverflowError
@@ -351,3 +351,39 @@ def test_greedy_generation_equals_the_eager_cache_for_moe_and_batches(factory, b
         ids, past_key_values=RQCache(RQConfig(backend="rotor", bits=3)), max_new_tokens=6, do_sample=False
     )
     assert torch.equal(lm.generate(ids, max_new_tokens=6), eager)
+
+
+# -- calibrated bit allocation: mixed widths and a per-head channel order, as the eager RQCache -----------------------
+
+ALLOC = RQConfig(backend="planar", key_bits=3.5, value_bits=3, bit_allocation=(2, 3, 4, 5, 6))
+
+
+@pytest.fixture(scope="module")
+def llama_calibration(models) -> Calibration:
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 96), generator=torch.Generator().manual_seed(9))
+    return calibrate(models["llama"], ids)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_calibrated_bit_allocation_equals_the_eager_cache(models, llama_calibration, fuse):
+    model, calib = models["llama"], llama_calibration
+    lm = apply(model, config=ALLOC, calibration=calib, max_cache_len=MAX_LEN, fuse=fuse, prefill_logits="all")
+    k = lm.quant_states[0]["k"]
+    assert not k.uniform and len(set(k.widths)) > 1 and k.bits_per_code == 3.5
+    assert k.perm is lm.buffers["rq_k_perm_0"] and lm.buffers["k_codes_0"].shape[-1] == k.code_bytes == 28
+    if fuse:  # rq::attention carries the layout (k_perm, v_perm, k_widths, v_widths after kv_len)
+        (node, *_) = [n for n in lm.decode_module.graph.nodes if n.target == torch.ops.rq.attention.default]
+        assert [str(a) for a in node.args[17:19]] == ["rq_k_perm_0", "rq_v_perm_0"]
+        assert node.args[19] == list(k.widths) and node.args[20] == list(lm.quant_states[0]["v"].widths)
+    ids = _ids()
+    ref = _eager(model, RQCache(ALLOC, model_config=model.config, calibration=calib), ids, PROMPT)
+    torch.testing.assert_close(_steps(lm, ids, PROMPT), ref, atol=1e-4, rtol=1e-4)
+    assert "3.5-bit avg (" in lm.rewrite_report()
+
+
+def test_bit_allocation_without_calibration_is_refused_before_capture(models):
+    with pytest.raises(ValueError, match="bit_allocation=.*needs a calibration with error weights"):
+        apply(models["llama"], config=ALLOC, max_cache_len=8)
+    no_weights = Calibration({(0, "k", "mean"): torch.zeros(2, 64)})
+    with pytest.raises(ValueError, match="needs a calibration with error weights"):
+        apply(models["llama"], config=ALLOC, calibration=no_weights, max_cache_len=8)

@@ -11,6 +11,7 @@ import pytest
 import tiny_models
 import torch
 
+from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
 from rqcompile.passes.capture import AttentionSite, capture
 from rqcompile.passes.fuse_attention import fuse_attention, valid_kv_length
@@ -35,12 +36,12 @@ def _calls(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
 
 
-def _compressed(c, fuse: bool = False, cfg: RQConfig = CFG):
+def _compressed(c, fuse: bool = False, cfg: RQConfig = CFG, calibration: Calibration | None = None):
     buffers: dict = {}
     states: dict = {}
     progs = []
     for ep in (c.prefill, c.decode):
-        gm = compress_kv_cache(ep.module(), c.sites, cfg, buffers=buffers, quant_states=states)
+        gm = compress_kv_cache(ep.module(), c.sites, cfg, calibration, buffers=buffers, quant_states=states)
         progs.append(fuse_attention(gm) if fuse else gm)
     return progs, buffers, states
 
@@ -143,6 +144,78 @@ def test_fused_equals_unfused_and_programs_share_one_cache(captured, name):
     fused = _run(fpre, fdec, ids, 9)
     torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
     assert unfused.shape == (1, 14, tiny_models.VOCAB)
+
+
+def test_uniform_states_keep_the_original_op_arguments(captured):
+    """Without a bit allocation the graphs are what they always were: no layout arguments on any rq op."""
+    c = captured["llama"]
+    (pre, _), _, states = _compressed(c)
+    assert all(s.uniform for layer in states.values() for s in layer.values())
+    assert {len(n.args) for n in _calls(pre, rq.quantize.default)} == {7}
+    assert {len(n.args) for n in _calls(pre, rq.dequantize.default)} == {9}
+    assert not [b for b, _ in pre.named_buffers() if "perm" in b]
+    (fused, _), _, _ = _compressed(c, fuse=True)
+    assert {len(n.args) for n in _calls(fused, rq.attention.default)} == {17}  # ... mask, sm_scale, kv_len
+
+
+ALLOC_CFG = RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=(2, 3, 4, 5, 6))
+
+
+def _weights(sites) -> Calibration:
+    """Uneven per-channel error weights for every site, as `rqcompile.calibrate` measures them."""
+    gen = torch.Generator().manual_seed(0)
+    return Calibration(
+        {
+            (s.layer_idx, kind, "weight"): torch.exp(torch.randn(s.num_kv_heads, s.head_dim, generator=gen) * 2)
+            for s in sites
+            for kind in "kv"
+        }
+    )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bit_allocation_passes_perm_buffers_and_widths_to_every_op(captured, name):
+    c = captured[name]
+    calib = _weights(c.sites)
+    (pre, dec), buffers, states = _compressed(c, cfg=ALLOC_CFG, calibration=calib)
+    for site in c.sites:
+        for kind in "kv":
+            state = states[site.layer_idx][kind]
+            assert not state.uniform and state.perm is buffers[f"rq_{kind}_perm_{site.layer_idx}"]
+            assert buffers[f"{kind}_codes_{site.layer_idx}"].shape[-1] == state.code_bytes
+    assert len(set(states[c.sites[0].layer_idx]["k"].widths)) > 1  # keys really mix widths
+    for gm in (pre, dec):
+        for node in _calls(gm, rq.quantize.default) + _calls(gm, rq.dequantize.default):
+            perm, widths = node.args[-2:]
+            assert perm.op == "get_attr" and "_perm_" in perm.target
+            rotation = node.args[1] if node.target == rq.quantize.default else node.args[2]
+            layer, kind = int(perm.target.rsplit("_", 1)[1]), perm.target.split("_")[1]
+            assert rotation.target == f"rq_{kind}_rotation_{layer}" and widths == list(states[layer][kind].widths)
+        assert gm.get_buffer("rq_k_perm_" + str(c.sites[0].layer_idx)) is buffers[f"rq_k_perm_{c.sites[0].layer_idx}"]
+    report = str(pre.meta["rq_kv_compress"][0])
+    assert "3.5-bit avg (" in report  # no single width to show
+
+    (fpre, fdec), fbuffers, fstates = _compressed(c, fuse=True, cfg=ALLOC_CFG, calibration=calib)
+    for gm in (fpre, fdec):
+        for node in _calls(gm, rq.attention.default):
+            k_perm, v_perm, k_widths, v_widths = node.args[17:21]
+            layer = int(k_perm.target.rsplit("_", 1)[1])
+            assert (k_perm.target, v_perm.target) == (f"rq_k_perm_{layer}", f"rq_v_perm_{layer}")
+            assert k_widths == list(fstates[layer]["k"].widths) and v_widths == list(fstates[layer]["v"].widths)
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    fused, unfused = _run(fpre, fdec, ids, 7), _run(pre, dec, ids, 7)
+    # Fused and unfused attention differ by float rounding (~1e-6), which can flip a later layer's code at a decision
+    # tie (6-bit runs have dense boundaries; seen: 1 code of 1,920 for llama) and move logits by ~1e-2. A wrong perm
+    # or width would change every code and the logits by O(1).
+    flips = sum(int((buffers[n] != fbuffers[n]).sum()) for n in buffers if "_codes_" in n)
+    assert flips <= 2
+    torch.testing.assert_close(fused, unfused, atol=3e-2 if flips else 1e-4, rtol=1e-4)
+
+
+def test_bit_allocation_without_error_weights_is_a_clear_error(captured):
+    c = captured["llama"]
+    with pytest.raises(ValueError, match="bit_allocation=.*needs calibration"):
+        compress_kv_cache(c.decode.module(), c.sites, ALLOC_CFG)
 
 
 class _NoAttention(torch.nn.Module):

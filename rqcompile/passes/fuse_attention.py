@@ -10,7 +10,10 @@ the packed codes and norms (and does GQA by head grouping), so the dequantized c
     out = rq.attention(q, k_codes, k_norms, v_codes, v_norms, k_rot, k_scale, k_levels,
                        v_rot, v_mean, v_scale, v_levels, k_bits, v_bits, mask, s)
 
-The key mean is dropped: it adds the same amount to all of a query's scores, which softmax ignores. The fused op
+A calibrated bit allocation's dequantize nodes carry two more arguments (`perm`, `widths`); the fused call then ends
+with `kv_len, k_perm, v_perm, k_widths, v_widths` (None for a uniform side). When both sides are uniform the call is
+exactly the one above. The key mean is dropped: it adds the same amount to all of a query's scores, which softmax
+ignores. The fused op
 also gets `kv_len = 1 + the last key any query of the row may see` (computed once per mask from the static-cache
 mask), so a kernel reads the keys written so far instead of all of max_cache_len.
 Only plain SDPA calls are fused (no dropout, no is_causal, no enable_gqa); anything else is left as it was and
@@ -59,6 +62,14 @@ def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
     return None, views
 
 
+def _dequantize_args(node: fx.Node) -> tuple:
+    """rq::dequantize's eleven arguments (codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm,
+    widths), the optional layout ones filled with their None defaults."""
+    names = ("perm", "widths")
+    args = tuple(node.args)
+    return args + tuple(node.kwargs.get(n) for n in names[len(args) - 9 :]) if len(args) < 11 else args
+
+
 def valid_kv_length(mask: torch.Tensor, batch: int) -> torch.Tensor:
     """int32 [batch]: 1 + the last key position that `mask` (bool True = attend, or additive float) lets any query
     of each batch row see; keys past it can be skipped without changing the result."""
@@ -101,8 +112,9 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
         if dropout or is_causal or gqa:
             skipped.append(f"{node.name}: dropout_p={dropout} is_causal={is_causal} enable_gqa={gqa}")
             continue
-        kc, kn, k_rot, _k_mean, k_scale, k_levels, k_bits, head_dim, _ = k_deq.args
-        vc, vn, v_rot, v_mean, v_scale, v_levels, v_bits, _, _ = v_deq.args
+        kc, kn, k_rot, _k_mean, k_scale, k_levels, k_bits, head_dim, _, k_perm, k_widths = _dequantize_args(k_deq)
+        vc, vn, v_rot, v_mean, v_scale, v_levels, v_bits, _, _, v_perm, v_widths = _dequantize_args(v_deq)
+        layout = (k_perm, v_perm, k_widths, v_widths)
         sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
         kv_len = None
         if isinstance(mask, fx.Node) and "val" in q.meta:
@@ -117,7 +129,8 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
             attn = graph.call_function(
                 ATTENTION,
                 (q, kc, kn, vc, vn, k_rot, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels, k_bits, v_bits, mask)
-                + (sm_scale, kv_len),
+                + (sm_scale, kv_len)
+                + (layout if any(x is not None for x in layout) else ()),
             )
         attn.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
         node.replace_all_uses_with(attn)

@@ -27,6 +27,15 @@ materialized cache). The old float cache buffers are deleted from the module. Qu
 `rq_{k|v}_{rotation|mean|scale|levels}_{i}`; `buffers=` lets two programs (prefill and decode) share one set of
 tensors, so they keep one cache.
 
+A calibrated bit allocation (`RQConfig.bit_allocation`) gives a state a layout: per-coordinate `widths` and a per-head
+channel order `perm`. Its ops then take the two trailing arguments `rqcompile.ops.layout_args` gives, `perm` as one
+more buffer `rq_{k|v}_perm_{i}` (get_attr, like the rotation) and `widths` as a list constant:
+
+    rq.quantize(new, rotation, mean, scale, levels, max(widths), group, <get_attr rq_{k|v}_perm_i>, [w_0, ..., w_d-1])
+    rq.dequantize(codes_all, norms_all, rotation, mean, scale, levels, max(widths), d, dtype, <perm>, [widths])
+
+Uniform states keep the seven / nine argument calls above, so their graphs are unchanged.
+
 Uncompressed tokens (`config.sink_tokens = S`, `config.residual_window = W`, as the eager `RQCacheLayer`): every token
 is still quantized into the codes at its position, and two more static-shaped buffers per K/V hold tokens in the model
 dtype: `{k|v}_sink_i` [B, H, S, d] (position p < S in slot p) and `{k|v}_window_i` [B, H, W, d], a ring (position p
@@ -58,6 +67,7 @@ from torch import fx
 import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
 from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
+from rqcompile.ops import layout_args
 from rqcompile.quant.quantizer import QuantState, make_state
 
 aten = torch.ops.aten
@@ -71,6 +81,7 @@ __all__ = [
     "compress_kv_cache",
     "find_attention_sites",
     "to_graph_module",
+    "width_label",
 ]
 
 #: ops that repeat_kv (and harmless layout changes) may put between the cache write and SDPA
@@ -116,21 +127,32 @@ class SiteRewrite:
     codes_shape: tuple[int, ...]
     norms_buffer: str
     norms_shape: tuple[int, ...]
-    bits: int
+    bits: float  # the code width; with a calibrated bit allocation, the average over `widths`
     bytes_before: int
     bytes_after: int
     exact_buffers: tuple[str, ...] = ()  # sink / recent-window buffers in the model dtype (see the module docstring)
     exact_bytes: int = 0
+    widths: tuple[int, ...] = ()  # per stored coordinate, when they are mixed (calibrated bit allocation)
 
     def __str__(self) -> str:
         text = (
             f"layer {self.layer_idx} {self.kind.upper()}: {self.buffer} {list(self.shape)} {self.dtype} "
             f"({self.bytes_before:,} B) -> {self.codes_buffer} uint8 {list(self.codes_shape)} + {self.norms_buffer} "
-            f"fp16 {list(self.norms_shape)} ({self.bytes_after:,} B, {self.bits}-bit)"
+            f"fp16 {list(self.norms_shape)} ({self.bytes_after:,} B, {width_label(self.widths or self.bits)})"
         )
         if self.exact_buffers:
             text += f" + exact tokens in {' + '.join(self.exact_buffers)} ({self.exact_bytes:,} B, {self.dtype})"
         return text
+
+
+def width_label(widths: float | tuple[int, ...]) -> str:
+    """A code width for reports: `3-bit`, or `3.5-bit avg (2-6)` for a mixed layout (a calibrated bit allocation has
+    no single width, so the average and the range are shown)."""
+    if not isinstance(widths, tuple):
+        return f"{widths:g}-bit"
+    if len(set(widths)) == 1:
+        return f"{widths[0]}-bit"
+    return f"{sum(widths) / len(widths):.3g}-bit avg ({min(widths)}-{max(widths)})"
 
 
 def exact_write(buffer: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor, ring: bool) -> torch.Tensor:
@@ -340,6 +362,45 @@ def compress_kv_cache(
     return gm
 
 
+_STATE_FIELDS = ("rotation", "mean", "scale", "levels")
+
+
+def _site_state(
+    config: RQConfig,
+    layer: int,
+    kind: str,
+    head_dim: int,
+    buffers: dict[str, torch.Tensor],
+    quant_states: dict[int, dict[str, QuantState]],
+    make: Any,
+) -> QuantState:
+    """The QuantState of one (layer, K|V), its tensors taken from `buffers` (created there from `make()` if absent)
+    so that programs rewritten with one `buffers` dict share them.
+
+    The layout is not a tensor: a uniform one follows from the config; a calibrated allocation's is the state already
+    recorded in `quant_states` for these buffers (the second program of a pair), else `make()`'s (deterministic)."""
+    names = {f: f"rq_{kind}_{f}_{layer}" for f in (*_STATE_FIELDS, "perm")}
+    known = quant_states.get(layer, {}).get(kind)
+    if known is not None and not all(buffers.get(names[f]) is t for f, t in known.tensors().items()):
+        known = None
+    fresh = None
+    if known is None and (config.bit_allocation or any(names[f] not in buffers for f in _STATE_FIELDS)):
+        fresh = make()
+    template = known or fresh
+    if template is not None:
+        widths, perm = template.widths, template.perm
+    else:  # uniform, every tensor shared: the layout is the config's (layer_bits overrides included)
+        widths, perm = int(config.bits_for(layer, kind)), None
+    params = {}
+    for field in _STATE_FIELDS:
+        if names[field] not in buffers:
+            buffers[names[field]] = getattr(fresh, field)
+        params[field] = buffers[names[field]]
+    if perm is not None:
+        perm = buffers.setdefault(names["perm"], perm)
+    return QuantState(**params, widths=widths, group=config.group_for(head_dim), perm=perm)
+
+
 def _rewrite_write(
     gm: fx.GraphModule,
     graph: fx.Graph,
@@ -373,18 +434,11 @@ def _rewrite_write(
             weight=calibration.get(layer, kind, "weight") if calibration else None,
         ).to(cache.device)
 
-    fresh = None
-    params = {}
-    for field in ("rotation", "mean", "scale", "levels"):
-        name = f"rq_{kind}_{field}_{layer}"
-        if name not in buffers:
-            fresh = fresh or make_quant_state()
-            buffers[name] = getattr(fresh, field)
-        params[field] = buffers[name]
-    group = config.group_for(head_dim)
-    bits = config.bits_for(layer, kind)  # layer_bits overrides included
-    state = QuantState(params["rotation"], params["mean"], params["scale"], params["levels"], bits, group)
+    state = _site_state(config, layer, kind, head_dim, buffers, quant_states, make_quant_state)
     quant_states.setdefault(layer, {})[kind] = state
+    params = state.tensors()  # rotation, mean, scale, levels (+ perm with a bit allocation): the buffers' tensors
+    bits, perm, widths = layout_args(state)
+    group = state.group
 
     codes_name, norms_name = f"{kind}_codes_{layer}", f"{kind}_norms_{layer}"
     codes = _shared(
@@ -421,8 +475,11 @@ def _rewrite_write(
     _, dim, index, source = write.args
     with graph.inserting_before(write):
         p = {f: _get_attr(graph, gm, f"rq_{kind}_{f}_{layer}", t) for f, t in params.items()}
+        # a mixed layout's trailing (perm, widths) arguments; none for a uniform state (the graph stays as it was)
+        layout = () if state.uniform else (p.get("perm"), widths)
         quant = graph.call_function(
-            torch.ops.rq.quantize.default, (source, p["rotation"], p["mean"], p["scale"], p["levels"], bits, group)
+            torch.ops.rq.quantize.default,
+            (source, p["rotation"], p["mean"], p["scale"], p["levels"], bits, group) + layout,
         )
         new_codes = graph.call_function(operator.getitem, (quant, 0))
         new_norms = graph.call_function(operator.getitem, (quant, 1))
@@ -430,7 +487,8 @@ def _rewrite_write(
         norms_all = graph.call_function(INDEX_COPY, (_get_attr(graph, gm, norms_name, norms), dim, index, new_norms))
         restored = graph.call_function(
             torch.ops.rq.dequantize.default,
-            (codes_all, norms_all, p["rotation"], p["mean"], p["scale"], p["levels"], bits, head_dim, cache.dtype),
+            (codes_all, norms_all, p["rotation"], p["mean"], p["scale"], p["levels"], bits, head_dim, cache.dtype)
+            + layout,
         )
         written = {}
         for part, (name, tensor) in exact.items():
@@ -453,7 +511,8 @@ def _rewrite_write(
         codes_shape=tuple(codes.shape),
         norms_buffer=norms_name,
         norms_shape=tuple(norms.shape),
-        bits=bits,
+        bits=bits if state.uniform else state.bits_per_code,
+        widths=() if state.uniform else state.widths,
         bytes_before=cache.untyped_storage().nbytes(),
         bytes_after=codes.untyped_storage().nbytes() + norms.untyped_storage().nbytes(),
         exact_buffers=tuple(name for name, _ in exact.values()),
