@@ -19,6 +19,8 @@ ort = pytest.importorskip("onnxruntime")
 from rqcompile import ops  # noqa: E402,F401
 from rqcompile.config import SCALE_SEARCH, RQConfig  # noqa: E402
 from rqcompile.export.onnx_ops import export_onnx  # noqa: E402
+from rqcompile.export.tensorrt_check import check_tensorrt  # noqa: E402
+from rqcompile.ops import layout_args  # noqa: E402
 from rqcompile.quant.packing import unpack  # noqa: E402
 from rqcompile.quant.quantizer import QuantState, dequantize, make_state, quantize, rotated_attention  # noqa: E402
 
@@ -31,16 +33,30 @@ class QuantizeDequantize(torch.nn.Module):
 
     def __init__(self, state: QuantState, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.bits, self.group, self.dtype = state.bits, state.group, dtype
+        self.bits, _, self.widths = layout_args(state)
+        self.group, self.dtype = state.group, dtype
         for name, tensor in state.tensors().items():
             self.register_buffer(name, tensor)
 
+    def layout(self) -> tuple:
+        """A mixed layout's trailing (perm, widths) op arguments; none for a uniform state (the original calls)."""
+        return () if self.widths is None else (getattr(self, "perm", None), self.widths)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         codes, norms = torch.ops.rq.quantize(
-            x, self.rotation, self.mean, self.scale, self.levels, self.bits, self.group
+            x, self.rotation, self.mean, self.scale, self.levels, self.bits, self.group, *self.layout()
         )
         recon = torch.ops.rq.dequantize(
-            codes, norms, self.rotation, self.mean, self.scale, self.levels, self.bits, x.shape[-1], self.dtype
+            codes,
+            norms,
+            self.rotation,
+            self.mean,
+            self.scale,
+            self.levels,
+            self.bits,
+            x.shape[-1],
+            self.dtype,
+            *self.layout(),
         )
         return codes, norms, recon
 
@@ -50,10 +66,18 @@ class CompressedAttention(torch.nn.Module):
 
     def __init__(self, k: QuantState, v: QuantState, sm_scale: float = 0.125) -> None:
         super().__init__()
-        self.k_bits, self.v_bits, self.sm_scale = k.bits, v.bits, sm_scale
+        (self.k_bits, _, self.k_widths), (self.v_bits, _, self.v_widths) = layout_args(k), layout_args(v)
+        self.sm_scale = sm_scale
         for prefix, state in (("k_", k), ("v_", v)):
             for name, tensor in state.tensors().items():
                 self.register_buffer(prefix + name, tensor)
+
+    def layout(self) -> tuple:
+        """(kv_len, k_perm, v_perm, k_widths, v_widths) for mixed layouts; none when both are uniform."""
+        if self.k_widths is None and self.v_widths is None:
+            return ()
+        perms = (getattr(self, "k_perm", None), getattr(self, "v_perm", None))
+        return (None, *perms, self.k_widths, self.v_widths)
 
     def forward(self, q, k_codes, k_norms, v_codes, v_norms, mask=None):
         return torch.ops.rq.attention(
@@ -73,6 +97,7 @@ class CompressedAttention(torch.nn.Module):
             self.v_bits,
             mask,
             self.sm_scale,
+            *self.layout(),
         )
 
 
@@ -187,4 +212,100 @@ def test_attention_matches_the_reference(tmp_path, flavour, mask_kind, k_bits, v
         test["q"], test["k_codes"], test["k_norms"], test["v_codes"], test["v_norms"], k, v, test.get("mask"), 0.125
     )
     assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+# -- calibrated bit allocation: mixed widths in 8-aligned runs, per-head channel order (perm) ------------------------
+
+
+def _allocated(config: RQConfig, kind: str, spread: float, gen: torch.Generator) -> QuantState:
+    """A calibrated-allocation state: strongly uneven channel weights, so the runs mix many widths."""
+    weight = torch.exp(torch.randn(2, HEAD_DIM, generator=gen) * spread)
+    state = make_state(config, layer_idx=0, kind=kind, num_heads=2, head_dim=HEAD_DIM, weight=weight)
+    assert not state.uniform and state.perm is not None
+    return _calibrated(state, gen)
+
+
+ALLOCATION = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+@pytest.mark.parametrize(
+    "flavour,backend,spread,search",
+    [
+        ("standard", "planar", 3.0, False),  # widths 1, 3, 4, 6
+        ("standard", "rotor", 4.0, True),  # widths 2, 3, 7 (padded rotor blocks)
+        ("tensorrt", "iso", 3.0, True),
+        ("tensorrt", "planar", 4.0, False),  # widths 1, 2, 4, 7
+    ],
+)
+def test_bit_allocation_quantize_dequantize_match_the_reference(tmp_path, flavour, backend, spread, search):
+    gen = torch.Generator().manual_seed(11)
+    config = RQConfig(
+        backend=backend, bits=3.5, bit_allocation=ALLOCATION, norm_group=32, scale_search=SCALE_SEARCH if search else ()
+    )
+    state = _allocated(config, "k", spread, gen)
+    assert len(set(state.widths)) >= 3
+    module = QuantizeDequantize(state).eval()
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("tokens")}
+    path = _export(module, (torch.randn(2, 2, 5, HEAD_DIM),), tmp_path / "qd.onnx", flavour, (dims,))
+    if flavour == "tensorrt":
+        assert check_tensorrt(path).ok, check_tensorrt(path).format()
+
+    x = torch.randn(3, 2, 33, HEAD_DIM, generator=gen) * 3.0
+    x[0, 0, 0] = 0.0
+    codes, norms, recon = _run(path, {"x": x})
+    s = state
+    ref_codes, ref_norms = quantize(x, s.rotation, s.mean, s.scale, s.levels, s.widths, s.group, s.perm)
+    assert codes.dtype == torch.uint8 and codes.shape == ref_codes.shape == (3, 2, 33, s.code_bytes)
+    mismatch = (unpack(codes, s.widths, HEAD_DIM) != unpack(ref_codes, s.widths, HEAD_DIM)).float().mean().item()
+    assert mismatch <= MAX_CODE_MISMATCH, f"{mismatch:.2e} of codes differ from the reference"
+    torch.testing.assert_close(norms.float(), ref_norms.float(), rtol=2e-3, atol=0)
+    expected = dequantize(codes, norms, s.rotation, s.mean, s.scale, s.levels, s.widths, HEAD_DIM, perm=s.perm)
+    torch.testing.assert_close(recon, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert (recon - x).abs().mean() < 0.5 * x.abs().mean()  # the perm is undone (1-bit coordinates are coarse)
+
+
+@pytest.mark.parametrize("flavour,k_spread,v_spread", [("standard", 3.0, 2.0), ("tensorrt", 4.0, 0.0)])
+def test_bit_allocation_attention_matches_the_reference(tmp_path, flavour, k_spread, v_spread):
+    """Mixed-width keys with a perm; values either mixed too or uniform (`v_spread=0`: one plain 3-bit state)."""
+    gen = torch.Generator().manual_seed(12)
+    config = RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION, norm_group=32)
+    k = replace(_allocated(config, "k", k_spread, gen), mean=torch.zeros(2, HEAD_DIM))
+    if v_spread:
+        v = _allocated(config, "v", v_spread, gen)
+    else:
+        v = _calibrated(
+            make_state(config.replace(key_bits=3, bit_allocation=()), layer_idx=0, kind="v", num_heads=2, head_dim=64),
+            gen,
+        )
+    module = CompressedAttention(k, v).eval()
+
+    def inputs(batch: int, q_len: int, k_len: int) -> dict[str, torch.Tensor]:
+        keys = torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen)
+        values = torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen)
+        k_codes, k_norms = quantize(keys, k.rotation, k.mean, k.scale, k.levels, k.widths, k.group, k.perm)
+        v_codes, v_norms = quantize(values, v.rotation, v.mean, v.scale, v.levels, v.widths, v.group, v.perm)
+        mask = torch.rand(batch, 1, q_len, k_len, generator=gen) > 0.3
+        return dict(
+            q=torch.randn(batch, 4, q_len, HEAD_DIM, generator=gen),
+            k_codes=k_codes,
+            k_norms=k_norms,
+            v_codes=v_codes,
+            v_norms=v_norms,
+            mask=mask,
+        )
+
+    names = ["q", "k_codes", "k_norms", "v_codes", "v_norms", "mask"]
+    batch, q_len, k_len = torch.export.Dim("batch"), torch.export.Dim("q_len"), torch.export.Dim("k_len")
+    shapes = [{0: batch, 2: q_len}] + [{0: batch, 2: k_len}] * 4 + [{0: batch, 2: q_len, 3: k_len}]
+    example = inputs(2, 3, 7)
+    path = _export(module, tuple(example[n] for n in names), tmp_path / "attn.onnx", flavour, tuple(shapes))
+    if flavour == "tensorrt":
+        assert check_tensorrt(path).ok, check_tensorrt(path).format()
+
+    test = inputs(3, 5, 19)
+    (out,) = _run(path, test)
+    expected = rotated_attention(
+        test["q"], test["k_codes"], test["k_norms"], test["v_codes"], test["v_norms"], k, v, test["mask"], 0.125
+    )
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -14,6 +14,12 @@ Two flavours, differing only in how codes are packed and unpacked:
 
 Static sizes (heads, head_dim, rotation blocks) are read from the quant-state tensors, which are initializers with
 known shapes; batch and sequence lengths stay dynamic (Reshape uses 0 = "copy this dim").
+
+A calibrated bit allocation's layout (the ops' trailing `perm` / `widths` arguments) is translated too: `perm`
+[H, d] reorders channels per head by one Gather over the flattened (head, channel) axis (the inverse order, for
+outputs, by a ScatterElements of the small index vector), and each run of equal widths is packed and unpacked by its
+own bit planes at its byte offset, its codes indexing its own slice of `levels` (one Gather with per-coordinate
+codebook offsets). Uniform states (no layout arguments) translate to exactly the graphs they always did.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from typing import Any
 import torch
 from onnxscript import opset18 as op
 
-from rqcompile.quant.packing import packed_size, planes
+from rqcompile.quant.packing import packed_size, planes, runs
+
+Runs = tuple[tuple[int, int, int], ...]  # (width, start, count) of each run of equal widths
 
 FLAVOURS = ("standard", "tensorrt")
 
@@ -102,9 +110,9 @@ def _pack_standard(codes: Any, bits: int, dim: int) -> Any:
     return out[0] if len(out) == 1 else op.Concat(*out, axis=-1)
 
 
-def _unpack_standard(packed: Any, bits: int, dim: int) -> Any:
-    """uint8 bytes -> int64 codes [B, H, T, dim], with BitShift / BitwiseAnd / BitwiseOr."""
-    codes, start, shift = None, 0, 0
+def _unpack_standard(packed: Any, bits: int, dim: int, offset: int = 0) -> Any:
+    """uint8 bytes (from byte `offset`) -> int64 codes [B, H, T, dim], with BitShift / BitwiseAnd / BitwiseOr."""
+    codes, start, shift = None, offset, 0
     for width in planes(bits):
         per_byte = 8 // width
         nbytes = dim // per_byte
@@ -123,6 +131,11 @@ def _unpack_standard(packed: Any, bits: int, dim: int) -> Any:
 
 def _pack_tensorrt(codes: Any, bits: int, dim: int) -> Any:
     """Float codes -> uint8 bytes by exact float arithmetic (Floor / Mul / ReduceSum); the only uint8 is the Cast."""
+    return op.Cast(_tensorrt_bytes(codes, bits, dim), to=_UINT8)
+
+
+def _tensorrt_bytes(codes: Any, bits: int, dim: int) -> Any:
+    """Float codes [B, H, T, dim] -> the packed byte values, still float (exact: integers below 256)."""
     out, rest = [], codes
     for width in planes(bits):
         per_byte = 8 // width
@@ -135,14 +148,17 @@ def _pack_tensorrt(codes: Any, bits: int, dim: int) -> Any:
         plane = op.Reshape(plane, _ints(0, 0, 0, dim // per_byte, per_byte))
         weights = op.Constant(value_floats=[float(1 << (width * i)) for i in range(per_byte)])
         out.append(op.ReduceSum(op.Mul(plane, weights), _ints(-1), keepdims=0))
-    packed = out[0] if len(out) == 1 else op.Concat(*out, axis=-1)
-    return op.Cast(packed, to=_UINT8)
+    return out[0] if len(out) == 1 else op.Concat(*out, axis=-1)
 
 
 def _unpack_tensorrt(packed: Any, bits: int, dim: int) -> Any:
     """uint8 bytes -> int32 codes: one Cast to int32, then Div / Mod per bit plane (no bitwise ops)."""
-    data = op.Cast(packed, to=_INT32)
-    codes, start, scale = None, 0, 1
+    return _unpack_int32(op.Cast(packed, to=_INT32), bits, dim)
+
+
+def _unpack_int32(data: Any, bits: int, dim: int, offset: int = 0) -> Any:
+    """int32 byte values (from byte `offset`) -> int32 codes [B, H, T, dim] by Div / Mod per bit plane."""
+    codes, start, scale = None, offset, 1
     for width in planes(bits):
         per_byte = 8 // width
         nbytes = dim // per_byte
@@ -170,13 +186,129 @@ def _u8(*values: int) -> Any:
 _PACK = {"standard": (_pack_standard, _unpack_standard), "tensorrt": (_pack_tensorrt, _unpack_tensorrt)}
 
 
+# --- calibrated bit allocation: runs of widths and the per-head channel order ----------------------------------
+
+
+def _runs(widths: list[int] | None, dim: int) -> Runs | None:
+    """(width, start, count) of each run of a mixed layout; None when the op got no `widths` (uniform)."""
+    if widths is None:
+        return None
+    if len(widths) != dim:
+        raise ValueError(f"layout has {len(widths)} widths for head_dim {dim}")
+    return runs(tuple(int(w) for w in widths))
+
+
+def _codebook_size(layout: Runs) -> int:
+    return sum(2**width for width, _, _ in layout)
+
+
+def _level_offsets(layout: Runs, index_type: int, shape: tuple[int, ...]) -> Any:
+    """Per stored coordinate, where its run's codebook starts in `levels`: an index constant of `shape`."""
+    import onnx
+
+    values, level = [], 0
+    for width, _, count in layout:
+        values += [level] * count
+        level += 2**width
+    return op.Constant(value=onnx.helper.make_tensor("level_offsets", index_type, list(shape), values))
+
+
+def _pack_layout(codes: Any, layout: Runs, flavour: str) -> Any:
+    """Float codes [B, H, T, d] -> uint8 bytes, each run packed by its own bit planes, runs in order."""
+    parts = []
+    for width, start, count in layout:
+        piece = op.Slice(codes, _ints(start), _ints(start + count), _ints(3))
+        parts.append(
+            _pack_standard(piece, width, count) if flavour == "standard" else _tensorrt_bytes(piece, width, count)
+        )
+    packed = op.Concat(*parts, axis=-1)
+    return packed if flavour == "standard" else op.Cast(packed, to=_UINT8)  # one uint8 Cast, for the output
+
+
+def _layout_indices(packed: Any, layout: Runs, flavour: str) -> Any:
+    """uint8 bytes -> indices into `levels` [B, H, T, d]: each run unpacked at its byte offset, plus the start of its
+    codebook (int64 for onnxruntime, int32 for TensorRT)."""
+    data = op.Cast(packed, to=_INT32) if flavour == "tensorrt" else packed
+    parts, offset = [], 0
+    for width, _, count in layout:
+        unpack = _unpack_int32 if flavour == "tensorrt" else _unpack_standard
+        parts.append(unpack(data, width, count, offset))
+        offset += count * width // 8
+    index_type = _INT32 if flavour == "tensorrt" else _INT64
+    dim = sum(count for _, _, count in layout)
+    return op.Add(op.Concat(*parts, axis=-1), _level_offsets(layout, index_type, (dim,)))
+
+
+def _run_codes(flat: Any, levels: Any, layout: Runs) -> Any:
+    """Float codes of coordinates [..., d]: each run's count of its own codebook's decision boundaries exceeded."""
+    parts, level = [], 0
+    for width, start, count in layout:
+        piece = op.Slice(flat, _ints(start), _ints(start + count), _ints(-1))
+        above = op.Greater(op.Unsqueeze(piece, _ints(-1)), _boundaries(levels, 2**width, level))
+        parts.append(op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0))
+        level += 2**width
+    return op.Concat(*parts, axis=-1)
+
+
+def _layout_codes(unit: Any, levels: Any, layout: Runs, groups: int, searched: int, index_type: int) -> Any:
+    """Float codes [B, H, T, G, g] of the unit groups under a mixed layout; with scale candidates, the search of
+    `_search_codes` (largest cosine per norm group, the first candidate on ties), candidates on axis 3 here."""
+    dim = sum(count for _, _, count in layout)
+    size, g = _codebook_size(layout), dim // groups
+    flat = op.Reshape(unit, _ints(0, 0, 0, dim))
+    if not searched:
+        return op.Reshape(_run_codes(flat, levels, layout), _ints(0, 0, 0, groups, g))
+    candidates = op.Reshape(op.Slice(levels, _ints(size), _ints(size + searched), _ints(0)), _ints(searched, 1))
+    codes = _run_codes(op.Div(op.Unsqueeze(flat, _ints(-2)), candidates), levels, layout)  # [B, H, T, A, d]
+    chosen = op.Gather(levels, op.Add(op.Cast(codes, to=index_type), _level_offsets(layout, index_type, (dim,))))
+    chosen = op.Reshape(chosen, _ints(0, 0, 0, searched, groups, g))
+    dot = op.ReduceSum(op.Mul(op.Unsqueeze(unit, _ints(3)), chosen), _ints(-1), keepdims=0)  # [B, H, T, A, G]
+    length = op.Sqrt(op.ReduceSum(op.Mul(chosen, chosen), _ints(-1), keepdims=0))
+    cosine = op.Div(dot, op.Max(length, op.Constant(value_float=_TINY)))
+    best = op.Cast(op.GreaterOrEqual(cosine, op.ReduceMax(cosine, _ints(3), keepdims=1)), to=_FLOAT)
+    order = op.Unsqueeze(op.Constant(value=_float_tensor([float(searched - i) for i in range(searched)])), _ints(1))
+    first = op.Mul(best, order)
+    pick = op.Cast(op.Equal(first, op.ReduceMax(first, _ints(3), keepdims=1)), to=_FLOAT)  # one-hot on axis 3
+    codes = op.Reshape(codes, _ints(0, 0, 0, searched, groups, g))
+    return op.ReduceSum(op.Mul(codes, op.Unsqueeze(pick, _ints(-1))), _ints(3), keepdims=0)
+
+
+def _channel_index(perm: Any, heads: int, dim: int) -> Any:
+    """Flat gather index over (head, channel) [H*d]: position (h, j) reads channel perm[h, j] of head h."""
+    import onnx
+
+    offsets = onnx.helper.make_tensor("head_offsets", _INT64, [heads, 1], [h * dim for h in range(heads)])
+    return op.Reshape(op.Add(op.Cast(perm, to=_INT64), op.Constant(value=offsets)), _ints(heads * dim))
+
+
+def _inverse_index(index: Any, size: int) -> Any:
+    """The inverse of a flat permutation index: position index[i] reads i (every slot is written once)."""
+    positions = _ints(*range(size))
+    return op.ScatterElements(positions, index, positions, axis=0)
+
+
+def _gather_channels(u: Any, index: Any, heads: int, dim: int) -> Any:
+    """u [B, H, T, d] with its channels reordered per head by a flat (head, channel) index (`_channel_index`)."""
+    flat = op.Reshape(op.Transpose(u, perm=[0, 2, 1, 3]), _ints(0, 0, heads * dim))  # [B, T, H*d]
+    picked = op.Reshape(op.Gather(flat, index, axis=2), _ints(0, 0, heads, dim))
+    return op.Transpose(picked, perm=[0, 2, 1, 3])
+
+
+def _permute(u: Any, perm: Any, heads: int, dim: int, *, inverse: bool = False) -> Any:
+    """`rqcompile.quant.quantizer._permute`: channels in `perm` order per head (or back), identity for None."""
+    if perm is None:
+        return u
+    index = _channel_index(perm, heads, dim)
+    return _gather_channels(u, _inverse_index(index, heads * dim) if inverse else index, heads, dim)
+
+
 # --- the three ops ---------------------------------------------------------------------------------------------
 
 
-def _boundaries(levels: Any, count: int) -> Any:
-    """(levels[1:] + levels[:-1]) * 0.5, exactly as the reference computes them."""
-    upper = op.Slice(levels, _ints(1), _ints(count), _ints(0))
-    lower = op.Slice(levels, _ints(0), _ints(count - 1), _ints(0))
+def _boundaries(levels: Any, count: int, start: int = 0) -> Any:
+    """(cb[1:] + cb[:-1]) * 0.5 of the codebook cb = levels[start : start + count], as the reference computes them."""
+    upper = op.Slice(levels, _ints(start + 1), _ints(start + count), _ints(0))
+    lower = op.Slice(levels, _ints(start), _ints(start + count - 1), _ints(0))
     return op.Mul(op.Add(upper, lower), op.Constant(value_float=0.5))
 
 
@@ -204,9 +336,12 @@ def _float_tensor(values: list[float]) -> Any:
     return onnx.helper.make_tensor("values", onnx.TensorProto.FLOAT, [len(values)], values)
 
 
-def _dequantize_rotated(codes: Any, norms: Any, levels: Any, bits: int, dim: int, groups: int, flavour: str) -> Any:
-    """codebook[code] * norm in the rotated space, float32 [B, H, T, dim]."""
-    values = op.Gather(levels, _PACK[flavour][1](codes, bits, dim), axis=0)
+def _dequantize_rotated(
+    codes: Any, norms: Any, levels: Any, bits: int, dim: int, groups: int, flavour: str, layout: Runs | None = None
+) -> Any:
+    """codebook[code] * norm in the rotated space, float32 [B, H, T, dim] (`layout`: a mixed one's runs)."""
+    index = _PACK[flavour][1](codes, bits, dim) if layout is None else _layout_indices(codes, layout, flavour)
+    values = op.Gather(levels, index, axis=0)
     values = op.Reshape(values, _ints(0, 0, 0, groups, dim // groups))
     scaled = op.Mul(values, op.Unsqueeze(op.Cast(norms, to=_FLOAT), _ints(-1)))
     return op.Reshape(scaled, _ints(0, 0, 0, dim))
@@ -216,26 +351,38 @@ def make_quantize(flavour: str = "standard") -> Callable[..., tuple[Any, Any]]:
     """Translation of rq::quantize: x [B, H, T, d] -> (codes uint8, corrected norms fp16)."""
     _check_flavour(flavour)
 
-    def rq_quantize(x, rotation, mean, scale, levels, bits: int, group: int):
+    def rq_quantize(x, rotation, mean, scale, levels, bits: int, group: int, perm=None, widths=None):
         heads, dim = (_static(s, "mean shape [H, d]") for s in mean.shape)
-        packed_size(dim, bits)
-        count = 2**bits
+        layout = _runs(widths, dim)
+        if layout is None:
+            packed_size(dim, bits)
+        count = 2**bits if layout is None else _codebook_size(layout)
         u = op.Div(op.Sub(op.Cast(x, to=_FLOAT), _per_head(mean)), _per_head(scale))
+        u = _permute(u, perm, heads, dim)
         y = op.Reshape(_rotate(u, rotation, dim, inverse=False), _ints(0, 0, 0, dim // group, group))
         norm = op.Sqrt(op.ReduceSum(op.Mul(y, y), _ints(-1), keepdims=1))  # [B, H, T, G, 1]
         safe = op.Max(norm, op.Constant(value_float=_TINY))
         unit = op.Where(op.Greater(norm, op.Constant(value_float=0.0)), op.Div(y, safe), op.Constant(value_float=0.0))
         index_type = _INT32 if flavour == "tensorrt" else _INT64
         searched = _static(levels.shape[0], "levels length") - count  # scale candidates after the codebook
-        if searched:
+        if layout is not None:
+            codes = _layout_codes(unit, levels, layout, dim // group, searched, index_type)
+            index = op.Add(op.Cast(codes, to=index_type), _level_offsets(layout, index_type, (dim // group, group)))
+        elif searched:
             codes = _search_codes(unit, levels, count, searched, index_type)
+            index = op.Cast(codes, to=index_type)
         else:
             above = op.Greater(op.Unsqueeze(unit, _ints(-1)), _boundaries(levels, count))  # [B, H, T, G, g, L-1]
             codes = op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0)  # float codes [B, H, T, G, g]
-        chosen = op.Gather(levels, op.Cast(codes, to=index_type), axis=0)
+            index = op.Cast(codes, to=index_type)
+        chosen = op.Gather(levels, index, axis=0)
         chosen_norm = op.Sqrt(op.ReduceSum(op.Mul(chosen, chosen), _ints(-1), keepdims=0))
         corrected = op.Div(op.Squeeze(norm, _ints(-1)), op.Max(chosen_norm, op.Constant(value_float=_TINY)))
-        packed = _PACK[flavour][0](op.Reshape(codes, _ints(0, 0, 0, dim)), bits, dim)
+        flat_codes = op.Reshape(codes, _ints(0, 0, 0, dim))
+        if layout is None:
+            packed = _PACK[flavour][0](flat_codes, bits, dim)
+        else:
+            packed = _pack_layout(flat_codes, layout, flavour)
         return packed, op.Cast(corrected, to=_FLOAT16)
 
     return rq_quantize
@@ -245,10 +392,13 @@ def make_dequantize(flavour: str = "standard") -> Callable[..., Any]:
     """Translation of rq::dequantize: (codes, norms) -> x [B, H, T, head_dim] in `dtype`."""
     _check_flavour(flavour)
 
-    def rq_dequantize(codes, norms, rotation, mean, scale, levels, bits: int, head_dim: int, dtype):
+    def rq_dequantize(
+        codes, norms, rotation, mean, scale, levels, bits: int, head_dim: int, dtype, perm=None, widths=None
+    ):
         groups = _static(norms.shape[-1], "number of norm groups")
-        y = _dequantize_rotated(codes, norms, levels, bits, head_dim, groups, flavour)
-        u = _rotate(y, rotation, head_dim, inverse=True)
+        heads = _static(mean.shape[0], "mean shape [H, d]")
+        y = _dequantize_rotated(codes, norms, levels, bits, head_dim, groups, flavour, _runs(widths, head_dim))
+        u = _permute(_rotate(y, rotation, head_dim, inverse=True), perm, heads, head_dim, inverse=True)
         return op.Cast(op.Add(op.Mul(u, _per_head(scale)), _per_head(mean)), to=_onnx_dtype(dtype))
 
     return rq_dequantize
@@ -276,6 +426,10 @@ def make_attention(flavour: str = "standard") -> Callable[..., Any]:
         attn_mask,
         sm_scale: float,
         kv_len=None,  # unused: it only lets kernels skip keys that attn_mask already masks
+        k_perm=None,
+        v_perm=None,
+        k_widths=None,
+        v_widths=None,
     ):
         kv_heads, dim = (_static(s, "k_scale shape [H, d]") for s in k_scale.shape)
         q_heads = _static(q.shape[1], "number of query heads")
@@ -283,9 +437,10 @@ def make_attention(flavour: str = "standard") -> Callable[..., Any]:
         v_groups = _static(v_norms.shape[-1], "number of value norm groups")
         # [B, Hq, Tq, d] -> [B, Hkv, rep*Tq, d]: query heads of one KV head side by side (same as the reference).
         qf = op.Reshape(op.Cast(q, to=_FLOAT), _ints(0, kv_heads, -1, dim))
-        q_rot = _rotate(op.Mul(qf, _per_head(k_scale)), k_rotation, dim, inverse=False)
-        k_rot = _dequantize_rotated(k_codes, k_norms, k_levels, k_bits, dim, k_groups, flavour)
-        v_rot = _dequantize_rotated(v_codes, v_norms, v_levels, v_bits, dim, v_groups, flavour)
+        q_rot = _rotate(_permute(op.Mul(qf, _per_head(k_scale)), k_perm, kv_heads, dim), k_rotation, dim, inverse=False)
+        k_layout, v_layout = _runs(k_widths, dim), _runs(v_widths, dim)
+        k_rot = _dequantize_rotated(k_codes, k_norms, k_levels, k_bits, dim, k_groups, flavour, k_layout)
+        v_rot = _dequantize_rotated(v_codes, v_norms, v_levels, v_bits, dim, v_groups, flavour, v_layout)
         scores = op.Mul(op.MatMul(q_rot, op.Transpose(k_rot, perm=[0, 1, 3, 2])), op.Constant(value_float=sm_scale))
         scores = op.Reshape(scores, _ints(0, q_heads, -1, 0))  # [B, Hq, Tq, Tk]
         if attn_mask is not None:
@@ -296,7 +451,7 @@ def make_attention(flavour: str = "standard") -> Callable[..., Any]:
         probs = op.Softmax(scores, axis=-1)
         probs = op.Where(op.IsNaN(probs), op.Constant(value_float=0.0), probs)  # a fully masked row attends nothing
         acc = op.MatMul(op.Reshape(probs, _ints(0, kv_heads, -1, 0)), v_rot)  # [B, Hkv, rep*Tq, d]
-        out = _rotate(acc, v_rotation, dim, inverse=True)
+        out = _permute(_rotate(acc, v_rotation, dim, inverse=True), v_perm, kv_heads, dim, inverse=True)
         out = op.Add(op.Mul(out, _per_head(v_scale)), _per_head(v_mean))
         return op.Cast(op.Reshape(out, _ints(0, q_heads, -1, dim)), to=_onnx_dtype(q.dtype))
 
