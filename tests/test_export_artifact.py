@@ -239,3 +239,129 @@ def test_torch_version_rules(tmp_path):
     _rewrite_manifest(tmp_path / "aoti", torch="2.99.0")
     with pytest.raises(ArtifactVersionError, match="AOTInductor package was built with torch 2.99.0"):
         read_artifact(tmp_path / "aoti")
+
+
+# -- calibrated bit allocation: perm and widths travel with the quant state -------------------------------------------
+
+ALLOC = RQConfig(backend="planar", key_bits=3.5, value_bits=3, bit_allocation=(2, 3, 4, 5, 6))
+
+
+def _allocated_states() -> dict[int, dict]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        layer: {
+            kind: make_state(
+                ALLOC,
+                layer_idx=layer,
+                kind=kind,
+                num_heads=2,
+                head_dim=64,
+                weight=torch.exp(torch.randn(2, 64, generator=gen) * 2),
+            )
+            for kind in "kv"
+        }
+        for layer in (0, 1)
+    }
+
+
+def _write_quant_state(path: Path, states, *, digest: bool = True) -> None:
+    """Replace an artifact's quant state file and re-list it in the manifest (a consistent re-write, so only the
+    loader's own checks - and, with `digest=False`, the manifest's quant-state digest - stand between a bad layout
+    and the runtime)."""
+    from rqcompile.export.artifact import sha256_file
+
+    target = path / QUANT_STATE_FILE
+    save_quant_states(states, target)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][QUANT_STATE_FILE] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+    if digest:
+        manifest["quant_state_digest"] = quant_state_digest(states)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_bit_allocation_round_trip_keeps_perm_and_widths(tmp_path):
+    states = _allocated_states()
+    assert not states[0]["k"].uniform and len(set(states[0]["k"].widths)) > 1
+    write_artifact(tmp_path / "a", target="onnx", rq_config=ALLOC, quant_states=states, files={"m.onnx": b"x"})
+    artifact = read_artifact(tmp_path / "a")
+    assert artifact.rq_config == ALLOC
+    loaded = artifact.quant_states()
+    for layer in states:
+        for kind in "kv":
+            a, b = states[layer][kind], loaded[layer][kind]
+            assert b.widths == a.widths and b.group == a.group and b.perm.dtype == torch.int64
+            for name, tensor in a.tensors().items():
+                assert torch.equal(tensor, getattr(b, name)), name
+    assert artifact.manifest["quant_state_digest"] == quant_state_digest(loaded)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / QUANT_STATE_FILE), framework="pt") as handle:
+        meta = handle.metadata()
+        assert "layers.0.k.perm" in handle.keys()
+    assert "layers.0.k.bits" not in meta and meta["layers.0.k.widths"].count("x") >= 2  # e.g. "4x32,3x32"
+
+
+def test_bit_allocation_digest_covers_perm_and_widths(tmp_path):
+    states = _allocated_states()
+    k = states[1]["k"]
+    swapped = k.perm.clone()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]  # still a permutation: only the digest can tell
+    tampered = {**states, 1: {**states[1], "k": replace(k, perm=swapped)}}
+    assert quant_state_digest(tampered) != quant_state_digest(states)
+    write_artifact(tmp_path / "a", target="onnx", quant_states=states, files={"m.onnx": b"x"})
+    _write_quant_state(tmp_path / "a", tampered, digest=False)  # file hashes updated, the digest is the original
+    with pytest.raises(ArtifactIntegrityError, match="quant state does not match the manifest's .*digest"):
+        read_artifact(tmp_path / "a")
+    shifted = k.widths[8:] + k.widths[:8]  # same bytes per vector, runs in another order
+    if shifted != k.widths:
+        assert quant_state_digest({1: {"k": replace(k, widths=shifted)}}) != quant_state_digest({1: {"k": k}})
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda s: replace(s, perm=torch.zeros_like(s.perm)), "perm of heads \\[0, 1\\] is not a permutation"),
+        (lambda s: replace(s, perm=s.perm.to(torch.int32)), "perm is torch.int32 .* expected int64"),
+        (lambda s: replace(s, levels=s.levels[:10]), "levels has 10 values, but the widths .* need"),
+    ],
+    ids=["not-a-permutation", "wrong-dtype", "levels-too-short"],
+)
+def test_artifact_with_an_inconsistent_layout_is_refused(tmp_path, corrupt, message):
+    states = _allocated_states()
+    write_artifact(tmp_path / "a", target="onnx", quant_states=states, files={"m.onnx": b"x"})
+    bad = {**states, 0: {**states[0], "k": corrupt(states[0]["k"])}}
+    _write_quant_state(tmp_path / "a", bad)
+    with pytest.raises(ArtifactError, match=f"layers.0.k: {message}"):
+        read_artifact(tmp_path / "a")
+
+
+def test_wrong_perm_shape_and_widths_that_do_not_match_levels_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "qs.safetensors"
+    save_quant_states(_allocated_states(), path)
+    tensors, meta = load_file(str(path)), _metadata(path)
+    save_file({**tensors, "layers.0.v.perm": tensors["layers.0.v.perm"][:, :32].contiguous()}, str(path), meta)
+    with pytest.raises(ArtifactError, match="layers.0.v: perm is torch.int64 \\(2, 32\\), expected int64 \\(2, 64\\)"):
+        load_quant_states(path)
+    for widths, message in [
+        ("6x56,5x8", "levels has 81 values, but the widths \\(6x56,5x8\\) need 96"),
+        (
+            "6x64",
+            "levels after the 64 codebook levels .* not all positive scale candidates",
+        ),  # stored codebooks left over
+        ("2x32,6x32", "levels\\[0:4\\] is not a 2-bit codebook"),  # runs in another order: slices straddle codebooks
+        ("4x60", "cover 60 coordinates, head_dim is 64"),
+        ("3x4,2x60", "multiples of 8"),
+        ("four", "not a run list"),
+    ]:
+        save_file(tensors, str(path), {**meta, "layers.1.k.widths": widths})
+        with pytest.raises(ArtifactError, match=f"layers.1.k: .*{message}"):
+            load_quant_states(path)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()

@@ -4,7 +4,8 @@ Layout (format version 1)::
 
     out/
       manifest.json               what, by which versions, and sha256 + size of every other file
-      quant_state.safetensors     per-layer K/V rotation / mean / scale / codebook (if any)
+      quant_state.safetensors     per-layer K/V rotation / mean / scale / codebook (+ perm and widths with a
+                                  calibrated bit allocation; see `quant_states_to_tensors`)
       tokenizer/...               the tokenizer's files (if given; never the model weights beside them)
       <program files>             model.pt2 (aoti), model.onnx (+ .onnx.data), model.engine, ...
 
@@ -45,7 +46,8 @@ from typing import Any
 import torch
 
 from rqcompile.config import RQConfig
-from rqcompile.quant.quantizer import QuantState
+from rqcompile.quant.packing import runs
+from rqcompile.quant.quantizer import QuantState, codebook_size
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -149,10 +151,11 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def quant_state_digest(states: QuantStates) -> str:
-    """sha256 over every quant-state tensor in a fixed order (layer, K then V, rotation/mean/scale/levels).
+    """sha256 over every quant-state tensor in a fixed order (layer, K then V, rotation/mean/scale/levels[/perm]).
 
-    Names, dtypes, shapes, bits and group are hashed with the bytes, so two artifacts with the same digest
-    compress the cache identically.
+    Names, dtypes, shapes, bits (or a bit allocation's widths, as a run list) and group are hashed with the bytes, so
+    two artifacts with the same digest compress the cache identically. Uniform states hash exactly as they always
+    did, so existing artifacts keep their digest.
     """
     digest = hashlib.sha256()
     for layer in sorted(states):
@@ -160,28 +163,67 @@ def quant_state_digest(states: QuantStates) -> str:
             if kind not in states[layer]:
                 continue
             state = states[layer][kind]
-            digest.update(f"{layer}.{kind}:bits={state.bits}:group={state.group}\n".encode())
-            for name in _STATE_NAMES:
-                tensor = getattr(state, name)
+            layout = f"bits={state.bits}" if state.uniform else f"widths={format_widths(state.widths)}"
+            digest.update(f"{layer}.{kind}:{layout}:group={state.group}\n".encode())
+            for name, tensor in _state_tensors(state).items():
                 digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
                 digest.update(_tensor_bytes(tensor))
     return "sha256:" + digest.hexdigest()
+
+
+def _state_tensors(state: QuantState) -> dict[str, torch.Tensor]:
+    """The tensors stored per state, in order: rotation, mean, scale, levels, then perm when it has one."""
+    out = {name: getattr(state, name) for name in _STATE_NAMES}
+    if state.perm is not None:
+        out["perm"] = state.perm
+    return out
+
+
+# --- bit-allocation layouts ----------------------------------------------------------------------------------------
+
+
+def format_widths(widths: tuple[int, ...]) -> str:
+    """Per-coordinate widths as a compact run list, `"4x48,2x16"` (width x count, in order): 64 numbers in one
+    short metadata string, and readable in `rqcompile inspect`."""
+    return ",".join(f"{width}x{count}" for width, _, count in runs(widths))
+
+
+def parse_widths(text: str, dim: int, where: str = "") -> tuple[int, ...]:
+    """Inverse of `format_widths`, checked: the runs must cover `dim` coordinates and be a valid packing layout."""
+    try:
+        pairs = [item.split("x") for item in text.split(",")]
+        widths = tuple(int(w) for w, n in pairs for _ in range(int(n)))
+    except ValueError:
+        raise ArtifactError(f"{where}widths {text!r} is not a run list like '4x48,2x16' (width x count)") from None
+    if len(widths) != dim:
+        raise ArtifactError(f"{where}widths {text!r} cover {len(widths)} coordinates, head_dim is {dim}")
+    try:
+        runs(widths)
+    except ValueError as exc:
+        raise ArtifactError(f"{where}widths {text!r}: {exc}") from None
+    return widths
 
 
 # --- quant state as safetensors ------------------------------------------------------------------------------------
 
 
 def quant_states_to_tensors(states: QuantStates) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten to safetensors form: tensors `layers.{i}.{k|v}.{name}` and string metadata for bits/group."""
+    """Flatten to safetensors form: tensors `layers.{i}.{k|v}.{name}` and string metadata for bits/group.
+
+    A calibrated bit allocation's state also stores `perm` (int64 [H, d]) and, instead of `bits`, its per-coordinate
+    widths as a run list (`{prefix}.widths`, `format_widths`); uniform states are written exactly as before."""
     tensors, metadata = {}, {}
     for layer in sorted(states):
         for kind, state in states[layer].items():
             if kind not in _KINDS:
                 raise ValueError(f"quant state kind must be 'k' or 'v', got {kind!r} (layer {layer})")
             prefix = f"layers.{int(layer)}.{kind}"
-            for name in _STATE_NAMES:
-                tensors[f"{prefix}.{name}"] = getattr(state, name).detach().cpu().contiguous().clone()
-            metadata[f"{prefix}.bits"] = str(state.bits)
+            for name, tensor in _state_tensors(state).items():
+                tensors[f"{prefix}.{name}"] = tensor.detach().cpu().contiguous().clone()
+            if state.uniform:
+                metadata[f"{prefix}.bits"] = str(state.bits)
+            else:
+                metadata[f"{prefix}.widths"] = format_widths(state.widths)
             metadata[f"{prefix}.group"] = str(state.group)
     metadata["format"] = f"rqcompile-quant-state-v{FORMAT_VERSION}"
     return tensors, metadata
@@ -208,13 +250,77 @@ def load_quant_states(path: str | Path, device: str | torch.device = "cpu") -> d
         for prefix in prefixes:
             _, layer, kind = prefix.split(".")
             missing = [n for n in _STATE_NAMES if f"{prefix}.{n}" not in keys]
-            if missing or f"{prefix}.bits" not in metadata or f"{prefix}.group" not in metadata:
+            has_layout = f"{prefix}.bits" in metadata or f"{prefix}.widths" in metadata
+            if missing or not has_layout or f"{prefix}.group" not in metadata:
                 raise ArtifactError(f"{path}: incomplete quant state for {prefix} (missing {missing or 'bits/group'})")
             tensors = {n: handle.get_tensor(f"{prefix}.{n}") for n in _STATE_NAMES}
-            states.setdefault(int(layer), {})[kind] = QuantState(
-                **tensors, bits=int(metadata[f"{prefix}.bits"]), group=int(metadata[f"{prefix}.group"])
-            )
+            perm = handle.get_tensor(f"{prefix}.perm") if f"{prefix}.perm" in keys else None
+            state = _rebuild_state(tensors, perm, metadata, prefix, f"{path}: {prefix}: ")
+            states.setdefault(int(layer), {})[kind] = state
     return states
+
+
+def _rebuild_state(
+    tensors: dict[str, torch.Tensor], perm: torch.Tensor | None, metadata: dict[str, str], prefix: str, where: str
+) -> QuantState:
+    """One QuantState from its stored tensors and metadata, refusing a layout that does not fit them (a perm that
+    is not a per-head permutation of the channels, widths whose codebooks `levels` does not hold)."""
+    dim = tensors["mean"].shape[-1]
+    if f"{prefix}.widths" in metadata:
+        widths: int | tuple[int, ...] = parse_widths(metadata[f"{prefix}.widths"], dim, where)
+    else:
+        widths = int(metadata[f"{prefix}.bits"])
+    if perm is not None:
+        _check_perm(perm, tuple(tensors["mean"].shape), where)
+    _check_levels(tensors["levels"], (widths,) * dim if isinstance(widths, int) else widths, where)
+    try:
+        return QuantState(**tensors, widths=widths, group=int(metadata[f"{prefix}.group"]), perm=perm)
+    except ValueError as exc:
+        raise ArtifactError(f"{where}inconsistent quant state: {exc}") from None
+
+
+def _check_perm(perm: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
+    if perm.dtype != torch.int64 or tuple(perm.shape) != shape:
+        raise ArtifactError(
+            f"{where}perm is {perm.dtype} {tuple(perm.shape)}, expected int64 {shape} ([heads, head_dim] like mean)"
+        )
+    expected = torch.arange(shape[-1], device=perm.device)
+    bad = [h for h in range(shape[0]) if not torch.equal(perm[h].sort().values, expected)]
+    if bad:
+        raise ArtifactError(f"{where}perm of heads {bad} is not a permutation of the channels 0..{shape[-1] - 1}")
+
+
+def _check_levels(levels: torch.Tensor, widths: tuple[int, ...], where: str) -> None:
+    """`levels` must be one Lloyd-Max codebook per run of the widths (2**w levels, ascending, symmetric about 0),
+    then only positive scale candidates: so widths that claim more or fewer (or other) codebooks than were stored
+    are caught by content, without knowing how many candidates there are."""
+    try:
+        need = codebook_size(widths)
+    except ValueError as exc:
+        raise ArtifactError(f"{where}{exc}") from None
+    layout = format_widths(widths)
+    if levels.dim() != 1 or levels.numel() < need:
+        raise ArtifactError(
+            f"{where}levels has {levels.numel()} values, but the widths ({layout}) need {need} codebook levels"
+        )
+    start = 0
+    for width, _, _ in runs(widths):
+        codebook = levels[start : start + 2**width].float()
+        tolerance = 1e-6 * float(codebook.abs().max())
+        if (
+            not bool((codebook[1:] > codebook[:-1]).all())
+            or float((codebook + codebook.flip(0)).abs().max()) > tolerance
+        ):
+            raise ArtifactError(
+                f"{where}levels[{start}:{start + 2**width}] is not a {width}-bit codebook (ascending, symmetric): the "
+                f"widths ({layout}) do not match levels"
+            )
+        start += 2**width
+    if not bool((levels[need:] > 0).all()):
+        raise ArtifactError(
+            f"{where}levels after the {need} codebook levels of the widths ({layout}) are not all positive scale "
+            "candidates: the widths do not match levels"
+        )
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -474,5 +580,7 @@ def read_artifact(path: str | Path, *, torch_version: str | None = None) -> Arti
     artifact = Artifact(path=path, manifest=manifest, unlisted=sorted(unlisted))
     if manifest.get("quant_state_digest") and QUANT_STATE_FILE in listed:
         if quant_state_digest(artifact.quant_states()) != manifest["quant_state_digest"]:
-            raise ArtifactIntegrityError(f"{path}: quant state does not match the manifest's rotation digest")
+            raise ArtifactIntegrityError(
+                f"{path}: quant state does not match the manifest's quant_state_digest (tampered or inconsistent)"
+            )
     return artifact
