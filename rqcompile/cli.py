@@ -4,6 +4,7 @@
     rqcompile export MODEL_DIR --target onnx -o out         # any llama/qwen3/qwen3_5 checkpoint directory
     rqcompile generate smollm2-aoti --prompt "What is the capital of France?"
     rqcompile generate --demo --prompt "Hello" --bits 3     # eager compressed cache (RQCache), no export
+    rqcompile export --demo --bits 3.5 --bit-allocation 2,3,4,5,6 -o out   # calibrated bit allocation
     rqcompile eval --demo --bits 3                          # decode-time perplexity vs the uncompressed cache
     rqcompile bench --demo                                  # CPU decode-step timing, RQCache vs uncompressed
     rqcompile inspect smollm2-aoti                          # manifest, memory per layer, bits/element
@@ -58,7 +59,52 @@ def _progress(message: str) -> None:
 def _rq_config(args):
     from rqcompile.config import RQConfig
 
-    return RQConfig(backend=args.backend, bits=args.bits, key_bits=args.key_bits, value_bits=args.value_bits)
+    try:
+        return RQConfig(
+            backend=args.backend,
+            bits=args.bits,
+            key_bits=args.key_bits,
+            value_bits=args.value_bits,
+            bit_allocation=tuple(args.bit_allocation or ()),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _calibration(args, model, tok):
+    """The calibration `--bit-allocation` needs (its per-channel error weights decide the widths), measured on
+    `--calibration-tokens` of Python standard-library text (never the evaluation corpus); None without it."""
+    if not args.bit_allocation:
+        return None
+    import torch
+
+    from rqcompile.calibrate import calibrate
+
+    count = args.calibration_tokens
+    if tok is not None:
+        from rqcompile.eval import stdlib_corpus
+
+        ids, source = stdlib_corpus(tok, count), "stdlib"
+    elif args.tiny_qwen3_5:  # random weights: random tokens are as representative as any text
+        ids, source = (
+            torch.randint(0, model.config.vocab_size, (1, count), generator=torch.Generator().manual_seed(0)),
+            "random ids",
+        )
+    else:
+        raise SystemExit(
+            "error: --bit-allocation needs a calibration on sample text, and this model has no tokenizer to encode "
+            "it with; add the tokenizer files to the model directory, or drop --bit-allocation (uniform bits)"
+        )
+    _progress(
+        f"calibrating on {count} tokens ({source}) for --bit-allocation {','.join(map(str, args.bit_allocation))}"
+    )
+    return calibrate(model, ids, source=source)
+
+
+def _describe_bits(args) -> str:
+    if not args.bit_allocation:
+        return f"{args.bits} bits"
+    return f"{args.bits} bits on average, widths {','.join(map(str, args.bit_allocation))}"
 
 
 def _prompt_ids(args, tok, vocab: int):
@@ -84,7 +130,7 @@ def cmd_export(args) -> int:
     from rqcompile.export.lm import export_lm
 
     torch.manual_seed(0)
-    model, _, tok_dir = _load_model(args)
+    model, tok, tok_dir = _load_model(args)
     if args.uncompressed:
         from rqcompile.passes.capture import capture
 
@@ -95,9 +141,16 @@ def cmd_export(args) -> int:
             from rqcompile.api import apply
         except ImportError as exc:
             raise SystemExit(f"rqcompile.api is not available ({exc}); use --uncompressed") from exc
-        _progress(f"capturing and compressing the K/V cache ({args.backend}, {args.bits} bits)")
         config = _rq_config(args)
-        program = apply(model, config=config, max_cache_len=args.max_cache_len, batch_size=args.batch_size)
+        calibration = _calibration(args, model, tok)
+        _progress(f"capturing and compressing the K/V cache ({args.backend}, {_describe_bits(args)})")
+        program = apply(
+            model,
+            config=config,
+            calibration=calibration,
+            max_cache_len=args.max_cache_len,
+            batch_size=args.batch_size,
+        )
     _progress(f"exporting to {args.output} (target {args.target})")
     t0 = time.perf_counter()
     try:
@@ -144,13 +197,15 @@ def cmd_generate(args) -> int:
 
         model, tok, _ = _load_model(args)
         ids = _prompt_ids(args, tok, model.config.vocab_size)
+        config = _rq_config(args)
+        calibration = _calibration(args, model, tok)
         with torch.no_grad():
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=args.max_new_tokens,
                 do_sample=sampling.do_sample,
-                past_key_values=RQCache(_rq_config(args), model_config=model.config),
+                past_key_values=RQCache(config, model_config=model.config, calibration=calibration),
                 pad_token_id=getattr(tok, "eos_token_id", None) if tok is not None else 0,
             )
     new = out[0, ids.shape[1] :]
@@ -173,12 +228,18 @@ def cmd_eval(args) -> int:
     else:
         ids = torch.randint(0, model.config.vocab_size, (1, need), generator=torch.Generator().manual_seed(0))
     config = _rq_config(args)
+    calibration = _calibration(args, model, tok)
     _progress(f"decode-time perplexity: prefill {args.prefill}, decode {args.decode} tokens")
     ref = decode_time_ppl(
         model, ids, lambda: DynamicCache(config=model.config), args.prefill, args.decode, progress=True
     )
     test = decode_time_ppl(
-        model, ids, lambda: RQCache(config, model_config=model.config), args.prefill, args.decode, progress=True
+        model,
+        ids,
+        lambda: RQCache(config, model_config=model.config, calibration=calibration),
+        args.prefill,
+        args.decode,
+        progress=True,
     )
     delta = 100 * (test.ppl / ref.ppl - 1)
     result = {"uncompressed_ppl": ref.ppl, "compressed_ppl": test.ppl, "delta_percent": delta, "config": str(config)}
@@ -197,15 +258,16 @@ def cmd_bench(args) -> int:
     if torch.cuda.is_available():
         print("CUDA is available: for kernel and decode-attention timings use  python benchmarks/gpu_bench.py")
     torch.manual_seed(0)
-    model, _, _ = _load_model(args)
+    model, tok, _ = _load_model(args)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill + args.steps + 1))
     config = _rq_config(args)
+    calibration = _calibration(args, model, tok)
     rows = []
     from tqdm.auto import tqdm
 
     for name, make in (
         ("uncompressed", lambda: DynamicCache(config=model.config)),
-        (str(config), lambda: RQCache(config, model_config=model.config)),
+        (str(config), lambda: RQCache(config, model_config=model.config, calibration=calibration)),
     ):
         cache = make()
         with torch.no_grad():
@@ -227,13 +289,35 @@ def _format_arithmetic(rq: dict[str, Any] | None, head_dim: int | None) -> list[
     if not rq or not head_dim:
         return ["format: uncompressed cache (no rq_config)"]
     group = rq.get("norm_group") or min(head_dim, 128)
+    allocation = rq.get("bit_allocation") or ()
     lines = []
     for kind, bits in (("K", rq.get("key_bits") or rq["bits"]), ("V", rq.get("value_bits") or rq["bits"])):
         per = bits + 16 * (head_dim // group) / head_dim
+        code = f"{bits:g} bits/code" + (
+            f" on average (widths {min(allocation)}-{max(allocation)})" if allocation else ""
+        )
         lines.append(
-            f"format {kind}: {bits} bits/code + one fp16 norm per {group} coords = {per:.3f} bits/element "
+            f"format {kind}: {code} + one fp16 norm per {group} coords = {per:.3f} bits/element "
             f"({16 / per:.2f}x smaller than bf16)"
         )
+    return lines
+
+
+def _layout_lines(art) -> list[str]:
+    """One line per (layer, K|V) whose widths are mixed (calibrated bit allocation): average, range and runs.
+    Uniform artifacts print nothing here (their single width is in the format lines)."""
+    from rqcompile.export.artifact import format_widths
+    from rqcompile.passes.kv_compress import width_label
+
+    lines = []
+    for layer, states in sorted(art.quant_states().items()):
+        for kind, state in sorted(states.items()):
+            if not state.uniform:
+                perm = "" if state.perm is None else ", per-head channel order (perm)"
+                lines.append(
+                    f"layout     layer {layer} {kind.upper()}: {width_label(state.widths)}: "
+                    f"{format_widths(state.widths)}{perm}"
+                )
     return lines
 
 
@@ -272,7 +356,7 @@ def cmd_inspect(args) -> int:
         if mc.get("hidden_size") and mc.get("num_attention_heads")
         else None
     )
-    for line in _format_arithmetic(m.get("rq_config"), head_dim):
+    for line in _format_arithmetic(m.get("rq_config"), head_dim) + _layout_lines(art):
         print(line)
     print(f"files      {len(m['files'])} (sha256-verified)")
     return 0
@@ -291,12 +375,43 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     g.add_argument("--tiny-qwen3_5", action="store_true", help="a tiny random-weight hybrid Qwen3.5 (for smoke tests)")
 
 
+def _bits(text: str) -> int | float:
+    """A code width: 2, 3 or 4 (RQConfig checks), or a fractional average such as 3.5 with --bit-allocation."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits") from None
+    return int(value) if value.is_integer() else value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of widths, e.g. 2,3,4,5,6") from None
+
+
 def _quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
     g.add_argument("--backend", choices=BACKENDS, default="planar", help="rotation before quantizing (default planar)")
-    g.add_argument("--bits", type=int, choices=(2, 3, 4), default=3, help="bits per coordinate (default 3)")
-    g.add_argument("--key-bits", type=int, choices=(2, 3, 4), help="override bits for keys")
-    g.add_argument("--value-bits", type=int, choices=(2, 3, 4), help="override bits for values")
+    g.add_argument(
+        "--bits",
+        type=_bits,
+        default=3,
+        help="bits per coordinate: 2, 3 or 4 (default 3); an average with --bit-allocation",
+    )
+    g.add_argument("--key-bits", type=_bits, help="override bits for keys")
+    g.add_argument("--value-bits", type=_bits, help="override bits for values")
+    g.add_argument(
+        "--bit-allocation",
+        type=_widths,
+        metavar="W,W,...",
+        help="calibrated bit allocation: code widths a coordinate may get (e.g. 2,3,4,5,6); the bits above are then "
+        "averages (e.g. 3.5). Calibrates the model first (on --calibration-tokens of Python stdlib text)",
+    )
+    g.add_argument(
+        "--calibration-tokens", type=int, default=2048, help="calibration text length for --bit-allocation (2048)"
+    )
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:

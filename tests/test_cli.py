@@ -61,6 +61,38 @@ def test_export_inspect_generate_compressed_onnx_artifact(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
 
 
+def test_bit_allocation_export_inspect_generate(tmp_path, capsys):
+    """--bit-allocation calibrates first (the tiny random model has no tokenizer: random ids), exports mixed widths,
+    `inspect` shows each layer's layout, and both the artifact and the eager cache generate."""
+    out = tmp_path / "alloc"
+    alloc = ["--bits", "3.5", "--bit-allocation", "2,3,4,5,6", "--calibration-tokens", "64"]
+    argv = ["export", *TINY, *alloc, "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]
+    assert main(argv) == 0
+    assert "calibrating on 64 tokens" in capsys.readouterr().err
+
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3.5 bits/code on average (widths 2-6)" in text
+    assert "layout     layer 1 K: 3.5-bit avg (" in text and "perm" in text and "layer 3 V" in text
+
+    assert main(["generate", str(out), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
+    assert main(["generate", *TINY, *alloc, "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
+
+
+def test_bit_allocation_needs_calibration_text_and_fractional_bits_need_it():
+    import argparse
+
+    from rqcompile.cli import _calibration
+
+    args = argparse.Namespace(bit_allocation=(2, 3, 4), tiny_qwen3_5=False, calibration_tokens=64)
+    with pytest.raises(SystemExit, match="--bit-allocation needs a calibration .* no tokenizer"):
+        _calibration(args, model=None, tok=None)
+    with pytest.raises(SystemExit, match="bits=3.5 is not supported.*fractional averages need bit_allocation"):
+        main(["eval", *TINY, "--bits", "3.5"])
+
+
 def test_eval_and_bench_on_the_tiny_model(capsys):
     assert main(["eval", *TINY, "--prefill", "16", "--decode", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

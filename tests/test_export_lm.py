@@ -279,3 +279,41 @@ def test_compressed_program_onnx_round_trip(tmp_path):
     assert torch.equal(generate(fn.runner(), ids, 6), reference)
     export_lm(fn, tmp_path / "c", target="onnx", progress=False)
     assert torch.equal(rqcompile.load(tmp_path / "c").generate(ids, 6, eos_token_id=[]), reference)
+
+
+def test_bit_allocation_program_exports_to_onnx_and_tensorrt_onnx(tmp_path):
+    """A calibrated bit allocation (mixed widths + per-head perm, fused rq::attention) through both ONNX flavours:
+    onnxruntime logits match the torch program, generation is token-identical, the TensorRT graphs pass the check,
+    and the artifacts keep the layout."""
+    import rqcompile
+    from rqcompile.api import apply
+    from rqcompile.config import RQConfig
+
+    model = tiny_llama()
+    calib = rqcompile.calibrate(model, _prompt(96, seed=9))
+    config = RQConfig(backend="planar", key_bits=3.5, value_bits=3, bit_allocation=(2, 3, 4, 5, 6))
+    compiled = apply(model, config=config, calibration=calib, max_cache_len=MAX_LEN)
+    assert compiled.fused and not compiled.quant_states[0]["k"].uniform
+    fn = functional_programs(compiled, for_target="onnx")
+    ids, token = _prompt(9), torch.tensor([[5]])
+    reference = compiled.generate(ids, 6)
+    for target in ("onnx", "tensorrt"):
+        if target == "tensorrt":
+            with pytest.raises(TensorRTNotInstalledError):
+                export_lm(fn, tmp_path / target, target=target, progress=False)
+            assert all(check_tensorrt(tmp_path / target / g).ok for g in ("prefill.onnx", "decode.onnx"))
+        else:
+            export_lm(fn, tmp_path / target, target=target, progress=False)
+        lm, ref = rqcompile.load(tmp_path / target), fn.runner()
+        torch.testing.assert_close(
+            lm.prefill(ids, torch.arange(9)), ref.prefill(ids, torch.arange(9)), atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            lm.decode(token, torch.tensor([9])), ref.decode(token, torch.tensor([9])), atol=1e-4, rtol=1e-4
+        )
+        lm.reset()
+        assert torch.equal(lm.generate(ids, 6, eos_token_id=[]), reference)
+        stored = lm.artifact.quant_states()
+        for layer, states in compiled.quant_states.items():
+            for kind, state in states.items():
+                assert stored[layer][kind].widths == state.widths and torch.equal(stored[layer][kind].perm, state.perm)
