@@ -23,15 +23,30 @@ from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdli
 
 PREFILL, DECODE = 512, 256
 PRESET = dict(sink_tokens=1, scale_search=SCALE_SEARCH)
+ALLOCATION = (2, 3, 4, 5, 6)
 
 # name: (config, calibrated?, (ppl delta % floor, ceiling), KL ceiling). Measured at pin time (fp ppl 12.173):
 # planar-3 +970.3% KL 2.346; iso-K4V3-preset +10.3% KL 0.091 (without the scale search +13.7% KL 0.141);
 # iso-K3V3-preset +28.2% KL 0.251 (without the search +32.3% KL 0.305); rotor-K3V2-preset +65.3% KL 0.459.
+# Bit allocation (session 3): iso-K3.5V3-alloc +8.1% KL 0.094 at 3.54 bits/element (eval length);
+# planar-K3V2.5-alloc +25.1% KL 0.195 at 3.04; iso K3V3 allocated +27.3% KL 0.186 (uniform: KL 0.251).
 PINS = {
     "planar-3": (RQConfig(backend="planar", bits=3, scale_search=()), False, (500.0, 1300.0), 3.0),
     "iso-K4V3-preset": (RQConfig(backend="iso", key_bits=4, value_bits=3, **PRESET), True, (3.0, 13.0), 0.115),
     "iso-K3V3-preset": (RQConfig(backend="iso", bits=3, **PRESET), True, (12.0, 35.0), 0.31),
     "rotor-K3V2-preset": (RQConfig(backend="rotor", key_bits=3, value_bits=2, **PRESET), True, (25.0, 82.0), 0.57),
+    "iso-K3.5V3-alloc": (
+        RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION, **PRESET),
+        True,
+        (3.0, 11.0),
+        0.12,
+    ),
+    "planar-K3V2.5-alloc": (
+        RQConfig(backend="planar", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION, **PRESET),
+        True,
+        (12.0, 32.0),
+        0.245,
+    ),
 }
 
 
@@ -86,6 +101,17 @@ def test_scale_search_is_what_makes_the_preset_better(smollm2, ids, calibration,
     _, kl_search, _ = _measure(smollm2, ids, reference, config, calibration)
     _, kl_plain, _ = _measure(smollm2, ids, reference, config.replace(scale_search=()), calibration)
     assert kl_search < 0.85 * kl_plain, f"KL with search {kl_search:.4f} vs without {kl_plain:.4f}"
+
+
+def test_bit_allocation_lowers_the_error_at_the_same_bytes(smollm2, ids, calibration, reference):
+    """iso K3V3 with calibrated bit allocation vs uniform 3-bit codes: same bytes, clearly lower KL."""
+    uniform = PINS["iso-K3V3-preset"][0]
+    _, kl_uniform, cache_uniform = _measure(smollm2, ids, reference, uniform, calibration)
+    allocated = uniform.replace(bit_allocation=ALLOCATION)
+    _, kl_allocated, cache_allocated = _measure(smollm2, ids, reference, allocated, calibration)
+    mc = smollm2[0].config
+    assert _bits_per_element(cache_allocated, mc) == _bits_per_element(cache_uniform, mc)
+    assert kl_allocated < 0.85 * kl_uniform, f"KL allocated {kl_allocated:.4f} vs uniform {kl_uniform:.4f}"
 
 
 def _bits_per_element(cache: RQCache, mc) -> float:
