@@ -4,6 +4,11 @@ Quantize: per program a tile of `BLOCK_T` tokens of one (batch, KV head); per no
 b <= 4 as `b` gathered loads + FMAs; dense b == g, the hadamard backend, as one fp32 `tl.dot` per group), group
 norm, codes = number of decision boundaries exceeded (exactly the reference's rule), corrected norm, bit packing.
 Dequantize: the inverse, used by the prefill path (dequantize + SDPA) and rq::dequantize on CUDA.
+
+Calibrated bit allocation (a `perm` and per-coordinate widths): the same kernels, specialized on the layout string
+(`LAYOUT`, see `common.layout_string`; "" for one width) and on `PERM`. The rotation reads its input channels in
+`perm` order (gathered loads of x, mean and scale), each run of equal widths is coded against its own codebook and
+packed as its own bit planes; norm groups and the scale search are over stored coordinates, as for one width.
 """
 
 from __future__ import annotations
@@ -11,7 +16,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rqcompile.kernels.common import dot_precision, supported_dim
+from rqcompile.kernels.common import (
+    channels,
+    codebook_levels,
+    dot_precision,
+    layout_string,
+    num_planes,
+    num_runs,
+    plane_shift,
+    plane_width,
+    row_bytes,
+    run_byte,
+    run_count,
+    run_covers,
+    run_level,
+    run_overlaps,
+    run_start,
+    run_width,
+    supported_dim,
+)
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny, as the reference clamps with
 
@@ -59,6 +82,78 @@ def _lookup(code, lev_ptr, NL: tl.constexpr, LUT: tl.constexpr, BLOCK_T: tl.cons
 
 
 @triton.jit
+def _run_codes(
+    code, unit, lev_ptr, c, L: tl.constexpr, r: tl.constexpr, g: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """`code` with the columns of run r in norm group g replaced by their codes in the run's codebook."""
+    if run_overlaps(L, r, g * G, g * G + G):
+        code_r = _codes(unit, lev_ptr + run_level(L, r), 1 << run_width(L, r), BLOCK_T, G)
+        if run_covers(L, r, g * G, g * G + G):
+            code = code_r
+        else:
+            S: tl.constexpr = run_start(L, r)
+            code = tl.where(((c >= S) & (c < S + run_count(L, r)))[None, :], code_r, code)
+    return code
+
+
+@triton.jit
+def _layout_codes(unit, lev_ptr, c, L: tl.constexpr, g: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Codes of a norm group whose columns `c` belong to runs of different widths: each run's columns against
+    the run's codebook (the compares run over the whole tile once per run present in the group)."""
+    code = tl.zeros([BLOCK_T, G], dtype=tl.int32)
+    for r in tl.static_range(num_runs(L)):
+        code = _run_codes(code, unit, lev_ptr, c, L, r, g, G, BLOCK_T)
+    return code
+
+
+@triton.jit
+def _run_offset(off, c, L: tl.constexpr, r: tl.constexpr):
+    S: tl.constexpr = run_start(L, r)
+    return tl.where((c >= S) & (c < S + run_count(L, r)), run_level(L, r), off)
+
+
+@triton.jit
+def _layout_offsets(c, L: tl.constexpr):
+    """Offset in `levels` of the codebook of each column `c` (its run's)."""
+    off = tl.zeros(c.shape, dtype=tl.int32)
+    for r in tl.static_range(num_runs(L)):
+        off = _run_offset(off, c, L, r)
+    return off
+
+
+@triton.jit
+def _pack_plane(
+    code, out_row, t_ok, g, G: tl.constexpr, S, N, B, W: tl.constexpr, p: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """Store bit plane p of the W-bit codes of group g that lie in the run [S, S+N) whose bytes start at row byte B:
+    plane fields of PW bits, 8/PW codes per byte, low bits first; the run's planes follow each other."""
+    PW: tl.constexpr = plane_width(W, p)
+    SH: tl.constexpr = plane_shift(W, p)
+    PER: tl.constexpr = 8 // PW
+    sh = tl.arange(0, PER) * PW
+    v = (code >> SH) & ((1 << PW) - 1)
+    byte = tl.sum(tl.reshape(v, [BLOCK_T, G // PER, PER]) << sh[None, None, :], axis=2)
+    col = g * G + tl.arange(0, G // PER) * PER
+    ok = (col >= S) & (col < S + N)
+    tl.store(out_row + B + N * SH // 8 + (col - S) // PER, byte.to(tl.uint8), mask=t_ok & ok[None, :])
+
+
+@triton.jit
+def _pack_run(code, out_row, t_ok, g, G: tl.constexpr, L: tl.constexpr, r: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pack the part of run r that lies in norm group g, one bit plane at a time."""
+    if run_overlaps(L, r, g * G, g * G + G):
+        W: tl.constexpr = run_width(L, r)
+        for p in tl.static_range(num_planes(W)):
+            _pack_plane(code, out_row, t_ok, g, G, run_start(L, r), run_count(L, r), run_byte(L, r), W, p, BLOCK_T)
+
+
+@triton.jit
+def _pack_layout(code, out_row, t_ok, g, G: tl.constexpr, L: tl.constexpr, BLOCK_T: tl.constexpr):
+    for r in tl.static_range(num_runs(L)):
+        _pack_run(code, out_row, t_ok, g, G, L, r, BLOCK_T)
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr,
     sxb,
@@ -71,6 +166,7 @@ def _quantize_kernel(
     lev_ptr,
     codes_ptr,
     norms_ptr,
+    perm_ptr,
     H,
     T,
     D: tl.constexpr,
@@ -85,29 +181,36 @@ def _quantize_kernel(
     LUT: tl.constexpr,
     RESHAPE: tl.constexpr,
     NA: tl.constexpr,
+    PERM: tl.constexpr,
+    LAYOUT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    CB: tl.constexpr = D * BITS // 8
-    NL: tl.constexpr = 1 << BITS
+    if LAYOUT != "":
+        CB: tl.constexpr = row_bytes(LAYOUT)
+        NL: tl.constexpr = codebook_levels(LAYOUT)  # the scale candidates follow every run's codebook
+    else:
+        CB: tl.constexpr = D * BITS // 8
+        NL: tl.constexpr = 1 << BITS
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = (t < T)[:, None]
     x_row = x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64)[:, None] * sxt
     out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
     for g in tl.static_range(NG):
         c = g * G + tl.arange(0, G)
+        ch = channels(perm_ptr, h, c, c < D, D, PERM)  # input channels (c itself without a perm)
         if DENSE:
-            xv = tl.load(x_row + c[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
-            u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + c)[None, :], tl.load(scale_ptr + h * D + c)[None, :])
+            xv = tl.load(x_row + ch[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+            u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + ch)[None, :], tl.load(scale_ptr + h * D + ch)[None, :])
             ri = tl.arange(0, G)
             # R_g[i, k]; y = u @ R_g^T, loaded transposed as [k, i]
             rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + ri[:, None])
             y = tl.dot(u, rt, input_precision=DOT_PREC)
-        elif RESHAPE:  # RB in (1, 2, 4): one contiguous load, rotate in registers
-            xv = tl.load(x_row + c[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
-            u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + c)[None, :], tl.load(scale_ptr + h * D + c)[None, :])
+        elif RESHAPE:  # RB in (1, 2, 4): one contiguous load (a gather with a perm), rotate in registers
+            xv = tl.load(x_row + ch[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+            u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + ch)[None, :], tl.load(scale_ptr + h * D + ch)[None, :])
             u3 = tl.reshape(u, [BLOCK_T, G // RB, RB])
             jb = g * (G // RB) + tl.arange(0, G // RB)
             ri = tl.arange(0, RB)
@@ -120,33 +223,50 @@ def _quantize_kernel(
             for k in tl.static_range(RB):
                 src = blk * RB + k
                 sv = src < D
-                xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
-                mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
-                sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
+                chs = channels(perm_ptr, h, src, sv, D, PERM)
+                xv = tl.load(x_row + chs[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
+                mu = tl.load(mean_ptr + h * D + chs, mask=sv, other=0.0)
+                sc = tl.load(scale_ptr + h * D + chs, mask=sv, other=1.0)
                 u = tl.where(sv[None, :], tl.math.div_rn(xv - mu[None, :], sc[None, :]), 0.0)
                 coef = tl.load(rot_ptr + ((h * NB + blk) * RB + ii) * RB + k)
                 y += coef[None, :] * u
         n = tl.sqrt_rn(tl.sum(y * y, axis=1))
         unit = tl.where(n[:, None] > 0, tl.math.div_rn(y, tl.maximum(n, TINY)[:, None]), 0.0)
+        if LAYOUT != "":
+            off = _layout_offsets(c, LAYOUT)[None, :]  # each column's codebook in `levels`
         if NA == 0:
-            code = _codes(unit, lev_ptr, NL, BLOCK_T, G)
+            if LAYOUT != "":
+                code = _layout_codes(unit, lev_ptr, c, LAYOUT, g, G, BLOCK_T)
+            else:
+                code = _codes(unit, lev_ptr, NL, BLOCK_T, G)
         else:  # scale search: codes of unit / c for each candidate c, keep the largest cosine (first on ties)
             code = tl.zeros([BLOCK_T, G], dtype=tl.int32)
             best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
             for a in tl.static_range(NA):
-                code_a = _codes(tl.math.div_rn(unit, tl.load(lev_ptr + NL + a)), lev_ptr, NL, BLOCK_T, G)
-                lv_a = _lookup(code_a, lev_ptr, NL, LUT, BLOCK_T, G)
+                scaled = tl.math.div_rn(unit, tl.load(lev_ptr + NL + a))
+                if LAYOUT != "":
+                    code_a = _layout_codes(scaled, lev_ptr, c, LAYOUT, g, G, BLOCK_T)
+                    lv_a = tl.load(lev_ptr + off + code_a)
+                else:
+                    code_a = _codes(scaled, lev_ptr, NL, BLOCK_T, G)
+                    lv_a = _lookup(code_a, lev_ptr, NL, LUT, BLOCK_T, G)
                 cos = tl.math.div_rn(
                     tl.sum(unit * lv_a, axis=1), tl.maximum(tl.sqrt_rn(tl.sum(lv_a * lv_a, axis=1)), TINY)
                 )
                 better = cos > best
                 code = tl.where(better[:, None], code_a, code)
                 best = tl.where(better, cos, best)
-        lv = _lookup(code, lev_ptr, NL, LUT, BLOCK_T, G)
+        if LAYOUT != "":
+            lv = tl.load(lev_ptr + off + code)
+        else:
+            lv = _lookup(code, lev_ptr, NL, LUT, BLOCK_T, G)
         cn = tl.sqrt_rn(tl.sum(lv * lv, axis=1))
         corrected = tl.math.div_rn(n, tl.maximum(cn, TINY))
         tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
-        _pack_store(code, codes_ptr + out_tok[:, None] * CB, t_ok, g, G, D, BITS, BLOCK_T)
+        if LAYOUT != "":
+            _pack_layout(code, codes_ptr + out_tok[:, None] * CB, t_ok, g, G, LAYOUT, BLOCK_T)
+        else:
+            _pack_store(code, codes_ptr + out_tok[:, None] * CB, t_ok, g, G, D, BITS, BLOCK_T)
 
 
 @triton.jit
@@ -165,6 +285,41 @@ def _load_codes(row_ptr, idx, mask, BITS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _plane_load(row_ptr, i, mask, B, N, W: tl.constexpr, p: tl.constexpr):
+    """Plane p's share of the W-bit codes of run elements `i` (0 <= i < N; the run's bytes start at row byte B)."""
+    PW: tl.constexpr = plane_width(W, p)
+    SH: tl.constexpr = plane_shift(W, p)
+    PER: tl.constexpr = 8 // PW
+    byte = tl.load(row_ptr + B + N * SH // 8 + i // PER, mask=mask, other=0).to(tl.int32)
+    return ((byte >> ((i % PER) * PW)) & ((1 << PW) - 1)) << SH
+
+
+@triton.jit
+def _run_load(lidx, row_ptr, idx, mask, L: tl.constexpr, r: tl.constexpr):
+    """`lidx` with the elements of run r replaced by their index in `levels` (codebook offset + code)."""
+    W: tl.constexpr = run_width(L, r)
+    S: tl.constexpr = run_start(L, r)
+    N: tl.constexpr = run_count(L, r)
+    inr = (idx >= S) & (idx < S + N)
+    i = tl.where(inr, idx - S, 0)
+    m = mask & inr
+    code = _plane_load(row_ptr, i, m, run_byte(L, r), N, W, 0)
+    for p in tl.static_range(1, num_planes(W)):
+        code = code | _plane_load(row_ptr, i, m, run_byte(L, r), N, W, p)
+    return tl.where(inr, run_level(L, r) + code, lidx)
+
+
+@triton.jit
+def _layout_load(row_ptr, idx, mask, L: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr):
+    """Index in `levels` of elements `idx` of packed rows `row_ptr` ([BLOCK_T, G] after broadcasting) under a
+    layout of runs: the run's codebook offset plus the code, read plane by plane."""
+    lidx = tl.zeros([BLOCK_T, G], dtype=tl.int32)
+    for r in tl.static_range(num_runs(L)):
+        lidx = _run_load(lidx, row_ptr, idx, mask, L, r)
+    return lidx
+
+
+@triton.jit
 def _dequantize_kernel(
     codes_ptr,
     norms_ptr,
@@ -173,6 +328,7 @@ def _dequantize_kernel(
     scale_ptr,
     lev_ptr,
     out_ptr,
+    perm_ptr,
     H,
     T,
     D: tl.constexpr,
@@ -184,11 +340,16 @@ def _dequantize_kernel(
     DENSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PERM: tl.constexpr,
+    LAYOUT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
-    CB: tl.constexpr = D * BITS // 8
+    if LAYOUT != "":
+        CB: tl.constexpr = row_bytes(LAYOUT)
+    else:
+        CB: tl.constexpr = D * BITS // 8
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = (t < T)[:, None]
     tok = bh.to(tl.int64) * T + t.to(tl.int64)
@@ -196,7 +357,10 @@ def _dequantize_kernel(
     for g in tl.static_range(NG):
         c = g * G + tl.arange(0, G)
         if DENSE:
-            code = _load_codes(crow, c[None, :], t_ok, BITS, D)
+            if LAYOUT != "":
+                code = _layout_load(crow, c[None, :], t_ok, LAYOUT, BLOCK_T, G)  # an index into `levels`
+            else:
+                code = _load_codes(crow, c[None, :], t_ok, BITS, D)
             nrm = tl.load(norms_ptr + tok * NG + g, mask=t < T, other=0.0).to(tl.float32)
             y = tl.load(lev_ptr + code) * nrm[:, None]
             ri = tl.arange(0, G)
@@ -210,13 +374,17 @@ def _dequantize_kernel(
                 src = blk * RB + i
                 sv = src < D
                 m2 = t_ok & sv[None, :]
-                code = _load_codes(crow, src[None, :], m2, BITS, D)
+                if LAYOUT != "":
+                    code = _layout_load(crow, src[None, :], m2, LAYOUT, BLOCK_T, G)
+                else:
+                    code = _load_codes(crow, src[None, :], m2, BITS, D)
                 nrm = tl.load(norms_ptr + tok[:, None] * NG + (src // G)[None, :], mask=m2, other=0.0)
                 y = tl.where(m2, tl.load(lev_ptr + code) * nrm.to(tl.float32), 0.0)
                 coef = tl.load(rot_ptr + ((h * NB + blk) * RB + i) * RB + kk)
                 u += coef[None, :] * y
-        out = u * tl.load(scale_ptr + h * D + c)[None, :] + tl.load(mean_ptr + h * D + c)[None, :]
-        tl.store(out_ptr + tok[:, None] * D + c[None, :], out.to(out_ptr.dtype.element_ty), mask=t_ok)
+        ch = channels(perm_ptr, h, c, c < D, D, PERM)  # the output channel of stored coordinate c
+        out = u * tl.load(scale_ptr + h * D + ch)[None, :] + tl.load(mean_ptr + h * D + ch)[None, :]
+        tl.store(out_ptr + tok[:, None] * D + ch[None, :], out.to(out_ptr.dtype.element_ty), mask=t_ok)
 
 
 # launch defaults (tuned on the device, see benchmarks/NOTES.md)
@@ -227,7 +395,33 @@ def _block_t(dim: int, dense: bool) -> int:
     return DEFAULTS["block_t_dense"] if dense else DEFAULTS["block_t"]
 
 
-def quantize_supported(x, rotation, bits: int, group: int) -> bool:
+def kernel_layout(bits: int, widths, dim: int) -> str:
+    """The `LAYOUT` constexpr: "" where the single-width code paths apply (one width in 2..4), else the layout's
+    string (a single run for other uniform widths)."""
+    if widths is None:
+        widths = (bits,) * dim
+    widths = tuple(int(w) for w in widths)
+    if len(set(widths)) == 1 and widths[0] in (2, 3, 4):
+        return ""
+    return layout_string(widths)
+
+
+def _layout_ok(widths, dim: int, levels=None) -> bool:
+    """A layout the kernels can read: valid runs over `dim` coordinates (and enough levels for their codebooks)."""
+    from rqcompile.quant.packing import runs
+    from rqcompile.quant.quantizer import codebook_size
+
+    if widths is None:
+        return True
+    widths = tuple(int(w) for w in widths)
+    try:
+        runs(widths)
+    except ValueError:
+        return False
+    return len(widths) == dim and (levels is None or levels.numel() >= codebook_size(widths))
+
+
+def quantize_supported(x, rotation, bits: int, group: int, widths=None, levels=None) -> bool:
     dim = x.shape[-1]
     rb = rotation.shape[-1]
     return (
@@ -236,18 +430,25 @@ def quantize_supported(x, rotation, bits: int, group: int) -> bool:
         and dim % group == 0
         and (group & (group - 1)) == 0
         and (rb <= 4 or (rb == group and rotation.shape[1] == dim // group))
+        and _layout_ok(widths, dim, levels)
     )
 
 
-def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wrap=lambda k: k):
-    """(codes uint8 [B, H, T, d*bits/8], norms fp16 [B, H, T, d/group]) from x [B, H, T, d] (any strides)."""
+def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wrap=lambda k: k, perm=None, widths=None):
+    """(codes uint8 [B, H, T, bytes], norms fp16 [B, H, T, d/group]) from x [B, H, T, d] (any strides).
+
+    `widths` (one per stored coordinate) replaces `bits`, and `perm` [H, d] is the channel order the rotation
+    reads (calibrated bit allocation)."""
     import torch
 
     batch, heads, tokens, dim = x.shape
     rb = rotation.shape[-1]
     nb = rotation.shape[1]
     dense = rb > 4
-    codes = torch.empty((batch, heads, tokens, dim * bits // 8), dtype=torch.uint8, device=x.device)
+    layout = kernel_layout(bits, widths, dim)
+    code_bytes = row_bytes(layout) if layout else dim * bits // 8
+    codebook = codebook_levels(layout) if layout else 2**bits
+    codes = torch.empty((batch, heads, tokens, code_bytes), dtype=torch.uint8, device=x.device)
     norms = torch.empty((batch, heads, tokens, dim // group), dtype=torch.float16, device=x.device)
     if batch * heads * tokens == 0:
         return codes, norms
@@ -265,6 +466,7 @@ def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wra
         levels.contiguous(),
         codes,
         norms,
+        mean if perm is None else perm.contiguous(),
         heads,
         tokens,
         D=dim,
@@ -278,13 +480,30 @@ def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wra
         BLOCK_T=bt,
         LUT=DEFAULTS["lut"],
         RESHAPE=DEFAULTS["reshape"] and rb in (1, 2, 4),
-        NA=levels.numel() - 2**bits,
+        NA=levels.numel() - codebook,
+        PERM=perm is not None,
+        LAYOUT=layout,
         num_warps=DEFAULTS["num_warps"],
     )
     return codes, norms
 
 
-def launch_dequantize(codes, norms, rotation, mean, scale, levels, bits: int, head_dim: int, dtype, wrap=lambda k: k):
+def launch_dequantize(
+    codes,
+    norms,
+    rotation,
+    mean,
+    scale,
+    levels,
+    bits: int,
+    head_dim: int,
+    dtype,
+    wrap=lambda k: k,
+    perm=None,
+    widths=None,
+):
+    """Reconstructed x [B, H, T, head_dim] in `dtype` from packed codes and norms; `perm` / `widths` as for
+    `launch_quantize`."""
     import torch
 
     batch, heads, tokens, _ = codes.shape
@@ -304,6 +523,7 @@ def launch_dequantize(codes, norms, rotation, mean, scale, levels, bits: int, he
         scale.contiguous(),
         levels.contiguous(),
         out,
+        mean if perm is None else perm.contiguous(),
         heads,
         tokens,
         D=head_dim,
@@ -315,12 +535,20 @@ def launch_dequantize(codes, norms, rotation, mean, scale, levels, bits: int, he
         DENSE=dense,
         DOT_PREC=dot_precision(),
         BLOCK_T=bt,
+        PERM=perm is not None,
+        LAYOUT=kernel_layout(bits, widths, head_dim),
         num_warps=4,
     )
     return out
 
 
-def dequantize_supported(norms, rotation, head_dim: int) -> bool:
+def dequantize_supported(norms, rotation, head_dim: int, widths=None, levels=None) -> bool:
     group = head_dim // norms.shape[-1]
     rb = rotation.shape[-1]
-    return supported_dim(head_dim) and group >= 8 and (group & (group - 1)) == 0 and (rb <= 4 or rb == group)
+    return (
+        supported_dim(head_dim)
+        and group >= 8
+        and (group & (group - 1)) == 0
+        and (rb <= 4 or rb == group)
+        and _layout_ok(widths, head_dim, levels)
+    )
