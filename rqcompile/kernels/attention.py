@@ -25,7 +25,25 @@ import math
 import triton
 import triton.language as tl
 
-from rqcompile.kernels.common import interpreting, is_pow2, sm_count
+from rqcompile.kernels.common import (
+    channels,
+    has_run,
+    interpreting,
+    is_pow2,
+    layout_string,
+    num_planes,
+    plane_shift,
+    plane_width,
+    row_bytes,
+    run_byte,
+    run_count,
+    run_in_group,
+    run_level,
+    run_start,
+    run_width,
+    run_window,
+    sm_count,
+)
 
 LOG2E = 1.4426950408889634
 # launch defaults (tuned on the device, see benchmarks/NOTES.md); num_stages: software pipelining of the loop
@@ -283,6 +301,409 @@ def _attn_split_kernel(
     tl.store(pacc_ptr + pidx[:, None] * D + col[None, :], acc, mask=m_ok[:, None])
 
 
+# ---------------------------------------------------------------- calibrated bit allocation (layout) variant
+#
+# K and V may each mix code widths in runs (docs/FORMAT.md, "Bit allocation") and read their input channels in a
+# per-head order `perm`. The layout kernel keeps one query tile and one accumulator per run, each over the run's
+# stored coordinates padded to a power of two (`run_window`; columns past the run are zero in q and never stored
+# from the accumulator). It has MAX_RUNS run slots per tensor (8: one run per width 1..8 covers every layout of the
+# allocator, whose widths never increase along the vector); a slot the layout does not use compiles to nothing.
+# Per K/V tile and run, the run's codes are decoded with its constexpr width (a binary select tree on the code's
+# bits up to 4 bits, a table load above, where 2**w - 1 selects would cost more) and take one `tl.dot`. A run inside
+# one norm group applies its norm after the dot (K) or in p (V), as the single-width kernel does; a run across norm
+# groups multiplies per element. Codes are read as int16 words: with runs of 16 codes every bit plane of every run
+# starts on an even byte.
+
+MAX_RUNS = 8
+GATHER_BITS = tl.constexpr(5)  # runs of this width or more decode by a table load (not measured on the GPU yet)
+
+
+@triton.jit
+def _run_q(
+    qrow,
+    sqd,
+    m_ok,
+    rot_ptr,
+    ks_ptr,
+    perm_ptr,
+    h,
+    qk_scale,
+    L: tl.constexpr,
+    r: tl.constexpr,
+    D: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    PERM: tl.constexpr,
+    BM: tl.constexpr,
+):
+    """The query rows rotated like K (channels in K's perm order, times K's scale) times qk_scale, on run r's
+    window of stored coordinates: fp16 [BM, window], zero past the run (a placeholder if there is no run r)."""
+    if has_run(L, r):
+        S: tl.constexpr = run_start(L, r)
+        P: tl.constexpr = run_window(L, r)
+        c = S + tl.arange(0, P)
+        c_ok = c < S + run_count(L, r)
+        if RB == 0:  # q already rotated (in perm order) and K-scaled on the host (dense rotation)
+            qv = tl.load(qrow[:, None] + c[None, :] * sqd, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            qv = qv.to(tl.float32)
+        else:
+            blk = c // RB
+            ii = c % RB
+            qv = tl.zeros([BM, P], dtype=tl.float32)
+            for k in tl.static_range(RB):
+                src = blk * RB + k
+                sv = c_ok & (src < D)
+                ch = channels(perm_ptr, h, src, sv, D, PERM)
+                x = tl.load(qrow[:, None] + ch[None, :] * sqd, mask=m_ok[:, None] & sv[None, :], other=0.0)
+                ksc = tl.load(ks_ptr + h * D + ch, mask=sv, other=0.0)
+                coef = tl.load(rot_ptr + ((h * NB + blk) * RB + ii) * RB + k, mask=c_ok, other=0.0)
+                qv += coef[None, :] * (x.to(tl.float32) * ksc[None, :])
+        out = (qv * qk_scale).to(tl.float16)
+    else:
+        out = tl.zeros([BM, 16], dtype=tl.float16)
+    return out
+
+
+@triton.jit
+def _run_acc(L: tl.constexpr, r: tl.constexpr, BM: tl.constexpr):
+    """Run r's zero accumulator, fp32 [BM, window] (a placeholder if there is no run r)."""
+    if has_run(L, r):
+        acc = tl.zeros([BM, run_window(L, r)], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, 16], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _half(base, j, ok):
+    """Halfword j from `base`, zero-extended to int32."""
+    return tl.load(base + j, mask=ok, other=0).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _plane_bits(row16, ld_ok, HW, PW: tl.constexpr, U: tl.constexpr):
+    """A bit plane of PW-bit fields starting at halfword HW of each row, as int32 [BLOCK_N, U, 16] whose low PW
+    bits are the field of code 16*u + l of the run (a unit of 16 codes takes PW halfwords; fields low bits first)."""
+    u = tl.arange(0, U)
+    li = tl.arange(0, 16)
+    base = row16[:, None] + (HW + u * PW)[None, :]
+    if PW == 1:
+        x = tl.load(base, mask=ld_ok, other=0).to(tl.int32)[:, :, None] >> li[None, None, :]
+    elif PW == 2:
+        w = _half(base, 0, ld_ok) | (_half(base, 1, ld_ok) << 16)
+        x = w[:, :, None] >> (2 * li)[None, None, :]
+    else:
+        w0 = _half(base, 0, ld_ok) | (_half(base, 1, ld_ok) << 16)
+        w1 = _half(base, 2, ld_ok) | (_half(base, 3, ld_ok) << 16)
+        x = tl.where((li < 8)[None, None, :], w0[:, :, None], w1[:, :, None]) >> (4 * (li % 8))[None, None, :]
+    return x
+
+
+@triton.jit
+def _plane_code(row16, ld_ok, HW, N: tl.constexpr, W: tl.constexpr, p: tl.constexpr, U: tl.constexpr):
+    """Plane p's share of the codes of a W-bit run of N codes starting at halfword HW (planes follow each other)."""
+    PW: tl.constexpr = plane_width(W, p)
+    x = _plane_bits(row16, ld_ok, HW + N * plane_shift(W, p) // 16, PW, U)
+    return (x & ((1 << PW) - 1)) << plane_shift(W, p)
+
+
+@triton.jit
+def _run_tile(
+    cbase,
+    nbase,
+    n64,
+    n_ok,
+    lev_ptr,
+    L: tl.constexpr,
+    r: tl.constexpr,
+    CH: tl.constexpr,
+    NG: tl.constexpr,
+    G: tl.constexpr,
+    POST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """fp16 [BLOCK_N, window] of run r of each key/value row: codebook[code] (POST: the run's one norm is applied
+    outside) or codebook[code] * norm; `cbase` points at the codes as int16 words, CH per row."""
+    W: tl.constexpr = run_width(L, r)
+    N: tl.constexpr = run_count(L, r)
+    U: tl.constexpr = run_window(L, r) // 16
+    HW: tl.constexpr = run_byte(L, r) // 2
+    u = tl.arange(0, U)
+    ld_ok = n_ok[:, None] & (u < N // 16)[None, :]
+    row16 = cbase + n64 * CH
+    lev = lev_ptr + run_level(L, r)
+    if W < GATHER_BITS:  # binary tree of selects on the code's bits, as `_levels`
+        x0 = _plane_bits(row16, ld_ok, HW, plane_width(W, 0), U)
+        b0 = _bit(x0, 0)
+        if W == 1:
+            val = _pick(b0, lev, 0)
+        else:
+            b1 = _bit(x0, 1)
+            v0 = tl.where(b1, _pick(b0, lev, 2), _pick(b0, lev, 0))
+            if W == 2:
+                val = v0
+            else:
+                v1 = tl.where(b1, _pick(b0, lev, 6), _pick(b0, lev, 4))
+                if W == 3:  # bit 2 is the 1-bit plane after the 2-bit one
+                    b2 = _bit(_plane_bits(row16, ld_ok, HW + N // 8, 1, U), 0)
+                    val = tl.where(b2, v1, v0)
+                else:
+                    b2 = _bit(x0, 2)
+                    b3 = _bit(x0, 3)
+                    v2 = tl.where(b1, _pick(b0, lev, 10), _pick(b0, lev, 8))
+                    v3 = tl.where(b1, _pick(b0, lev, 14), _pick(b0, lev, 12))
+                    val = tl.where(b3, tl.where(b2, v3, v2), tl.where(b2, v1, v0))
+    else:  # wide codes: assemble the code from its planes, one table load
+        code = _plane_code(row16, ld_ok, HW, N, W, 0, U)
+        for p in tl.static_range(1, num_planes(W)):
+            code = code | _plane_code(row16, ld_ok, HW, N, W, p, U)
+        val = tl.load(lev + code)
+    if not POST:  # a unit of 16 codes never straddles a norm group (groups are multiples of 16)
+        g = (run_start(L, r) + 16 * u) // G
+        nrm = tl.load(nbase + n64[:, None] * NG + g[None, :], mask=ld_ok, other=0.0).to(tl.float32)
+        val = val * nrm[:, :, None]
+    return tl.reshape(val.to(tl.float16), [BLOCK_N, U * 16])
+
+
+@triton.jit
+def _run_scores(
+    q,
+    kbase,
+    knb,
+    n64,
+    n_ok,
+    lev_ptr,
+    L: tl.constexpr,
+    r: tl.constexpr,
+    CH: tl.constexpr,
+    NG: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Run r's share of the scores [BLOCK_M, BLOCK_N]: q_r . (codebook[code] * norm)."""
+    POST: tl.constexpr = run_in_group(L, r, G)
+    kt = tl.trans(_run_tile(kbase, knb, n64, n_ok, lev_ptr, L, r, CH, NG, G, POST, BLOCK_N))
+    if POST:
+        nk = tl.load(knb + n64 * NG + run_start(L, r) // G, mask=n_ok, other=0.0).to(tl.float32)
+        sc = tl.dot(q, kt) * nk[None, :]
+    else:
+        sc = tl.dot(q, kt)
+    return sc
+
+
+@triton.jit
+def _more_scores(
+    sc,
+    q,
+    kbase,
+    knb,
+    n64,
+    n_ok,
+    lev_ptr,
+    L: tl.constexpr,
+    r: tl.constexpr,
+    CH: tl.constexpr,
+    NG: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """`sc` plus run r's share (`sc` itself if there is no run r)."""
+    if has_run(L, r):
+        sc += _run_scores(q, kbase, knb, n64, n_ok, lev_ptr, L, r, CH, NG, G, BLOCK_N)
+    return sc
+
+
+@triton.jit
+def _run_pv(
+    acc,
+    alpha,
+    p,
+    vbase,
+    vnb,
+    n64,
+    n_ok,
+    lev_ptr,
+    L: tl.constexpr,
+    r: tl.constexpr,
+    CH: tl.constexpr,
+    NG: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Run r's accumulator after one K/V tile: acc * alpha + p . (codebook[code] * norm) (unchanged if there is no
+    run r)."""
+    if has_run(L, r):
+        POST: tl.constexpr = run_in_group(L, r, G)
+        vt = _run_tile(vbase, vnb, n64, n_ok, lev_ptr, L, r, CH, NG, G, POST, BLOCK_N)
+        if POST:
+            nv = tl.load(vnb + n64 * NG + run_start(L, r) // G, mask=n_ok, other=0.0).to(tl.float32)
+            pv = tl.dot((p * nv[None, :]).to(tl.float16), vt)
+        else:
+            pv = tl.dot(p.to(tl.float16), vt)
+        acc = acc * alpha[:, None] + pv
+    return acc
+
+
+@triton.jit
+def _run_store(pacc_ptr, pidx, m_ok, acc, L: tl.constexpr, r: tl.constexpr, D: tl.constexpr):
+    """Store run r's accumulator into its columns (stored coordinates) of the partial output."""
+    if has_run(L, r):
+        c = run_start(L, r) + tl.arange(0, run_window(L, r))
+        ok = m_ok[:, None] & (c < run_start(L, r) + run_count(L, r))[None, :]
+        tl.store(pacc_ptr + pidx[:, None] * D + c[None, :], acc, mask=ok)
+
+
+@triton.jit
+def _attn_split_layout_kernel(
+    q_ptr,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    kc_ptr,
+    kn_ptr,
+    vc_ptr,
+    vn_ptr,
+    krot_ptr,
+    kscale_ptr,
+    klev_ptr,
+    vlev_ptr,
+    kperm_ptr,
+    mask_ptr,
+    smb,
+    smh,
+    smt,
+    smn,
+    kvlen_ptr,
+    pm_ptr,
+    pl_ptr,
+    pacc_ptr,
+    H,
+    REP,
+    Tq,
+    Tk,
+    M,
+    NS,
+    span,
+    qk_scale,
+    D: tl.constexpr,
+    KL: tl.constexpr,
+    VL: tl.constexpr,
+    NGK: tl.constexpr,
+    NGV: tl.constexpr,
+    KRB: tl.constexpr,
+    KNB: tl.constexpr,
+    KPERM: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+    HAS_KVLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """`_attn_split_kernel` for K/V layouts `KL`/`VL` (run-length strings, `common.layout_string`): one q tile and
+    one accumulator per run (see the section comment); splits, masks and the online softmax are the same."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    mt = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    CHK: tl.constexpr = row_bytes(KL) // 2  # int16 words of codes per key
+    CHV: tl.constexpr = row_bytes(VL) // 2
+    GK: tl.constexpr = D // NGK
+    GV: tl.constexpr = D // NGV
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rows < M
+    r = rows // Tq
+    tq = rows % Tq
+    hq = h * REP + r
+    qrow = q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
+    q0 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 0, D, KRB, KNB, KPERM, BLOCK_M)
+    q1 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 1, D, KRB, KNB, KPERM, BLOCK_M)
+    q2 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 2, D, KRB, KNB, KPERM, BLOCK_M)
+    q3 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 3, D, KRB, KNB, KPERM, BLOCK_M)
+    q4 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 4, D, KRB, KNB, KPERM, BLOCK_M)
+    q5 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 5, D, KRB, KNB, KPERM, BLOCK_M)
+    q6 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 6, D, KRB, KNB, KPERM, BLOCK_M)
+    q7 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 7, D, KRB, KNB, KPERM, BLOCK_M)
+
+    if HAS_KVLEN:  # the splits share the valid keys only: a short context in a long static cache keeps every split busy
+        kvl = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk)
+        span_b = (((kvl + NS - 1) // NS + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        n_lo = split * span_b
+        n_hi = tl.minimum(n_lo + span_b, kvl)
+    else:
+        n_lo = split * span
+        n_hi = tl.minimum(n_lo + span, Tk)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = _run_acc(VL, 0, BLOCK_M)
+    acc1 = _run_acc(VL, 1, BLOCK_M)
+    acc2 = _run_acc(VL, 2, BLOCK_M)
+    acc3 = _run_acc(VL, 3, BLOCK_M)
+    acc4 = _run_acc(VL, 4, BLOCK_M)
+    acc5 = _run_acc(VL, 5, BLOCK_M)
+    acc6 = _run_acc(VL, 6, BLOCK_M)
+    acc7 = _run_acc(VL, 7, BLOCK_M)
+    kbase = kc_ptr + bh.to(tl.int64) * Tk * CHK
+    vbase = vc_ptr + bh.to(tl.int64) * Tk * CHV
+    knb = kn_ptr + bh.to(tl.int64) * Tk * NGK
+    vnb = vn_ptr + bh.to(tl.int64) * Tk * NGV
+    mrow = mask_ptr + b.to(tl.int64) * smb + hq.to(tl.int64) * smh + tq.to(tl.int64) * smt
+    mrow0 = mask_ptr + b.to(tl.int64) * smb
+    for start in range(n_lo, n_hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < n_hi
+        n64 = n.to(tl.int64)
+        # ---- scores: the sum over K's runs
+        sc = _run_scores(q0, kbase, knb, n64, n_ok, klev_ptr, KL, 0, CHK, NGK, GK, BLOCK_N)
+        sc = _more_scores(sc, q1, kbase, knb, n64, n_ok, klev_ptr, KL, 1, CHK, NGK, GK, BLOCK_N)
+        sc = _more_scores(sc, q2, kbase, knb, n64, n_ok, klev_ptr, KL, 2, CHK, NGK, GK, BLOCK_N)
+        sc = _more_scores(sc, q3, kbase, knb, n64, n_ok, klev_ptr, KL, 3, CHK, NGK, GK, BLOCK_N)
+        sc = _more_scores(sc, q4, kbase, knb, n64, n_ok, klev_ptr, KL, 4, CHK, NGK, GK, BLOCK_N)
+        sc = _more_scores(sc, q5, kbase, knb, n64, n_ok, klev_ptr, KL, 5, CHK, NGK, GK, BLOCK_N)
+        sc = _more_scores(sc, q6, kbase, knb, n64, n_ok, klev_ptr, KL, 6, CHK, NGK, GK, BLOCK_N)
+        sc = _more_scores(sc, q7, kbase, knb, n64, n_ok, klev_ptr, KL, 7, CHK, NGK, GK, BLOCK_N)
+        sc = tl.where(n_ok[None, :], sc, float("-inf"))
+        if MASK_KIND != 0:
+            if MASK_ROW:  # the same mask row for every query row of this program: one [BLOCK_N] load
+                mv = tl.load(mrow0 + n64 * smn, mask=n_ok, other=0)[None, :]
+            else:
+                mv = tl.load(mrow[:, None] + n64[None, :] * smn, mask=m_ok[:, None] & n_ok[None, :], other=0)
+            if MASK_KIND == 1:
+                sc = tl.where(mv != 0, sc, float("-inf"))
+            else:
+                sc += mv.to(tl.float32) * 1.4426950408889634
+        # ---- online softmax (base 2)
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(sc - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        # ---- values: one accumulator per V run
+        acc0 = _run_pv(acc0, alpha, p, vbase, vnb, n64, n_ok, vlev_ptr, VL, 0, CHV, NGV, GV, BLOCK_N)
+        acc1 = _run_pv(acc1, alpha, p, vbase, vnb, n64, n_ok, vlev_ptr, VL, 1, CHV, NGV, GV, BLOCK_N)
+        acc2 = _run_pv(acc2, alpha, p, vbase, vnb, n64, n_ok, vlev_ptr, VL, 2, CHV, NGV, GV, BLOCK_N)
+        acc3 = _run_pv(acc3, alpha, p, vbase, vnb, n64, n_ok, vlev_ptr, VL, 3, CHV, NGV, GV, BLOCK_N)
+        acc4 = _run_pv(acc4, alpha, p, vbase, vnb, n64, n_ok, vlev_ptr, VL, 4, CHV, NGV, GV, BLOCK_N)
+        acc5 = _run_pv(acc5, alpha, p, vbase, vnb, n64, n_ok, vlev_ptr, VL, 5, CHV, NGV, GV, BLOCK_N)
+        acc6 = _run_pv(acc6, alpha, p, vbase, vnb, n64, n_ok, vlev_ptr, VL, 6, CHV, NGV, GV, BLOCK_N)
+        acc7 = _run_pv(acc7, alpha, p, vbase, vnb, n64, n_ok, vlev_ptr, VL, 7, CHV, NGV, GV, BLOCK_N)
+
+    pidx = (bh.to(tl.int64) * NS + split) * M + rows
+    tl.store(pm_ptr + pidx, m_i, mask=m_ok)
+    tl.store(pl_ptr + pidx, l_i, mask=m_ok)
+    _run_store(pacc_ptr, pidx, m_ok, acc0, VL, 0, D)
+    _run_store(pacc_ptr, pidx, m_ok, acc1, VL, 1, D)
+    _run_store(pacc_ptr, pidx, m_ok, acc2, VL, 2, D)
+    _run_store(pacc_ptr, pidx, m_ok, acc3, VL, 3, D)
+    _run_store(pacc_ptr, pidx, m_ok, acc4, VL, 4, D)
+    _run_store(pacc_ptr, pidx, m_ok, acc5, VL, 5, D)
+    _run_store(pacc_ptr, pidx, m_ok, acc6, VL, 6, D)
+    _run_store(pacc_ptr, pidx, m_ok, acc7, VL, 7, D)
+
+
 @triton.jit
 def _attn_combine_kernel(
     pm_ptr,
@@ -291,6 +712,7 @@ def _attn_combine_kernel(
     vrot_ptr,
     vscale_ptr,
     vmean_ptr,
+    vperm_ptr,
     out_ptr,
     H,
     REP,
@@ -300,6 +722,7 @@ def _attn_combine_kernel(
     D: tl.constexpr,
     VRB: tl.constexpr,
     VNB: tl.constexpr,
+    VPERM: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -330,6 +753,7 @@ def _attn_combine_kernel(
             a = tl.sum(w[:, None] * tl.load(arow + src[None, :], mask=s_ok[:, None] & sv[None, :], other=0.0), axis=0)
             coef = tl.load(vrot_ptr + ((h * VNB + blk) * VRB + i) * VRB + kk)
             out += coef * a
+        c = channels(vperm_ptr, h, c, c < D, D, VPERM)  # un-rotated coordinate c is channel perm[h, c] of V
         out = out * inv * tl.load(vscale_ptr + h * D + c) + tl.load(vmean_ptr + h * D + c)
     r = row // Tq
     t = row % Tq
@@ -337,14 +761,61 @@ def _attn_combine_kernel(
     tl.store(out_ptr + orow + c, out.to(out_ptr.dtype.element_ty))
 
 
-def attention_supported(q, k_codes, v_codes, k_bits: int, v_bits: int, k_norms, v_norms) -> bool:
+def kernel_layouts(dim: int, k_bits: int, v_bits: int, k_perm=None, v_perm=None, k_widths=None, v_widths=None):
+    """(KL, VL) layout strings for the layout kernel, or None where the single-width kernel applies (no perm, one
+    width in 2..4 for each of K and V)."""
+    kw = (k_bits,) * dim if k_widths is None else tuple(int(w) for w in k_widths)
+    vw = (v_bits,) * dim if v_widths is None else tuple(int(w) for w in v_widths)
+    if k_perm is None and v_perm is None and all(len(set(w)) == 1 and w[0] in (2, 3, 4) for w in (kw, vw)):
+        return None
+    return layout_string(kw), layout_string(vw)
+
+
+def _layout_readable(widths, dim: int, levels) -> bool:
+    """Runs the layout kernel reads: whole units of 16 codes (every plane on an even byte), at most MAX_RUNS."""
+    from rqcompile.quant.packing import runs
+    from rqcompile.quant.quantizer import codebook_size
+
+    try:
+        found = runs(widths)
+    except ValueError:
+        return False
+    return (
+        len(widths) == dim
+        and len(found) <= MAX_RUNS
+        and all(start % 16 == 0 and count % 16 == 0 for _, start, count in found)
+        and (levels is None or levels.numel() >= codebook_size(tuple(widths)))
+    )
+
+
+def attention_supported(
+    q,
+    k_codes,
+    v_codes,
+    k_bits: int,
+    v_bits: int,
+    k_norms,
+    v_norms,
+    k_widths=None,
+    v_widths=None,
+    k_levels=None,
+    v_levels=None,
+    k_perm=None,
+    v_perm=None,
+) -> bool:
     dim = q.shape[-1]
     if not is_pow2(dim) or dim < 32 or dim > 512 or q.shape[1] % k_codes.shape[1]:
         return False
-    for bits, norms in ((k_bits, k_norms), (v_bits, v_norms)):
-        if bits not in (2, 3, 4) or dim % norms.shape[-1] or (dim // norms.shape[-1]) % 16:
+    for norms in (k_norms, v_norms):
+        if dim % norms.shape[-1] or (dim // norms.shape[-1]) % 16:
             return False
-    return True
+    layouts = kernel_layouts(dim, k_bits, v_bits, k_perm, v_perm, k_widths, v_widths)
+    if layouts is None:
+        return True
+    return all(
+        _layout_readable((bits,) * dim if widths is None else tuple(int(w) for w in widths), dim, levels)
+        for bits, widths, levels in ((k_bits, k_widths, k_levels), (v_bits, v_widths, v_levels))
+    )
 
 
 def _words(codes):
@@ -355,6 +826,26 @@ def _words(codes):
     if codes.storage_offset() % 4:
         codes = codes.clone()
     return codes.view(torch.int32)
+
+
+def _halfwords(codes):
+    """The packed codes as int16 words (2 consecutive bytes, little-endian), [..., bytes/2]."""
+    import torch
+
+    codes = codes.contiguous()
+    if codes.storage_offset() % 2:
+        codes = codes.clone()
+    return codes.view(torch.int16)
+
+
+def _permute(x, perm, inverse=False):
+    """x [B, H, T, d] with channels in `perm` order per head (`x[..., perm[h]]`), or the inverse scatter."""
+    if perm is None:
+        return x
+    index = perm[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1)
+    if inverse:
+        return x.new_empty(x.shape).scatter_(-1, index, x)
+    return x.gather(-1, index)
 
 
 def _identity(kernel):
@@ -385,6 +876,10 @@ def launch_attention(
     attn_mask,
     sm_scale: float,
     kv_len=None,
+    k_perm=None,
+    v_perm=None,
+    k_widths=None,
+    v_widths=None,
     wrap=None,
     num_splits: int | None = None,
     block_n: int | None = None,
@@ -393,7 +888,9 @@ def launch_attention(
     num_warps: int | None = None,
     split_waves: int | None = None,
 ):
-    """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B]."""
+    """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B].
+    k_perm/v_perm ([H, d] int64) and k_widths/v_widths (per-coordinate widths, replacing the bits): a calibrated
+    bit allocation's layout, run by the layout kernel."""
     import torch
 
     wrap = _identity if wrap is None else wrap
@@ -411,7 +908,9 @@ def launch_attention(
     # The register cap is a plain Triton launch option; torch's wrap_triton (torch.compile / AOTInductor) is given
     # only the options it knows. It is tuned for decode tiles: at BLOCK_M 64 (prefill) ptxas cannot fit the kernel
     # in 168 registers and refuses it (C7600, seen on the H200), so larger tiles launch uncapped.
-    capped = maxnreg and block_m == 16 and wrap is _identity and not interpreting()
+    # The layout kernel launches uncapped: its register needs (one accumulator per run) are not measured yet.
+    layouts = kernel_layouts(dim, k_bits, v_bits, k_perm, v_perm, k_widths, v_widths)
+    capped = maxnreg and block_m == 16 and wrap is _identity and not interpreting() and layouts is None
     launch_opts = {"maxnreg": maxnreg} if capped else {}
     m_tiles = triton.cdiv(rows, block_m)
     qk_scale = float(sm_scale) * LOG2E
@@ -421,7 +920,7 @@ def launch_attention(
     q_in = q
     if krb > 4:  # dense (hadamard) K rotation: rotate q once on the host
         qf = q.float().unflatten(1, (heads, rep)).flatten(2, 3) * k_scale[:, None, :]
-        q_in = _rotate(qf, k_rotation).unflatten(2, (rep, q_len)).flatten(1, 2)
+        q_in = _rotate(_permute(qf, k_perm), k_rotation).unflatten(2, (rep, q_len)).flatten(1, 2)
         krb = 0
 
     total_blocks = max(1, triton.cdiv(tk, block_n))
@@ -450,50 +949,58 @@ def launch_attention(
     pacc = torch.empty((batch * heads, num_splits, rows, dim), dtype=torch.float32, device=device)
     if batch * q_heads * q_len == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=device)
-    wrap(_attn_split_kernel)[(num_splits, batch * heads, m_tiles)](
-        q_in,
-        q_in.stride(0),
-        q_in.stride(1),
-        q_in.stride(2),
-        q_in.stride(3),
-        _words(k_codes),
-        k_norms.contiguous(),
-        _words(v_codes),
-        v_norms.contiguous(),
-        k_rotation.contiguous(),
-        k_scale.contiguous(),
-        k_levels.contiguous(),
-        v_levels.contiguous(),
-        mask,
-        *mstrides,
-        kvl,
-        pm,
-        pl,
-        pacc,
-        heads,
-        rep,
-        q_len,
-        tk,
-        rows,
-        num_splits,
-        span,
-        qk_scale,
-        D=dim,
-        KBITS=k_bits,
-        VBITS=v_bits,
-        NGK=k_norms.shape[-1],
-        NGV=v_norms.shape[-1],
-        KRB=krb,
-        KNB=k_rotation.shape[1],
-        MASK_KIND=mask_kind,
-        MASK_ROW=mask_kind != 0 and mstrides[1] == 0 and mstrides[2] == 0,
-        HAS_KVLEN=kv_len is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        **launch_opts,
-    )
+    grid = (num_splits, batch * heads, m_tiles)
+    q_args = (q_in, q_in.stride(0), q_in.stride(1), q_in.stride(2), q_in.stride(3))
+    tail_args = (mask, *mstrides, kvl, pm, pl, pacc, heads, rep, q_len, tk, rows, num_splits, span, qk_scale)
+    meta = {
+        "D": dim,
+        "NGK": k_norms.shape[-1],
+        "NGV": v_norms.shape[-1],
+        "KRB": krb,
+        "KNB": k_rotation.shape[1],
+        "MASK_KIND": mask_kind,
+        "MASK_ROW": mask_kind != 0 and mstrides[1] == 0 and mstrides[2] == 0,
+        "HAS_KVLEN": kv_len is not None,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+    if layouts is None:
+        wrap(_attn_split_kernel)[grid](
+            *q_args,
+            _words(k_codes),
+            k_norms.contiguous(),
+            _words(v_codes),
+            v_norms.contiguous(),
+            k_rotation.contiguous(),
+            k_scale.contiguous(),
+            k_levels.contiguous(),
+            v_levels.contiguous(),
+            *tail_args,
+            KBITS=k_bits,
+            VBITS=v_bits,
+            **meta,
+            **launch_opts,
+        )
+    else:
+        wrap(_attn_split_layout_kernel)[grid](
+            *q_args,
+            _halfwords(k_codes),
+            k_norms.contiguous(),
+            _halfwords(v_codes),
+            v_norms.contiguous(),
+            k_rotation.contiguous(),
+            k_scale.contiguous(),
+            k_levels.contiguous(),
+            v_levels.contiguous(),
+            k_scale if k_perm is None else k_perm.contiguous(),
+            *tail_args,
+            KL=layouts[0],
+            VL=layouts[1],
+            KPERM=k_perm is not None and krb != 0,  # a host-rotated q (dense K) is already in perm order
+            **meta,
+        )
     vrb = v_rotation.shape[-1]
     dense_v = vrb > 4
     out = torch.empty((batch, q_heads, q_len, dim), dtype=torch.float32 if dense_v else q.dtype, device=device)
@@ -504,6 +1011,7 @@ def launch_attention(
         v_rotation.contiguous(),
         v_scale.contiguous(),
         v_mean.contiguous(),
+        v_mean if v_perm is None else v_perm.contiguous(),
         out,
         heads,
         rep,
@@ -513,12 +1021,14 @@ def launch_attention(
         D=dim,
         VRB=0 if dense_v else vrb,
         VNB=v_rotation.shape[1],
+        VPERM=v_perm is not None and not dense_v,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
         num_warps=4,
     )
     if dense_v:
         acc = out.unflatten(1, (heads, rep)).flatten(2, 3)
-        acc = _rotate(acc, v_rotation, inverse=True) * v_scale[:, None, :] + v_mean[:, None, :]
+        acc = _permute(_rotate(acc, v_rotation, inverse=True), v_perm, inverse=True)
+        acc = acc * v_scale[:, None, :] + v_mean[:, None, :]
         out = acc.unflatten(2, (rep, q_len)).flatten(1, 2).to(q.dtype)
     return out
 
