@@ -1,7 +1,9 @@
 """Triton kernels against the reference quantizer.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors at small sizes (part of the normal suite);
-the `gpu` tests run them through the rq ops on CUDA at real sizes. Every check draws fresh random inputs; outputs
+the `gpu` tests run them through the rq ops on CUDA at real sizes. Calibrated bit allocation layouts (mixed code
+widths, a per-head channel order) come from the real allocator (`make_state` with `bit_allocation`) and are
+checked the same way. Every check draws fresh random inputs; outputs
 come from torch.empty in the launchers, and on CUDA the caching allocator's memory is filled with NaN before each
 run so an unwritten element shows; NaN never passes. Codes may differ from the reference only exactly at decision
 boundaries (rounding of the rotation/norm sums): their rate is bounded and a differing code is off by one.
@@ -23,12 +25,12 @@ if not HAS_CUDA:
 
 import triton  # noqa: E402,F401  (a dev dependency: a missing triton must fail, not skip)
 
-import rqcompile.ops  # noqa: E402,F401
+import rqcompile.ops  # noqa: E402
 from rqcompile.config import RQConfig  # noqa: E402
 from rqcompile.kernels import attention as kattn  # noqa: E402
 from rqcompile.kernels import quantize as kquant  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
-from rqcompile.quant.packing import unpack  # noqa: E402
+from rqcompile.quant.packing import runs, unpack  # noqa: E402
 from rqcompile.quant.rotations import rotate  # noqa: E402
 
 if not HAS_CUDA:  # make sure the @triton.jit functions were built in interpreter mode
@@ -50,9 +52,23 @@ def _interpret_mode(monkeypatch):
 MAX_FLIPPED_GROUPS = 2e-3  # fraction of norm groups whose codes may differ from the reference (float ties)
 
 
-def _state(backend, bits, kind, heads, dim, device="cpu", calibrated=True, seed=0):
+ALLOWED_WIDTHS = (2, 3, 4, 5, 6)
+
+
+def _state(backend, bits, kind, heads, dim, device="cpu", calibrated=True, seed=0, layout=False, **config):
+    """A quantizer state; `layout`: a calibrated bit allocation averaging `bits` over ALLOWED_WIDTHS, from random
+    heavy-tailed error weights (a few heavy channels, as real keys have), so the layout mixes several widths."""
+    weight = None
+    if layout:
+        config["bit_allocation"] = ALLOWED_WIDTHS
+        weight = torch.rand(heads, dim, generator=torch.Generator().manual_seed(seed + 5)) ** 4 * 10 + 0.01
     st = quantizer.make_state(
-        RQConfig(backend=backend, bits=bits, seed=seed), layer_idx=2, kind=kind, num_heads=heads, head_dim=dim
+        RQConfig(backend=backend, bits=bits, seed=seed, **config),
+        layer_idx=2,
+        kind=kind,
+        num_heads=heads,
+        head_dim=dim,
+        weight=weight,
     )
     if calibrated:
         g = torch.Generator().manual_seed(seed + 17)
@@ -74,19 +90,22 @@ def _check_codes(codes, norms, ref_codes, ref_norms, x, st):
     """The kernel's codes and norms equal the reference's, except in rare groups where float rounding tipped a
     decision (a code at a boundary, or the scale search's pick between two near-equal candidates); there the
     kernel's reconstruction must be as close to the input as the reference's."""
-    bits, dim = st.bits, st.head_dim
+    widths, dim = st.widths, st.head_dim
     assert not torch.isnan(norms.float()).any()
-    got, want = unpack(codes, bits, dim), unpack(ref_codes, bits, dim)
+    assert codes.shape == ref_codes.shape
+    got, want = unpack(codes, widths, dim), unpack(ref_codes, widths, dim)
     flipped = (got != want).unflatten(-1, (st.num_groups, -1)).any(-1)  # groups where the two differ
     assert flipped.float().mean().item() <= MAX_FLIPPED_GROUPS
     rel = (norms.float() - ref_norms.float()).abs() / ref_norms.float().abs().clamp_min(1e-6)
     assert rel[~flipped].max().item() < 2e-3  # one fp16 rounding step
     if flipped.any():
-        target = rotate((x.float() - st.mean[:, None]) / st.scale[:, None], st.rotation)
-        target = target.unflatten(-1, (st.num_groups, -1))
+        u = (x.float() - st.mean[:, None]) / st.scale[:, None]
+        if st.perm is not None:
+            u = u.gather(-1, st.perm[None, :, None, :].expand(u.shape[0], -1, u.shape[2], -1))
+        target = rotate(u, st.rotation).unflatten(-1, (st.num_groups, -1))
 
         def group_error(c, n):
-            rec = quantizer.dequantize_rotated(c, n, st.levels, bits, dim).unflatten(-1, (st.num_groups, -1))
+            rec = quantizer.dequantize_rotated(c, n, st.levels, widths, dim).unflatten(-1, (st.num_groups, -1))
             return (rec - target).pow(2).sum(-1)
 
         err, ref_err = group_error(codes, norms)[flipped], group_error(ref_codes, ref_norms)[flipped]
@@ -94,38 +113,44 @@ def _check_codes(codes, norms, ref_codes, ref_norms, x, st):
         assert (err <= ref_err * 1.02 + 1e-4 * scale).all(), (err - ref_err).max()
 
 
-def _quantize_case(backend, bits, dim, device, tokens, batch=2, heads=2, strided=True):
-    st = _state(backend, bits, "k", heads, dim, device)
+def _quantize_case(backend, bits, dim, device, tokens, batch=2, heads=2, strided=True, layout=False, **config):
+    st = _state(backend, bits, "k", heads, dim, device, layout=layout, **config)
+    bits, perm, widths = rqcompile.ops.layout_args(st)  # perm and widths: None for a uniform state
+    if layout:  # a layout the kernels must take, not hand to the reference
+        assert kquant.quantize_supported(torch.empty(1, 1, 1, dim), st.rotation, bits, st.group, widths, st.levels)
+        assert kquant.dequantize_supported(torch.empty(1, 1, 1, dim // st.group), st.rotation, dim, widths, st.levels)
     x = torch.randn(batch, tokens, heads, dim, device=device) * 2
     x = x.transpose(1, 2) if strided else x.reshape(batch, heads, tokens, dim)
+    params = (st.rotation, st.mean, st.scale, st.levels)
     _poison(device)
     if device == "cuda":
-        codes, norms = torch.ops.rq.quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
+        codes, norms = torch.ops.rq.quantize(x, *params, bits, st.group, perm, widths)
     else:
-        codes, norms = kquant.launch_quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
-    ref_codes, ref_norms = quantizer.quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
+        codes, norms = kquant.launch_quantize(x, *params, bits, st.group, perm=perm, widths=widths)
+    ref_codes, ref_norms = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     _check_codes(codes, norms, ref_codes, ref_norms, x, st)
     # dequantize of the reference codes
     _poison(device)
     if device == "cuda":
-        out = torch.ops.rq.dequantize(
-            ref_codes, ref_norms, st.rotation, st.mean, st.scale, st.levels, bits, dim, x.dtype
-        )
+        out = torch.ops.rq.dequantize(ref_codes, ref_norms, *params, bits, dim, x.dtype, perm, widths)
     else:
-        out = kquant.launch_dequantize(
-            ref_codes, ref_norms, st.rotation, st.mean, st.scale, st.levels, bits, dim, x.dtype
-        )
-    ref = quantizer.dequantize(ref_codes, ref_norms, st.rotation, st.mean, st.scale, st.levels, bits, dim)
+        out = kquant.launch_dequantize(ref_codes, ref_norms, *params, bits, dim, x.dtype, perm=perm, widths=widths)
+    ref = quantizer.dequantize(ref_codes, ref_norms, *params, st.widths, dim, perm=st.perm)
     assert not torch.isnan(out).any()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
-def _attention_case(backend, kb, vb, dim, device, tk, batch=2, heads=2, rep=3, tq=1, mask_kind=None, splits=None):
-    ks, vs = _state(backend, kb, "k", heads, dim, device), _state(backend, vb, "v", heads, dim, device, seed=1)
+def _attention_case(
+    backend, kb, vb, dim, device, tk, batch=2, heads=2, rep=3, tq=1, mask_kind=None, splits=None, layout=False
+):
+    ks = _state(backend, kb, "k", heads, dim, device, layout=layout)
+    vs = _state(backend, vb, "v", heads, dim, device, seed=1, layout=layout)
+    kb, k_perm, k_widths = rqcompile.ops.layout_args(ks)
+    vb, v_perm, v_widths = rqcompile.ops.layout_args(vs)
     k = torch.randn(batch, heads, tk, dim, device=device) * 2
     v = torch.randn(batch, heads, tk, dim, device=device)
-    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, kb, ks.group)
-    vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, vb, vs.group)
+    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, ks.widths, ks.group, ks.perm)
+    vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, vs.widths, vs.group, vs.perm)
     q = torch.randn(batch, heads * rep, tq, dim, device=device)
     mask, kv_len = None, None
     if mask_kind == "bool":
@@ -143,11 +168,17 @@ def _attention_case(backend, kb, vb, dim, device, tk, batch=2, heads=2, rep=3, t
         ref_mask = torch.arange(tk, device=device)[None, None, None, :] < kv_len[:, None, None, None]
     ref = quantizer.rotated_attention(q, kc, kn, vc, vn, ks, vs, ref_mask, sm)
     args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, kb, vb)
+    layout_args = (k_perm, v_perm, k_widths, v_widths)
+    if layout:  # a layout the kernels must take, not hand to the reference
+        assert kattn.kernel_layouts(dim, kb, vb, *layout_args) is not None
+        assert kattn.attention_supported(
+            q, kc, vc, kb, vb, kn, vn, k_widths, v_widths, ks.levels, vs.levels, k_perm, v_perm
+        )
     _poison(device)
     if device == "cuda" and kv_len is None and splits is None:
-        out = torch.ops.rq.attention(*args, mask, sm)
+        out = torch.ops.rq.attention(*args, mask, sm, None, *layout_args)
     else:
-        out = kattn.launch_attention(*args, mask, sm, kv_len=kv_len, num_splits=splits)
+        out = kattn.launch_attention(*args, mask, sm, kv_len, *layout_args, num_splits=splits)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not torch.isnan(out).any()
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -205,6 +236,156 @@ def test_attention_interpret_head_dim_256():
     _attention_case("planar", 3, 3, 256, "cpu", tk=40, batch=1, heads=1, rep=2)
 
 
+# Calibrated bit allocation: layouts from the allocator (widths 2..6 in runs of 16, or of 8 where head_dim is not a
+# multiple of 16; a per-head block order), and one hand-made layout with every width 8..1 (eight runs).
+LAYOUT_QUANTIZE_CASES = [
+    ("planar", 3.5, 64, {}),  # runs 5/4/3/2
+    ("iso", 3, 64, {}),
+    ("rotor", 4, 64, {}),  # blocks of 3 straddle the runs
+    ("hadamard", 3.5, 64, {}),  # dense rotation, whole groups reordered
+    ("none", 4, 64, {}),  # runs 6/5/3/2
+    ("none", 4, 128, {"scale_search": ()}),  # five runs, no scale search
+    ("iso", 3.5, 256, {}),  # groups of 128, a run across the group boundary
+    ("planar", 3.5, 40, {"norm_group": 8}),  # runs of 8, runs across groups
+]
+LAYOUT_ATTENTION_CASES = [
+    ("planar", 3.5, 3, {"mask_kind": "bool", "splits": 3}),
+    ("iso", 3, 3.5, {"mask_kind": "float", "tq": 3}),
+    ("rotor", 4, 3, {"mask_kind": "causal", "tq": 4, "splits": 2}),
+    ("hadamard", 3.5, 3, {}),  # K and V rotated on the host
+    ("none", 4, 2.5, {"mask_kind": "kv_len", "splits": 3}),
+]
+
+
+def _layout_runs(backend, bits, kind, dim, seed=0, **config):
+    st = _state(backend, bits, kind, 2, dim, seed=seed, layout=True, **config)
+    return st.group, runs(st.widths)
+
+
+def test_layout_cases_cover_every_allocated_width_and_runs_across_norm_groups():
+    """The layout cases below exercise what they are meant to (the allocator decides the layouts)."""
+    found = [_layout_runs(b, bits, "k", dim, **cfg) for b, bits, dim, cfg in LAYOUT_QUANTIZE_CASES]
+    found += [_layout_runs(b, kb, "k", 64) for b, kb, _, _ in LAYOUT_ATTENTION_CASES]
+    found += [_layout_runs(b, vb, "v", 64, seed=1) for b, _, vb, _ in LAYOUT_ATTENTION_CASES]
+    found += [_layout_runs("none", 4, "k", 256), _layout_runs("iso", 3.5, "v", 256, seed=1)]
+    assert {w for _, rs in found for w, _, _ in rs} == set(ALLOWED_WIDTHS)
+    assert max(len(rs) for _, rs in found) >= 5
+    assert any(s // g != (s + n - 1) // g for g, rs in found for _, s, n in rs)
+    assert any(n % 16 for _, rs in found for _, _, n in rs)  # runs of 8
+
+
+def _every_width_state(dim=128, heads=2, seed=0):
+    """A hand-made layout: widths 8, 7, ..., 1 in runs of dim / 8 (every plane combination, eight runs) and a
+    random order of the rotation's blocks per head."""
+    from rqcompile.quant.allocation import block_order
+    from rqcompile.quant.quantizer import layout_codebook
+
+    st = _state("planar", 3, "k", heads, dim, seed=seed)
+    widths = tuple(w for w in range(8, 0, -1) for _ in range(dim // 8))
+    perm = block_order(torch.rand(heads, dim, generator=torch.Generator().manual_seed(seed + 9)), 2)
+    levels = torch.cat([layout_codebook(widths, st.group), st.scale_candidates])
+    return replace(st, levels=levels, widths=widths, perm=perm)
+
+
+@cpu_only
+@pytest.mark.parametrize("backend,bits,dim,config", LAYOUT_QUANTIZE_CASES)
+def test_quantize_interpret_layout(backend, bits, dim, config):
+    _quantize_case(backend, bits, dim, "cpu", tokens=11, layout=True, **config)
+
+
+@cpu_only
+@pytest.mark.parametrize("backend,kb,vb,kw", LAYOUT_ATTENTION_CASES)
+def test_attention_interpret_layout(backend, kb, vb, kw):
+    _attention_case(backend, kb, vb, 64, "cpu", tk=130, layout=True, **kw)
+
+
+@cpu_only
+def test_attention_interpret_layout_head_dim_256():
+    """Groups of 128 with runs across them (norms per element) next to runs inside one group (norms after the dot),
+    five K runs."""
+    _attention_case("none", 4, 3.5, 256, "cpu", tk=40, batch=1, heads=1, rep=2, layout=True, splits=2)
+
+
+@cpu_only
+def test_kernels_read_every_width_and_eight_runs():
+    st = _every_width_state()
+    bits, perm, widths = rqcompile.ops.layout_args(st)
+    params = (st.rotation, st.mean, st.scale, st.levels)
+    x = torch.randn(2, 2, 9, 128) * 2
+    codes, norms = kquant.launch_quantize(x, *params, bits, st.group, perm=perm, widths=widths)
+    ref_codes, ref_norms = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    _check_codes(codes, norms, ref_codes, ref_norms, x, st)
+    out = kquant.launch_dequantize(ref_codes, ref_norms, *params, bits, 128, x.dtype, perm=perm, widths=widths)
+    ref = quantizer.dequantize(ref_codes, ref_norms, *params, st.widths, 128, perm=st.perm)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    # attention with this layout for both K and V (eight run slots each)
+    k, v, q = torch.randn(2, 2, 70, 128) * 2, torch.randn(2, 2, 70, 128), torch.randn(2, 6, 1, 128)
+    kc, kn = quantizer.quantize(k, *params, st.widths, st.group, st.perm)
+    vc, vn = quantizer.quantize(v, *params, st.widths, st.group, st.perm)
+    mask = torch.rand(2, 1, 1, 70) > 0.3
+    sm = 1 / math.sqrt(128)
+    ref = quantizer.rotated_attention(q, kc, kn, vc, vn, st, st, mask, sm)
+    kattn_args = (q, kc, kn, vc, vn, st.rotation, st.scale, st.levels, st.rotation, st.mean, st.scale, st.levels)
+    assert kattn.attention_supported(q, kc, vc, bits, bits, kn, vn, widths, widths, st.levels, st.levels, perm, perm)
+    out = kattn.launch_attention(*kattn_args, bits, bits, mask, sm, None, perm, perm, widths, widths, num_splits=2)
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-3
+
+
+@cpu_only
+def test_single_width_calls_outside_2_to_4_bits_take_the_layout_code_path():
+    """A uniform width the single-width code paths do not pack (here 5) runs as a one-run layout, not as garbage."""
+    st = _every_width_state()
+    widths = (5,) * 128
+    st = replace(st, widths=widths, perm=None, levels=torch.cat([quantizer.layout_codebook(widths, 128)]))
+    x = torch.randn(1, 2, 5, 128)
+    codes, norms = kquant.launch_quantize(x, st.rotation, st.mean, st.scale, st.levels, 5, st.group)
+    ref_codes, ref_norms = quantizer.quantize(x, st.rotation, st.mean, st.scale, st.levels, 5, st.group)
+    _check_codes(codes, norms, ref_codes, ref_norms, x, st)
+
+
+@cpu_only
+def test_cuda_dispatch_sends_layouts_to_the_kernels():
+    """The rq ops' CUDA implementations (`rqcompile.kernels`) take the layout arguments, positionally or by name,
+    run the kernels for layouts they read and keep the reference for the rest (run here in the interpreter)."""
+    from rqcompile import kernels
+
+    ks = _state("none", 4, "k", 2, 64, layout=True)
+    vs = _state("planar", 3.5, "v", 2, 64, seed=1, layout=True)
+    kb, k_perm, k_widths = rqcompile.ops.layout_args(ks)
+    vb, v_perm, v_widths = rqcompile.ops.layout_args(vs)
+    x = torch.randn(2, 2, 40, 64)
+    k_params = (ks.rotation, ks.mean, ks.scale, ks.levels)
+    assert kernels._quantize_ok(x, *k_params, kb, ks.group, k_perm, k_widths)
+    kc, kn = kernels._quantize_launch(x, *k_params, kb, ks.group, k_perm, k_widths)
+    ref_codes, ref_norms = quantizer.quantize(x, *k_params, ks.widths, ks.group, ks.perm)
+    _check_codes(kc, kn, ref_codes, ref_norms, x, ks)
+    assert kernels._dequantize_ok(kc, kn, *k_params, kb, 64, torch.float32, k_perm, k_widths)
+    out = kernels._dequantize_launch(kc, kn, *k_params, kb, 64, torch.float32, perm=k_perm, widths=k_widths)
+    ref = quantizer.dequantize(kc, kn, *k_params, ks.widths, 64, perm=ks.perm)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+    vc, vn = quantizer.quantize(x, vs.rotation, vs.mean, vs.scale, vs.levels, vs.widths, vs.group, vs.perm)
+    q = torch.randn(2, 4, 1, 64)
+    args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, kb, vb)
+    args = (*args, None, 0.125)
+    layout = {"k_perm": k_perm, "v_perm": v_perm, "k_widths": k_widths, "v_widths": v_widths}
+    assert kernels._attention_ok(*args, None, *layout.values())
+    assert kernels._attention_ok(*args, kv_len=None, **layout)
+    ref = rqcompile.ops.reference_attention(*args, None, *layout.values())
+    out = kernels._attention_launch(*args, kv_len=None, **layout)
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-3
+
+    # layouts the attention kernel does not read go to the reference: runs of 8, more than MAX_RUNS runs
+    eights = [4] * 8 + [3] * 56
+    many = [3 - i // 16 % 2 for i in range(256)]  # 16 runs of 16
+    assert not kernels._attention_ok(*args, None, k_perm, v_perm, eights, v_widths)
+    q256 = torch.empty(1, 2, 1, 256)
+    n256 = torch.empty(1, 2, 1, 2)
+    wide = (q256, kc, n256, vc, n256, *args[5:])
+    assert not kernels._attention_ok(*wide, None, None, None, many, None)
+    assert kernels._quantize_ok(x, *k_params, kb, ks.group, None, eights)
+
+
 # ---------------------------------------------------------------- GPU, through the rq ops, real sizes
 
 
@@ -236,3 +417,33 @@ def test_quantize_gpu(backend, bits):
 def test_attention_gpu(backend, kb, vb, kw):
     _attention_case(backend, kb, vb, 256, "cuda", tk=kw.pop("tk", 9000), heads=4, rep=6, **kw)
     _attention_case(backend, kb, vb, 128, "cuda", tk=777, heads=2, rep=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend,bits", [("planar", 3.5), ("iso", 3), ("rotor", 4), ("hadamard", 3.5), ("none", 4)])
+def test_quantize_layout_gpu(backend, bits):
+    _quantize_case(backend, bits, 256, "cuda", tokens=3000, batch=2, heads=4, layout=True)
+    _quantize_case(backend, bits, 128, "cuda", tokens=1000, batch=3, heads=2, layout=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "backend,kb,vb,kw",
+    [
+        ("planar", 3.5, 3, {}),
+        ("iso", 3, 3.5, {"batch": 8}),
+        ("rotor", 4, 3, {}),
+        ("hadamard", 3.5, 3, {}),
+        ("none", 4, 3.5, {}),  # five K runs with 6-bit codes (table loads)
+        ("planar", 3.5, 3, {"mask_kind": "bool"}),
+        ("planar", 3, 3.5, {"mask_kind": "float", "tq": 5}),
+        ("iso", 3.5, 3, {"mask_kind": "causal", "tq": 64}),
+        ("planar", 3.5, 3.5, {"mask_kind": "kv_len"}),
+        ("planar", 3.5, 3, {"splits": 1}),
+    ],
+)
+def test_attention_layout_gpu(backend, kb, vb, kw):
+    _attention_case(backend, kb, vb, 256, "cuda", tk=kw.pop("tk", 9000), heads=4, rep=6, layout=True, **kw)
+    _attention_case(backend, kb, vb, 128, "cuda", tk=777, heads=2, rep=4, layout=True)

@@ -10,8 +10,10 @@ uses them on CUDA while the op definitions, schemas and the CPU reference stay e
   Triton kernels into the graph (and AOTInductor into the package). torch.export keeps the rq ops as they are
   (the decomposition is disabled while exporting, exactly as for `triton_op`), so FX passes and ONNX see them.
 
-Unsupported shapes (head_dim not a power of two for attention, norm groups not a power of two, ...) fall back to
-the reference implementation, on the GPU.
+A calibrated bit allocation's layout (`perm`, `widths`) runs in the same kernels, specialized on it. Unsupported
+shapes (head_dim not a power of two for attention, norm groups not a power of two, more than
+`attention.MAX_RUNS` runs of equal widths for attention, ...) fall back to the reference implementation, on the
+GPU.
 """
 
 from __future__ import annotations
@@ -29,20 +31,16 @@ def _plain(kernel):
     return kernel
 
 
-# Calibrated bit allocation (a `perm` / `widths` layout) is not in the Triton kernels yet: such calls run the
-# reference implementation on the GPU.
-
-
 def _quantize_ok(x, rotation, mean, scale, levels, bits, group, perm=None, widths=None):
     from rqcompile.kernels.quantize import quantize_supported
 
-    return perm is None and widths is None and quantize_supported(x, rotation, bits, group)
+    return quantize_supported(x, rotation, bits, group, widths, levels)
 
 
 def _quantize_launch(x, rotation, mean, scale, levels, bits, group, perm=None, widths=None, wrap=_plain):
     from rqcompile.kernels.quantize import launch_quantize
 
-    return launch_quantize(x, rotation, mean, scale, levels, bits, group, wrap=wrap)
+    return launch_quantize(x, rotation, mean, scale, levels, bits, group, wrap=wrap, perm=perm, widths=widths)
 
 
 def _quantize_reference(x, rotation, mean, scale, levels, bits, group, perm=None, widths=None):
@@ -53,7 +51,7 @@ def _quantize_reference(x, rotation, mean, scale, levels, bits, group, perm=None
 def _dequantize_ok(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None):
     from rqcompile.kernels.quantize import dequantize_supported
 
-    return perm is None and widths is None and dequantize_supported(norms, rotation, head_dim)
+    return dequantize_supported(norms, rotation, head_dim, widths, levels)
 
 
 def _dequantize_launch(
@@ -61,7 +59,9 @@ def _dequantize_launch(
 ):
     from rqcompile.kernels.quantize import launch_dequantize
 
-    return launch_dequantize(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, wrap=wrap)
+    return launch_dequantize(
+        codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, wrap=wrap, perm=perm, widths=widths
+    )
 
 
 def _dequantize_reference(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None):
@@ -69,25 +69,68 @@ def _dequantize_reference(codes, norms, rotation, mean, scale, levels, bits, hea
     return quantizer.dequantize(codes, norms, rotation, mean, scale, levels, layout, head_dim, dtype, perm)
 
 
-def _attention_ok(q, k_codes, k_norms, v_codes, v_norms, *rest, **kwargs):
+# rq::attention's arguments in schema order; the trailing optional ones may come positionally or by name
+_ATTENTION_ARGS = (
+    "q",
+    "k_codes",
+    "k_norms",
+    "v_codes",
+    "v_norms",
+    "k_rotation",
+    "k_scale",
+    "k_levels",
+    "v_rotation",
+    "v_mean",
+    "v_scale",
+    "v_levels",
+    "k_bits",
+    "v_bits",
+    "attn_mask",
+    "sm_scale",
+    "kv_len",
+    "k_perm",
+    "v_perm",
+    "k_widths",
+    "v_widths",
+)
+
+
+def _attention_args(args, kwargs) -> dict:
+    """All of rq::attention's arguments by name (the optional ones default to None)."""
+    named = dict(zip(_ATTENTION_ARGS, args))
+    named.update(kwargs)
+    for name in _ATTENTION_ARGS[16:]:
+        named.setdefault(name, None)
+    return named
+
+
+def _attention_ok(*args, **kwargs):
     from rqcompile.kernels.attention import attention_supported
 
-    names = ("k_perm", "v_perm", "k_widths", "v_widths")  # after kv_len (rest[11])
-    layout = list(rest[12:]) + [kwargs.get(n) for n in names]
-    if any(a is not None for a in layout):
-        return False
-    k_bits, v_bits = rest[7], rest[8]
-    return attention_supported(q, k_codes, v_codes, k_bits, v_bits, k_norms, v_norms)
+    a = _attention_args(args, kwargs)
+    return attention_supported(
+        a["q"],
+        a["k_codes"],
+        a["v_codes"],
+        a["k_bits"],
+        a["v_bits"],
+        a["k_norms"],
+        a["v_norms"],
+        k_widths=a["k_widths"],
+        v_widths=a["v_widths"],
+        k_levels=a["k_levels"],
+        v_levels=a["v_levels"],
+        k_perm=a["k_perm"],
+        v_perm=a["v_perm"],
+    )
 
 
 def _attention_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
-    args = args[:17]  # the layout arguments are None here (_attention_ok)
-    kv_len = kwargs.get("kv_len")
-    if kv_len is not None:
-        args = (*args[:16], kv_len)
-    return launch_attention(*args, wrap=None if wrap is _plain else wrap)  # None: eager (may use maxnreg)
+    a = _attention_args(args, kwargs)
+    ordered = [a[name] for name in _ATTENTION_ARGS]
+    return launch_attention(*ordered, wrap=None if wrap is _plain else wrap)  # None: eager (may use maxnreg)
 
 
 def _attention_reference(*args, **kwargs):
