@@ -437,7 +437,7 @@ def _rewrite_write(
     state = _site_state(config, layer, kind, head_dim, buffers, quant_states, make_quant_state)
     quant_states.setdefault(layer, {})[kind] = state
     params = state.tensors()  # rotation, mean, scale, levels (+ perm with a bit allocation): the buffers' tensors
-    bits, perm, widths = layout_args(state)
+    bits, _, widths = layout_args(state)  # perm: the get_attr of its buffer, below
     group = state.group
 
     codes_name, norms_name = f"{kind}_codes_{layer}", f"{kind}_norms_{layer}"
