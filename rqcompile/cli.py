@@ -98,7 +98,7 @@ def _calibration(args, model, tok):
     _progress(
         f"calibrating on {count} tokens ({source}) for --bit-allocation {','.join(map(str, args.bit_allocation))}"
     )
-    return calibrate(model, ids, source=source)
+    return calibrate(model, ids, value_scale=True, source=source)  # as the measured presets (QUALITY.md)
 
 
 def _describe_bits(args) -> str:
