@@ -174,6 +174,56 @@ def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch
     )
 
 
+def bench_layout_attention(copy_bw, batch, ctx, key_bits=3.5, value_bits=3, backend="iso"):
+    """Fused attention over a calibrated bit-allocation layout (widths 2-6, random anisotropic channel weights) vs the
+    uniform 3-bit kernel on the same shapes; correctness against the torch reference at 32K and below."""
+    from rqcompile.ops import attention_state, quantize_state, reference_attention
+
+    heads, hq, dim = 4, 24, 256
+    gen = torch.Generator().manual_seed(1)
+    config = RQConfig(backend=backend, key_bits=key_bits, value_bits=value_bits, bit_allocation=(2, 3, 4, 5, 6))
+    ks, vs = (
+        quantizer.make_state(
+            config,
+            layer_idx=1,
+            kind=kind,
+            num_heads=heads,
+            head_dim=dim,
+            weight=torch.exp(torch.randn(heads, dim, generator=gen) * 1.5),
+        ).to("cuda")
+        for kind in "kv"
+    )
+    q = torch.randn(batch, hq, 1, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, heads, ctx, dim, device="cuda", dtype=torch.bfloat16)
+    kc, kn = quantize_state(k, ks)
+    vc, vn = quantize_state(k.flip(2), vs)
+    del k
+    sm = 1 / math.sqrt(dim)
+    row = {"batch": batch, "ctx": ctx, "backend": backend, "layout_k": key_bits, "layout_v": value_bits}
+    row["k_runs"] = sorted({w for w in ks.widths}, reverse=True)
+
+    def fused():
+        return attention_state(q, kc, kn, vc, vn, ks, vs, None, sm)
+
+    if batch * ctx <= 2**18:
+        from rqcompile.ops import layout_args
+
+        kb, kp, kw = layout_args(ks)
+        vb, vp, vw = layout_args(vs)
+        ref = reference_attention(
+            q.float(), kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels,
+            kb, vb, None, sm, None, kp, vp, kw, vw,
+        )  # fmt: skip
+        row["relerr_vs_reference"] = ((fused().float() - ref).norm() / ref.norm()).item()
+        del ref
+    row["fused_ms"] = med(fused)
+    row["fused_graph_ms"] = med(fused, graph=True)
+    packed = sum(t.numel() * t.element_size() for t in (kc, kn, vc, vn))
+    row["floor_ms"] = packed / copy_bw * 1e3
+    RESULTS.setdefault("layout_attention", []).append(row)
+    log(row)
+
+
 def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True, with_deq=True):
     heads, hq, dim = 4, 24, 256
     ks, vs = state(backend, bits, "k", heads, dim), state(backend, bits, "v", heads, dim)
@@ -497,6 +547,10 @@ def attn_only(args):
     torch.manual_seed(0)
     env()
     copy_bw = copy_bandwidth()
+    if args.layout:
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            guarded(bench_layout_attention, copy_bw, 8, ctx, 3.5, 3, "iso")
+            guarded(bench_attention, copy_bw, 8, ctx, bits=3, backend="iso", with_deq=False)
     if args.quantize:
         for backend in ("planar", "iso", "rotor", "hadamard"):
             guarded(check_quantize, backend, 3)
@@ -530,6 +584,7 @@ def main():
     ap.add_argument("--bits", default="3", help="attention bit widths for every (batch, context)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--quantize", action="store_true", help="with --attn-only: quantize checks and bench too")
+    ap.add_argument("--layout", action="store_true", help="with --attn-only: bit-allocation layout attention too")
     ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-SDPA baseline")
     args = ap.parse_args()
     if args.aoti_only:
