@@ -1,4 +1,6 @@
-"""`torch.library` custom ops for the compressed cache: rq::quantize, rq::dequantize, rq::attention.
+"""`torch.library` custom ops for the compressed cache: rq::quantize, rq::dequantize, rq::attention (and
+rq::attention_lse, which also returns each query row's log-sum-exp so a caller can merge it with attention over other
+keys, see `rqcompile.passes.exact_attention`).
 
 They are functional (no `mutates_args`): the cache write stays an ordinary `index_copy_` of their outputs, which
 torch.export, Inductor, AOTInductor and the ONNX exporter all understand (a mutating custom op reaches the ONNX
@@ -14,6 +16,7 @@ import torch
 
 from rqcompile.quant import quantizer
 from rqcompile.quant.packing import layout_size
+from rqcompile.quant.rotations import rotate
 
 
 @torch.library.custom_op("rq::quantize", mutates_args=())
@@ -192,6 +195,143 @@ def _(
     return q.new_empty(q.shape)  # contiguous, like every implementation
 
 
+@torch.library.custom_op("rq::attention_lse", mutates_args=())
+def attention_lse(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_norms: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_norms: torch.Tensor,
+    k_rotation: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_levels: torch.Tensor,
+    v_rotation: torch.Tensor,
+    v_mean: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_levels: torch.Tensor,
+    k_bits: int,
+    v_bits: int,
+    attn_mask: torch.Tensor | None,
+    sm_scale: float,
+    kv_len: torch.Tensor | None = None,
+    k_perm: torch.Tensor | None = None,
+    v_perm: torch.Tensor | None = None,
+    k_widths: list[int] | None = None,
+    v_widths: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rq::attention plus `lse` float32 [B, Hq, Tq]: the natural-log sum-exp of each query row's scaled, masked
+    scores (-inf for a fully masked row, whose output is V's mean, as rq::attention's). Two attentions over disjoint
+    key sets merge exactly by their lse. The scores omit the key mean's term `sm_scale * q . k_mean` (softmax ignores
+    it; a merge with other keys must add it)."""
+    args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
+    args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
+    return reference_attention_lse(*args)
+
+
+def reference_attention_lse(
+    q,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    k_rotation,
+    k_scale,
+    k_levels,
+    v_rotation,
+    v_mean,
+    v_scale,
+    v_levels,
+    k_bits,
+    v_bits,
+    attn_mask,
+    sm_scale,
+    kv_len=None,
+    k_perm=None,
+    v_perm=None,
+    k_widths=None,
+    v_widths=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rq::attention_lse's torch implementation (any device): rq::attention's output and the rotated scores' lse."""
+    out = reference_attention(
+        q,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        k_rotation,
+        k_scale,
+        k_levels,
+        v_rotation,
+        v_mean,
+        v_scale,
+        v_levels,
+        k_bits,
+        v_bits,
+        attn_mask,
+        sm_scale,
+        kv_len,
+        k_perm,
+        v_perm,
+        k_widths,
+        v_widths,
+    )
+    k = quantizer.QuantState(
+        k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, _layout(k_bits, k_widths), 1, k_perm
+    )
+    scores = rotated_scores(q, k_codes, k_norms, k, mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2]), sm_scale)
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+def rotated_scores(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_norms: torch.Tensor,
+    k: quantizer.QuantState,
+    attn_mask: torch.Tensor | None,
+    sm_scale: float,
+) -> torch.Tensor:
+    """fp32 [B, Hq, Tq, Tk]: the scaled, masked scores `quantizer.rotated_attention` takes the softmax of."""
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads = k_codes.shape[1]
+    rep = q_heads // kv_heads
+    qf = q.float().unflatten(1, (kv_heads, rep)).flatten(2, 3)  # [B, Hkv, rep*Tq, d]
+    q_rot = rotate(quantizer._permute(qf * k.scale[:, None, :], k.perm), k.rotation)
+    k_rot = quantizer.dequantize_rotated(k_codes, k_norms, k.levels, k.widths, dim)
+    scores = ((q_rot @ k_rot.transpose(-1, -2)) * sm_scale).unflatten(2, (rep, q_len)).flatten(1, 2)
+    if attn_mask is None:
+        return scores
+    if attn_mask.dtype == torch.bool:
+        return scores.masked_fill(~attn_mask, float("-inf"))
+    return scores + attn_mask.float()
+
+
+@attention_lse.register_fake
+def _(
+    q,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    k_rotation,
+    k_scale,
+    k_levels,
+    v_rotation,
+    v_mean,
+    v_scale,
+    v_levels,
+    k_bits,
+    v_bits,
+    attn_mask,
+    sm_scale,
+    kv_len=None,
+    k_perm=None,
+    v_perm=None,
+    k_widths=None,
+    v_widths=None,
+):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
 def mask_with_kv_len(attn_mask: torch.Tensor | None, kv_len: torch.Tensor | None, tk: int) -> torch.Tensor | None:
     """`attn_mask` (bool or additive float, SDPA-style) with keys >= kv_len[b] masked as well."""
     if kv_len is None:
@@ -246,6 +386,47 @@ def attention_state(
     k_bits, k_perm, k_widths = layout_args(k)
     v_bits, v_perm, v_widths = layout_args(v)
     return torch.ops.rq.attention(
+        q,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        k.rotation,
+        k.scale,
+        k.levels,
+        v.rotation,
+        v.mean,
+        v.scale,
+        v.levels,
+        k_bits,
+        v_bits,
+        attn_mask,
+        sm_scale,
+        kv_len,
+        k_perm,
+        v_perm,
+        k_widths,
+        v_widths,
+    )
+
+
+def attention_lse_state(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_norms: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_norms: torch.Tensor,
+    k: quantizer.QuantState,
+    v: quantizer.QuantState,
+    attn_mask: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rq::attention_lse with two QuantStates' parameters."""
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    k_bits, k_perm, k_widths = layout_args(k)
+    v_bits, v_perm, v_widths = layout_args(v)
+    return torch.ops.rq.attention_lse(
         q,
         k_codes,
         k_norms,
