@@ -20,7 +20,7 @@ from rqcompile import ops  # noqa: E402,F401
 from rqcompile.config import SCALE_SEARCH, RQConfig  # noqa: E402
 from rqcompile.export.onnx_ops import export_onnx  # noqa: E402
 from rqcompile.export.tensorrt_check import check_tensorrt  # noqa: E402
-from rqcompile.ops import layout_args  # noqa: E402
+from rqcompile.ops import layout_args, quantize_state  # noqa: E402
 from rqcompile.quant.packing import unpack  # noqa: E402
 from rqcompile.quant.quantizer import QuantState, dequantize, make_state, quantize, rotated_attention  # noqa: E402
 
@@ -309,3 +309,52 @@ def test_bit_allocation_attention_matches_the_reference(tmp_path, flavour, k_spr
         test["q"], test["k_codes"], test["k_norms"], test["v_codes"], test["v_norms"], k, v, test["mask"], 0.125
     )
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+# -- rq::attention_lse: rq::attention's output and each row's log-sum-exp ---------------------------------------------
+
+
+class CompressedAttentionLSE(CompressedAttention):
+    """rq::attention_lse over packed K/V inputs."""
+
+    def forward(self, q, k_codes, k_norms, v_codes, v_norms, mask=None):
+        args = (q, k_codes, k_norms, v_codes, v_norms, self.k_rotation, self.k_scale, self.k_levels, self.v_rotation)
+        args += (self.v_mean, self.v_scale, self.v_levels, self.k_bits, self.v_bits, mask, self.sm_scale)
+        return torch.ops.rq.attention_lse(*args, *self.layout())
+
+
+@pytest.mark.parametrize("flavour,layout", [("standard", False), ("tensorrt", False), ("standard", True)])
+def test_attention_lse_matches_the_reference(tmp_path, flavour, layout):
+    """A fully masked row gives lse -inf (and V's mean), as the reference; the rest within float tolerance."""
+    gen = torch.Generator().manual_seed(13)
+    if layout:
+        config = RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION, norm_group=32)
+        k, v = _allocated(config, "k", 3.0, gen), _allocated(config, "v", 2.0, gen)
+    else:
+        config = RQConfig(backend="planar", key_bits=3, value_bits=2, norm_group=32)
+        k, v = (_calibrated(make_state(config, layer_idx=0, kind=x, num_heads=2, head_dim=HEAD_DIM), gen) for x in "kv")
+    k = replace(k, mean=torch.zeros(2, HEAD_DIM))
+    module = CompressedAttentionLSE(k, v).eval()
+
+    def inputs(batch: int, q_len: int, k_len: int) -> dict[str, torch.Tensor]:
+        k_codes, k_norms = quantize_state(torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen), k)
+        v_codes, v_norms = quantize_state(torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen), v)
+        mask = torch.rand(batch, 1, q_len, k_len, generator=gen) > 0.3
+        mask[0, 0, 0] = False
+        q = torch.randn(batch, 4, q_len, HEAD_DIM, generator=gen)
+        return dict(q=q, k_codes=k_codes, k_norms=k_norms, v_codes=v_codes, v_norms=v_norms, mask=mask)
+
+    names = ["q", "k_codes", "k_norms", "v_codes", "v_norms", "mask"]
+    batch, q_len, k_len = torch.export.Dim("batch"), torch.export.Dim("q_len"), torch.export.Dim("k_len")
+    shapes = [{0: batch, 2: q_len}] + [{0: batch, 2: k_len}] * 4 + [{0: batch, 2: q_len, 3: k_len}]
+    example = inputs(2, 3, 7)
+    path = _export(module, tuple(example[n] for n in names), tmp_path / "lse.onnx", flavour, tuple(shapes))
+    if flavour == "tensorrt":
+        assert check_tensorrt(path).ok, check_tensorrt(path).format()
+
+    test = inputs(3, 5, 19)
+    out, lse = _run(path, test)
+    ref_out, ref_lse = module(*(test[n] for n in names))
+    assert (lse[0, :, 0] == float("-inf")).all() and torch.isfinite(lse[1:]).all()
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4 * ref_out.abs().max().item())

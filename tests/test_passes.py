@@ -14,6 +14,7 @@ import torch
 from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
 from rqcompile.passes.capture import AttentionSite, capture
+from rqcompile.passes.exact_attention import attention_with_exact_tokens
 from rqcompile.passes.fuse_attention import fuse_attention, valid_kv_length
 from rqcompile.passes.kv_compress import KVCompressError, compress_kv_cache, exact_read, exact_write
 
@@ -278,7 +279,7 @@ def test_exact_read_takes_sink_and_the_w_most_recent_positions():
 EXACT_CFG = RQConfig(backend="planar", bits=3, sink_tokens=2, residual_window=5)
 
 
-def test_sink_and_window_add_static_buffers_in_the_model_dtype_and_skip_fusion(captured):
+def test_sink_and_window_add_static_buffers_in_the_model_dtype_and_fuse_into_exact_attention(captured):
     for c in captured.values():
         n = len(c.sites)
         (pre, dec), buffers, _ = _compressed(c, fuse=True, cfg=EXACT_CFG)
@@ -288,12 +289,14 @@ def test_sink_and_window_add_static_buffers_in_the_model_dtype_and_skip_fusion(c
             assert sorted(b for b in held if "sink" in b or "window" in b) == sorted(
                 f"{kv}_{part}_{s.layer_idx}" for s in c.sites for kv in "kv" for part in ("sink", "window")
             )  # one in-place write per K/V sink and window buffer
-            assert len(_calls(gm, exact_read)) == 2 * n
-            # rq::attention cannot read exact tokens: SDPA stays, and why is recorded
-            assert len(_calls(gm, aten.scaled_dot_product_attention.default)) == n
-            assert not _calls(gm, rq.attention.default) and gm.meta["rq_fuse_attention"] == 0
-            skipped = gm.meta["rq_fuse_attention_skipped"]
-            assert len(skipped) == n and all("sink / recent-window" in note for note in skipped)
+            # attention reads the codes and the sink / window buffers: no dequantize, no exact_read, no SDPA
+            assert len(_calls(gm, attention_with_exact_tokens)) == n
+            assert not _calls(gm, exact_read) and not _calls(gm, rq.dequantize.default)
+            assert not _calls(gm, aten.scaled_dot_product_attention.default) and not _calls(gm, rq.attention.default)
+            assert gm.meta["rq_fuse_attention"] == gm.meta["rq_fuse_attention_exact"] == n
+            assert gm.meta["rq_fuse_attention_skipped"] == []
+            for call in _calls(gm, attention_with_exact_tokens):  # K/V sink, K/V window: the in-place writes
+                assert all(a.target == aten.copy_.default for a in call.args[15:19])
         for site in c.sites:
             i = site.layer_idx
             assert buffers[f"k_sink_{i}"].shape == (1, site.num_kv_heads, 2, site.head_dim)
@@ -302,6 +305,33 @@ def test_sink_and_window_add_static_buffers_in_the_model_dtype_and_skip_fusion(c
             assert pre.get_buffer(f"v_sink_{i}") is dec.get_buffer(f"v_sink_{i}")  # shared by both programs
         report = pre.meta["rq_kv_compress"][0]
         assert report.exact_bytes == 1 * 2 * (2 + 5) * 64 * 4 and "exact tokens" in str(report)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(
+    "cfg",
+    [EXACT_CFG, RQConfig(backend="iso", key_bits=4, value_bits=2, sink_tokens=1), RQConfig(residual_window=4)],
+    ids=["sink-and-window", "sink-only", "window-only"],
+)
+def test_fused_exact_attention_equals_dequantize_and_sdpa(captured, name, cfg):
+    """Prefill of 9 > W tokens, then decode steps past max(S, W): the same logits as the unfused graph."""
+    c = captured[name]
+    torch.manual_seed(2)
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 14))
+    (pre, dec), _, _ = _compressed(c, cfg=cfg)
+    unfused = _run(pre, dec, ids, 9)
+    (fpre, fdec), _, _ = _compressed(c, fuse=True, cfg=cfg)
+    torch.testing.assert_close(_run(fpre, fdec, ids, 9), unfused, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_exact_attention_re_exports_to_rq_attention_lse(captured):
+    """On re-export (AOTInductor / ONNX) the fused function traces into rq::attention_lse and plain aten ops."""
+    c = captured["llama"]
+    (_, dec), _, _ = _compressed(c, fuse=True, cfg=EXACT_CFG)
+    ep = torch.export.export(dec, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([3])))
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert rq.attention_lse.default in targets
+    assert not targets & {rq.dequantize.default, rq.attention.default, aten.scaled_dot_product_attention.default}
 
 
 def test_window_longer_than_the_cache_is_clamped(captured):

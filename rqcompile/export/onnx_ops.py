@@ -1,4 +1,5 @@
-"""ONNX translations of rq::quantize / rq::dequantize / rq::attention for `torch.onnx.export(dynamo=True)`.
+"""ONNX translations of rq::quantize / rq::dequantize / rq::attention / rq::attention_lse for
+`torch.onnx.export(dynamo=True)`.
 
 Each translation is a plain Python function over `onnxscript.opset18` ops (the `@onnxscript.script` form fails for
 multi-output ops, see DESIGN.md §4); the exporter calls it with symbolic tensors for tensor arguments and Python
@@ -425,37 +426,154 @@ def make_attention(flavour: str = "standard") -> Callable[..., Any]:
         v_bits: int,
         attn_mask,
         sm_scale: float,
-        kv_len=None,  # unused: it only lets kernels skip keys that attn_mask already masks
+        kv_len=None,
         k_perm=None,
         v_perm=None,
         k_widths=None,
         v_widths=None,
     ):
-        kv_heads, dim = (_static(s, "k_scale shape [H, d]") for s in k_scale.shape)
-        q_heads = _static(q.shape[1], "number of query heads")
-        k_groups = _static(k_norms.shape[-1], "number of key norm groups")
-        v_groups = _static(v_norms.shape[-1], "number of value norm groups")
-        # [B, Hq, Tq, d] -> [B, Hkv, rep*Tq, d]: query heads of one KV head side by side (same as the reference).
-        qf = op.Reshape(op.Cast(q, to=_FLOAT), _ints(0, kv_heads, -1, dim))
-        q_rot = _rotate(_permute(op.Mul(qf, _per_head(k_scale)), k_perm, kv_heads, dim), k_rotation, dim, inverse=False)
-        k_layout, v_layout = _runs(k_widths, dim), _runs(v_widths, dim)
-        k_rot = _dequantize_rotated(k_codes, k_norms, k_levels, k_bits, dim, k_groups, flavour, k_layout)
-        v_rot = _dequantize_rotated(v_codes, v_norms, v_levels, v_bits, dim, v_groups, flavour, v_layout)
-        scores = op.Mul(op.MatMul(q_rot, op.Transpose(k_rot, perm=[0, 1, 3, 2])), op.Constant(value_float=sm_scale))
-        scores = op.Reshape(scores, _ints(0, q_heads, -1, 0))  # [B, Hq, Tq, Tk]
-        if attn_mask is not None:
-            if attn_mask.dtype is not None and int(attn_mask.dtype) == 9:  # BOOL: True = attend
-                scores = op.Where(attn_mask, scores, op.Constant(value_float=float("-inf")))
-            else:
-                scores = op.Add(scores, op.Cast(attn_mask, to=_FLOAT))
-        probs = op.Softmax(scores, axis=-1)
-        probs = op.Where(op.IsNaN(probs), op.Constant(value_float=0.0), probs)  # a fully masked row attends nothing
-        acc = op.MatMul(op.Reshape(probs, _ints(0, kv_heads, -1, 0)), v_rot)  # [B, Hkv, rep*Tq, d]
-        out = _permute(_rotate(acc, v_rotation, dim, inverse=True), v_perm, kv_heads, dim, inverse=True)
-        out = op.Add(op.Mul(out, _per_head(v_scale)), _per_head(v_mean))
-        return op.Cast(op.Reshape(out, _ints(0, q_heads, -1, dim)), to=_onnx_dtype(q.dtype))
+        return _attention(
+            flavour,
+            q,
+            k_codes,
+            k_norms,
+            v_codes,
+            v_norms,
+            k_rotation,
+            k_scale,
+            k_levels,
+            v_rotation,
+            v_mean,
+            v_scale,
+            v_levels,
+            k_bits,
+            v_bits,
+            attn_mask,
+            sm_scale,
+            kv_len,
+            k_perm,
+            v_perm,
+            k_widths,
+            v_widths,
+        )[0]
 
     return rq_attention
+
+
+def make_attention_lse(flavour: str = "standard") -> Callable[..., tuple[Any, Any]]:
+    """Translation of rq::attention_lse: rq::attention's output and each query row's log-sum-exp (float32
+    [B, Hq, Tq], -inf for a fully masked row), from the same scores."""
+    _check_flavour(flavour)
+
+    def rq_attention_lse(
+        q,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        k_rotation,
+        k_scale,
+        k_levels,
+        v_rotation,
+        v_mean,
+        v_scale,
+        v_levels,
+        k_bits: int,
+        v_bits: int,
+        attn_mask,
+        sm_scale: float,
+        kv_len=None,
+        k_perm=None,
+        v_perm=None,
+        k_widths=None,
+        v_widths=None,
+    ):
+        out, scores = _attention(
+            flavour,
+            q,
+            k_codes,
+            k_norms,
+            v_codes,
+            v_norms,
+            k_rotation,
+            k_scale,
+            k_levels,
+            v_rotation,
+            v_mean,
+            v_scale,
+            v_levels,
+            k_bits,
+            v_bits,
+            attn_mask,
+            sm_scale,
+            kv_len,
+            k_perm,
+            v_perm,
+            k_widths,
+            v_widths,
+        )
+        return out, _logsumexp(scores)
+
+    return rq_attention_lse
+
+
+def _logsumexp(scores: Any) -> Any:
+    """log(sum(exp(scores))) over the last axis, shifted by the row max (0 for an all -inf row, so that row gives
+    log(0) = -inf and no NaN); ReduceLogSumExp would overflow without the shift."""
+    top = op.ReduceMax(scores, _ints(-1), keepdims=1)
+    top = op.Where(op.Equal(top, op.Constant(value_float=float("-inf"))), op.Constant(value_float=0.0), top)
+    total = op.ReduceSum(op.Exp(op.Sub(scores, top)), _ints(-1), keepdims=1)
+    return op.Squeeze(op.Add(op.Log(total), top), _ints(-1))
+
+
+def _attention(
+    flavour: str,
+    q,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    k_rotation,
+    k_scale,
+    k_levels,
+    v_rotation,
+    v_mean,
+    v_scale,
+    v_levels,
+    k_bits: int,
+    v_bits: int,
+    attn_mask,
+    sm_scale: float,
+    kv_len=None,  # unused: it only lets kernels skip keys that attn_mask already masks
+    k_perm=None,
+    v_perm=None,
+    k_widths=None,
+    v_widths=None,
+) -> tuple[Any, Any]:
+    """rq::attention's output in q's dtype and its masked scores [B, Hq, Tq, Tk] (float32)."""
+    kv_heads, dim = (_static(s, "k_scale shape [H, d]") for s in k_scale.shape)
+    q_heads = _static(q.shape[1], "number of query heads")
+    k_groups = _static(k_norms.shape[-1], "number of key norm groups")
+    v_groups = _static(v_norms.shape[-1], "number of value norm groups")
+    # [B, Hq, Tq, d] -> [B, Hkv, rep*Tq, d]: query heads of one KV head side by side (same as the reference).
+    qf = op.Reshape(op.Cast(q, to=_FLOAT), _ints(0, kv_heads, -1, dim))
+    q_rot = _rotate(_permute(op.Mul(qf, _per_head(k_scale)), k_perm, kv_heads, dim), k_rotation, dim, inverse=False)
+    k_layout, v_layout = _runs(k_widths, dim), _runs(v_widths, dim)
+    k_rot = _dequantize_rotated(k_codes, k_norms, k_levels, k_bits, dim, k_groups, flavour, k_layout)
+    v_rot = _dequantize_rotated(v_codes, v_norms, v_levels, v_bits, dim, v_groups, flavour, v_layout)
+    scores = op.Mul(op.MatMul(q_rot, op.Transpose(k_rot, perm=[0, 1, 3, 2])), op.Constant(value_float=sm_scale))
+    scores = op.Reshape(scores, _ints(0, q_heads, -1, 0))  # [B, Hq, Tq, Tk]
+    if attn_mask is not None:
+        if attn_mask.dtype is not None and int(attn_mask.dtype) == 9:  # BOOL: True = attend
+            scores = op.Where(attn_mask, scores, op.Constant(value_float=float("-inf")))
+        else:
+            scores = op.Add(scores, op.Cast(attn_mask, to=_FLOAT))
+    probs = op.Softmax(scores, axis=-1)
+    probs = op.Where(op.IsNaN(probs), op.Constant(value_float=0.0), probs)  # a fully masked row attends nothing
+    acc = op.MatMul(op.Reshape(probs, _ints(0, kv_heads, -1, 0)), v_rot)  # [B, Hkv, rep*Tq, d]
+    out = _permute(_rotate(acc, v_rotation, dim, inverse=True), v_perm, kv_heads, dim, inverse=True)
+    out = op.Add(op.Mul(out, _per_head(v_scale)), _per_head(v_mean))
+    return op.Cast(op.Reshape(out, _ints(0, q_heads, -1, dim)), to=_onnx_dtype(q.dtype)), scores
 
 
 def _check_flavour(flavour: str) -> None:
@@ -464,13 +582,14 @@ def _check_flavour(flavour: str) -> None:
 
 
 def translation_table(flavour: str = "standard") -> dict[Any, Callable[..., Any]]:
-    """`custom_translation_table` for torch.onnx.export covering the three rq ops."""
+    """`custom_translation_table` for torch.onnx.export covering the rq ops."""
     import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
 
     return {
         torch.ops.rq.quantize.default: make_quantize(flavour),
         torch.ops.rq.dequantize.default: make_dequantize(flavour),
         torch.ops.rq.attention.default: make_attention(flavour),
+        torch.ops.rq.attention_lse.default: make_attention_lse(flavour),
     }
 
 

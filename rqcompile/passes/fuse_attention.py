@@ -17,9 +17,19 @@ ignores. The fused op
 also gets `kv_len = 1 + the last key any query of the row may see` (computed once per mask from the static-cache
 mask), so a kernel reads the keys written so far instead of all of max_cache_len.
 Only plain SDPA calls are fused (no dropout, no is_causal, no enable_gqa); anything else is left as it was and
-reported in `gm.meta["rq_fuse_attention_skipped"]`. So is a cache that holds tokens in the model dtype
-(`RQConfig.sink_tokens` / `residual_window`: K/V reach SDPA through `exact_read`): `rq::attention` scores packed codes
-only, and its schema (and the kernels / ONNX translations behind it) has no input for exact tokens.
+reported in `gm.meta["rq_fuse_attention_skipped"]`.
+
+A cache that holds tokens in the model dtype (`RQConfig.sink_tokens` / `residual_window`) reaches SDPA through
+`exact_read(dequantize(...), sink, window, cache_position)`. Such a site becomes one call of
+`rqcompile.passes.exact_attention.attention_with_exact_tokens` (a Python function of torch ops and rq::attention_lse,
+traced into the graph on re-export, like `exact_read`):
+
+    out = attention_with_exact_tokens(q, k_codes, k_norms, v_codes, v_norms, k_rot, k_mean, k_scale, k_levels,
+                                      v_rot, v_mean, v_scale, v_levels, k_bits, v_bits, k_sink, v_sink,
+                                      k_window, v_window, cache_position, mask, s, kv_len[, k_perm, ..., v_widths])
+
+It reads packed codes for the compressed positions and the sink / ring buffers for the exact ones (the key mean is
+kept here: against exact keys it is not a constant shift). `gm.meta["rq_fuse_attention_exact"]` counts these sites.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import torch
 from torch import fx
 
 import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
+from rqcompile.passes.exact_attention import attention_with_exact_tokens
 from rqcompile.passes.kv_compress import SDPA, VIEW_OPS, exact_read
 
 __all__ = ["fuse_attention"]
@@ -51,15 +62,19 @@ def _through_views(node: fx.Node) -> fx.Node:
     return node
 
 
-def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
-    """Follow SDPA's K/V input back through view ops; the dequantize node (or None) and the views passed."""
+def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | None]:
+    """Follow SDPA's K/V input back through view ops (and one `exact_read`); the dequantize node (or None), the nodes
+    passed (users before producers) and the `exact_read` node (None when the cache holds no exact tokens)."""
     views = []
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
         views.append(node)
         node = node.args[0]
+    exact = None
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is exact_read:
+        exact, node = node, node.args[0]
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target == DEQUANTIZE:
-        return node, views
-    return None, views
+        return node, views + ([exact] if exact is not None else []), exact
+    return None, views, exact
 
 
 def _dequantize_args(node: fx.Node) -> tuple:
@@ -82,27 +97,25 @@ def valid_kv_length(mask: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite (in place) every SDPA whose K and V are (repeated) `rq::dequantize` outputs into `rq::attention`.
+    """Rewrite (in place) every SDPA whose K and V are (repeated) `rq::dequantize` outputs into `rq::attention`, or,
+    through `exact_read`, into `attention_with_exact_tokens`.
 
-    Returns `gm`; `gm.meta["rq_fuse_attention"]` counts the fused sites.
+    Returns `gm`; `gm.meta["rq_fuse_attention"]` counts the fused sites, `["rq_fuse_attention_exact"]` those of them
+    with exact tokens.
     """
     graph = gm.graph
-    fused, skipped = 0, []
+    fused, exact, skipped = 0, 0, []
     kv_lens: dict[fx.Node, fx.Node] = {}  # one valid-length computation per mask node
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target == SDPA):
             continue
         q = _arg(node, 0, "query")
-        exact = [x for x in (_arg(node, 1, "key"), _arg(node, 2, "value")) if _through_views(x).target is exact_read]
-        if exact:
-            skipped.append(
-                f"{node.name}: K/V hold sink / recent-window tokens in the model dtype (sink_tokens / "
-                "residual_window); rq::attention reads packed codes only, so this site keeps dequantize + SDPA"
-            )
-            continue
-        k_deq, k_views = _chain_to_dequantize(_arg(node, 1, "key"))
-        v_deq, v_views = _chain_to_dequantize(_arg(node, 2, "value"))
+        k_deq, k_views, k_exact = _chain_to_dequantize(_arg(node, 1, "key"))
+        v_deq, v_views, v_exact = _chain_to_dequantize(_arg(node, 2, "value"))
         if k_deq is None or v_deq is None:
+            continue
+        if (k_exact is None) != (v_exact is None) or (k_exact is not None and k_exact.args[3] is not v_exact.args[3]):
+            skipped.append(f"{node.name}: only one of K/V holds exact tokens (or they disagree on cache_position)")
             continue
         mask = _arg(node, 3, "attn_mask")
         dropout = _arg(node, 4, "dropout_p", 0.0)
@@ -112,7 +125,7 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
         if dropout or is_causal or gqa:
             skipped.append(f"{node.name}: dropout_p={dropout} is_causal={is_causal} enable_gqa={gqa}")
             continue
-        kc, kn, k_rot, _k_mean, k_scale, k_levels, k_bits, head_dim, _, k_perm, k_widths = _dequantize_args(k_deq)
+        kc, kn, k_rot, k_mean, k_scale, k_levels, k_bits, head_dim, _, k_perm, k_widths = _dequantize_args(k_deq)
         vc, vn, v_rot, v_mean, v_scale, v_levels, v_bits, _, _, v_perm, v_widths = _dequantize_args(v_deq)
         layout = (k_perm, v_perm, k_widths, v_widths)
         sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
@@ -126,21 +139,27 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
             # rq::attention's fake kernel gives its output q's strides while the kernel returns a contiguous tensor;
             # a contiguous q makes the two agree (else torch.compile fails its stride asserts on a transposed q).
             q = graph.call_function(aten.clone.default, (q,), {"memory_format": torch.contiguous_format})
-            attn = graph.call_function(
-                ATTENTION,
-                (q, kc, kn, vc, vn, k_rot, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels, k_bits, v_bits, mask)
-                + (sm_scale, kv_len)
-                + (layout if any(x is not None for x in layout) else ()),
-            )
+            tail = layout if any(x is not None for x in layout) else ()
+            if k_exact is None:
+                args = (q, kc, kn, vc, vn, k_rot, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels, k_bits, v_bits)
+                attn = graph.call_function(ATTENTION, args + (mask, sm_scale, kv_len) + tail)
+            else:
+                _, k_sink, k_window, cache_position = k_exact.args
+                _, v_sink, v_window, _ = v_exact.args
+                args = (q, kc, kn, vc, vn, k_rot, k_mean, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels)
+                args += (k_bits, v_bits, k_sink, v_sink, k_window, v_window, cache_position, mask, sm_scale, kv_len)
+                attn = graph.call_function(attention_with_exact_tokens, args + tail)
+                exact += 1
         attn.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
         node.replace_all_uses_with(attn)
         graph.erase_node(node)
-        for dead in [*k_views, *v_views, k_deq, v_deq]:  # views first (users before producers)
+        for dead in [*k_views, *v_views, k_deq, v_deq]:  # views (and exact_read) first: users before producers
             if dead in graph.nodes and not dead.users:
                 graph.erase_node(dead)
         fused += 1
     graph.lint()
     gm.recompile()
     gm.meta["rq_fuse_attention"] = fused
+    gm.meta["rq_fuse_attention_exact"] = exact
     gm.meta["rq_fuse_attention_skipped"] = skipped
     return gm
