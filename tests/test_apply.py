@@ -16,6 +16,8 @@ from rqcompile.api import CompiledLM, apply
 from rqcompile.cache import RQCache
 from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
+from rqcompile.passes.exact_attention import attention_with_exact_tokens
+from rqcompile.passes.fuse_attention import fuse_attention
 from rqcompile.passes.kv_compress import KVCompressError
 from rqcompile.runtime.generate import CacheOverflowError
 
@@ -290,6 +292,41 @@ def test_fusion_is_skipped_and_reported_with_sink_or_window(models, exact_lms):
     with pytest.raises(ValueError, match="fuse=True is not supported with .*residual_window"):
         apply(models["llama"], config=RQConfig(residual_window=4), max_cache_len=8, fuse=True)
     assert apply(models["llama"], max_cache_len=8).fused  # fuse=None fuses when supported
+
+
+def _fused_exact(model, config: RQConfig, calibration: Calibration | None = None) -> CompiledLM:
+    """`apply` keeps exact-token sites unfused (api.py), so the pass is run on its programs here."""
+    lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=calibration, prefill_logits="all")
+    for gm in (lm.prefill_module, lm.decode_module):
+        fuse_attention(gm)
+    return lm
+
+
+@pytest.mark.parametrize("name", EXACT_MODELS)
+@pytest.mark.parametrize(
+    "config",
+    [EXACT, RQConfig(backend="iso", key_bits=4, value_bits=2, seed=3, sink_tokens=1), RQConfig(residual_window=4)],
+    ids=["sink-and-window", "sink-only", "window-only"],
+)
+def test_fused_exact_attention_logits_equal_the_eager_cache(models, name, config):
+    """With a calibrated key mean (not a constant shift against exact keys): prompts shorter and longer than S and
+    W, then decode steps; rq::attention_lse reads the codes, no dequantize or SDPA is left at any site."""
+    model = models[name]
+    gen = torch.Generator().manual_seed(4)
+    layers = range(model.config.num_hidden_layers)  # linear-attention layers' entries are never read
+    calib = Calibration(
+        {(layer, "k", "mean"): torch.randn(2, 64, generator=gen) * 0.3 for layer in layers}
+        | {(layer, "v", "scale"): torch.rand(2, 64, generator=gen) + 0.5 for layer in layers}
+    )
+    lm, ids = _fused_exact(model, config, calib), _ids()
+    for gm in (lm.prefill_module, lm.decode_module):
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert targets.count(attention_with_exact_tokens) == len(lm.sites)
+        assert torch.ops.rq.dequantize.default not in targets
+        assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+    for prompt in (2, PROMPT):
+        ref = _eager(model, RQCache(config, model_config=model.config, calibration=calib), ids, prompt)
+        torch.testing.assert_close(_steps(lm, ids, prompt), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_sink_and_window_memory_and_functional_step(exact_lms):

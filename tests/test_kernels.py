@@ -141,8 +141,22 @@ def _quantize_case(backend, bits, dim, device, tokens, batch=2, heads=2, strided
 
 
 def _attention_case(
-    backend, kb, vb, dim, device, tk, batch=2, heads=2, rep=3, tq=1, mask_kind=None, splits=None, layout=False
+    backend,
+    kb,
+    vb,
+    dim,
+    device,
+    tk,
+    batch=2,
+    heads=2,
+    rep=3,
+    tq=1,
+    mask_kind=None,
+    splits=None,
+    layout=False,
+    lse=False,
 ):
+    """The kernels against the reference; `lse`: rq::attention_lse, its lse checked too."""
     ks = _state(backend, kb, "k", heads, dim, device, layout=layout)
     vs = _state(backend, vb, "v", heads, dim, device, seed=1, layout=layout)
     kb, k_perm, k_widths = rqcompile.ops.layout_args(ks)
@@ -176,13 +190,26 @@ def _attention_case(
         )
     _poison(device)
     if device == "cuda" and kv_len is None and splits is None:
-        out = torch.ops.rq.attention(*args, mask, sm, None, *layout_args)
+        op = torch.ops.rq.attention_lse if lse else torch.ops.rq.attention
+        out = op(*args, mask, sm, None, *layout_args)
     else:
-        out = kattn.launch_attention(*args, mask, sm, kv_len, *layout_args, num_splits=splits)
+        out = kattn.launch_attention(*args, mask, sm, kv_len, *layout_args, num_splits=splits, with_lse=lse)
+    if lse:
+        out, got_lse = out
+        _check_lse(got_lse, rqcompile.ops.reference_attention_lse(*args, ref_mask, sm, None, *layout_args)[1])
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not torch.isnan(out).any()
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < 3e-3, err  # fp16 tensor-core operands, fp32 accumulation
+
+
+def _check_lse(got, ref):
+    """Same -inf rows (fully masked); elsewhere within the fp16-operand error of the scores."""
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    masked = ref == float("-inf")
+    assert torch.equal(got == float("-inf"), masked) and not torch.isnan(got).any()
+    err = (got[~masked] - ref[~masked]).abs().max().item() if (~masked).any() else 0.0
+    assert err < 2e-2 * max(1.0, ref[~masked].abs().max().item()), err
 
 
 # ---------------------------------------------------------------- CPU, TRITON_INTERPRET=1, small sizes
@@ -229,6 +256,29 @@ def test_quantize_interpret_nan_propagates_into_norm():
 )
 def test_attention_interpret(backend, kb, vb, kw):
     _attention_case(backend, kb, vb, 64, "cpu", tk=130, **kw)
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "backend,kb,vb,kw",
+    [
+        ("planar", 3, 3, {"splits": 3}),
+        ("iso", 4, 2, {"mask_kind": "bool", "splits": 2}),  # a fully masked batch row: lse -inf
+        ("rotor", 2, 4, {"mask_kind": "float", "tq": 3}),
+        ("iso", 3, 3, {"mask_kind": "causal", "tq": 4, "splits": 2}),
+        ("planar", 3, 3, {"mask_kind": "kv_len", "splits": 3}),
+        ("hadamard", 3, 3, {}),  # dense V: out un-rotated on the host, lse from the combine kernel
+    ],
+)
+def test_attention_lse_interpret(backend, kb, vb, kw):
+    _attention_case(backend, kb, vb, 64, "cpu", tk=130, lse=True, **kw)
+
+
+@cpu_only
+@pytest.mark.parametrize("mask_kind", ["bool", "causal"])
+def test_attention_lse_interpret_layout(mask_kind):
+    """A bit-allocation layout state (widths 2..6 from random positive error weights): the layout kernel's lse."""
+    _attention_case("iso", 3.5, 3, 64, "cpu", tk=70, tq=3, mask_kind=mask_kind, splits=2, layout=True, lse=True)
 
 
 @cpu_only
@@ -417,6 +467,26 @@ def test_quantize_gpu(backend, bits):
 def test_attention_gpu(backend, kb, vb, kw):
     _attention_case(backend, kb, vb, 256, "cuda", tk=kw.pop("tk", 9000), heads=4, rep=6, **kw)
     _attention_case(backend, kb, vb, 128, "cuda", tk=777, heads=2, rep=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "backend,kb,vb,layout,kw",
+    [
+        ("planar", 3, 3, False, {}),
+        ("hadamard", 3, 3, False, {}),
+        ("iso", 3, 3, False, {"mask_kind": "causal", "tq": 64}),
+        ("planar", 3, 3, False, {"mask_kind": "bool"}),
+        ("planar", 3, 3, False, {"mask_kind": "kv_len"}),
+        ("planar", 3.5, 3, True, {}),
+        ("iso", 3.5, 3, True, {"mask_kind": "float", "tq": 5}),
+    ],
+)
+def test_attention_lse_gpu(backend, kb, vb, layout, kw):
+    """rq::attention_lse at real sizes: the same output as rq::attention and the reference's lse."""
+    _attention_case(backend, kb, vb, 256, "cuda", tk=kw.pop("tk", 9000), heads=4, rep=6, layout=layout, lse=True, **kw)
+    _attention_case(backend, kb, vb, 128, "cuda", tk=777, heads=2, rep=4, layout=layout, lse=True)
 
 
 @pytest.mark.gpu

@@ -139,11 +139,26 @@ def _attention_reference(*args, **kwargs):
     return reference_attention(*args, **kwargs)
 
 
+def _attention_lse_launch(*args, wrap=_plain, **kwargs):
+    from rqcompile.kernels.attention import launch_attention
+
+    a = _attention_args(args, kwargs)
+    ordered = [a[name] for name in _ATTENTION_ARGS]
+    return launch_attention(*ordered, wrap=None if wrap is _plain else wrap, with_lse=True)
+
+
+def _attention_lse_reference(*args, **kwargs):
+    from rqcompile.ops import reference_attention_lse
+
+    return reference_attention_lse(*args, **kwargs)
+
+
 # name -> (supported?, Triton launch, reference fallback)
 _IMPLS = {
     "rq::quantize": (_quantize_ok, _quantize_launch, _quantize_reference),
     "rq::dequantize": (_dequantize_ok, _dequantize_launch, _dequantize_reference),
     "rq::attention": (_attention_ok, _attention_launch, _attention_reference),
+    "rq::attention_lse": (_attention_ok, _attention_lse_launch, _attention_lse_reference),  # same args
 }
 
 

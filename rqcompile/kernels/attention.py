@@ -11,7 +11,8 @@ code's bits (exact table values). One `tl.dot` per norm group against the fp16 l
 norms scale the score columns after the dot, the V norms are folded into p, so no per-element norm multiply
 (for more than two norm groups the norms are applied per element instead). Online softmax in base 2.
 Combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query row (block-diagonal gather),
-applies V's scale and mean and writes the output in q's dtype.
+applies V's scale and mean and writes the output in q's dtype; for rq::attention_lse (constexpr WRITE_LSE) also each
+row's natural-log sum-exp from the merged max and sum.
 
 Masks: none; an optional per-batch valid length `kv_len` (keys >= kv_len[b] are never read, and the splits divide
 the valid keys among themselves, so the work follows the context, not max_cache_len); or any
@@ -714,6 +715,7 @@ def _attn_combine_kernel(
     vmean_ptr,
     vperm_ptr,
     out_ptr,
+    lse_ptr,
     H,
     REP,
     Tq,
@@ -724,6 +726,7 @@ def _attn_combine_kernel(
     VNB: tl.constexpr,
     VPERM: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     row = tl.program_id(0)
     bh = tl.program_id(1)
@@ -757,8 +760,11 @@ def _attn_combine_kernel(
         out = out * inv * tl.load(vscale_ptr + h * D + c) + tl.load(vmean_ptr + h * D + c)
     r = row // Tq
     t = row % Tq
-    orow = ((b.to(tl.int64) * H * REP + h * REP + r) * Tq + t) * D
-    tl.store(out_ptr + orow + c, out.to(out_ptr.dtype.element_ty))
+    qrow = (b.to(tl.int64) * H * REP + h * REP + r) * Tq + t
+    tl.store(out_ptr + qrow * D + c, out.to(out_ptr.dtype.element_ty))
+    if WRITE_LSE:  # natural-log sum-exp of the row's scores (the splits' max and sum are in log2 units)
+        lse2 = tl.where(total > 0, muse + tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
+        tl.store(lse_ptr + qrow, lse2 * 0.6931471805599453)
 
 
 def kernel_layouts(dim: int, k_bits: int, v_bits: int, k_perm=None, v_perm=None, k_widths=None, v_widths=None):
@@ -887,8 +893,10 @@ def launch_attention(
     maxnreg: int | None = None,
     num_warps: int | None = None,
     split_waves: int | None = None,
+    with_lse: bool = False,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B].
+    `with_lse`: rq::attention_lse, returning (out, lse float32 [B, Hq, Tq]) (the combine step also writes the lse).
     k_perm/v_perm ([H, d] int64) and k_widths/v_widths (per-coordinate widths, replacing the bits): a calibrated
     bit allocation's layout, run by the layout kernel."""
     import torch
@@ -947,8 +955,10 @@ def launch_attention(
     pm = torch.empty((batch * heads, num_splits, rows), dtype=torch.float32, device=device)
     pl = torch.empty((batch * heads, num_splits, rows), dtype=torch.float32, device=device)
     pacc = torch.empty((batch * heads, num_splits, rows, dim), dtype=torch.float32, device=device)
+    lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=device) if with_lse else None
     if batch * q_heads * q_len == 0:
-        return torch.empty(q.shape, dtype=q.dtype, device=device)
+        empty = torch.empty(q.shape, dtype=q.dtype, device=device)
+        return (empty, lse) if with_lse else empty
     grid = (num_splits, batch * heads, m_tiles)
     q_args = (q_in, q_in.stride(0), q_in.stride(1), q_in.stride(2), q_in.stride(3))
     tail_args = (mask, *mstrides, kvl, pm, pl, pacc, heads, rep, q_len, tk, rows, num_splits, span, qk_scale)
@@ -1013,6 +1023,7 @@ def launch_attention(
         v_mean.contiguous(),
         v_mean if v_perm is None else v_perm.contiguous(),
         out,
+        pm if lse is None else lse,  # unused without WRITE_LSE
         heads,
         rep,
         q_len,
@@ -1023,6 +1034,7 @@ def launch_attention(
         VNB=v_rotation.shape[1],
         VPERM=v_perm is not None and not dense_v,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        WRITE_LSE=with_lse,
         num_warps=4,
     )
     if dense_v:
@@ -1030,7 +1042,7 @@ def launch_attention(
         acc = _permute(_rotate(acc, v_rotation, inverse=True), v_perm, inverse=True)
         acc = acc * v_scale[:, None, :] + v_mean[:, None, :]
         out = acc.unflatten(2, (rep, q_len)).flatten(1, 2).to(q.dtype)
-    return out
+    return (out, lse) if with_lse else out
 
 
 def default_sm_scale(dim: int) -> float:
