@@ -317,3 +317,33 @@ def test_bit_allocation_program_exports_to_onnx_and_tensorrt_onnx(tmp_path):
         for layer, states in compiled.quant_states.items():
             for kind, state in states.items():
                 assert stored[layer][kind].widths == state.widths and torch.equal(stored[layer][kind].perm, state.perm)
+
+
+def test_fused_exact_token_attention_exports_to_onnx_and_tensorrt_ready_onnx(tmp_path):
+    """Sink + recent window, attention fused (rq::attention_lse + plain ops): onnxruntime reproduces the torch logits
+    through prefill (T > W) and decode steps, and the TensorRT flavour passes the operator check."""
+    import onnx
+
+    import rqcompile
+    from rqcompile.config import RQConfig
+    from rqcompile.passes.fuse_attention import fuse_attention
+
+    lm = rqcompile.apply(tiny_llama(), config=RQConfig(bits=3, sink_tokens=1, residual_window=4), max_cache_len=32)
+    for gm in (lm.prefill_module, lm.decode_module):  # apply keeps exact-token sites unfused; fuse them here
+        assert fuse_attention(gm).meta["rq_fuse_attention_exact"] == len(lm.sites)
+    fn = functional_programs(lm, for_target="onnx")
+    export_lm(fn, tmp_path / "onnx", target="onnx", progress=False)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "decode.onnx"), load_external_data=False).graph.node}
+    assert "Softmax" in ops  # rq::attention_lse's translation (the merge itself is Exp / Log / ReduceMax)
+    onnx_lm, ref = rqcompile.load(tmp_path / "onnx"), fn.runner()
+    ids = _prompt(9)
+    torch.testing.assert_close(
+        onnx_lm.prefill(ids, torch.arange(9)), ref.prefill(ids, torch.arange(9)), atol=1e-4, rtol=1e-4
+    )
+    for i, token in enumerate((5, 17, 3)):
+        step = torch.tensor([[token]]), torch.tensor([9 + i])
+        torch.testing.assert_close(onnx_lm.decode(*step), ref.decode(*step), atol=1e-4, rtol=1e-4)
+    with pytest.raises(TensorRTNotInstalledError):
+        export_lm(fn, tmp_path / "trt", target="tensorrt", progress=False)
+    for name in ("prefill.onnx", "decode.onnx"):
+        assert check_tensorrt(tmp_path / "trt" / name).ok, check_tensorrt(tmp_path / "trt" / name).format()

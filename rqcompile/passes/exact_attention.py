@@ -46,7 +46,8 @@ def _mask_columns(attn_mask: torch.Tensor | None, keep: torch.Tensor, columns: t
     if attn_mask is None:
         return keep.view(1, 1, 1, -1)
     if columns is not None:
-        attn_mask = attn_mask.index_select(-1, columns.clamp(0, attn_mask.shape[-1] - 1))
+        # unused slots may hold negative positions; Where, not clamp (an int64 Clip has no TensorRT translation)
+        attn_mask = attn_mask.index_select(-1, torch.where(columns >= 0, columns, torch.zeros_like(columns)))
     if attn_mask.dtype == torch.bool:
         return attn_mask & keep
     return torch.where(keep, attn_mask, torch.tensor(_NEG_INF, dtype=attn_mask.dtype, device=attn_mask.device))
