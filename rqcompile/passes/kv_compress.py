@@ -52,7 +52,7 @@ the sink values at positions < S and the ring's at the W most recent positions
 its window *before* attention, so a prefill of T > W tokens attends to its first T - W (non-sink) tokens quantized and
 to its last W exactly. No reset is needed for a new sequence: every position <= max(cache_position) that the read
 takes from the sink or ring was written in the current sequence. S and W are clamped to max_cache_len. `fuse_attention`
-leaves such sites unfused (`rq::attention` reads codes only).
+fuses such sites into `attention_with_exact_tokens` (codes + the sink / ring buffers, no materialized cache).
 """
 
 from __future__ import annotations
