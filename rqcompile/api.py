@@ -8,8 +8,8 @@
 The result runs the two rewritten programs (unlifted GraphModules sharing one set of buffers: packed K/V codes,
 fp16 norms, quantizer parameters and the linear-attention states of hybrid models; with `sink_tokens` /
 `residual_window`, also the sink and recent-window buffers that hold those tokens in the model dtype, exactly as the
-eager `RQCache`). Attention is fused into `rq::attention` where supported: not with sink/window tokens, whose
-programs keep dequantize + SDPA (`fusion_notes` says why). `exported()` re-exports them as
+eager `RQCache`). Attention is fused into `rq::attention` over the packed codes (with sink/window tokens:
+`rq::attention_lse` merged with attention over the exact tokens). `exported()` re-exports them as
 ExportedPrograms (for AOTInductor / ONNX), `functional_step()` gives the cache-as-inputs/outputs form ONNX needs.
 """
 
@@ -67,7 +67,6 @@ class CompiledLM:
         batch_size: int,
         prefill_logits: str,
         fused: bool,
-        fusion_notes: list[str] | None = None,
     ):
         self.prefill_module = prefill
         self.decode_module = decode
@@ -82,7 +81,6 @@ class CompiledLM:
         self.batch_size = batch_size
         self.prefill_logits = prefill_logits
         self.fused = fused
-        self.fusion_notes = list(fusion_notes or [])
         self._prefill_fn: Callable = prefill
         self._decode_fn: Callable = decode
         self.compiled = False
@@ -217,10 +215,8 @@ class CompiledLM:
 
     def rewrite_report(self) -> str:
         lines = [str(r) for r in self.rewrites]
-        lines.append(
-            "attention: fused into rq::attention" if self.fused else "attention: not fused (dequantize + SDPA)"
-        )
-        lines += [f"  {note}" for note in self.fusion_notes]
+        fused = "attention: fused into rq::attention (rq::attention_lse + exact tokens where sink/window are held)"
+        lines.append(fused if self.fused else "attention: not fused (dequantize + SDPA)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -272,24 +268,16 @@ def apply(
     """Capture `model` (prefill + decode programs), compress every full-attention K/V cache, optionally fuse.
 
     `config` overrides backend/bits/key_bits/value_bits/seed when given; its `sink_tokens` / `residual_window`
-    keep those tokens in the model dtype exactly as the eager `RQCache` does. `fuse`: `None` fuses attention into
-    `rq::attention` when supported (not with sink/window tokens: `rq::attention` reads codes only), `False` never,
-    `True` always (a `ValueError` when it is not supported). The model's own weights are shared, not copied; its
-    float K/V caches are never allocated beyond capture (the capture wrapper's are dropped). A config with
+    keep those tokens in the model dtype exactly as the eager `RQCache` does. `fuse` (`None` or `True`: fuse, `False`:
+    keep dequantize + SDPA) replaces each site's dequantize + SDPA by `rq::attention` over the packed codes, or, with
+    sink/window tokens, by `rq::attention_lse` over the codes merged with attention over the exact tokens. The
+    model's own weights are shared, not copied; its float K/V caches are never allocated beyond capture (the capture
+    wrapper's are dropped). A config with
     `bit_allocation` needs `calibration` (its per-channel error weights decide the layout; `ValueError` without).
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
-    exact = {k: getattr(config, k) for k in ("sink_tokens", "residual_window") if getattr(config, k)}
-    fusion_notes = []
-    if exact:
-        if fuse:
-            raise ValueError(
-                f"fuse=True is not supported with {exact}: rq::attention scores packed codes only and cannot take "
-                "the tokens held in the model dtype; pass fuse=None (fuse when supported) or fuse=False"
-            )
-        fusion_notes.append(f"not fused: {exact} keeps tokens in the model dtype, which rq::attention cannot read")
-    fuse = not exact if fuse is None else fuse
+    fuse = True if fuse is None else fuse
     _check_calibration(config, calibration)
     captured = capture(
         model,
@@ -324,5 +312,4 @@ def apply(
         batch_size=batch_size,
         prefill_logits=prefill_logits,
         fused=fuse,
-        fusion_notes=fusion_notes,
     )

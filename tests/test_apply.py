@@ -17,7 +17,6 @@ from rqcompile.cache import RQCache
 from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 from rqcompile.passes.exact_attention import attention_with_exact_tokens
-from rqcompile.passes.fuse_attention import fuse_attention
 from rqcompile.passes.kv_compress import KVCompressError
 from rqcompile.runtime.generate import CacheOverflowError
 
@@ -243,9 +242,10 @@ def exact_lms(models) -> dict[str, CompiledLM]:
 @pytest.mark.parametrize("name", EXACT_MODELS)
 def test_sink_and_window_logits_equal_the_eager_cache(models, exact_lms, name):
     """Prompts shorter than S, between S and W, longer than both (prefill attends to its own last W tokens exactly and
-    to the earlier ones quantized), then decode steps past W; one program pair serves every sequence in turn."""
+    to the earlier ones quantized), then decode steps past W; one program pair serves every sequence in turn. The
+    programs are fused: rq::attention_lse on the codes merged with attention over the exact tokens."""
     lm, ids = exact_lms[name], _ids()
-    assert not lm.fused
+    assert lm.fused
     for prompt in (2, 4, PROMPT):
         ref = _eager(models[name], RQCache(EXACT, model_config=models[name].config), ids, prompt)
         torch.testing.assert_close(_steps(lm, ids, prompt), ref, atol=1e-4, rtol=1e-4)
@@ -280,26 +280,22 @@ def test_sink_and_window_greedy_generation_equals_eager(models, exact_lms):
     assert torch.equal(lm.generate(ids, 12), ref)
 
 
-def test_fusion_is_skipped_and_reported_with_sink_or_window(models, exact_lms):
+def test_sink_and_window_sites_fuse_into_attention_over_codes_and_exact_tokens(models, exact_lms):
     lm = exact_lms["llama"]
-    assert not lm.fused and lm.fusion_notes
-    report = lm.rewrite_report()
-    assert "not fused" in report and "sink_tokens" in report and "k_window_0" in report
-    attention = [torch.ops.rq.attention.default, torch.ops.aten.scaled_dot_product_attention.default]
+    assert lm.fused
+    ops = torch.ops.rq
     for gm in (lm.prefill_module, lm.decode_module):
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-        assert targets.count(attention[0]) == 0 and targets.count(attention[1]) == len(lm.sites)
-    with pytest.raises(ValueError, match="fuse=True is not supported with .*residual_window"):
-        apply(models["llama"], config=RQConfig(residual_window=4), max_cache_len=8, fuse=True)
-    assert apply(models["llama"], max_cache_len=8).fused  # fuse=None fuses when supported
+        assert targets.count(attention_with_exact_tokens) == len(lm.sites)  # rq::attention_lse + exact tokens
+        assert ops.dequantize.default not in targets
+        assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+    unfused = apply(models["llama"], config=RQConfig(residual_window=4), max_cache_len=8, fuse=False)
+    targets = [n.target for n in unfused.decode_module.graph.nodes if n.op == "call_function"]
+    assert not unfused.fused and attention_with_exact_tokens not in targets and ops.dequantize.default in targets
 
 
 def _fused_exact(model, config: RQConfig, calibration: Calibration | None = None) -> CompiledLM:
-    """`apply` keeps exact-token sites unfused (api.py), so the pass is run on its programs here."""
-    lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=calibration, prefill_logits="all")
-    for gm in (lm.prefill_module, lm.decode_module):
-        fuse_attention(gm)
-    return lm
+    return apply(model, config=config, max_cache_len=MAX_LEN, calibration=calibration, prefill_logits="all")
 
 
 @pytest.mark.parametrize("name", EXACT_MODELS)
