@@ -16,7 +16,6 @@ import torch
 
 from rqcompile.quant import quantizer
 from rqcompile.quant.packing import layout_size
-from rqcompile.quant.rotations import rotate
 
 
 @torch.library.custom_op("rq::quantize", mutates_args=())
@@ -156,8 +155,9 @@ def reference_attention(
     v_perm=None,
     k_widths=None,
     v_widths=None,
-) -> torch.Tensor:
-    """rq::attention's torch implementation (any device), with the op's arguments."""
+    return_lse: bool = False,
+):
+    """rq::attention's (`return_lse`: rq::attention_lse's) torch implementation, any device, the op's arguments."""
     attn_mask = mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2])
     group_k = q.shape[-1] // k_norms.shape[-1]
     group_v = q.shape[-1] // v_norms.shape[-1]
@@ -165,7 +165,7 @@ def reference_attention(
         k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, _layout(k_bits, k_widths), group_k, k_perm
     )
     v = quantizer.QuantState(v_rotation, v_mean, v_scale, v_levels, _layout(v_bits, v_widths), group_v, v_perm)
-    return quantizer.rotated_attention(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale)
+    return quantizer.rotated_attention(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale, return_lse)
 
 
 @attention.register_fake
@@ -228,81 +228,9 @@ def attention_lse(
     return reference_attention_lse(*args)
 
 
-def reference_attention_lse(
-    q,
-    k_codes,
-    k_norms,
-    v_codes,
-    v_norms,
-    k_rotation,
-    k_scale,
-    k_levels,
-    v_rotation,
-    v_mean,
-    v_scale,
-    v_levels,
-    k_bits,
-    v_bits,
-    attn_mask,
-    sm_scale,
-    kv_len=None,
-    k_perm=None,
-    v_perm=None,
-    k_widths=None,
-    v_widths=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """rq::attention_lse's torch implementation (any device): rq::attention's output and the rotated scores' lse."""
-    out = reference_attention(
-        q,
-        k_codes,
-        k_norms,
-        v_codes,
-        v_norms,
-        k_rotation,
-        k_scale,
-        k_levels,
-        v_rotation,
-        v_mean,
-        v_scale,
-        v_levels,
-        k_bits,
-        v_bits,
-        attn_mask,
-        sm_scale,
-        kv_len,
-        k_perm,
-        v_perm,
-        k_widths,
-        v_widths,
-    )
-    k = quantizer.QuantState(
-        k_rotation, torch.zeros_like(k_scale), k_scale, k_levels, _layout(k_bits, k_widths), 1, k_perm
-    )
-    scores = rotated_scores(q, k_codes, k_norms, k, mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2]), sm_scale)
-    return out, torch.logsumexp(scores, dim=-1)
-
-
-def rotated_scores(
-    q: torch.Tensor,
-    k_codes: torch.Tensor,
-    k_norms: torch.Tensor,
-    k: quantizer.QuantState,
-    attn_mask: torch.Tensor | None,
-    sm_scale: float,
-) -> torch.Tensor:
-    """fp32 [B, Hq, Tq, Tk]: the scaled, masked scores `quantizer.rotated_attention` takes the softmax of."""
-    batch, q_heads, q_len, dim = q.shape
-    kv_heads = k_codes.shape[1]
-    rep = q_heads // kv_heads
-    qf = q.float().unflatten(1, (kv_heads, rep)).flatten(2, 3)  # [B, Hkv, rep*Tq, d]
-    q_rot = rotate(quantizer._permute(qf * k.scale[:, None, :], k.perm), k.rotation)
-    k_rot = quantizer.dequantize_rotated(k_codes, k_norms, k.levels, k.widths, dim)
-    scores = ((q_rot @ k_rot.transpose(-1, -2)) * sm_scale).unflatten(2, (rep, q_len)).flatten(1, 2)
-    if attn_mask is None:
-        return scores
-    if attn_mask.dtype == torch.bool:
-        return scores.masked_fill(~attn_mask, float("-inf"))
-    return scores + attn_mask.float()
+def reference_attention_lse(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """rq::attention_lse's torch implementation (any device), with the op's arguments."""
+    return reference_attention(*args, **kwargs, return_lse=True)
 
 
 @attention_lse.register_fake

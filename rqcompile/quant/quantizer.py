@@ -307,6 +307,37 @@ def dequantize(
     return (u * scale[:, None, :] + mean[:, None, :]).to(dtype)
 
 
+def rotated_scores(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_norms: torch.Tensor,
+    k: QuantState,
+    attn_mask: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled, masked scores fp32 [B, Hq, Tq, Tk] of q [B, Hq, Tq, d] against the packed keys, in K's rotated space.
+
+    K's scale folds into q, q's channels are ordered as K's were (`perm`), then q is rotated once per KV head; the
+    key mean's term `sm_scale * q . mean` is left out (the same for every key of a query: softmax ignores it).
+    `attn_mask`: bool (True = attend) or additive float, broadcastable to [B, Hq, Tq, Tk], as in SDPA."""
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads = k_codes.shape[1]
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
+    rep = q_heads // kv_heads
+    sm_scale = 1.0 / math.sqrt(dim) if sm_scale is None else sm_scale
+    qf = q.float().unflatten(1, (kv_heads, rep)).flatten(2, 3)  # [B, Hkv, rep*Tq, d]
+    q_rot = rotate(_permute(qf * k.scale[:, None, :], k.perm), k.rotation)
+    k_rot = dequantize_rotated(k_codes, k_norms, k.levels, k.widths, dim)  # [B, Hkv, Tk, d]
+    scores = (q_rot @ k_rot.transpose(-1, -2)) * sm_scale  # [B, Hkv, rep*Tq, Tk]
+    scores = scores.unflatten(2, (rep, q_len)).flatten(1, 2)  # [B, Hq, Tq, Tk]
+    if attn_mask is None:
+        return scores
+    if attn_mask.dtype == torch.bool:
+        return scores.masked_fill(~attn_mask, float("-inf"))
+    return scores + attn_mask.float()
+
+
 def rotated_attention(
     q: torch.Tensor,
     k_codes: torch.Tensor,
@@ -317,39 +348,26 @@ def rotated_attention(
     v: QuantState,
     attn_mask: torch.Tensor | None = None,
     sm_scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, Tq, d] over a compressed cache, computed in the rotated space (fp32).
 
-    Rotates q once, scores against codebook values times norms, accumulates values in V's rotated space and
-    un-rotates once per query; equals SDPA over the dequantized cache (the key mean only shifts each query's scores
-    by a constant, which softmax ignores). `attn_mask`: bool (True = attend) or additive float, broadcastable to
-    [B, Hq, Tq, Tk], as in `F.scaled_dot_product_attention`.
+    Scores as `rotated_scores`; values accumulate in V's rotated space and are un-rotated once per query. Equals
+    SDPA over the dequantized cache. A fully masked row gets V's mean. `return_lse`: also the natural-log sum-exp of
+    each row's scores, fp32 [B, Hq, Tq] (-inf for a fully masked row), with which attentions over disjoint key sets
+    merge exactly.
     """
     batch, q_heads, q_len, dim = q.shape
     kv_heads = k_codes.shape[1]
-    if q_heads % kv_heads:
-        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
     rep = q_heads // kv_heads
-    sm_scale = 1.0 / math.sqrt(dim) if sm_scale is None else sm_scale
-    # Fold K's scale into q, order its channels as K's were, then rotate q by K's rotation (per KV head).
-    qf = q.float().unflatten(1, (kv_heads, rep)).flatten(2, 3)  # [B, Hkv, rep*Tq, d]
-    q_rot = rotate(_permute(qf * k.scale[:, None, :], k.perm), k.rotation)
-    k_rot = dequantize_rotated(k_codes, k_norms, k.levels, k.widths, dim)  # [B, Hkv, Tk, d]
-    v_rot = dequantize_rotated(v_codes, v_norms, v.levels, v.widths, dim)
-    scores = (q_rot @ k_rot.transpose(-1, -2)) * sm_scale  # [B, Hkv, rep*Tq, Tk]
-    scores = scores.unflatten(2, (rep, q_len)).flatten(1, 2)  # [B, Hq, Tq, Tk]
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.float()
+    scores = rotated_scores(q, k_codes, k_norms, k, attn_mask, sm_scale)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
     probs = probs.unflatten(1, (kv_heads, rep)).flatten(2, 3)  # [B, Hkv, rep*Tq, Tk]
-    acc = probs @ v_rot
+    acc = probs @ dequantize_rotated(v_codes, v_norms, v.levels, v.widths, dim)
     out = _permute(rotate(acc, v.rotation, inverse=True), v.perm, inverse=True)
     out = out * v.scale[:, None, :] + v.mean[:, None, :]
-    out = out.unflatten(2, (rep, q_len)).flatten(1, 2)
-    return out.to(q.dtype)
+    out = out.unflatten(2, (rep, q_len)).flatten(1, 2).to(q.dtype)
+    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
 
 
 def pad_to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -364,5 +382,6 @@ __all__ = [
     "dequantize",
     "dequantize_rotated",
     "rotated_attention",
+    "rotated_scores",
     "pad_to_heads",
 ]
