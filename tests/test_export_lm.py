@@ -326,11 +326,10 @@ def test_fused_exact_token_attention_exports_to_onnx_and_tensorrt_ready_onnx(tmp
 
     import rqcompile
     from rqcompile.config import RQConfig
-    from rqcompile.passes.fuse_attention import fuse_attention
 
     lm = rqcompile.apply(tiny_llama(), config=RQConfig(bits=3, sink_tokens=1, residual_window=4), max_cache_len=32)
-    for gm in (lm.prefill_module, lm.decode_module):  # apply keeps exact-token sites unfused; fuse them here
-        assert fuse_attention(gm).meta["rq_fuse_attention_exact"] == len(lm.sites)
+    for gm in (lm.prefill_module, lm.decode_module):
+        assert gm.meta["rq_fuse_attention_exact"] == len(lm.sites)
     fn = functional_programs(lm, for_target="onnx")
     export_lm(fn, tmp_path / "onnx", target="onnx", progress=False)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "decode.onnx"), load_external_data=False).graph.node}
