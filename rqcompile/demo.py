@@ -48,12 +48,15 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
     calib = calibrate(model, stdlib_corpus(tok, 2048), value_scale=True, source="stdlib")
     print(f"calibrated on 2048 tokens of Python stdlib sources in {time.perf_counter() - t0:.0f}s")
     preset = RQConfig(backend="iso", key_bits=4, value_bits=3, sink_tokens=1)
+    # the best measured 3.5 bits/element preset (QUALITY.md, "Session 3"): calibrated bit allocation
+    allocated = RQConfig(backend="iso", key_bits=3.5, value_bits=3, sink_tokens=1, bit_allocation=(2, 3, 4, 5, 6))
     caches = {
         "bf16-equivalent (DynamicCache)": DynamicCache,
         f"planar {bits}-bit": lambda: PlanarQuantCache(bits=bits),
         f"iso {bits}-bit": lambda: IsoQuantCache(bits=bits),
         f"rotor {bits}-bit": lambda: RotorQuantCache(bits=bits),
         "iso K4/V3 calibrated + sink": lambda: RQCache(preset, calibration=calib),
+        "iso K3.5/V3 bit-allocated + sink": lambda: RQCache(allocated, calibration=calib),
     }
     for question in QUESTIONS:
         print(f"\nQ: {question}")
