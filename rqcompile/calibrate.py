@@ -52,14 +52,15 @@ _ATTN_NAME = "rqcompile_calibration_capture"
 
 
 @contextlib.contextmanager
-def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module]):
-    """Temporarily route the model's attention through a function that records post-RoPE K and V, and the
-    per-channel second moment of the queries, per layer."""
+def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module], skip_first: int):
+    """Temporarily route the model's attention through a function that records post-RoPE K and V, and the sum and
+    count of the queries' squares per channel (not the queries: there are Hq/H times more of them), per layer."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def capture(module, query, key, value, attention_mask, **kwargs):
-        q2 = query.detach().float().pow(2)  # [B, Hq, T, d]
+        q = query.detach()[:, :, skip_first:].float()
+        q2 = (q.pow(2).sum(dim=(0, 2)), q.shape[0] * q.shape[2])  # ([Hq, d], tokens)
         sink.setdefault(module.layer_idx, []).append((key.detach().float(), value.detach().float(), q2))
         modules[module.layer_idx] = module
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -100,7 +101,7 @@ def calibrate(
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     sink: dict[int, list] = {}
     modules: dict[int, torch.nn.Module] = {}
-    with torch.no_grad(), _capturing(model, sink, modules):
+    with torch.no_grad(), _capturing(model, sink, modules, skip_first):
         for start in range(0, ids.shape[1], chunk):  # independent windows: bounded memory, no cache needed
             model(ids[:, start : start + chunk].to(model.device), use_cache=False)
     if not sink:
@@ -123,19 +124,18 @@ def calibrate(
             if error_weights:
                 centred = x - mean[:, None] if kind == "k" and key_mean else x  # what the quantizer sees
                 variance = centred.pow(2).mean(1)
-                importance = _importance(kind, pieces, modules[layer_idx], x.shape[0], skip_first)
+                importance = _importance(kind, pieces, modules[layer_idx], x.shape[0])
                 weight = variance * importance
                 stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
     return Calibration(stats, source)
 
 
-def _importance(kind: str, pieces: list, module: torch.nn.Module, kv_heads: int, skip_first: int) -> torch.Tensor:
+def _importance(kind: str, pieces: list, module: torch.nn.Module, kv_heads: int) -> torch.Tensor:
     """How much a unit error in each channel of a KV head costs, [H, d]. Keys: `E[q_j^2]` over the query heads
     that read the KV head (a key error `e` moves a score by `q . e`). Values: `||W_o[:, j]||^2` over those query
     heads' output-projection columns (ones when the module has no `o_proj`)."""
     if kind == "k":
-        q2 = torch.cat([p[2][:, :, skip_first:] for p in pieces], dim=2)  # [B, Hq, T, d]
-        q2 = q2.mean(dim=(0, 2))  # [Hq, d]
+        q2 = sum(p[2][0] for p in pieces) / max(sum(p[2][1] for p in pieces), 1)  # E[q^2], [Hq, d]
         return q2.unflatten(0, (kv_heads, -1)).mean(1)
     d = pieces[0][1].shape[-1]
     o_proj = getattr(module, "o_proj", None)
