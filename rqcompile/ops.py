@@ -108,29 +108,9 @@ def attention(
     (and masking) all of max_cache_len. `k_perm`/`v_perm`, `k_widths`/`v_widths`: a calibrated bit allocation's
     layout (as for rq::quantize).
     """
-    return reference_attention(
-        q,
-        k_codes,
-        k_norms,
-        v_codes,
-        v_norms,
-        k_rotation,
-        k_scale,
-        k_levels,
-        v_rotation,
-        v_mean,
-        v_scale,
-        v_levels,
-        k_bits,
-        v_bits,
-        attn_mask,
-        sm_scale,
-        kv_len,
-        k_perm,
-        v_perm,
-        k_widths,
-        v_widths,
-    )
+    args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
+    args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
+    return reference_attention(*args)
 
 
 def reference_attention(
@@ -169,29 +149,7 @@ def reference_attention(
 
 
 @attention.register_fake
-def _(
-    q,
-    k_codes,
-    k_norms,
-    v_codes,
-    v_norms,
-    k_rotation,
-    k_scale,
-    k_levels,
-    v_rotation,
-    v_mean,
-    v_scale,
-    v_levels,
-    k_bits,
-    v_bits,
-    attn_mask,
-    sm_scale,
-    kv_len=None,
-    k_perm=None,
-    v_perm=None,
-    k_widths=None,
-    v_widths=None,
-):
+def _(q, *args, **kwargs):  # only q's shape decides the output
     return q.new_empty(q.shape)  # contiguous, like every implementation
 
 
@@ -234,29 +192,7 @@ def reference_attention_lse(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor
 
 
 @attention_lse.register_fake
-def _(
-    q,
-    k_codes,
-    k_norms,
-    v_codes,
-    v_norms,
-    k_rotation,
-    k_scale,
-    k_levels,
-    v_rotation,
-    v_mean,
-    v_scale,
-    v_levels,
-    k_bits,
-    v_bits,
-    attn_mask,
-    sm_scale,
-    kv_len=None,
-    k_perm=None,
-    v_perm=None,
-    k_widths=None,
-    v_widths=None,
-):
+def _(q, *args, **kwargs):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
