@@ -8,6 +8,7 @@ and dequantize-then-SDPA, torch.compile / AOTInductor checks. Short table at the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -36,6 +37,17 @@ GIB = 1024**3
 
 def log(*a):
     print(*a, flush=True)
+
+
+@contextlib.contextmanager
+def attention_decode(decode):
+    """rq::attention (and launch_attention without `decode=`) with this code decode (kattn.DECODES name)."""
+    old = kattn.DEFAULTS["decode"]
+    kattn.DEFAULTS["decode"] = decode
+    try:
+        yield
+    finally:
+        kattn.DEFAULTS["decode"] = old
 
 
 def med(fn, graph=False):
@@ -145,7 +157,8 @@ def check_attention(backend, kb, vb, batch=2, tq=1, tk=5000, mask_kind="none"):
     ref = quantizer.rotated_attention(q.float(), kc, kn, vc, vn, ks, vs, mask, sm)
     e = ((out.float() - ref).norm() / ref.norm()).item()
     ok = e < 1e-2 and not torch.isnan(out).any().item()
-    r = {"what": f"attention {backend} K{kb}V{vb} B{batch} Tq{tq} Tk{tk} mask={mask_kind}", "relerr": e, "ok": ok}
+    what = f"attention {backend} K{kb}V{vb} B{batch} Tq{tq} Tk{tk} mask={mask_kind} decode={kattn.DEFAULTS['decode']}"
+    r = {"what": what, "relerr": e, "ok": ok}
     RESULTS["checks"].append(r)
     log(r)
 
@@ -224,7 +237,9 @@ def bench_layout_attention(copy_bw, batch, ctx, key_bits=3.5, value_bits=3, back
     log(row)
 
 
-def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True, with_deq=True):
+def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True, with_deq=True, decodes=("tree",)):
+    """Fused attention (one row per code decode, same inputs) against bf16 SDPA and dequantize-then-SDPA (timed once,
+    copied into every decode's row)."""
     heads, hq, dim = 4, 24, 256
     ks, vs = state(backend, bits, "k", heads, dim), state(backend, bits, "v", heads, dim)
     q = torch.randn(batch, hq, 1, dim, device="cuda", dtype=torch.bfloat16)
@@ -233,69 +248,49 @@ def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=Tru
     kc, kn = launch_quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, bits, ks.group)
     vc, vn = launch_quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, bits, vs.group)
     sm = 1 / math.sqrt(dim)
-    row = {"batch": batch, "ctx": ctx, "bits": bits, "backend": backend}
     packed_bytes = sum(t.numel() * t.element_size() for t in (kc, kn, vc, vn))
     bf16_bytes = 2 * k.numel() * 2
+    args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, bits, bits)
 
     def fused():
-        return torch.ops.rq.attention(
-            q,
-            kc,
-            kn,
-            vc,
-            vn,
-            ks.rotation,
-            ks.scale,
-            ks.levels,
-            vs.rotation,
-            vs.mean,
-            vs.scale,
-            vs.levels,
-            bits,
-            bits,
-            None,
-            sm,
-        )
+        return torch.ops.rq.attention(*args, None, sm)
 
-    def fused_kernel_only():
-        return launch_attention(
-            q,
-            kc,
-            kn,
-            vc,
-            vn,
-            ks.rotation,
-            ks.scale,
-            ks.levels,
-            vs.rotation,
-            vs.mean,
-            vs.scale,
-            vs.levels,
-            bits,
-            bits,
-            None,
-            sm,
-        )
-
+    ref = None
     # correctness at this size against SDPA over the dequantized cache (skipped where fp32 copies don't fit)
     if batch * ctx <= 2**20:
         kd = launch_dequantize(kc, kn, ks.rotation, ks.mean, ks.scale, ks.levels, bits, dim, torch.bfloat16)
         vd = launch_dequantize(vc, vn, vs.rotation, vs.mean, vs.scale, vs.levels, bits, dim, torch.bfloat16)
         ref = F.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), scale=sm, enable_gqa=True)
-        row["relerr_vs_dequant_sdpa_fp32"] = ((fused().float() - ref).norm() / ref.norm()).item()
-        del kd, vd, ref
+        del kd, vd
+    rows, first_out = [], None
+    for decode in decodes:
+        row = {"batch": batch, "ctx": ctx, "bits": bits, "backend": backend, "decode": decode}
 
-    row["fused_ms"] = med(fused)
-    row["fused_graph_ms"] = med(fused_kernel_only, graph=True)
-    row["fused_floor_ms"] = packed_bytes / copy_bw * 1e3
+        def fused_kernel_only(decode=decode):
+            return launch_attention(*args, None, sm, decode=decode)
+
+        with attention_decode(decode):
+            out = fused().float()
+            if ref is not None:
+                row["relerr_vs_dequant_sdpa_fp32"] = ((out - ref).norm() / ref.norm()).item()
+            if first_out is None:
+                first_out = out
+            else:  # the same decoded values: equal up to the fp32 summation order
+                row["maxdiff_vs_" + decodes[0]] = (out - first_out).abs().max().item()
+            row["fused_ms"] = med(fused)
+        row["fused_graph_ms"] = med(fused_kernel_only, graph=True)
+        row["fused_floor_ms"] = packed_bytes / copy_bw * 1e3
+        rows.append(row)
+    del ref, first_out
     if with_sdpa:
+        base = {}
 
         def sdpa():
             return F.scaled_dot_product_attention(q, k, v, scale=sm, enable_gqa=True)
 
-        row["sdpa_ms"] = med(sdpa)
-        row["sdpa_graph_ms"] = med(sdpa, graph=True)
-        row["sdpa_floor_ms"] = bf16_bytes / copy_bw * 1e3
+        base["sdpa_ms"] = med(sdpa)
+        base["sdpa_graph_ms"] = med(sdpa, graph=True)
+        base["sdpa_floor_ms"] = bf16_bytes / copy_bw * 1e3
 
         def deq_sdpa():
             kd = launch_dequantize(kc, kn, ks.rotation, ks.mean, ks.scale, ks.levels, bits, dim, torch.bfloat16)
@@ -303,10 +298,13 @@ def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=Tru
             return F.scaled_dot_product_attention(q, kd, vd, scale=sm, enable_gqa=True)
 
         if with_deq:
-            row["deq_sdpa_ms"] = med(deq_sdpa)
-        row["deq_sdpa_floor_ms"] = (packed_bytes + 2 * bf16_bytes) / copy_bw * 1e3
-    RESULTS["attention"].append(row)
-    log(json.dumps(row))
+            base["deq_sdpa_ms"] = med(deq_sdpa)
+        base["deq_sdpa_floor_ms"] = (packed_bytes + 2 * bf16_bytes) / copy_bw * 1e3
+        for row in rows:
+            row.update(base)
+    for row in rows:
+        RESULTS["attention"].append(row)
+        log(json.dumps(row))
 
 
 def sweep(copy_bw):
@@ -518,9 +516,10 @@ def table(copy_bw):
     for r in RESULTS["quantize"]:
         s = f"quantize {r['backend']:8s} {r['bits']}b  {r['ms']:.3f} ms  {r['GBps']:.0f} GB/s"
         log(s + f"  {r['frac_copy_bw']:.0%} of copy")
-    log("attn B ctx  | fused ms (graph) floor% | sdpa ms (graph) floor% | deq+sdpa ms | speedup vs sdpa (graph)")
+    log("attn B ctx b decode | fused ms (graph) floor% | sdpa ms (graph) floor% | deq+sdpa ms | vs sdpa (graph)")
     for r in RESULTS["attention"]:
-        s = f"B{r['batch']} {r['ctx'] // 1024:4d}K {r['bits']}b | {r['fused_ms']:.3f} ({r['fused_graph_ms']:.3f}) "
+        s = f"B{r['batch']} {r['ctx'] // 1024:4d}K {r['bits']}b {r.get('decode', 'tree'):4s} | "
+        s += f"{r['fused_ms']:.3f} ({r['fused_graph_ms']:.3f}) "
         s += f"{r['fused_floor_ms'] / r['fused_graph_ms']:.0%}"
         if "sdpa_ms" in r:
             s += f" | {r['sdpa_ms']:.3f} ({r['sdpa_graph_ms']:.3f}) {r['sdpa_floor_ms'] / r['sdpa_graph_ms']:.0%}"
@@ -531,7 +530,13 @@ def table(copy_bw):
         log("ERROR", e[:300])
 
 
-def attention_checks():
+def attention_checks(decodes=("tree",)):
+    for decode in decodes:
+        with attention_decode(decode):
+            attention_checks_one()
+
+
+def attention_checks_one():
     for backend, kb, vb in (("planar", 3, 3), ("planar", 2, 2), ("planar", 4, 4), ("iso", 4, 2), ("rotor", 2, 4)):
         guarded(check_attention, backend, kb, vb)
     guarded(check_attention, "hadamard", 3, 3)
@@ -556,7 +561,8 @@ def attn_only(args):
             guarded(check_quantize, backend, 3)
         for backend, bits, search in (("planar", 3, None), ("planar", 3, ()), ("iso", 3, None), ("planar", 4, None)):
             guarded(bench_quantize, copy_bw, backend, bits, scale_search=search)
-    attention_checks()
+    decodes = tuple(args.decode.split(","))
+    attention_checks(decodes)
     log(f"checks done at {time.time() - t0:.0f}s")
     if not args.no_sweep:
         guarded(sweep_attention)
@@ -564,7 +570,7 @@ def attn_only(args):
     for batch in [int(b) for b in args.batches.split(",")]:
         for ctx in [int(c) for c in args.contexts.split(",")]:
             for bits in [int(b) for b in args.bits.split(",")]:
-                guarded(bench_attention, copy_bw, batch, ctx, bits=bits, with_deq=not args.no_deq)
+                guarded(bench_attention, copy_bw, batch, ctx, bits=bits, with_deq=not args.no_deq, decodes=decodes)
     log(f"attention bench done at {time.time() - t0:.0f}s")
     RESULTS["defaults"] = {"attention": dict(kattn.DEFAULTS)}
     RESULTS["wall_s"] = time.time() - t0
@@ -586,7 +592,15 @@ def main():
     ap.add_argument("--quantize", action="store_true", help="with --attn-only: quantize checks and bench too")
     ap.add_argument("--layout", action="store_true", help="with --attn-only: bit-allocation layout attention too")
     ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-SDPA baseline")
+    ap.add_argument(
+        "--decode",
+        default="tree",
+        help="attention code decodes to check and time, comma-separated (kattn.DECODES: tree, prmt, prmt-emulated)",
+    )
     args = ap.parse_args()
+    for decode in args.decode.split(","):
+        if decode not in kattn.DECODES:
+            ap.error(f"--decode: {decode!r} is not one of {sorted(kattn.DECODES)}")
     if args.aoti_only:
         aoti_only()
         return
@@ -600,7 +614,8 @@ def main():
     for backend in ("planar", "iso", "rotor", "hadamard", "none"):
         for bits in (2, 3, 4):
             guarded(check_quantize, backend, bits)
-    attention_checks()
+    decodes = tuple(args.decode.split(","))
+    attention_checks(decodes)
     log(f"checks done at {time.time() - t0:.0f}s")
     guarded(sweep, copy_bw)
     log(f"sweep done at {time.time() - t0:.0f}s")
@@ -612,11 +627,11 @@ def main():
         for ctx in (4096, 32768, 131072, 524288):
             need = 2 * batch * 4 * ctx * 256 * 2 * 2.6  # bf16 K/V + copies made by the baselines
             if need > 0.8 * mem:
-                guarded(bench_attention, copy_bw, batch, ctx, with_sdpa=False)
+                guarded(bench_attention, copy_bw, batch, ctx, with_sdpa=False, decodes=decodes)
                 continue
-            guarded(bench_attention, copy_bw, batch, ctx)
+            guarded(bench_attention, copy_bw, batch, ctx, decodes=decodes)
     for bits in (2, 4):
-        guarded(bench_attention, copy_bw, 8, 131072, bits=bits)
+        guarded(bench_attention, copy_bw, 8, 131072, bits=bits, decodes=decodes)
     log(f"attention bench done at {time.time() - t0:.0f}s")
     RESULTS["defaults"] = {"quantize": dict(kquant.DEFAULTS), "attention": dict(kattn.DEFAULTS)}
     os.makedirs(args.out, exist_ok=True)

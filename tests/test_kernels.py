@@ -517,3 +517,186 @@ def test_quantize_layout_gpu(backend, bits):
 def test_attention_layout_gpu(backend, kb, vb, kw):
     _attention_case(backend, kb, vb, 256, "cuda", tk=kw.pop("tk", 9000), heads=4, rep=6, layout=True, **kw)
     _attention_case(backend, kb, vb, 128, "cuda", tk=777, heads=2, rep=4, layout=True)
+
+
+# ---------------------------------------------------------------- prmt table decode (attention DECODE=1)
+
+
+def _prmt_blocks(bits, codes):
+    """The asm operands (per block of prmt.CODES[bits] codes) of codes [N, d] packed in the cache format."""
+    import numpy as np
+
+    from rqcompile.kernels import prmt
+    from rqcompile.quant.packing import pack
+
+    dim = codes.shape[-1]
+    words = pack(codes, bits).contiguous().view(torch.int32).numpy()  # [N, d * bits / 32], little endian
+    per = prmt.CODES[bits]
+    low = words[:, : dim // per]  # 2/3 bits: the 2-bit low plane; 4 bits: all words
+    ins = [low]
+    if bits == 3:  # the high plane's halfword of each low-plane word (bits 16..31 garbage: the next halfword)
+        half = words[:, dim // 16 :].view(np.uint16).astype(np.uint32)
+        nxt = np.roll(half, -1, axis=1)
+        ins.append(half | (nxt << 16))
+    return ins
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_prmt_emulator_decodes_the_packed_cache(bits):
+    """The numpy emulator of the prmt asm (generated from the same steps as the PTX) gives fp16(level) of every code
+    of the real packed layout, in prmt.COLUMNS order; levels include -0.0, a subnormal, fp16 max and values that
+    round (so the tables must hold round-to-nearest fp16)."""
+    import numpy as np
+
+    from rqcompile.kernels import prmt
+
+    g = torch.Generator().manual_seed(bits)
+    dim, n = 256, 300
+    levels = (torch.randn(2**bits, generator=g) * 3).sort().values
+    levels[0], levels[1], levels[-1] = -0.0, 3e-6, 65504.0
+    levels[2] = 1 + 2**-11 + 2**-13  # rounds up to 1 + 2**-10
+    codes = torch.randint(0, 2**bits, (n, dim), generator=g)
+    codes[0] = torch.arange(dim) % 2**bits  # every code at every position
+    per = prmt.CODES[bits]
+    ins = _prmt_blocks(bits, codes)
+    out = prmt.emulate(bits, *ins, *prmt.table_words(levels.numpy(), bits))  # [n, d / per, 2 * pairs]
+    assert out.shape == (n, dim // per, per)
+    want = levels.numpy().astype(np.float16).view(np.uint16)[codes.numpy()].reshape(n, dim // per, per)
+    np.testing.assert_array_equal(out, want[:, :, list(prmt.COLUMNS[bits])])
+    assert sorted(prmt.COLUMNS[bits]) == list(range(per))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_prmt_asm_is_the_emulated_program(bits):
+    """The PTX has one instruction per step of prmt.program (what the emulator runs) and one split per output pair;
+    every input and output operand appears."""
+    from rqcompile.kernels import prmt
+
+    inputs, steps, out = prmt.program(bits)
+    text = prmt.asm(bits)
+    assert "\n" not in text  # Inductor writes it into generated source as a one-line string literal
+    statements = [part.strip() + ";" for part in text.strip("{} ").split(";") if part.strip()]
+    body = [ln for ln in statements if not ln.startswith(".reg")]
+    assert len(body) == len(steps) + len(out)
+    for (op, dst, *args), line in zip(steps, body):
+        assert line.startswith(f"{op}.b32 rq{dst}, ")
+        for a in args[:3] if op == "lop3" else args:
+            if isinstance(a, str):
+                assert (f"${2 * len(out) + inputs.index(a)}" if a in inputs else f"rq{a}") in line
+            elif op not in ("shl", "shr"):
+                assert f"0x{a:X}" in line
+            else:
+                assert line.endswith(f", {a};")
+    cons = prmt.constraints(bits).split(",")
+    assert cons == ["=h"] * 2 * len(out) + ["r"] * len(inputs)
+    for i in range(len(cons)):
+        assert f"${i}" in text
+    assert "prmt.b32" in text and len(out) * 2 == prmt.CODES[bits]
+
+
+def _decode_case(
+    kb, vb, dim, device, tk, batch, heads, rep, backend="planar", mask_kind=None, splits=None, tq=1, decodes=None
+):
+    """The uniform kernel with each decode against the reference: (outputs by decode, reference)."""
+    ks = _state(backend, kb, "k", heads, dim, device)
+    vs = _state(backend, vb, "v", heads, dim, device, seed=1)
+    k = torch.randn(batch, heads, tk, dim, device=device) * 2
+    v = torch.randn(batch, heads, tk, dim, device=device)
+    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, kb, ks.group)
+    vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, vb, vs.group)
+    q = torch.randn(batch, heads * rep, tq, dim, device=device)
+    mask, kv_len, ref_mask = None, None, None
+    if mask_kind == "kv_len":
+        kv_len = torch.randint(1, tk + 1, (batch,), device=device)
+        kv_len[0] = tk
+        ref_mask = torch.arange(tk, device=device)[None, None, None, :] < kv_len[:, None, None, None]
+    elif mask_kind == "bool":
+        mask = ref_mask = torch.rand(batch, 1, 1, tk, device=device) > 0.3
+    sm = 1 / math.sqrt(dim)
+    ref = quantizer.rotated_attention(q, kc, kn, vc, vn, ks, vs, ref_mask, sm)
+    args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, kb, vb)
+    if decodes is None:
+        decodes = ("tree", "prmt-emulated") if device == "cpu" else ("tree", "prmt", "prmt-emulated")
+    outs = {}
+    for decode in decodes:
+        _poison(device)
+        out = kattn.launch_attention(*args, mask, sm, kv_len, num_splits=splits, decode=decode)
+        assert out.shape == q.shape and not torch.isnan(out).any()
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err < 3e-3, (decode, err)
+        outs[decode] = out
+    return outs, ref
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "kb,vb,dim,kw",
+    [
+        (3, 3, 64, {"splits": 3}),
+        (2, 4, 64, {"mask_kind": "kv_len", "splits": 2}),
+        (4, 2, 64, {"mask_kind": "bool", "tq": 2}),
+        (3, 2, 256, {"batch": 1, "heads": 1}),  # two norm groups (K norms after two dots, V norms in p twice)
+        (4, 3, 256, {"batch": 1, "heads": 1, "backend": "iso"}),
+    ],
+)
+def test_attention_interpret_prmt_data_path(kb, vb, dim, kw):
+    """DECODE=2 (the prmt steps as Triton integer ops, which the interpreter can run) through the whole kernel:
+    tables, word loads, the join order, q's column permutation (K) and the accumulator's (V). Same values as the
+    tree decode, summed in another order."""
+    kw = {"batch": 2, "heads": 2, **kw}
+    outs, _ = _decode_case(kb, vb, dim, "cpu", tk=70, rep=3, **kw)
+    _same_decoded_values(outs["prmt-emulated"], outs["tree"], kb, vb)
+
+
+def _same_decoded_values(out, tree, kb, vb, bitwise=True):
+    """Outputs of the same decoded values. 4-bit tiles keep the natural column order: bitwise equal. 2/3-bit tiles
+    come with permuted columns, so q.k sums the coordinates in another order (fp32 rounding, ~1e-7), which can
+    flip the fp16 rounding of a p now and then (~5e-4 of one key's weight): close, not equal."""
+    out, tree = out.float(), tree.float()
+    if bitwise and kb == 4 and vb == 4:
+        assert torch.equal(out, tree), (out - tree).abs().max().item()
+    rel = ((out - tree).norm() / tree.norm()).item()
+    assert rel < 5e-5, rel  # a wrong level anywhere gives >= 1e-2
+    assert (out - tree).abs().max().item() < 2e-3
+
+
+def test_prmt_decode_is_the_tree_in_the_interpreter(monkeypatch):
+    """The launcher forces the tree for DECODE=1 where inline asm cannot run."""
+    if HAS_CUDA:
+        pytest.skip("interpreter only")
+    seen = []
+    real = kattn._attn_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                seen.append(k["DECODE"])
+                return real[grid](*a, **k)
+
+            return launch
+
+    monkeypatch.setattr(kattn, "_attn_split_kernel", Spy())
+    _decode_case(3, 3, 64, "cpu", tk=20, batch=1, heads=1, rep=2, decodes=("tree", "prmt", 1, "prmt-emulated"))
+    assert seen == [0, 0, 0, 2]
+    assert kattn.DEFAULTS["decode"] == kattn.DECODES["prmt"]  # the default since it was timed (benchmarks/NOTES.md v6)
+    with pytest.raises(ValueError):
+        kattn.launch_attention(*([None] * 16), decode=7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("batch,mask_kind", [(1, None), (8, None), (8, "kv_len")])
+def test_attention_prmt_decode_gpu(bits, batch, mask_kind):
+    """DECODE=1 (inline PTX prmt) at Qwen3.5 shapes (24 query heads, 4 KV heads, d=256, two norm groups), context
+    5000 (partial last tiles): the same decoded values as the tree (bitwise equal outputs at 4 bits, where the column
+    order is kept; equal to fp32 summation order at 2/3 bits, see _same_decoded_values), the same as the Triton
+    transcription of the asm (DECODE=2), and close to the reference (checked in _decode_case)."""
+    outs, ref = _decode_case(bits, bits, 256, "cuda", tk=5000, batch=batch, heads=4, rep=6, mask_kind=mask_kind)
+    _same_decoded_values(outs["prmt"], outs["tree"], bits, bits)
+    # DECODE=2 has no _opaque: Triton gives its dots kWidth 4, another grouping of the products
+    _same_decoded_values(outs["prmt"], outs["prmt-emulated"], bits, bits, bitwise=False)
+    # mixed widths in one launch: K and V tables of different sizes, one of them with permuted columns
+    other = 4 if bits != 4 else 2
+    outs, _ = _decode_case(bits, other, 256, "cuda", tk=777, batch=batch, heads=4, rep=6, mask_kind=mask_kind)
+    _same_decoded_values(outs["prmt"], outs["tree"], bits, other)

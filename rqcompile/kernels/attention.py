@@ -10,6 +10,10 @@ expanded in registers to [BLOCK_N, d/PER, PER] and mapped to `codebook[code]` by
 code's bits (exact table values). One `tl.dot` per norm group against the fp16 levels (fp32 accumulation): the K
 norms scale the score columns after the dot, the V norms are folded into p, so no per-element norm multiply
 (for more than two norm groups the norms are applied per element instead). Online softmax in base 2.
+Decode (constexpr DECODE, launcher `decode`): 0 = the select tree above; 1 = byte-permute table lookups in inline
+PTX (kernels/prmt.py: four prmt per four codes, ~2-3 instructions per element instead of ~8-17; 2/3-bit tiles come
+out with their columns permuted within each block of 16, which q and the accumulator's store follow); 2 = the same
+steps in Triton integer ops (for the interpreter, which cannot run inline asm and takes the tree for 1).
 Combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query row (block-diagonal gather),
 applies V's scale and mean and writes the output in q's dtype; for rq::attention_lse (constexpr WRITE_LSE) also each
 row's natural-log sum-exp from the merged max and sum.
@@ -26,6 +30,7 @@ import math
 import triton
 import triton.language as tl
 
+from rqcompile.kernels import prmt as _prmt_steps
 from rqcompile.kernels.common import (
     channels,
     has_run,
@@ -49,7 +54,11 @@ from rqcompile.kernels.common import (
 LOG2E = 1.4426950408889634
 # launch defaults (tuned on the device, see benchmarks/NOTES.md); num_stages: software pipelining of the loop
 # maxnreg: register cap per thread (more programs per SM; eager launches only, see launch_attention)
-DEFAULTS = {"block_n": 32, "num_warps": 4, "split_waves": 8, "num_stages": 2, "maxnreg": 168}
+# decode: how a tile of codes becomes fp16 codebook values: 0 = binary select tree ("tree"), 1 = prmt byte-table
+# lookup in inline PTX ("prmt", compiled code only; the interpreter runs the tree), 2 = the prmt steps transcribed
+# into Triton integer ops (any backend; to test the prmt data path in the interpreter)
+DEFAULTS = {"block_n": 32, "num_warps": 4, "split_waves": 8, "num_stages": 2, "maxnreg": 168, "decode": 1}
+DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 
 
 @triton.jit
@@ -165,6 +174,227 @@ def _tile(
     return tl.reshape(val.to(tl.float16), [BLOCK_N, D])
 
 
+# ---------------------------------------------------------------- prmt table decode (DECODE 1 and 2)
+#
+# kernels/prmt.py has the steps (one asm block per int32 word of the low plane: 16 codes for 2/3 bits, 8 for 4 bits)
+# and their PTX; the asm returns the block's fp16 values in the column order prmt.COLUMNS[bits] (2/3 bits: even
+# codes, then odd codes), which the kernel keeps: q's columns are permuted to match (K), the accumulator is stored
+# through the same permutation (V). Scores and p.V do not depend on the order of the coordinates.
+
+PRMT_ASM2 = tl.constexpr(_prmt_steps.asm(2))
+PRMT_ASM3 = tl.constexpr(_prmt_steps.asm(3))
+PRMT_ASM4 = tl.constexpr(_prmt_steps.asm(4))
+PRMT_CON2 = tl.constexpr(_prmt_steps.constraints(2))
+PRMT_CON3 = tl.constexpr(_prmt_steps.constraints(3))
+PRMT_CON4 = tl.constexpr(_prmt_steps.constraints(4))
+
+
+@triton.jit
+def _table_word(lev_ptr, first: tl.constexpr, HI: tl.constexpr, NL: tl.constexpr):
+    """int32 whose byte i is the low (HI=0) or high byte of fp16(levels[first + i]) (round to nearest, as the tree's
+    conversion), i = 0..3; zero past the codebook."""
+    i = tl.arange(0, 4)
+    ok = first + i < NL
+    v = tl.load(lev_ptr + first + i, mask=ok, other=0.0).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    b = (v >> (8 * HI)) & 0xFF
+    return tl.sum(b << (8 * i), axis=0)
+
+
+@triton.jit
+def _tables(lev_ptr, BITS: tl.constexpr):
+    """(t0, t1, t2, t3, u0, u1, u2, u3): low (t) and high (u) bytes of levels 4g..4g+3 (prmt.table_words)."""
+    NL: tl.constexpr = 1 << BITS
+    return (
+        _table_word(lev_ptr, 0, 0, NL),
+        _table_word(lev_ptr, 4, 0, NL),
+        _table_word(lev_ptr, 8, 0, NL),
+        _table_word(lev_ptr, 12, 0, NL),
+        _table_word(lev_ptr, 0, 1, NL),
+        _table_word(lev_ptr, 4, 1, NL),
+        _table_word(lev_ptr, 8, 1, NL),
+        _table_word(lev_ptr, 12, 1, NL),
+    )
+
+
+@triton.jit
+def _prmt(a, b, c):
+    """PTX prmt.b32 (default mode) in Triton integer ops on uint32 tensors of one shape."""
+    r = tl.zeros_like(a)
+    for i in tl.static_range(4):
+        nib = (c >> (4 * i)) & 0xF
+        idx = nib & 7
+        src = tl.where(idx < 4, a, b)
+        byte = (src >> ((idx & 3) * 8)) & 0xFF
+        byte = tl.where((nib & 8) != 0, ((byte >> 7) & 1) * 0xFF, byte)
+        r = r | (byte << (8 * i))
+    return r
+
+
+@triton.jit
+def _pairs(lo, hi):
+    """prmt 0x5140 and 0x7362: bytes of lo and hi interleaved into two fp16x2 words."""
+    return _prmt(lo, hi, tl.zeros_like(lo) + 0x5140), _prmt(lo, hi, tl.zeros_like(lo) + 0x7362)
+
+
+@triton.jit
+def _halves(p):
+    """The fp16 values in the low and high half of a uint32 fp16x2 word."""
+    lo = (p & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    hi = (p >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _lookup4(sel, ta, tb, ua, ub):
+    """The 4 fp16 values of the codes in sel's nibbles 0..3 (tables ta/tb low bytes, ua/ub high bytes)."""
+    p0, p1 = _pairs(_prmt(ta, tb, sel), _prmt(ua, ub, sel))
+    v0, v1 = _halves(p0)
+    v2, v3 = _halves(p1)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _mux4(sel, m, ta, tb, tc, td, ua, ub, uc, ud):
+    """4-bit: levels 0-7 (ta, tb) or 8-15 (tc, td) per byte by the mask m (lop3 0xD8), then interleaved."""
+    lo = _prmt(ta, tb, sel)
+    lo = (lo & ~m) | (_prmt(tc, td, sel) & m)
+    hi = _prmt(ua, ub, sel)
+    hi = (hi & ~m) | (_prmt(uc, ud, sel) & m)
+    p0, p1 = _pairs(lo, hi)
+    v0, v1 = _halves(p0)
+    v2, v3 = _halves(p1)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _prmt_emulated(w, hh, tab, BITS: tl.constexpr):
+    """prmt.program(BITS) step by step in Triton integer ops (the same fp16 outputs as the asm)."""
+    w = w.to(tl.uint32, bitcast=True)
+    z = tl.zeros_like(w)
+    t0 = z + tab[0].to(tl.uint32, bitcast=True)
+    t1 = z + tab[1].to(tl.uint32, bitcast=True)
+    t2 = z + tab[2].to(tl.uint32, bitcast=True)
+    t3 = z + tab[3].to(tl.uint32, bitcast=True)
+    u0 = z + tab[4].to(tl.uint32, bitcast=True)
+    u1 = z + tab[5].to(tl.uint32, bitcast=True)
+    u2 = z + tab[6].to(tl.uint32, bitcast=True)
+    u3 = z + tab[7].to(tl.uint32, bitcast=True)
+    if BITS == 4:
+        s = w & 0x77777777
+        sh = s >> 16
+        w4 = w << 4
+        v0, v1, v2, v3 = _mux4(s, _prmt(w4, w, z + 0xD9C8), t0, t1, t2, t3, u0, u1, u2, u3)
+        v4, v5, v6, v7 = _mux4(sh, _prmt(w4, w, z + 0xFBEA), t0, t1, t2, t3, u0, u1, u2, u3)
+        return v0, v1, v2, v3, v4, v5, v6, v7
+    else:
+        e = w & 0x33333333
+        o = (w >> 2) & 0x33333333
+        if BITS == 3:
+            x = _prmt(hh.to(tl.uint32, bitcast=True), z, z + 0x4140)
+            x = (x | (x << 4)) & 0x0F0F0F0F
+            t = x | (x << 2)
+            e = e | ((t << 2) & 0x44444444)
+            o = o | ((t << 1) & 0x44444444)
+            ta, tb, ua, ub = t0, t1, u0, u1
+        else:
+            ta, tb, ua, ub = t0, u0, u0, t0
+        v0, v2, v4, v6 = _lookup4(e, ta, tb, ua, ub)
+        v8, v10, v12, v14 = _lookup4(e >> 16, ta, tb, ua, ub)
+        v1, v3, v5, v7 = _lookup4(o, ta, tb, ua, ub)
+        v9, v11, v13, v15 = _lookup4(o >> 16, ta, tb, ua, ub)
+        # the asm's output order (prmt.COLUMNS): even codes, then odd codes
+        return v0, v2, v4, v6, v8, v10, v12, v14, v1, v3, v5, v7, v9, v11, v13, v15
+
+
+@triton.jit
+def _prmt_asm(w, hh, tab, BITS: tl.constexpr):
+    """The prmt decode of one word per element of w (and hh: 3 bits' high-plane halfword) in inline PTX."""
+    if BITS == 2:
+        out = tl.inline_asm_elementwise(
+            PRMT_ASM2,
+            PRMT_CON2,
+            [w, tab[0], tab[4]],
+            dtype=(tl.float16,) * 16,
+            is_pure=True,
+            pack=1,
+        )
+    elif BITS == 3:
+        out = tl.inline_asm_elementwise(
+            PRMT_ASM3,
+            PRMT_CON3,
+            [w, hh, tab[0], tab[1], tab[4], tab[5]],
+            dtype=(tl.float16,) * 16,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        out = tl.inline_asm_elementwise(
+            PRMT_ASM4,
+            PRMT_CON4,
+            [w, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7]],
+            dtype=(tl.float16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    return out
+
+
+@triton.jit
+def _tile_prmt(row, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp16 [BLOCK_N, D] codebook values by prmt table lookups, columns in prmt.COLUMNS order within each block of
+    PER codes (`row`: each row's codes as int32 words, as for _levels)."""
+    if BITS == 4:
+        PER: tl.constexpr = 8
+    else:
+        PER: tl.constexpr = 16
+    W: tl.constexpr = D // PER
+    wi = tl.arange(0, W)
+    w = tl.load(row[:, None] + wi[None, :], mask=n_ok[:, None], other=0)
+    if BITS == 3:  # this word's 16 high-plane bits: halfword W + wi of the 2*W halfwords of the low plane
+        hrow = row.to(tl.pointer_type(tl.int16))
+        hh = tl.load(hrow[:, None] + (2 * W + wi)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+    else:
+        hh = w
+    if DECODE == 1:
+        out = _prmt_asm(w, hh, tab, BITS)
+    else:
+        out = _prmt_emulated(w, hh, tab, BITS)
+    # join: the first join makes the slowest new axis, so pairing element i with i + n/2 at every level gives
+    # [BLOCK_N, W, 2, ..., 2] in output order, a plain reshape away from [BLOCK_N, D]
+    if BITS == 4:
+        o0, o1, o2, o3, o4, o5, o6, o7 = out
+        a0, a1, a2, a3 = tl.join(o0, o4), tl.join(o1, o5), tl.join(o2, o6), tl.join(o3, o7)
+    else:
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = out
+        a0, a1, a2, a3 = tl.join(o0, o8), tl.join(o1, o9), tl.join(o2, o10), tl.join(o3, o11)
+        a4, a5, a6, a7 = tl.join(o4, o12), tl.join(o5, o13), tl.join(o6, o14), tl.join(o7, o15)
+        a0, a1, a2, a3 = tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7)
+    b0, b1 = tl.join(a0, a2), tl.join(a1, a3)
+    tile = tl.reshape(tl.join(b0, b1), [BLOCK_N, D])
+    if DECODE == 1:
+        tile = _opaque(tile)
+    return tile
+
+
+@triton.jit
+def _opaque(x):
+    """x (fp16) through an identity asm the compiler may not look through (not pure; ptxas drops the moves). Triton
+    halves the dot operands' kWidth (mma v2) when a join feeds them (AccelerateMatmul's computeOrigBitWidth), which
+    for fp16 made kWidth 4: q read by LDS.64 and ~2.4 register moves per element around the HMMAs; this keeps 2."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=False, pack=2)
+
+
+@triton.jit
+def _prmt_columns(col, BITS: tl.constexpr):
+    """Coordinate of column position `col` of a _tile_prmt tile (prmt.COLUMNS: 2/3 bits hold codes 0, 2, ..., 14,
+    1, 3, ..., 15 of each block of 16)."""
+    if BITS == 4:
+        out = col
+    else:
+        out = (col // 16) * 16 + 2 * (col % 8) + (col % 16) // 8
+    return out
+
+
 @triton.jit
 def _attn_split_kernel(
     q_ptr,
@@ -209,6 +439,7 @@ def _attn_split_kernel(
     HAS_KVLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DECODE: tl.constexpr = 0,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -219,6 +450,8 @@ def _attn_split_kernel(
     CWV: tl.constexpr = D * VBITS // 32
     KPOST: tl.constexpr = NGK <= 2  # K norms applied to the scores after the dot (one dot per norm group)
     VPOST: tl.constexpr = NGV <= 2  # V norms folded into p (one dot per norm group)
+    KFAST: tl.constexpr = DECODE != 0 and KPOST  # prmt decode (the per-element norm path keeps the tree)
+    VFAST: tl.constexpr = DECODE != 0 and VPOST
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rows < M
     r = rows // Tq
@@ -227,6 +460,15 @@ def _attn_split_kernel(
     qrow = q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
     col = tl.arange(0, D)
     qf = _q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M)
+    if KFAST:
+        ktab = _tables(klev_ptr, KBITS)
+        if KBITS != 4:  # q's columns in the K tiles' order (_prmt_columns): [.., 2i + e] -> [.., 8e + i] per 16
+            qf = tl.reshape(tl.permute(tl.reshape(qf, [BLOCK_M, D // 16, 8, 2]), (0, 1, 3, 2)), [BLOCK_M, D])
+    if VFAST:
+        vtab = _tables(vlev_ptr, VBITS)
+        vcol = _prmt_columns(col, VBITS)  # the accumulator's columns follow the V tiles' order
+    else:
+        vcol = col
     if KPOST and NGK == 2:
         q0 = tl.where(col[None, :] < D // 2, qf, 0.0).to(tl.float16)
         q1 = tl.where(col[None, :] < D // 2, 0.0, qf).to(tl.float16)
@@ -257,7 +499,10 @@ def _attn_split_kernel(
         n_ok = n < n_hi
         n64 = n.to(tl.int64)
         # ---- scores: q . (codebook[code] * norm), norms after the dot
-        kt = tl.trans(_tile(kbase, knb, n64, n_ok, klev_ptr, CWK, D, KBITS, NGK, KPOST, BLOCK_N))
+        if KFAST:
+            kt = tl.trans(_tile_prmt(kbase + n64 * CWK, n_ok, ktab, D, KBITS, DECODE, BLOCK_N))
+        else:
+            kt = tl.trans(_tile(kbase, knb, n64, n_ok, klev_ptr, CWK, D, KBITS, NGK, KPOST, BLOCK_N))
         if KPOST:
             nk0 = tl.load(knb + n64 * NGK, mask=n_ok, other=0.0).to(tl.float32)
             sc = tl.dot(q0, kt) * nk0[None, :]
@@ -284,7 +529,10 @@ def _attn_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
         # ---- values: p . (codebook[code] * norm), norms folded into p
-        vt = _tile(vbase, vnb, n64, n_ok, vlev_ptr, CWV, D, VBITS, NGV, VPOST, BLOCK_N)
+        if VFAST:
+            vt = _tile_prmt(vbase + n64 * CWV, n_ok, vtab, D, VBITS, DECODE, BLOCK_N)
+        else:
+            vt = _tile(vbase, vnb, n64, n_ok, vlev_ptr, CWV, D, VBITS, NGV, VPOST, BLOCK_N)
         if VPOST:
             nv0 = tl.load(vnb + n64 * NGV, mask=n_ok, other=0.0).to(tl.float32)
             pv = tl.dot((p * nv0[None, :]).to(tl.float16), vt)
@@ -299,7 +547,7 @@ def _attn_split_kernel(
     pidx = (bh.to(tl.int64) * NS + split) * M + rows
     tl.store(pm_ptr + pidx, m_i, mask=m_ok)
     tl.store(pl_ptr + pidx, l_i, mask=m_ok)
-    tl.store(pacc_ptr + pidx[:, None] * D + col[None, :], acc, mask=m_ok[:, None])
+    tl.store(pacc_ptr + pidx[:, None] * D + vcol[None, :], acc, mask=m_ok[:, None])
 
 
 # ---------------------------------------------------------------- calibrated bit allocation (layout) variant
@@ -894,11 +1142,13 @@ def launch_attention(
     num_warps: int | None = None,
     split_waves: int | None = None,
     with_lse: bool = False,
+    decode: int | str | None = None,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B].
     `with_lse`: rq::attention_lse, returning (out, lse float32 [B, Hq, Tq]) (the combine step also writes the lse).
     k_perm/v_perm ([H, d] int64) and k_widths/v_widths (per-coordinate widths, replacing the bits): a calibrated
-    bit allocation's layout, run by the layout kernel."""
+    bit allocation's layout, run by the layout kernel. `decode`: the uniform kernel's code decode (DEFAULTS, DECODES:
+    0/"tree", 1/"prmt", 2/"prmt-emulated"); the interpreter cannot run inline asm and takes the tree for "prmt"."""
     import torch
 
     wrap = _identity if wrap is None else wrap
@@ -907,6 +1157,12 @@ def launch_attention(
     maxnreg = DEFAULTS["maxnreg"] if maxnreg is None else maxnreg
     num_warps = DEFAULTS["num_warps"] if num_warps is None else num_warps
     split_waves = DEFAULTS["split_waves"] if split_waves is None else split_waves
+    decode = DEFAULTS["decode"] if decode is None else decode
+    decode = DECODES[decode] if isinstance(decode, str) else int(decode)
+    if decode not in DECODES.values():
+        raise ValueError(f"decode must be one of {DECODES}, not {decode}")
+    if decode == 1 and interpreting():
+        decode = 0
     batch, q_heads, q_len, dim = q.shape
     heads = k_codes.shape[1]
     tk = k_codes.shape[2]
@@ -990,6 +1246,7 @@ def launch_attention(
             *tail_args,
             KBITS=k_bits,
             VBITS=v_bits,
+            DECODE=decode,
             **meta,
             **launch_opts,
         )
