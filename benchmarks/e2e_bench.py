@@ -185,14 +185,14 @@ def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, ch
     return codes, norms
 
 
-def rq_dropin(model, context: int, steps: int, batch: int, backend: str, bits: int) -> dict:
+def rq_dropin(model, context: int, steps: int, batch: int, backend: str, bits: int, sink: int = 1) -> dict:
     from rqcompile import RQCache, RQConfig
     from rqcompile.cache import RQCacheLayer
 
     cfg = model.config
     h, d = cfg.num_key_value_heads, cfg.head_dim
     torch.cuda.reset_peak_memory_stats()
-    cache = RQCache(RQConfig(backend=backend, bits=bits), model_config=cfg)
+    cache = RQCache(RQConfig(backend=backend, bits=bits, sink_tokens=sink), model_config=cfg)
 
     def fill(layer) -> None:
         assert isinstance(layer, RQCacheLayer), type(layer)
@@ -289,7 +289,7 @@ def longest(model, args, out) -> None:
         if r is not None:
             break
     for ctx in (1 << 20, 3 << 18):
-        r = guarded(f"longest rq {ctx}", rq_dropin, model, ctx, 1, 1, args.backend, args.bits, out=out)
+        r = guarded(f"longest rq {ctx}", rq_dropin, model, ctx, 1, 1, args.backend, args.bits, args.sink, out=out)
         RESULTS["longest"].append(
             {"path": f"RQCache {args.backend} {args.bits}-bit", "context": ctx, "fits": r is not None, **(r or {})}
         )
@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contexts", default="8192,32768,131072")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--backend", default="planar")
+    p.add_argument("--backend", default="iso")
     p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
     p.add_argument("--skip", default="", help="comma list of: bf16,dropin,static,longest,apply,compile")
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     import rqcompile
+    from rqcompile import RQConfig
 
     RESULTS["meta"] = {
         "gpu": torch.cuda.get_device_name(0),
@@ -333,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "backend": args.backend,
         "bits": args.bits,
+        "sink_tokens": args.sink,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     model = build_model(args.layers, "cuda")
@@ -347,7 +350,16 @@ def main(argv: list[str] | None = None) -> None:
                 record("bf16 DynamicCache (eager)", ctx, r, out)
         if "dropin" not in skip:
             r = guarded(
-                f"dropin {ctx}", rq_dropin, model, ctx, args.steps, args.batch, args.backend, args.bits, out=out
+                f"dropin {ctx}",
+                rq_dropin,
+                model,
+                ctx,
+                args.steps,
+                args.batch,
+                args.backend,
+                args.bits,
+                args.sink,
+                out=out,
             )
             if r:
                 record(f"RQCache {args.backend} {args.bits}b (eager)", ctx, r, out)
@@ -361,8 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             "apply",
             rqcompile.apply,
             model,
-            args.backend,
-            args.bits,
+            config=RQConfig(backend=args.backend, bits=args.bits, sink_tokens=args.sink),
             max_cache_len=max(contexts) + 64,
             batch_size=args.batch,
             out=out,

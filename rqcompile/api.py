@@ -1,6 +1,7 @@
 """`rqcompile.apply`: capture a causal LM, compress its K/V cache in the graph, (optionally) fuse attention.
 
-    lm = rqcompile.apply(model, backend="planar", bits=3, max_cache_len=1024)
+    calibration = rqcompile.calibrate(model, tokenizer=tokenizer)   # or (model, input_ids); a few seconds
+    lm = rqcompile.apply(model, backend="iso", bits=3, max_cache_len=1024, calibration=calibration)
     lm.generate(input_ids, max_new_tokens=64)
     lm.memory_report()
     lm.compile()            # torch.compile(fullgraph=True) of both programs
@@ -16,6 +17,7 @@ ExportedPrograms (for AOTInductor / ONNX), `functional_step()` gives the cache-a
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -238,8 +240,20 @@ def _release_float_caches(captured) -> None:
             captured.module.get_buffer(name).untyped_storage().resize_(0)
 
 
+_CALIBRATED_BACKENDS = ("planar", "iso", "rotor")  # block rotations need the channel statistics (QUALITY.md)
+
+
 def _check_calibration(config: RQConfig, calibration: Calibration | None) -> None:
     """A calibrated bit allocation needs the calibration's error weights: say so before the (slow) capture."""
+    if calibration is None and config.backend in _CALIBRATED_BACKENDS:
+        warnings.warn(
+            f"rqcompile: {config.backend} {config.bits}-bit without calibration loses much more quality than with it "
+            "(QUALITY.md \"Defaults\": iso 3-bit +127% vs +28% decode-time perplexity on SmolLM2); pass "
+            "calibration=rqcompile.calibrate(model, tokenizer=tokenizer) (built-in text, a few seconds) or "
+            "rqcompile.calibrate(model, input_ids)",
+            UserWarning,
+            stacklevel=3,
+        )
     if not config.bit_allocation:
         return
     if calibration is None or not any(name == "weight" for _, _, name in calibration.stats):
@@ -252,11 +266,11 @@ def _check_calibration(config: RQConfig, calibration: Calibration | None) -> Non
 
 def apply(
     model: nn.Module,
-    backend: str = "planar",
+    backend: str = "iso",
     bits: float = 3,
     *,
-    key_bits: int | None = None,
-    value_bits: int | None = None,
+    key_bits: float | None = None,
+    value_bits: float | None = None,
     max_cache_len: int = 1024,
     batch_size: int = 1,
     seed: int = 0,
@@ -272,8 +286,12 @@ def apply(
     keep dequantize + SDPA) replaces each site's dequantize + SDPA by `rq::attention` over the packed codes, or, with
     sink/window tokens, by `rq::attention_lse` over the codes merged with attention over the exact tokens. The
     model's own weights are shared, not copied; its float K/V caches are never allocated beyond capture (the capture
-    wrapper's are dropped). A config with
-    `bit_allocation` needs `calibration` (its per-channel error weights decide the layout; `ValueError` without).
+    wrapper's are dropped).
+
+    `calibration` (`rqcompile.calibrate(model, tokenizer=tok)`) folds the model's per-channel key mean and K/V scales
+    into the format; the block backends need it for good quality and warn without it. A config with `bit_allocation`
+    needs it (its per-channel error weights decide the layout; `ValueError` without). The defaults (iso, 3 bits, one
+    exact sink token, scale search) are the best measured uniform preset (QUALITY.md "Defaults").
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)

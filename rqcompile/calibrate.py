@@ -74,30 +74,44 @@ def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module]
         model.set_attn_implementation(previous)
 
 
+DEFAULT_CALIBRATION_TOKENS = 2048  # stdlib tokens; 4096 measured no better (QUALITY.md, "Tried ... and dropped")
+
+
 def calibrate(
     model,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     *,
+    tokenizer=None,
+    num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     key_mean: bool = True,
     key_scale: bool = True,
-    value_scale: bool = False,
+    value_scale: bool = True,
     error_weights: bool = True,
     scale_power: float = 0.8,
     skip_first: int = 1,
     chunk: int = 512,
     source: str = "",
 ) -> Calibration:
-    """Measure channel statistics of every attention layer's K (and V) on `input_ids` ([B, T] or [T]).
+    """Measure channel statistics of every attention layer's K (and V) on `input_ids` ([B, T] or [T]), or, with
+    `tokenizer` instead, on the first `num_tokens` tokens of the built-in calibration text (Python standard-library
+    sources, which every Python install has; the quality measurements in QUALITY.md use it and evaluate on other text).
 
     Scales are per-channel RMS (after removing the mean) raised to `scale_power` (1 equalizes the channels fully;
     less keeps some of their spread), normalized to average 1 per head; only their ratios matter since every norm
-    group is renormalized. The first `skip_first` tokens of each chunk are left out of the statistics: they are the
-    attention sink, atypical, and kept uncompressed by `RQConfig.sink_tokens`. `error_weights` also measures each
-    channel's error weight (variance times importance, `_importance`), normalized to mean 1 per head, which
-    `RQConfig.bit_allocation` needs.
+    group is renormalized. The defaults (key mean, key and value scales) are those of every measured preset. The
+    first `skip_first` tokens of each chunk are left out of the statistics: they are the attention sink, atypical,
+    and kept uncompressed by `RQConfig.sink_tokens`. `error_weights` also measures each channel's error weight
+    (variance times importance, `_importance`), normalized to mean 1 per head, which `RQConfig.bit_allocation` needs.
     """
     if scale_power <= 0:
         raise ValueError(f"scale_power must be > 0, got {scale_power}")
+    if (input_ids is None) == (tokenizer is None):
+        raise ValueError("calibrate needs exactly one of input_ids (token ids) or tokenizer (built-in stdlib text)")
+    if tokenizer is not None:
+        from rqcompile.eval.corpus import stdlib_corpus
+
+        input_ids = stdlib_corpus(tokenizer, num_tokens)
+        source = source or f"stdlib {num_tokens} tokens"
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     sink: dict[int, list] = {}
     modules: dict[int, torch.nn.Module] = {}

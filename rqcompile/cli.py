@@ -1,6 +1,6 @@
 """The `rqcompile` command line: export, generate, evaluate, benchmark and inspect compressed-KV LMs.
 
-    rqcompile export --demo -o smollm2-aoti                 # SmolLM2-135M, planar 3-bit, AOTInductor artifact
+    rqcompile export --demo -o smollm2-aoti                 # SmolLM2-135M, iso 3-bit calibrated, AOTInductor
     rqcompile export MODEL_DIR --target onnx -o out         # any llama/qwen3/qwen3_5 checkpoint directory
     rqcompile generate smollm2-aoti --prompt "What is the capital of France?"
     rqcompile generate --demo --prompt "Hello" --bits 3     # eager compressed cache (RQCache), no export
@@ -65,6 +65,7 @@ def _rq_config(args):
             bits=args.bits,
             key_bits=args.key_bits,
             value_bits=args.value_bits,
+            sink_tokens=args.sink_tokens,
             bit_allocation=tuple(args.bit_allocation or ()),
         )
     except ValueError as exc:
@@ -72,9 +73,14 @@ def _rq_config(args):
 
 
 def _calibration(args, model, tok):
-    """The calibration `--bit-allocation` needs (its per-channel error weights decide the widths), measured on
-    `--calibration-tokens` of Python standard-library text (never the evaluation corpus); None without it."""
-    if not args.bit_allocation:
+    """The model's calibration, measured on `--calibration-tokens` of Python standard-library text (never the
+    evaluation corpus), as every measured preset is (QUALITY.md): key mean and K/V scales for the block backends,
+    the key mean only for hadamard (scales hurt it), plus the error weights `--bit-allocation` needs. None with
+    `--no-calibration`, for backend `none`, or for a model without a tokenizer (an error with `--bit-allocation`,
+    which cannot do without)."""
+    if args.no_calibration or args.backend == "none":
+        if args.bit_allocation:
+            raise SystemExit("error: --bit-allocation needs a calibration; drop --no-calibration (or use --backend)")
         return None
     import torch
 
@@ -90,15 +96,17 @@ def _calibration(args, model, tok):
             torch.randint(0, model.config.vocab_size, (1, count), generator=torch.Generator().manual_seed(0)),
             "random ids",
         )
-    else:
+    elif args.bit_allocation:
         raise SystemExit(
             "error: --bit-allocation needs a calibration on sample text, and this model has no tokenizer to encode "
             "it with; add the tokenizer files to the model directory, or drop --bit-allocation (uniform bits)"
         )
-    _progress(
-        f"calibrating on {count} tokens ({source}) for --bit-allocation {','.join(map(str, args.bit_allocation))}"
-    )
-    return calibrate(model, ids, value_scale=True, source=source)  # as the measured presets (QUALITY.md)
+    else:
+        _progress("no tokenizer to encode calibration text with: the cache is not calibrated (lower quality)")
+        return None
+    _progress(f"calibrating on {count} tokens ({source})")
+    scales = args.backend != "hadamard"
+    return calibrate(model, ids, key_scale=scales, value_scale=scales, source=source)
 
 
 def _describe_bits(args) -> str:
@@ -393,7 +401,7 @@ def _widths(text: str) -> tuple[int, ...]:
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
-    g.add_argument("--backend", choices=BACKENDS, default="planar", help="rotation before quantizing (default planar)")
+    g.add_argument("--backend", choices=BACKENDS, default="iso", help="rotation before quantizing (default iso)")
     g.add_argument(
         "--bits",
         type=_bits,
@@ -410,7 +418,21 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
         "averages (e.g. 3.5). Calibrates the model first (on --calibration-tokens of Python stdlib text)",
     )
     g.add_argument(
-        "--calibration-tokens", type=int, default=2048, help="calibration text length for --bit-allocation (2048)"
+        "--calibration-tokens",
+        type=int,
+        default=2048,
+        help="length of the Python stdlib calibration text the cache is calibrated on (default 2048)",
+    )
+    g.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="do not calibrate (faster start, much lower quality for the block backends; QUALITY.md)",
+    )
+    g.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=1,
+        help="first tokens kept uncompressed (default 1, the attention sink; 0 disables)",
     )
 
 

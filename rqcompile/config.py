@@ -23,17 +23,20 @@ class RQConfig:
     """How K/V head vectors are compressed.
 
     Args:
-        backend: rotation applied before quantizing: ``planar`` (2D Givens), ``iso`` (4D quaternion), ``rotor``
-            (3D Clifford rotor), ``hadamard`` (dense baseline inside each norm group) or ``none``.
+        backend: rotation applied before quantizing: ``planar`` (2D Givens), ``iso`` (4D quaternion, the default:
+            the best measured block backend at 3 bits, QUALITY.md "Defaults"), ``rotor`` (3D Clifford rotor),
+            ``hadamard`` (dense baseline inside each norm group) or ``none``. The decode kernels attend in the rotated
+            space, so the backend changes the quality and the encoder's work, not the attention's speed.
         bits: bits per coordinate for keys and values, unless ``key_bits`` / ``value_bits`` override it.
         key_bits, value_bits: per-tensor overrides of ``bits``.
         norm_group: coordinates sharing one fp16 norm; ``None`` means ``min(head_dim, 128)``.
         seed: rotations are random but deterministic from (seed, layer, kv-head, K-or-V).
         iso_mode: ``full`` uses ``q_L v conj(q_R)`` (all of SO(4)), ``fast`` only ``q_L v``.
         residual_window: most recent tokens kept uncompressed (eager caches); 0 disables it.
-        sink_tokens: first tokens of the sequence kept uncompressed. The first token is usually an attention
-            "sink" with an atypical key that every query attends to; quantizing it costs block backends most of
-            their error (measured: docs in QUALITY.md). 0 disables it.
+        sink_tokens: first tokens of the sequence kept uncompressed (default 1). The first token is usually an
+            attention "sink" with an atypical key that every query attends to; quantizing it costs block backends
+            most of their error (measured: QUALITY.md). It costs one token's K/V in the model dtype per layer
+            (+0.001 bits/element at 32K tokens); 0 disables it.
         check_finite: raise on NaN/inf K/V in the eager caches (one host sync per layer and step when on a GPU).
         scale_search: candidate scale factors the quantizer tries per norm group (keys and values), keeping the one
             whose codes reconstruct the group best (docs/FORMAT.md, "Scale search"). Default ``SCALE_SEARCH``, the
@@ -52,7 +55,7 @@ class RQConfig:
             built by ``make_state`` follows it: eager caches, ``rqcompile.apply``'s buffers, kernels and exports.
     """
 
-    backend: str = "planar"
+    backend: str = "iso"
     bits: float = 3
     key_bits: float | None = None
     value_bits: float | None = None
@@ -60,7 +63,7 @@ class RQConfig:
     seed: int = 0
     iso_mode: str = "full"
     residual_window: int = 0
-    sink_tokens: int = 0
+    sink_tokens: int = 1
     check_finite: bool = True
     scale_search: tuple[float, ...] = SCALE_SEARCH
     layer_bits: tuple[tuple[int, int, int], ...] = ()

@@ -36,7 +36,12 @@ def models(one_thread):
 
 @pytest.fixture(scope="module")
 def lms(models) -> dict[str, CompiledLM]:
-    return {name: apply(m, "planar", 3, max_cache_len=MAX_LEN, prefill_logits="all") for name, m in models.items()}
+    """The defaults (iso, 3 bits, one sink token, fused), uncalibrated: `apply` says what that costs."""
+    lms = {}
+    for name, m in models.items():
+        with pytest.warns(UserWarning, match="iso 3-bit without calibration"):
+            lms[name] = apply(m, max_cache_len=MAX_LEN, prefill_logits="all")
+    return lms
 
 
 def _ids(n: int = TOTAL, seed: int = 0) -> torch.Tensor:
@@ -87,7 +92,7 @@ def test_greedy_generation_equals_the_eager_compressed_cache(models, lms, name):
 
 def test_attributes(lms):
     lm = lms["qwen3_5"]
-    assert lm.config.backend == "planar" and lm.config.bits == 3
+    assert lm.config.backend == "iso" and lm.config.bits == 3 and lm.config.sink_tokens == 1
     assert lm.model_config.model_type.startswith("qwen3_5")
     assert [s.layer_idx for s in lm.sites] == [1, 3]
     assert set(lm.quant_states) == {1, 3}
@@ -139,12 +144,13 @@ def test_memory_report_counts_the_real_buffers(lms):
     for lm in lms.values():
         report = lm.memory_report()
         per_site = 2 * 1 * 2 * MAX_LEN * (64 * 3 // 8 + 2 * (64 // 64))  # K+V, B=1, H=2: codes + fp16 norms
-        assert report.compressed_bytes == per_site * len(lm.sites)
+        sink = 2 * 1 * 2 * 1 * 64 * 4  # K+V, B=1, H=2, one sink token of 64 fp32 values (the model dtype)
+        assert report.compressed_bytes == (per_site + sink) * len(lm.sites)
         assert report.bf16_bytes == 2 * 2 * 2 * MAX_LEN * 64 * len(lm.sites)
-        assert report.compressed_bytes == sum(
+        assert report.compressed_bytes - sink * len(lm.sites) == sum(
             t.untyped_storage().nbytes() for t in lm.cache_tensors()[: 4 * len(lm.sites)]
         )
-        assert round(report.ratio, 2) == 4.92  # 3-bit, head_dim 64 (one norm per 64 coordinates)
+        assert round(report.ratio, 2) == 3.95  # 3-bit + a norm per 64 (4.92x), plus one fp32 sink token in 40
 
 
 def test_apply_leaves_no_float_kv_cache_allocated(models):
@@ -388,7 +394,7 @@ def test_greedy_generation_equals_the_eager_cache_for_moe_and_batches(factory, b
 
 # -- calibrated bit allocation: mixed widths and a per-head channel order, as the eager RQCache -----------------------
 
-ALLOC = RQConfig(backend="planar", key_bits=3.5, value_bits=3, bit_allocation=(2, 3, 4, 5, 6))
+ALLOC = RQConfig(backend="planar", key_bits=3.5, value_bits=3, bit_allocation=(2, 3, 4, 5, 6), sink_tokens=0)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from rqcompile.quant.quantizer import make_state
 
 
 class FakeQuantCache(DynamicCache):
-    """Reference: a plain DynamicCache that stores each new token already quantized and dequantized."""
+    """Reference: a plain DynamicCache that stores each new token already quantized and dequantized, except the first
+    `sink_tokens` tokens of the sequence, stored as they are."""
 
     def __init__(self, config: RQConfig, model_config) -> None:
         super().__init__(config=model_config)
@@ -30,7 +31,13 @@ class FakeQuantCache(DynamicCache):
             )
             self.states[layer_idx] = (make("k"), make("v"))
         k_state, v_state = self.states[layer_idx]
-        fake = lambda x, s: dequantize_state(*quantize_state(x, s), s, x.dtype)
+        seen = self.get_seq_length(layer_idx) if layer_idx < len(self.layers) else 0
+        exact = min(max(self.rq_config.sink_tokens - seen, 0), key_states.shape[-2])
+
+        def fake(x, s):
+            quantized = dequantize_state(*quantize_state(x[:, :, exact:], s), s, x.dtype)
+            return torch.cat([x[:, :, :exact], quantized], dim=2)
+
         return super().update(fake(key_states, k_state), fake(value_states, v_state), layer_idx, *args, **kwargs)
 
 
@@ -52,10 +59,9 @@ def test_quickstart_generate_matches_a_cache_of_dequantized_values(model, cache_
     ids = _prompt(model)
     cache = cache_cls(bits=3)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
-    backend = cache.rq_config.backend
     reference = model.generate(
         ids,
-        past_key_values=FakeQuantCache(RQConfig(backend=backend, bits=3), model.config),
+        past_key_values=FakeQuantCache(cache.rq_config, model.config),
         max_new_tokens=8,
         do_sample=False,
     )
@@ -111,7 +117,7 @@ def test_bytes_held_match_the_format_arithmetic(head_dim, expected_ratio):
         head_dim=head_dim,
     )
     model = LlamaForCausalLM(config).eval()
-    cache = PlanarQuantCache(bits=3)
+    cache = PlanarQuantCache(bits=3, sink_tokens=0)  # codes and norms only (a sink token adds its own bytes)
     model.generate(_prompt(model, length=40), past_key_values=cache, max_new_tokens=10, do_sample=False)
     report = cache.memory_report()
     assert report.ratio == pytest.approx(expected_ratio, rel=0.02)
@@ -134,7 +140,7 @@ def test_separate_key_and_value_bits_are_stored_at_their_own_width():
 def test_recent_window_keeps_the_last_tokens_exact():
     model = tiny_llama()
     window = 4
-    cache = PlanarQuantCache(bits=2, residual_window=window)
+    cache = PlanarQuantCache(bits=2, residual_window=window, sink_tokens=0)
     exact = DynamicCache()
     ids = _prompt(model, length=10)
     model(ids, past_key_values=cache, use_cache=True)

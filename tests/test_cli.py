@@ -86,9 +86,13 @@ def test_bit_allocation_needs_calibration_text_and_fractional_bits_need_it():
 
     from rqcompile.cli import _calibration
 
-    args = argparse.Namespace(bit_allocation=(2, 3, 4), tiny_qwen3_5=False, calibration_tokens=64)
+    args = argparse.Namespace(
+        bit_allocation=(2, 3, 4), tiny_qwen3_5=False, calibration_tokens=64, no_calibration=False, backend="iso"
+    )
     with pytest.raises(SystemExit, match="--bit-allocation needs a calibration .* no tokenizer"):
         _calibration(args, model=None, tok=None)
+    with pytest.raises(SystemExit, match="--bit-allocation needs a calibration; drop --no-calibration"):
+        _calibration(argparse.Namespace(**{**vars(args), "no_calibration": True}), model=None, tok=None)
     with pytest.raises(SystemExit, match="bits=3.5 is not supported.*fractional averages need bit_allocation"):
         main(["eval", *TINY, "--bits", "3.5"])
 
