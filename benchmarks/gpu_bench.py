@@ -332,10 +332,22 @@ def sweep_attention(configs=None):
     with the smallest summed time becomes kattn.DEFAULTS."""
     heads, dim = 4, 256
     if configs is None:
-        configs = [dict(block_n=32, num_warps=4, split_waves=4, num_stages=2, maxnreg=None)]
-        configs += [
-            dict(block_n=bn, num_warps=4, split_waves=sw, num_stages=2, maxnreg=mr)
-            for bn, sw, mr in ((32, 4, 168), (32, 8, 168), (32, 2, 168), (32, 4, 128), (32, 8, 128), (64, 4, 168))
+        # (block_n, num_warps, split_waves, num_stages, maxnreg): the current defaults first, then what the prmt
+        # decode (v6, fewer registers and instructions per element) may have made worth it
+        configs = [
+            dict(block_n=bn, num_warps=nw, split_waves=sw, num_stages=ns, maxnreg=mr)
+            for bn, nw, sw, ns, mr in (
+                (32, 4, 8, 2, 168),
+                (32, 4, 4, 2, 168),
+                (32, 4, 8, 2, 128),
+                (64, 4, 8, 2, 168),
+                (64, 4, 4, 2, 168),
+                (64, 4, 8, 3, 168),
+                (64, 8, 8, 2, None),
+                (128, 4, 4, 2, None),
+                (128, 8, 4, 2, None),
+                (16, 4, 8, 2, 128),
+            )
         ]
     shapes = []
     for batch in (1, 8):

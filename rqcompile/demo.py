@@ -42,19 +42,19 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
     print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - t0:.1f}s (fp32, CPU)")
     from rqcompile.calibrate import calibrate
     from rqcompile.config import RQConfig
-    from rqcompile.eval import stdlib_corpus
 
     t0 = time.perf_counter()
-    calib = calibrate(model, stdlib_corpus(tok, 2048), value_scale=True, source="stdlib")
+    calib = calibrate(model, tokenizer=tok)  # 2048 tokens of the built-in Python stdlib text
     print(f"calibrated on 2048 tokens of Python stdlib sources in {time.perf_counter() - t0:.0f}s")
     preset = RQConfig(backend="iso", key_bits=4, value_bits=3, sink_tokens=1)
     # the best measured 3.5 bits/element preset (QUALITY.md, "Session 3"): calibrated bit allocation
     allocated = RQConfig(backend="iso", key_bits=3.5, value_bits=3, sink_tokens=1, bit_allocation=(2, 3, 4, 5, 6))
     caches = {
         "bf16-equivalent (DynamicCache)": DynamicCache,
-        f"planar {bits}-bit": lambda: PlanarQuantCache(bits=bits),
-        f"iso {bits}-bit": lambda: IsoQuantCache(bits=bits),
-        f"rotor {bits}-bit": lambda: RotorQuantCache(bits=bits),
+        f"planar {bits}-bit, uncalibrated": lambda: PlanarQuantCache(bits=bits),
+        f"iso {bits}-bit, uncalibrated": lambda: IsoQuantCache(bits=bits),
+        f"rotor {bits}-bit, uncalibrated": lambda: RotorQuantCache(bits=bits),
+        f"iso {bits}-bit calibrated (defaults)": lambda: IsoQuantCache(bits=bits, calibration=calib),
         "iso K4/V3 calibrated + sink": lambda: RQCache(preset, calibration=calib),
         "iso K3.5/V3 bit-allocated + sink": lambda: RQCache(allocated, calibration=calib),
     }
@@ -78,13 +78,14 @@ def smollm2_compiled_demo(bits: int, max_new_tokens: int) -> None:
     from rqcompile.models import load_smollm2
 
     model, tok = load_smollm2()
+    calib = rqcompile.calibrate(model, tokenizer=tok)
     question = QUESTIONS[0]
     ids = tok.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )["input_ids"]
-    print(f"\nrqcompile.apply(SmolLM2, backend='planar', bits={bits + 1}): capture + KV-compression pass ...")
+    print(f"\nrqcompile.apply(SmolLM2, bits={bits}, calibration=calib) (iso, one sink token, fused) ...")
     t0 = time.perf_counter()
-    lm = rqcompile.apply(model, backend="planar", bits=bits + 1, max_cache_len=ids.shape[1] + max_new_tokens)
+    lm = rqcompile.apply(model, bits=bits, calibration=calib, max_cache_len=ids.shape[1] + max_new_tokens)
     print(f"  built in {time.perf_counter() - t0:.0f}s; {lm.memory_report()}")
     out = lm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
     print(f"  Q: {question}\n  A: {tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()!r}")
@@ -104,9 +105,11 @@ def qwen3_5_demo(bits: int) -> None:
         print(f"  eager {name} {bits}-bit: {cache.memory_report()}; greedy agreement with uncompressed {agree:.0%}")
     import rqcompile
 
-    lm = rqcompile.apply(model, backend="iso", bits=bits, max_cache_len=96)
+    calib = rqcompile.calibrate(model, torch.randint(0, 256, (1, 256)))  # random weights: random tokens will do
+    lm = rqcompile.apply(model, backend="iso", bits=bits, max_cache_len=96, calibration=calib)
     compiled = lm.generate(ids, max_new_tokens=16)
-    eager = model.generate(ids, past_key_values=IsoQuantCache(bits=bits), max_new_tokens=16, do_sample=False)
+    eager_cache = IsoQuantCache(bits=bits, calibration=calib)
+    eager = model.generate(ids, past_key_values=eager_cache, max_new_tokens=16, do_sample=False)
     same = torch.equal(compiled[0, 64:], eager[0, 64:])
     print(f"  rqcompile.apply iso {bits}-bit: {lm.memory_report()}; tokens identical to the eager cache: {same}")
 

@@ -52,12 +52,13 @@ from rqcompile.kernels.common import (
 )
 
 LOG2E = 1.4426950408889634
-# launch defaults (tuned on the device, see benchmarks/NOTES.md); num_stages: software pipelining of the loop
+# launch defaults (the sweep winner on the H200 with the prmt decode, benchmarks/NOTES.md v6); num_stages: software
+# pipelining of the loop
 # maxnreg: register cap per thread (more programs per SM; eager launches only, see launch_attention)
 # decode: how a tile of codes becomes fp16 codebook values: 0 = binary select tree ("tree"), 1 = prmt byte-table
 # lookup in inline PTX ("prmt", compiled code only; the interpreter runs the tree), 2 = the prmt steps transcribed
 # into Triton integer ops (any backend; to test the prmt data path in the interpreter)
-DEFAULTS = {"block_n": 32, "num_warps": 4, "split_waves": 8, "num_stages": 2, "maxnreg": 168, "decode": 1}
+DEFAULTS = {"block_n": 64, "num_warps": 4, "split_waves": 8, "num_stages": 3, "maxnreg": 168, "decode": 1}
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 
 
