@@ -248,7 +248,7 @@ def _check_calibration(config: RQConfig, calibration: Calibration | None) -> Non
     if calibration is None and config.backend in _CALIBRATED_BACKENDS:
         warnings.warn(
             f"rqcompile: {config.backend} {config.bits}-bit without calibration loses much more quality than with it "
-            "(QUALITY.md \"Defaults\": iso 3-bit +127% vs +28% decode-time perplexity on SmolLM2); pass "
+            '(QUALITY.md "Defaults": iso 3-bit +127% vs +28% decode-time perplexity on SmolLM2); pass '
             "calibration=rqcompile.calibrate(model, tokenizer=tokenizer) (built-in text, a few seconds) or "
             "rqcompile.calibrate(model, input_ids)",
             UserWarning,
