@@ -405,67 +405,14 @@ def make_dequantize(flavour: str = "standard") -> Callable[..., Any]:
     return rq_dequantize
 
 
-def make_attention(flavour: str = "standard") -> Callable[..., Any]:
-    """Translation of rq::attention: SDPA over the compressed cache in the rotated space (GQA by head grouping)."""
+def make_attention(flavour: str = "standard", *, with_lse: bool = False) -> Callable[..., Any]:
+    """Translation of rq::attention (SDPA over the compressed cache in the rotated space, GQA by head grouping), or
+    with `with_lse` of rq::attention_lse: the same output and each query row's log-sum-exp (float32 [B, Hq, Tq], -inf
+    for a fully masked row), from the same scores. The parameters are spelled out: the exporter maps them to the op's
+    inputs and attributes by name."""
     _check_flavour(flavour)
 
     def rq_attention(
-        q,
-        k_codes,
-        k_norms,
-        v_codes,
-        v_norms,
-        k_rotation,
-        k_scale,
-        k_levels,
-        v_rotation,
-        v_mean,
-        v_scale,
-        v_levels,
-        k_bits: int,
-        v_bits: int,
-        attn_mask,
-        sm_scale: float,
-        kv_len=None,
-        k_perm=None,
-        v_perm=None,
-        k_widths=None,
-        v_widths=None,
-    ):
-        return _attention(
-            flavour,
-            q,
-            k_codes,
-            k_norms,
-            v_codes,
-            v_norms,
-            k_rotation,
-            k_scale,
-            k_levels,
-            v_rotation,
-            v_mean,
-            v_scale,
-            v_levels,
-            k_bits,
-            v_bits,
-            attn_mask,
-            sm_scale,
-            kv_len,
-            k_perm,
-            v_perm,
-            k_widths,
-            v_widths,
-        )[0]
-
-    return rq_attention
-
-
-def make_attention_lse(flavour: str = "standard") -> Callable[..., tuple[Any, Any]]:
-    """Translation of rq::attention_lse: rq::attention's output and each query row's log-sum-exp (float32
-    [B, Hq, Tq], -inf for a fully masked row), from the same scores."""
-    _check_flavour(flavour)
-
-    def rq_attention_lse(
         q,
         k_codes,
         k_norms,
@@ -512,9 +459,9 @@ def make_attention_lse(flavour: str = "standard") -> Callable[..., tuple[Any, An
             k_widths,
             v_widths,
         )
-        return out, _logsumexp(scores)
+        return (out, _logsumexp(scores)) if with_lse else out
 
-    return rq_attention_lse
+    return rq_attention
 
 
 def _logsumexp(scores: Any) -> Any:
@@ -589,7 +536,7 @@ def translation_table(flavour: str = "standard") -> dict[Any, Callable[..., Any]
         torch.ops.rq.quantize.default: make_quantize(flavour),
         torch.ops.rq.dequantize.default: make_dequantize(flavour),
         torch.ops.rq.attention.default: make_attention(flavour),
-        torch.ops.rq.attention_lse.default: make_attention_lse(flavour),
+        torch.ops.rq.attention_lse.default: make_attention(flavour, with_lse=True),
     }
 
 
