@@ -1,12 +1,15 @@
 """Quality of the default config and its alternatives on SmolLM2-135M (QUALITY.md, "Defaults"), with the quality
 pins' harness (tests/test_quality_pins.py): one license-text window, prefill 512, 256 teacher-forced decode steps in
-one chunk; calibration `rqcompile.calibrate(model, tokenizer=tok)` (2048 stdlib tokens, key mean + K/V scales).
+one chunk; calibration `rqcompile.calibrate(model, tokenizer=tok)` (2048 stdlib tokens, key mean + K/V scales), or
+`RQCache(calibration="prompt")` (each layer measures the same statistics on the 512-token prompt itself).
 
-    .venv/bin/python benchmarks/defaults.py
+    .venv/bin/python benchmarks/defaults.py                 # the window of the pins (offset 0)
+    .venv/bin/python benchmarks/defaults.py --offset 8192   # a second window
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -18,32 +21,39 @@ from rqcompile.config import RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus
 
 PREFILL, DECODE = 512, 256
-ROWS = {  # name: (config, calibrated?)
-    "old default: planar 3-bit, search, no sink": (RQConfig(backend="planar", sink_tokens=0), False),
-    "planar 3-bit, search, sink 1": (RQConfig(backend="planar"), False),
-    "iso 3-bit, search, no sink": (RQConfig(sink_tokens=0), False),
-    "default RQConfig(): iso 3-bit, search, sink 1": (RQConfig(), False),
-    "rotor 3-bit, search, sink 1": (RQConfig(backend="rotor"), False),
-    "default RQConfig(), calibrated": (RQConfig(), True),
-    "planar 3-bit, search, sink 1, calibrated": (RQConfig(backend="planar"), True),
-    "rotor 3-bit, search, sink 1, calibrated": (RQConfig(backend="rotor"), True),
+ROWS = {  # name: (config, calibration: None, "stdlib" or "prompt")
+    "old default: planar 3-bit, search, no sink": (RQConfig(backend="planar", sink_tokens=0), None),
+    "planar 3-bit, search, sink 1": (RQConfig(backend="planar"), None),
+    "iso 3-bit, search, no sink": (RQConfig(sink_tokens=0), None),
+    "default RQConfig(): iso 3-bit, search, sink 1": (RQConfig(), None),
+    "rotor 3-bit, search, sink 1": (RQConfig(backend="rotor"), None),
+    "default RQConfig(), calibrated": (RQConfig(), "stdlib"),
+    "planar 3-bit, search, sink 1, calibrated": (RQConfig(backend="planar"), "stdlib"),
+    "rotor 3-bit, search, sink 1, calibrated": (RQConfig(backend="rotor"), "stdlib"),
+    "default RQConfig(), calibration='prompt'": (RQConfig(), "prompt"),
+    "planar 3-bit, search, sink 1, calibration='prompt'": (RQConfig(backend="planar"), "prompt"),
+    "rotor 3-bit, search, sink 1, calibration='prompt'": (RQConfig(backend="rotor"), "prompt"),
 }
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--offset", type=int, default=0, help="license-corpus token offset of the window (0)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     model, tok = models.load_smollm2()
-    ids = license_corpus(tok, PREFILL + DECODE + 1)
+    ids = license_corpus(tok, PREFILL + DECODE + 1, offset=args.offset)
     reference = decode_time_ppl(model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE)
     start = time.perf_counter()
-    calibration = calibrate(model, tokenizer=tok)
-    print(f"fp ppl {reference.ppl:.3f}; calibration {time.perf_counter() - start:.1f} s ({calibration.source})")
+    stdlib = calibrate(model, tokenizer=tok)
+    print(f"window {args.offset}: fp ppl {reference.ppl:.3f}; calibration {time.perf_counter() - start:.1f} s")
     print("| config | ppl delta | KL (nats/token) |\n|---|---|---|")
-    for name, (config, calibrated) in ROWS.items():
+    for name, (config, how) in ROWS.items():
+        calibration = stdlib if how == "stdlib" else how
         result = decode_time_ppl(
             model,
             ids,
-            lambda c=config, cal=calibrated: RQCache(c, calibration=calibration if cal else None),
+            lambda c=config, cal=calibration: RQCache(c, calibration=cal),
             PREFILL,
             DECODE,
             chunk=DECODE,

@@ -245,6 +245,11 @@ _CALIBRATED_BACKENDS = ("planar", "iso", "rotor")  # block rotations need the ch
 
 def _check_calibration(config: RQConfig, calibration: Calibration | None) -> None:
     """A calibrated bit allocation needs the calibration's error weights: say so before the (slow) capture."""
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise ValueError(
+            f"calibration={calibration!r}: apply needs a rqcompile.Calibration (rqcompile.calibrate(model, "
+            "tokenizer=tok)); the compiled programs carry it as constants ('prompt' is for the eager caches)"
+        )
     if calibration is None and config.backend in _CALIBRATED_BACKENDS:
         warnings.warn(
             f"rqcompile: {config.backend} {config.bits}-bit without calibration loses much more quality than with it "

@@ -11,13 +11,14 @@ reorder and batch operations on the compressed store give the same results as on
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
-from rqcompile.calibrate import Calibration
+from rqcompile.calibrate import MIN_PROMPT_TOKENS, PROMPT, Calibration, channel_stats
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import QuantState, make_state
@@ -38,6 +39,14 @@ def _storage_bytes(*tensors: torch.Tensor | None) -> int:
     return total
 
 
+def _check_calibration(calibration: Any) -> None:
+    if calibration is not None and calibration != PROMPT and not isinstance(calibration, Calibration):
+        raise ValueError(
+            f"calibration={calibration!r}: pass a rqcompile.Calibration (rqcompile.calibrate(model, ...)), "
+            f"{PROMPT!r} (measure it on each sequence's prompt) or None"
+        )
+
+
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if old is None else torch.cat([old, new], dim=-2)
 
@@ -49,8 +58,11 @@ class RQCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, config: RQConfig, layer_idx: int, calibration: Calibration | None = None, **kw: Any) -> None:
+    def __init__(
+        self, config: RQConfig, layer_idx: int, calibration: Calibration | str | None = None, **kw: Any
+    ) -> None:
         super().__init__()
+        _check_calibration(calibration)
         self.config = config
         self.calibration = calibration
         self.layer_idx = layer_idx
@@ -59,6 +71,8 @@ class RQCacheLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self) -> None:
+        if self.calibration == PROMPT:  # the next sequence calibrates on its own prompt
+            self.k_state = self.v_state = None
         self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
         self.k_window = self.v_window = None
         self.k_sink = self.v_sink = None
@@ -69,31 +83,54 @@ class RQCacheLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         _, heads, _, head_dim = key_states.shape
         if self.k_state is None or self.k_state.num_heads != heads or self.k_state.head_dim != head_dim:
-            calib = self.calibration
+            stats = self._stats(key_states, value_states)
             make = lambda kind: make_state(  # noqa: E731
                 self.config,
                 layer_idx=self.layer_idx,
                 kind=kind,
                 num_heads=heads,
                 head_dim=head_dim,
-                mean=calib.get(self.layer_idx, kind, "mean") if calib else None,
-                scale=calib.get(self.layer_idx, kind, "scale") if calib else None,
-                weight=calib.get(self.layer_idx, kind, "weight") if calib else None,
+                mean=stats(kind, "mean"),
+                scale=stats(kind, "scale"),
+                weight=stats(kind, "weight"),
             ).to(self.device)
             self.k_state, self.v_state = make("k"), make("v")
         self.is_initialized = True
 
+    def _stats(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """(kind, name) -> this layer's calibration tensor or None: from the Calibration, or with PROMPT measured on
+        these first K/V (the prompt) as `calibrate` measures sample text: key mean, K/V scales, sink token left out."""
+        calib = self.calibration
+        if calib is None:
+            return lambda kind, name: None
+        if calib != PROMPT:
+            return lambda kind, name: calib.get(self.layer_idx, kind, name)
+        tokens = key_states.shape[-2] - 1
+        if tokens < MIN_PROMPT_TOKENS:
+            warnings.warn(
+                f"rqcompile: layer {self.layer_idx} was asked to calibrate on its prompt, which has {tokens} tokens "
+                f"after the sink token (< {MIN_PROMPT_TOKENS}); it stays uncalibrated for this sequence",
+                UserWarning,
+                stacklevel=4,
+            )
+            return lambda kind, name: None
+        found = {
+            kind: channel_stats(x[:, :, 1:], mean=kind == "k", scale=True)
+            for kind, x in (("k", key_states), ("v", value_states))
+        }
+        return lambda kind, name: found[kind].get(name)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.config.check_finite:
+        if self.config.check_finite:  # before a prompt calibration could measure them
             for name, tensor in (("key", key_states), ("value", value_states)):
                 if not torch.isfinite(tensor).all():
                     raise ValueError(
                         f"layer {self.layer_idx}: {name} states contain NaN/inf; refusing to write them to the cache"
                     )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
         sink_room = self.config.sink_tokens - (0 if self.k_sink is None else self.k_sink.shape[-2])
         if sink_room > 0 and self.get_seq_length() == self._sink_length():
             # clone: a slice would keep the whole prefill's K/V storage alive
@@ -217,7 +254,7 @@ class RQSlidingCacheLayer(RQCacheLayer):
         self,
         config: RQConfig,
         layer_idx: int,
-        calibration: Calibration | None = None,
+        calibration: Calibration | str | None = None,
         sliding_window: int | None = None,
         **kw: Any,
     ) -> None:
@@ -256,6 +293,11 @@ class RQCache(Cache):
     Pass the model config (`RQCache(cfg, model_config=model.config)`) to lay out hybrid and sliding-window layers up
     front; without it, layers are created as the model first touches them: linear-attention layers when the model
     asks for conv/recurrent state, compressed attention layers on `update`.
+
+    `calibration`: a `rqcompile.Calibration` (`rqcompile.calibrate(model, tokenizer=tok)`), `"prompt"` (each layer
+    measures the key mean and K/V scales on the first K/V it is given, the prompt, and keeps them for that sequence;
+    measured about as good as calibrating on sample text, QUALITY.md) or None (uncalibrated: much lower quality
+    for the block backends).
     """
 
     def __init__(
@@ -263,10 +305,11 @@ class RQCache(Cache):
         config: RQConfig | None = None,
         *,
         model_config: Any = None,
-        calibration: Calibration | None = None,
+        calibration: Calibration | str | None = None,
         **overrides: Any,
     ) -> None:
         config = (config or RQConfig()).replace(**overrides) if overrides else (config or RQConfig())
+        _check_calibration(calibration)
         self.rq_config = config
         self.calibration = calibration
         layers: list = []
@@ -351,7 +394,7 @@ class PlanarQuantCache(RQCache):
     """Compressed cache with 2D Givens rotations (the fastest backend)."""
 
     def __init__(
-        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | None = None, **options: Any
+        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | str | None = None, **options: Any
     ) -> None:
         super().__init__(
             RQConfig(backend="planar", bits=bits, **options), model_config=model_config, calibration=calibration
@@ -362,7 +405,7 @@ class IsoQuantCache(RQCache):
     """Compressed cache with 4D quaternion rotations (`q_L v conj(q_R)`)."""
 
     def __init__(
-        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | None = None, **options: Any
+        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | str | None = None, **options: Any
     ) -> None:
         super().__init__(
             RQConfig(backend="iso", bits=bits, **options), model_config=model_config, calibration=calibration
@@ -373,7 +416,7 @@ class RotorQuantCache(RQCache):
     """Compressed cache with 3D Clifford-algebra rotors."""
 
     def __init__(
-        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | None = None, **options: Any
+        self, bits: int = 3, *, model_config: Any = None, calibration: Calibration | str | None = None, **options: Any
     ) -> None:
         super().__init__(
             RQConfig(backend="rotor", bits=bits, **options), model_config=model_config, calibration=calibration

@@ -74,6 +74,10 @@ def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module]
         model.set_attn_implementation(previous)
 
 
+# `RQCache(calibration=PROMPT)`: each layer measures its key mean and K/V scales on the first tokens it is given
+# (the prompt), skipping the sink token, as `calibrate` does on sample text (QUALITY.md "Calibration on the prompt").
+PROMPT = "prompt"
+MIN_PROMPT_TOKENS = 16  # fewer (after the sink token): the layer stays uncalibrated, with a warning
 DEFAULT_CALIBRATION_TOKENS = 2048  # stdlib tokens; 4096 measured no better (QUALITY.md, "Tried ... and dropped")
 
 
@@ -127,21 +131,33 @@ def calibrate(
     for layer_idx, pieces in sink.items():
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", False, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
-            x = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
-            mean = x.mean(1)
-            if want_mean:
-                stats[(layer_idx, kind, "mean")] = mean
-            if want_scale:
-                centred = x - mean[:, None] if want_mean else x
-                scale = centred.pow(2).mean(1).sqrt().clamp_min(1e-6).pow(scale_power)
-                stats[(layer_idx, kind, "scale")] = scale / scale.mean(-1, keepdim=True)
+            found = channel_stats(x, mean=want_mean, scale=want_scale, scale_power=scale_power)
+            stats.update({(layer_idx, kind, name): t for name, t in found.items()})
             if error_weights:
-                centred = x - mean[:, None] if kind == "k" and key_mean else x  # what the quantizer sees
+                flat = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
+                centred = flat - flat.mean(1)[:, None] if kind == "k" and key_mean else flat  # what is quantized
                 variance = centred.pow(2).mean(1)
-                importance = _importance(kind, pieces, modules[layer_idx], x.shape[0])
+                importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0])
                 weight = variance * importance
                 stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
     return Calibration(stats, source)
+
+
+def channel_stats(x: torch.Tensor, *, mean: bool, scale: bool, scale_power: float = 0.8) -> dict[str, torch.Tensor]:
+    """Per-KV-head channel statistics of K or V samples x [B, H, T, d]: {"mean": [H, d]} (with `mean`) and
+    {"scale": [H, d]}: the per-channel RMS after removing the mean (when measured) raised to `scale_power`,
+    normalized to average 1 per head (with `scale`). What `calibrate` stores, and what a cache calibrated on its
+    prompt (`PROMPT`) measures from the prompt's own K/V."""
+    flat = x.float().transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
+    found: dict[str, torch.Tensor] = {}
+    average = flat.mean(1)
+    if mean:
+        found["mean"] = average
+    if scale:
+        centred = flat - average[:, None] if mean else flat
+        rms = centred.pow(2).mean(1).sqrt().clamp_min(1e-6).pow(scale_power)
+        found["scale"] = rms / rms.mean(-1, keepdim=True)
+    return found
 
 
 def _importance(kind: str, pieces: list, module: torch.nn.Module, kv_heads: int) -> torch.Tensor:

@@ -426,3 +426,5 @@ def test_bit_allocation_without_calibration_is_refused_before_capture(models):
     no_weights = Calibration({(0, "k", "mean"): torch.zeros(2, 64)})
     with pytest.raises(ValueError, match="needs a calibration with error weights"):
         apply(models["llama"], config=ALLOC, calibration=no_weights, max_cache_len=8)
+    with pytest.raises(ValueError, match="apply needs a rqcompile.Calibration .*'prompt' is for the eager caches"):
+        apply(models["llama"], calibration="prompt", max_cache_len=8)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import LinearAttentionLayer
 
 from rqcompile.cache import IsoQuantCache, PlanarQuantCache, RotorQuantCache, RQCache, RQCacheLayer
+from rqcompile.calibrate import calibrate
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import make_state
@@ -237,3 +238,39 @@ def test_sliding_window_layers_give_the_same_generation_as_the_dequantized_refer
     want = model.generate(ids, past_key_values=FakeQuantCache(cfg, config), max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
     assert all(layer.is_sliding for layer in cache.layers)
+
+
+def test_prompt_calibration_measures_each_sequence_on_its_own_prompt():
+    """`calibration="prompt"`: each layer measures its key mean and K/V scales on the first K/V it is given (the
+    prompt), sink token left out, exactly as `calibrate` measures sample text. Layer 0 sees the same K/V as
+    `calibrate` on that prompt, so its statistics are equal (later layers see K/V shaped by the compressed layers
+    before them). `reset()` starts a new sequence, which measures its own prompt."""
+    model = tiny_llama()
+    ids = _prompt(model, batch=1, length=40)
+    cache = RQCache(RQConfig(backend="iso", bits=3), calibration="prompt")
+    model(ids, past_key_values=cache, use_cache=True)
+    reference = calibrate(model, ids, error_weights=False)
+    layer = cache.layers[0]
+    assert torch.allclose(layer.k_state.mean, reference.get(0, "k", "mean"), atol=1e-6)
+    assert torch.allclose(layer.k_state.scale, reference.get(0, "k", "scale"), atol=1e-6)
+    assert torch.allclose(layer.v_state.scale, reference.get(0, "v", "scale"), atol=1e-6)
+    assert not layer.v_state.mean.any()  # values get no mean (softmax cannot absorb it)
+    first = layer.k_state.mean.clone()
+    model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False)  # decode keeps the statistics
+    assert torch.equal(layer.k_state.mean, first)
+    cache.reset()
+    model(_prompt(model, batch=1, length=40, seed=5), past_key_values=cache, use_cache=True)
+    assert not torch.allclose(layer.k_state.mean, first)
+
+
+def test_prompt_calibration_warns_when_the_prompt_is_too_short_to_measure():
+    model = tiny_llama()
+    cache = RQCache(RQConfig(backend="iso", bits=3), calibration="prompt")
+    with pytest.warns(UserWarning, match="has 7 tokens after the sink token .* stays uncalibrated"):
+        model(_prompt(model, batch=1, length=8), past_key_values=cache, use_cache=True)
+    assert not cache.layers[0].k_state.mean.any() and torch.all(cache.layers[0].k_state.scale == 1)
+
+
+def test_calibration_must_be_a_calibration_prompt_or_none():
+    with pytest.raises(ValueError, match="calibration='stdlib': pass a rqcompile.Calibration"):
+        IsoQuantCache(bits=3, calibration="stdlib")

@@ -269,6 +269,203 @@ def _quantize_kernel(
             _pack_store(code, codes_ptr + out_tok[:, None] * CB, t_ok, g, G, D, BITS, BLOCK_T)
 
 
+# ---------------------------------------------------------------- variant "v2" (uniform widths, block rotations)
+#
+# The norm group is held as P "slot" tiles [BLOCK_T, G/P]: slot s holds the coordinates P*j + s of the group, so
+# the codes of one stored word (P = 16 codes of 2 bits in an int32, 16 bits of the 1-bit plane in an int16, 8
+# codes of 4 bits in an int32) sit in the same thread at the same position of the P tiles and pack with shifts and
+# ORs (no reshape, no shared memory). Row sums are elementwise adds across the tiles plus one reduction of G/P.
+# The scale search compares `unit` against per-candidate thresholds computed once per program, exactly: the
+# smallest float t with div_rn(t, c) > b (division by c > 0 is monotone), so `unit >= t` is the reference's
+# `unit / c > b` without a division per element.
+
+
+@triton.jit
+def _float_up(f):
+    """The next float above f (scalar; -0.0 and +0.0 go to the smallest positive subnormal)."""
+    i = f.to(tl.int32, bitcast=True)
+    i = tl.where(f == 0.0, 1, tl.where(i >= 0, i + 1, i - 1))
+    return i.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _float_down(f):
+    """The next float below f (scalar; zeros go to the largest negative subnormal)."""
+    i = f.to(tl.int32, bitcast=True)
+    i = tl.where(f == 0.0, -2147483647, tl.where(i >= 0, i - 1, i + 1))
+    return i.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _threshold(b, c):
+    """The smallest float t with div_rn(t, c) > b, for c > 0: div_rn(u, c) > b <=> u >= t. Starts at b * c and
+    walks down one float, then up at most three (2e5 random b, c in [0.5, 2] needed 0 down and at most 2 up steps;
+    tests/test_quantize_fast.py checks the result against the division)."""
+    t = b * c
+    d = _float_down(t)
+    t = tl.where(tl.math.div_rn(d, c) > b, d, t)
+    for _ in tl.static_range(3):
+        t = tl.where(tl.math.div_rn(t, c) > b, t, _float_up(t))
+    return t
+
+
+@triton.jit
+def _slot_level(u, lev_ptr, thr, NL: tl.constexpr):
+    """levels[code] for the code of `u` against ascending thresholds `thr` (a tuple; code = thresholds reached)."""
+    lv = tl.zeros(u.shape, dtype=tl.float32) + tl.load(lev_ptr)
+    for k in tl.static_range(NL - 1):
+        lv = tl.where(u >= thr[k], tl.load(lev_ptr + k + 1), lv)
+    return lv
+
+
+@triton.jit
+def _quantize_v2_kernel(
+    x_ptr,
+    sxb,
+    sxh,
+    sxt,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    lev_ptr,
+    codes_ptr,
+    norms_ptr,
+    H,
+    T,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    NA: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    CB: tl.constexpr = D * BITS // 8
+    NL: tl.constexpr = 1 << BITS
+    P: tl.constexpr = 8 if BITS == 4 else 16  # codes per stored word (slots)
+    J: tl.constexpr = G // P
+    LB: tl.constexpr = 2 if BITS == 3 else BITS  # width of the first plane
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = (t < T)[:, None]
+    x_row = x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64)[:, None] * sxt
+    out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
+    crow = codes_ptr + out_tok[:, None] * CB
+    jj = tl.arange(0, J)
+    # thresholds (once per program): thr[k] = boundary k for the plain codes; cand[a][k] for the scale search
+    thr = ()
+    for k in tl.static_range(NL - 1):
+        bnd = (tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5
+        if NA == 0:
+            thr = thr + (_float_up(bnd),)  # u > b <=> u >= next float above b
+        else:
+            thr = thr + (bnd,)
+    cand = ()
+    if NA > 0:
+        for a in tl.static_range(NA):
+            ca = tl.load(lev_ptr + NL + a)
+            ta = ()
+            for k in tl.static_range(NL - 1):
+                ta = ta + (_threshold(thr[k], ca),)
+            cand = cand + (ta,)
+    for g in tl.static_range(NG):
+        # x, mean, scale of each slot -> u (the rotation's input) per slot
+        us = ()
+        if P % RB == 0:
+            for s in tl.static_range(P):
+                col = g * G + jj * P + s
+                xv = tl.load(x_row + col[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+                mu = tl.load(mean_ptr + h * D + col)
+                sc = tl.load(scale_ptr + h * D + col)
+                us = us + (tl.math.div_rn(xv - mu[None, :], sc[None, :]),)
+        # rotation per slot; the group's squared norm
+        ys = ()
+        ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+        for s in tl.static_range(P):
+            col = g * G + jj * P + s
+            blk = col // RB
+            y = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+            for k in tl.static_range(RB):
+                if P % RB == 0:
+                    coef = tl.load(rot_ptr + ((h * NB + blk) * RB + s % RB) * RB + k)
+                    y += coef[None, :] * us[s - s % RB + k]
+                else:  # blocks straddle slots (rotor, b = 3): gathered loads of the block's inputs
+                    coef = tl.load(rot_ptr + ((h * NB + blk) * RB + col % RB) * RB + k)
+                    src = blk * RB + k
+                    sv = src < D
+                    xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
+                    mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
+                    sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
+                    y += coef[None, :] * tl.where(sv[None, :], tl.math.div_rn(xv - mu[None, :], sc[None, :]), 0.0)
+            ys = ys + (y,)
+            ss += y * y
+        n = tl.sqrt_rn(tl.sum(ss, axis=1))
+        inv_ok = n[:, None] > 0
+        nd = tl.maximum(n, TINY)[:, None]
+        units = ()
+        for s in tl.static_range(P):
+            units = units + (tl.where(inv_ok, tl.math.div_rn(ys[s], nd), 0.0),)
+        # the codes' thresholds per row (the kept candidate's) and the squared length of their reconstruction
+        if NA == 0:
+            row_thr = thr
+            den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+            for s in tl.static_range(P):
+                lv = _slot_level(units[s], lev_ptr, thr, NL)
+                den += lv * lv
+            cn2 = tl.sum(den, axis=1)
+        else:  # scale search: largest cosine <unit, L[codes]> / ||L[codes]||, the first candidate on ties
+            best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+            cn2 = tl.zeros([BLOCK_T], dtype=tl.float32)
+            row_thr = ()
+            for k in tl.static_range(NL - 1):
+                row_thr = row_thr + (tl.zeros([BLOCK_T], dtype=tl.float32) + cand[0][k],)
+            for a in tl.static_range(NA):
+                num = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+                den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+                for s in tl.static_range(P):
+                    lv = _slot_level(units[s], lev_ptr, cand[a], NL)
+                    num += units[s] * lv
+                    den += lv * lv
+                den_a = tl.sum(den, axis=1)
+                cos = tl.math.div_rn(tl.sum(num, axis=1), tl.maximum(tl.sqrt_rn(den_a), TINY))
+                better = cos > best
+                best = tl.where(better, cos, best)
+                cn2 = tl.where(better, den_a, cn2)
+                if a > 0:
+                    nt = ()
+                    for k in tl.static_range(NL - 1):
+                        nt = nt + (tl.where(better, cand[a][k], row_thr[k]),)
+                    row_thr = nt
+        corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
+        tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
+        # codes against the row's thresholds, packed per stored word
+        lo = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+        for s in tl.static_range(P):
+            code = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+            for k in tl.static_range(NL - 1):
+                if NA == 0:
+                    code += (units[s] >= row_thr[k]).to(tl.int32)
+                else:
+                    code += (units[s] >= row_thr[k][:, None]).to(tl.int32)
+            if BITS == 4:
+                lo |= code << (4 * s)
+            else:
+                lo |= (code & 3) << (2 * s)
+                if BITS == 3:
+                    hi |= (code >> 2) << s
+        wl = crow + g * (G * LB // 8) + jj[None, :] * 4
+        tl.store(wl.to(tl.pointer_type(tl.int32)), lo, mask=t_ok)
+        if BITS == 3:
+            wh = crow + D // 4 + g * (G // 8) + jj[None, :] * 2
+            tl.store(wh.to(tl.pointer_type(tl.int16)), hi.to(tl.int16), mask=t_ok)
+
+
 @triton.jit
 def _load_codes(row_ptr, idx, mask, BITS: tl.constexpr, D: tl.constexpr):
     """Codes of elements `idx` (any shape) of packed rows `row_ptr` (same shape), per docs/FORMAT.md."""
@@ -389,6 +586,9 @@ def _dequantize_kernel(
 
 # launch defaults (tuned on the device, see benchmarks/NOTES.md)
 DEFAULTS = {"block_t": 8, "block_t_dense": 64, "lut": 0, "num_warps": 4, "reshape": True}
+# `launch_quantize(variant=...)` default, and the "v2" kernel's launch: `v2_tile` elements per slot tile
+# ([BLOCK_T, G/P], BLOCK_T = v2_tile // (G/P)), `v2_num_warps` warps. "v1" until v2 is timed on the device.
+DEFAULTS.update({"quantize_variant": "v1", "v2_tile": 128, "v2_num_warps": 4})
 
 
 def _block_t(dim: int, dense: bool) -> int:
@@ -434,11 +634,21 @@ def quantize_supported(x, rotation, bits: int, group: int, widths=None, levels=N
     )
 
 
-def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wrap=lambda k: k, perm=None, widths=None):
+def v2_applies(dim: int, rb: int, bits: int, group: int, layout: str = "", perm=None) -> bool:
+    """Whether the "v2" quantize kernel covers this call: one width in 2..4, a block rotation (b <= 4), no perm,
+    and at least one stored word per norm group (P = 16 codes for 2/3 bits, 8 for 4 bits); else v1 runs."""
+    slots = 8 if bits == 4 else 16
+    return layout == "" and perm is None and rb <= 4 and group % slots == 0 and dim % group == 0
+
+
+def launch_quantize(
+    x, rotation, mean, scale, levels, bits: int, group: int, wrap=lambda k: k, perm=None, widths=None, variant=None
+):
     """(codes uint8 [B, H, T, bytes], norms fp16 [B, H, T, d/group]) from x [B, H, T, d] (any strides).
 
     `widths` (one per stored coordinate) replaces `bits`, and `perm` [H, d] is the channel order the rotation
-    reads (calibrated bit allocation)."""
+    reads (calibrated bit allocation). `variant`: "v1" or "v2" (None: `DEFAULTS["quantize_variant"]`); "v2" runs
+    only where `v2_applies`, other calls take v1. Both write the same codes and norms (up to float ties)."""
     import torch
 
     batch, heads, tokens, dim = x.shape
@@ -451,6 +661,38 @@ def launch_quantize(x, rotation, mean, scale, levels, bits: int, group: int, wra
     codes = torch.empty((batch, heads, tokens, code_bytes), dtype=torch.uint8, device=x.device)
     norms = torch.empty((batch, heads, tokens, dim // group), dtype=torch.float16, device=x.device)
     if batch * heads * tokens == 0:
+        return codes, norms
+    variant = DEFAULTS["quantize_variant"] if variant is None else variant
+    if variant not in ("v1", "v2"):
+        raise ValueError(f"unknown quantize variant {variant!r}")
+    if variant == "v2" and v2_applies(dim, rb, bits, group, layout, perm):
+        slots = 8 if bits == 4 else 16
+        bt = max(1, DEFAULTS["v2_tile"] // (group // slots))
+        grid = (triton.cdiv(tokens, bt), batch * heads)
+        wrap(_quantize_v2_kernel)[grid](
+            x,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            rotation.contiguous(),
+            mean.contiguous(),
+            scale.contiguous(),
+            levels.contiguous(),
+            codes,
+            norms,
+            heads,
+            tokens,
+            D=dim,
+            G=group,
+            NG=dim // group,
+            RB=rb,
+            NB=nb,
+            BITS=bits,
+            BLOCK_T=bt,
+            NA=levels.numel() - codebook,
+            num_warps=DEFAULTS["v2_num_warps"],
+        )
         return codes, norms
     bt = _block_t(dim, dense)
     grid = (triton.cdiv(tokens, bt), batch * heads)
