@@ -178,11 +178,12 @@ def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch
     bw = nbytes / (ms * 1e-3)
     n_search = len(st.scale_candidates)
     r = {"backend": backend, "bits": bits, "shape": [batch, heads, tokens, dim], "ms": ms, "GBps": bw / 1e9}
+    r["variant"] = kquant.DEFAULTS["quantize_variant"]
     r["frac_copy_bw"] = bw / copy_bw
     r["scale_candidates"] = n_search
     RESULTS["quantize"].append(r)
     log(
-        f"quantize {backend:8s} {bits}b search {n_search}: {ms:.3f} ms, {bw / 1e9:.0f} GB/s "
+        f"quantize {r['variant']} {backend:8s} {bits}b search {n_search}: {ms:.3f} ms, {bw / 1e9:.0f} GB/s "
         f"= {bw / copy_bw:.0%} of copy"
     )
 
@@ -569,10 +570,17 @@ def attn_only(args):
             guarded(bench_layout_attention, copy_bw, 8, ctx, 3.5, 3, "iso")
             guarded(bench_attention, copy_bw, 8, ctx, bits=3, backend="iso", with_deq=False)
     if args.quantize:
-        for backend in ("planar", "iso", "rotor", "hadamard"):
-            guarded(check_quantize, backend, 3)
-        for backend, bits, search in (("planar", 3, None), ("planar", 3, ()), ("iso", 3, None), ("planar", 4, None)):
-            guarded(bench_quantize, copy_bw, backend, bits, scale_search=search)
+        for variant in args.quantize_variant.split(","):  # launch_quantize's default for the checks and timing
+            kquant.DEFAULTS["quantize_variant"] = variant
+            for backend in ("planar", "iso", "rotor", "hadamard"):
+                guarded(check_quantize, backend, 3)
+            for backend, bits, search in (
+                ("planar", 3, None),
+                ("planar", 3, ()),
+                ("iso", 3, None),
+                ("planar", 4, None),
+            ):
+                guarded(bench_quantize, copy_bw, backend, bits, scale_search=search)
     decodes = tuple(args.decode.split(","))
     attention_checks(decodes)
     log(f"checks done at {time.time() - t0:.0f}s")
@@ -605,8 +613,13 @@ def main():
     ap.add_argument("--layout", action="store_true", help="with --attn-only: bit-allocation layout attention too")
     ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-SDPA baseline")
     ap.add_argument(
+        "--quantize-variant",
+        default="v1",
+        help="with --quantize: quantize kernels to check and time, comma-separated (v1, v2; benchmarks/NOTES.md)",
+    )
+    ap.add_argument(
         "--decode",
-        default="tree",
+        default="prmt",
         help="attention code decodes to check and time, comma-separated (kattn.DECODES: tree, prmt, prmt-emulated)",
     )
     args = ap.parse_args()

@@ -1,0 +1,145 @@
+"""The "v2" quantize kernel (slot tiles, word packing, exact scale-search thresholds) against the v1 kernel and
+the reference quantizer.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on small CPU tensors (codes equal exactly); the `gpu` test
+compares v2 with v1 at real sizes on the device (codes equal up to float ties, judged as tests/test_kernels.py does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py, before any kernel module is imported
+
+import test_kernels as tk  # noqa: E402  (tests/ is on sys.path: rootdir-style test modules)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from rqcompile.kernels import quantize as kquant  # noqa: E402
+from rqcompile.quant import quantizer  # noqa: E402
+
+if not HAS_CUDA:
+    kquant = importlib.reload(kquant)
+
+
+@pytest.fixture(autouse=True)
+def _interpret_mode(monkeypatch):
+    """Rebuild the kernels in interpreter mode right before each CPU test (as tests/test_kernels.py does)."""
+    global kquant
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        kquant = importlib.reload(kquant)
+
+
+def _inputs(backend, bits, dim, tokens, search, device="cpu", batch=2, heads=2, seed=0):
+    config = {} if search else {"scale_search": ()}
+    st = tk._state(backend, bits, "k", heads, dim, device, seed=seed, **config)
+    g = torch.Generator().manual_seed(seed + 3)
+    x = (torch.randn(batch, tokens, heads, dim, generator=g) * 2).to(device).transpose(1, 2)  # strided, as K/V
+    return st, x, (st.rotation, st.mean, st.scale, st.levels)
+
+
+CASES = [  # backend, bits, head_dim, scale search; tokens 19: a partial tile for every BLOCK_T
+    ("planar", 3, 64, True),
+    ("planar", 3, 256, True),  # two norm groups
+    ("planar", 2, 128, True),
+    ("planar", 4, 64, False),
+    ("iso", 3, 128, False),
+    ("iso", 4, 128, True),
+    ("iso", 2, 64, False),
+    ("rotor", 3, 64, True),  # b = 3: blocks straddle the slots
+    ("rotor", 2, 128, False),
+    ("none", 3, 64, True),
+    ("none", 4, 256, False),
+]
+
+
+@pytest.mark.parametrize("backend,bits,dim,search", CASES)
+def test_v2_codes_equal_v1_and_reference(backend, bits, dim, search):
+    st, x, params = _inputs(backend, bits, dim, 19, search)
+    assert kquant.v2_applies(dim, st.rotation.shape[-1], bits, st.group)
+    assert (st.levels.numel() > 2**bits) == search
+    c1, n1 = kquant.launch_quantize(x, *params, bits, st.group, variant="v1")
+    c2, n2 = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    assert torch.equal(c2, c1) and torch.equal(c2, rc)
+    # norms: the same fp16 values up to the order of the row sums (one fp16 step at most)
+    for other in (n1, rn):
+        rel = (n2.float() - other.float()).abs() / other.float().abs().clamp_min(1e-6)
+        assert rel.max().item() < 1e-3
+
+
+def test_v2_zero_and_nan_rows():
+    st, x, params = _inputs("planar", 3, 64, 5, True)
+    x = x.clone()
+    x[0, 1, 1] = st.mean[1]  # u = 0: a zero group (norm 0)
+    x[1, 0, 3, 7] = float("nan")
+    c1, n1 = kquant.launch_quantize(x, *params, 3, st.group, variant="v1")
+    c2, n2 = kquant.launch_quantize(x, *params, 3, st.group, variant="v2")
+    assert torch.equal(c1, c2)
+    assert torch.isnan(n2[1, 0, 3]).all() and not torch.isnan(n2[0]).any()
+    assert torch.equal(n1.nan_to_num(7.0), n2.nan_to_num(7.0))
+
+
+def test_v2_falls_back_to_v1_where_it_does_not_apply():
+    """The dense (hadamard) rotation and calibrated layouts/perms take the v1 kernel under variant="v2"."""
+    st, x, params = _inputs("hadamard", 3, 64, 7, True)
+    assert not kquant.v2_applies(64, st.rotation.shape[-1], 3, st.group)
+    c1, n1 = kquant.launch_quantize(x, *params, 3, st.group, variant="v1")
+    c2, n2 = kquant.launch_quantize(x, *params, 3, st.group, variant="v2")
+    assert torch.equal(c1, c2) and torch.equal(n1, n2)
+    assert not kquant.v2_applies(64, 2, 3, 64, layout="4x8,2x56")
+    assert not kquant.v2_applies(64, 2, 3, 64, perm=torch.arange(64))
+    assert not kquant.v2_applies(64, 2, 3, 8)  # fewer coordinates in a group than one stored word
+    with pytest.raises(ValueError):
+        kquant.launch_quantize(x, *params, 3, st.group, variant="v3")
+
+
+@triton.jit
+def _threshold_kernel(b_ptr, c_ptr, t_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(t_ptr + i, kquant._threshold(tl.load(b_ptr + i), tl.load(c_ptr + i)))
+
+
+def test_threshold_is_the_exact_division_boundary():
+    """t = _threshold(b, c) is the smallest float with fl(t / c) > b: every u >= t codes above b, every u < t not."""
+    global _threshold_kernel
+    _threshold_kernel = triton.jit(_threshold_kernel.fn)  # rebuilt against the reloaded module (interpreter mode)
+    n = 4096
+    g = torch.Generator().manual_seed(0)
+    b = torch.cat([torch.randn(n - 6, generator=g) * 2, torch.tensor([0.0, -0.0, 1e-38, -1e-38, 1e-45, -1e-45])])
+    c = torch.tensor([0.85, 1.0, 1.15, 1.3, 1.5])[torch.arange(n) % 5]
+    c[: n // 2] = torch.rand(n // 2, generator=g) * 1.5 + 0.5
+    device = "cuda" if HAS_CUDA else "cpu"
+    b, c = b.to(device), c.to(device)
+    t = torch.empty_like(b)
+    _threshold_kernel[(1,)](b, c, t, N=n)
+    below = torch.nextafter(t, torch.full_like(t, -float("inf")))
+    assert ((t / c) > b).all()
+    assert not ((below / c) > b).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("backend", ["planar", "iso", "rotor", "none"])
+@pytest.mark.parametrize("search", [True, False])
+def test_v2_gpu(backend, bits, search):
+    """Real sizes, fresh random inputs, outputs poisoned first: v2 against v1 and the reference."""
+    for dim, tokens, batch, heads in ((256, 3000, 2, 4), (128, 1001, 3, 2)):
+        st, x, params = _inputs(backend, bits, dim, tokens, search, "cuda", batch, heads, seed=dim + bits)
+        x = x.to(torch.bfloat16)
+        tk._poison("cuda")
+        c2, n2 = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
+        torch.cuda.synchronize()
+        tk._poison("cuda")
+        c1, n1 = kquant.launch_quantize(x, *params, bits, st.group, variant="v1")
+        rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+        tk._check_codes(c2, n2, c1, n1, x, st)
+        tk._check_codes(c2, n2, rc, rn, x, st)
