@@ -75,7 +75,7 @@ def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module]
 
 
 # `RQCache(calibration=PROMPT)`: each layer measures its key mean and K/V scales on the first tokens it is given
-# (the prompt), skipping the sink token, as `calibrate` does on sample text (QUALITY.md "Calibration on the prompt").
+# (the prompt), skipping the sink token, as `calibrate` does on sample text (QUALITY.md "Defaults (session 4)").
 PROMPT = "prompt"
 MIN_PROMPT_TOKENS = 16  # fewer (after the sink token): the layer stays uncalibrated, with a warning
 DEFAULT_CALIBRATION_TOKENS = 2048  # stdlib tokens; 4096 measured no better (QUALITY.md, "Tried ... and dropped")

@@ -80,7 +80,7 @@ def _calibration(args, model, tok):
     which cannot do without)."""
     if args.no_calibration or args.backend == "none":
         if args.bit_allocation:
-            raise SystemExit("error: --bit-allocation needs a calibration; drop --no-calibration (or use --backend)")
+            raise SystemExit("error: --bit-allocation needs a calibration; drop --no-calibration (or backend none)")
         return None
     import torch
 
