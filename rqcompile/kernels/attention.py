@@ -257,10 +257,11 @@ def _lookup4(sel, ta, tb, ua, ub):
 @triton.jit
 def _mux4(sel, m, ta, tb, tc, td, ua, ub, uc, ud):
     """4-bit: levels 0-7 (ta, tb) or 8-15 (tc, td) per byte by the mask m (lop3 0xD8), then interleaved."""
+    # (a & ~m) | (b & m) written without ~: Triton 3.8's interpreter builds ~x of a uint32 from a -1 it cannot cast
     lo = _prmt(ta, tb, sel)
-    lo = (lo & ~m) | (_prmt(tc, td, sel) & m)
+    lo = lo ^ ((lo ^ _prmt(tc, td, sel)) & m)
     hi = _prmt(ua, ub, sel)
-    hi = (hi & ~m) | (_prmt(uc, ud, sel) & m)
+    hi = hi ^ ((hi ^ _prmt(uc, ud, sel)) & m)
     p0, p1 = _pairs(lo, hi)
     v0, v1 = _halves(p0)
     v2, v3 = _halves(p1)
