@@ -246,31 +246,8 @@ def attention_state(
     kv_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """rq::attention with two QuantStates' parameters."""
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    k_bits, k_perm, k_widths = layout_args(k)
-    v_bits, v_perm, v_widths = layout_args(v)
     return torch.ops.rq.attention(
-        q,
-        k_codes,
-        k_norms,
-        v_codes,
-        v_norms,
-        k.rotation,
-        k.scale,
-        k.levels,
-        v.rotation,
-        v.mean,
-        v.scale,
-        v.levels,
-        k_bits,
-        v_bits,
-        attn_mask,
-        sm_scale,
-        kv_len,
-        k_perm,
-        v_perm,
-        k_widths,
-        v_widths,
+        *_state_args(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale, kv_len)
     )
 
 
@@ -287,10 +264,17 @@ def attention_lse_state(
     kv_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rq::attention_lse with two QuantStates' parameters."""
+    return torch.ops.rq.attention_lse(
+        *_state_args(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale, kv_len)
+    )
+
+
+def _state_args(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale, kv_len) -> tuple:
+    """The 21 arguments of rq::attention / rq::attention_lse, from two QuantStates (sm_scale None: 1/sqrt(d))."""
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     k_bits, k_perm, k_widths = layout_args(k)
     v_bits, v_perm, v_widths = layout_args(v)
-    return torch.ops.rq.attention_lse(
+    return (
         q,
         k_codes,
         k_norms,
