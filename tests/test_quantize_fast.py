@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,6 +124,45 @@ def test_threshold_is_the_exact_division_boundary():
     below = torch.nextafter(t, torch.full_like(t, -float("inf")))
     assert ((t / c) > b).all()
     assert not ((below / c) > b).any()
+
+
+def _exact_thresholds(bnd, cand):
+    """[A, K]: the smallest float32 t with t / c > b (numpy float32 division is IEEE, correctly rounded), by walking
+    from b * c one float at a time until it stops -- the specification of the v2 kernel's threshold scratch."""
+    b = np.asarray(bnd, np.float32)[None, :]
+    c = np.asarray(cand, np.float32)[:, None]
+    with np.errstate(over="ignore", under="ignore"):
+        t = np.broadcast_to(b * c, (c.shape[0], b.shape[1])).copy()
+        for _ in range(100000):
+            d = np.nextafter(t, np.float32(-np.inf))
+            down = d / c > b  # the float below still codes above b
+            up = ~(t / c > b)  # t itself does not
+            if not (down.any() or up.any()):
+                return t
+            t = np.where(down, d, np.where(up, np.nextafter(t, np.float32(np.inf)), t))
+    raise AssertionError("the walk did not stop")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("cands", ["default", "wide"])
+def test_threshold_scratch_is_the_exact_division_boundary(bits, cands):
+    """_v2_thresholds_kernel's scratch (what launch_quantize passes to the v2 kernel as thr_ptr) holds, at a * NL + k,
+    the smallest float t with fl(t / c_a) > boundary k: exactly the reference's `unit / c > b` as `unit >= t`."""
+    st = tk._state("planar", bits, "k", 2, 64, "cpu", seed=1)
+    nl = 2**bits
+    levels = st.levels.clone()
+    if cands == "wide":  # any positive finite scale is a valid config: far from 1, and ties near the boundaries
+        levels = torch.cat([levels[:nl], torch.tensor([1e-3, 0.5, 0.75000006, 1.0, 2.0, 3.0, 117.0, 1e3])])
+    na = levels.numel() - nl
+    assert na > 0
+    device = "cuda" if HAS_CUDA else "cpu"
+    thr = torch.full((na * nl,), float("nan"), device=device)
+    kquant._v2_thresholds_kernel[(1,)](levels.to(device), thr, NL=nl, NA=na, BLOCK=triton.next_power_of_2(na * nl))
+    lv = levels[:nl].numpy()
+    bnd = (lv[1:] + lv[:-1]) * np.float32(0.5)  # codebook.boundaries
+    want = _exact_thresholds(bnd, levels[nl:].numpy())
+    got = thr.cpu().view(na, nl)[:, : nl - 1].numpy()
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
 @pytest.mark.gpu

@@ -275,9 +275,10 @@ def _quantize_kernel(
 # the codes of one stored word (P = 16 codes of 2 bits in an int32, 16 bits of the 1-bit plane in an int16, 8
 # codes of 4 bits in an int32) sit in the same thread at the same position of the P tiles and pack with shifts and
 # ORs (no reshape, no shared memory). Row sums are elementwise adds across the tiles plus one reduction of G/P.
-# The scale search compares `unit` against per-candidate thresholds computed once per program, exactly: the
-# smallest float t with div_rn(t, c) > b (division by c > 0 is monotone), so `unit >= t` is the reference's
-# `unit / c > b` without a division per element.
+# The scale search compares `unit` against per-candidate thresholds, exact: the smallest float t with
+# div_rn(t, c) > b (division by c > 0 is monotone), so `unit >= t` is the reference's `unit / c > b` without a
+# division per element. A one-program kernel computes them once per launch as vectors into a scratch tensor (an
+# unrolled per-program prologue cost ~50 instructions per element and minutes of compile time).
 
 
 @triton.jit
@@ -289,24 +290,34 @@ def _float_up(f):
 
 
 @triton.jit
-def _float_down(f):
-    """The next float below f (scalar; zeros go to the largest negative subnormal)."""
-    i = f.to(tl.int32, bitcast=True)
-    i = tl.where(f == 0.0, -2147483647, tl.where(i >= 0, i - 1, i + 1))
-    return i.to(tl.float32, bitcast=True)
+def _threshold(b, c):
+    """The smallest float t with div_rn(t, c) > b, for c > 0: div_rn(u, c) > b <=> u >= t (+inf if none). Bisection
+    over the floats in order (int32 keys: the bits for t >= 0, minus the bits of -t below), 32 steps of a runtime
+    loop: exact for every b, c (a walk from b * c needs up to c / 2 steps when b = 0 and t is subnormal), with
+    one div_rn in the code. Elementwise: call it on vectors (_v2_thresholds_kernel)."""
+    lo = tl.zeros(b.shape, dtype=tl.int32) - 0x7F800000  # key of -inf: never above b
+    hi = tl.zeros(b.shape, dtype=tl.int32) + 0x7F800000  # key of +inf: above every finite b
+    for _ in range(32):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        t = tl.where(mid >= 0, mid, -mid).to(tl.float32, bitcast=True)
+        t = tl.where(mid >= 0, t, -t)
+        above = tl.math.div_rn(t, c) > b
+        hi = tl.where(above, mid, hi)
+        lo = tl.where(above, lo, mid)
+    t = tl.where(hi >= 0, hi, -hi).to(tl.float32, bitcast=True)
+    return tl.where(hi >= 0, t, -t)
 
 
 @triton.jit
-def _threshold(b, c):
-    """The smallest float t with div_rn(t, c) > b, for c > 0: div_rn(u, c) > b <=> u >= t. Starts at b * c and
-    walks down one float, then up at most three (2e5 random b, c in [0.5, 2] needed 0 down and at most 2 up steps;
-    tests/test_quantize_fast.py checks the result against the division)."""
-    t = b * c
-    d = _float_down(t)
-    t = tl.where(tl.math.div_rn(d, c) > b, d, t)
-    for _ in tl.static_range(3):
-        t = tl.where(tl.math.div_rn(t, c) > b, t, _float_up(t))
-    return t
+def _v2_thresholds_kernel(lev_ptr, thr_ptr, NL: tl.constexpr, NA: tl.constexpr, BLOCK: tl.constexpr):
+    """thr[a * NL + k] = _threshold(boundary k, candidate a) for a < NA, k < NL - 1 (the `thr_ptr` of the v2 kernel;
+    k = NL - 1 is padding). One program; the levels stay on the device (no host sync)."""
+    i = tl.arange(0, BLOCK)
+    a = i // NL
+    k = i % NL
+    ok = (a < NA) & (k < NL - 1)
+    bnd = (tl.load(lev_ptr + k, mask=ok, other=0.0) + tl.load(lev_ptr + k + 1, mask=ok, other=0.0)) * 0.5
+    tl.store(thr_ptr + i, _threshold(bnd, tl.load(lev_ptr + NL + a, mask=ok, other=1.0)), mask=ok)
 
 
 @triton.jit
@@ -329,6 +340,7 @@ def _quantize_v2_kernel(
     mean_ptr,
     scale_ptr,
     lev_ptr,
+    thr_ptr,
     codes_ptr,
     norms_ptr,
     H,
@@ -357,21 +369,18 @@ def _quantize_v2_kernel(
     out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
     crow = codes_ptr + out_tok[:, None] * CB
     jj = tl.arange(0, J)
-    # thresholds (once per program): thr[k] = boundary k for the plain codes; cand[a][k] for the scale search
+    # thresholds: thr[k] for the plain codes (u > b <=> u >= next float above b); cand[a][k] for the scale search,
+    # precomputed by _v2_thresholds_kernel
     thr = ()
-    for k in tl.static_range(NL - 1):
-        bnd = (tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5
-        if NA == 0:
-            thr = thr + (_float_up(bnd),)  # u > b <=> u >= next float above b
-        else:
-            thr = thr + (bnd,)
     cand = ()
-    if NA > 0:
+    if NA == 0:
+        for k in tl.static_range(NL - 1):
+            thr = thr + (_float_up((tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5),)
+    else:
         for a in tl.static_range(NA):
-            ca = tl.load(lev_ptr + NL + a)
             ta = ()
             for k in tl.static_range(NL - 1):
-                ta = ta + (_threshold(thr[k], ca),)
+                ta = ta + (tl.load(thr_ptr + a * NL + k),)
             cand = cand + (ta,)
     for g in tl.static_range(NG):
         # x, mean, scale of each slot -> u (the rotation's input) per slot
@@ -668,6 +677,14 @@ def launch_quantize(
     if variant == "v2" and v2_applies(dim, rb, bits, group, layout, perm):
         slots = 8 if bits == 4 else 16
         bt = max(1, DEFAULTS["v2_tile"] // (group // slots))
+        levels = levels.contiguous()
+        na = levels.numel() - codebook
+        thr = levels  # unused without the search
+        if na > 0:
+            thr = torch.empty(na * codebook, dtype=torch.float32, device=x.device)
+            wrap(_v2_thresholds_kernel)[(1,)](
+                levels, thr, NL=codebook, NA=na, BLOCK=triton.next_power_of_2(na * codebook)
+            )
         grid = (triton.cdiv(tokens, bt), batch * heads)
         wrap(_quantize_v2_kernel)[grid](
             x,
@@ -678,7 +695,8 @@ def launch_quantize(
             rotation.contiguous(),
             mean.contiguous(),
             scale.contiguous(),
-            levels.contiguous(),
+            levels,
+            thr,
             codes,
             norms,
             heads,
@@ -690,7 +708,7 @@ def launch_quantize(
             NB=nb,
             BITS=bits,
             BLOCK_T=bt,
-            NA=levels.numel() - codebook,
+            NA=na,
             num_warps=DEFAULTS["v2_num_warps"],
         )
         return codes, norms
