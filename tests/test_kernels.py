@@ -282,6 +282,16 @@ def test_attention_lse_interpret_layout(mask_kind):
 
 
 @cpu_only
+@pytest.mark.parametrize("backend", ["planar", "rotor", "hadamard"])
+def test_attention_combine_walks_splits_and_columns_in_chunks(backend, monkeypatch):
+    """The combine step reduces the splits BLOCK_S at a time over BLOCK_D output columns per program: more splits
+    than one chunk and rotation blocks across column chunks (rotor: blocks of 3 in chunks of 16) still add up."""
+    monkeypatch.setattr(kattn, "COMBINE_BLOCK_S", 2)
+    monkeypatch.setattr(kattn, "COMBINE_BLOCK_D", 16)
+    _attention_case(backend, 3, 3, 64, "cpu", tk=400, splits=5, lse=True, mask_kind="kv_len")  # 4 splits
+
+
+@cpu_only
 def test_attention_interpret_head_dim_256():
     _attention_case("planar", 3, 3, 256, "cpu", tk=40, batch=1, heads=1, rep=2)
 
@@ -637,6 +647,8 @@ def _decode_case(
         (4, 2, 64, {"mask_kind": "bool", "tq": 2}),
         (3, 2, 256, {"batch": 1, "heads": 1}),  # two norm groups (K norms after two dots, V norms in p twice)
         (4, 3, 256, {"batch": 1, "heads": 1, "backend": "iso"}),
+        # rotor's blocks of 3 straddle the norm groups' boundary at 128: q's halves rotate across it
+        (2, 4, 256, {"batch": 1, "heads": 1, "backend": "rotor", "mask_kind": "kv_len", "splits": 2}),
     ],
 )
 def test_attention_interpret_prmt_data_path(kb, vb, dim, kw):

@@ -60,6 +60,7 @@ LOG2E = 1.4426950408889634
 # into Triton integer ops (any backend; to test the prmt data path in the interpreter)
 DEFAULTS = {"block_n": 64, "num_warps": 4, "split_waves": 8, "num_stages": 3, "maxnreg": 168, "decode": 1}
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
+COMBINE_BLOCK_S, COMBINE_BLOCK_D = 32, 64  # splits x output columns per step of the combine kernel
 
 
 @triton.jit
@@ -75,15 +76,18 @@ def _q_rot(
     RB: tl.constexpr,
     NB: tl.constexpr,
     BM: tl.constexpr,
+    C0: tl.constexpr = 0,
+    DC: tl.constexpr = 0,
 ):
-    """The rotated, K-scaled query rows times qk_scale, fp32 [BLOCK_M, D] (natural column order)."""
-    c = tl.arange(0, D)
+    """The rotated, K-scaled query rows times qk_scale, fp32 [BLOCK_M, DC] (columns C0.., natural order; DC 0: D)."""
+    DQ: tl.constexpr = D if DC == 0 else DC
+    c = C0 + tl.arange(0, DQ)
     if RB == 0:  # q already rotated and K-scaled on the host (dense rotation)
         qv = tl.load(qrow[:, None] + c[None, :] * sqd, mask=m_ok[:, None], other=0.0).to(tl.float32)
     else:
         blk = c // RB
         ii = c % RB
-        qv = tl.zeros([BM, D], dtype=tl.float32)
+        qv = tl.zeros([BM, DQ], dtype=tl.float32)
         for k in tl.static_range(RB):
             src = blk * RB + k
             sv = src < D
@@ -342,19 +346,34 @@ def _prmt_asm(w, hh, tab, BITS: tl.constexpr):
 
 
 @triton.jit
-def _tile_prmt(row, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp16 [BLOCK_N, D] codebook values by prmt table lookups, columns in prmt.COLUMNS order within each block of
-    PER codes (`row`: each row's codes as int32 words, as for _levels)."""
+def _tile_prmt(
+    row,
+    n_ok,
+    tab,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    DECODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PART: tl.constexpr = 0,
+    PARTS: tl.constexpr = 1,
+):
+    """fp16 [BLOCK_N, D // PARTS] codebook values of coordinates PART * D // PARTS.. by prmt table lookups, columns in
+    prmt.COLUMNS order within each block of PER codes (`row`: each row's codes as int32 words, as for _levels)."""
     if BITS == 4:
         PER: tl.constexpr = 8
     else:
         PER: tl.constexpr = 16
     W: tl.constexpr = D // PER
-    wi = tl.arange(0, W)
+    WP: tl.constexpr = W // PARTS
+    wi = PART * WP + tl.arange(0, WP)
     w = tl.load(row[:, None] + wi[None, :], mask=n_ok[:, None], other=0)
-    if BITS == 3:  # this word's 16 high-plane bits: halfword W + wi of the 2*W halfwords of the low plane
-        hrow = row.to(tl.pointer_type(tl.int16))
-        hh = tl.load(hrow[:, None] + (2 * W + wi)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+    if BITS == 3:
+        # this word's 16 high-plane bits: halfword 2W + wi, read as the int32 word W + wi // 2 (a 4-byte load the
+        # pipeliner copies asynchronously; 2-byte loads were issued one per element, unpipelined); the decode uses
+        # only the low 16 bits of hh
+        hj = PART * (WP // 2) + tl.arange(0, WP // 2)
+        hi = tl.load(row[:, None] + (W + hj)[None, :], mask=n_ok[:, None], other=0)
+        hh = tl.reshape(tl.join(hi, hi >> 16), [BLOCK_N, WP])
     else:
         hh = w
     if DECODE == 1:
@@ -372,10 +391,17 @@ def _tile_prmt(row, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: tl.c
         a4, a5, a6, a7 = tl.join(o4, o12), tl.join(o5, o13), tl.join(o6, o14), tl.join(o7, o15)
         a0, a1, a2, a3 = tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7)
     b0, b1 = tl.join(a0, a2), tl.join(a1, a3)
-    tile = tl.reshape(tl.join(b0, b1), [BLOCK_N, D])
+    tile = tl.reshape(tl.join(b0, b1), [BLOCK_N, D // PARTS])
     if DECODE == 1:
         tile = _opaque(tile)
     return tile
+
+
+@triton.jit
+def _prmt_rows(q, BLOCK_M: tl.constexpr):
+    """q's columns in the 2/3-bit tiles' order (_prmt_columns): [.., 2i + e] -> [.., 8e + i] per block of 16."""
+    DQ: tl.constexpr = q.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(q, [BLOCK_M, DQ // 16, 8, 2]), (0, 1, 3, 2)), [BLOCK_M, DQ])
 
 
 @triton.jit
@@ -454,6 +480,11 @@ def _attn_split_kernel(
     VPOST: tl.constexpr = NGV <= 2  # V norms folded into p (one dot per norm group)
     KFAST: tl.constexpr = DECODE != 0 and KPOST  # prmt decode (the per-element norm path keeps the tree)
     VFAST: tl.constexpr = DECODE != 0 and VPOST
+    # two norm groups with the prmt decode: one half tile and one dot per group (K=D/2 for the scores, N=D/2 for the
+    # values), instead of two full dots with the other group's half masked to zero (twice the mma work and q reads)
+    KSPLIT: tl.constexpr = KFAST and NGK == 2
+    VSPLIT: tl.constexpr = VFAST and NGV == 2
+    DV: tl.constexpr = D // 2 if VSPLIT else D  # accumulator columns per tile
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rows < M
     r = rows // Tq
@@ -461,17 +492,27 @@ def _attn_split_kernel(
     hq = h * REP + r
     qrow = q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
     col = tl.arange(0, D)
-    qf = _q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M)
+    if KSPLIT:
+        qf = _q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M, 0, D // 2)
+        qg = _q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M, D // 2, D // 2)
+    else:
+        qf = _q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M)
+        qg = qf
     if KFAST:
         ktab = _tables(klev_ptr, KBITS)
         if KBITS != 4:  # q's columns in the K tiles' order (_prmt_columns): [.., 2i + e] -> [.., 8e + i] per 16
-            qf = tl.reshape(tl.permute(tl.reshape(qf, [BLOCK_M, D // 16, 8, 2]), (0, 1, 3, 2)), [BLOCK_M, D])
+            qf = _prmt_rows(qf, BLOCK_M)
+            qg = _prmt_rows(qg, BLOCK_M)
+    dcol = tl.arange(0, DV)
     if VFAST:
         vtab = _tables(vlev_ptr, VBITS)
-        vcol = _prmt_columns(col, VBITS)  # the accumulator's columns follow the V tiles' order
+        vcol = _prmt_columns(dcol, VBITS)  # the accumulator's columns follow the V tiles' order
     else:
-        vcol = col
-    if KPOST and NGK == 2:
+        vcol = dcol
+    if KSPLIT:
+        q0 = qf.to(tl.float16)
+        q1 = qg.to(tl.float16)
+    elif KPOST and NGK == 2:
         q0 = tl.where(col[None, :] < D // 2, qf, 0.0).to(tl.float16)
         q1 = tl.where(col[None, :] < D // 2, 0.0, qf).to(tl.float16)
     else:
@@ -489,7 +530,8 @@ def _attn_split_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # the second norm group's columns (VSPLIT)
     kbase = kc_ptr + bh.to(tl.int64) * Tk * CWK
     vbase = vc_ptr + bh.to(tl.int64) * Tk * CWV
     knb = kn_ptr + bh.to(tl.int64) * Tk * NGK
@@ -501,18 +543,25 @@ def _attn_split_kernel(
         n_ok = n < n_hi
         n64 = n.to(tl.int64)
         # ---- scores: q . (codebook[code] * norm), norms after the dot
-        if KFAST:
-            kt = tl.trans(_tile_prmt(kbase + n64 * CWK, n_ok, ktab, D, KBITS, DECODE, BLOCK_N))
-        else:
-            kt = tl.trans(_tile(kbase, knb, n64, n_ok, klev_ptr, CWK, D, KBITS, NGK, KPOST, BLOCK_N))
-        if KPOST:
+        krow = kbase + n64 * CWK
+        if KSPLIT:  # one half tile and one dot per norm group
             nk0 = tl.load(knb + n64 * NGK, mask=n_ok, other=0.0).to(tl.float32)
-            sc = tl.dot(q0, kt) * nk0[None, :]
-            if NGK == 2:
-                nk1 = tl.load(knb + n64 * NGK + 1, mask=n_ok, other=0.0).to(tl.float32)
-                sc += tl.dot(q1, kt) * nk1[None, :]
+            nk1 = tl.load(knb + n64 * NGK + 1, mask=n_ok, other=0.0).to(tl.float32)
+            sc = tl.dot(q0, tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N, 0, 2))) * nk0[None, :]
+            sc += tl.dot(q1, tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N, 1, 2))) * nk1[None, :]
         else:
-            sc = tl.dot(q0, kt)
+            if KFAST:
+                kt = tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N))
+            else:
+                kt = tl.trans(_tile(kbase, knb, n64, n_ok, klev_ptr, CWK, D, KBITS, NGK, KPOST, BLOCK_N))
+            if KPOST:
+                nk0 = tl.load(knb + n64 * NGK, mask=n_ok, other=0.0).to(tl.float32)
+                sc = tl.dot(q0, kt) * nk0[None, :]
+                if NGK == 2:
+                    nk1 = tl.load(knb + n64 * NGK + 1, mask=n_ok, other=0.0).to(tl.float32)
+                    sc += tl.dot(q1, kt) * nk1[None, :]
+            else:
+                sc = tl.dot(q0, kt)
         sc = tl.where(n_ok[None, :], sc, float("-inf"))
         if MASK_KIND != 0:
             if MASK_ROW:  # the same mask row for every query row of this program: one [BLOCK_N] load
@@ -531,25 +580,36 @@ def _attn_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
         # ---- values: p . (codebook[code] * norm), norms folded into p
-        if VFAST:
-            vt = _tile_prmt(vbase + n64 * CWV, n_ok, vtab, D, VBITS, DECODE, BLOCK_N)
-        else:
-            vt = _tile(vbase, vnb, n64, n_ok, vlev_ptr, CWV, D, VBITS, NGV, VPOST, BLOCK_N)
-        if VPOST:
+        vrow = vbase + n64 * CWV
+        if VSPLIT:  # one half tile, one dot and one accumulator per norm group
             nv0 = tl.load(vnb + n64 * NGV, mask=n_ok, other=0.0).to(tl.float32)
-            pv = tl.dot((p * nv0[None, :]).to(tl.float16), vt)
-            if NGV == 2:
-                nv1 = tl.load(vnb + n64 * NGV + 1, mask=n_ok, other=0.0).to(tl.float32)
-                pv1 = tl.dot((p * nv1[None, :]).to(tl.float16), vt)
-                pv = tl.where(col[None, :] < D // 2, pv, pv1)
+            nv1 = tl.load(vnb + n64 * NGV + 1, mask=n_ok, other=0.0).to(tl.float32)
+            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 0, 2)
+            acc = acc * alpha[:, None] + tl.dot((p * nv0[None, :]).to(tl.float16), vt)
+            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 1, 2)
+            acc1 = acc1 * alpha[:, None] + tl.dot((p * nv1[None, :]).to(tl.float16), vt)
         else:
-            pv = tl.dot(p.to(tl.float16), vt)
-        acc = acc * alpha[:, None] + pv
+            if VFAST:
+                vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N)
+            else:
+                vt = _tile(vbase, vnb, n64, n_ok, vlev_ptr, CWV, D, VBITS, NGV, VPOST, BLOCK_N)
+            if VPOST:
+                nv0 = tl.load(vnb + n64 * NGV, mask=n_ok, other=0.0).to(tl.float32)
+                pv = tl.dot((p * nv0[None, :]).to(tl.float16), vt)
+                if NGV == 2:
+                    nv1 = tl.load(vnb + n64 * NGV + 1, mask=n_ok, other=0.0).to(tl.float32)
+                    pv1 = tl.dot((p * nv1[None, :]).to(tl.float16), vt)
+                    pv = tl.where(col[None, :] < D // 2, pv, pv1)
+            else:
+                pv = tl.dot(p.to(tl.float16), vt)
+            acc = acc * alpha[:, None] + pv
 
     pidx = (bh.to(tl.int64) * NS + split) * M + rows
     tl.store(pm_ptr + pidx, m_i, mask=m_ok)
     tl.store(pl_ptr + pidx, l_i, mask=m_ok)
     tl.store(pacc_ptr + pidx[:, None] * D + vcol[None, :], acc, mask=m_ok[:, None])
+    if VSPLIT:
+        tl.store(pacc_ptr + pidx[:, None] * D + (D // 2 + vcol)[None, :], acc1, mask=m_ok[:, None])
 
 
 # ---------------------------------------------------------------- calibrated bit allocation (layout) variant
@@ -956,6 +1016,13 @@ def _attn_split_layout_kernel(
 
 
 @triton.jit
+def _split_weights(pm_ptr, off, s_ok, muse):
+    """exp2(m_split - m_max) of the splits at offsets `off` (0 where masked): each split's share of the row's sum."""
+    ms = tl.load(pm_ptr + off, mask=s_ok, other=float("-inf"))
+    return tl.where(s_ok, tl.exp2(ms - muse), 0.0)
+
+
+@triton.jit
 def _attn_combine_kernel(
     pm_ptr,
     pl_ptr,
@@ -976,34 +1043,54 @@ def _attn_combine_kernel(
     VNB: tl.constexpr,
     VPERM: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
+    """One program per (query row, KV head, BLOCK_D output columns): the splits' max and sum first (NS floats),
+    then the weighted sum of the partial accumulators, BLOCK_S splits at a time, so the registers per thread stay
+    small for any split count (a whole [NS, D] tile per program spilled and ran at ~5% of bandwidth at batch 1)."""
     row = tl.program_id(0)
     bh = tl.program_id(1)
+    dt = tl.program_id(2)
     b = bh // H
     h = bh % H
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < NS
-    base = (bh.to(tl.int64) * NS + s) * M + row
-    ms = tl.load(pm_ptr + base, mask=s_ok, other=float("-inf"))
-    ls = tl.load(pl_ptr + base, mask=s_ok, other=0.0)
-    mmax = tl.max(ms, axis=0)
+    rbase = bh.to(tl.int64) * NS * M + row  # + split * M
+    mmax = float("-inf")
+    for s0 in range(0, NS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mmax = tl.maximum(mmax, tl.max(tl.load(pm_ptr + rbase + s * M, mask=s < NS, other=float("-inf")), axis=0))
     muse = tl.where(mmax == float("-inf"), 0.0, mmax)
-    w = tl.where(s_ok, tl.exp2(ms - muse), 0.0)
-    total = tl.sum(w * ls, axis=0)
+    total = 0.0
+    for s0 in range(0, NS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < NS
+        w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
+        total += tl.sum(w * tl.load(pl_ptr + rbase + s * M, mask=s_ok, other=0.0), axis=0)
     inv = tl.where(total > 0, 1.0 / tl.maximum(total, 1e-30), 0.0)
-    c = tl.arange(0, D)
-    arow = pacc_ptr + base[:, None] * D
+    c = dt * BLOCK_D + tl.arange(0, BLOCK_D)
     if VRB == 0:  # dense V rotation: the host un-rotates
-        out = tl.sum(w[:, None] * tl.load(arow + c[None, :], mask=s_ok[:, None], other=0.0), axis=0) * inv
+        out = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, NS, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s < NS
+            w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
+            arow = pacc_ptr + (rbase + s.to(tl.int64) * M)[:, None] * D
+            out += tl.sum(w[:, None] * tl.load(arow + c[None, :], mask=s_ok[:, None], other=0.0), axis=0)
+        out = out * inv
     else:
         blk = c // VRB
         kk = c % VRB
-        out = tl.zeros([D], dtype=tl.float32)
+        out = tl.zeros([BLOCK_D], dtype=tl.float32)
         for i in tl.static_range(VRB):
             src = blk * VRB + i
             sv = src < D
-            a = tl.sum(w[:, None] * tl.load(arow + src[None, :], mask=s_ok[:, None] & sv[None, :], other=0.0), axis=0)
+            a = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for s0 in range(0, NS, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                s_ok = s < NS
+                w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
+                arow = pacc_ptr + (rbase + s.to(tl.int64) * M)[:, None] * D
+                a += tl.sum(w[:, None] * tl.load(arow + src[None, :], mask=s_ok[:, None] & sv[None, :], other=0.0), 0)
             coef = tl.load(vrot_ptr + ((h * VNB + blk) * VRB + i) * VRB + kk)
             out += coef * a
         c = channels(vperm_ptr, h, c, c < D, D, VPERM)  # un-rotated coordinate c is channel perm[h, c] of V
@@ -1012,7 +1099,7 @@ def _attn_combine_kernel(
     t = row % Tq
     qrow = (b.to(tl.int64) * H * REP + h * REP + r) * Tq + t
     tl.store(out_ptr + qrow * D + c, out.to(out_ptr.dtype.element_ty))
-    if WRITE_LSE:  # natural-log sum-exp of the row's scores (the splits' max and sum are in log2 units)
+    if WRITE_LSE and dt == 0:  # natural-log sum-exp of the row's scores (the splits' max and sum are in log2 units)
         lse2 = tl.where(total > 0, muse + tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
         tl.store(lse_ptr + qrow, lse2 * 0.6931471805599453)
 
@@ -1273,7 +1360,8 @@ def launch_attention(
     vrb = v_rotation.shape[-1]
     dense_v = vrb > 4
     out = torch.empty((batch, q_heads, q_len, dim), dtype=torch.float32 if dense_v else q.dtype, device=device)
-    wrap(_attn_combine_kernel)[(rows, batch * heads)](
+    block_d = min(dim, COMBINE_BLOCK_D)
+    wrap(_attn_combine_kernel)[(rows, batch * heads, dim // block_d)](
         pm,
         pl,
         pacc,
@@ -1292,7 +1380,8 @@ def launch_attention(
         VRB=0 if dense_v else vrb,
         VNB=v_rotation.shape[1],
         VPERM=v_perm is not None and not dense_v,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_S=COMBINE_BLOCK_S,
+        BLOCK_D=block_d,
         WRITE_LSE=with_lse,
         num_warps=4,
     )

@@ -1,0 +1,148 @@
+"""Where the fused decode attention spends its time: per-kernel device time (torch.profiler) of rq::attention at
+Qwen3.5-27B attention shapes, next to bf16 SDPA on the same inputs, plus a mode that launches one shape repeatedly
+for Nsight Compute.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/attn_profile.py --out $OUT
+    ncu --clock-control none -k regex:_attn_split --launch-skip 5 --launch-count 1 --section SpeedOfLight \\
+        python3 benchmarks/attn_profile.py --ncu 8,32768
+
+Options that change the launch (`--set block_n=128,split_waves=4`) apply to every shape, so variants can be compared
+in one device run (`--variants "a:block_n=64;b:split_waves=4"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench_cudagraph
+
+import rqcompile.ops  # noqa: F401  (registers the rq ops and their CUDA kernels)
+from rqcompile.config import RQConfig
+from rqcompile.kernels import attention as kattn
+from rqcompile.kernels.attention import launch_attention
+from rqcompile.kernels.quantize import launch_quantize
+from rqcompile.quant import quantizer
+
+HEADS, Q_HEADS, DIM = 4, 24, 256
+
+
+def inputs(batch: int, ctx: int, backend: str, bits: int):
+    """Packed K/V of random bf16 data and the op's positional arguments (attention mask None, 1/sqrt(d))."""
+    config = RQConfig(backend=backend, bits=bits)
+    states = [
+        quantizer.make_state(config, layer_idx=1, kind=kind, num_heads=HEADS, head_dim=DIM) for kind in ("k", "v")
+    ]
+    ks, vs = (s.to("cuda") for s in states)
+    q = torch.randn(batch, Q_HEADS, 1, DIM, device="cuda", dtype=torch.bfloat16)
+    packed = []
+    for st in (ks, vs):
+        x = torch.randn(batch, HEADS, ctx, DIM, device="cuda", dtype=torch.bfloat16)
+        packed += list(launch_quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group))
+        del x
+    kc, kn, vc, vn = packed
+    args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, bits, bits)
+    nbytes = sum(t.numel() * t.element_size() for t in packed)
+    return args, nbytes
+
+
+def kernel_times(fn, reps: int = 20) -> dict[str, float]:
+    """Mean device microseconds per call of each kernel `fn` launches."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name[:60]] += ev.device_time_total
+    return {name: us / reps for name, us in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
+def parse_settings(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        out[key.strip()] = None if value == "None" else int(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shapes", default="1:32768,1:131072,8:32768,8:131072", help="batch:context, comma-separated")
+    ap.add_argument("--backends", default="planar,iso")
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--variants", default="default:", help="name:key=val,key=val;name2:... (launch settings)")
+    ap.add_argument("--ncu", default="", help="batch,context: launch that shape 10 times for ncu, nothing else")
+    args = ap.parse_args()
+
+    if args.ncu:
+        batch, ctx = (int(v) for v in args.ncu.split(","))
+        op_args, _ = inputs(batch, ctx, args.backends.split(",")[0], args.bits)
+        for _ in range(10):
+            launch_attention(*op_args, None, 1 / math.sqrt(DIM))
+        torch.cuda.synchronize()
+        return
+
+    print("GPU", torch.cuda.get_device_name(0), "torch", torch.__version__, flush=True)
+    variants = []
+    for spec in filter(None, args.variants.split(";")):
+        name, _, settings = spec.partition(":")
+        variants.append((name, parse_settings(settings)))
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, ctx = (int(v) for v in shape.split(":"))
+        for backend in args.backends.split(","):
+            op_args, nbytes = inputs(batch, ctx, backend, args.bits)
+            q = op_args[0]
+            k = torch.randn(batch, HEADS, ctx, DIM, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            sm = 1 / math.sqrt(DIM)
+
+            def sdpa(q=q, k=k, v=v, sm=sm):
+                return F.scaled_dot_product_attention(q, k, v, scale=sm, enable_gqa=True)
+
+            sdpa_ms = do_bench_cudagraph(sdpa, rep=100, return_mode="median")
+            for name, settings in variants:
+
+                def fused(op_args=op_args, settings=settings):
+                    return launch_attention(*op_args, None, 1 / math.sqrt(DIM), **settings)
+
+                ms = do_bench_cudagraph(fused, rep=100, return_mode="median")
+                kernels = kernel_times(fused)
+                row = {
+                    "batch": batch,
+                    "ctx": ctx,
+                    "backend": backend,
+                    "variant": name,
+                    "settings": settings,
+                    "graph_ms": ms,
+                    "sdpa_graph_ms": sdpa_ms,
+                    "vs_sdpa": sdpa_ms / ms,
+                    "packed_MB": nbytes / 1e6,
+                    "kernels_us": kernels,
+                }
+                rows.append(row)
+                ks = "  ".join(f"{n.split('_kernel')[0][-24:]}={us:.1f}us" for n, us in kernels.items())
+                print(
+                    f"B{batch} {ctx // 1024}K {backend:6s} {name:10s} {ms * 1e3:8.1f} us  SDPA {sdpa_ms * 1e3:7.1f} us "
+                    f"({sdpa_ms / ms:.2f}x)  | {ks}",
+                    flush=True,
+                )
+            del k, v, op_args
+            torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attn_profile.json"), "w") as f:
+        json.dump({"defaults": kattn.DEFAULTS, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
