@@ -321,11 +321,12 @@ def _v2_thresholds_kernel(lev_ptr, thr_ptr, NL: tl.constexpr, NA: tl.constexpr, 
 
 
 @triton.jit
-def _slot_level(u, lev_ptr, thr, NL: tl.constexpr):
-    """levels[code] for the code of `u` against ascending thresholds `thr` (a tuple; code = thresholds reached)."""
-    lv = tl.zeros(u.shape, dtype=tl.float32) + tl.load(lev_ptr)
+def _slot_level(u, lev, thr, NL: tl.constexpr):
+    """levels[code] for the code of `u` against ascending thresholds `thr` (tuples of the levels and thresholds;
+    code = thresholds reached)."""
+    lv = tl.zeros(u.shape, dtype=tl.float32) + lev[0]
     for k in tl.static_range(NL - 1):
-        lv = tl.where(u >= thr[k], tl.load(lev_ptr + k + 1), lv)
+        lv = tl.where(u >= thr[k], lev[k + 1], lv)
     return lv
 
 
@@ -369,19 +370,14 @@ def _quantize_v2_kernel(
     out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
     crow = codes_ptr + out_tok[:, None] * CB
     jj = tl.arange(0, J)
-    # thresholds: thr[k] for the plain codes (u > b <=> u >= next float above b); cand[a][k] for the scale search,
-    # precomputed by _v2_thresholds_kernel
+    # the levels, and the thresholds of the plain codes (u > b <=> u >= the next float above b)
+    lev = ()
+    for k in tl.static_range(NL):
+        lev = lev + (tl.load(lev_ptr + k),)
     thr = ()
-    cand = ()
     if NA == 0:
         for k in tl.static_range(NL - 1):
-            thr = thr + (_float_up((tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5),)
-    else:
-        for a in tl.static_range(NA):
-            ta = ()
-            for k in tl.static_range(NL - 1):
-                ta = ta + (tl.load(thr_ptr + a * NL + k),)
-            cand = cand + (ta,)
+            thr = thr + (_float_up((lev[k] + lev[k + 1]) * 0.5),)
     for g in tl.static_range(NG):
         # x, mean, scale of each slot -> u (the rotation's input) per slot
         us = ()
@@ -424,20 +420,21 @@ def _quantize_v2_kernel(
             row_thr = thr
             den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
             for s in tl.static_range(P):
-                lv = _slot_level(units[s], lev_ptr, thr, NL)
+                lv = _slot_level(units[s], lev, thr, NL)
                 den += lv * lv
             cn2 = tl.sum(den, axis=1)
         else:  # scale search: largest cosine <unit, L[codes]> / ||L[codes]||, the first candidate on ties
             best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
             cn2 = tl.zeros([BLOCK_T], dtype=tl.float32)
-            row_thr = ()
-            for k in tl.static_range(NL - 1):
-                row_thr = row_thr + (tl.zeros([BLOCK_T], dtype=tl.float32) + cand[0][k],)
-            for a in tl.static_range(NA):
+            kept = tl.zeros([BLOCK_T], dtype=tl.int32)
+            for a in range(NA):  # a runtime loop: one copy of the body (compile time, code size)
+                ta = ()
+                for k in tl.static_range(NL - 1):
+                    ta = ta + (tl.load(thr_ptr + a * NL + k),)
                 num = tl.zeros([BLOCK_T, J], dtype=tl.float32)
                 den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
                 for s in tl.static_range(P):
-                    lv = _slot_level(units[s], lev_ptr, cand[a], NL)
+                    lv = _slot_level(units[s], lev, ta, NL)
                     num += units[s] * lv
                     den += lv * lv
                 den_a = tl.sum(den, axis=1)
@@ -445,11 +442,10 @@ def _quantize_v2_kernel(
                 better = cos > best
                 best = tl.where(better, cos, best)
                 cn2 = tl.where(better, den_a, cn2)
-                if a > 0:
-                    nt = ()
-                    for k in tl.static_range(NL - 1):
-                        nt = nt + (tl.where(better, cand[a][k], row_thr[k]),)
-                    row_thr = nt
+                kept = tl.where(better, a, kept)
+            row_thr = ()
+            for k in tl.static_range(NL - 1):
+                row_thr = row_thr + (tl.load(thr_ptr + kept * NL + k),)
         corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
         tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
         # codes against the row's thresholds, packed per stored word
