@@ -146,8 +146,8 @@ def _exact_thresholds(bnd, cand):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("cands", ["default", "wide"])
 def test_threshold_scratch_is_the_exact_division_boundary(bits, cands):
-    """_v2_thresholds_kernel's scratch (what launch_quantize passes to the v2 kernel as thr_ptr) holds, at a * NL + k,
-    the smallest float t with fl(t / c_a) > boundary k: exactly the reference's `unit / c > b` as `unit >= t`."""
+    """_v2_prep_kernel's scratch (what launch_quantize passes to the v2 kernel): thr[a * NL + k] is the smallest float
+    t with fl(t / c_a) > boundary k, exactly the reference's `unit / c > b` as `unit >= t`; rs = fl(1 / scale)."""
     st = tk._state("planar", bits, "k", 2, 64, "cpu", seed=1)
     nl = 2**bits
     levels = st.levels.clone()
@@ -155,14 +155,60 @@ def test_threshold_scratch_is_the_exact_division_boundary(bits, cands):
         levels = torch.cat([levels[:nl], torch.tensor([1e-3, 0.5, 0.75000006, 1.0, 2.0, 3.0, 117.0, 1e3])])
     na = levels.numel() - nl
     assert na > 0
+    g = torch.Generator().manual_seed(bits)
+    scale = torch.exp(torch.randn(3, 700, generator=g) * 3)  # 2100 channels: three programs
     device = "cuda" if HAS_CUDA else "cpu"
     thr = torch.full((na * nl,), float("nan"), device=device)
-    kquant._v2_thresholds_kernel[(1,)](levels.to(device), thr, NL=nl, NA=na, BLOCK=triton.next_power_of_2(na * nl))
+    rs = torch.full((scale.numel(),), float("nan"), device=device)
+    kquant._v2_prep_kernel[(3,)](
+        levels.to(device),
+        scale.to(device),
+        thr,
+        rs,
+        scale.numel(),
+        NL=nl,
+        NA=na,
+        BLOCK=triton.next_power_of_2(na * nl),
+        BLOCK_R=1024,
+    )
     lv = levels[:nl].numpy()
     bnd = (lv[1:] + lv[:-1]) * np.float32(0.5)  # codebook.boundaries
     want = _exact_thresholds(bnd, levels[nl:].numpy())
     got = thr.cpu().view(na, nl)[:, : nl - 1].numpy()
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    assert np.array_equal(rs.cpu().numpy(), np.float32(1) / scale.flatten().numpy())
+
+
+@triton.jit
+def _div_rcp_kernel(a_ptr, b_ptr, q_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    a = tl.load(a_ptr + i)
+    b = tl.load(b_ptr + i)
+    tl.store(q_ptr + i, kquant._div_rcp(a, b, tl.math.div_rn(1.0, b), True))
+
+
+@pytest.mark.skipif(not (HAS_CUDA or kquant._fma_exact()), reason="this interpreter's tl.fma rounds twice")
+def test_div_rcp_is_the_correctly_rounded_quotient():
+    """v2's divisions (x - mean) / scale and y / norm: a * rcp plus one FMA correction equals IEEE division, also for
+    numerators and divisors of extreme mantissas (all ones, just above a power of two) over a wide exponent range."""
+    global _div_rcp_kernel
+    _div_rcp_kernel = triton.jit(_div_rcp_kernel.fn)  # against the reloaded module (interpreter mode)
+    n = 1 << 16
+    rng = np.random.default_rng(0)
+    ma = np.where(
+        rng.random(n) < 0.5, 2 - rng.integers(1, 2**12, n) * 2.0**-23, 1 + rng.integers(0, 2**12, n) * 2.0**-23
+    )
+    mb = np.where(
+        rng.random(n) < 0.5, 2 - rng.integers(1, 2**12, n) * 2.0**-23, 1 + rng.integers(1, 2**12, n) * 2.0**-23
+    )
+    ma[: n // 2] = rng.uniform(1, 2, n // 2)
+    a = (ma * np.where(rng.random(n) < 0.5, -1, 1) * 2.0 ** rng.integers(-90, 90, n)).astype(np.float32)
+    b = (mb * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    a[:4] = [0.0, -0.0, 1.0, -3.0]
+    device = "cuda" if HAS_CUDA else "cpu"
+    q = torch.empty(n, device=device)
+    _div_rcp_kernel[(1,)](torch.from_numpy(a).to(device), torch.from_numpy(b).to(device), q, N=n)
+    assert np.array_equal(q.cpu().numpy().view(np.int32), (a / b).view(np.int32))
 
 
 @pytest.mark.gpu

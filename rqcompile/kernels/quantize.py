@@ -13,6 +13,8 @@ packed as its own bit planes; norm groups and the scale search are over stored c
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -294,7 +296,7 @@ def _threshold(b, c):
     """The smallest float t with div_rn(t, c) > b, for c > 0: div_rn(u, c) > b <=> u >= t (+inf if none). Bisection
     over the floats in order (int32 keys: the bits for t >= 0, minus the bits of -t below), 32 steps of a runtime
     loop: exact for every b, c (a walk from b * c needs up to c / 2 steps when b = 0 and t is subnormal), with
-    one div_rn in the code. Elementwise: call it on vectors (_v2_thresholds_kernel)."""
+    one div_rn in the code. Elementwise: call it on vectors (_v2_prep_kernel)."""
     lo = tl.zeros(b.shape, dtype=tl.int32) - 0x7F800000  # key of -inf: never above b
     hi = tl.zeros(b.shape, dtype=tl.int32) + 0x7F800000  # key of +inf: above every finite b
     for _ in range(32):
@@ -309,15 +311,44 @@ def _threshold(b, c):
 
 
 @triton.jit
-def _v2_thresholds_kernel(lev_ptr, thr_ptr, NL: tl.constexpr, NA: tl.constexpr, BLOCK: tl.constexpr):
-    """thr[a * NL + k] = _threshold(boundary k, candidate a) for a < NA, k < NL - 1 (the `thr_ptr` of the v2 kernel;
-    k = NL - 1 is padding). One program; the levels stay on the device (no host sync)."""
-    i = tl.arange(0, BLOCK)
-    a = i // NL
-    k = i % NL
-    ok = (a < NA) & (k < NL - 1)
-    bnd = (tl.load(lev_ptr + k, mask=ok, other=0.0) + tl.load(lev_ptr + k + 1, mask=ok, other=0.0)) * 0.5
-    tl.store(thr_ptr + i, _threshold(bnd, tl.load(lev_ptr + NL + a, mask=ok, other=1.0)), mask=ok)
+def _v2_prep_kernel(
+    lev_ptr,
+    scale_ptr,
+    thr_ptr,
+    rs_ptr,
+    HD,
+    NL: tl.constexpr,
+    NA: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Per launch, for the v2 kernel (the parameters stay on the device: no host sync): rs = div_rn(1, scale) per
+    channel (for _div_rcp; the programs split them) and, in program 0, thr[a * NL + k] = _threshold(boundary k,
+    candidate a) for a < NA, k < NL - 1 (k = NL - 1 is padding)."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(rs_ptr + r, tl.math.div_rn(1.0, tl.load(scale_ptr + r, mask=r < HD, other=1.0)), mask=r < HD)
+    if NA > 0:
+        if pid == 0:
+            i = tl.arange(0, BLOCK)
+            a = i // NL
+            k = i % NL
+            ok = (a < NA) & (k < NL - 1)
+            bnd = (tl.load(lev_ptr + k, mask=ok, other=0.0) + tl.load(lev_ptr + k + 1, mask=ok, other=0.0)) * 0.5
+            tl.store(thr_ptr + i, _threshold(bnd, tl.load(lev_ptr + NL + a, mask=ok, other=1.0)), mask=ok)
+
+
+@triton.jit
+def _div_rcp(a, b, r, FMA_DIV: tl.constexpr):
+    """div_rn(a, b) given r = div_rn(1, b), in 3 instructions instead of ~10: q = a r, then q + (a - b q) r with the
+    residual exact by FMA. With r the correctly rounded reciprocal one correction gives the correctly rounded
+    quotient (Markstein; 1.4e8 random/adversarial pairs checked) while nothing leaves the normal range: |a| >= 2^-100
+    or a == 0, |a / b| < 2^126, b <= 2^125. FMA_DIV=False (an interpreter whose fma rounds twice): plain div_rn."""
+    if FMA_DIV:
+        q = a * r
+        return tl.fma(-tl.fma(b, q, -a), r, q)  # the residual as -(b q - a): keeps the sign of a zero quotient
+    else:
+        return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -342,6 +373,7 @@ def _quantize_v2_kernel(
     scale_ptr,
     lev_ptr,
     thr_ptr,
+    rs_ptr,
     codes_ptr,
     norms_ptr,
     H,
@@ -354,6 +386,7 @@ def _quantize_v2_kernel(
     BITS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     NA: tl.constexpr,
+    FMA_DIV: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -387,7 +420,8 @@ def _quantize_v2_kernel(
                 xv = tl.load(x_row + col[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
                 mu = tl.load(mean_ptr + h * D + col)
                 sc = tl.load(scale_ptr + h * D + col)
-                us = us + (tl.math.div_rn(xv - mu[None, :], sc[None, :]),)
+                rs = tl.load(rs_ptr + h * D + col)
+                us = us + (_div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV),)
         # rotation per slot; the group's squared norm
         ys = ()
         ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
@@ -406,15 +440,18 @@ def _quantize_v2_kernel(
                     xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
                     mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
                     sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
-                    y += coef[None, :] * tl.where(sv[None, :], tl.math.div_rn(xv - mu[None, :], sc[None, :]), 0.0)
+                    rs = tl.load(rs_ptr + h * D + src, mask=sv, other=1.0)
+                    u = _div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV)
+                    y += coef[None, :] * tl.where(sv[None, :], u, 0.0)
             ys = ys + (y,)
             ss += y * y
         n = tl.sqrt_rn(tl.sum(ss, axis=1))
         inv_ok = n[:, None] > 0
         nd = tl.maximum(n, TINY)[:, None]
+        rn = tl.math.div_rn(1.0, nd)  # one division per row; the coordinates' by _div_rcp
         units = ()
         for s in tl.static_range(P):
-            units = units + (tl.where(inv_ok, tl.math.div_rn(ys[s], nd), 0.0),)
+            units = units + (tl.where(inv_ok, _div_rcp(ys[s], nd, rn, FMA_DIV), 0.0),)
         # the codes' thresholds per row (the kept candidate's) and the squared length of their reconstruction
         if NA == 0:
             row_thr = thr
@@ -639,6 +676,16 @@ def quantize_supported(x, rotation, bits: int, group: int, widths=None, levels=N
     )
 
 
+def _fma_exact() -> bool:
+    """Whether tl.fma rounds once here: on the device, and in interpreters that emulate it (Triton 3.8's computes
+    x * y + z, so v2 keeps div_rn there)."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return True
+    from triton._C.libtriton import interpreter
+
+    return hasattr(interpreter, "fma_fp32")
+
+
 def v2_applies(dim: int, rb: int, bits: int, group: int, layout: str = "", perm=None) -> bool:
     """Whether the "v2" quantize kernel covers this call: one width in 2..4, a block rotation (b <= 4), no perm,
     and at least one stored word per norm group (P = 16 codes for 2/3 bits, 8 for 4 bits); else v1 runs."""
@@ -675,12 +722,20 @@ def launch_quantize(
         bt = max(1, DEFAULTS["v2_tile"] // (group // slots))
         levels = levels.contiguous()
         na = levels.numel() - codebook
-        thr = levels  # unused without the search
-        if na > 0:
-            thr = torch.empty(na * codebook, dtype=torch.float32, device=x.device)
-            wrap(_v2_thresholds_kernel)[(1,)](
-                levels, thr, NL=codebook, NA=na, BLOCK=triton.next_power_of_2(na * codebook)
-            )
+        scale = scale.contiguous()
+        thr = torch.empty(max(na, 1) * codebook, dtype=torch.float32, device=x.device)
+        rs = torch.empty(heads * dim, dtype=torch.float32, device=x.device)
+        wrap(_v2_prep_kernel)[(triton.cdiv(heads * dim, 1024),)](
+            levels,
+            scale,
+            thr,
+            rs,
+            heads * dim,
+            NL=codebook,
+            NA=na,
+            BLOCK=triton.next_power_of_2(max(na, 1) * codebook),
+            BLOCK_R=1024,
+        )
         grid = (triton.cdiv(tokens, bt), batch * heads)
         wrap(_quantize_v2_kernel)[grid](
             x,
@@ -690,9 +745,10 @@ def launch_quantize(
             x.stride(3),
             rotation.contiguous(),
             mean.contiguous(),
-            scale.contiguous(),
+            scale,
             levels,
             thr,
+            rs,
             codes,
             norms,
             heads,
@@ -705,6 +761,7 @@ def launch_quantize(
             BITS=bits,
             BLOCK_T=bt,
             NA=na,
+            FMA_DIV=_fma_exact(),
             num_warps=DEFAULTS["v2_num_warps"],
         )
         return codes, norms
