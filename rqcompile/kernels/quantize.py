@@ -279,8 +279,9 @@ def _quantize_kernel(
 # ORs (no reshape, no shared memory). Row sums are elementwise adds across the tiles plus one reduction of G/P.
 # The scale search compares `unit` against per-candidate thresholds, exact: the smallest float t with
 # div_rn(t, c) > b (division by c > 0 is monotone), so `unit >= t` is the reference's `unit / c > b` without a
-# division per element. A one-program kernel computes them once per launch as vectors into a scratch tensor (an
-# unrolled per-program prologue cost ~50 instructions per element and minutes of compile time).
+# division per element. _v2_prep_kernel computes them once per launch as vectors into a scratch tensor (an
+# unrolled per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per
+# channel for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient).
 
 
 @triton.jit
