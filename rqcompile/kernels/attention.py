@@ -58,9 +58,11 @@ LOG2E = 1.4426950408889634
 # decode: how a tile of codes becomes fp16 codebook values: 0 = binary select tree ("tree"), 1 = prmt byte-table
 # lookup in inline PTX ("prmt", compiled code only; the interpreter runs the tree), 2 = the prmt steps transcribed
 # into Triton integer ops (any backend; to test the prmt data path in the interpreter)
-DEFAULTS = {"block_n": 64, "num_warps": 4, "split_waves": 8, "num_stages": 3, "maxnreg": 168, "decode": 1}
+DEFAULTS = {"block_n": 64, "num_warps": 4, "split_waves": 8, "num_stages": 3, "maxnreg": 128, "decode": 1}
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
-COMBINE_BLOCK_S, COMBINE_BLOCK_D = 32, 64  # splits x output columns per step of the combine kernel
+# The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
+# per load, BLOCK_D = COMBINE_TILE / splits (>= 16): independent loads, not a chain of dependent round trips
+COMBINE_BLOCK_S, COMBINE_TILE = 128, 4096
 
 
 @triton.jit
@@ -1047,8 +1049,9 @@ def _attn_combine_kernel(
     WRITE_LSE: tl.constexpr,
 ):
     """One program per (query row, KV head, BLOCK_D output columns): the splits' max and sum first (NS floats),
-    then the weighted sum of the partial accumulators, BLOCK_S splits at a time, so the registers per thread stay
-    small for any split count (a whole [NS, D] tile per program spilled and ran at ~5% of bandwidth at batch 1)."""
+    then the weighted sum of the partial accumulators, BLOCK_S splits at a time. A whole [NS, D] tile per program
+    spilled (59 us at batch 1, 32K, planar, for 3 MB); chunks of 32 splits x 64 columns took 15 us, a chain of
+    dependent loads; now all splits x BLOCK_D columns per rotation input come in one load each."""
     row = tl.program_id(0)
     bh = tl.program_id(1)
     dt = tl.program_id(2)
@@ -1068,16 +1071,24 @@ def _attn_combine_kernel(
         total += tl.sum(w * tl.load(pl_ptr + rbase + s * M, mask=s_ok, other=0.0), axis=0)
     inv = tl.where(total > 0, 1.0 / tl.maximum(total, 1e-30), 0.0)
     c = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    if VRB == 0:  # dense V rotation: the host un-rotates
-        out = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if VRB == 0 or VRB == 1 or VRB == 2 or VRB == 4:
+        # the splits' accumulators of columns c in one contiguous load per step, then the block rotation in registers
+        a = tl.zeros([BLOCK_D], dtype=tl.float32)
         for s0 in range(0, NS, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_ok = s < NS
             w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
             arow = pacc_ptr + (rbase + s.to(tl.int64) * M)[:, None] * D
-            out += tl.sum(w[:, None] * tl.load(arow + c[None, :], mask=s_ok[:, None], other=0.0), axis=0)
-        out = out * inv
-    else:
+            a += tl.sum(w[:, None] * tl.load(arow + c[None, :], mask=s_ok[:, None], other=0.0), axis=0)
+        if VRB == 0:  # dense V rotation: the host un-rotates
+            out = a * inv
+        else:  # out[blk, k] = sum_i R[h, blk, i, k] * a[blk, i] over this chunk's BLOCK_D / VRB blocks
+            NBLK: tl.constexpr = BLOCK_D // VRB
+            blk = dt * NBLK + tl.arange(0, NBLK)
+            i = tl.arange(0, VRB)
+            rot = tl.load(vrot_ptr + ((h * VNB + blk)[:, None, None] * VRB + i[None, :, None]) * VRB + i[None, None, :])
+            out = tl.reshape(tl.sum(tl.reshape(a, [NBLK, VRB])[:, :, None] * rot, axis=1), [BLOCK_D])
+    else:  # blocks of 3 (rotor) straddle the chunks: each rotation input gathered from the accumulators
         blk = c // VRB
         kk = c % VRB
         out = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -1093,6 +1104,7 @@ def _attn_combine_kernel(
                 a += tl.sum(w[:, None] * tl.load(arow + src[None, :], mask=s_ok[:, None] & sv[None, :], other=0.0), 0)
             coef = tl.load(vrot_ptr + ((h * VNB + blk) * VRB + i) * VRB + kk)
             out += coef * a
+    if VRB != 0:
         c = channels(vperm_ptr, h, c, c < D, D, VPERM)  # un-rotated coordinate c is channel perm[h, c] of V
         out = out * inv * tl.load(vscale_ptr + h * D + c) + tl.load(vmean_ptr + h * D + c)
     r = row // Tq
@@ -1360,7 +1372,8 @@ def launch_attention(
     vrb = v_rotation.shape[-1]
     dense_v = vrb > 4
     out = torch.empty((batch, q_heads, q_len, dim), dtype=torch.float32 if dense_v else q.dtype, device=device)
-    block_d = min(dim, COMBINE_BLOCK_D)
+    block_s = min(COMBINE_BLOCK_S, max(2, triton.next_power_of_2(num_splits)))
+    block_d = min(dim, max(16, COMBINE_TILE // block_s))
     wrap(_attn_combine_kernel)[(rows, batch * heads, dim // block_d)](
         pm,
         pl,
@@ -1380,7 +1393,7 @@ def launch_attention(
         VRB=0 if dense_v else vrb,
         VNB=v_rotation.shape[1],
         VPERM=v_perm is not None and not dense_v,
-        BLOCK_S=COMBINE_BLOCK_S,
+        BLOCK_S=block_s,
         BLOCK_D=block_d,
         WRITE_LSE=with_lse,
         num_warps=4,
