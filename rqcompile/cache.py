@@ -7,6 +7,11 @@ attention; that copy is transient (one layer at a time), never kept. Linear-atte
 
 Quantization is per token, so a token's dequantized value never depends on which other tokens are cached: crop,
 reorder and batch operations on the compressed store give the same results as on a cache of dequantized values.
+
+Left-padded batches (batched `generate`): the exact sink token of each row is its first real token and
+`calibration="prompt"` measures only real tokens. The cache learns the padding from the position ids the model passes
+to `Cache.update` (transformers 5.24 does; `generate` numbers a left-padded row's pads 0 and its tokens from 0), or
+from `RQCache.set_attention_mask` (needed on transformers 5.17, or when calling the model without position ids).
 """
 
 from __future__ import annotations
@@ -51,6 +56,33 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if old is None else torch.cat([old, new], dim=-2)
 
 
+def _tokens_from_positions(position_ids: Any, batch: int, length: int) -> torch.Tensor | None:
+    """Which of a sequence's first `length` positions hold real tokens, [batch, length] bool, read from the position
+    ids the model was given for them ([batch or 1, length]). Rows of consecutive positions are unpadded; a row
+    numbered as `generate` numbers a left-padded one (`attention_mask.cumsum(-1) - 1`, pads at 0: 0 0 0 1 2 ...) has
+    its leading pads marked. None when the position ids are missing or of another form (right padding, packing)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != length:
+        return None
+    if position_ids.shape[0] not in (1, batch) or position_ids.is_floating_point():
+        return None
+    p = position_ids.long()
+    if length == 1 or bool((p[:, 1:] - p[:, :-1] == 1).all()):
+        return torch.ones(batch, length, dtype=torch.bool, device=p.device)
+    ramp = torch.arange(length, device=p.device)
+    pads = length - 1 - p[:, -1:]  # [rows, 1]: pads before the tokens 0 .. p[-1]
+    real = ramp >= pads
+    if not bool(((pads >= 0) & (pads < length)).all()) or not torch.equal(p, torch.where(real, ramp - pads, 0)):
+        return None
+    return real.expand(batch, length)
+
+
+def _first_tokens(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions [B, count] of each row's first `count` real tokens (`tokens` [B, T] bool)."""
+    length = tokens.shape[-1]
+    ramp = torch.arange(length, device=tokens.device)
+    return torch.where(tokens, ramp, ramp + length).sort(dim=-1).values[:, :count]
+
+
 class RQCacheLayer(CacheLayerMixin):
     """One attention layer's compressed K/V store."""
 
@@ -76,14 +108,19 @@ class RQCacheLayer(CacheLayerMixin):
         self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
         self.k_window = self.v_window = None
         self.k_sink = self.v_sink = None
+        # a padded batch: each row's first sink_tokens real tokens, exact, and their positions [B, S] (the stores
+        # above then hold every position from 0, pads included: the model's mask hides the pads)
+        self.k_row_sink = self.v_row_sink = self.row_sink_index = None
         self.is_initialized = False
 
     # -- transformers layer API ---------------------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         _, heads, _, head_dim = key_states.shape
         if self.k_state is None or self.k_state.num_heads != heads or self.k_state.head_dim != head_dim:
-            stats = self._stats(key_states, value_states)
+            stats = self._stats(key_states, value_states, tokens)
             make = lambda kind: make_state(  # noqa: E731
                 self.config,
                 layer_idx=self.layer_idx,
@@ -97,42 +134,66 @@ class RQCacheLayer(CacheLayerMixin):
             self.k_state, self.v_state = make("k"), make("v")
         self.is_initialized = True
 
-    def _stats(self, key_states: torch.Tensor, value_states: torch.Tensor):
+    def _stats(self, key_states: torch.Tensor, value_states: torch.Tensor, tokens: torch.Tensor | None = None):
         """(kind, name) -> this layer's calibration tensor or None: from the Calibration, or with PROMPT measured on
-        these first K/V (the prompt) as `calibrate` measures sample text: key mean, K/V scales, sink token left out."""
+        these first K/V (the prompt) as `calibrate` measures sample text: key mean, K/V scales, sink token left out.
+        `tokens` ([B, T] bool, a padded batch): only these positions are measured, each row's first one left out."""
         calib = self.calibration
         if calib is None:
             return lambda kind, name: None
         if calib != PROMPT:
             return lambda kind, name: calib.get(self.layer_idx, kind, name)
-        tokens = key_states.shape[-2] - 1
-        if tokens < MIN_PROMPT_TOKENS:
+        if tokens is None:
+            count, measured = key_states.shape[-2] - 1, None
+        else:  # each row's real tokens after its first
+            measured = tokens.clone()
+            measured.scatter_(1, _first_tokens(tokens, 1), False)
+            count = int(measured.sum(-1).max())
+        if count < MIN_PROMPT_TOKENS:
             warnings.warn(
-                f"rqcompile: layer {self.layer_idx} was asked to calibrate on its prompt, which has {tokens} tokens "
+                f"rqcompile: layer {self.layer_idx} was asked to calibrate on its prompt, which has {count} tokens "
                 f"after the sink token (< {MIN_PROMPT_TOKENS}); it stays uncalibrated for this sequence",
                 UserWarning,
                 stacklevel=4,
             )
             return lambda kind, name: None
-        found = {
-            kind: channel_stats(x[:, :, 1:], mean=kind == "k", scale=True)
-            for kind, x in (("k", key_states), ("v", value_states))
-        }
+        if measured is None:
+            found = {
+                kind: channel_stats(x[:, :, 1:], mean=kind == "k", scale=True)
+                for kind, x in (("k", key_states), ("v", value_states))
+            }
+        else:
+            found = {
+                kind: channel_stats(x, mean=kind == "k", scale=True, tokens=measured)
+                for kind, x in (("k", key_states), ("v", value_states))
+            }
         return lambda kind, name: found[kind].get(name)
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        *args: Any,
+        tokens: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new K/V [B, H, T, d] and return the layer's whole history. `tokens` ([B, T] bool, the first K/V of a
+        sequence only): which positions are real tokens in a padded batch. Then each row's first `sink_tokens` real
+        tokens are its exact sink and only real tokens enter a prompt calibration; the pads are stored like any
+        token (the model's attention mask hides them)."""
         if self.config.check_finite:  # before a prompt calibration could measure them
             for name, tensor in (("key", key_states), ("value", value_states)):
                 if not torch.isfinite(tensor).all():
                     raise ValueError(
                         f"layer {self.layer_idx}: {name} states contain NaN/inf; refusing to write them to the cache"
                     )
+        tokens = self._check_tokens(tokens, key_states)
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            self.lazy_initialization(key_states, value_states, tokens)
+        if tokens is not None:
+            self._keep_row_sinks(key_states, value_states, tokens)
         sink_room = self.config.sink_tokens - (0 if self.k_sink is None else self.k_sink.shape[-2])
-        if sink_room > 0 and self.get_seq_length() == self._sink_length():
+        if sink_room > 0 and self.row_sink_index is None and self.get_seq_length() == self._sink_length():
             # clone: a slice would keep the whole prefill's K/V storage alive
             self.k_sink = _cat(self.k_sink, key_states[:, :, :sink_room].clone())
             self.v_sink = _cat(self.v_sink, value_states[:, :, :sink_room].clone())
@@ -152,6 +213,42 @@ class RQCacheLayer(CacheLayerMixin):
                 self.v_window = self.v_window[:, :, overflow:].clone()
         return self._materialize()
 
+    def _check_tokens(self, tokens: torch.Tensor | None, key_states: torch.Tensor) -> torch.Tensor | None:
+        """`tokens` validated; None when there is no padding (the unpadded layout: sink tokens first)."""
+        if tokens is None:
+            return None
+        batch, length = key_states.shape[0], key_states.shape[-2]
+        if self.get_seq_length() > 0:
+            raise ValueError(
+                f"layer {self.layer_idx}: which tokens are padding can only be given with a sequence's first K/V "
+                f"(this layer already holds {self.get_seq_length()} tokens)"
+            )
+        if tokens.shape != (batch, length) or tokens.dtype != torch.bool:
+            raise ValueError(
+                f"layer {self.layer_idx}: tokens must be a bool mask [batch, tokens] = [{batch}, {length}], "
+                f"got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        tokens = tokens.to(key_states.device)
+        if bool(tokens.all()):
+            return None
+        sink = self.config.sink_tokens
+        fewest = int(tokens.sum(-1).min())
+        if fewest < max(sink, 1):
+            raise ValueError(
+                f"layer {self.layer_idx}: a row of this padded batch has {fewest} real tokens in its first forward; "
+                f"each row needs at least {max(sink, 1)} (sink_tokens={sink}) there"
+            )
+        return tokens
+
+    def _keep_row_sinks(self, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor) -> None:
+        """A padded batch's first K/V: each row's first `sink_tokens` real tokens, kept exact beside the stores."""
+        index = _first_tokens(tokens, self.config.sink_tokens)  # [B, S]
+        if index.shape[-1] == 0:
+            return
+        gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        self.k_row_sink, self.v_row_sink = keys.gather(2, gather), values.gather(2, gather)
+        self.row_sink_index = index
+
     def _append_compressed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         k_codes, k_norms = quantize_state(keys, self.k_state)
         v_codes, v_norms = quantize_state(values, self.v_state)
@@ -170,7 +267,12 @@ class RQCacheLayer(CacheLayerMixin):
         if self.k_window is not None:
             keys.append(self.k_window)
             values.append(self.v_window)
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        keys, values = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        if self.row_sink_index is not None:  # each padded row's exact sink over its dequantized copy
+            index = self.row_sink_index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+            keys.scatter_(2, index, self.k_row_sink)
+            values.scatter_(2, index, self.v_row_sink)
+        return keys, values
 
     def _sink_length(self) -> int:
         return 0 if self.k_sink is None else self.k_sink.shape[-2]
@@ -192,8 +294,22 @@ class RQCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._clear()
 
+    _BATCHED = (
+        "k_codes",
+        "k_norms",
+        "v_codes",
+        "v_norms",
+        "k_window",
+        "v_window",
+        "k_sink",
+        "v_sink",
+        "k_row_sink",
+        "v_row_sink",
+        "row_sink_index",
+    )
+
     def _map(self, fn) -> None:
-        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_window", "v_window", "k_sink", "v_sink"):
+        for name in self._BATCHED:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -212,6 +328,14 @@ class RQCacheLayer(CacheLayerMixin):
         length = self.get_seq_length()
         keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, length)
         keep = max(keep, 0)
+        if self.row_sink_index is not None:
+            if keep == 0:
+                self.k_row_sink = self.v_row_sink = self.row_sink_index = None
+            elif keep <= int(self.row_sink_index.max()):
+                raise ValueError(
+                    f"layer {self.layer_idx}: cannot crop this padded batch to {keep} tokens: a row's sink token is at "
+                    f"position {int(self.row_sink_index.max())} (crop to 0 or past the sink tokens)"
+                )
         sink = self._sink_length()
         compressed = 0 if self.k_codes is None else self.k_codes.shape[-2]
         if self.k_window is not None:
@@ -233,7 +357,15 @@ class RQCacheLayer(CacheLayerMixin):
     def memory(self) -> dict[str, int]:
         """Bytes allocated for this layer, and what a bf16 cache of the same tokens would take."""
         compressed = _storage_bytes(self.k_codes, self.k_norms, self.v_codes, self.v_norms)
-        window = _storage_bytes(self.k_window, self.v_window, self.k_sink, self.v_sink)
+        window = _storage_bytes(
+            self.k_window,
+            self.v_window,
+            self.k_sink,
+            self.v_sink,
+            self.k_row_sink,
+            self.v_row_sink,
+            self.row_sink_index,
+        )
         tokens = self.get_seq_length()
         if self.k_state is None or tokens == 0:
             return {"tokens": tokens, "compressed_bytes": compressed, "window_bytes": window, "bf16_bytes": 0}
@@ -296,8 +428,15 @@ class RQCache(Cache):
 
     `calibration`: a `rqcompile.Calibration` (`rqcompile.calibrate(model, tokenizer=tok)`), `"prompt"` (each layer
     measures the key mean and K/V scales on the first K/V it is given, the prompt, and keeps them for that sequence;
-    measured about as good as calibrating on sample text, QUALITY.md) or None (uncalibrated: much lower quality
+    the rows of a batch share one measurement over all their prompts' tokens; measured about as good as calibrating
+    on sample text, QUALITY.md) or None (uncalibrated: much lower quality
     for the block backends).
+
+    Left-padded batches: each row's exact sink token (`sink_tokens`) is its first real token and a prompt
+    calibration measures real tokens only. The cache reads the padding from the position ids the model passes to
+    `update` (transformers 5.24 passes them; `generate` derives them from the attention mask); on transformers that
+    do not pass them (5.17), or when calling the model without position ids, call `set_attention_mask` before the
+    prompt. A batch whose padding cannot be known gets a warning.
     """
 
     def __init__(
@@ -312,6 +451,9 @@ class RQCache(Cache):
         _check_calibration(calibration)
         self.rq_config = config
         self.calibration = calibration
+        self._attention_mask: torch.Tensor | None = None
+        self._tokens_memo: tuple[Any, torch.Tensor | None] = (None, None)
+        self._warned_unknown_padding = False
         layers: list = []
         if model_config is not None:
             text_config = model_config.get_text_config(decoder=True)
@@ -343,6 +485,72 @@ class RQCache(Cache):
             else:
                 self.layers.append(RQCacheLayer(self.rq_config, idx, self.calibration))
 
+    # -- padding ----------------------------------------------------------------------------------------------
+    def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Say which positions of the next prompt are padding: its 2D attention mask [B, T] (1 = token, 0 = pad), as
+        the tokenizer returns it with `padding=True`. Call it before the prompt's forward / `generate`; `reset()`
+        forgets it. Needed only where the model does not pass position ids to the cache (transformers 5.17) or when
+        calling the model without them; it overrides what position ids say. `generate` with `num_beams` /
+        `num_return_sequences` repeats each row, and so does the mask here. None: forget a mask set before."""
+        if any(layer.get_seq_length() > 0 for layer in self.layers if isinstance(layer, RQCacheLayer)):
+            raise ValueError(
+                "set_attention_mask describes the prompt: call it before the first forward (or after reset())"
+            )
+        if attention_mask is None:
+            self._attention_mask = None
+            return
+        mask = torch.as_tensor(attention_mask)
+        if mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2D [batch, tokens], got shape {tuple(mask.shape)}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        self._attention_mask = mask.bool()
+
+    def _prompt_tokens(self, key_states: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """For a sequence's first K/V: which positions are real tokens ([B, T] bool, None: all of them or unknown)."""
+        batch, length = key_states.shape[0], key_states.shape[-2]
+        if self._attention_mask is not None:
+            mask = self._attention_mask
+            if mask.shape[-1] != length or batch % mask.shape[0]:
+                raise ValueError(
+                    f"the attention mask given to set_attention_mask is {tuple(mask.shape)}, but the prompt's first "
+                    f"forward is [batch {batch}, {length} tokens]: pass the mask of exactly the tokens of that forward"
+                )
+            return mask.repeat_interleave(batch // mask.shape[0], dim=0).to(key_states.device)
+        inner = kwargs.get("kwargs")
+        positions = (inner if isinstance(inner, dict) else kwargs).get("position_ids")
+        if positions is not None and positions is self._tokens_memo[0]:  # every layer of one forward
+            tokens = self._tokens_memo[1]
+        else:
+            tokens = _tokens_from_positions(positions, batch, length)
+            self._tokens_memo = (positions, tokens)
+        if tokens is None and batch > 1 and (self.rq_config.sink_tokens > 0 or self.calibration == PROMPT):
+            self._warn_unknown_padding(batch, positions is None)
+        return tokens
+
+    def _warn_unknown_padding(self, batch: int, missing: bool) -> None:
+        if self._warned_unknown_padding:
+            return
+        self._warned_unknown_padding = True
+        why = (
+            "the model does not pass position ids to the cache (transformers 5.17 does not; 5.24 does)"
+            if missing
+            else "the position ids the model passes are not those of a left-padded batch"
+        )
+        warnings.warn(
+            f"rqcompile: a batch of {batch} sequences, and the cache cannot tell which positions are padding: {why}. "
+            "If the batch is padded, call cache.set_attention_mask(attention_mask) before the prompt; otherwise a "
+            "padded row's exact sink token is a pad, and calibration='prompt' measures the pads",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        self._attention_mask = None
+        self._tokens_memo = (None, None)
+        self._warned_unknown_padding = False
+
     # -- attention layers ------------------------------------------------------------------------------------
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -351,6 +559,8 @@ class RQCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, RQCacheLayer):
             raise ValueError(f"layer {layer_idx} is a {type(layer).__name__}, not an attention layer")
+        if layer.get_seq_length() == 0:  # a sequence's first K/V: which positions are padding?
+            kwargs = {**kwargs, "tokens": self._prompt_tokens(key_states, kwargs)}
         return layer.update(key_states, value_states, *args, **kwargs)
 
     # -- linear-attention layers (hybrid models): created on first touch ---------------------------------------

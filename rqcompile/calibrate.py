@@ -143,12 +143,27 @@ def calibrate(
     return Calibration(stats, source)
 
 
-def channel_stats(x: torch.Tensor, *, mean: bool, scale: bool, scale_power: float = 0.8) -> dict[str, torch.Tensor]:
+def channel_stats(
+    x: torch.Tensor,
+    *,
+    mean: bool,
+    scale: bool,
+    scale_power: float = 0.8,
+    tokens: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-KV-head channel statistics of K or V samples x [B, H, T, d]: {"mean": [H, d]} (with `mean`) and
     {"scale": [H, d]}: the per-channel RMS after removing the mean (when measured) raised to `scale_power`,
     normalized to average 1 per head (with `scale`). What `calibrate` stores, and what a cache calibrated on its
-    prompt (`PROMPT`) measures from the prompt's own K/V."""
-    flat = x.float().transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
+    prompt (`PROMPT`) measures from the prompt's own K/V. `tokens` ([B, T] bool): only these samples count (a
+    padded batch's real tokens); default all."""
+    if tokens is None:
+        flat = x.float().transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
+    else:
+        if tokens.shape != x.shape[:1] + x.shape[2:3]:
+            raise ValueError(f"tokens must be [B, T] = {tuple(x.shape[:1] + x.shape[2:3])}, got {tuple(tokens.shape)}")
+        if not tokens.any():
+            raise ValueError("channel_stats: no token selected")
+        flat = x.float().transpose(0, 1)[:, tokens.to(device=x.device, dtype=torch.bool)]  # [H, N, d]
     found: dict[str, torch.Tensor] = {}
     average = flat.mean(1)
     if mean:

@@ -274,3 +274,203 @@ def test_prompt_calibration_warns_when_the_prompt_is_too_short_to_measure():
 def test_calibration_must_be_a_calibration_prompt_or_none():
     with pytest.raises(ValueError, match="calibration='stdlib': pass a rqcompile.Calibration"):
         IsoQuantCache(bits=3, calibration="stdlib")
+
+
+# -- left-padded batches ------------------------------------------------------------------------------------------
+def _left_padded(model, lengths=(12, 8, 5), seed=3):
+    """A batch as a tokenizer with padding_side="left" gives it: rows of `lengths` tokens, pads (id 0) in front."""
+    longest = max(lengths)
+    rows = [_prompt(model, batch=1, length=n, seed=seed + i)[0] for i, n in enumerate(lengths)]
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, longest - row.numel() :] = row
+        mask[b, longest - row.numel() :] = 1
+    return ids, mask
+
+
+def _model_passes_position_ids_to_the_cache(model) -> bool:
+    """transformers 5.24 passes the attention's keyword arguments (position_ids among them) to Cache.update; 5.17
+    passes none."""
+    seen = {}
+
+    class Probe(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            inner = kwargs.get("kwargs", kwargs)
+            seen["position_ids"] = inner.get("position_ids") if isinstance(inner, dict) else None
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    model(_prompt(model, length=3), past_key_values=Probe(config=model.config), use_cache=True)
+    return seen.get("position_ids") is not None
+
+
+def _tell_padding(cache, model, mask, told: str) -> None:
+    """How the cache learns the padding: from the position ids the model passes it (transformers 5.24), or from
+    `set_attention_mask` (any version)."""
+    if told == "set_attention_mask":
+        cache.set_attention_mask(mask)
+    elif not _model_passes_position_ids_to_the_cache(model):
+        pytest.skip("this transformers does not pass position ids to Cache.update: set_attention_mask is the way")
+
+
+TOLD = ["position ids", "set_attention_mask"]
+
+
+def _first_attention_layer(model) -> int:
+    types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    return types.index("full_attention")
+
+
+@pytest.mark.parametrize("told", TOLD)
+@pytest.mark.parametrize("options", [dict(), dict(sink_tokens=2, residual_window=3)], ids=["default", "sink2-window3"])
+def test_each_left_padded_row_keeps_its_own_first_real_tokens_exact(model, told, options):
+    """Batched generation with left padding: the exact sink token of every row is that row's first real token, not
+    the padding in front of it (the pads are stored, compressed, like any token; the attention mask hides them). The
+    cache learns the padding from the position ids `generate` passes it (transformers 5.24), or from
+    `set_attention_mask` (any version). The first attention layer sees the same K/V as an exact cache, so its
+    history is compared with a DynamicCache's, position by position."""
+    ids, mask = _left_padded(model)
+    cache = IsoQuantCache(bits=3, **options)
+    _tell_padding(cache, model, mask, told)
+    exact = DynamicCache(config=model.config)
+    for c in (cache, exact):
+        model.generate(ids, attention_mask=mask, past_key_values=c, max_new_tokens=1, do_sample=False)
+    idx = _first_attention_layer(model)
+    keys, values = cache.layers[idx]._materialize()
+    want_keys, want_values = exact.layers[idx].keys, exact.layers[idx].values
+    sink, window = options.get("sink_tokens", 1), options.get("residual_window", 0)
+    for b, first in enumerate((mask == 0).sum(-1).tolist()):
+        exact_positions = set(range(first, first + sink)) | set(range(ids.shape[1] - window, ids.shape[1]))
+        for t in range(first, ids.shape[1]):
+            same = torch.equal(keys[b, :, t], want_keys[b, :, t]) and torch.equal(values[b, :, t], want_values[b, :, t])
+            assert same == (t in exact_positions), (b, t)
+
+
+@pytest.mark.parametrize("told", TOLD)
+def test_a_left_padded_row_generates_what_it_generates_alone(told):
+    """What a padded row generates does not depend on the padding: a row of 18 tokens padded to 24 in a batch gives
+    the same greedy tokens as the row alone, at 3 bits (with the padding as its sink token it did not). Without
+    calibration, or with a fixed `Calibration`; `calibration="prompt"` measures the whole batch's real tokens."""
+    model = tiny_llama()
+    for seed in range(3):
+        ids, mask = _left_padded(model, lengths=(24, 18), seed=seed)
+        cache = IsoQuantCache(bits=3)
+        _tell_padding(cache, model, mask, told)
+        batch = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        alone = model.generate(ids[1:, 6:], past_key_values=IsoQuantCache(bits=3), max_new_tokens=8, do_sample=False)
+        assert torch.equal(batch[1, 6:], alone[0]), seed
+
+
+@pytest.mark.parametrize("told", TOLD)
+def test_prompt_calibration_of_a_padded_batch_measures_only_the_real_tokens(told):
+    """`calibration="prompt"` on a left-padded batch measures exactly the rows' real tokens, each row's first (its
+    sink) left out: the first layer's statistics are those of the rows run unpadded, pooled. The pads' K/V never
+    enter them."""
+    from rqcompile.calibrate import channel_stats
+
+    model = tiny_llama()
+    ids, mask = _left_padded(model, lengths=(30, 24, 20))
+    cache = RQCache(RQConfig(), calibration="prompt")
+    _tell_padding(cache, model, mask, told)
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    rows_keys, rows_values = [], []
+    for b in range(ids.shape[0]):
+        alone = DynamicCache(config=model.config)
+        model(ids[b : b + 1, mask[b] == 1], past_key_values=alone, use_cache=True)
+        rows_keys.append(alone.layers[0].keys[:, :, 1:])
+        rows_values.append(alone.layers[0].values[:, :, 1:])
+    want_k = channel_stats(torch.cat(rows_keys, dim=2), mean=True, scale=True)
+    want_v = channel_stats(torch.cat(rows_values, dim=2), mean=False, scale=True)
+    layer = cache.layers[0]
+    assert torch.allclose(layer.k_state.mean, want_k["mean"], atol=1e-5)
+    assert torch.allclose(layer.k_state.scale, want_k["scale"], atol=1e-5)
+    assert torch.allclose(layer.v_state.scale, want_v["scale"], atol=1e-5)
+
+
+def test_padding_is_read_from_the_position_ids_generate_builds():
+    """The position ids of a sequence's first forward say which positions are padding when they are numbered as
+    `generate` numbers a left-padded batch (mask.cumsum(-1) - 1, pads at 0); consecutive positions (from any start)
+    mean no padding; any other numbering (right padding, packed sequences) says nothing."""
+    from rqcompile.cache import _tokens_from_positions
+
+    left = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2], [0, 0, 0, 0, 0]])
+    assert _tokens_from_positions(left, 3, 5).tolist() == [
+        [True] * 5,
+        [False, False, True, True, True],
+        [False, False, False, False, True],
+    ]
+    assert _tokens_from_positions(torch.arange(7, 12)[None], 2, 5).all()  # [1, T] broadcast, offset start
+    assert _tokens_from_positions(torch.tensor([[0, 1, 2, 0, 0]]), 1, 5) is None  # right padding
+    assert _tokens_from_positions(torch.tensor([[0, 1, 0, 1, 2]]), 1, 5) is None  # two packed sequences
+    assert _tokens_from_positions(None, 2, 5) is None
+    assert _tokens_from_positions(left, 3, 4) is None  # not this forward's positions
+
+
+def test_a_batch_whose_padding_cannot_be_known_warns_once():
+    """Without position ids (transformers 5.17) a batched prompt might be padded: the cache says so, once, and
+    says what to do; `set_attention_mask` (even all ones) silences it. A single sequence cannot be padded: silent."""
+    import warnings
+
+    k, v = torch.randn(2, 2, 20, 64), torch.randn(2, 2, 20, 64)
+    cache = IsoQuantCache(bits=3)
+    with pytest.warns(UserWarning, match=r"cannot tell which positions are padding.*set_attention_mask"):
+        cache.update(k, v, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.update(k, v, 1)  # once per cache
+        told = IsoQuantCache(bits=3)
+        told.set_attention_mask(torch.ones(2, 20, dtype=torch.long))
+        told.update(k, v, 0)
+        IsoQuantCache(bits=3).update(k[:1], v[:1], 0)
+        IsoQuantCache(bits=3, sink_tokens=0).update(k, v, 0)  # nothing depends on the padding
+    right = torch.arange(20).repeat(2, 1)
+    right[1, 15:] = 0
+    with pytest.warns(UserWarning, match="not those of a left-padded batch"):
+        IsoQuantCache(bits=3).update(k, v, 0, kwargs={"position_ids": right})
+
+
+def test_padding_misuse_gives_clear_errors():
+    model = tiny_llama()
+    ids, mask = _left_padded(model, lengths=(12, 8))
+    cache = IsoQuantCache(bits=3)
+    with pytest.raises(ValueError, match="only 0 .padding. and 1"):
+        cache.set_attention_mask(mask * 2)
+    with pytest.raises(ValueError, match="2D"):
+        cache.set_attention_mask(mask[0])
+    cache.set_attention_mask(mask[:, 1:])
+    with pytest.raises(ValueError, match=r"set_attention_mask is \(2, 11\).*\[batch 2, 12 tokens\]"):
+        model(ids, attention_mask=mask, past_key_values=cache)
+    cache.reset()  # forgets the mask
+    cache.set_attention_mask(mask)
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    with pytest.raises(ValueError, match="before the first forward"):
+        cache.set_attention_mask(mask)
+    with pytest.raises(ValueError, match="cannot crop this padded batch to 3 tokens"):
+        cache.crop(3)  # the second row's sink token is at position 4
+    cache.crop(-2)  # past the sink tokens: fine
+    cache.reset()
+    empty_row = mask.clone()
+    empty_row[1] = 0
+    cache.set_attention_mask(empty_row)
+    with pytest.raises(ValueError, match="a row of this padded batch has 0 real tokens"):
+        model(ids, attention_mask=mask, past_key_values=cache)
+
+
+@pytest.mark.parametrize("told", TOLD)
+def test_beam_search_on_a_padded_batch_keeps_every_beam_on_its_row_sink(told):
+    """`generate` repeats each row for its beams / returned sequences; a mask given per row is repeated likewise,
+    and reordering beams moves each row's sink with it."""
+    model = tiny_llama()
+    ids, mask = _left_padded(model, lengths=(9, 6))
+    kwargs = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    cache = RQCache(RQConfig(backend="planar", bits=4))
+    _tell_padding(cache, model, mask, told)
+    model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+    exact = DynamicCache(config=model.config)
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=exact)
+    layer = cache.layers[0]
+    beams = [(0, 0)] * 3 + [(1, 3)] * 3  # (row, its first real position) of each beam the cache holds
+    assert layer.row_sink_index.squeeze(-1).tolist() == [first for _, first in beams]
+    keys, _ = layer._materialize()
+    for beam, (row, first) in enumerate(beams):
+        assert torch.equal(keys[beam, :, first], exact.layers[0].keys[row, :, first])

@@ -85,3 +85,23 @@ def test_badly_shaped_calibration_is_refused():
         make_state(RQConfig(), layer_idx=0, kind="k", num_heads=2, head_dim=64, mean=torch.zeros(3, 64))
     with pytest.raises(ValueError, match="positive"):
         make_state(RQConfig(), layer_idx=0, kind="k", num_heads=2, head_dim=64, scale=torch.zeros(2, 64))
+
+
+def test_channel_stats_of_selected_tokens_are_the_stats_of_those_tokens_alone():
+    """`channel_stats(..., tokens=mask)` (a padded batch's real tokens) measures exactly the selected samples, as if
+    the other positions were not there; a mask of the wrong shape, or selecting nothing, is refused."""
+    from rqcompile.calibrate import channel_stats
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 64)
+    x[1, :, :4] = 1e3  # padding: wild values that must not count
+    tokens = torch.ones(2, 10, dtype=torch.bool)
+    tokens[1, :4] = False
+    got = channel_stats(x, mean=True, scale=True, tokens=tokens)
+    want = channel_stats(torch.cat([x[0], x[1, :, 4:]], dim=1)[None], mean=True, scale=True)
+    assert got.keys() == want.keys() == {"mean", "scale"}
+    assert all(torch.allclose(got[name], want[name], atol=1e-6) for name in got)
+    with pytest.raises(ValueError, match=r"tokens must be \[B, T\] = \(2, 10\)"):
+        channel_stats(x, mean=True, scale=True, tokens=tokens[:, 1:])
+    with pytest.raises(ValueError, match="no token selected"):
+        channel_stats(x, mean=True, scale=True, tokens=torch.zeros_like(tokens))
