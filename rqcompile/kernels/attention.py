@@ -1025,6 +1025,19 @@ def _split_weights(pm_ptr, off, s_ok, muse):
 
 
 @triton.jit
+def _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, cols, col_ok, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """sum over the splits of weight(split) * partial accumulator[split, cols]: one [BLOCK_S, cols] load per step."""
+    a = tl.zeros(cols.shape, dtype=tl.float32)
+    for s0 in range(0, NS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < NS
+        w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
+        arow = pacc_ptr + (rbase + s.to(tl.int64) * M)[:, None] * D
+        a += tl.sum(w[:, None] * tl.load(arow + cols[None, :], mask=s_ok[:, None] & col_ok[None, :], other=0.0), 0)
+    return a
+
+
+@triton.jit
 def _attn_combine_kernel(
     pm_ptr,
     pl_ptr,
@@ -1073,13 +1086,7 @@ def _attn_combine_kernel(
     c = dt * BLOCK_D + tl.arange(0, BLOCK_D)
     if VRB == 0 or VRB == 1 or VRB == 2 or VRB == 4:
         # the splits' accumulators of columns c in one contiguous load per step, then the block rotation in registers
-        a = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for s0 in range(0, NS, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            s_ok = s < NS
-            w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
-            arow = pacc_ptr + (rbase + s.to(tl.int64) * M)[:, None] * D
-            a += tl.sum(w[:, None] * tl.load(arow + c[None, :], mask=s_ok[:, None], other=0.0), axis=0)
+        a = _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, c, c < D, D, BLOCK_S)
         if VRB == 0:  # dense V rotation: the host un-rotates
             out = a * inv
         else:  # out[blk, k] = sum_i R[h, blk, i, k] * a[blk, i] over this chunk's BLOCK_D / VRB blocks
@@ -1094,14 +1101,7 @@ def _attn_combine_kernel(
         out = tl.zeros([BLOCK_D], dtype=tl.float32)
         for i in tl.static_range(VRB):
             src = blk * VRB + i
-            sv = src < D
-            a = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for s0 in range(0, NS, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                s_ok = s < NS
-                w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
-                arow = pacc_ptr + (rbase + s.to(tl.int64) * M)[:, None] * D
-                a += tl.sum(w[:, None] * tl.load(arow + src[None, :], mask=s_ok[:, None] & sv[None, :], other=0.0), 0)
+            a = _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, src, src < D, D, BLOCK_S)
             coef = tl.load(vrot_ptr + ((h * VNB + blk) * VRB + i) * VRB + kk)
             out += coef * a
     if VRB != 0:
