@@ -74,10 +74,17 @@ def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module]
         model.set_attn_implementation(previous)
 
 
-# `RQCache(calibration=PROMPT)`: each layer measures its key mean and K/V scales on the first tokens it is given
-# (the prompt), skipping the sink token, as `calibrate` does on sample text (QUALITY.md "Defaults (session 4)").
+# `RQCache(calibration=PROMPT)`, the drop-in caches' default: each layer measures its key mean and K/V scales on the
+# first tokens it is given (the prompt), skipping the sink token, as `calibrate` does on sample text (QUALITY.md
+# "Defaults (session 4)").
 PROMPT = "prompt"
-MIN_PROMPT_TOKENS = 16  # fewer (after the sink token): the layer stays uncalibrated, with a warning
+# Fewer prompt tokens than this after the sink token (a padded batch: in its longest row): the cache stays
+# uncalibrated for the whole sequence (an explicit calibration="prompt" warns; the default is silent). 8, not 16:
+# on SmolLM2 (iso 3-bit + sink, 256 decode steps, three license windows; QUALITY.md "Left padding", files
+# benchmarks/results/padding_short*.json) 8 measured tokens already cut KL by 1.6-2.6x against no calibration (0.36 /
+# 0.33 / 0.50 vs 0.70 / 0.84 / 0.81) and 12 by 1.7-2.9x, while 4 gained nothing (0.65 / 0.75 / 1.05 vs 0.70 / 0.83 /
+# 0.82: one window worse). Pinned in tests/test_cache.py.
+MIN_PROMPT_TOKENS = 8
 DEFAULT_CALIBRATION_TOKENS = 2048  # stdlib tokens; 4096 measured no better (QUALITY.md, "Tried ... and dropped")
 
 

@@ -49,7 +49,9 @@ def _ids(n: int = TOTAL, seed: int = 0) -> torch.Tensor:
 
 
 def _eager(model, cache: RQCache, ids: torch.Tensor, prompt: int) -> torch.Tensor:
-    """Logits of the eager model with the compressed cache: prefill `prompt` tokens, then one token at a time."""
+    """Logits of the eager model with the compressed cache: prefill `prompt` tokens, then one token at a time. The
+    caches given here pass `calibration` explicitly (None where `apply` got none): the drop-in caches calibrate on
+    the prompt by default, `apply`'s programs only with a `Calibration`."""
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         outs = [model(ids[:, :prompt], use_cache=True, **{kw: cache}).logits]
@@ -78,7 +80,7 @@ def _eager_greedy(model, cache: RQCache, ids: torch.Tensor, new: int) -> torch.T
 @pytest.mark.parametrize("name", MODELS)
 def test_logits_equal_the_eager_compressed_cache(models, lms, name):
     lm, ids = lms[name], _ids()
-    ref = _eager(models[name], RQCache(lm.config, model_config=models[name].config), ids, PROMPT)
+    ref = _eager(models[name], RQCache(lm.config, model_config=models[name].config, calibration=None), ids, PROMPT)
     got = _steps(lm, ids, PROMPT)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
@@ -86,7 +88,7 @@ def test_logits_equal_the_eager_compressed_cache(models, lms, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_generation_equals_the_eager_compressed_cache(models, lms, name):
     lm, ids = lms[name], _ids(PROMPT, seed=3)
-    ref = _eager_greedy(models[name], RQCache(lm.config, model_config=models[name].config), ids, 12)
+    ref = _eager_greedy(models[name], RQCache(lm.config, model_config=models[name].config, calibration=None), ids, 12)
     assert torch.equal(lm.generate(ids, 12), ref)
 
 
@@ -136,7 +138,7 @@ def test_per_layer_bits_and_scale_search_equal_eager(models, fuse):
     assert [(lm.quant_states[i]["k"].bits, lm.quant_states[i]["v"].bits) for i in (0, 1)] == [(3, 2), (4, 3)]
     assert lm.buffers["k_codes_1"].shape[-1] == 64 * 4 // 8 and lm.buffers["k_codes_0"].shape[-1] == 64 * 3 // 8
     ids = _ids()
-    ref = _eager(model, RQCache(config, model_config=model.config), ids, PROMPT)
+    ref = _eager(model, RQCache(config, model_config=model.config, calibration=None), ids, PROMPT)
     torch.testing.assert_close(_steps(lm, ids, PROMPT), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -253,9 +255,11 @@ def test_sink_and_window_logits_equal_the_eager_cache(models, exact_lms, name):
     lm, ids = exact_lms[name], _ids()
     assert lm.fused
     for prompt in (2, 4, PROMPT):
-        ref = _eager(models[name], RQCache(EXACT, model_config=models[name].config), ids, prompt)
+        ref = _eager(models[name], RQCache(EXACT, model_config=models[name].config, calibration=None), ids, prompt)
         torch.testing.assert_close(_steps(lm, ids, prompt), ref, atol=1e-4, rtol=1e-4)
-    plain = _eager(models[name], RQCache(EXACT.replace(sink_tokens=0, residual_window=0)), ids, PROMPT)
+    plain = _eager(
+        models[name], RQCache(EXACT.replace(sink_tokens=0, residual_window=0), calibration=None), ids, PROMPT
+    )
     assert (plain - ref).abs().max() > 1e-2  # the exact tokens do change the logits
 
 
@@ -282,7 +286,9 @@ def test_sink_only_and_window_only_with_calibration_equal_eager(models, config):
 
 def test_sink_and_window_greedy_generation_equals_eager(models, exact_lms):
     lm, ids = exact_lms["qwen3_5"], _ids(PROMPT, seed=3)
-    ref = _eager_greedy(models["qwen3_5"], RQCache(EXACT, model_config=models["qwen3_5"].config), ids, 12)
+    ref = _eager_greedy(
+        models["qwen3_5"], RQCache(EXACT, model_config=models["qwen3_5"].config, calibration=None), ids, 12
+    )
     assert torch.equal(lm.generate(ids, 12), ref)
 
 
@@ -387,7 +393,10 @@ def test_greedy_generation_equals_the_eager_cache_for_moe_and_batches(factory, b
     ids = torch.randint(3, 100, (batch, 7), generator=torch.Generator().manual_seed(0))
     lm = apply(model, backend="rotor", bits=3, max_cache_len=24, batch_size=batch)
     eager = model.generate(
-        ids, past_key_values=RQCache(RQConfig(backend="rotor", bits=3)), max_new_tokens=6, do_sample=False
+        ids,
+        past_key_values=RQCache(RQConfig(backend="rotor", bits=3), calibration=None),
+        max_new_tokens=6,
+        do_sample=False,
     )
     assert torch.equal(lm.generate(ids, max_new_tokens=6), eager)
 

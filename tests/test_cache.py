@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import LinearAttentionLayer
 
 from rqcompile.cache import IsoQuantCache, PlanarQuantCache, RotorQuantCache, RQCache, RQCacheLayer
-from rqcompile.calibrate import calibrate
+from rqcompile.calibrate import MIN_PROMPT_TOKENS, calibrate, channel_stats
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import make_state
@@ -17,18 +17,32 @@ from rqcompile.quant.quantizer import make_state
 
 class FakeQuantCache(DynamicCache):
     """Reference: a plain DynamicCache that stores each new token already quantized and dequantized, except the first
-    `sink_tokens` tokens of the sequence, stored as they are."""
+    `sink_tokens` tokens of the sequence, stored as they are. Uncalibrated, or with `calibration="prompt"` each
+    layer's states carry the statistics of its first K/V (first token left out) when there are enough of them."""
 
-    def __init__(self, config: RQConfig, model_config) -> None:
+    def __init__(self, config: RQConfig, model_config, calibration: str | None = None) -> None:
         super().__init__(config=model_config)
         self.rq_config = config
+        self.calibration = calibration
         self.states: dict[int, tuple] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         heads, head_dim = key_states.shape[1], key_states.shape[-1]
         if layer_idx not in self.states:
+            stats = {"k": {}, "v": {}}
+            if self.calibration == "prompt" and key_states.shape[-2] - 1 >= MIN_PROMPT_TOKENS:
+                stats = {
+                    kind: channel_stats(x[:, :, 1:], mean=kind == "k", scale=True)
+                    for kind, x in (("k", key_states), ("v", value_states))
+                }
             make = lambda kind: make_state(
-                self.rq_config, layer_idx=layer_idx, kind=kind, num_heads=heads, head_dim=head_dim
+                self.rq_config,
+                layer_idx=layer_idx,
+                kind=kind,
+                num_heads=heads,
+                head_dim=head_dim,
+                mean=stats[kind].get("mean"),
+                scale=stats[kind].get("scale"),
             )
             self.states[layer_idx] = (make("k"), make("v"))
         k_state, v_state = self.states[layer_idx]
@@ -56,18 +70,23 @@ def _prompt(model, batch=2, length=12, seed=0):
 
 
 @pytest.mark.parametrize("cache_cls", [PlanarQuantCache, IsoQuantCache, RotorQuantCache])
-def test_quickstart_generate_matches_a_cache_of_dequantized_values(model, cache_cls):
+@pytest.mark.parametrize("calibration", ["default", None])
+def test_quickstart_generate_matches_a_cache_of_dequantized_values(model, cache_cls, calibration):
+    """The quickstart (`cache_cls(bits=3)`, calibrated on its prompt by default) and an uncalibrated cache generate
+    exactly what a cache of dequantized values, with the same statistics, generates."""
     ids = _prompt(model)
-    cache = cache_cls(bits=3)
+    cache = cache_cls(bits=3) if calibration == "default" else cache_cls(bits=3, calibration=None)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
     reference = model.generate(
         ids,
-        past_key_values=FakeQuantCache(cache.rq_config, model.config),
+        past_key_values=FakeQuantCache(cache.rq_config, model.config, cache.calibration),
         max_new_tokens=8,
         do_sample=False,
     )
     assert torch.equal(out, reference)
     assert cache.get_seq_length() == ids.shape[1] + 7  # the last generated token is never fed back
+    calibrated = cache.layers[_first_attention_layer(model)].k_state.mean.any()
+    assert calibrated == (calibration == "default")
 
 
 def test_hybrid_model_keeps_linear_attention_state_and_compresses_only_full_attention():
@@ -161,7 +180,7 @@ def _kv(cache, layer_idx):
 def test_crop_reorder_and_batch_ops_act_on_the_compressed_store_like_on_dequantized_values():
     model = tiny_llama()
     cfg = RQConfig(backend="rotor", bits=3)
-    ours, reference = RQCache(cfg), FakeQuantCache(cfg, model.config)
+    ours, reference = RQCache(cfg, calibration=None), FakeQuantCache(cfg, model.config)
     ids = _prompt(model, batch=3, length=9)
     for cache in (ours, reference):
         model(ids, past_key_values=cache, use_cache=True)
@@ -178,11 +197,13 @@ def test_crop_reorder_and_batch_ops_act_on_the_compressed_store_like_on_dequanti
 
 
 def test_beam_search_matches_the_dequantized_reference(model):
+    """Beam search with the default prompt calibration (`generate` repeats the prompt for the beams before the
+    prefill, so the pooled measurement is that of the prompt) and the beams reordered in the compressed store."""
     ids = _prompt(model, batch=1)
     cfg = RQConfig(backend="planar", bits=4)
     kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, num_return_sequences=2)
     got = model.generate(ids, past_key_values=RQCache(cfg), **kwargs)
-    want = model.generate(ids, past_key_values=FakeQuantCache(cfg, model.config), **kwargs)
+    want = model.generate(ids, past_key_values=FakeQuantCache(cfg, model.config, "prompt"), **kwargs)
     assert torch.equal(got, want)
 
 
@@ -233,7 +254,7 @@ def test_sliding_window_layers_give_the_same_generation_as_the_dequantized_refer
     model = MistralForCausalLM(config).eval()
     ids = _prompt(model, batch=1, length=10)
     cfg = RQConfig(backend="iso", bits=4)
-    cache = RQCache(cfg, model_config=config)
+    cache = RQCache(cfg, model_config=config, calibration=None)
     got = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
     want = model.generate(ids, past_key_values=FakeQuantCache(cfg, config), max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
@@ -263,12 +284,105 @@ def test_prompt_calibration_measures_each_sequence_on_its_own_prompt():
     assert not torch.allclose(layer.k_state.mean, first)
 
 
-def test_prompt_calibration_warns_when_the_prompt_is_too_short_to_measure():
+def _calibrated(cache) -> list[bool]:
+    """Per compressed layer: do its states carry a measured key mean (an uncalibrated state's mean is zero)?"""
+    return [bool(layer.k_state.mean.any()) for layer in cache.layers if isinstance(layer, RQCacheLayer)]
+
+
+@pytest.mark.parametrize("cache_cls", [RQCache, PlanarQuantCache, IsoQuantCache, RotorQuantCache])
+def test_the_default_calibration_is_measured_on_the_prompt_and_none_stays_uncalibrated(cache_cls):
+    """Every drop-in cache calibrates on its prompt unless told otherwise: after the prompt's forward each layer's
+    states are exactly those of an explicit `calibration="prompt"` (layer 0: `calibrate` on that prompt's K/V), so
+    the logits are the same; `calibration=None` keeps the uncalibrated states, and its logits differ."""
     model = tiny_llama()
-    cache = RQCache(RQConfig(backend="iso", bits=3), calibration="prompt")
-    with pytest.warns(UserWarning, match="has 7 tokens after the sink token .* stays uncalibrated"):
-        model(_prompt(model, batch=1, length=8), past_key_values=cache, use_cache=True)
-    assert not cache.layers[0].k_state.mean.any() and torch.all(cache.layers[0].k_state.scale == 1)
+    ids = _prompt(model, batch=1, length=24)
+    make = (lambda **kw: RQCache(RQConfig(), **kw)) if cache_cls is RQCache else (lambda **kw: cache_cls(bits=3, **kw))
+    caches = {"default": make(), "prompt": make(calibration="prompt"), "none": make(calibration=None)}
+    logits = {name: model(ids, past_key_values=c, use_cache=True).logits for name, c in caches.items()}
+    assert caches["default"].calibration == "prompt" and caches["none"].calibration is None
+    default, explicit, none = (caches[name].layers[0] for name in ("default", "prompt", "none"))
+    reference = calibrate(model, ids, error_weights=False)
+    assert torch.allclose(default.k_state.mean, reference.get(0, "k", "mean"), atol=1e-6)
+    for kind in "kv":
+        for name in ("mean", "scale"):
+            got, want = getattr(default, f"{kind}_state"), getattr(explicit, f"{kind}_state")
+            assert torch.equal(getattr(got, name), getattr(want, name)), (kind, name)
+    assert torch.equal(logits["default"], logits["prompt"])
+    assert all(_calibrated(caches["default"])) and not any(_calibrated(caches["none"]))
+    assert torch.all(none.k_state.scale == 1) and torch.all(none.v_state.scale == 1)
+    assert not torch.allclose(logits["default"], logits["none"], atol=1e-3)
+
+
+def test_a_short_prompt_stays_uncalibrated_silently_by_default_but_warns_when_prompt_was_asked_for():
+    """A prompt with fewer than MIN_PROMPT_TOKENS tokens after its first is not measured: the cache stays
+    uncalibrated for the whole sequence (decode steps do not calibrate it later). Short chat prompts are common, so
+    the default says nothing; an explicit `calibration="prompt"` warns (the same text from every layer)."""
+    import warnings
+
+    model = tiny_llama()
+    short = _prompt(model, batch=1, length=MIN_PROMPT_TOKENS)  # MIN_PROMPT_TOKENS - 1 after the sink
+    default = IsoQuantCache(bits=3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.generate(short, past_key_values=default, max_new_tokens=MIN_PROMPT_TOKENS + 2, do_sample=False)
+    assert not [w for w in seen if "rqcompile" in str(w.message)]
+    assert not any(_calibrated(default))
+    assert all(torch.all(layer.k_state.scale == 1) for layer in default.layers)
+    explicit = IsoQuantCache(bits=3, calibration="prompt")
+    with pytest.warns(
+        UserWarning, match=r"prompt has 7 tokens after the sink token \(< 8\).* stays uncalibrated"
+    ) as seen:
+        model(short, past_key_values=explicit, use_cache=True)
+    ours = {str(w.message) for w in seen if "rqcompile" in str(w.message)}
+    assert len(ours) == 1  # one text for all layers: Python's default filter shows it once
+    assert not any(_calibrated(explicit))
+
+
+def test_a_copied_default_cache_keeps_the_default_calibration():
+    """`copy.deepcopy(cache)` (transformers' prompt-reuse recipe) keeps the default: silent on a short prompt,
+    calibrated on a long one."""
+    import copy
+    import warnings
+
+    model = tiny_llama()
+    cache = copy.deepcopy(IsoQuantCache(bits=3))
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        model(_prompt(model, batch=1, length=4), past_key_values=cache, use_cache=True)
+    assert not [w for w in seen if "rqcompile" in str(w.message)] and not any(_calibrated(cache))
+    cache = copy.deepcopy(cache)  # a used one too
+    cache.reset()
+    with torch.no_grad():
+        model(_prompt(model, batch=1, length=20), past_key_values=cache, use_cache=True)
+    assert all(_calibrated(cache))
+
+
+def test_eight_prompt_tokens_after_the_sink_are_enough_to_calibrate():
+    """MIN_PROMPT_TOKENS is 8 (was 16): on SmolLM2 (QUALITY.md "Left padding", benchmarks/results/
+    padding_short_min4.json) prompt calibration on 8 tokens after the sink already cut KL against no calibration on
+    all three windows (0.36 / 0.33 / 0.50 vs 0.70 / 0.84 / 0.81), while 4 tokens gained nothing (one window worse).
+    A 9-token prompt calibrates, an 8-token one does not."""
+    assert MIN_PROMPT_TOKENS == 8
+    model = tiny_llama()
+    for length, calibrated in ((MIN_PROMPT_TOKENS + 1, True), (MIN_PROMPT_TOKENS, False)):
+        cache = IsoQuantCache(bits=3)
+        model(_prompt(model, batch=1, length=length), past_key_values=cache, use_cache=True)
+        assert _calibrated(cache) == [calibrated] * model.config.num_hidden_layers, length
+
+
+def test_reset_recalibrates_the_default_cache_on_the_next_prompt():
+    """The default calibration belongs to one sequence: after `reset()` the next prompt is measured afresh (a prompt
+    too short to measure leaves the next sequence free to calibrate, and a measured one is not carried over)."""
+    model = tiny_llama()
+    cache = IsoQuantCache(bits=3)
+    model(_prompt(model, batch=1, length=4), past_key_values=cache, use_cache=True)  # too short: uncalibrated
+    assert not any(_calibrated(cache))
+    for seed in (1, 2):
+        cache.reset()
+        ids = _prompt(model, batch=1, length=20, seed=seed)
+        model(ids, past_key_values=cache, use_cache=True)
+        want = calibrate(model, ids, error_weights=False).get(0, "k", "mean")
+        assert torch.allclose(cache.layers[0].k_state.mean, want, atol=1e-6), seed
 
 
 def test_calibration_must_be_a_calibration_prompt_or_none():
@@ -350,14 +464,16 @@ def test_each_left_padded_row_keeps_its_own_first_real_tokens_exact(model, told,
 def test_a_left_padded_row_generates_what_it_generates_alone(told):
     """What a padded row generates does not depend on the padding: a row of 18 tokens padded to 24 in a batch gives
     the same greedy tokens as the row alone, at 3 bits (with the padding as its sink token it did not). Without
-    calibration, or with a fixed `Calibration`; `calibration="prompt"` measures the whole batch's real tokens."""
+    calibration, or with a fixed `Calibration`; `calibration="prompt"` (the default) pools the whole batch's real
+    tokens, so there a row in a batch is not exactly the row alone (the next test)."""
     model = tiny_llama()
     for seed in range(3):
         ids, mask = _left_padded(model, lengths=(24, 18), seed=seed)
-        cache = IsoQuantCache(bits=3)
+        cache = IsoQuantCache(bits=3, calibration=None)
         _tell_padding(cache, model, mask, told)
         batch = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False)
-        alone = model.generate(ids[1:, 6:], past_key_values=IsoQuantCache(bits=3), max_new_tokens=8, do_sample=False)
+        alone_cache = IsoQuantCache(bits=3, calibration=None)
+        alone = model.generate(ids[1:, 6:], past_key_values=alone_cache, max_new_tokens=8, do_sample=False)
         assert torch.equal(batch[1, 6:], alone[0]), seed
 
 
@@ -366,8 +482,6 @@ def test_prompt_calibration_of_a_padded_batch_measures_only_the_real_tokens(told
     """`calibration="prompt"` on a left-padded batch measures exactly the rows' real tokens, each row's first (its
     sink) left out: the first layer's statistics are those of the rows run unpadded, pooled. The pads' K/V never
     enter them."""
-    from rqcompile.calibrate import channel_stats
-
     model = tiny_llama()
     ids, mask = _left_padded(model, lengths=(30, 24, 20))
     cache = RQCache(RQConfig(), calibration="prompt")
@@ -408,7 +522,8 @@ def test_padding_is_read_from_the_position_ids_generate_builds():
 
 def test_a_batch_whose_padding_cannot_be_known_warns_once():
     """Without position ids (transformers 5.17) a batched prompt might be padded: the cache says so, once, and
-    says what to do; `set_attention_mask` (even all ones) silences it. A single sequence cannot be padded: silent."""
+    says what to do; `set_attention_mask` (even all ones) silences it. A single sequence cannot be padded: silent. So
+    is a cache where nothing depends on the padding: no sink token and no prompt calibration (the default has one)."""
     import warnings
 
     k, v = torch.randn(2, 2, 20, 64), torch.randn(2, 2, 20, 64)
@@ -422,7 +537,7 @@ def test_a_batch_whose_padding_cannot_be_known_warns_once():
         told.set_attention_mask(torch.ones(2, 20, dtype=torch.long))
         told.update(k, v, 0)
         IsoQuantCache(bits=3).update(k[:1], v[:1], 0)
-        IsoQuantCache(bits=3, sink_tokens=0).update(k, v, 0)  # nothing depends on the padding
+        IsoQuantCache(bits=3, sink_tokens=0, calibration=None).update(k, v, 0)  # nothing depends on the padding
     right = torch.arange(20).repeat(2, 1)
     right[1, 15:] = 0
     with pytest.warns(UserWarning, match="not those of a left-padded batch"):
