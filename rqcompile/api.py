@@ -255,7 +255,8 @@ def _check_calibration(config: RQConfig, calibration: Calibration | None) -> Non
             f"rqcompile: {config.backend} {config.bits}-bit without calibration loses much more quality than with it "
             '(QUALITY.md "Defaults": iso 3-bit +127% vs +28% decode-time perplexity on SmolLM2); pass '
             "calibration=rqcompile.calibrate(model, tokenizer=tokenizer) (built-in text, a few seconds) or "
-            "rqcompile.calibrate(model, input_ids)",
+            "rqcompile.calibrate(model, input_ids) (the drop-in caches calibrate on the prompt by default; "
+            "compiled programs cannot)",
             UserWarning,
             stacklevel=3,
         )

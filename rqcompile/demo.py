@@ -51,10 +51,11 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
     allocated = RQConfig(backend="iso", key_bits=3.5, value_bits=3, sink_tokens=1, bit_allocation=(2, 3, 4, 5, 6))
     caches = {
         "bf16-equivalent (DynamicCache)": DynamicCache,
-        f"planar {bits}-bit, uncalibrated": lambda: PlanarQuantCache(bits=bits),
-        f"iso {bits}-bit, uncalibrated": lambda: IsoQuantCache(bits=bits),
-        f"rotor {bits}-bit, uncalibrated": lambda: RotorQuantCache(bits=bits),
-        f"iso {bits}-bit calibrated (defaults)": lambda: IsoQuantCache(bits=bits, calibration=calib),
+        f"planar {bits}-bit, uncalibrated": lambda: PlanarQuantCache(bits=bits, calibration=None),
+        f"iso {bits}-bit, uncalibrated": lambda: IsoQuantCache(bits=bits, calibration=None),
+        f"rotor {bits}-bit, uncalibrated": lambda: RotorQuantCache(bits=bits, calibration=None),
+        f"iso {bits}-bit calibrated on the prompt (the drop-in default)": lambda: IsoQuantCache(bits=bits),
+        f"iso {bits}-bit, stdlib calibration": lambda: IsoQuantCache(bits=bits, calibration=calib),
         "iso K4/V3 calibrated + sink": lambda: RQCache(preset, calibration=calib),
         "iso K3.5/V3 bit-allocated + sink": lambda: RQCache(allocated, calibration=calib),
     }
