@@ -1,10 +1,11 @@
 """Where the fused decode attention spends its time: per-kernel device time (torch.profiler) of rq::attention at
 Qwen3.5-27B attention shapes, next to bf16 SDPA on the same inputs, plus a mode that launches one shape repeatedly
-for Nsight Compute.
+for Nsight Compute and one that breaks down the host time of an eager call.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/attn_profile.py --out $OUT
     ncu --clock-control none -k regex:_attn_split --launch-skip 5 --launch-count 1 --section SpeedOfLight \\
         python3 benchmarks/attn_profile.py --ncu 8,32768
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/attn_profile.py --host 1,4096
 
 Options that change the launch (`--set block_n=128,split_waves=4`) apply to every shape, so variants can be compared
 in one device run (`--variants "a:block_n=64;b:split_waves=4"`).
@@ -13,9 +14,13 @@ in one device run (`--variants "a:block_n=64;b:split_waves=4"`).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import math
 import os
+import pstats
+import time
 from collections import defaultdict
 
 import torch
@@ -66,6 +71,44 @@ def kernel_times(fn, reps: int = 20) -> dict[str, float]:
     return {name: us / reps for name, us in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
+def host_us(fn, reps: int = 200) -> float:
+    """Host microseconds per call of `fn`, the GPU kept ahead (calls only queue work; synchronized once at the end
+    of a warm-up so that the queue is drained before timing)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / reps * 1e6
+
+
+def host_overhead(*op_args) -> None:
+    """Eager calls pay host time per call that CUDA graphs and torch.compile remove (session 5: ~0.3 ms). Time the
+    layers of one call separately, then profile the full op's Python."""
+    sm = 1 / math.sqrt(DIM)
+    q = op_args[0]
+    rows = {
+        "torch.ops.rq.attention (dispatcher, launcher, 2 kernels)": lambda: torch.ops.rq.attention(*op_args, None, sm),
+        "launch_attention (launcher, 2 kernels)": lambda: launch_attention(*op_args, None, sm),
+        "3 torch.empty (the launcher's buffers)": lambda: [torch.empty(64, device="cuda") for _ in range(3)],
+        "q.float() (one small torch op)": lambda: q.float(),
+    }
+    for name, fn in rows.items():
+        print(f"{host_us(fn):9.1f} us  {name}", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        torch.ops.rq.attention(*op_args, None, sm)
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    print(out.getvalue(), flush=True)
+
+
 def parse_settings(text: str) -> dict:
     out = {}
     for item in filter(None, text.split(",")):
@@ -82,7 +125,13 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--variants", default="default:", help="name:key=val,key=val;name2:... (launch settings)")
     ap.add_argument("--ncu", default="", help="batch,context: launch that shape 10 times for ncu, nothing else")
+    ap.add_argument("--host", default="", help="batch,context: where an eager call spends its host time, nothing else")
     args = ap.parse_args()
+
+    if args.host:
+        batch, ctx = (int(v) for v in args.host.split(","))
+        host_overhead(*inputs(batch, ctx, args.backends.split(",")[0], args.bits)[0])
+        return
 
     if args.ncu:
         batch, ctx = (int(v) for v in args.ncu.split(","))

@@ -645,6 +645,7 @@ def _decode_case(
         (3, 3, 64, {"splits": 3}),
         (2, 4, 64, {"mask_kind": "kv_len", "splits": 2}),
         (4, 2, 64, {"mask_kind": "bool", "tq": 2}),
+        (3, 3, 128, {"batch": 1, "heads": 1}),  # 128-column tiles: columns in _spread_chunks' order
         (3, 2, 256, {"batch": 1, "heads": 1}),  # two norm groups (K norms after two dots, V norms in p twice)
         (4, 3, 256, {"batch": 1, "heads": 1, "backend": "iso"}),
         # rotor's blocks of 3 straddle the norm groups' boundary at 128: q's halves rotate across it

@@ -393,10 +393,40 @@ def _tile_prmt(
         a4, a5, a6, a7 = tl.join(o4, o12), tl.join(o5, o13), tl.join(o6, o14), tl.join(o7, o15)
         a0, a1, a2, a3 = tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7)
     b0, b1 = tl.join(a0, a2), tl.join(a1, a3)
-    tile = tl.reshape(tl.join(b0, b1), [BLOCK_N, D // PARTS])
+    tile = _spread_chunks(tl.reshape(tl.join(b0, b1), [BLOCK_N, D // PARTS]), BITS)
     if DECODE == 1:
         tile = _opaque(tile)
     return tile
+
+
+@triton.jit
+def _spread_chunks(x, BITS: tl.constexpr):
+    """x's columns reordered so that the shared-memory stores of a 128-column decoded tile are free of bank
+    conflicts (other widths unchanged). A decoded tile reaches its store with T threads per row, each holding
+    128 / T consecutive columns (T = 4 at 3 bits, 8 at 2 bits, 16 at 4 bits: Triton's layouts at BLOCK_N 64, 4
+    warps), and the store swizzles 16-byte chunks by row. At 2 and 3 bits two threads of a quarter warp wrote the
+    same bank group on every STS.128 (2-way conflicts, 24% of the kernel's shared wavefronts; ncu, session 6).
+    Moving each thread's units of U columns (U = 16 at 3 bits, 8 at 2) from [thread, unit] to [unit, thread] order
+    spreads a store's quarter warp over all eight bank groups; 4 bits was already conflict-free. Any column order is
+    valid as long as q (scores) and the accumulator's columns (values) follow it (_spread_source)."""
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    if C == 128 and BITS != 4:
+        T: tl.constexpr = 4 if BITS == 3 else 8
+        U: tl.constexpr = 16 if BITS == 3 else 8
+        x = tl.reshape(tl.permute(tl.reshape(x, [R, T, C // (T * U), U]), (0, 2, 1, 3)), [R, C])
+    return x
+
+
+@triton.jit
+def _spread_source(col, C: tl.constexpr, BITS: tl.constexpr):
+    """The column before _spread_chunks of column `col` after it, for tiles C columns wide."""
+    if C == 128 and BITS != 4:
+        T: tl.constexpr = 4 if BITS == 3 else 8
+        U: tl.constexpr = 16 if BITS == 3 else 8
+        J: tl.constexpr = C // (T * U)
+        col = ((col // U) % T) * (J * U) + (col // (T * U)) * U + col % U
+    return col
 
 
 @triton.jit
@@ -505,10 +535,13 @@ def _attn_split_kernel(
         if KBITS != 4:  # q's columns in the K tiles' order (_prmt_columns): [.., 2i + e] -> [.., 8e + i] per 16
             qf = _prmt_rows(qf, BLOCK_M)
             qg = _prmt_rows(qg, BLOCK_M)
+        qf = _spread_chunks(qf, KBITS)  # and in the tiles' chunk order
+        qg = _spread_chunks(qg, KBITS)
     dcol = tl.arange(0, DV)
     if VFAST:
         vtab = _tables(vlev_ptr, VBITS)
-        vcol = _prmt_columns(dcol, VBITS)  # the accumulator's columns follow the V tiles' order
+        # the accumulator's columns follow the V tiles' order
+        vcol = _prmt_columns(_spread_source(dcol, DV, VBITS), VBITS)
     else:
         vcol = dcol
     if KSPLIT:
@@ -1119,6 +1152,8 @@ def _attn_combine_kernel(
 def kernel_layouts(dim: int, k_bits: int, v_bits: int, k_perm=None, v_perm=None, k_widths=None, v_widths=None):
     """(KL, VL) layout strings for the layout kernel, or None where the single-width kernel applies (no perm, one
     width in 2..4 for each of K and V)."""
+    if k_perm is None and v_perm is None and k_widths is None and v_widths is None and {k_bits, v_bits} <= {2, 3, 4}:
+        return None  # the common case, without building per-coordinate tuples (host time of every eager call)
     kw = (k_bits,) * dim if k_widths is None else tuple(int(w) for w in k_widths)
     vw = (v_bits,) * dim if v_widths is None else tuple(int(w) for w in v_widths)
     if k_perm is None and v_perm is None and all(len(set(w)) == 1 and w[0] in (2, 3, 4) for w in (kw, vw)):
