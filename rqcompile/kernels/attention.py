@@ -564,7 +564,7 @@ def _attn_split_kernel(
         n_hi = tl.minimum(n_lo + span, Tk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # the second norm group's columns (VSPLIT)
     kbase = kc_ptr + bh.to(tl.int64) * Tk * CWK
@@ -612,7 +612,7 @@ def _attn_split_kernel(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_t = l_t * alpha[:, None] + p  # row sums reduced once after the loop: no cross-warp sum per tile
         m_i = m_new
         # ---- values: p . (codebook[code] * norm), norms folded into p
         vrow = vbase + n64 * CWV
@@ -639,6 +639,7 @@ def _attn_split_kernel(
                 pv = tl.dot(p.to(tl.float16), vt)
             acc = acc * alpha[:, None] + pv
 
+    l_i = tl.sum(l_t, axis=1)
     pidx = (bh.to(tl.int64) * NS + split) * M + rows
     tl.store(pm_ptr + pidx, m_i, mask=m_ok)
     tl.store(pl_ptr + pidx, l_i, mask=m_ok)
