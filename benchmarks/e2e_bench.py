@@ -33,6 +33,7 @@ import torch
 
 GIB = 1 << 30
 RESULTS: dict = {"rows": [], "longest": [], "errors": []}
+PROFILE = False  # --profile
 
 
 def log(*args) -> None:
@@ -90,7 +91,36 @@ def time_decode(step, first_pos: int, steps: int, batch: int, device) -> dict:
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
-    return {"ms_per_step": ms, "tokens_per_s": batch * 1000.0 / ms}
+    out = {"ms_per_step": ms, "tokens_per_s": batch * 1000.0 / ms}
+    if PROFILE:
+        out["profile"] = profile_steps(step, tok, pos, steps)
+    return out
+
+
+def profile_steps(step, tok, pos: int, steps: int) -> dict:
+    """Device time per step by kernel (torch.profiler) next to the wall time: a step whose kernels add up to much
+    less than its wall time is bound by the host (launches, Python), not by the GPU; large copy kernels would be
+    cache buffers cloned by the compiled program."""
+    from collections import defaultdict
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = step(tok, pos).argmax(-1)[:, -1:]
+            pos += 1
+        torch.cuda.synchronize()
+    total: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name[:80]] += ev.device_time_total / steps / 1e3
+            count[ev.name[:80]] += 1
+    top = sorted(total.items(), key=lambda kv: -kv[1])[:15]
+    busy = sum(total.values())
+    log(f"  device time per step {busy:.2f} ms in {sum(count.values()) // steps} kernels; top:")
+    for name, ms in top:
+        log(f"    {ms:7.3f} ms  x{count[name] // steps:<4d} {name}")
+    return {"device_ms_per_step": busy, "kernels_per_step": sum(count.values()) // steps, "top_ms": dict(top)}
 
 
 # --- eager caches -------------------------------------------------------------------------------------------------
@@ -315,7 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip", default="", help="comma list of: bf16,dropin,static,longest,apply,compile")
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--profile", action="store_true", help="profile the timed steps (device time by kernel)")
     args = p.parse_args(argv)
+    global PROFILE
+    PROFILE = args.profile
     t0 = time.perf_counter()
     skip = set(filter(None, args.skip.split(",")))
     out = args.out

@@ -674,6 +674,50 @@ def _same_decoded_values(out, tree, kb, vb, bitwise=True):
     assert (out - tree).abs().max().item() < 2e-3
 
 
+@pytest.mark.parametrize("opaque", [False, True])
+def test_compiled_attention_writes_only_its_partial_results(opaque):
+    """torch.compile must see the split kernel write only its partial results. An impure inline asm (the eager
+    launch's `_opaque`) defeats torch's analysis, which then assumes every input written, and the compiled program
+    copied each layer's whole K/V cache buffers on every decode step; the compiled launch (OPAQUE=False) has none.
+    Run in a child process: torch analyzes the compiled kernel's TTIR, which the interpreter here does not make."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = os.path.join(os.path.dirname(__file__), "kernel_writes_probe.py")
+    run = subprocess.run([sys.executable, probe, str(int(opaque))], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = set(json.loads(run.stdout.strip().splitlines()[-1]))
+    if opaque:
+        assert {"kc_ptr", "vc_ptr"} <= written  # why the compiled launch goes without it
+    else:
+        assert written == {"pm_ptr", "pl_ptr", "pacc_ptr"}
+
+
+def test_only_eager_launches_are_opaque(monkeypatch):
+    """The launcher passes OPAQUE only where it launches the kernel itself (no wrap_triton)."""
+    seen = []
+    real = kattn._attn_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                seen.append(k["OPAQUE"])
+                return real[grid](*a, **k)
+
+            return launch
+
+    monkeypatch.setattr(kattn, "_attn_split_kernel", Spy())
+    ks, vs = _state("planar", 3, "k", 1, 64, "cpu"), _state("planar", 3, "v", 1, 64, "cpu", seed=1)
+    kc, kn = quantizer.quantize(torch.randn(1, 1, 8, 64), ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
+    args = (torch.randn(1, 2, 1, 64), kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels)
+    args += (vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3, None, 0.125)
+    kattn.launch_attention(*args)
+    kattn.launch_attention(*args, wrap=lambda kernel: kernel)  # as torch.library.wrap_triton would
+    assert seen == [True, False]
+
+
 def test_prmt_decode_is_the_tree_in_the_interpreter(monkeypatch):
     """The launcher forces the tree for DECODE=1 where inline asm cannot run."""
     if HAS_CUDA:

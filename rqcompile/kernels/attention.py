@@ -358,6 +358,7 @@ def _tile_prmt(
     BLOCK_N: tl.constexpr,
     PART: tl.constexpr = 0,
     PARTS: tl.constexpr = 1,
+    OPAQUE: tl.constexpr = True,
 ):
     """fp16 [BLOCK_N, D // PARTS] codebook values of coordinates PART * D // PARTS.. by prmt table lookups, columns in
     prmt.COLUMNS order within each block of PER codes (`row`: each row's codes as int32 words, as for _levels)."""
@@ -394,7 +395,7 @@ def _tile_prmt(
         a0, a1, a2, a3 = tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7)
     b0, b1 = tl.join(a0, a2), tl.join(a1, a3)
     tile = _spread_chunks(tl.reshape(tl.join(b0, b1), [BLOCK_N, D // PARTS]), BITS)
-    if DECODE == 1:
+    if DECODE == 1 and OPAQUE:
         tile = _opaque(tile)
     return tile
 
@@ -440,7 +441,12 @@ def _prmt_rows(q, BLOCK_M: tl.constexpr):
 def _opaque(x):
     """x (fp16) through an identity asm the compiler may not look through (not pure; ptxas drops the moves). Triton
     halves the dot operands' kWidth (mma v2) when a join feeds them (AccelerateMatmul's computeOrigBitWidth), which
-    for fp16 made kWidth 4: q read by LDS.64 and ~2.4 register moves per element around the HMMAs; this keeps 2."""
+    for fp16 made kWidth 4: q read by LDS.64 and ~2.4 register moves per element around the HMMAs; this keeps 2
+    (local sm_90 SASS: 1129 vs 1446 loop instructions per tile uncapped). Eager launches only (OPAQUE): torch's
+    wrap_triton cannot analyze an impure inline asm, assumes every input of the kernel mutated, and the compiled
+    program then copied each attention layer's whole cache buffers on every step (torch.profiler on the H200,
+    session 6: 4 copy kernels, 0.28 ms per step for 2 layers at 131K positions; a pure asm is looked through like
+    no asm at all)."""
     return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=False, pack=2)
 
 
@@ -500,6 +506,7 @@ def _attn_split_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr = 0,
+    OPAQUE: tl.constexpr = True,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -582,11 +589,13 @@ def _attn_split_kernel(
         if KSPLIT:  # one half tile and one dot per norm group
             nk0 = tl.load(knb + n64 * NGK, mask=n_ok, other=0.0).to(tl.float32)
             nk1 = tl.load(knb + n64 * NGK + 1, mask=n_ok, other=0.0).to(tl.float32)
-            sc = tl.dot(q0, tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N, 0, 2))) * nk0[None, :]
-            sc += tl.dot(q1, tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N, 1, 2))) * nk1[None, :]
+            kt = tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N, 0, 2, OPAQUE))
+            sc = tl.dot(q0, kt) * nk0[None, :]
+            kt = tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N, 1, 2, OPAQUE))
+            sc += tl.dot(q1, kt) * nk1[None, :]
         else:
             if KFAST:
-                kt = tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N))
+                kt = tl.trans(_tile_prmt(krow, n_ok, ktab, D, KBITS, DECODE, BLOCK_N, OPAQUE=OPAQUE))
             else:
                 kt = tl.trans(_tile(kbase, knb, n64, n_ok, klev_ptr, CWK, D, KBITS, NGK, KPOST, BLOCK_N))
             if KPOST:
@@ -619,13 +628,13 @@ def _attn_split_kernel(
         if VSPLIT:  # one half tile, one dot and one accumulator per norm group
             nv0 = tl.load(vnb + n64 * NGV, mask=n_ok, other=0.0).to(tl.float32)
             nv1 = tl.load(vnb + n64 * NGV + 1, mask=n_ok, other=0.0).to(tl.float32)
-            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 0, 2)
+            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 0, 2, OPAQUE)
             acc = acc * alpha[:, None] + tl.dot((p * nv0[None, :]).to(tl.float16), vt)
-            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 1, 2)
+            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 1, 2, OPAQUE)
             acc1 = acc1 * alpha[:, None] + tl.dot((p * nv1[None, :]).to(tl.float16), vt)
         else:
             if VFAST:
-                vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N)
+                vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, OPAQUE=OPAQUE)
             else:
                 vt = _tile(vbase, vnb, n64, n_ok, vlev_ptr, CWV, D, VBITS, NGV, VPOST, BLOCK_N)
             if VPOST:
@@ -1384,6 +1393,7 @@ def launch_attention(
             KBITS=k_bits,
             VBITS=v_bits,
             DECODE=decode,
+            OPAQUE=wrap is _identity,  # compiled launches: see _opaque
             **meta,
             **launch_opts,
         )
