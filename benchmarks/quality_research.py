@@ -22,9 +22,10 @@ import rqcompile.cache as cache_mod
 import rqcompile.quant.quantizer as qmod
 from rqcompile.cache import RQCache
 from rqcompile.calibrate import Calibration, calibrate
-from rqcompile.config import RQConfig
+from rqcompile.config import SCALE_SEARCH, RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 from rqcompile.models import load_smollm2
+from rqcompile.quant.rotations import BLOCK_SIZE, head_generator, make_rotation
 
 PREFILL, DECODE = 512, 512
 OFFSETS = (0, 8192)
@@ -170,6 +171,93 @@ def permuted_make_state(perm_fn):
     return make_state
 
 
+STAGE_SEED = 1000  # stage s > 1 draws its blocks from the library generator with seed + STAGE_SEED * (s - 1)
+
+
+def stride_perm(dim: int, b: int) -> torch.Tensor:
+    """New position i <- old p[i]: the perfect shuffle of the (nb, b) grid of blocks, so each next-stage block takes one
+    coordinate from b consecutive blocks of the previous stage (one radix-b butterfly step). Repeated between stages
+    it widens the mixing to b, b^2, b^3 ... coordinates. Rotor's leftover coordinate (64 = 21 x 3 + 1) is the
+    library's identity block and stays where it is."""
+    whole = dim - dim % b
+    p = torch.arange(whole).view(whole // b, b).T.flatten()
+    return torch.cat([p, torch.arange(whole, dim)])
+
+
+def dense_blocks(blocks: torch.Tensor, dim: int) -> torch.Tensor:
+    """[H, nb, b, b] blocks -> [H, d, d] block-diagonal matrix (rotor's padded block cropped: identity there)."""
+    return torch.stack([torch.block_diag(*head) for head in blocks.double()])[:, :dim, :dim]
+
+
+def staged_rotation(config: RQConfig, state, layer_idx: int, kind: str, stages: int) -> torch.Tensor:
+    """R = B_s P ... P B_1 as a dense [H, d, d] matrix: B_1 is the library's own rotation for this (layer, K|V),
+    each later B_i the same backend's generator with another seed; P = `stride_perm`."""
+    heads, dim = state.num_heads, state.head_dim
+    perm = stride_perm(dim, BLOCK_SIZE[config.backend])
+    full = dense_blocks(state.rotation, dim)
+    for s in range(1, stages):
+        blocks = make_rotation(
+            config.backend,
+            heads,
+            dim,
+            state.group,
+            seed=config.seed + STAGE_SEED * s,
+            layer_idx=layer_idx,
+            kind=kind,
+            iso_mode=config.iso_mode,
+        )
+        full = dense_blocks(blocks, dim) @ full[:, perm]  # (P M)[i] = M[p[i]]: permute the previous stage's output
+    eye = torch.eye(dim, dtype=full.dtype).expand_as(full)
+    assert torch.allclose(full @ full.transpose(-1, -2), eye, atol=1e-5), "staged rotation is not orthogonal"
+    return full.float()
+
+
+def staged_make_state(stages: int):
+    """Multi-stage block rotation folded into one dense [H, 1, d, d] block (research only: correct, but not O(d)).
+
+    Calibration is untouched: the quantizer still computes (x - mean) / scale first and rotates that, exactly as
+    the normal path; only the rotation tensor is replaced. Hadamard keeps its own rotation."""
+
+    def make_state(config, *, layer_idx, kind, **kw):
+        state = _ORIG_MAKE_STATE(config, layer_idx=layer_idx, kind=kind, **kw)
+        if config.backend == "hadamard" or state.group != state.head_dim:
+            return state
+        full = staged_rotation(config, state, layer_idx, kind, stages)
+        return qmod.replace(state, rotation=full[:, None])
+
+    return make_state
+
+
+HAAR_SEED = 7777
+
+
+def haar_make_state(config, *, layer_idx, kind, **kw):
+    """A Haar-random dense rotation per head (QR of a Gaussian matrix): full mixing, the ceiling of any staged
+    block rotation, and hadamard's structure-free counterpart."""
+    state = _ORIG_MAKE_STATE(config, layer_idx=layer_idx, kind=kind, **kw)
+    dim = state.head_dim
+    mats = []
+    for head in range(state.num_heads):
+        gen = head_generator(config.seed + HAAR_SEED, layer_idx, head, kind)
+        q, r = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+        mats.append(q * torch.sign(torch.diagonal(r)))
+    return qmod.replace(state, rotation=torch.stack(mats).float()[:, None])
+
+
+def unchecked_bits(config: RQConfig, bits: int) -> RQConfig:
+    """RQConfig refuses widths above 4; the reference quantizer and packing take 1..8, enough for a check that a
+    rotation round-trips (8-bit codes: ppl ~ fp)."""
+    object.__setattr__(config, "bits", bits)
+    return config
+
+
+def mixing_width(config: RQConfig, stages: int, heads: int = 1, dim: int = 64) -> float:
+    """Mean number of input coordinates each output coordinate of the staged rotation depends on (sanity check)."""
+    state = _ORIG_MAKE_STATE(config, layer_idx=0, kind="k", num_heads=heads, head_dim=dim)
+    full = staged_rotation(config, state, 0, "k", stages)
+    return (full.abs() > 1e-6).sum(-1).float().mean().item()
+
+
 def rope_pairs(layer_idx, kind, heads, dim, mean, scale):
     half = dim // 2
     order = torch.stack([torch.arange(half), torch.arange(half) + half], -1).flatten()  # (0, 32, 1, 33, ...)
@@ -201,8 +289,10 @@ def main(argv=None):
     parser.add_argument("experiment")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--search", default="", help="comma-separated scale_search candidates for every config")
+    parser.add_argument("--seeds", default="0", help="comma-separated rotation seeds (experiment stages)")
     args = parser.parse_args(argv)
     search = tuple(float(c) for c in args.search.split(",") if c)
+    seeds = tuple(int(c) for c in args.seeds.split(",") if c)
     h = Harness()
     print(f"fp ppl {[r.ppl for r in h.refs]}", flush=True)
     rows = []
@@ -279,6 +369,39 @@ def main(argv=None):
                     with patched(make_state=permuted_make_state(lambda *a, fn=fn, bs=bs: fn(*a, b=bs))):
                         rows.append(h.run(cfg, full, f"{b} {name} energy-deal"))
                     # uncalibrated scale: the permutation alone against raw energy
+    elif exp == "stages":
+        # Second / third block layer after a stride permutation (butterfly): mixes b^s coordinates at O(d) per stage.
+        grid = search or SCALE_SEARCH
+        blocks = ("iso", "planar", "rotor")
+        for b in blocks:
+            print(f"{b} mixing width, stages 1/2/3:", [mixing_width(RQConfig(backend=b), s) for s in (1, 2, 3)])
+        for b in blocks:  # correctness: at 8 bits the staged rotation must give ~fp ppl
+            wide = unchecked_bits(RQConfig(backend=b, sink_tokens=1, scale_search=grid), 8)
+            with patched(make_state=staged_make_state(3)):
+                rows.append(h.run(wide, full, f"{b} K8V8 stages 3 full"))
+        # every seed redraws all rotations (hadamard's signs too): the spread over seeds is the noise to beat
+        for seed, name in ((seed, name) for seed in seeds for name in ("K3V3", "K4V3")):
+            cfg = RQConfig(sink_tokens=1, scale_search=grid, seed=seed, **bitsets[name])
+            tag = f"{name} seed {seed}"
+            rows.append(h.run(cfg.replace(backend="hadamard"), km, f"hadamard {tag} mean"))
+            for cname, calib in (("full", full), ("mean", km)):  # ceiling: a dense random rotation of the head
+                with patched(make_state=haar_make_state):
+                    rows.append(h.run(cfg, calib, f"haar {tag} {cname}"))
+            for b in blocks:
+                c = cfg.replace(backend=b)
+                rows.append(h.run(c, full, f"{b} {tag} stages 1 full (library)"))
+                if b == "iso":  # the dense fold of stage 1 must match the library path; mean-only reference
+                    with patched(make_state=staged_make_state(1)):
+                        rows.append(h.run(c, full, f"{b} {tag} stages 1 full (dense)"))
+                    rows.append(h.run(c, km, f"{b} {tag} stages 1 mean (library)"))
+                for stages in (2, 3):
+                    for cname, calib in (("full", full), ("mean", km)):
+                        with patched(make_state=staged_make_state(stages)):
+                            rows.append(h.run(c, calib, f"{b} {tag} stages {stages} {cname}"))
+                more = {"iso": 4, "planar": 6}.get(b)  # iso: past full support; planar: 2^6 = a whole group
+                for cname, calib in (("full", full), ("mean", km)) if more else ():
+                    with patched(make_state=staged_make_state(more)):
+                        rows.append(h.run(c, calib, f"{b} {tag} stages {more} {cname}"))
     elif exp == "alloc":
         # From the "layers" experiment: 4-bit keys help most in layers 0-4, 15-19, 10-14 (iso K3V3 KL -0.047, -0.047,
         # -0.037 of 0.235). 15 of 30 layers at K4 = 3.5 bits/element; control: the even layers.
