@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
-from rqcompile.calibrate import MIN_PROMPT_TOKENS, PROMPT, Calibration, channel_stats
+from rqcompile.calibrate import MIN_PROMPT_SCALE, MIN_PROMPT_TOKENS, PROMPT, Calibration, channel_stats
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import QuantState, make_state
@@ -120,7 +120,7 @@ class RQCacheLayer(CacheLayerMixin):
         self.config = config
         self.calibration = PROMPT if calibration is _PROMPT_BY_DEFAULT else calibration
         # a prompt too short to calibrate on warns only when calibration="prompt" was asked for explicitly
-        self.warn_short_prompt = calibration is not _PROMPT_BY_DEFAULT
+        self.warn_short_prompt = calibration is not _PROMPT_BY_DEFAULT  # and on a degenerate prompt
         self.layer_idx = layer_idx
         self.k_state: QuantState | None = None
         self.v_state: QuantState | None = None
@@ -192,6 +192,16 @@ class RQCacheLayer(CacheLayerMixin):
                 kind: channel_stats(x, mean=kind == "k", scale=True, tokens=measured)
                 for kind, x in (("k", key_states), ("v", value_states))
             }
+        lowest = min(float(stats["scale"].min()) for stats in found.values())
+        if lowest < MIN_PROMPT_SCALE:  # e.g. one token repeated: its scales would blow up every later token's error
+            if self.warn_short_prompt:
+                warnings.warn(  # one text for all layers: Python's default filter shows it once
+                    "rqcompile: calibration='prompt', but the prompt's K/V have channels with almost no spread (a "
+                    "repetitive prompt?): layers where that is so stay uncalibrated for this sequence (until reset())",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return lambda kind, name: None
         return lambda kind, name: found[kind].get(name)
 
     def update(

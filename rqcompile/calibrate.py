@@ -85,6 +85,13 @@ PROMPT = "prompt"
 # 0.33 / 0.50 vs 0.70 / 0.84 / 0.81) and 12 by 1.7-2.9x, while 4 gained nothing (0.65 / 0.75 / 1.05 vs 0.70 / 0.83 /
 # 0.82: one window worse). Pinned in tests/test_cache.py.
 MIN_PROMPT_TOKENS = 8
+# A prompt whose K/V give some channel a scale below this (the stored per-channel scale, normalized to average 1
+# per head) measured nothing usable for that layer, which then stays uncalibrated. On SmolLM2 (iso 3-bit, 256 decode
+# steps; QUALITY.md "Degenerate prompts") a prompt of one token repeated 16 times gave scales down to 0.0003 and
+# decode-time ppl 429,042 for an fp 42 (uncalibrated: 65); with this guard at 0.05 some layers still calibrated
+# (ppl 219), at 0.08 none did (65). 80 real prompts of 9-64 tokens (license and stdlib text) never went below 0.097
+# and their results are unchanged; 2048 stdlib tokens stay above 0.22.
+MIN_PROMPT_SCALE = 0.08
 DEFAULT_CALIBRATION_TOKENS = 2048  # stdlib tokens; 4096 measured no better (QUALITY.md, "Tried ... and dropped")
 
 

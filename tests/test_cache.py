@@ -338,6 +338,32 @@ def test_a_short_prompt_stays_uncalibrated_silently_by_default_but_warns_when_pr
     assert not any(_calibrated(explicit))
 
 
+def test_a_repetitive_prompt_leaves_the_layers_it_cannot_measure_uncalibrated():
+    """A prompt of one repeated token gives some channels almost no spread; scales measured on it would blow up
+    every later token's error (SmolLM2: decode-time ppl 429,042 for an fp 42, QUALITY.md "Degenerate prompts").
+    A layer whose measured scales fall below MIN_PROMPT_SCALE stays uncalibrated instead: silently by default, with
+    one warning when `calibration="prompt"` was asked for. A varied prompt of the same length still calibrates."""
+    import warnings
+
+    model = tiny_llama()
+    repeated = torch.full((1, 24), 7)
+    default = IsoQuantCache(bits=3)
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        model(repeated, past_key_values=default, use_cache=True)
+    assert not [w for w in seen if "rqcompile" in str(w.message)]
+    assert not any(_calibrated(default))
+    assert all(torch.all(layer.k_state.scale == 1) for layer in default.layers)
+    explicit = IsoQuantCache(bits=3, calibration="prompt")
+    with pytest.warns(UserWarning, match="channels with almost no spread") as seen, torch.no_grad():
+        model(repeated, past_key_values=explicit, use_cache=True)
+    assert len({str(w.message) for w in seen if "rqcompile" in str(w.message)}) == 1
+    varied = IsoQuantCache(bits=3)
+    with torch.no_grad():
+        model(_prompt(model, batch=1, length=24), past_key_values=varied, use_cache=True)
+    assert all(_calibrated(varied))
+
+
 def test_a_copied_default_cache_keeps_the_default_calibration():
     """`copy.deepcopy(cache)` (transformers' prompt-reuse recipe) keeps the default: silent on a short prompt,
     calibrated on a long one."""
