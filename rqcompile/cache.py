@@ -470,9 +470,10 @@ class RQCache(Cache):
       0.52 uncalibrated, within noise of `calibrate` on sample text (0.25 / 0.17). A prompt with fewer than
       `MIN_PROMPT_TOKENS` (8) tokens after its first (a padded batch: in its longest row) is not measured: the cache
       stays uncalibrated for the whole sequence, silently by default, with a warning when `calibration="prompt"` is
-      passed explicitly. The rows of a batch share one measurement, pooled over all their real tokens, so a row's
-      output in a batch is not exactly what it is alone. `reset()` forgets the measurement: the next prompt is
-      measured afresh.
+      passed explicitly; likewise each layer whose prompt K/V have a channel with almost no spread (a repetitive
+      prompt; `MIN_PROMPT_SCALE`). The rows of a batch share one measurement, pooled over all their real tokens,
+      so a row's output in a batch is not exactly what it is alone. `reset()` forgets the measurement: the next
+      prompt is measured afresh.
     - a `rqcompile.Calibration` (`rqcompile.calibrate(model, tokenizer=tok)`): used for every sequence.
     - None: uncalibrated (much lower quality for the block backends: KL 0.82 above).
 
