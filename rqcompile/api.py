@@ -111,11 +111,19 @@ class CompiledLM:
         seed: int | None = None,
         eos_token_id: int | Iterable[int] | None = None,
         streamer: Callable[[torch.Tensor], None] | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prompt [B, T] -> prompt + new tokens (rqcompile.runtime.generate; CacheOverflowError past the cache)."""
+        """Prompt [B, T] -> prompt + new tokens (rqcompile.runtime.generate; CacheOverflowError past the cache).
+        Rows are unpadded prompts of equal length; an `attention_mask` marking padding is refused."""
         sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return generate(
-            self, input_ids, max_new_tokens, sampling=sampling, eos_token_id=eos_token_id, streamer=streamer
+            self,
+            input_ids,
+            max_new_tokens,
+            sampling=sampling,
+            eos_token_id=eos_token_id,
+            streamer=streamer,
+            attention_mask=attention_mask,
         )
 
     def compile(self, *, dynamic_prefill: bool | None = None, **options: Any) -> CompiledLM:

@@ -181,6 +181,21 @@ def test_cache_overflow_is_a_clear_error(lms):
         lm.generate(_ids(30), 20)
 
 
+def test_padded_prompts_are_a_clear_error(lms):
+    """The programs take no attention mask: a tokenizer's mask is accepted when it marks no padding (same output as
+    without it) and refused when it does, instead of attending the pads as text."""
+    lm = lms["llama"]
+    ids = _ids(6)
+    plain = lm.generate(ids, 3)
+    assert torch.equal(lm.generate(ids, 3, attention_mask=torch.ones_like(ids)), plain)
+    padded = torch.ones_like(ids)
+    padded[:, 0] = 0
+    with pytest.raises(ValueError, match="cannot run padded prompts"):
+        lm.generate(ids, 3, attention_mask=padded)
+    with pytest.raises(ValueError, match="does not match input_ids"):
+        lm.generate(ids, 3, attention_mask=torch.ones(1, 2, dtype=torch.long))
+
+
 def test_model_without_attention_is_a_clear_error():
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 

@@ -87,15 +87,29 @@ def generate(
     sampling: SamplingConfig | None = None,
     eos_token_id: int | Iterable[int] | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prompt [B, T] -> prompt + generated ids [B, T + n], stopping early once every row has emitted a stop token.
 
-    Rows that finished keep emitting their stop token (as transformers pads finished rows). `streamer` gets each
-    new [B] token tensor as soon as it exists.
+    Every row is a whole prompt of the same length: the programs share one position per step and take no attention
+    mask, so a padded row's pads would be attended as text. `attention_mask` (as a tokenizer returns it) is accepted
+    to say so and refused if it marks any padding. Rows that finished keep emitting their stop token (as
+    transformers pads finished rows). `streamer` gets each new [B] token tensor as soon as it exists.
     """
     sampling = sampling or SamplingConfig()
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+        if not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "this program takes no attention mask, so it cannot run padded prompts (the pads would be attended "
+                "as text): give it prompts of equal length, one per row, or run a padded batch through the model "
+                "with a drop-in cache (IsoQuantCache and friends handle left padding)"
+            )
     batch, prompt_len = input_ids.shape
     if batch != program.batch_size:
         raise ValueError(f"this program was built for batch {program.batch_size}, got {batch}")

@@ -92,15 +92,25 @@ class LoadedLM(StateRunner):
         sampling: SamplingConfig | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         streamer: Callable[[torch.Tensor], None] | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | str:
-        """Token ids [B, T] -> ids [B, T + n] (or a prompt string -> the generated text, with the tokenizer)."""
+        """Token ids [B, T] -> ids [B, T + n] (or a prompt string -> the generated text, with the tokenizer).
+        Rows are unpadded prompts of equal length (`attention_mask`: see `rqcompile.runtime.generate`)."""
         text = isinstance(input_ids, str)
         if text:
             if self.tokenizer is None:
                 raise ArtifactError(f"{self.artifact.path} has no tokenizer; pass token ids instead of a string")
             input_ids = self.tokenizer(input_ids, return_tensors="pt").input_ids
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        out = generate(self, input_ids, max_new_tokens, sampling=sampling, eos_token_id=eos, streamer=streamer)
+        out = generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            sampling=sampling,
+            eos_token_id=eos,
+            streamer=streamer,
+            attention_mask=attention_mask,
+        )
         if text:
             return self.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
         return out
