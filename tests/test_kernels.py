@@ -695,20 +695,26 @@ def test_compiled_attention_writes_only_its_partial_results(opaque):
         assert written == {"pm_ptr", "pl_ptr", "pacc_ptr"}
 
 
-def test_only_eager_launches_are_opaque(monkeypatch):
-    """The launcher passes OPAQUE only where it launches the kernel itself (no wrap_triton)."""
+def _spy_on_split_launches(monkeypatch, key: str) -> list:
+    """Replace the uniform split kernel by a spy that records launch keyword `key` and then launches the kernel."""
     seen = []
     real = kattn._attn_split_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*a, **k):
-                seen.append(k["OPAQUE"])
+                seen.append(k[key])
                 return real[grid](*a, **k)
 
             return launch
 
     monkeypatch.setattr(kattn, "_attn_split_kernel", Spy())
+    return seen
+
+
+def test_only_eager_launches_are_opaque(monkeypatch):
+    """The launcher passes OPAQUE only where it launches the kernel itself (no wrap_triton)."""
+    seen = _spy_on_split_launches(monkeypatch, "OPAQUE")
     ks, vs = _state("planar", 3, "k", 1, 64, "cpu"), _state("planar", 3, "v", 1, 64, "cpu", seed=1)
     kc, kn = quantizer.quantize(torch.randn(1, 1, 8, 64), ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
     args = (torch.randn(1, 2, 1, 64), kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels)
@@ -722,18 +728,7 @@ def test_prmt_decode_is_the_tree_in_the_interpreter(monkeypatch):
     """The launcher forces the tree for DECODE=1 where inline asm cannot run."""
     if HAS_CUDA:
         pytest.skip("interpreter only")
-    seen = []
-    real = kattn._attn_split_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                seen.append(k["DECODE"])
-                return real[grid](*a, **k)
-
-            return launch
-
-    monkeypatch.setattr(kattn, "_attn_split_kernel", Spy())
+    seen = _spy_on_split_launches(monkeypatch, "DECODE")
     _decode_case(3, 3, 64, "cpu", tk=20, batch=1, heads=1, rep=2, decodes=("tree", "prmt", 1, "prmt-emulated"))
     assert seen == [0, 0, 0, 2]
     assert kattn.DEFAULTS["decode"] == kattn.DECODES["prmt"]  # the default since it was timed (benchmarks/NOTES.md v6)
