@@ -15,6 +15,7 @@ The full-length numbers come from benchmarks/presets.py; tests/test_quality_benc
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rqcompile import models
 from rqcompile.cache import RQCache
@@ -148,3 +149,30 @@ def test_sink_token_costs_only_its_own_bytes(smollm2, ids, calibration):
     mc = smollm2[0].config
     sink_extra = 16 * 2 / 2 / (128 + 2) * 2  # generous: one fp32 token of K and V per layer over the sequence
     assert _bits_per_element(caches[0], mc) < 3.25 + sink_extra + 0.05
+
+
+def test_a_repetitive_prompt_does_not_wreck_the_default_cache(smollm2):
+    """The default cache calibrates on its prompt; 16 copies of one token measure channels without spread, whose
+    scales made the next 256 tokens decode at ppl 429,042 for an fp 42 (QUALITY.md "Degenerate prompts"). The
+    layers that cannot be measured stay uncalibrated: the default then equals the uncalibrated cache (65.07 at pin
+    time), while a real 16-token prompt still calibrates and beats it."""
+    model, tok = smollm2
+    text = license_corpus(tok, DECODE + 1, offset=4096)
+
+    def quality(prompt, calibration):
+        ids = torch.cat([prompt, text], 1)
+        ref = decode_time_ppl(model, ids, prefill=prompt.shape[1], decode=DECODE, chunk=DECODE)
+        make = (
+            (lambda: RQCache(RQConfig()))
+            if calibration == "default"
+            else (lambda: RQCache(RQConfig(), calibration=None))
+        )
+        out = decode_time_ppl(model, ids, make, prefill=prompt.shape[1], decode=DECODE, chunk=DECODE)
+        return out.ppl, kl_divergence(ref, out).mean().item()
+
+    repeated = torch.full((1, 16), tok.encode(" the")[0])
+    default, none = quality(repeated, "default"), quality(repeated, None)
+    assert default[0] < 1.05 * none[0] and default[1] < 1.05 * none[1], (default, none)
+    real = license_corpus(tok, 16, offset=100)
+    default, none = quality(real, "default"), quality(real, None)
+    assert default[1] < 0.8 * none[1], (default, none)
