@@ -91,13 +91,19 @@ class CompiledLM:
     # -- running -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        """T >= 2 tokens at positions `cache_position` -> logits (last or all positions, as captured)."""
-        return self._prefill_fn(input_ids, cache_position)
+        """T >= 2 tokens at positions `cache_position` -> logits (last or all positions, as captured). Inputs move
+        to the programs' device (the generation loop makes its positions on the CPU), as `LoadedLM` does."""
+        return self._prefill_fn(input_ids.to(self.device), cache_position.to(self.device))
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """One token per row at position `cache_position` [1] -> logits [B, 1, V]."""
-        return self._decode_fn(input_ids, cache_position)
+        return self._decode_fn(input_ids.to(self.device), cache_position.to(self.device))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the programs' buffers (caches, quantizer states) live."""
+        return next(iter(self.buffers.values())).device
 
     def generate(
         self,
