@@ -146,6 +146,13 @@ def calibrate(
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", False, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
             found = channel_stats(x, mean=want_mean, scale=want_scale, scale_power=scale_power)
+            # MIN_PROMPT_SCALE is for the default power 0.8; the same channel spread at another power
+            if want_scale and float(found["scale"].min()) < MIN_PROMPT_SCALE ** (scale_power / 0.8):
+                raise ValueError(
+                    f"the calibration text gives layer {layer_idx}'s {kind.upper()} channels with almost no spread "
+                    "(a repetitive text?); scales measured on it would blow up the quantization error of real "
+                    "text: calibrate on varied text, e.g. rqcompile.calibrate(model, tokenizer=tok) (built-in text)"
+                )
             stats.update({(layer_idx, kind, name): t for name, t in found.items()})
             if error_weights:
                 flat = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]

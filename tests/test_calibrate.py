@@ -87,6 +87,17 @@ def test_badly_shaped_calibration_is_refused():
         make_state(RQConfig(), layer_idx=0, kind="k", num_heads=2, head_dim=64, scale=torch.zeros(2, 64))
 
 
+def test_repetitive_calibration_text_is_refused():
+    """Text that is one token repeated gives channels without spread, whose scales would wreck every later token
+    (QUALITY.md "Degenerate prompts"): a clear error, not a calibration that silently ruins quality. Varied text of
+    the same length calibrates, at any scale power."""
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="almost no spread"):
+        calibrate(model, torch.full((1, 48), 7))
+    for power in (0.6, 0.8, 1.0):
+        assert calibrate(model, _ids(model), scale_power=power).layers
+
+
 def test_channel_stats_of_selected_tokens_are_the_stats_of_those_tokens_alone():
     """`channel_stats(..., tokens=mask)` (a padded batch's real tokens) measures exactly the selected samples, as if
     the other positions were not there; a mask of the wrong shape, or selecting nothing, is refused."""
