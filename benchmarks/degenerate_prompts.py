@@ -23,7 +23,7 @@ from rqcompile.eval import license_corpus, stdlib_corpus
 from rqcompile.eval.metrics import decode_time_ppl, kl_divergence
 from rqcompile.models import load_smollm2
 
-cache_module = importlib.import_module("rqcompile.cache")  # `rqcompile.calibrate` is also a function's name
+calibrate_module = importlib.import_module("rqcompile.calibrate")  # `rqcompile.calibrate` is also a function's name
 
 
 def prompts(tok) -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             (f"prompt, guard {t}", "prompt", float(t)) for t in args.thresholds.split(",")
         ]
         for label, calibration, threshold in configs:
-            cache_module.MIN_PROMPT_SCALE = threshold
+            calibrate_module.MIN_PROMPT_SCALE = threshold
             out = decode_time_ppl(
                 model,
                 ids,

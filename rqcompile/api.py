@@ -187,7 +187,7 @@ class CompiledLM:
         prefill is dynamic in the prompt length like the captured one. Cached after the first call.
         """
         if which not in self._exported:
-            device = self.decode_module.get_buffer(self.cache_names[0]).device
+            device = self.device
             if which == "decode":
                 args = (
                     torch.zeros(self.batch_size, 1, dtype=torch.long, device=device),

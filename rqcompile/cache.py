@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
-from rqcompile.calibrate import MIN_PROMPT_SCALE, MIN_PROMPT_TOKENS, PROMPT, Calibration, channel_stats
+from rqcompile.calibrate import MIN_PROMPT_TOKENS, PROMPT, Calibration, channel_stats, too_little_spread
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import QuantState, make_state
@@ -192,8 +192,7 @@ class RQCacheLayer(CacheLayerMixin):
                 kind: channel_stats(x, mean=kind == "k", scale=True, tokens=measured)
                 for kind, x in (("k", key_states), ("v", value_states))
             }
-        lowest = min(float(stats["scale"].min()) for stats in found.values())
-        if lowest < MIN_PROMPT_SCALE:  # e.g. one token repeated: its scales would blow up every later token's error
+        if any(too_little_spread(stats["scale"]) for stats in found.values()):  # e.g. one token repeated
             if self.warn_short_prompt:
                 warnings.warn(  # one text for all layers: Python's default filter shows it once
                     "rqcompile: calibration='prompt', but the prompt's K/V have channels with almost no spread (a "

@@ -146,8 +146,7 @@ def calibrate(
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", False, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
             found = channel_stats(x, mean=want_mean, scale=want_scale, scale_power=scale_power)
-            # MIN_PROMPT_SCALE is for the default power 0.8; the same channel spread at another power
-            if want_scale and float(found["scale"].min()) < MIN_PROMPT_SCALE ** (scale_power / 0.8):
+            if want_scale and too_little_spread(found["scale"], scale_power):
                 raise ValueError(
                     f"the calibration text gives layer {layer_idx}'s {kind.upper()} channels with almost no spread "
                     "(a repetitive text?); scales measured on it would blow up the quantization error of real "
@@ -162,6 +161,13 @@ def calibrate(
                 weight = variance * importance
                 stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
     return Calibration(stats, source)
+
+
+def too_little_spread(scale: torch.Tensor, scale_power: float = 0.8) -> bool:
+    """Whether scales measured by `channel_stats` have a channel below MIN_PROMPT_SCALE: text (a prompt, calibration
+    text) too repetitive to calibrate on. The bound is set for the default power 0.8; at another power the same
+    channel spread gives MIN_PROMPT_SCALE ** (power / 0.8)."""
+    return float(scale.min()) < MIN_PROMPT_SCALE ** (scale_power / 0.8)
 
 
 def channel_stats(
