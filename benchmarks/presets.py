@@ -64,9 +64,32 @@ ALLOCATED = {
 }
 
 
-def candidates(window: bool) -> list[tuple[str, str, RQConfig]]:
-    """(backend, preset name, config): every width plain and with scale search, the mixed-layer and bit-allocation
-    presets, all with one exact sink token."""
+# Staged rotations (RQConfig.rotation_stages): enough stages to mix SmolLM2's whole 64-wide norm group
+# (b**s >= 64). Calibrated with the key mean only, as hadamard: once a group is mixed, per-channel scales stop
+# helping (QUALITY.md, "Tried in session 6"); iso's K4V3 / K3V3 are also run with the full calibration to check.
+STAGES = {"planar": 6, "iso": 3, "rotor": 4}
+STAGED_WIDTHS = ("K4V4", "K4V3", "K3V3", "K3V2")
+
+
+def candidates(window: bool) -> list[tuple[str, str, RQConfig, str]]:
+    """(backend, preset name, config, calibration "full" | "key mean"): every width plain and with scale search, the
+    mixed-layer, bit-allocation and staged-rotation presets, all with one exact sink token."""
+    return [(b, p, c, "key mean" if b == "hadamard" else "full") for b, p, c in _single_stage(window)] + _staged()
+
+
+def _staged() -> list[tuple[str, str, RQConfig, str]]:
+    rows = []
+    for backend, stages in STAGES.items():
+        staged = RQConfig(backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, rotation_stages=stages)
+        widths = {**{w: WIDTHS[w] for w in STAGED_WIDTHS}, **MIXED}
+        for width, bits in widths.items():
+            rows.append((backend, f"{width} search s{stages}", staged.replace(**bits), "key mean"))
+            if backend == "iso" and width in ("K4V3", "K3V3"):
+                rows.append((backend, f"{width} search s{stages} fullcal", staged.replace(**bits), "full"))
+    return rows
+
+
+def _single_stage(window: bool) -> list[tuple[str, str, RQConfig]]:
     rows = []
     for backend in BACKENDS:
         for width, bits in WIDTHS.items():
@@ -137,10 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
     refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
     print(f"fp ppl {[round(r.ppl, 3) for r in refs]}", flush=True)
     rows = []
-    for backend, preset, config in candidates(window=not args.no_window):
+    for backend, preset, config, calib_kind in candidates(window=not args.no_window):
         if not any(part in f"{backend} {preset}" for part in args.only.split("|")):
             continue
-        calib = key_mean if backend == "hadamard" else full  # measured: scales hurt hadamard (QUALITY.md)
+        calib = key_mean if calib_kind == "key mean" else full  # measured: scales hurt hadamard (QUALITY.md)
         chunk = 1 if config.residual_window else args.decode
         t0 = time.perf_counter()
         per_window = []

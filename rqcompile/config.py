@@ -16,6 +16,7 @@ ALLOCATION_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # widths a calibrated bit allocation
 ISO_MODES = ("full", "fast")
 # Scale factors tried per norm group with `RQConfig(scale_search=SCALE_SEARCH)` (measured: QUALITY.md, Presets).
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
+MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class RQConfig:
             ``value_bits``, e.g. 4-bit keys only in the layers whose key error costs most. ``()``: every layer uses
             ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it). Every state
             built by ``make_state`` follows it: eager caches, ``rqcompile.apply``'s buffers, kernels and exports.
+        rotation_stages: layers of the backend's blocks composed with a perfect shuffle between them inside each
+            norm group (block backends only; ``1``, the default, is the plain block-diagonal rotation). ``s`` stages
+            mix each coordinate with ``b**s`` others (iso: 4, 16, 64, 256), which spreads a large coordinate the way
+            Hadamard does. The product is stored as one dense block per norm group (docs/FORMAT.md "Staged
+            rotations"): decoders read it like hadamard's, the encoder does ``g`` FMAs per coordinate.
     """
 
     backend: str = "iso"
@@ -68,6 +74,7 @@ class RQConfig:
     scale_search: tuple[float, ...] = SCALE_SEARCH
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     bit_allocation: tuple[int, ...] = ()
+    rotation_stages: int = 1
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
@@ -104,6 +111,7 @@ class RQConfig:
             raise ValueError(f"residual_window={self.residual_window} must be >= 0")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens={self.sink_tokens} must be >= 0")
+        self._check_rotation_stages()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {type(self.seed).__name__}")
 
@@ -129,6 +137,21 @@ class RQConfig:
         if len(set(layers)) != len(layers):
             raise ValueError(f"layer_bits={self.layer_bits!r} names a layer more than once")
         object.__setattr__(self, "layer_bits", tuple(sorted(entries)))
+
+    def _check_rotation_stages(self) -> None:
+        stages = self.rotation_stages
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_ROTATION_STAGES:
+            raise ValueError(f"rotation_stages={stages!r} must be an int in 1..{MAX_ROTATION_STAGES}")
+        if stages > 1 and self.backend not in ("planar", "iso", "rotor"):
+            raise ValueError(
+                f"rotation_stages={stages} composes block rotations; backend {self.backend!r} has none to compose "
+                "(use planar, iso or rotor)"
+            )
+        if stages > 1 and self.bit_allocation:
+            raise ValueError(
+                "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes "
+                "together; use one or the other"
+            )
 
     def _check_bit_allocation(self) -> None:
         widths = self.bit_allocation

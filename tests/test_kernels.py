@@ -155,10 +155,11 @@ def _attention_case(
     splits=None,
     layout=False,
     lse=False,
+    **config,
 ):
     """The kernels against the reference; `lse`: rq::attention_lse, its lse checked too."""
-    ks = _state(backend, kb, "k", heads, dim, device, layout=layout)
-    vs = _state(backend, vb, "v", heads, dim, device, seed=1, layout=layout)
+    ks = _state(backend, kb, "k", heads, dim, device, layout=layout, **config)
+    vs = _state(backend, vb, "v", heads, dim, device, seed=1, layout=layout, **config)
     kb, k_perm, k_widths = rqcompile.ops.layout_args(ks)
     vb, v_perm, v_widths = rqcompile.ops.layout_args(vs)
     k = torch.randn(batch, heads, tk, dim, device=device) * 2
@@ -229,6 +230,19 @@ def test_quantize_interpret(backend, bits):
 def test_quantize_interpret_two_groups_and_odd_rotor():
     _quantize_case("rotor", 3, 256, "cpu", tokens=5, batch=1, heads=1)  # 256 % 3 == 1, groups of 128
     _quantize_case("planar", 4, 32, "cpu", tokens=9, strided=False)
+
+
+@cpu_only
+def test_quantize_interpret_staged_rotations():
+    """A staged rotation is stored as dense per-group blocks: the kernels take hadamard's dense path for it."""
+    _quantize_case("iso", 3, 64, "cpu", tokens=7, rotation_stages=3)
+    _quantize_case("rotor", 2, 256, "cpu", tokens=5, batch=1, heads=1, rotation_stages=2)  # two groups of 128
+
+
+@cpu_only
+@pytest.mark.parametrize("lse", [False, True])
+def test_attention_interpret_staged_rotations(lse):
+    _attention_case("iso", 4, 3, 64, "cpu", tk=70, splits=2, lse=lse, rotation_stages=3)
 
 
 @cpu_only

@@ -72,6 +72,85 @@ def test_rotation_is_deterministic_from_seed_layer_head_and_kind(backend):
     assert torch.equal(rotations.make_rotation(backend, 2, 128, 128, seed=0, layer_idx=0, kind="k"), base[:2])
 
 
+# --- staged rotations (RQConfig.rotation_stages) ---------------------------------------------------------------
+def _apply_stages_one_by_one(backend: str, x: torch.Tensor, group: int, stages: int, **kw) -> torch.Tensor:
+    """R = B_s P ... P B_1 applied as written, stage by stage, to x [..., d] of one head (head 0)."""
+    b = rotations.BLOCK_SIZE[backend]
+    perm = rotations.shuffle_perm(group, b)
+    y = x.double().unflatten(-1, (-1, group))  # [..., d/g, g]
+    for stage in range(stages):
+        gen = rotations.head_generator(kw["seed"] + rotations.STAGE_SEED_STRIDE * stage, kw["layer_idx"], 0, kw["kind"])
+        if stage:
+            y = y[..., perm]
+        out = []
+        for g in range(y.shape[-2]):
+            blocks = rotations._head_blocks(backend, group, group, gen, "full")  # [nb, b, b]
+            nb = blocks.shape[0]
+            padded = F.pad(y[..., g, :], (0, nb * b - group)).unflatten(-1, (nb, b))
+            out.append(torch.einsum("jik,...jk->...ji", blocks, padded).flatten(-2)[..., :group])
+        y = torch.stack(out, -2)
+    return y.flatten(-2)
+
+
+@pytest.mark.parametrize("backend,head_dim,stages", [("planar", 64, 3), ("iso", 256, 4), ("rotor", 64, 2)])
+def test_staged_rotation_is_the_product_of_its_stages_folded_per_norm_group(backend, head_dim, stages):
+    group = min(head_dim, 128)
+    kw = {"seed": 2, "layer_idx": 3, "kind": "v"}
+    folded = rotations.make_rotation(backend, 1, head_dim, group, stages=stages, **kw)
+    assert tuple(folded.shape) == (1, head_dim // group, group, group)  # dense per group: hadamard's shape
+    eye = torch.eye(group).expand_as(folded)
+    assert torch.allclose(folded @ folded.transpose(-1, -2), eye, atol=1e-5)
+    x = torch.randn(5, head_dim, dtype=torch.float64)
+    expected = _apply_stages_one_by_one(backend, x, group, stages, **kw)
+    got = rotations.rotate(x[None, None], folded.double())[0, 0]
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,stages,width", [("planar", 1, 2), ("planar", 3, 8), ("iso", 2, 16), ("iso", 3, 64)])
+def test_each_stage_multiplies_the_mixing_width_by_the_block_size(backend, stages, width):
+    """Output coordinate i depends on b**s input coordinates (the perfect shuffle feeds each block from b others)."""
+    rot = RQConfig(backend=backend, rotation_stages=stages)
+    state = make_state(rot, layer_idx=0, kind="k", num_heads=1, head_dim=128)
+    dense = torch.block_diag(*state.rotation[0])
+    assert ((dense.abs() > 1e-7).sum(-1) == width).all()
+
+
+def test_staged_rotations_stay_inside_their_norm_group():
+    state = make_state(RQConfig(rotation_stages=4), layer_idx=0, kind="k", num_heads=2, head_dim=256)
+    assert tuple(state.rotation.shape) == (2, 2, 128, 128)  # no block crosses the groups' boundary (shared norms)
+    assert (state.rotation.abs() > 1e-7).all(), "4 iso stages mix every coordinate of a 128-wide group"
+
+
+def test_one_stage_is_the_plain_block_rotation():
+    plain = make_state(RQConfig(), layer_idx=1, kind="k", num_heads=2, head_dim=64)
+    staged_config = RQConfig(rotation_stages=2)
+    assert torch.equal(
+        make_state(staged_config.replace(rotation_stages=1), layer_idx=1, kind="k", num_heads=2, head_dim=64).rotation,
+        plain.rotation,
+    )
+    assert tuple(plain.rotation.shape) == (2, 16, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"rotation_stages": 0}, "rotation_stages=0 must be an int"),
+        ({"rotation_stages": 2.0}, "must be an int"),
+        ({"rotation_stages": 9}, "in 1..8"),
+        ({"backend": "hadamard", "rotation_stages": 2}, "backend 'hadamard' has none to compose"),
+        ({"rotation_stages": 2, "bits": 3.5, "bit_allocation": (3, 4)}, "use one or the other"),
+    ],
+)
+def test_bad_rotation_stages_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RQConfig(**kwargs)
+
+
+def test_rotation_stages_survive_the_config_dict_round_trip():
+    config = RQConfig(backend="rotor", rotation_stages=3)
+    assert RQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
 def test_iso_full_is_a_general_so4_element_and_fast_is_left_isoclinic():
     full = rotations.make_rotation("iso", 1, 64, 64, seed=0, layer_idx=0, kind="k", iso_mode="full")[0, 0]
     fast = rotations.make_rotation("iso", 1, 64, 64, seed=0, layer_idx=0, kind="k", iso_mode="fast")[0, 0]

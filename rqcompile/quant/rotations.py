@@ -3,6 +3,11 @@
 Each backend generates its blocks from its own parameters (angles, quaternions, rotors, signs); once built, every
 path (reference, kernels, exports) only sees the matrices, so there is one apply/inverse for all backends.
 Parameters are random but deterministic from (seed, layer, kv-head, K|V).
+
+Staged rotations (`RQConfig.rotation_stages = s > 1`) compose s layers of the backend's blocks with a perfect
+shuffle between layers, inside each norm group: `R = B_s P ... P B_1`, so one coordinate mixes with b^s others
+(a radix-b butterfly; a 2-4 dim block alone cannot spread one large coordinate the way Hadamard does). The product is
+stored folded, as one dense `[g, g]` block per norm group: the hadamard backend's shape, which every path reads.
 """
 
 from __future__ import annotations
@@ -121,6 +126,39 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
+STAGE_SEED_STRIDE = 1000  # stage s (0-based) draws its blocks from seed + STAGE_SEED_STRIDE * s
+
+
+def shuffle_perm(group: int, b: int) -> torch.Tensor:
+    """Perfect shuffle of one norm group's (group // b, b) grid of blocks, as `new[i] = old[p[i]]`: each block of the
+    next stage takes one coordinate from b consecutive blocks of this one. A trailing partial block (rotor's leftover
+    coordinates) stays where it is."""
+    whole = group - group % b
+    p = torch.arange(whole).view(whole // b, b).T.flatten()
+    return torch.cat([p, torch.arange(whole, group)])
+
+
+def _block_diag(blocks: torch.Tensor, dim: int) -> torch.Tensor:
+    """[nb, b, b] -> the [dim, dim] block-diagonal matrix (a padded last block cropped)."""
+    return torch.block_diag(*blocks)[:dim, :dim]
+
+
+def _staged_head(
+    backend: str, dim: int, group: int, stages: int, seed: int, layer_idx: int, head: int, kind: str, iso_mode: str
+) -> torch.Tensor:
+    """One head's staged rotation, folded: [d / g, g, g] float64, block-diagonal over norm groups."""
+    b = BLOCK_SIZE[backend]
+    perm = shuffle_perm(group, b)
+    folded = [torch.eye(group, dtype=torch.float64) for _ in range(dim // group)]
+    for stage in range(stages):
+        gen = head_generator(seed + STAGE_SEED_STRIDE * stage, layer_idx, head, kind)
+        for g in range(dim // group):  # each group its own blocks, drawn in order from the stage's stream
+            blocks = _block_diag(_head_blocks(backend, group, group, gen, iso_mode), group)
+            previous = folded[g] if stage == 0 else folded[g][perm]  # (P M)[i] = M[p[i]]
+            folded[g] = blocks @ previous
+    return torch.stack(folded)
+
+
 def _head_blocks(backend: str, dim: int, group: int, gen: torch.Generator, iso_mode: str) -> torch.Tensor:
     if backend == "none":
         return torch.ones(dim, 1, 1, dtype=torch.float64)
@@ -161,10 +199,21 @@ def make_rotation(
     layer_idx: int,
     kind: str,
     iso_mode: str = "full",
+    stages: int = 1,
 ) -> torch.Tensor:
-    """Blocks [H, nb, b, b] (float32) of the backend's rotation for one layer's K or V."""
+    """Blocks [H, nb, b, b] (float32) of the backend's rotation for one layer's K or V; with `stages > 1` the
+    staged rotation folded into [H, d / g, g, g] (module docstring)."""
     if backend in ("planar", "iso") and head_dim % BLOCK_SIZE[backend]:
         raise ValueError(f"backend {backend!r} needs head_dim divisible by {BLOCK_SIZE[backend]}, got {head_dim}")
+    if stages != 1:
+        if backend not in ("planar", "iso", "rotor") or stages < 1:
+            raise ValueError(f"rotation_stages={stages} needs a block backend (planar, iso, rotor) and stages >= 1")
+        if head_dim % group:
+            raise ValueError(f"norm_group={group} must divide head_dim={head_dim}")
+        heads = [
+            _staged_head(backend, head_dim, group, stages, seed, layer_idx, h, kind, iso_mode) for h in range(num_heads)
+        ]
+        return torch.stack(heads).to(torch.float32)
     heads = [
         _head_blocks(backend, head_dim, group, head_generator(seed, layer_idx, h, kind), iso_mode)
         for h in range(num_heads)
