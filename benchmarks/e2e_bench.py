@@ -34,6 +34,7 @@ import torch
 GIB = 1 << 30
 RESULTS: dict = {"rows": [], "longest": [], "errors": []}
 PROFILE = False  # --profile
+COMPILE_OPTIONS: dict = {}  # --compile-mode: passed to every torch.compile here (the bf16 baseline's and apply's)
 
 
 def log(*args) -> None:
@@ -173,7 +174,7 @@ def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out
     max_len = max(contexts) + 64
     device = model.device
     cache = StaticCache(config=cfg, max_cache_len=max_len)
-    forward = torch.compile(model.forward, fullgraph=False)
+    forward = torch.compile(model.forward, fullgraph=False, **COMPILE_OPTIONS)
     kw = {cache_kwarg(model): cache, "use_cache": True}
     with torch.no_grad():
         model(
@@ -199,7 +200,8 @@ def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out
             held = sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in attention_layers(model))
             r = time_decode(step, ctx, steps, batch, device)
             r = {**r, "cache_bytes_allocated_for_max_len": held, "peak_bytes": torch.cuda.max_memory_allocated()}
-            record("bf16 StaticCache + torch.compile", ctx, r, out, max_cache_len=max_len)
+            mode = f" ({COMPILE_OPTIONS['mode']})" if COMPILE_OPTIONS else ""
+            record(f"bf16 StaticCache + torch.compile{mode}", ctx, r, out, max_cache_len=max_len)
 
 
 def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, chunk: int = 16384):
@@ -346,9 +348,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--profile", action="store_true", help="profile the timed steps (device time by kernel)")
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode for both compiled paths, e.g. reduce-overhead (CUDA graphs); default: torch's",
+    )
     args = p.parse_args(argv)
     global PROFILE
     PROFILE = args.profile
+    if args.compile_mode:
+        COMPILE_OPTIONS["mode"] = args.compile_mode
+    mode = f" ({args.compile_mode})" if args.compile_mode else ""
     t0 = time.perf_counter()
     skip = set(filter(None, args.skip.split(",")))
     out = args.out
@@ -370,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         "backend": args.backend,
         "bits": args.bits,
         "sink_tokens": args.sink,
+        "compile_mode": args.compile_mode,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     model = build_model(args.layers, "cuda")
@@ -425,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
             left = args.budget_s - (time.perf_counter() - t0)
             if "compile" not in skip and left > 150:
                 t2 = time.perf_counter()
-                lm.compile()
+                lm.compile(**COMPILE_OPTIONS)
                 ok = guarded("compile warm-up", apply_decode, lm, contexts[0], 1, args.batch, out=out)
                 RESULTS["compile_seconds"] = time.perf_counter() - t2
                 log(f"compile + first step: {RESULTS['compile_seconds']:.0f} s")
@@ -433,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
                     for ctx in contexts:
                         r = guarded(f"compiled {ctx}", apply_decode, lm, ctx, args.steps, args.batch, out=out)
                         if r:
-                            record(f"apply {args.backend} {args.bits}b fused + torch.compile", ctx, r, out)
+                            record(f"apply {args.backend} {args.bits}b fused + torch.compile{mode}", ctx, r, out)
             else:
                 log(f"torch.compile skipped ({left:.0f} s of budget left)")
     RESULTS["total_seconds"] = time.perf_counter() - t0

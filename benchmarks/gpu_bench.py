@@ -89,7 +89,9 @@ def copy_bandwidth():
 
 
 def state(backend, bits, kind, heads, dim, calibrated=False, scale_search=None):
-    config = RQConfig(backend=backend, bits=bits)
+    """`backend` may name staged rotations as "iso:s4" (RQConfig.rotation_stages=4)."""
+    name, _, stages = backend.partition(":s")
+    config = RQConfig(backend=name, bits=bits, rotation_stages=int(stages or 1))
     if scale_search is not None:
         config = config.replace(scale_search=scale_search)
     st = quantizer.make_state(config, layer_idx=1, kind=kind, num_heads=heads, head_dim=dim)
@@ -529,9 +531,12 @@ def table(copy_bw):
     for r in RESULTS["quantize"]:
         s = f"quantize {r['backend']:8s} {r['bits']}b  {r['ms']:.3f} ms  {r['GBps']:.0f} GB/s"
         log(s + f"  {r['frac_copy_bw']:.0%} of copy")
-    log("attn B ctx b decode | fused ms (graph) floor% | sdpa ms (graph) floor% | deq+sdpa ms | vs sdpa (graph)")
+    log(
+        "attn backend B ctx b decode | fused ms (graph) floor% | sdpa ms (graph) floor% | deq+sdpa ms | vs sdpa (graph)"
+    )
     for r in RESULTS["attention"]:
-        s = f"B{r['batch']} {r['ctx'] // 1024:4d}K {r['bits']}b {r.get('decode', 'tree'):4s} | "
+        s = f"{r.get('backend', 'planar'):7s} B{r['batch']} {r['ctx'] // 1024:4d}K {r['bits']}b "
+        s += f"{r.get('decode', 'tree'):4s} | "
         s += f"{r['fused_ms']:.3f} ({r['fused_graph_ms']:.3f}) "
         s += f"{r['fused_floor_ms'] / r['fused_graph_ms']:.0%}"
         if "sdpa_ms" in r:
@@ -553,6 +558,7 @@ def attention_checks_one():
     for backend, kb, vb in (("planar", 3, 3), ("planar", 2, 2), ("planar", 4, 4), ("iso", 4, 2), ("rotor", 2, 4)):
         guarded(check_attention, backend, kb, vb)
     guarded(check_attention, "hadamard", 3, 3)
+    guarded(check_attention, "iso:s4", 3, 3)
     guarded(check_attention, "planar", 3, 3, batch=3, mask_kind="bool")
     guarded(check_attention, "planar", 3, 3, batch=2, tq=7, mask_kind="float")
     guarded(check_attention, "iso", 3, 3, batch=2, tq=16, mask_kind="causal")
@@ -572,12 +578,14 @@ def attn_only(args):
     if args.quantize:
         for variant in args.quantize_variant.split(","):  # launch_quantize's default for the checks and timing
             kquant.DEFAULTS["quantize_variant"] = variant
-            for backend in ("planar", "iso", "rotor", "hadamard"):
+            for backend in ("planar", "iso", "rotor", "hadamard", "iso:s4"):
                 guarded(check_quantize, backend, 3)
             for backend, bits, search in (
                 ("planar", 3, None),
                 ("planar", 3, ()),
                 ("iso", 3, None),
+                ("iso:s4", 3, None),
+                ("hadamard", 3, None),
                 ("planar", 4, None),
             ):
                 guarded(bench_quantize, copy_bw, backend, bits, scale_search=search)
@@ -590,7 +598,17 @@ def attn_only(args):
     for batch in [int(b) for b in args.batches.split(",")]:
         for ctx in [int(c) for c in args.contexts.split(",")]:
             for bits in [int(b) for b in args.bits.split(",")]:
-                guarded(bench_attention, copy_bw, batch, ctx, bits=bits, with_deq=not args.no_deq, decodes=decodes)
+                for backend in args.backends.split(","):
+                    guarded(
+                        bench_attention,
+                        copy_bw,
+                        batch,
+                        ctx,
+                        bits=bits,
+                        backend=backend,
+                        with_deq=not args.no_deq,
+                        decodes=decodes,
+                    )
     log(f"attention bench done at {time.time() - t0:.0f}s")
     RESULTS["defaults"] = {"attention": dict(kattn.DEFAULTS)}
     RESULTS["wall_s"] = time.time() - t0
@@ -609,6 +627,9 @@ def main():
     ap.add_argument("--contexts", default="4096,32768,131072,524288", help="attention contexts")
     ap.add_argument("--bits", default="3", help="attention bit widths for every (batch, context)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument(
+        "--backends", default="planar", help="with --attn-only: attention backends to time (staged: iso:s4)"
+    )
     ap.add_argument("--quantize", action="store_true", help="with --attn-only: quantize checks and bench too")
     ap.add_argument("--layout", action="store_true", help="with --attn-only: bit-allocation layout attention too")
     ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-SDPA baseline")

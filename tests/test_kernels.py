@@ -474,11 +474,19 @@ def test_quantize_gpu(backend, bits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend,stages", [("iso", 4), ("rotor", 3)])
+def test_quantize_staged_gpu(backend, stages):
+    _quantize_case(backend, 3, 256, "cuda", tokens=3000, batch=2, heads=4, rotation_stages=stages)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(
     "backend,kb,vb,kw",
     [
         ("planar", 3, 3, {}),
         ("iso", 4, 2, {"batch": 8}),
+        ("iso", 3, 3, {"rotation_stages": 4}),  # dense per-group blocks: q and the output rotated on the host
         ("rotor", 2, 4, {}),
         ("hadamard", 3, 3, {}),
         ("planar", 3, 3, {"mask_kind": "bool"}),
