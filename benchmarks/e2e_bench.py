@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--backend", default="iso")
     p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--stages", type=int, default=1, help="RQConfig.rotation_stages (default 1)")
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
     p.add_argument("--skip", default="", help="comma list of: bf16,dropin,static,longest,apply,compile")
@@ -381,8 +382,10 @@ def main(argv: list[str] | None = None) -> None:
         "bits": args.bits,
         "sink_tokens": args.sink,
         "compile_mode": args.compile_mode,
+        "rotation_stages": args.stages,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
+    name = args.backend + (f" s{args.stages}" if args.stages > 1 else "")
     model = build_model(args.layers, "cuda")
     log(
         f"model built in {time.perf_counter() - t0:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
             "apply",
             rqcompile.apply,
             model,
-            config=RQConfig(backend=args.backend, bits=args.bits, sink_tokens=args.sink),
+            config=RQConfig(backend=args.backend, bits=args.bits, sink_tokens=args.sink, rotation_stages=args.stages),
             max_cache_len=max(contexts) + 64,
             batch_size=args.batch,
             out=out,
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
             for ctx in contexts:
                 r = guarded(f"apply {ctx}", apply_decode, lm, ctx, args.steps, args.batch, out=out)
                 if r:
-                    record(f"apply {args.backend} {args.bits}b fused (eager)", ctx, r, out)
+                    record(f"apply {name} {args.bits}b fused (eager)", ctx, r, out)
             left = args.budget_s - (time.perf_counter() - t0)
             if "compile" not in skip and left > 150:
                 t2 = time.perf_counter()
@@ -440,11 +443,15 @@ def main(argv: list[str] | None = None) -> None:
                 ok = guarded("compile warm-up", apply_decode, lm, contexts[0], 1, args.batch, out=out)
                 RESULTS["compile_seconds"] = time.perf_counter() - t2
                 log(f"compile + first step: {RESULTS['compile_seconds']:.0f} s")
+                from torch._dynamo.utils import counters
+
+                RESULTS["cudagraph_skips"] = dict(counters["inductor"].get("cudagraph_skips", {}) or {})
+                log(f"inductor counters: {dict(counters['inductor'])}")
                 if ok:
                     for ctx in contexts:
                         r = guarded(f"compiled {ctx}", apply_decode, lm, ctx, args.steps, args.batch, out=out)
                         if r:
-                            record(f"apply {args.backend} {args.bits}b fused + torch.compile{mode}", ctx, r, out)
+                            record(f"apply {name} {args.bits}b fused + torch.compile{mode}", ctx, r, out)
             else:
                 log(f"torch.compile skipped ({left:.0f} s of budget left)")
     RESULTS["total_seconds"] = time.perf_counter() - t0

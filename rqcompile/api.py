@@ -139,12 +139,18 @@ class CompiledLM:
         dynamic in the prompt length, except when its graph holds a `scan` (Qwen3.5's chunked gated delta rule):
         Inductor in torch 2.13 fails on a scan with a symbolic length ("KeyError: s70"), so that prefill is compiled
         per prompt length (`dynamic_prefill=None` picks; pass True/False to force).
+
+        `mode="reduce-overhead"` (CUDA graphs) applies to the decode program only: a decode step is a few ms of
+        small kernels whose launch cost it removes, while prefill runs once per prompt, at a new length each time.
         """
         options = {"fullgraph": True, **options}
+        prefill_options = {k: v for k, v in options.items() if not (k == "mode" and v == "reduce-overhead")}
         if dynamic_prefill is None:
             dynamic_prefill = not has_scan(self.prefill_module)
         self._decode_fn = torch.compile(_compilable(self.decode_module), **options)
-        self._prefill_fn = torch.compile(_compilable(self.prefill_module), **{"dynamic": dynamic_prefill, **options})
+        self._prefill_fn = torch.compile(
+            _compilable(self.prefill_module), **{"dynamic": dynamic_prefill, **prefill_options}
+        )
         self.compiled = True
         return self
 

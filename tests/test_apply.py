@@ -243,6 +243,17 @@ def test_compile_matches_eager_without_graph_breaks_or_recompiles(models):
     _compile_check("llama", models, steps=8)
 
 
+def test_cuda_graphs_are_asked_for_the_decode_program_only(models, monkeypatch):
+    """mode="reduce-overhead" pays off for the decode step (small kernels, the same shapes every step); prefill runs
+    once per prompt at a new length, so it is compiled in the default mode."""
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: asked.append(options) or fn)
+    apply(models["llama"], "planar", 3, max_cache_len=16).compile(mode="reduce-overhead")
+    decode, prefill = asked
+    assert decode == {"fullgraph": True, "mode": "reduce-overhead"}
+    assert "mode" not in prefill and prefill["fullgraph"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3_5", "llama"])
 def test_compile_32_decode_steps(models, name):
