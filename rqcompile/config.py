@@ -17,6 +17,7 @@ ISO_MODES = ("full", "fast")
 # Scale factors tried per norm group with `RQConfig(scale_search=SCALE_SEARCH)` (measured: QUALITY.md, Presets).
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
+STAGED_BLOCK_SIZE = {"planar": 2, "rotor": 3, "iso": 4}  # the backends whose blocks stages compose
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,13 @@ class RQConfig:
             ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it). Every state
             built by ``make_state`` follows it: eager caches, ``rqcompile.apply``'s buffers, kernels and exports.
         rotation_stages: layers of the backend's blocks composed with a perfect shuffle between them inside each
-            norm group (block backends only; ``1``, the default, is the plain block-diagonal rotation). ``s`` stages
-            mix each coordinate with ``b**s`` others (iso: 4, 16, 64, 256), which spreads a large coordinate the way
-            Hadamard does. The product is stored as one dense block per norm group (docs/FORMAT.md "Staged
-            rotations"): decoders read it like hadamard's, the encoder does ``g`` FMAs per coordinate.
+            norm group (block backends). ``None``, the default: as many as it takes to mix the whole norm group,
+            ``ceil(log_b(g))`` (iso: 3 at ``g = 64``, 4 at 128; planar 6 / 7; rotor 4 / 5), the measured best
+            (QUALITY.md "Staged rotations": iso K3V3 KL -29%); ``1``: the plain block-diagonal rotation (also what
+            ``hadamard``, ``none`` and ``bit_allocation`` use). ``s`` stages mix each coordinate with ``b**s``
+            others, which spreads a large coordinate the way Hadamard does. More than one stage is stored as one dense
+            block per norm group (docs/FORMAT.md "Staged rotations"): decoders read it like hadamard's (q and the
+            output rotated once per step outside the attention kernel), the encoder does ``g`` FMAs per coordinate.
     """
 
     backend: str = "iso"
@@ -74,7 +78,7 @@ class RQConfig:
     scale_search: tuple[float, ...] = SCALE_SEARCH
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     bit_allocation: tuple[int, ...] = ()
-    rotation_stages: int = 1
+    rotation_stages: int | None = None
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
@@ -140,9 +144,14 @@ class RQConfig:
 
     def _check_rotation_stages(self) -> None:
         stages = self.rotation_stages
+        if stages is None:
+            return
         if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_ROTATION_STAGES:
-            raise ValueError(f"rotation_stages={stages!r} must be an int in 1..{MAX_ROTATION_STAGES}")
-        if stages > 1 and self.backend not in ("planar", "iso", "rotor"):
+            raise ValueError(
+                f"rotation_stages={stages!r} must be None (mix the whole norm group) or an int in "
+                f"1..{MAX_ROTATION_STAGES}"
+            )
+        if stages > 1 and self.backend not in STAGED_BLOCK_SIZE:
             raise ValueError(
                 f"rotation_stages={stages} composes block rotations; backend {self.backend!r} has none to compose "
                 "(use planar, iso or rotor)"
@@ -150,8 +159,21 @@ class RQConfig:
         if stages > 1 and self.bit_allocation:
             raise ValueError(
                 "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes "
-                "together; use one or the other"
+                "together; use one or the other (rotation_stages=None picks 1 with bit_allocation)"
             )
+
+    def stages_for(self, head_dim: int) -> int:
+        """Rotation stages used at this head dimension: `rotation_stages`, or with None enough for b**s to cover the
+        norm group (1 for hadamard / none and with bit allocation)."""
+        if self.rotation_stages is not None:
+            return self.rotation_stages
+        b = STAGED_BLOCK_SIZE.get(self.backend)
+        if b is None or self.bit_allocation:
+            return 1
+        group, stages = self.group_for(head_dim), 1
+        while b**stages < group:
+            stages += 1
+        return stages
 
     def _check_bit_allocation(self) -> None:
         widths = self.bit_allocation

@@ -62,6 +62,7 @@ def _state(backend, bits, kind, heads, dim, device="cpu", calibrated=True, seed=
     if layout:
         config["bit_allocation"] = ALLOWED_WIDTHS
         weight = torch.rand(heads, dim, generator=torch.Generator().manual_seed(seed + 5)) ** 4 * 10 + 0.01
+    config.setdefault("rotation_stages", 1)  # the block kernels' own paths; staged cases ask for stages explicitly
     st = quantizer.make_state(
         RQConfig(backend=backend, bits=bits, seed=seed, **config),
         layer_idx=2,

@@ -121,21 +121,23 @@ def test_staged_rotations_stay_inside_their_norm_group():
     assert (state.rotation.abs() > 1e-7).all(), "4 iso stages mix every coordinate of a 128-wide group"
 
 
-def test_one_stage_is_the_plain_block_rotation():
-    plain = make_state(RQConfig(), layer_idx=1, kind="k", num_heads=2, head_dim=64)
-    staged_config = RQConfig(rotation_stages=2)
-    assert torch.equal(
-        make_state(staged_config.replace(rotation_stages=1), layer_idx=1, kind="k", num_heads=2, head_dim=64).rotation,
-        plain.rotation,
-    )
+def test_one_stage_is_the_plain_block_rotation_and_the_default_mixes_the_whole_group():
+    make = lambda **kw: make_state(RQConfig(**kw), layer_idx=1, kind="k", num_heads=2, head_dim=64)  # noqa: E731
+    plain = make(rotation_stages=1)
     assert tuple(plain.rotation.shape) == (2, 16, 4, 4)
+    assert torch.equal(plain.rotation, rotations.make_rotation("iso", 2, 64, 64, seed=0, layer_idx=1, kind="k"))
+    assert torch.equal(make().rotation, make(rotation_stages=3).rotation)  # None: 4**3 = 64 covers the group
+    assert RQConfig().stages_for(128) == 4 and RQConfig(backend="planar").stages_for(128) == 7
+    assert RQConfig(backend="hadamard").stages_for(64) == 1 and RQConfig(backend="none").stages_for(64) == 1
+    allocated = RQConfig(bits=3.5, bit_allocation=(3, 4))
+    assert allocated.stages_for(64) == 1  # allocation reorders whole blocks: it keeps the block-diagonal rotation
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"rotation_stages": 0}, "rotation_stages=0 must be an int"),
-        ({"rotation_stages": 2.0}, "must be an int"),
+        ({"rotation_stages": 0}, "rotation_stages=0 must be None .* or an int"),
+        ({"rotation_stages": 2.0}, "or an int in 1..8"),
         ({"rotation_stages": 9}, "in 1..8"),
         ({"backend": "hadamard", "rotation_stages": 2}, "backend 'hadamard' has none to compose"),
         ({"rotation_stages": 2, "bits": 3.5, "bit_allocation": (3, 4)}, "use one or the other"),
@@ -364,7 +366,7 @@ def test_scale_search_never_reconstructs_a_group_worse_than_the_plain_quantizer(
 
 @pytest.mark.parametrize("backend", ["planar", "iso", "rotor"])
 def test_scale_search_cuts_the_error_of_block_rotations_on_keys_with_outlier_channels(backend):
-    config = RQConfig(backend=backend, bits=3, scale_search=())
+    config = RQConfig(backend=backend, bits=3, scale_search=(), rotation_stages=1)
     plain = make_state(config, layer_idx=1, kind="k", num_heads=1, head_dim=64)
     searched = make_state(config.replace(scale_search=SCALE_SEARCH), layer_idx=1, kind="k", num_heads=1, head_dim=64)
     x = _outlier_keys(seed=1)

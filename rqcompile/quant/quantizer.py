@@ -157,7 +157,7 @@ def make_state(
         layer_idx=layer_idx,
         kind=kind,
         iso_mode=config.iso_mode,
-        stages=config.rotation_stages,
+        stages=config.stages_for(head_dim),
     )
     perm = None
     if config.bit_allocation:
