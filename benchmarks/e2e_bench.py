@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--backend", default="iso")
     p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--stages", type=int, default=1, help="RQConfig.rotation_stages (default 1)")
+    p.add_argument(
+        "--stages", type=int, default=None, help="RQConfig.rotation_stages (default: the library's, None)"
+    )
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
     p.add_argument("--skip", default="", help="comma list of: bf16,dropin,static,longest,apply,compile")
@@ -385,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         "rotation_stages": args.stages,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
-    name = args.backend + (f" s{args.stages}" if args.stages > 1 else "")
+    stages = RQConfig(backend=args.backend, rotation_stages=args.stages).stages_for(256)  # Qwen3.5's head_dim
+    name = args.backend + (f" s{stages}" if stages > 1 else "")
     model = build_model(args.layers, "cuda")
     log(
         f"model built in {time.perf_counter() - t0:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
