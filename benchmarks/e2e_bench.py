@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="iso")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument(
-        "--stages", type=int, default=None, help="RQConfig.rotation_stages (default: the library's, None)"
+        "--stages", default="1", help="RQConfig.rotation_stages: an int or 'full' (default 1, the library's)"
     )
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         "rotation_stages": args.stages,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
+    args.stages = int(args.stages) if args.stages.isdigit() else args.stages
     stages = RQConfig(backend=args.backend, rotation_stages=args.stages).stages_for(256)  # Qwen3.5's head_dim
     name = args.backend + (f" s{stages}" if stages > 1 else "")
     model = build_model(args.layers, "cuda")

@@ -18,6 +18,11 @@ ISO_MODES = ("full", "fast")
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
 STAGED_BLOCK_SIZE = {"planar": 2, "rotor": 3, "iso": 4}  # the backends whose blocks stages compose
+FULL_MIXING = "full"  # RQConfig.rotation_stages: as many stages as mix the whole norm group
+_STAGES_AND_ALLOCATION = (
+    "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes together; "
+    "use one or the other"
+)
 
 
 @dataclass(frozen=True)
@@ -56,13 +61,15 @@ class RQConfig:
             ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it). Every state
             built by ``make_state`` follows it: eager caches, ``rqcompile.apply``'s buffers, kernels and exports.
         rotation_stages: layers of the backend's blocks composed with a perfect shuffle between them inside each
-            norm group (block backends). ``None``, the default: as many as it takes to mix the whole norm group,
-            ``ceil(log_b(g))`` (iso: 3 at ``g = 64``, 4 at 128; planar 6 / 7; rotor 4 / 5), the measured best
-            (QUALITY.md "Staged rotations": iso K3V3 KL -29%); ``1``: the plain block-diagonal rotation (also what
-            ``hadamard``, ``none`` and ``bit_allocation`` use). ``s`` stages mix each coordinate with ``b**s``
-            others, which spreads a large coordinate the way Hadamard does. More than one stage is stored as one dense
-            block per norm group (docs/FORMAT.md "Staged rotations"): decoders read it like hadamard's (q and the
-            output rotated once per step outside the attention kernel), the encoder does ``g`` FMAs per coordinate.
+            norm group (block backends). ``1``, the default, is the plain block-diagonal rotation (also the only
+            choice for ``hadamard``, ``none`` and ``bit_allocation``); ``"full"``: as many as it takes to mix the
+            whole norm group, ``ceil(log_b(g))`` (iso: 3 at ``g = 64``, 4 at 128; planar 6 / 7; rotor 4 / 5).
+            ``s`` stages mix each coordinate with ``b**s`` others, which spreads a large coordinate the way Hadamard
+            does: measured on SmolLM2, iso K3V3 with ``calibration="prompt"`` KL 0.275 -> 0.164, level with hadamard
+            (QUALITY.md "Staged rotations"). More than one stage is stored as one dense block per norm group
+            (docs/FORMAT.md "Staged rotations"): decoders read it like hadamard's (q and the output rotated once
+            per step outside the attention kernel), the encoder does ``g`` FMAs per coordinate. Not the default yet:
+            its single-token quantize is 0.3 ms on the H200 vs 0.045 ms (BENCHMARKS.md, session 7).
     """
 
     backend: str = "iso"
@@ -78,7 +85,7 @@ class RQConfig:
     scale_search: tuple[float, ...] = SCALE_SEARCH
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     bit_allocation: tuple[int, ...] = ()
-    rotation_stages: int | None = None
+    rotation_stages: int | str = 1
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
@@ -144,11 +151,13 @@ class RQConfig:
 
     def _check_rotation_stages(self) -> None:
         stages = self.rotation_stages
-        if stages is None:
+        if stages == FULL_MIXING:
+            if self.bit_allocation:
+                raise ValueError(_STAGES_AND_ALLOCATION)
             return
         if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_ROTATION_STAGES:
             raise ValueError(
-                f"rotation_stages={stages!r} must be None (mix the whole norm group) or an int in "
+                f"rotation_stages={stages!r} must be {FULL_MIXING!r} (mix the whole norm group) or an int in "
                 f"1..{MAX_ROTATION_STAGES}"
             )
         if stages > 1 and self.backend not in STAGED_BLOCK_SIZE:
@@ -157,18 +166,15 @@ class RQConfig:
                 "(use planar, iso or rotor)"
             )
         if stages > 1 and self.bit_allocation:
-            raise ValueError(
-                "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes "
-                "together; use one or the other (rotation_stages=None picks 1 with bit_allocation)"
-            )
+            raise ValueError(_STAGES_AND_ALLOCATION)
 
     def stages_for(self, head_dim: int) -> int:
-        """Rotation stages used at this head dimension: `rotation_stages`, or with None enough for b**s to cover the
-        norm group (1 for hadamard / none and with bit allocation)."""
-        if self.rotation_stages is not None:
+        """Rotation stages used at this head dimension: `rotation_stages`, or for "full" enough for b**s to cover the
+        norm group (1 for hadamard / none, which have no blocks to compose)."""
+        if self.rotation_stages != FULL_MIXING:
             return self.rotation_stages
         b = STAGED_BLOCK_SIZE.get(self.backend)
-        if b is None or self.bit_allocation:
+        if b is None:
             return 1
         group, stages = self.group_for(head_dim), 1
         while b**stages < group:

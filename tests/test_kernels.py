@@ -246,6 +246,15 @@ def test_attention_interpret_staged_rotations(lse):
     _attention_case("iso", 4, 3, 64, "cpu", tk=70, splits=2, lse=lse, rotation_stages=3)
 
 
+def test_dense_rotation_tiles_shrink_to_the_tokens_written():
+    """A decode step quantizes one token per head: the dense path's tile is 16 rows (tl.dot's minimum), not 64."""
+    assert kquant._block_t(256, True, 1) == 16
+    assert kquant._block_t(256, True, 20) == 32
+    assert kquant._block_t(256, True, 5000) == kquant.DEFAULTS["block_t_dense"]
+    assert kquant._block_t(256, True, None) == kquant.DEFAULTS["block_t_dense"]  # symbolic lengths: one build
+    assert kquant._block_t(256, False, 1) == kquant.DEFAULTS["block_t"]
+
+
 @cpu_only
 def test_quantize_interpret_nan_propagates_into_norm():
     st = _state("planar", 3, "k", 2, 64)

@@ -121,22 +121,24 @@ def test_staged_rotations_stay_inside_their_norm_group():
     assert (state.rotation.abs() > 1e-7).all(), "4 iso stages mix every coordinate of a 128-wide group"
 
 
-def test_one_stage_is_the_plain_block_rotation_and_the_default_mixes_the_whole_group():
+def test_one_stage_is_the_default_block_rotation_and_full_mixes_the_whole_group():
     make = lambda **kw: make_state(RQConfig(**kw), layer_idx=1, kind="k", num_heads=2, head_dim=64)  # noqa: E731
-    plain = make(rotation_stages=1)
+    plain = make()
     assert tuple(plain.rotation.shape) == (2, 16, 4, 4)
     assert torch.equal(plain.rotation, rotations.make_rotation("iso", 2, 64, 64, seed=0, layer_idx=1, kind="k"))
-    assert torch.equal(make().rotation, make(rotation_stages=3).rotation)  # None: 4**3 = 64 covers the group
-    assert RQConfig().stages_for(128) == 4 and RQConfig(backend="planar").stages_for(128) == 7
-    assert RQConfig(backend="hadamard").stages_for(64) == 1 and RQConfig(backend="none").stages_for(64) == 1
-    allocated = RQConfig(bits=3.5, bit_allocation=(3, 4))
-    assert allocated.stages_for(64) == 1  # allocation reorders whole blocks: it keeps the block-diagonal rotation
+    assert torch.equal(make(rotation_stages="full").rotation, make(rotation_stages=3).rotation)  # 4**3 = 64
+    full = RQConfig(rotation_stages="full")
+    assert full.stages_for(128) == 4 and full.replace(backend="planar").stages_for(128) == 7
+    assert full.replace(backend="rotor").stages_for(64) == 4  # 3**4 = 81 >= 64
+    assert full.replace(backend="hadamard").stages_for(64) == 1  # no blocks to compose: already mixes the group
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"rotation_stages": 0}, "rotation_stages=0 must be None .* or an int"),
+        ({"rotation_stages": 0}, "rotation_stages=0 must be 'full' .* or an int"),
+        ({"rotation_stages": "most"}, "must be 'full'"),
+        ({"rotation_stages": "full", "bits": 3.5, "bit_allocation": (3, 4)}, "use one or the other"),
         ({"rotation_stages": 2.0}, "or an int in 1..8"),
         ({"rotation_stages": 9}, "in 1..8"),
         ({"backend": "hadamard", "rotation_stages": 2}, "backend 'hadamard' has none to compose"),
@@ -148,8 +150,9 @@ def test_bad_rotation_stages_are_refused(kwargs, message):
         RQConfig(**kwargs)
 
 
-def test_rotation_stages_survive_the_config_dict_round_trip():
-    config = RQConfig(backend="rotor", rotation_stages=3)
+@pytest.mark.parametrize("stages", [3, "full"])
+def test_rotation_stages_survive_the_config_dict_round_trip(stages):
+    config = RQConfig(backend="rotor", rotation_stages=stages)
     assert RQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 

@@ -634,8 +634,15 @@ DEFAULTS = {"block_t": 8, "block_t_dense": 64, "lut": 0, "num_warps": 4, "reshap
 DEFAULTS.update({"quantize_variant": "v1", "v2_tile": 128, "v2_num_warps": 4})
 
 
-def _block_t(dim: int, dense: bool) -> int:
-    return DEFAULTS["block_t_dense"] if dense else DEFAULTS["block_t"]
+def _block_t(dim: int, dense: bool, tokens: int | None = None) -> int:
+    """Rows per program. A dense rotation's tile shrinks to the rows there are (16 at least, `tl.dot`'s minimum): a
+    decode step writes one token per head, and a 64-row tile made that one token cost 0.3 ms on the H200 (session 7
+    profile, BENCHMARKS.md); 16 rows do a quarter of the work."""
+    if not dense:
+        return DEFAULTS["block_t"]
+    if not isinstance(tokens, int):  # None, or a symbolic length (dynamic prefill): one specialization for all
+        return DEFAULTS["block_t_dense"]
+    return min(DEFAULTS["block_t_dense"], max(16, triton.next_power_of_2(tokens)))
 
 
 def kernel_layout(bits: int, widths, dim: int) -> str:
@@ -766,7 +773,7 @@ def launch_quantize(
             num_warps=DEFAULTS["v2_num_warps"],
         )
         return codes, norms
-    bt = _block_t(dim, dense)
+    bt = _block_t(dim, dense, tokens)
     grid = (triton.cdiv(tokens, bt), batch * heads)
     wrap(_quantize_kernel)[grid](
         x,
