@@ -16,12 +16,13 @@ import torch
 
 from rqcompile import models
 from rqcompile.cache import RQCache
-from rqcompile.calibrate import calibrate
+from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus
 
 PREFILL, DECODE = 512, 256
-ROWS = {  # name: (config, calibration: None, "stdlib" or "prompt")
+STAGED = RQConfig(rotation_stages="full")  # 3 iso stages at SmolLM2's head_dim 64
+ROWS = {  # name: (config, calibration: None, "stdlib", "stdlib key mean" or "prompt")
     "old default: planar 3-bit, search, no sink": (RQConfig(backend="planar", sink_tokens=0), None),
     "planar 3-bit, search, sink 1": (RQConfig(backend="planar"), None),
     "iso 3-bit, search, no sink": (RQConfig(sink_tokens=0), None),
@@ -33,6 +34,16 @@ ROWS = {  # name: (config, calibration: None, "stdlib" or "prompt")
     "default RQConfig(), calibration='prompt'": (RQConfig(), "prompt"),
     "planar 3-bit, search, sink 1, calibration='prompt'": (RQConfig(backend="planar"), "prompt"),
     "rotor 3-bit, search, sink 1, calibration='prompt'": (RQConfig(backend="rotor"), "prompt"),
+    # session 7: staged rotations (QUALITY.md "Staged rotations in the format")
+    "iso 2 stages, calibrated": (RQConfig(rotation_stages=2), "stdlib"),
+    "iso 2 stages, calibration='prompt'": (RQConfig(rotation_stages=2), "prompt"),
+    "iso full (3 stages)": (STAGED, None),
+    "iso full (3 stages), calibrated": (STAGED, "stdlib"),
+    "iso full (3 stages), key mean only": (STAGED, "stdlib key mean"),
+    "iso full (3 stages), calibration='prompt'": (STAGED, "prompt"),
+    "hadamard": (RQConfig(backend="hadamard"), None),
+    "hadamard, key mean only": (RQConfig(backend="hadamard"), "stdlib key mean"),
+    "hadamard, calibration='prompt'": (RQConfig(backend="hadamard"), "prompt"),
 }
 
 
@@ -46,10 +57,11 @@ def main() -> None:
     reference = decode_time_ppl(model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE)
     start = time.perf_counter()
     stdlib = calibrate(model, tokenizer=tok)
+    key_mean = Calibration({k: v for k, v in stdlib.stats.items() if k[1:] == ("k", "mean")}, "stdlib key mean")
     print(f"window {args.offset}: fp ppl {reference.ppl:.3f}; calibration {time.perf_counter() - start:.1f} s")
     print("| config | ppl delta | KL (nats/token) |\n|---|---|---|")
     for name, (config, how) in ROWS.items():
-        calibration = stdlib if how == "stdlib" else how
+        calibration = {"stdlib": stdlib, "stdlib key mean": key_mean}.get(how, how)
         result = decode_time_ppl(
             model,
             ids,

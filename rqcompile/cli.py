@@ -56,6 +56,15 @@ def _progress(message: str) -> None:
     print(f"[rqcompile] {message}", file=sys.stderr, flush=True)
 
 
+def _stages(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int or 'full'") from None
+
+
 def _rq_config(args):
     from rqcompile.config import RQConfig
 
@@ -67,6 +76,7 @@ def _rq_config(args):
             value_bits=args.value_bits,
             sink_tokens=args.sink_tokens,
             bit_allocation=tuple(args.bit_allocation or ()),
+            rotation_stages=args.rotation_stages,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -433,6 +443,14 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="first tokens kept uncompressed (default 1, the attention sink; 0 disables)",
+    )
+    g.add_argument(
+        "--rotation-stages",
+        type=_stages,
+        default=1,
+        metavar="S|full",
+        help="layers of blocks composed with shuffles between them (default 1); 'full' mixes each whole norm group "
+        "(better quality, QUALITY.md 'Staged rotations')",
     )
 
 

@@ -61,6 +61,27 @@ def test_export_inspect_generate_compressed_onnx_artifact(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
 
 
+def test_staged_rotations_flow_into_the_artifact(tmp_path, capsys):
+    """`--rotation-stages full`: the config and the folded dense rotations (one [g, g] block per norm group) are what
+    the exported artifact carries, and the loaded program generates from them."""
+    from rqcompile.export.artifact import QUANT_STATE_FILE, load_quant_states
+
+    out = tmp_path / "staged"
+    argv = ["export", *TINY, "--rotation-stages", "full", "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rq_config"]["rotation_stages"] == "full"
+    for layer in load_quant_states(out / QUANT_STATE_FILE).values():
+        for state in layer.values():
+            heads, groups, g, g2 = state.rotation.shape
+            assert g == g2 == state.group and groups * g == state.head_dim  # dense per group, not 4x4 blocks
+    assert main(["generate", str(out), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
+    with pytest.raises(SystemExit):
+        main(["generate", *TINY, "--rotation-stages", "most", "--prompt-ids", "1,2"])
+
+
 def test_bit_allocation_export_inspect_generate(tmp_path, capsys):
     """--bit-allocation calibrates first (the tiny random model has no tokenizer: random ids), exports mixed widths,
     `inspect` shows each layer's layout, and both the artifact and the eager cache generate."""
