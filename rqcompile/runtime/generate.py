@@ -46,6 +46,9 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
+STOP_CHECK_EVERY = 8  # decode steps between the host's checks that every row has finished (each one waits for the GPU)
+
+
 def _next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]."""
     if not sampling.do_sample:
@@ -121,18 +124,28 @@ def generate(
         logits = program.decode(input_ids, torch.arange(1))
     else:
         logits = program.prefill(input_ids, torch.arange(prompt_len))
-    tokens = [input_ids]
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    # Tokens stay where the logits are: the next step takes them from there, and the host waits for the device only
+    # to look at "has every row finished?", every STOP_CHECK_EVERY steps (each step with a streamer, which gets
+    # every token on the host anyway). Steps run past the stop are cut off below, so the result is the same.
+    device = logits.device
+    stop_ids = torch.tensor(sorted(stops), device=device) if stops else None
+    check_every = 1 if streamer is not None else STOP_CHECK_EVERY
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated = []
     for step in range(max_new_tokens):
-        token = _next_token(logits[:, -1], sampling, generator).to(input_ids.device)
+        token = _next_token(logits[:, -1], sampling, generator)
         if stops:
-            fill = next(iter(stops))
-            token = torch.where(finished, torch.full_like(token, fill), token)
-            finished |= torch.isin(token, torch.tensor(sorted(stops), device=token.device))
-        tokens.append(token[:, None])
+            token = torch.where(finished, torch.full_like(token, next(iter(stops))), token)
+            finished |= torch.isin(token, stop_ids)
+        generated.append(token[:, None])
         if streamer is not None:
-            streamer(token)
-        if step == max_new_tokens - 1 or (stops and bool(finished.all())):
+            streamer(token.to(input_ids.device))
+        if step == max_new_tokens - 1 or (stops and (step + 1) % check_every == 0 and bool(finished.all())):
             break
         logits = program.decode(token[:, None], torch.tensor([prompt_len + step]))
-    return torch.cat(tokens, dim=1)
+    out = torch.cat(generated, dim=1)
+    if stops:  # the first step by which every row had emitted a stop token ends the output
+        all_done = torch.isin(out, stop_ids).cummax(dim=1).values.all(dim=0)
+        if bool(all_done.any()):
+            out = out[:, : int(all_done.int().argmax()) + 1]
+    return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
