@@ -200,16 +200,23 @@ def _quantize_kernel(
     t_ok = (t < T)[:, None]
     x_row = x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64)[:, None] * sxt
     out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
+    KC: tl.constexpr = 32 if G > 32 else G  # dense rotation: input coordinates per tl.dot
     for g in tl.static_range(NG):
         c = g * G + tl.arange(0, G)
         ch = channels(perm_ptr, h, c, c < D, D, PERM)  # input channels (c itself without a perm)
         if DENSE:
-            xv = tl.load(x_row + ch[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
-            u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + ch)[None, :], tl.load(scale_ptr + h * D + ch)[None, :])
+            # y = u @ R_g^T over K chunks of KC input coordinates (R_g[i, k] loaded transposed as [k, i]): a whole
+            # [G, G] fp32 block in registers spilled (255 registers + 1.3 KB of stack per thread at G = 128)
             ri = tl.arange(0, G)
-            # R_g[i, k]; y = u @ R_g^T, loaded transposed as [k, i]
-            rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + ri[:, None])
-            y = tl.dot(u, rt, input_precision=DOT_PREC)
+            y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+            for kc in tl.static_range(G // KC):
+                kk = kc * KC + tl.arange(0, KC)
+                chk = channels(perm_ptr, h, g * G + kk, g * G + kk < D, D, PERM)
+                xv = tl.load(x_row + chk[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+                mu = tl.load(mean_ptr + h * D + chk)[None, :]
+                u = tl.math.div_rn(xv - mu, tl.load(scale_ptr + h * D + chk)[None, :])
+                rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + kk[:, None])
+                y = tl.dot(u, rt, y, input_precision=DOT_PREC)
         elif RESHAPE:  # RB in (1, 2, 4): one contiguous load (a gather with a perm), rotate in registers
             xv = tl.load(x_row + ch[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
             u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + ch)[None, :], tl.load(scale_ptr + h * D + ch)[None, :])
