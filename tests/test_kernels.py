@@ -246,13 +246,22 @@ def test_attention_interpret_staged_rotations(lse):
     _attention_case("iso", 4, 3, 64, "cpu", tk=70, splits=2, lse=lse, rotation_stages=3)
 
 
-def test_dense_rotation_tiles_shrink_to_the_tokens_written():
-    """A decode step quantizes one token per head: the dense path's tile is 16 rows (tl.dot's minimum), not 64."""
-    assert kquant._block_t(256, True, 1) == 16
-    assert kquant._block_t(256, True, 20) == 32
+def test_quantize_tiles_shrink_to_the_tokens_written():
+    """A decode step quantizes one token per head: 1-row tiles for block rotations, 16 (tl.dot's minimum) for dense
+    ones, instead of 8 and 64."""
+    assert kquant._block_t(256, False, 1) == 1 and kquant._block_t(256, False, 3) == 4
+    assert kquant._block_t(256, False, 5000) == kquant.DEFAULTS["block_t"]
+    assert kquant._block_t(256, True, 1) == 16 and kquant._block_t(256, True, 20) == 32
     assert kquant._block_t(256, True, 5000) == kquant.DEFAULTS["block_t_dense"]
     assert kquant._block_t(256, True, None) == kquant.DEFAULTS["block_t_dense"]  # symbolic lengths: one build
-    assert kquant._block_t(256, False, 1) == kquant.DEFAULTS["block_t"]
+
+
+@cpu_only
+@pytest.mark.parametrize("backend,stages", [("planar", 1), ("iso", 1), ("rotor", 1), ("hadamard", 1), ("iso", 3)])
+def test_quantize_interpret_one_token_per_head(backend, stages):
+    """The decode step's call (one token, the smallest tiles) against the reference, with the scale search."""
+    _quantize_case(backend, 3, 64, "cpu", tokens=1, rotation_stages=stages)
+    _quantize_case(backend, 3, 256, "cpu", tokens=1, batch=1, rotation_stages=stages)
 
 
 @cpu_only
@@ -480,6 +489,14 @@ def test_cuda_dispatch_sends_layouts_to_the_kernels():
 def test_quantize_gpu(backend, bits):
     _quantize_case(backend, bits, 256, "cuda", tokens=3000, batch=2, heads=4)
     _quantize_case(backend, bits, 128, "cuda", tokens=1000, batch=3, heads=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend,stages", [("planar", 1), ("iso", 1), ("hadamard", 1), ("iso", 4)])
+def test_quantize_one_token_gpu(backend, stages):
+    """A decode step's call: one token per head (1-row / 16-row tiles), batch 8, Qwen3.5-27B's head_dim."""
+    _quantize_case(backend, 3, 256, "cuda", tokens=1, batch=8, heads=4, rotation_stages=stages)
 
 
 @pytest.mark.gpu

@@ -642,14 +642,16 @@ DEFAULTS.update({"quantize_variant": "v1", "v2_tile": 128, "v2_num_warps": 4})
 
 
 def _block_t(dim: int, dense: bool, tokens: int | None = None) -> int:
-    """Rows per program. A dense rotation's tile shrinks to the rows there are (16 at least, `tl.dot`'s minimum): a
-    decode step writes one token per head, and a 64-row tile made that one token cost 0.3 ms on the H200 (session 7
-    profile, BENCHMARKS.md); 16 rows do a quarter of the work."""
-    if not dense:
-        return DEFAULTS["block_t"]
-    if not isinstance(tokens, int):  # None, or a symbolic length (dynamic prefill): one specialization for all
-        return DEFAULTS["block_t_dense"]
-    return min(DEFAULTS["block_t_dense"], max(16, triton.next_power_of_2(tokens)))
+    """Rows per program, shrunk to the rows there are: a decode step quantizes one token per head, and a program's
+    time is a long per-thread chain, so the tile's empty rows cost as much as full ones. Measured on the H200 (session
+    7 profile, BENCHMARKS.md): 0.3 ms per single-token call with the dense rotation's 64-row tile, 0.045 ms with the
+    block rotations' 8 rows. Built for sm_90 (Triton 3.6), the single-token tiles have 3.5x (block, 1 row: 2085 vs
+    7380 instructions per thread) and ~3x (dense, 16 rows, tl.dot's minimum) fewer instructions per program; not
+    yet timed. A symbolic length (dynamic prefill) keeps the default: one specialization for all lengths."""
+    default = DEFAULTS["block_t_dense"] if dense else DEFAULTS["block_t"]
+    if not isinstance(tokens, int):
+        return default
+    return min(default, max(16 if dense else 1, triton.next_power_of_2(tokens)))
 
 
 def kernel_layout(bits: int, widths, dim: int) -> str:
