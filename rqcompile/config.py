@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from rqcompile.quant.rotations import BLOCK_SIZE
+
 BACKENDS = ("planar", "iso", "rotor", "hadamard", "none")
 SUPPORTED_BITS = (2, 3, 4)
 ALLOCATION_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # widths a calibrated bit allocation may give single coordinates
@@ -17,7 +19,7 @@ ISO_MODES = ("full", "fast")
 # Scale factors tried per norm group with `RQConfig(scale_search=SCALE_SEARCH)` (measured: QUALITY.md, Presets).
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
-STAGED_BLOCK_SIZE = {"planar": 2, "rotor": 3, "iso": 4}  # the backends whose blocks stages compose
+STAGED_BLOCK_SIZE = {name: BLOCK_SIZE[name] for name in ("planar", "rotor", "iso")}  # blocks that stages compose
 FULL_MIXING = "full"  # RQConfig.rotation_stages: as many stages as mix the whole norm group
 _STAGES_AND_ALLOCATION = (
     "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes together; "
