@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     args.stages = int(args.stages) if args.stages.isdigit() else args.stages
-    stages = RQConfig(backend=args.backend, rotation_stages=args.stages).stages_for(256)  # Qwen3.5's head_dim
+    stages = RQConfig(backend=args.backend, rotation_stages=args.stages).stage_count(256)  # Qwen3.5's head_dim
     name = args.backend + (f" s{stages}" if stages > 1 else "")
     model = build_model(args.layers, "cuda")
     log(

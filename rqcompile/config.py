@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from rqcompile.quant.rotations import BLOCK_SIZE
+from rqcompile.quant.rotations import BLOCK_SIZE, FULL_MIXING, stage_radices
 
 BACKENDS = ("planar", "iso", "rotor", "hadamard", "none")
 SUPPORTED_BITS = (2, 3, 4)
@@ -20,7 +20,6 @@ ISO_MODES = ("full", "fast")
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
 STAGED_BLOCK_SIZE = {name: BLOCK_SIZE[name] for name in ("planar", "rotor", "iso")}  # blocks that stages compose
-FULL_MIXING = "full"  # RQConfig.rotation_stages: as many stages as mix the whole norm group
 _STAGES_AND_ALLOCATION = (
     "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes together; "
     "use one or the other"
@@ -170,18 +169,16 @@ class RQConfig:
         if stages > 1 and self.bit_allocation:
             raise ValueError(_STAGES_AND_ALLOCATION)
 
-    def stages_for(self, head_dim: int) -> int:
-        """Rotation stages used at this head dimension: `rotation_stages`, or for "full" enough for b**s to cover the
-        norm group (1 for hadamard / none, which have no blocks to compose)."""
-        if self.rotation_stages != FULL_MIXING:
-            return self.rotation_stages
-        b = STAGED_BLOCK_SIZE.get(self.backend)
-        if b is None:
+    def stages_for(self, head_dim: int) -> int | str:
+        """What `make_rotation` gets as `stages` at this head dimension: `rotation_stages` ("full" or an int) for
+        the block backends, 1 for hadamard / none (nothing to compose)."""
+        return self.rotation_stages if self.backend in STAGED_BLOCK_SIZE else 1
+
+    def stage_count(self, head_dim: int) -> int:
+        """How many block layers the rotation has at this head dimension ("full": enough to mix the norm group)."""
+        if self.backend not in STAGED_BLOCK_SIZE:
             return 1
-        group, stages = self.group_for(head_dim), 1
-        while b**stages < group:
-            stages += 1
-        return stages
+        return len(stage_radices(self.backend, self.group_for(head_dim), self.rotation_stages))
 
     def _check_bit_allocation(self) -> None:
         widths = self.bit_allocation

@@ -73,18 +73,17 @@ def test_rotation_is_deterministic_from_seed_layer_head_and_kind(backend):
 
 
 # --- staged rotations (RQConfig.rotation_stages) ---------------------------------------------------------------
-def _apply_stages_one_by_one(backend: str, x: torch.Tensor, group: int, stages: int, **kw) -> torch.Tensor:
-    """R = B_s P ... P B_1 applied as written, stage by stage, to x [..., d] of one head (head 0)."""
-    b = rotations.BLOCK_SIZE[backend]
-    perm = rotations.shuffle_perm(group, b)
+def _apply_stages_one_by_one(backend: str, x: torch.Tensor, group: int, stages, **kw) -> torch.Tensor:
+    """R = B_s P_{s-1} ... P_1 B_1 applied as written, stage by stage, to x [..., d] of one head (head 0)."""
+    radices = rotations.stage_radices(backend, group, stages)
     y = x.double().unflatten(-1, (-1, group))  # [..., d/g, g]
-    for stage in range(stages):
+    for stage, b in enumerate(radices):
         gen = rotations.head_generator(kw["seed"] + rotations.STAGE_SEED_STRIDE * stage, kw["layer_idx"], 0, kw["kind"])
         if stage:
-            y = y[..., perm]
+            y = y[..., rotations.shuffle_perm(group, radices[stage - 1])]
         out = []
         for g in range(y.shape[-2]):
-            blocks = rotations._head_blocks(backend, group, group, gen, "full")  # [nb, b, b]
+            blocks = rotations.stage_blocks(b, backend, group, gen, "full")  # [nb, b, b]
             nb = blocks.shape[0]
             padded = F.pad(y[..., g, :], (0, nb * b - group)).unflatten(-1, (nb, b))
             out.append(torch.einsum("jik,...jk->...ji", blocks, padded).flatten(-2)[..., :group])
@@ -92,7 +91,9 @@ def _apply_stages_one_by_one(backend: str, x: torch.Tensor, group: int, stages: 
     return y.flatten(-2)
 
 
-@pytest.mark.parametrize("backend,head_dim,stages", [("planar", 64, 3), ("iso", 256, 4), ("rotor", 64, 2)])
+@pytest.mark.parametrize(
+    "backend,head_dim,stages", [("planar", 64, 3), ("iso", 256, "full"), ("rotor", 64, 2), ("rotor", 128, "full")]
+)
 def test_staged_rotation_is_the_product_of_its_stages_folded_per_norm_group(backend, head_dim, stages):
     group = min(head_dim, 128)
     kw = {"seed": 2, "layer_idx": 3, "kind": "v"}
@@ -115,10 +116,17 @@ def test_each_stage_multiplies_the_mixing_width_by_the_block_size(backend, stage
     assert ((dense.abs() > 1e-7).sum(-1) == width).all()
 
 
-def test_staged_rotations_stay_inside_their_norm_group():
-    state = make_state(RQConfig(rotation_stages=4), layer_idx=0, kind="k", num_heads=2, head_dim=256)
-    assert tuple(state.rotation.shape) == (2, 2, 128, 128)  # no block crosses the groups' boundary (shared norms)
-    assert (state.rotation.abs() > 1e-7).all(), "4 iso stages mix every coordinate of a 128-wide group"
+@pytest.mark.parametrize("backend,head_dim", [("iso", 64), ("iso", 128), ("iso", 256), ("planar", 128)])
+def test_full_mixing_spreads_every_coordinate_evenly_like_a_hadamard_transform(backend, head_dim):
+    """With `rotation_stages="full"` every entry of each group's rotation has magnitude 1/sqrt(g) (iso at g = 128:
+    three 4D stages and one 2D stage), and heads get different sign patterns."""
+    state = make_state(
+        RQConfig(backend=backend, rotation_stages="full"), layer_idx=0, kind="k", num_heads=2, head_dim=head_dim
+    )
+    group = min(head_dim, 128)
+    assert tuple(state.rotation.shape) == (2, head_dim // group, group, group)  # no mixing across norm groups
+    assert torch.allclose(state.rotation.abs(), torch.full_like(state.rotation, group**-0.5), atol=1e-6)
+    assert not torch.equal(state.rotation[0], state.rotation[1])
 
 
 def test_one_stage_is_the_default_block_rotation_and_full_mixes_the_whole_group():
@@ -128,9 +136,11 @@ def test_one_stage_is_the_default_block_rotation_and_full_mixes_the_whole_group(
     assert torch.equal(plain.rotation, rotations.make_rotation("iso", 2, 64, 64, seed=0, layer_idx=1, kind="k"))
     assert torch.equal(make(rotation_stages="full").rotation, make(rotation_stages=3).rotation)  # 4**3 = 64
     full = RQConfig(rotation_stages="full")
-    assert full.stages_for(128) == 4 and full.replace(backend="planar").stages_for(128) == 7
-    assert full.replace(backend="rotor").stages_for(64) == 4  # 3**4 = 81 >= 64
-    assert full.replace(backend="hadamard").stages_for(64) == 1  # no blocks to compose: already mixes the group
+    assert full.stage_count(64) == 3 and full.stage_count(128) == 4  # 128: 4D, 4D, 4D, 2D
+    assert rotations.stage_radices("iso", 128, "full") == (4, 4, 4, 2)
+    assert full.replace(backend="planar").stage_count(128) == 7
+    assert full.replace(backend="rotor").stage_count(64) == 4  # 3**4 = 81 >= 64
+    assert full.replace(backend="hadamard").stage_count(64) == 1  # no blocks to compose: already mixes the group
 
 
 @pytest.mark.parametrize(

@@ -127,6 +127,23 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 
 STAGE_SEED_STRIDE = 1000  # stage s (0-based) draws its blocks from seed + STAGE_SEED_STRIDE * s
+FULL_MIXING = "full"  # stages: as many as it takes to mix the whole norm group
+
+
+def stage_radices(backend: str, group: int, stages: int | str) -> tuple[int, ...]:
+    """Block size of each stage. An int s: s stages of the backend's blocks. "full": the fewest that mix the whole
+    group: planar 2 x log2(g), rotor 3s until 3**s >= g, iso 4s, ending with one 2D stage when g is 2 * 4**k (so
+    that, as for planar, every entry of the folded rotation has magnitude 1 / sqrt(g))."""
+    b = BLOCK_SIZE[backend]
+    if stages != FULL_MIXING:
+        return (b,) * int(stages)
+    radices, width = [], 1
+    while width * b <= group:
+        radices.append(b)
+        width *= b
+    if width < group:
+        radices.append(2 if backend == "iso" and width * 2 == group else b)
+    return tuple(radices)
 
 
 def shuffle_perm(group: int, b: int) -> torch.Tensor:
@@ -138,24 +155,46 @@ def shuffle_perm(group: int, b: int) -> torch.Tensor:
     return torch.cat([p, torch.arange(whole, group)])
 
 
+def stage_blocks(radix: int, backend: str, group: int, gen: torch.Generator, iso_mode: str) -> torch.Tensor:
+    """One stage's blocks [group // radix (+1), radix, radix] for one norm group. 2D and 4D blocks have entries of
+    equal magnitude (Givens at +-pi/4; left multiplication by a quaternion (+-1 +-i +-j +-k) / 2), random in sign:
+    a staged product of them spreads every coordinate evenly over the group, like a randomized Hadamard transform
+    (measured better than random angles, QUALITY.md "Staged rotations"). No 3x3 rotation has equal-magnitude
+    entries, so rotor stages keep Haar-random rotors."""
+    if radix == 2:
+        signs = torch.randint(0, 2, (group // 2,), generator=gen).to(torch.float64) * 2 - 1
+        return givens(signs * (math.pi / 4))
+    if radix == 4:
+        signs = torch.randint(0, 2, (group // 4, 4), generator=gen).to(torch.float64) * 2 - 1
+        return quat_left(signs / 2)
+    return _head_blocks(backend, group, group, gen, iso_mode)
+
+
 def _block_diag(blocks: torch.Tensor, dim: int) -> torch.Tensor:
     """[nb, b, b] -> the [dim, dim] block-diagonal matrix (a padded last block cropped)."""
     return torch.block_diag(*blocks)[:dim, :dim]
 
 
 def _staged_head(
-    backend: str, dim: int, group: int, stages: int, seed: int, layer_idx: int, head: int, kind: str, iso_mode: str
+    backend: str,
+    dim: int,
+    group: int,
+    radices: tuple[int, ...],
+    seed: int,
+    layer_idx: int,
+    head: int,
+    kind: str,
+    iso_mode: str,
 ) -> torch.Tensor:
-    """One head's staged rotation, folded: [d / g, g, g] float64, block-diagonal over norm groups."""
-    b = BLOCK_SIZE[backend]
-    perm = shuffle_perm(group, b)
+    """One head's staged rotation, folded: [d / g, g, g] float64, block-diagonal over norm groups. The shuffle
+    before a stage is the previous stage's (mixed radices: each stage's blocks then span whole blocks of the last)."""
     folded = [torch.eye(group, dtype=torch.float64) for _ in range(dim // group)]
-    for stage in range(stages):
+    for stage, radix in enumerate(radices):
         gen = head_generator(seed + STAGE_SEED_STRIDE * stage, layer_idx, head, kind)
+        perm = shuffle_perm(group, radices[stage - 1]) if stage else None
         for g in range(dim // group):  # each group its own blocks, drawn in order from the stage's stream
-            blocks = _block_diag(_head_blocks(backend, group, group, gen, iso_mode), group)
-            previous = folded[g] if stage == 0 else folded[g][perm]  # (P M)[i] = M[p[i]]
-            folded[g] = blocks @ previous
+            blocks = _block_diag(stage_blocks(radix, backend, group, gen, iso_mode), group)
+            folded[g] = blocks @ (folded[g] if perm is None else folded[g][perm])  # (P M)[i] = M[p[i]]
     return torch.stack(folded)
 
 
@@ -199,19 +238,21 @@ def make_rotation(
     layer_idx: int,
     kind: str,
     iso_mode: str = "full",
-    stages: int = 1,
+    stages: int | str = 1,
 ) -> torch.Tensor:
     """Blocks [H, nb, b, b] (float32) of the backend's rotation for one layer's K or V; with `stages > 1` the
     staged rotation folded into [H, d / g, g, g] (module docstring)."""
     if backend in ("planar", "iso") and head_dim % BLOCK_SIZE[backend]:
         raise ValueError(f"backend {backend!r} needs head_dim divisible by {BLOCK_SIZE[backend]}, got {head_dim}")
     if stages != 1:
-        if backend not in ("planar", "iso", "rotor") or stages < 1:
-            raise ValueError(f"rotation_stages={stages} needs a block backend (planar, iso, rotor) and stages >= 1")
+        if backend not in ("planar", "iso", "rotor"):
+            raise ValueError(f"rotation_stages={stages!r} needs a block backend (planar, iso, rotor)")
         if head_dim % group:
             raise ValueError(f"norm_group={group} must divide head_dim={head_dim}")
+        radices = stage_radices(backend, group, stages)
         heads = [
-            _staged_head(backend, head_dim, group, stages, seed, layer_idx, h, kind, iso_mode) for h in range(num_heads)
+            _staged_head(backend, head_dim, group, radices, seed, layer_idx, h, kind, iso_mode)
+            for h in range(num_heads)
         ]
         return torch.stack(heads).to(torch.float32)
     heads = [
