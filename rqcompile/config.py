@@ -61,16 +61,16 @@ class RQConfig:
             ``value_bits``, e.g. 4-bit keys only in the layers whose key error costs most. ``()``: every layer uses
             ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it). Every state
             built by ``make_state`` follows it: eager caches, ``rqcompile.apply``'s buffers, kernels and exports.
-        rotation_stages: layers of the backend's blocks composed with a perfect shuffle between them inside each
-            norm group (block backends). ``1``, the default, is the plain block-diagonal rotation (also the only
-            choice for ``hadamard``, ``none`` and ``bit_allocation``); ``"full"``: as many as it takes to mix the
-            whole norm group, ``ceil(log_b(g))`` (iso: 3 at ``g = 64``, 4 at 128; planar 6 / 7; rotor 4 / 5).
-            ``s`` stages mix each coordinate with ``b**s`` others, which spreads a large coordinate the way Hadamard
-            does: measured on SmolLM2, iso K3V3 with ``calibration="prompt"`` KL 0.275 -> 0.164, level with hadamard
-            (QUALITY.md "Staged rotations"). More than one stage is stored as one dense block per norm group
-            (docs/FORMAT.md "Staged rotations"): decoders read it like hadamard's (q and the output rotated once
-            per step outside the attention kernel), the encoder does ``g`` FMAs per coordinate. Not the default yet:
-            its single-token quantize is 0.3 ms on the H200 vs 0.045 ms (BENCHMARKS.md, session 7).
+        rotation_stages: layers of blocks composed with a perfect shuffle between them inside each norm group
+            (block backends). ``1``, the default, is the plain block-diagonal rotation (also the only choice for
+            ``hadamard``, ``none`` and ``bit_allocation``); ``"full"``: the fewest layers that mix the whole norm
+            group (iso: 3 at ``g = 64``; 4 at 128, the last one 2D; planar log2(g); rotor until ``3**s >= g``).
+            Staged 2D / 4D blocks have equal-magnitude entries with random signs, so a fully mixed group spreads
+            every coordinate evenly, like a randomized Hadamard transform (QUALITY.md "Staged rotations"). More
+            than one layer is stored as one dense block per norm group (docs/FORMAT.md "Staged rotations"):
+            decoders read it like hadamard's (q and the output rotated once per step outside the attention
+            kernel), the encoder does ``g`` FMAs per coordinate. Not the default yet: its single-token quantize was
+            0.3 ms on the H200 vs 0.045 ms (BENCHMARKS.md, session 7).
     """
 
     backend: str = "iso"
