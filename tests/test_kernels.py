@@ -96,7 +96,9 @@ def _check_codes(codes, norms, ref_codes, ref_norms, x, st):
     assert codes.shape == ref_codes.shape
     got, want = unpack(codes, widths, dim), unpack(ref_codes, widths, dim)
     flipped = (got != want).unflatten(-1, (st.num_groups, -1)).any(-1)  # groups where the two differ
-    assert flipped.float().mean().item() <= MAX_FLIPPED_GROUPS
+    # a fraction of many groups; in a small case one group (the interpreter's tl.dot sums in BLAS order, which may
+    # differ between runs, so a boundary tie can tip either way)
+    assert flipped.sum().item() <= max(1, MAX_FLIPPED_GROUPS * flipped.numel()), flipped.float().mean().item()
     rel = (norms.float() - ref_norms.float()).abs() / ref_norms.float().abs().clamp_min(1e-6)
     assert rel[~flipped].max().item() < 2e-3  # one fp16 rounding step
     if flipped.any():
@@ -247,11 +249,12 @@ def test_attention_interpret_staged_rotations(lse):
 
 
 def test_quantize_tiles_shrink_to_the_tokens_written():
-    """A decode step quantizes one token per head: 1-row tiles for block rotations, 16 (tl.dot's minimum) for dense
-    ones, instead of 8 and 64."""
+    """A decode step quantizes one token per head: 1-row tiles (dense rotations then multiply without tl.dot),
+    instead of 8 rows (block rotations) and 64 (dense); a few tokens with a dense rotation take tl.dot's 16."""
     assert kquant._block_t(256, False, 1) == 1 and kquant._block_t(256, False, 3) == 4
     assert kquant._block_t(256, False, 5000) == kquant.DEFAULTS["block_t"]
-    assert kquant._block_t(256, True, 1) == 16 and kquant._block_t(256, True, 20) == 32
+    assert kquant._block_t(256, True, 1) == 1 and kquant._block_t(256, True, 3) == 16
+    assert kquant._block_t(256, True, 20) == 32
     assert kquant._block_t(256, True, 5000) == kquant.DEFAULTS["block_t_dense"]
     assert kquant._block_t(256, True, None) == kquant.DEFAULTS["block_t_dense"]  # symbolic lengths: one build
 
@@ -259,9 +262,11 @@ def test_quantize_tiles_shrink_to_the_tokens_written():
 @cpu_only
 @pytest.mark.parametrize("backend,stages", [("planar", 1), ("iso", 1), ("rotor", 1), ("hadamard", 1), ("iso", 3)])
 def test_quantize_interpret_one_token_per_head(backend, stages):
-    """The decode step's call (one token, the smallest tiles) against the reference, with the scale search."""
+    """The decode step's call (one token, the smallest tiles) against the reference, with the scale search; and a few
+    tokens (dense: a 16-row tile, mostly empty)."""
     _quantize_case(backend, 3, 64, "cpu", tokens=1, rotation_stages=stages)
     _quantize_case(backend, 3, 256, "cpu", tokens=1, batch=1, rotation_stages=stages)
+    _quantize_case(backend, 2, 128, "cpu", tokens=3, batch=1, rotation_stages=stages)
 
 
 @cpu_only

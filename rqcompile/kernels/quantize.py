@@ -205,8 +205,9 @@ def _quantize_kernel(
         c = g * G + tl.arange(0, G)
         ch = channels(perm_ptr, h, c, c < D, D, PERM)  # input channels (c itself without a perm)
         if DENSE:
-            # y = u @ R_g^T over K chunks of KC input coordinates (R_g[i, k] loaded transposed as [k, i]): a whole
-            # [G, G] fp32 block in registers spilled (255 registers + 1.3 KB of stack per thread at G = 128)
+            # y = u @ R_g^T over K chunks of KC input coordinates: a whole [G, G] fp32 block in registers spilled
+            # (255 registers + 1.3 KB of stack per thread at G = 128). tl.dot needs 16 rows; a one-row tile (a decode
+            # step's token per head) multiplies and sums in registers instead of padding the tile with empty rows.
             ri = tl.arange(0, G)
             y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
             for kc in tl.static_range(G // KC):
@@ -215,8 +216,12 @@ def _quantize_kernel(
                 xv = tl.load(x_row + chk[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
                 mu = tl.load(mean_ptr + h * D + chk)[None, :]
                 u = tl.math.div_rn(xv - mu, tl.load(scale_ptr + h * D + chk)[None, :])
-                rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + kk[:, None])
-                y = tl.dot(u, rt, y, input_precision=DOT_PREC)
+                if BLOCK_T >= 16:
+                    rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + kk[:, None])  # R_g[i, k] at [k, i]
+                    y = tl.dot(u, rt, y, input_precision=DOT_PREC)
+                else:
+                    r = tl.load(rot_ptr + ((h * NB + g) * G + ri[:, None]) * G + kk[None, :])  # R_g[i, k] at [i, k]
+                    y += tl.sum(u[:, None, :] * r[None, :, :], axis=2)
         elif RESHAPE:  # RB in (1, 2, 4): one contiguous load (a gather with a perm), rotate in registers
             xv = tl.load(x_row + ch[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
             u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + ch)[None, :], tl.load(scale_ptr + h * D + ch)[None, :])
@@ -645,13 +650,16 @@ def _block_t(dim: int, dense: bool, tokens: int | None = None) -> int:
     """Rows per program, shrunk to the rows there are: a decode step quantizes one token per head, and a program's
     time is a long per-thread chain, so the tile's empty rows cost as much as full ones. Measured on the H200 (session
     7 profile, BENCHMARKS.md): 0.3 ms per single-token call with the dense rotation's 64-row tile, 0.045 ms with the
-    block rotations' 8 rows. Built for sm_90 (Triton 3.6), the single-token tiles have 3.5x (block, 1 row: 2085 vs
-    7380 instructions per thread) and ~3x (dense, 16 rows, tl.dot's minimum) fewer instructions per program; not
-    yet timed. A symbolic length (dynamic prefill) keeps the default: one specialization for all lengths."""
+    block rotations' 8 rows. Built for sm_90 (Triton 3.6), a 1-row tile has fewer instructions per program: block
+    2,085 vs 7,380; dense (rotated without tl.dot, which needs 16 rows) 5,714 vs 16,480 at 16 rows and 49,321 at 64.
+    Dense tiles of 2-15 rows gain nothing over 16 (16,239 at 4), so they take 16. Not yet timed. A symbolic length
+    (dynamic prefill) keeps the default: one specialization for all lengths."""
     default = DEFAULTS["block_t_dense"] if dense else DEFAULTS["block_t"]
     if not isinstance(tokens, int):
         return default
-    return min(default, max(16 if dense else 1, triton.next_power_of_2(tokens)))
+    if dense and tokens > 1:
+        return min(default, max(16, triton.next_power_of_2(tokens)))
+    return min(default, triton.next_power_of_2(tokens))
 
 
 def kernel_layout(bits: int, widths, dim: int) -> str:
