@@ -31,7 +31,16 @@ from rqcompile.kernels.quantize import launch_dequantize, launch_quantize
 from rqcompile.quant import quantizer
 from rqcompile.quant.packing import unpack
 
-RESULTS: dict = {"env": {}, "sweep": [], "checks": [], "quantize": [], "attention": [], "compile": [], "errors": []}
+RESULTS: dict = {
+    "env": {},
+    "sweep": [],
+    "checks": [],
+    "quantize": [],
+    "quantize_decode": [],
+    "attention": [],
+    "compile": [],
+    "errors": [],
+}
 GIB = 1024**3
 
 
@@ -188,6 +197,22 @@ def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch
         f"quantize {r['variant']} {backend:8s} {bits}b search {n_search}: {ms:.3f} ms, {bw / 1e9:.0f} GB/s "
         f"= {bw / copy_bw:.0%} of copy"
     )
+
+
+def bench_quantize_decode(backend, batch, bits=3, dim=256, heads=4):
+    """One decode step's quantize call (one new token per KV head, K or V of one layer): latency as a CUDA-graph
+    replay, the way a compiled decode step runs it. The work is tiny (batch * heads * dim elements); what this
+    measures is the kernel's per-program chain (benchmarks/NOTES.md v9)."""
+    st = state(backend, bits, "k", heads, dim)
+    x = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        return launch_quantize(x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
+
+    row = {"backend": backend, "batch": batch, "bits": bits, "graph_us": med(run, graph=True) * 1e3}
+    row["scale_candidates"] = len(st.scale_candidates)
+    RESULTS["quantize_decode"].append(row)
+    log(f"quantize one token {backend:8s} B{batch} {bits}b: {row['graph_us']:.1f} us (graph)")
 
 
 def bench_layout_attention(copy_bw, batch, ctx, key_bits=3.5, value_bits=3, backend="iso"):
@@ -531,6 +556,8 @@ def table(copy_bw):
     for r in RESULTS["quantize"]:
         s = f"quantize {r['backend']:8s} {r['bits']}b  {r['ms']:.3f} ms  {r['GBps']:.0f} GB/s"
         log(s + f"  {r['frac_copy_bw']:.0%} of copy")
+    for r in RESULTS["quantize_decode"]:
+        log(f"quantize one token {r['backend']:8s} B{r['batch']} {r['bits']}b  {r['graph_us']:.1f} us (graph)")
     log(
         "attn backend B ctx b decode | fused ms (graph) floor% | sdpa ms (graph) floor% | deq+sdpa ms | vs sdpa (graph)"
     )
@@ -580,6 +607,9 @@ def attn_only(args):
             kquant.DEFAULTS["quantize_variant"] = variant
             for backend in ("planar", "iso", "rotor", "hadamard", "iso:s4"):
                 guarded(check_quantize, backend, 3)
+            for backend in ("planar", "iso", "hadamard", "iso:s4"):
+                for batch in (1, 8):
+                    guarded(bench_quantize_decode, backend, batch)
             for backend, bits, search in (
                 ("planar", 3, None),
                 ("planar", 3, ()),
