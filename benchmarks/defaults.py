@@ -41,6 +41,8 @@ ROWS = {  # name: (config, calibration: None, "stdlib", "stdlib key mean" or "pr
     "iso full (3 stages), calibrated": (STAGED, "stdlib"),
     "iso full (3 stages), key mean only": (STAGED, "stdlib key mean"),
     "iso full (3 stages), calibration='prompt'": (STAGED, "prompt"),
+    "iso full (3 stages), no scale search, calibrated": (STAGED.replace(scale_search=()), "stdlib"),
+    "iso full (3 stages), no scale search, calibration='prompt'": (STAGED.replace(scale_search=()), "prompt"),
     "hadamard": (RQConfig(backend="hadamard"), None),
     "hadamard, key mean only": (RQConfig(backend="hadamard"), "stdlib key mean"),
     "hadamard, calibration='prompt'": (RQConfig(backend="hadamard"), "prompt"),
