@@ -242,8 +242,9 @@ def make_rotation(
     iso_mode: str = "full",
     stages: int | str = 1,
 ) -> torch.Tensor:
-    """Blocks [H, nb, b, b] (float32) of the backend's rotation for one layer's K or V; with `stages > 1` the
-    staged rotation folded into [H, d / g, g, g] (module docstring)."""
+    """Blocks [H, nb, b, b] (float32) of the backend's rotation for one layer's K or V; with `stages` > 1 or "full"
+    the staged rotation folded into [H, d / g, g, g] (module docstring; `iso_mode` does not apply to its 4D blocks,
+    which are left multiplications)."""
     if backend in ("planar", "iso") and head_dim % BLOCK_SIZE[backend]:
         raise ValueError(f"backend {backend!r} needs head_dim divisible by {BLOCK_SIZE[backend]}, got {head_dim}")
     if stages != 1:
