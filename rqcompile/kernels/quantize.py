@@ -606,18 +606,23 @@ def _dequantize_kernel(
     t_ok = (t < T)[:, None]
     tok = bh.to(tl.int64) * T + t.to(tl.int64)
     crow = codes_ptr + tok[:, None] * CB
+    KC: tl.constexpr = 32 if G > 32 else G  # dense rotation: stored coordinates per tl.dot
     for g in tl.static_range(NG):
         c = g * G + tl.arange(0, G)
-        if DENSE:
-            if LAYOUT != "":
-                code = _layout_load(crow, c[None, :], t_ok, LAYOUT, BLOCK_T, G)  # an index into `levels`
-            else:
-                code = _load_codes(crow, c[None, :], t_ok, BITS, D)
+        if DENSE:  # u[k] = sum_i R[i, k] y[i] over chunks of KC stored coordinates i (see the quantize kernel)
             nrm = tl.load(norms_ptr + tok * NG + g, mask=t < T, other=0.0).to(tl.float32)
-            y = tl.load(lev_ptr + code) * nrm[:, None]
-            ri = tl.arange(0, G)
-            r = tl.load(rot_ptr + ((h * NB + g) * G + ri[:, None]) * G + ri[None, :])  # R_g[i, k]
-            u = tl.dot(y, r, input_precision=DOT_PREC)  # u[k] = sum_i R[i, k] y[i]
+            rk = tl.arange(0, G)
+            u = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+            for kc in tl.static_range(G // KC):
+                ci = g * G + kc * KC + tl.arange(0, KC)
+                if LAYOUT != "":
+                    code = _layout_load(crow, ci[None, :], t_ok, LAYOUT, BLOCK_T, KC)  # an index into `levels`
+                else:
+                    code = _load_codes(crow, ci[None, :], t_ok, BITS, D)
+                y = tl.load(lev_ptr + code) * nrm[:, None]
+                ii = kc * KC + tl.arange(0, KC)
+                r = tl.load(rot_ptr + ((h * NB + g) * G + ii[:, None]) * G + rk[None, :])  # R_g[i, k], i in the chunk
+                u = tl.dot(y, r, u, input_precision=DOT_PREC)
         else:
             blk = c // RB
             kk = c % RB
