@@ -98,9 +98,9 @@ def copy_bandwidth():
 
 
 def state(backend, bits, kind, heads, dim, calibrated=False, scale_search=None):
-    """`backend` may name staged rotations as "iso:s4" (RQConfig.rotation_stages=4)."""
+    """`backend` may name staged rotations: "iso:s4" (RQConfig.rotation_stages=4), "iso:sfull" ("full")."""
     name, _, stages = backend.partition(":s")
-    config = RQConfig(backend=name, bits=bits, rotation_stages=int(stages or 1))
+    config = RQConfig(backend=name, bits=bits, rotation_stages=int(stages) if stages.isdigit() else stages or 1)
     if scale_search is not None:
         config = config.replace(scale_search=scale_search)
     st = quantizer.make_state(config, layer_idx=1, kind=kind, num_heads=heads, head_dim=dim)
@@ -585,7 +585,7 @@ def attention_checks_one():
     for backend, kb, vb in (("planar", 3, 3), ("planar", 2, 2), ("planar", 4, 4), ("iso", 4, 2), ("rotor", 2, 4)):
         guarded(check_attention, backend, kb, vb)
     guarded(check_attention, "hadamard", 3, 3)
-    guarded(check_attention, "iso:s4", 3, 3)
+    guarded(check_attention, "iso:sfull", 3, 3)
     guarded(check_attention, "planar", 3, 3, batch=3, mask_kind="bool")
     guarded(check_attention, "planar", 3, 3, batch=2, tq=7, mask_kind="float")
     guarded(check_attention, "iso", 3, 3, batch=2, tq=16, mask_kind="causal")
@@ -605,16 +605,16 @@ def attn_only(args):
     if args.quantize:
         for variant in args.quantize_variant.split(","):  # launch_quantize's default for the checks and timing
             kquant.DEFAULTS["quantize_variant"] = variant
-            for backend in ("planar", "iso", "rotor", "hadamard", "iso:s4"):
+            for backend in ("planar", "iso", "rotor", "hadamard", "iso:sfull"):
                 guarded(check_quantize, backend, 3)
-            for backend in ("planar", "iso", "hadamard", "iso:s4"):
+            for backend in ("planar", "iso", "hadamard", "iso:sfull"):
                 for batch in (1, 8):
                     guarded(bench_quantize_decode, backend, batch)
             for backend, bits, search in (
                 ("planar", 3, None),
                 ("planar", 3, ()),
                 ("iso", 3, None),
-                ("iso:s4", 3, None),
+                ("iso:sfull", 3, None),
                 ("hadamard", 3, None),
                 ("planar", 4, None),
             ):
@@ -658,7 +658,7 @@ def main():
     ap.add_argument("--bits", default="3", help="attention bit widths for every (batch, context)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument(
-        "--backends", default="planar", help="with --attn-only: attention backends to time (staged: iso:s4)"
+        "--backends", default="planar", help="with --attn-only: attention backends to time (staged: iso:s4, iso:sfull)"
     )
     ap.add_argument("--quantize", action="store_true", help="with --attn-only: quantize checks and bench too")
     ap.add_argument("--layout", action="store_true", help="with --attn-only: bit-allocation layout attention too")
