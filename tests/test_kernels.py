@@ -498,7 +498,7 @@ def test_quantize_gpu(backend, bits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("backend,stages", [("planar", 1), ("iso", 1), ("hadamard", 1), ("iso", 4)])
+@pytest.mark.parametrize("backend,stages", [("planar", 1), ("iso", 1), ("hadamard", 1), ("iso", "full")])
 def test_quantize_one_token_gpu(backend, stages):
     """A decode step's call: one token per head (1-row / 16-row tiles), batch 8, Qwen3.5-27B's head_dim."""
     _quantize_case(backend, 3, 256, "cuda", tokens=1, batch=8, heads=4, rotation_stages=stages)
@@ -506,7 +506,7 @@ def test_quantize_one_token_gpu(backend, stages):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("backend,stages", [("iso", 4), ("rotor", 3)])
+@pytest.mark.parametrize("backend,stages", [("iso", "full"), ("rotor", 3)])
 def test_quantize_staged_gpu(backend, stages):
     _quantize_case(backend, 3, 256, "cuda", tokens=3000, batch=2, heads=4, rotation_stages=stages)
 
@@ -518,7 +518,7 @@ def test_quantize_staged_gpu(backend, stages):
     [
         ("planar", 3, 3, {}),
         ("iso", 4, 2, {"batch": 8}),
-        ("iso", 3, 3, {"rotation_stages": 4}),  # dense per-group blocks: q and the output rotated on the host
+        ("iso", 3, 3, {"rotation_stages": "full"}),  # dense per-group blocks: q and the output rotated on the host
         ("rotor", 2, 4, {}),
         ("hadamard", 3, 3, {}),
         ("planar", 3, 3, {"mask_kind": "bool"}),
