@@ -85,7 +85,8 @@ def _rq_config(args):
 def _calibration(args, model, tok):
     """The model's calibration, measured on `--calibration-tokens` of Python standard-library text (never the
     evaluation corpus), as every measured preset is (QUALITY.md): key mean and K/V scales for the block backends,
-    the key mean only for hadamard (scales hurt it), plus the error weights `--bit-allocation` needs. None with
+    the key mean only for hadamard and staged rotations (once a norm group is mixed, scales measured on sample text
+    hurt: QUALITY.md "Staged rotations in the format"), plus the error weights `--bit-allocation` needs. None with
     `--no-calibration`, for backend `none`, or for a model without a tokenizer (an error with `--bit-allocation`,
     which cannot do without)."""
     if args.no_calibration or args.backend == "none":
@@ -115,7 +116,7 @@ def _calibration(args, model, tok):
         _progress("no tokenizer to encode calibration text with: the cache is not calibrated (lower quality)")
         return None
     _progress(f"calibrating on {count} tokens ({source})")
-    scales = args.backend != "hadamard"
+    scales = args.backend != "hadamard" and args.rotation_stages == 1
     return calibrate(model, ids, key_scale=scales, value_scale=scales, source=source)
 
 

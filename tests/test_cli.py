@@ -118,6 +118,29 @@ def test_bit_allocation_needs_calibration_text_and_fractional_bits_need_it():
         main(["eval", *TINY, "--bits", "3.5"])
 
 
+@pytest.mark.parametrize("backend,stages,scales", [("iso", 1, True), ("iso", "full", False), ("hadamard", 1, False)])
+def test_calibration_measures_scales_only_where_they_help(backend, stages, scales):
+    """QUALITY.md: per-channel scales measured on sample text help one-stage block rotations and hurt rotations that
+    mix a whole norm group (hadamard, staged); the key mean is measured for all."""
+    import argparse
+
+    import tiny_models
+
+    from rqcompile.cli import _calibration
+
+    args = argparse.Namespace(
+        bit_allocation=None,
+        tiny_qwen3_5=True,
+        calibration_tokens=32,
+        no_calibration=False,
+        backend=backend,
+        rotation_stages=stages,
+    )
+    calibration = _calibration(args, model=tiny_models.tiny_qwen3_5(), tok=None)
+    names = {name for _, _, name in calibration.stats}
+    assert "mean" in names and ("scale" in names) == scales
+
+
 def test_eval_and_bench_on_the_tiny_model(capsys):
     assert main(["eval", *TINY, "--prefill", "16", "--decode", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
