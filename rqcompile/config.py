@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from rqcompile.quant.rotations import BLOCK_SIZE, FULL_MIXING, stage_radices
+from rqcompile.quant.rotations import FULL_MIXING, STAGED_BACKENDS, stage_radices
 
 BACKENDS = ("planar", "iso", "rotor", "hadamard", "none")
 SUPPORTED_BITS = (2, 3, 4)
@@ -19,11 +19,6 @@ ISO_MODES = ("full", "fast")
 # Scale factors tried per norm group with `RQConfig(scale_search=SCALE_SEARCH)` (measured: QUALITY.md, Presets).
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
-STAGED_BLOCK_SIZE = {name: BLOCK_SIZE[name] for name in ("planar", "rotor", "iso")}  # blocks that stages compose
-_STAGES_AND_ALLOCATION = (
-    "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes together; "
-    "use one or the other"
-)
 
 
 @dataclass(frozen=True)
@@ -152,31 +147,29 @@ class RQConfig:
 
     def _check_rotation_stages(self) -> None:
         stages = self.rotation_stages
-        if stages == FULL_MIXING:
-            if self.bit_allocation:
-                raise ValueError(_STAGES_AND_ALLOCATION)
-            return
-        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_ROTATION_STAGES:
+        if stages != FULL_MIXING and (
+            isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_ROTATION_STAGES
+        ):
             raise ValueError(
                 f"rotation_stages={stages!r} must be {FULL_MIXING!r} (mix the whole norm group) or an int in "
                 f"1..{MAX_ROTATION_STAGES}"
             )
-        if stages > 1 and self.backend not in STAGED_BLOCK_SIZE:
+        if stages == 1:
+            return
+        if stages != FULL_MIXING and self.backend not in STAGED_BACKENDS:
             raise ValueError(
                 f"rotation_stages={stages} composes block rotations; backend {self.backend!r} has none to compose "
                 "(use planar, iso or rotor)"
             )
-        if stages > 1 and self.bit_allocation:
-            raise ValueError(_STAGES_AND_ALLOCATION)
-
-    def stages_for(self, head_dim: int) -> int | str:
-        """What `make_rotation` gets as `stages` at this head dimension: `rotation_stages` ("full" or an int) for
-        the block backends, 1 for hadamard / none (nothing to compose)."""
-        return self.rotation_stages if self.backend in STAGED_BLOCK_SIZE else 1
+        if self.bit_allocation:
+            raise ValueError(
+                "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes "
+                "together; use one or the other"
+            )
 
     def stage_count(self, head_dim: int) -> int:
         """How many block layers the rotation has at this head dimension ("full": enough to mix the norm group)."""
-        if self.backend not in STAGED_BLOCK_SIZE:
+        if self.backend not in STAGED_BACKENDS:
             return 1
         return len(stage_radices(self.backend, self.group_for(head_dim), self.rotation_stages))
 

@@ -130,6 +130,7 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 STAGE_SEED_STRIDE = 1000  # stage s (0-based) draws its blocks from seed + STAGE_SEED_STRIDE * s
 FULL_MIXING = "full"  # stages: as many as it takes to mix the whole norm group
+STAGED_BACKENDS = ("planar", "rotor", "iso")  # the backends whose blocks stages compose
 
 
 def stage_radices(backend: str, group: int, stages: int | str) -> tuple[int, ...]:
@@ -247,9 +248,11 @@ def make_rotation(
     which are left multiplications)."""
     if backend in ("planar", "iso") and head_dim % BLOCK_SIZE[backend]:
         raise ValueError(f"backend {backend!r} needs head_dim divisible by {BLOCK_SIZE[backend]}, got {head_dim}")
+    if stages == FULL_MIXING and backend not in STAGED_BACKENDS:
+        stages = 1  # hadamard / none: no blocks to compose (hadamard already mixes the whole group)
     if stages != 1:
-        if backend not in ("planar", "iso", "rotor"):
-            raise ValueError(f"rotation_stages={stages!r} needs a block backend (planar, iso, rotor)")
+        if backend not in STAGED_BACKENDS:
+            raise ValueError(f"rotation_stages={stages!r} needs a block backend {STAGED_BACKENDS}")
         if head_dim % group:
             raise ValueError(f"norm_group={group} must divide head_dim={head_dim}")
         radices = stage_radices(backend, group, stages)
