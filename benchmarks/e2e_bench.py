@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="iso")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument(
-        "--stages", default="1", help="RQConfig.rotation_stages: an int or 'full' (default 1, the library's)"
+        "--stages", default=None, help="RQConfig.rotation_stages: an int or 'full' (default: the library's, 'full')"
     )
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         "rotation_stages": args.stages,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
-    args.stages = int(args.stages) if args.stages.isdigit() else args.stages
+    if args.stages is not None and args.stages.isdigit():
+        args.stages = int(args.stages)
     stages = RQConfig(backend=args.backend, rotation_stages=args.stages).stage_count(256)  # Qwen3.5's head_dim
     name = args.backend + (f" s{stages}" if stages > 1 else "")
     model = build_model(args.layers, "cuda")

@@ -98,7 +98,8 @@ def copy_bandwidth():
 
 
 def state(backend, bits, kind, heads, dim, calibrated=False, scale_search=None):
-    """`backend` may name staged rotations: "iso:s4" (RQConfig.rotation_stages=4), "iso:sfull" ("full")."""
+    """`backend` alone is one block layer (the block kernels); "iso:s4" is RQConfig.rotation_stages=4, "iso:sfull"
+    "full" (the library default since session 8)."""
     name, _, stages = backend.partition(":s")
     config = RQConfig(backend=name, bits=bits, rotation_stages=int(stages) if stages.isdigit() else stages or 1)
     if scale_search is not None:

@@ -271,9 +271,12 @@ def _check_calibration(config: RQConfig, calibration: Calibration | None) -> Non
             "tokenizer=tok)); the compiled programs carry it as constants ('prompt' is for the eager caches)"
         )
     if calibration is None and config.backend in _CALIBRATED_BACKENDS:
+        measured = (  # SmolLM2, decode-time perplexity, iso 3-bit: QUALITY.md "Defaults" / "Staged rotations"
+            "iso 3-bit +127% vs +28%" if config.resolved_rotation_stages == 1 else "iso 3-bit fully mixed +38% vs +10%"
+        )
         warnings.warn(
             f"rqcompile: {config.backend} {config.bits}-bit without calibration loses much more quality than with it "
-            '(QUALITY.md "Defaults": iso 3-bit +127% vs +28% decode-time perplexity on SmolLM2); pass '
+            f"({measured} decode-time perplexity on SmolLM2); pass "
             "calibration=rqcompile.calibrate(model, tokenizer=tokenizer) (built-in text, a few seconds) or "
             "rqcompile.calibrate(model, input_ids) (the drop-in caches calibrate on the prompt by default; "
             "compiled programs cannot)",

@@ -96,6 +96,7 @@ def _calibration(args, model, tok):
     import torch
 
     from rqcompile.calibrate import calibrate
+    from rqcompile.config import RQConfig
 
     count = args.calibration_tokens
     if tok is not None:
@@ -116,7 +117,10 @@ def _calibration(args, model, tok):
         _progress("no tokenizer to encode calibration text with: the cache is not calibrated (lower quality)")
         return None
     _progress(f"calibrating on {count} tokens ({source})")
-    scales = args.backend != "hadamard" and args.rotation_stages == 1
+    one_layer = bool(args.bit_allocation) or (  # allocation keeps one block layer; else the config's default
+        RQConfig(backend=args.backend, rotation_stages=args.rotation_stages).resolved_rotation_stages == 1
+    )
+    scales = args.backend != "hadamard" and one_layer
     return calibrate(model, ids, key_scale=scales, value_scale=scales, source=source)
 
 
@@ -448,10 +452,11 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--rotation-stages",
         type=_stages,
-        default=1,
+        default=None,
         metavar="S|full",
-        help="layers of blocks composed with shuffles between them (default 1); 'full' mixes each whole norm group "
-        "(better quality, QUALITY.md 'Staged rotations')",
+        help="layers of blocks composed with shuffles between them; 'full' (the default for planar/iso/rotor "
+        "without --bit-allocation) mixes each whole norm group, 1 keeps the block-diagonal rotation (QUALITY.md "
+        "'Staged rotations')",
     )
 
 

@@ -18,6 +18,9 @@ ALLOCATION_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # widths a calibrated bit allocation
 ISO_MODES = ("full", "fast")
 # Scale factors tried per norm group with `RQConfig(scale_search=SCALE_SEARCH)` (measured: QUALITY.md, Presets).
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
+# Values that reproduce the format of configs written before a field existed (read by `RQConfig.from_dict`):
+# rotation_stages came in session 7 with 1 as its default, which "full" replaced in session 8.
+FORMAT_BEFORE_FIELD: dict[str, Any] = {"rotation_stages": 1}
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
 
 
@@ -57,15 +60,17 @@ class RQConfig:
             ``k_bits`` / ``v_bits``. Report the resulting average bits/element (the caches measure it). Every state
             built by ``make_state`` follows it: eager caches, ``rqcompile.apply``'s buffers, kernels and exports.
         rotation_stages: layers of blocks composed with a perfect shuffle between them inside each norm group
-            (block backends). ``1``, the default, is the plain block-diagonal rotation (also the only choice for
-            ``hadamard``, ``none`` and ``bit_allocation``); ``"full"``: the fewest layers that mix the whole norm
-            group (iso: 3 at ``g = 64``; 4 at 128, the last one 2D; planar log2(g); rotor until ``3**s >= g``).
-            Staged 2D / 4D blocks have equal-magnitude entries with random signs, so a fully mixed group spreads
-            every coordinate evenly, like a randomized Hadamard transform (QUALITY.md "Staged rotations"). More
-            than one layer is stored as one dense block per norm group (docs/FORMAT.md "Staged rotations"):
+            (block backends). ``"full"``: the fewest layers that mix the whole norm group (iso: 3 at ``g = 64``; 4 at
+            128, the last one 2D; planar log2(g); rotor until ``3**s >= g``). Staged 2D / 4D blocks have
+            equal-magnitude entries with random signs, so a fully mixed group spreads every coordinate evenly, like a
+            randomized Hadamard transform (QUALITY.md "Staged rotations"). ``1`` is the plain block-diagonal
+            rotation (the only choice for ``hadamard``, ``none`` and ``bit_allocation``). ``None`` (default):
+            ``"full"`` for planar / iso / rotor without ``bit_allocation``, else 1 (``resolved_rotation_stages``).
+            More than one layer is stored as one dense block per norm group (docs/FORMAT.md "Staged rotations"):
             decoders read it like hadamard's (q and the output rotated once per step outside the attention
-            kernel), the encoder does ``g`` FMAs per coordinate. Not the default yet: its single-token quantize was
-            0.3 ms on the H200 vs 0.045 ms (BENCHMARKS.md, session 7).
+            kernel), the encoder does ``g`` FMAs per coordinate. Why "full" is the default: KL of the drop-in cache
+            -53% / -42% (QUALITY.md), for a compiled decode step within -6% / +4% of one layer's on the H200
+            (BENCHMARKS.md, session 8); ``1`` keeps the block kernels (planar's encoder is then the fastest).
     """
 
     backend: str = "iso"
@@ -81,7 +86,7 @@ class RQConfig:
     scale_search: tuple[float, ...] = SCALE_SEARCH
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     bit_allocation: tuple[int, ...] = ()
-    rotation_stages: int | str = 1
+    rotation_stages: int | str | None = None
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
@@ -145,7 +150,16 @@ class RQConfig:
             raise ValueError(f"layer_bits={self.layer_bits!r} names a layer more than once")
         object.__setattr__(self, "layer_bits", tuple(sorted(entries)))
 
+    @property
+    def resolved_rotation_stages(self) -> int | str:
+        """`rotation_stages` with the default decided: full mixing wherever blocks can be composed, else 1."""
+        if self.rotation_stages is not None:
+            return self.rotation_stages
+        return FULL_MIXING if self.backend in STAGED_BACKENDS and not self.bit_allocation else 1
+
     def _check_rotation_stages(self) -> None:
+        if self.rotation_stages is None:
+            return
         stages = self.rotation_stages
         if stages != FULL_MIXING and (
             isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_ROTATION_STAGES
@@ -164,14 +178,14 @@ class RQConfig:
         if self.bit_allocation:
             raise ValueError(
                 "bit_allocation reorders whole rotation blocks, which a staged rotation (rotation_stages > 1) mixes "
-                "together; use one or the other"
+                "together; use one or the other (rotation_stages=1 or None with bit_allocation)"
             )
 
     def stage_count(self, head_dim: int) -> int:
         """How many block layers the rotation has at this head dimension ("full": enough to mix the norm group)."""
         if self.backend not in STAGED_BACKENDS:
             return 1
-        return len(stage_radices(self.backend, self.group_for(head_dim), self.rotation_stages))
+        return len(stage_radices(self.backend, self.group_for(head_dim), self.resolved_rotation_stages))
 
     def _check_bit_allocation(self) -> None:
         widths = self.bit_allocation
@@ -221,4 +235,5 @@ class RQConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown RQConfig fields {sorted(unknown)}")
-        return cls(**data)
+        # Fields added after a dict was written mean what the format did before them, not today's default.
+        return cls(**{**FORMAT_BEFORE_FIELD, **data})

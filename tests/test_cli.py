@@ -118,7 +118,9 @@ def test_bit_allocation_needs_calibration_text_and_fractional_bits_need_it():
         main(["eval", *TINY, "--bits", "3.5"])
 
 
-@pytest.mark.parametrize("backend,stages,scales", [("iso", 1, True), ("iso", "full", False), ("hadamard", 1, False)])
+@pytest.mark.parametrize(
+    "backend,stages,scales", [("iso", 1, True), ("iso", "full", False), ("iso", None, False), ("hadamard", None, False)]
+)
 def test_calibration_measures_scales_only_where_they_help(backend, stages, scales):
     """QUALITY.md: per-channel scales measured on sample text help one-stage block rotations and hurt rotations that
     mix a whole norm group (hadamard, staged); the key mean is measured for all."""

@@ -129,18 +129,43 @@ def test_full_mixing_spreads_every_coordinate_evenly_like_a_hadamard_transform(b
     assert not torch.equal(state.rotation[0], state.rotation[1])
 
 
-def test_one_stage_is_the_default_block_rotation_and_full_mixes_the_whole_group():
+def test_the_default_mixes_the_whole_group_and_one_stage_is_the_block_rotation():
     make = lambda **kw: make_state(RQConfig(**kw), layer_idx=1, kind="k", num_heads=2, head_dim=64)  # noqa: E731
-    plain = make()
+    plain = make(rotation_stages=1)
     assert tuple(plain.rotation.shape) == (2, 16, 4, 4)
     assert torch.equal(plain.rotation, rotations.make_rotation("iso", 2, 64, 64, seed=0, layer_idx=1, kind="k"))
+    assert torch.equal(make().rotation, make(rotation_stages="full").rotation)
     assert torch.equal(make(rotation_stages="full").rotation, make(rotation_stages=3).rotation)  # 4**3 = 64
-    full = RQConfig(rotation_stages="full")
+    full = RQConfig()
     assert full.stage_count(64) == 3 and full.stage_count(128) == 4  # 128: 4D, 4D, 4D, 2D
     assert rotations.stage_radices("iso", 128, "full") == (4, 4, 4, 2)
     assert full.replace(backend="planar").stage_count(128) == 7
     assert full.replace(backend="rotor").stage_count(64) == 4  # 3**4 = 81 >= 64
     assert full.replace(backend="hadamard").stage_count(64) == 1  # no blocks to compose: already mixes the group
+
+
+@pytest.mark.parametrize(
+    "kwargs,resolved",
+    [
+        ({}, "full"),
+        ({"backend": "planar"}, "full"),
+        ({"backend": "rotor"}, "full"),
+        ({"backend": "hadamard"}, 1),
+        ({"backend": "none"}, 1),
+        ({"bits": 3.5, "bit_allocation": (3, 4)}, 1),  # allocation reorders whole blocks: only one layer of them
+        ({"rotation_stages": 2}, 2),
+    ],
+)
+def test_the_default_rotation_stages_resolve_to_full_mixing_where_blocks_compose(kwargs, resolved):
+    assert RQConfig(**kwargs).resolved_rotation_stages == resolved
+
+
+def test_a_config_dict_written_before_rotation_stages_keeps_its_one_layer_format():
+    """Artifacts and calibration files of session 6 and earlier have no rotation_stages: they were one block layer."""
+    data = RQConfig().to_dict()
+    del data["rotation_stages"]
+    assert RQConfig.from_dict(data).resolved_rotation_stages == 1
+    assert RQConfig.from_dict(RQConfig().to_dict()) == RQConfig()  # today's dicts: the default round-trips
 
 
 @pytest.mark.parametrize(
@@ -160,7 +185,7 @@ def test_bad_rotation_stages_are_refused(kwargs, message):
         RQConfig(**kwargs)
 
 
-@pytest.mark.parametrize("stages", [3, "full"])
+@pytest.mark.parametrize("stages", [1, 3, "full", None])
 def test_rotation_stages_survive_the_config_dict_round_trip(stages):
     config = RQConfig(backend="rotor", rotation_stages=stages)
     assert RQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -157,7 +157,7 @@ def make_state(
         layer_idx=layer_idx,
         kind=kind,
         iso_mode=config.iso_mode,
-        stages=config.rotation_stages,
+        stages=config.resolved_rotation_stages,
     )
     perm = None
     if config.bit_allocation:
