@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
+    p.add_argument(
+        "--cap-apply", action="store_true", help="run the apply path under --cap-gib too (does it fit an 80 GB card?)"
+    )
     p.add_argument("--skip", default="", help="comma list of: bf16,dropin,static,longest,apply,compile")
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
     p.add_argument("--out", type=Path, default=None)
@@ -421,6 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     if "longest" not in skip:
         longest(model, args, out)
     if "apply" not in skip:
+        if args.cap_apply:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total))
+            RESULTS["meta"]["apply_cap_gib"] = args.cap_gib
+            log(f"apply path under a {args.cap_gib} GiB allocator cap")
         t1 = time.perf_counter()
         lm = guarded(
             "apply",

@@ -156,8 +156,8 @@ def test_memory_report_counts_the_real_buffers(lms):
 
 
 def test_apply_leaves_no_float_kv_cache_allocated(models):
-    """Capture allocates a float K/V cache of max_cache_len per attention layer; once the programs are rewritten
-    nothing may keep it alive (torch.export's own bookkeeping references it)."""
+    """No float K/V cache of max_cache_len may stay alive once the programs are rewritten to the compressed one
+    (capture runs against zero-stride placeholders; tests/test_capture.py checks that it never allocates one)."""
     import gc
 
     max_len = 3001  # a length no other tensor here has
@@ -168,8 +168,7 @@ def test_apply_leaves_no_float_kv_cache_allocated(models):
         for t in gc.get_objects()
         if type(t) is torch.Tensor and t.dim() == 4 and t.shape[2] == max_len and t.dtype == torch.float32
     ]
-    assert len(live) >= 2  # the float caches' tensor objects are still referenced (else this test proves nothing)
-    assert sum(t.untyped_storage().nbytes() for t in live) == 0
+    assert sum(t.untyped_storage().nbytes() for t in live) == 0  # placeholders only (or nothing) may remain
     assert lm.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3).shape == (1, 6)  # the programs still run
 
 

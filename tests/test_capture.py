@@ -6,6 +6,11 @@ Every test runs on tiny random models (tests/tiny_models.py); each model is expo
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import tiny_models
@@ -217,3 +222,27 @@ def test_unsupported_models_raise_value_error():
         CaptureModule(mistral, max_cache_len=16)
     with pytest.raises(ValueError, match="dtype"):
         capture(tiny_models.tiny_llama(), max_cache_len=16, dtype=torch.bfloat16)
+
+
+def test_capture_for_apply_never_allocates_the_float_cache():
+    """`apply` captures against zero-stride placeholder K/V caches so that a 1M-position program does not first need
+    the float cache it replaces (64 GiB for Qwen3.5-27B). Here that cache would be 2 GiB (2 layers, K and V, 2 heads,
+    1M positions, 64 dims, fp32); capturing must not allocate it even for a moment: strict export's real-value clones
+    of every buffer raised this process's peak by 2.6 GiB (and ran the 27B model out of memory on the H200)."""
+    code = textwrap.dedent(
+        """
+        import resource, sys
+        import tiny_models
+        from rqcompile.passes.capture import capture
+        model = tiny_models.tiny_llama().eval()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        capture(model, max_cache_len=1 << 20, materialize_cache=False)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # bytes (Linux: KiB)
+        """
+    )
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < 256 * 2**20, f"capture raised peak memory by {grown / 2**20:.0f} MiB"

@@ -1,9 +1,11 @@
 """Capture a transformers causal LM as `torch.export` programs whose whole cache state lives in module buffers.
 
 Why our own wrapper: transformers' executorch wrapper cannot export hybrid models (qwen3_5 fails with
-"'LinearAttentionLayer' object has no attribute 'keys'"), and `torch.export(..., strict=False)` turns cache tensors
-into lifted constants. Here every piece of state is an `nn.Module` buffer of `CaptureModule` and export is strict, so
-the cache writes appear as in-place buffer mutations that a graph pass can find and rewrite.
+"'LinearAttentionLayer' object has no attribute 'keys'"), and `torch.export(..., strict=False)` turns the tensors of
+its cache objects into lifted constants. Here every piece of state is an `nn.Module` buffer of `CaptureModule`, so
+the cache writes appear as in-place buffer mutations that a graph pass can find and rewrite. Export is non-strict:
+strict export (Dynamo) keeps a real clone of every buffer it reads, which for `apply` at 1M positions means the whole
+float K/V cache its zero-stride placeholders exist to avoid (64 GiB for Qwen3.5-27B; OOM on the H200 in session 8).
 
 Programs (both are `CaptureModule.forward(input_ids, cache_position) -> logits`, mutating the buffers in place):
 
@@ -550,9 +552,9 @@ def capture(
             module,
             (ids, pos),
             dynamic_shapes={"input_ids": {1: prompt_len}, "cache_position": {0: prompt_len}},
-            strict=True,
+            strict=False,
         )
-        decode = torch.export.export(module, (ids[:, :1], pos[:1]), strict=True)
+        decode = torch.export.export(module, (ids[:, :1], pos[:1]), strict=False)
     _reset_buffers(module)
     return CapturedLM(
         prefill=prefill,
