@@ -82,21 +82,20 @@ def _rq_config(args):
         raise SystemExit(f"error: {exc}") from None
 
 
-def _calibration(args, model, tok):
-    """The model's calibration, measured on `--calibration-tokens` of Python standard-library text (never the
-    evaluation corpus), as every measured preset is (QUALITY.md): key mean and K/V scales for the block backends,
-    the key mean only for hadamard and staged rotations (once a norm group is mixed, scales measured on sample text
-    hurt: QUALITY.md "Staged rotations in the format"), plus the error weights `--bit-allocation` needs. None with
-    `--no-calibration`, for backend `none`, or for a model without a tokenizer (an error with `--bit-allocation`,
-    which cannot do without)."""
-    if args.no_calibration or args.backend == "none":
-        if args.bit_allocation:
+def _calibration(args, config, model, tok):
+    """The calibration `config` needs, measured on `--calibration-tokens` of Python standard-library text (never
+    the evaluation corpus), as every measured preset is (QUALITY.md): key mean and K/V scales for one layer of
+    blocks, the key mean only for hadamard and mixed (staged) rotations (once a norm group is mixed, scales measured
+    on sample text hurt: QUALITY.md "Staged rotations in the format"), plus the error weights `--bit-allocation`
+    needs. None with `--no-calibration`, for backend `none`, or for a model without a tokenizer (an error with
+    `--bit-allocation`, which cannot do without)."""
+    if args.no_calibration or config.backend == "none":
+        if config.bit_allocation:
             raise SystemExit("error: --bit-allocation needs a calibration; drop --no-calibration (or backend none)")
         return None
     import torch
 
     from rqcompile.calibrate import calibrate
-    from rqcompile.config import RQConfig
 
     count = args.calibration_tokens
     if tok is not None:
@@ -108,7 +107,7 @@ def _calibration(args, model, tok):
             torch.randint(0, model.config.vocab_size, (1, count), generator=torch.Generator().manual_seed(0)),
             "random ids",
         )
-    elif args.bit_allocation:
+    elif config.bit_allocation:
         raise SystemExit(
             "error: --bit-allocation needs a calibration on sample text, and this model has no tokenizer to encode "
             "it with; add the tokenizer files to the model directory, or drop --bit-allocation (uniform bits)"
@@ -117,10 +116,7 @@ def _calibration(args, model, tok):
         _progress("no tokenizer to encode calibration text with: the cache is not calibrated (lower quality)")
         return None
     _progress(f"calibrating on {count} tokens ({source})")
-    one_layer = bool(args.bit_allocation) or (  # allocation keeps one block layer; else the config's default
-        RQConfig(backend=args.backend, rotation_stages=args.rotation_stages).resolved_rotation_stages == 1
-    )
-    scales = args.backend != "hadamard" and one_layer
+    scales = config.backend != "hadamard" and config.resolved_rotation_stages == 1  # one block layer
     return calibrate(model, ids, key_scale=scales, value_scale=scales, source=source)
 
 
@@ -165,7 +161,7 @@ def cmd_export(args) -> int:
         except ImportError as exc:
             raise SystemExit(f"rqcompile.api is not available ({exc}); use --uncompressed") from exc
         config = _rq_config(args)
-        calibration = _calibration(args, model, tok)
+        calibration = _calibration(args, config, model, tok)
         _progress(f"capturing and compressing the K/V cache ({args.backend}, {_describe_bits(args)})")
         program = apply(
             model,
@@ -221,7 +217,7 @@ def cmd_generate(args) -> int:
         model, tok, _ = _load_model(args)
         ids = _prompt_ids(args, tok, model.config.vocab_size)
         config = _rq_config(args)
-        calibration = _calibration(args, model, tok)
+        calibration = _calibration(args, config, model, tok)
         with torch.no_grad():
             out = model.generate(
                 ids,
@@ -251,7 +247,7 @@ def cmd_eval(args) -> int:
     else:
         ids = torch.randint(0, model.config.vocab_size, (1, need), generator=torch.Generator().manual_seed(0))
     config = _rq_config(args)
-    calibration = _calibration(args, model, tok)
+    calibration = _calibration(args, config, model, tok)
     _progress(f"decode-time perplexity: prefill {args.prefill}, decode {args.decode} tokens")
     ref = decode_time_ppl(
         model, ids, lambda: DynamicCache(config=model.config), args.prefill, args.decode, progress=True
@@ -284,7 +280,7 @@ def cmd_bench(args) -> int:
     model, tok, _ = _load_model(args)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill + args.steps + 1))
     config = _rq_config(args)
-    calibration = _calibration(args, model, tok)
+    calibration = _calibration(args, config, model, tok)
     rows = []
     from tqdm.auto import tqdm
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rqcompile.cli import main
+from rqcompile.config import RQConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--tiny-qwen3_5"]
@@ -107,13 +108,12 @@ def test_bit_allocation_needs_calibration_text_and_fractional_bits_need_it():
 
     from rqcompile.cli import _calibration
 
-    args = argparse.Namespace(
-        bit_allocation=(2, 3, 4), tiny_qwen3_5=False, calibration_tokens=64, no_calibration=False, backend="iso"
-    )
+    args = argparse.Namespace(tiny_qwen3_5=False, calibration_tokens=64, no_calibration=False)
+    config = RQConfig(backend="iso", bits=3, bit_allocation=(2, 3, 4))
     with pytest.raises(SystemExit, match="--bit-allocation needs a calibration .* no tokenizer"):
-        _calibration(args, model=None, tok=None)
+        _calibration(args, config, model=None, tok=None)
     with pytest.raises(SystemExit, match="--bit-allocation needs a calibration; drop --no-calibration"):
-        _calibration(argparse.Namespace(**{**vars(args), "no_calibration": True}), model=None, tok=None)
+        _calibration(argparse.Namespace(**{**vars(args), "no_calibration": True}), config, model=None, tok=None)
     with pytest.raises(SystemExit, match="bits=3.5 is not supported.*fractional averages need bit_allocation"):
         main(["eval", *TINY, "--bits", "3.5"])
 
@@ -130,15 +130,9 @@ def test_calibration_measures_scales_only_where_they_help(backend, stages, scale
 
     from rqcompile.cli import _calibration
 
-    args = argparse.Namespace(
-        bit_allocation=None,
-        tiny_qwen3_5=True,
-        calibration_tokens=32,
-        no_calibration=False,
-        backend=backend,
-        rotation_stages=stages,
-    )
-    calibration = _calibration(args, model=tiny_models.tiny_qwen3_5(), tok=None)
+    args = argparse.Namespace(tiny_qwen3_5=True, calibration_tokens=32, no_calibration=False)
+    config = RQConfig(backend=backend, rotation_stages=stages)
+    calibration = _calibration(args, config, model=tiny_models.tiny_qwen3_5(), tok=None)
     names = {name for _, _, name in calibration.stats}
     assert "mean" in names and ("scale" in names) == scales
 
