@@ -320,7 +320,8 @@ def apply(
     `calibration` (`rqcompile.calibrate(model, tokenizer=tok)`) folds the model's per-channel key mean and K/V scales
     into the format; the block backends need it for good quality and warn without it. A config with `bit_allocation`
     needs it (its per-channel error weights decide the layout; `ValueError` without). The defaults (iso, 3 bits, one
-    exact sink token, scale search) are the best measured uniform preset (QUALITY.md "Defaults").
+    exact sink token, scale search, rotations mixing each whole norm group) are the best measured uniform preset
+    (QUALITY.md "Defaults").
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)

@@ -465,8 +465,9 @@ class RQCache(Cache):
     - `"prompt"`, the default: each attention layer measures its key mean and K/V scales (what `rqcompile.calibrate`
       measures on sample text) on the first K/V it is given (the prompt's forward), its first token (the attention
       sink) left out, and keeps them for the whole sequence: decode steps, and later turns fed to the same cache, do
-      not change them. Measured on SmolLM2 (iso 3-bit + sink, QUALITY.md "Defaults"): KL 0.28 / 0.17 against 0.82 /
-      0.52 uncalibrated, within noise of `calibrate` on sample text (0.25 / 0.17). A prompt with fewer than
+      not change them. Measured on SmolLM2 (the default iso 3-bit + sink + full mixing, two windows, QUALITY.md "Staged
+      rotations in the format"): KL 0.130 / 0.099 against 0.391 / 0.261 uncalibrated and 0.170 / 0.126 with
+      `calibrate` on sample text. A prompt with fewer than
       `MIN_PROMPT_TOKENS` (8) tokens after its first (a padded batch: in its longest row) is not measured: the cache
       stays uncalibrated for the whole sequence, silently by default, with a warning when `calibration="prompt"` is
       passed explicitly; likewise each layer whose prompt K/V have a channel with almost no spread (a repetitive
@@ -650,8 +651,9 @@ class RQCache(Cache):
 
 
 class PlanarQuantCache(RQCache):
-    """Compressed cache with 2D Givens rotations (the fastest backend). `calibration` as `RQCache`'s: by default
-    measured on the prompt."""
+    """Compressed cache with 2D Givens rotations (the fastest encoder with `rotation_stages=1`; by default its
+    layers mix each norm group like the other backends'). `calibration` as `RQCache`'s: by default measured on the
+    prompt."""
 
     def __init__(
         self,
