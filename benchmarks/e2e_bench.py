@@ -217,15 +217,15 @@ def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, ch
     return codes, norms
 
 
-def rq_dropin(model, context: int, steps: int, batch: int, backend: str, bits: int, sink: int = 1) -> dict:
-    from rqcompile import RQCache, RQConfig
+def rq_dropin(model, context: int, steps: int, batch: int, config) -> dict:
+    from rqcompile import RQCache
     from rqcompile.cache import RQCacheLayer
 
     cfg = model.config
     h, d = cfg.num_key_value_heads, cfg.head_dim
     torch.cuda.reset_peak_memory_stats()
     # uncalibrated, as BENCHMARKS.md recorded: the warm-up's all-zero ids are no prompt to calibrate on
-    cache = RQCache(RQConfig(backend=backend, bits=bits, sink_tokens=sink), model_config=cfg, calibration=None)
+    cache = RQCache(config, model_config=cfg, calibration=None)
 
     def fill(layer) -> None:
         assert isinstance(layer, RQCacheLayer), type(layer)
@@ -322,7 +322,7 @@ def longest(model, args, out) -> None:
         if r is not None:
             break
     for ctx in (1 << 20, 3 << 18):
-        r = guarded(f"longest rq {ctx}", rq_dropin, model, ctx, 1, 1, args.backend, args.bits, args.sink, out=out)
+        r = guarded(f"longest rq {ctx}", rq_dropin, model, ctx, 1, 1, rq_config(args), out=out)
         RESULTS["longest"].append(
             {"path": f"RQCache {args.backend} {args.bits}-bit", "context": ctx, "fits": r is not None, **(r or {})}
         )
@@ -332,6 +332,13 @@ def longest(model, args, out) -> None:
             break
     torch.cuda.set_per_process_memory_fraction(1.0)
     free()
+
+
+def rq_config(args):
+    """The compressed format every rqcompile path here uses (drop-in cache and apply): the command line's."""
+    from rqcompile import RQConfig
+
+    return RQConfig(backend=args.backend, bits=args.bits, sink_tokens=args.sink, rotation_stages=args.stages)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,7 +380,6 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     import rqcompile
-    from rqcompile import RQConfig
 
     RESULTS["meta"] = {
         "gpu": torch.cuda.get_device_name(0),
@@ -392,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.stages is not None and args.stages.isdigit():
         args.stages = int(args.stages)
-    stages = RQConfig(backend=args.backend, rotation_stages=args.stages).stage_count(256)  # Qwen3.5's head_dim
+    stages = rq_config(args).stage_count(256)  # Qwen3.5's head_dim
     name = args.backend + (f" s{stages}" if stages > 1 else "")
     model = build_model(args.layers, "cuda")
     log(
@@ -412,9 +418,7 @@ def main(argv: list[str] | None = None) -> None:
                 ctx,
                 args.steps,
                 args.batch,
-                args.backend,
-                args.bits,
-                args.sink,
+                rq_config(args),
                 out=out,
             )
             if r:
@@ -434,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
             "apply",
             rqcompile.apply,
             model,
-            config=RQConfig(backend=args.backend, bits=args.bits, sink_tokens=args.sink, rotation_stages=args.stages),
+            config=rq_config(args),
             max_cache_len=max(contexts) + 64,
             batch_size=args.batch,
             out=out,

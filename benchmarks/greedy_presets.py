@@ -30,7 +30,7 @@ PRESETS = {
     "rotor K3V2.5 alloc (3.0)": RQConfig(backend="rotor", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION),
     "hadamard K3.5V3 alloc (3.5)": RQConfig(backend="hadamard", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION),
     "hadamard K3V2.5 alloc (3.0)": RQConfig(backend="hadamard", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION),
-    "iso K3V3 uniform (3.25)": RQConfig(backend="iso", bits=3),
+    "iso K3V3 uniform (3.25)": RQConfig(rotation_stages=1, backend="iso", bits=3),
 }
 N = 64
 

@@ -100,7 +100,7 @@ def padding_experiment(model, tok, stdlib, decode: int, tell: bool = False) -> d
         calibration = {"none": None, "prompt": "prompt", "stdlib": stdlib}[how]
 
         def make(calibration=calibration):
-            return RQCache(RQConfig(), calibration=calibration)
+            return RQCache(RQConfig(rotation_stages=1), calibration=calibration)
 
         batch = padded_batch(model, rows, make, decode, pad_id, tell)
         for (offset, length), (ids, _), ref, (nll, lp) in zip(ROWS, rows, refs, batch):
@@ -156,7 +156,7 @@ def pad_sweep_experiment(model, tok, stdlib, pads: list[int], noise_seeds: int, 
         calibration = {"none": None, "prompt": "prompt", "stdlib": stdlib}[how]
 
         def make(calibration=calibration):
-            return RQCache(RQConfig(), calibration=calibration)
+            return RQCache(RQConfig(rotation_stages=1), calibration=calibration)
 
         cells = []
         for pad in pads:
@@ -190,7 +190,12 @@ def short_prompt_experiment(model, tok, lengths: list[int], offsets: list[int], 
             for how in ("none", "prompt"):
                 cal = None if how == "none" else "prompt"
                 run = decode_time_ppl(
-                    model, ids, lambda c=cal: RQCache(RQConfig(), calibration=c), length, decode, chunk=decode
+                    model,
+                    ids,
+                    lambda c=cal: RQCache(RQConfig(rotation_stages=1), calibration=c),
+                    length,
+                    decode,
+                    chunk=decode,
                 )
                 cells[how] = {
                     "ppl_delta_pct": 100 * (run.ppl / ref.ppl - 1),

@@ -93,7 +93,7 @@ def _single_stage(window: bool) -> list[tuple[str, str, RQConfig]]:
     rows = []
     for backend in BACKENDS:
         for width, bits in WIDTHS.items():
-            base = RQConfig(backend=backend, sink_tokens=1, scale_search=(), **bits)
+            base = RQConfig(rotation_stages=1, backend=backend, sink_tokens=1, scale_search=(), **bits)
             rows.append((backend, width, base))
             rows.append((backend, f"{width} search", base.replace(scale_search=SCALE_SEARCH)))
         for width, bits in MIXED.items():
@@ -101,14 +101,18 @@ def _single_stage(window: bool) -> list[tuple[str, str, RQConfig]]:
                 (
                     backend,
                     f"{width} search",
-                    RQConfig(backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, **bits),
+                    RQConfig(rotation_stages=1, backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, **bits),
                 )
             )
         for name, bits in ALLOCATED.items():
-            config = RQConfig(backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, bit_allocation=ALLOCATION)
+            config = RQConfig(
+                rotation_stages=1, backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, bit_allocation=ALLOCATION
+            )
             rows.append((backend, name, config.replace(**bits)))
         if window:
-            config = RQConfig(backend=backend, bits=3, sink_tokens=1, residual_window=32, scale_search=SCALE_SEARCH)
+            config = RQConfig(
+                rotation_stages=1, backend=backend, bits=3, sink_tokens=1, residual_window=32, scale_search=SCALE_SEARCH
+            )
             rows.append((backend, "K3V3 search w32", config))
     return rows
 

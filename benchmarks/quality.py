@@ -146,8 +146,16 @@ def rq(
     bits = f"{kb}" if kb == vb else f"K{kb}V{vb}"
     name = f"{backend}-{bits}{_calib_label(calib)}" + (f"-g{norm_group}" if norm_group else "")
     name += f"-sink{sink}" if sink else ""
-    cfg = RQConfig(  # the plain encoder (no scale search): this grid measures the format; presets.py the presets
-        backend=backend, bits=kb, key_bits=kb, value_bits=vb, norm_group=norm_group, sink_tokens=sink, scale_search=()
+    # the plain encoder (one block layer, no scale search): this grid measures the format; presets.py the presets
+    cfg = RQConfig(
+        rotation_stages=1,
+        backend=backend,
+        bits=kb,
+        key_bits=kb,
+        value_bits=vb,
+        norm_group=norm_group,
+        sink_tokens=sink,
+        scale_search=(),
     )
     return Spec(name, "rq", group, cfg, calib)
 
@@ -338,7 +346,7 @@ def layer_mse(model, ids: torch.Tensor, calibrations: dict[str, Calibration], bi
     for backend in BACKENDS:
         for calib in ("none", _default_calib(backend), *(["qk"] if "qk" in calibrations else [])):
             cal = calibrations.get(calib)
-            cfg = RQConfig(backend=backend, bits=bits)
+            cfg = RQConfig(rotation_stages=1, backend=backend, bits=bits)
             rows = {"k": [], "v": [], "score": []}
             for layer in sorted(sink):
                 q, k, v = sink[layer]
@@ -656,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import transformers
 
-    probe = RQCache(RQConfig(), calibration=ctx.calibrations["kv"])
+    probe = RQCache(RQConfig(rotation_stages=1), calibration=ctx.calibrations["kv"])
     with torch.inference_mode():
         model(ids[:, :8], past_key_values=probe, use_cache=True)
     layer0 = probe.layers[0]
