@@ -103,6 +103,7 @@ def calibrate(
     num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     key_mean: bool = True,
     key_scale: bool = True,
+    value_mean: bool = False,
     value_scale: bool = True,
     error_weights: bool = True,
     scale_power: float = 0.8,
@@ -116,7 +117,9 @@ def calibrate(
 
     Scales are per-channel RMS (after removing the mean) raised to `scale_power` (1 equalizes the channels fully;
     less keeps some of their spread), normalized to average 1 per head; only their ratios matter since every norm
-    group is renormalized. The defaults (key mean, key and value scales) are those of every measured preset. The
+    group is renormalized. The defaults (key mean, key and value scales) are those of every measured preset;
+    `value_mean` also measures V's channel mean, which every decoder adds back (the format carries a mean for K and
+    V; QUALITY.md "Tried in session 8": KL -9% / -22% on two windows with the default rotation, ppl mixed). The
     first `skip_first` tokens of each chunk are left out of the statistics: they are the attention sink, atypical,
     and kept uncompressed by `RQConfig.sink_tokens`. `error_weights` also measures each channel's error weight
     (variance times importance, `_importance`), normalized to mean 1 per head, which `RQConfig.bit_allocation` needs.
@@ -143,7 +146,7 @@ def calibrate(
         )
     stats: dict[tuple[int, str, str], torch.Tensor] = {}
     for layer_idx, pieces in sink.items():
-        for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", False, value_scale)):
+        for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", value_mean, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
             found = channel_stats(x, mean=want_mean, scale=want_scale, scale_power=scale_power)
             if want_scale and too_little_spread(found["scale"], scale_power):
@@ -155,7 +158,7 @@ def calibrate(
             stats.update({(layer_idx, kind, name): t for name, t in found.items()})
             if error_weights:
                 flat = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
-                centred = flat - flat.mean(1)[:, None] if kind == "k" and key_mean else flat  # what is quantized
+                centred = flat - flat.mean(1)[:, None] if want_mean else flat  # what is quantized
                 variance = centred.pow(2).mean(1)
                 importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0])
                 weight = variance * importance

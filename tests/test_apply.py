@@ -454,6 +454,22 @@ def test_calibrated_bit_allocation_equals_the_eager_cache(models, llama_calibrat
     assert "3.5-bit avg (" in lm.rewrite_report()
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_value_mean_in_the_calibration_is_added_back_as_by_the_eager_cache(models, fuse):
+    """`calibrate(value_mean=True)`: V is quantized around its channel mean; the fused attention adds the mean back
+    to its output (attention weights sum to 1), the unfused path to each dequantized value, like the eager cache."""
+    model = models["llama"]
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 96), generator=torch.Generator().manual_seed(9))
+    calib = calibrate(model, ids, value_mean=True)
+    assert calib.get(0, "v", "mean").abs().max() > 0
+    config = RQConfig(backend="iso", bits=3)
+    lm = apply(model, config=config, calibration=calib, max_cache_len=MAX_LEN, fuse=fuse, prefill_logits="all")
+    assert torch.equal(lm.quant_states[0]["v"].mean, calib.get(0, "v", "mean"))
+    ids = _ids()
+    ref = _eager(model, RQCache(config, model_config=model.config, calibration=calib), ids, PROMPT)
+    torch.testing.assert_close(_steps(lm, ids, PROMPT), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_bit_allocation_without_calibration_is_refused_before_capture(models):
     with pytest.raises(ValueError, match="bit_allocation=.*needs a calibration with error weights"):
         apply(models["llama"], config=ALLOC, max_cache_len=8)

@@ -34,6 +34,10 @@ def test_calibration_covers_every_attention_layer_with_head_by_channel_stats(fac
         assert scale.shape == shape and bool((scale > 0).all())
         assert torch.allclose(scale.mean(-1), torch.ones(shape[0]), atol=1e-5)
         assert calib.get(layer, "v", "scale") is not None and calib.get(layer, "v", "mean") is None
+    with_v_mean = calibrate(model, _ids(model), value_mean=True)
+    for layer in attention_layers:
+        assert with_v_mean.get(layer, "v", "mean").shape == shape
+        assert torch.equal(with_v_mean.get(layer, "k", "mean"), calib.get(layer, "k", "mean"))
     assert model.config._attn_implementation != "rqcompile_calibration_capture", "attention routing must be restored"
 
 
