@@ -237,27 +237,27 @@ class CompiledLM:
 
     def rewrite_report(self) -> str:
         lines = [str(r) for r in self.rewrites]
+        lines.append(f"rotation: {self._describe_rotation()}")
         fused = "attention: fused into rq::attention (rq::attention_lse + exact tokens where sink/window are held)"
         lines.append(fused if self.fused else "attention: not fused (dequantize + SDPA)")
         return "\n".join(lines)
+
+    def _describe_rotation(self) -> str:
+        """What `rotation_stages` resolved to at this model's head dimension (the config may say None)."""
+        state = next(iter(self.quant_states.values()))["k"]
+        backend, group = self.config.backend, state.group
+        if backend in ("hadamard", "none"):
+            return "hadamard, dense per norm group" if backend == "hadamard" else "none"
+        stages = self.config.stage_count(state.head_dim)
+        if stages == 1:
+            return f"{backend}, one layer of {state.rotation.shape[-1]}x{state.rotation.shape[-1]} blocks"
+        return f"{backend}, {stages} block layers mixing each {group}-coordinate norm group (stored dense per group)"
 
     def __repr__(self) -> str:
         return (
             f"CompiledLM({self.config}, sites={[s.layer_idx for s in self.sites]}, max_cache_len={self.max_cache_len}, "
             f"batch_size={self.batch_size}, fused={self.fused}, compiled={self.compiled})"
         )
-
-
-def _release_float_caches(captured) -> None:
-    """Free the capture wrapper's float K/V caches (placeholders of one element) now that no program reads them.
-
-    torch.export (strict) keeps references to the wrapper's buffers in its own bookkeeping after export returns, so
-    dropping our references is not enough: with materialized caches a 27B model's bf16 cache of 128K tokens stayed
-    allocated (8 GiB, measured on the H200). Their storage is shrunk to nothing; no rewritten program reads them.
-    """
-    for site in captured.sites:
-        for name in (site.k_buffer, site.v_buffer):
-            captured.module.get_buffer(name).untyped_storage().resize_(0)
 
 
 _CALIBRATED_BACKENDS = ("planar", "iso", "rotor")  # block rotations need the channel statistics (QUALITY.md)
@@ -345,7 +345,6 @@ def apply(
     if fuse:
         fuse_attention(prefill)
         fuse_attention(decode)
-    _release_float_caches(captured)
     return CompiledLM(
         prefill=prefill,
         decode=decode,

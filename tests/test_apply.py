@@ -155,6 +155,13 @@ def test_memory_report_counts_the_real_buffers(lms):
         assert round(report.ratio, 2) == 3.95  # 3-bit + a norm per 64 (4.92x), plus one fp32 sink token in 40
 
 
+def test_the_rewrite_report_says_what_rotation_the_default_resolved_to(models):
+    report = apply(models["llama"], max_cache_len=16).rewrite_report()  # iso, head_dim 64: 4**3 mixes the group
+    assert "rotation: iso, 3 block layers mixing each 64-coordinate norm group" in report
+    one = apply(models["llama"], config=RQConfig(backend="planar", rotation_stages=1), max_cache_len=16)
+    assert "rotation: planar, one layer of 2x2 blocks" in one.rewrite_report()
+
+
 def test_apply_leaves_no_float_kv_cache_allocated(models):
     """No float K/V cache of max_cache_len may stay alive once the programs are rewritten to the compressed one
     (capture runs against zero-stride placeholders; tests/test_capture.py checks that it never allocates one)."""
