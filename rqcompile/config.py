@@ -19,7 +19,8 @@ ISO_MODES = ("full", "fast")
 # Scale factors tried per norm group with `RQConfig(scale_search=SCALE_SEARCH)` (measured: QUALITY.md, Presets).
 SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 # Values that reproduce the format of configs written before a field existed (read by `RQConfig.from_dict`):
-# rotation_stages came in session 7 with 1 as its default, which "full" replaced in session 8.
+# rotation_stages came in session 7 with 1 as its default (manifests before it hold one block layer); session 8 made
+# the default None ("full" where blocks compose).
 FORMAT_BEFORE_FIELD: dict[str, Any] = {"rotation_stages": 1}
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
 

@@ -161,7 +161,7 @@ def test_the_default_rotation_stages_resolve_to_full_mixing_where_blocks_compose
 
 
 def test_a_config_dict_written_before_rotation_stages_keeps_its_one_layer_format():
-    """Artifacts and calibration files of session 6 and earlier have no rotation_stages: they were one block layer."""
+    """Artifact manifests written before session 7 have no rotation_stages: their format was one block layer."""
     data = RQConfig().to_dict()
     del data["rotation_stages"]
     assert RQConfig.from_dict(data).resolved_rotation_stages == 1
