@@ -2,19 +2,20 @@
 exported to ONNX and to AOTInductor and loaded by `rqcompile.load` in a fresh process that never imports
 transformers' model code.
 
-What "the same tokens as `lm.generate`" means for AOTI: the artifact runs Inductor-generated code, so it is
-bit-identical to the same programs run through Inductor in process - `lm.compile()` then `lm.generate` - and that is
-tested bit for bit (every teacher-forced logit, all greedy tokens). Against the *eager* (uncompiled) program it
-cannot be: Inductor's fused C++ reductions (RMSNorm's mean of squares among them) sum in another order than the eager
-ATen kernels, an ulp apart, and a 4-bit code is a discontinuous function of its input, so a few codes flip
-and the flips grow layer by layer (measured on the eager program: perturbing every weight by 1e-7, relative, moves
-the prefill logits by up to 2.28; AOTI vs eager: 3.8 over the 16 teacher-forced steps here). No Inductor setting
-fixes that: `emulate_precision_casts` changes nothing, and "lite mode" (every op an ATen call) matches eager bit for
-bit on decode but fails to compile the dynamic-length prefill in torch 2.13 ("Unsupported return type
-SymIntType"). So against eager: logits within measured bounds; the same argmax wherever the reference's top-2 margin
-is clear (>= TIE); greedy tokens equal up to the first near tie. ONNX (onnxruntime) stays closer (0.27) and all 16
-greedy tokens equal eager's. Eager == AOTI token identity holds for the tiny models (tests/test_export_lm.py). Both
-answer "Paris".
+What "the same tokens as `lm.generate`" means for AOTI: the artifact runs Inductor-generated code, close to the same
+programs run through Inductor in process - `lm.compile()` then `lm.generate` - but not bit for bit since capture exports
+non-strict (session 8; with strict export they were bit-identical, and at 1M positions strict export cloned the whole
+float K/V cache): teacher-forced logits within 0.05 (measured 0.0042), greedy tokens equal up to the first near tie.
+Against the *eager* (uncompiled) program it cannot be bit-identical either: Inductor's fused C++ reductions (RMSNorm's
+mean of squares among them) sum in another order than the eager ATen kernels, an ulp apart, and a 4-bit code is a
+discontinuous function of its input, so a few codes flip and the flips grow layer by layer (measured on the eager
+program: perturbing every weight by 1e-7, relative, moves the prefill logits by up to 2.28; AOTI vs eager: 3.8 over the
+16 teacher-forced steps here). No Inductor setting fixes that: `emulate_precision_casts` changes nothing, and "lite
+mode" (every op an ATen call) matches eager bit for bit on decode but fails to compile the dynamic-length prefill in
+torch 2.13 ("Unsupported return type SymIntType"). So against eager: logits within measured bounds; the same argmax
+wherever the reference's top-2 margin is clear (>= TIE); greedy tokens equal up to the first near tie. ONNX
+(onnxruntime) stays closer (0.27) and all 16 greedy tokens equal eager's. Eager == AOTI token identity holds for the
+tiny models (tests/test_export_lm.py). Both answer "Paris".
 
 These two tests use one block layer (`rotation_stages=1`): the bounds above are for it. With the default full mixing
 the cascade is much stronger (every rotated coordinate depends on all 64 inputs of its group, so an ulp of input
@@ -142,10 +143,10 @@ def test_smollm2_onnx_round_trip(smollm2, tmp_path):
 
 
 def test_smollm2_aoti_round_trip(smollm2, tmp_path):
-    """AOTInductor: in a fresh process, bit-identical to `lm.compile()` + `lm.generate` in process (every
-    teacher-forced logit equal, all 16 greedy tokens equal). Against the eager program: logits within 5.0 max / 1.0
-    mean (measured 3.8 / 0.81), the same argmax at every clear step, greedy tokens equal up to the first near tie (8
-    tokens equal here, then a 0.40-margin step flips). The weights are stored once, outside both packages."""
+    """AOTInductor: in a fresh process, within float noise of `lm.compile()` + `lm.generate` in process (teacher-forced
+    logits within 0.05, greedy tokens equal up to the first near tie). Against the eager program: logits within 5.0 max
+    / 1.0 mean (measured 3.8 / 0.81), the same argmax at every clear step, greedy tokens equal up to the first near tie
+    (8 tokens equal here, then a 0.40-margin step flips). The weights are stored once, outside both packages."""
     from rqcompile import apply
     from rqcompile.export.lm import export_lm
 
@@ -159,8 +160,13 @@ def test_smollm2_aoti_round_trip(smollm2, tmp_path):
     got, logits = _load_in_subprocess(tmp_path / "aoti", tokens, n, tmp_path)
     assert got["backend"] == "aoti"
     inductor = apply(model, config=PLANAR4, max_cache_len=MAX_LEN).compile()  # same weights, same config
-    assert torch.equal(logits, _teacher_forced(inductor, tokens, n))
-    assert got["tokens"] == inductor.generate(tokens[:, :n], NEW_TOKENS, eos_token_id=[]).tolist()
+    in_process = _teacher_forced(inductor, tokens, n)
+    assert (logits - in_process).abs().max() < 0.05  # measured 0.0042: float-level, no code flipped
+    top2 = in_process.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) >= TIE
+    first_tie = int((~clear).nonzero()[0]) if (~clear).any() else NEW_TOKENS
+    greedy = inductor.generate(tokens[:, :n], NEW_TOKENS, eos_token_id=[])
+    assert got["tokens"][0][: n + first_tie] == greedy[0, : n + first_tie].tolist()
     _check(got, logits, reference, tokens, n, max_abs=5.0, mean_abs=1.0)
 
 
