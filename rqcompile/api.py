@@ -32,6 +32,7 @@ from rqcompile.passes.functional import FunctionalStep, has_scan
 from rqcompile.passes.fuse_attention import fuse_attention
 from rqcompile.passes.kv_compress import SiteRewrite, compress_kv_cache
 from rqcompile.quant.quantizer import QuantState
+from rqcompile.quant.rotations import STAGED_BACKENDS
 from rqcompile.runtime.generate import SamplingConfig, generate
 
 __all__ = ["CompiledLM", "FunctionalStep", "apply"]
@@ -246,7 +247,7 @@ class CompiledLM:
         """What `rotation_stages` resolved to at this model's head dimension (the config may say None)."""
         state = next(iter(self.quant_states.values()))["k"]
         backend, group = self.config.backend, state.group
-        if backend in ("hadamard", "none"):
+        if backend not in STAGED_BACKENDS:  # hadamard (dense) or none: nothing to compose
             return "hadamard, dense per norm group" if backend == "hadamard" else "none"
         stages = self.config.stage_count(state.head_dim)
         if stages == 1:
