@@ -113,7 +113,7 @@ def parse_settings(text: str) -> dict:
     out = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
-        out[key.strip()] = None if value == "None" else int(value)
+        out[key.strip()] = None if value == "None" else (int(value) if value.lstrip("-").isdigit() else value)
     return out
 
 
@@ -124,7 +124,9 @@ def main() -> None:
     ap.add_argument("--backends", default="planar,iso")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--variants", default="default:", help="name:key=val,key=val;name2:... (launch settings)")
-    ap.add_argument("--ncu", default="", help="batch,context: launch that shape 10 times for ncu, nothing else")
+    ap.add_argument(
+        "--ncu", default="", help="batch,context: launch that shape 10 times for ncu (first variant), nothing else"
+    )
     ap.add_argument("--host", default="", help="batch,context: where an eager call spends its host time, nothing else")
     args = ap.parse_args()
 
@@ -133,19 +135,20 @@ def main() -> None:
         host_overhead(*inputs(batch, ctx, args.backends.split(",")[0], args.bits)[0])
         return
 
-    if args.ncu:
-        batch, ctx = (int(v) for v in args.ncu.split(","))
-        op_args, _ = inputs(batch, ctx, args.backends.split(",")[0], args.bits)
-        for _ in range(10):
-            launch_attention(*op_args, None, 1 / math.sqrt(DIM))
-        torch.cuda.synchronize()
-        return
-
-    print("GPU", torch.cuda.get_device_name(0), "torch", torch.__version__, flush=True)
     variants = []
     for spec in filter(None, args.variants.split(";")):
         name, _, settings = spec.partition(":")
         variants.append((name, parse_settings(settings)))
+
+    if args.ncu:  # the first variant's settings
+        batch, ctx = (int(v) for v in args.ncu.split(","))
+        op_args, _ = inputs(batch, ctx, args.backends.split(",")[0], args.bits)
+        for _ in range(10):
+            launch_attention(*op_args, None, 1 / math.sqrt(DIM), **variants[0][1])
+        torch.cuda.synchronize()
+        return
+
+    print("GPU", torch.cuda.get_device_name(0), "torch", torch.__version__, flush=True)
     rows = []
     for shape in args.shapes.split(","):
         batch, ctx = (int(v) for v in shape.split(":"))

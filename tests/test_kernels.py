@@ -659,7 +659,20 @@ def test_prmt_asm_is_the_emulated_program(bits):
 
 
 def _decode_case(
-    kb, vb, dim, device, tk, batch, heads, rep, backend="planar", mask_kind=None, splits=None, tq=1, decodes=None
+    kb,
+    vb,
+    dim,
+    device,
+    tk,
+    batch,
+    heads,
+    rep,
+    backend="planar",
+    mask_kind=None,
+    splits=None,
+    tq=1,
+    decodes=None,
+    variant=None,
 ):
     """The uniform kernel with each decode against the reference: (outputs by decode, reference)."""
     ks = _state(backend, kb, "k", heads, dim, device)
@@ -684,7 +697,7 @@ def _decode_case(
     outs = {}
     for decode in decodes:
         _poison(device)
-        out = kattn.launch_attention(*args, mask, sm, kv_len, num_splits=splits, decode=decode)
+        out = kattn.launch_attention(*args, mask, sm, kv_len, num_splits=splits, decode=decode, variant=variant)
         assert out.shape == q.shape and not torch.isnan(out).any()
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         assert err < 3e-3, (decode, err)
@@ -808,3 +821,96 @@ def test_attention_prmt_decode_gpu(bits, batch, mask_kind):
     other = 4 if bits != 4 else 2
     outs, _ = _decode_case(bits, other, 256, "cuda", tk=777, batch=batch, heads=4, rep=6, mask_kind=mask_kind)
     _same_decoded_values(outs["prmt"], outs["tree"], bits, other, bitwise=False)
+
+
+# ---------------------------------------------------------------- keys as the mma's M operand (variant "keys-m")
+
+
+def _spy_on(monkeypatch, name: str) -> list:
+    """Replace kernel `name` of kernels.attention by a spy that records each launch's keywords, then launches it."""
+    seen = []
+    real = getattr(kattn, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                seen.append(k)
+                return real[grid](*a, **k)
+
+            return launch
+
+    monkeypatch.setattr(kattn, name, Spy())
+    return seen
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "kb,vb,dim,kw",
+    [
+        (3, 3, 256, {"splits": 3}),
+        (3, 2, 128, {}),  # one norm group of 128
+        (2, 4, 256, {"mask_kind": "kv_len", "splits": 2}),
+        (4, 3, 256, {"mask_kind": "bool", "tq": 2, "backend": "iso"}),  # 6 query rows x 2 positions: N = 12
+        (4, 4, 128, {"backend": "rotor"}),
+        (3, 3, 256, {"backend": "hadamard", "mask_kind": "kv_len"}),  # q rotated on the host (dense rotation)
+    ],
+)
+def test_attention_interpret_keys_m(monkeypatch, kb, vb, dim, kw):
+    """The keys-m kernel (the prmt steps in Triton ops under the interpreter) against the reference: the word tile
+    in fragment order, the key load order and its inverse, q's and the accumulator's column maps, the transposed
+    masks, the per-key softmax sums. 70 keys: a partial last tile, and splits that end inside a tile."""
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    kw = {"batch": 2, "heads": 2, **kw}
+    _decode_case(kb, vb, dim, "cpu", tk=70, rep=3, decodes=("prmt",), variant="keys-m", **kw)
+    assert len(seen) == 1 and seen[0]["DECODE"] == 2  # it ran (the interpreter's prmt steps), no fallback
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "dim,rep,tq,kb,why",
+    [
+        (64, 3, 1, 3, "64 coordinates per norm group"),
+        (256, 6, 3, 3, "18 query rows per KV head"),
+        (128, 17, 1, 2, "17 query rows per KV head"),
+    ],
+)
+def test_keys_m_hands_other_shapes_to_the_split_kernel(monkeypatch, dim, rep, tq, kb, why):
+    """Where the fragment layout does not fit, variant="keys-m" runs the split kernel (and still computes the
+    right thing)."""
+    keys_m = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    split = _spy_on(monkeypatch, "_attn_split_kernel")
+    _decode_case(kb, 3, dim, "cpu", tk=40, batch=1, heads=1, rep=rep, tq=tq, decodes=("prmt",), variant="keys-m")
+    assert (len(keys_m), len(split)) == (0, 1), why
+
+
+def test_keys_m_variant_is_validated():
+    with pytest.raises(ValueError, match="variant"):
+        kattn.launch_attention(*([None] * 16), variant="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "kb,vb,dim,kw",
+    [
+        (3, 3, 256, {"batch": 1}),
+        (3, 3, 256, {"batch": 8, "mask_kind": "kv_len"}),
+        (2, 2, 256, {"batch": 8}),
+        (4, 4, 256, {"batch": 8, "mask_kind": "bool"}),
+        (4, 2, 256, {"batch": 2, "backend": "iso"}),
+        (3, 4, 128, {"batch": 4, "backend": "rotor", "mask_kind": "kv_len"}),
+        (3, 3, 256, {"batch": 2, "backend": "hadamard", "tq": 2}),
+    ],
+)
+def test_attention_keys_m_gpu(monkeypatch, kb, vb, dim, kw):
+    """The keys-m kernel (inline PTX prmt, wgmma with K in registers) at real sizes, context 5000 (partial last tiles):
+    close to the reference (checked in _decode_case) and the same decoded values as the split kernel (up to the fp32
+    summation order of the dots)."""
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    kw = {"heads": 4, "rep": 6, **kw}
+    torch.manual_seed(0)
+    keys_m, _ = _decode_case(kb, vb, dim, "cuda", tk=5000, decodes=("prmt",), variant="keys-m", **kw)
+    assert len(seen) == 1 and seen[0]["DECODE"] == 1
+    torch.manual_seed(0)  # _decode_case draws its inputs from the global generator: the same inputs again
+    split, _ = _decode_case(kb, vb, dim, "cuda", tk=5000, decodes=("prmt",), variant="split", **kw)
+    _same_decoded_values(keys_m["prmt"], split["prmt"], kb, vb, bitwise=False)

@@ -60,6 +60,11 @@ LOG2E = 1.4426950408889634
 # into Triton integer ops (any backend; to test the prmt data path in the interpreter)
 DEFAULTS = {"block_n": 64, "num_warps": 4, "split_waves": 8, "num_stages": 3, "maxnreg": 128, "decode": 1}
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
+# variant: the uniform-width kernel for decode shapes. "split" = _attn_split_kernel (K tile as the mma's B operand);
+# "keys-m" = _attn_keys_m_kernel (keys as the M side, K decoded straight into the mma's registers), taken where it
+# applies (keys_m_applies) and the split kernel elsewhere
+VARIANTS = ("split", "keys-m")
+DEFAULTS["variant"] = "split"
 # The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
 # per load, BLOCK_D = COMBINE_TILE / splits (>= 16): independent loads, not a chain of dependent round trips
 COMBINE_BLOCK_S, COMBINE_TILE = 128, 4096
@@ -657,6 +662,239 @@ def _attn_split_kernel(
         tl.store(pacc_ptr + pidx[:, None] * D + (D // 2 + vcol)[None, :], acc1, mask=m_ok[:, None])
 
 
+# ---------------------------------------------------------------- keys as the mma's M operand ("keys-m" variant)
+#
+# The split kernel above computes scores as q [BLOCK_M, d] @ K^T: the decoded K tile is the mma's B operand, which
+# the tensor cores read from shared memory, so every decoded K element is stored to shared memory and read back
+# (with V's tile, ~1.5 KB of shared traffic per tile and thread, the kernel's limit: benchmarks/NOTES.md v8).
+# Here the scores are computed transposed, S^T = K [BLOCK_N, d] @ q^T, with 64 keys as the M side of a Hopper
+# wgmma, whose A operand may live in registers. The codes are loaded so that each thread decodes exactly the
+# elements the A fragment wants from it (lane l: keys l/4 and l/4 + 8 of its warp's 16, coordinates 16k + 8h +
+# 2(l%4) + e): a [64, 4, NW] word tile (4 lanes per key, NW contiguous words each), keys loaded in the order the
+# blocked layout's (repeat, warp, lane) rows need to become the fragment's (warp, repeat, lane) rows, and the
+# decoded columns permuted to the fragment's order (q's columns follow). No layout conversion is left between the
+# decode and the mma (Triton 3.6 sm_90 TTGIR / SASS, benchmarks/NOTES.md v10). Values: O^T = V^T @ P^T, the same
+# wgmma orientation, so p and the accumulator share one layout with the scores (V's tile still goes through shared
+# memory: its reduction axis is the key axis, and the format packs codes along coordinates).
+# Decode shapes only: <= 16 query rows per program (the N side), 64 keys per tile, 4 warps, parts of 128
+# coordinates per norm group (head_dim 128 with one group, 256 with two), 2/3/4-bit uniform widths, prmt decode.
+
+
+@triton.jit
+def _fragment_columns(x, NW: tl.constexpr, PER: tl.constexpr):
+    """[R, 128] tile, columns in (lane t, word u, value v) order (t * NW + u) * PER + v -> the wgmma A fragment's
+    column order 16k + 8h + 2t + e, with k = u * PER / 4 + v // 4, h = v // 2 % 2, e = v % 2."""
+    R: tl.constexpr = x.shape[0]
+    x = tl.reshape(x, [R, 4, NW, PER // 4, 2, 2])
+    x = tl.permute(x, (0, 2, 3, 4, 1, 5))
+    return tl.reshape(x, [R, 128])
+
+
+@triton.jit
+def _fragment_rows(x):
+    """[64, C] tile: rows (repeat, warp, lane) of the word loads -> rows (warp, repeat, lane) of the A fragment."""
+    C: tl.constexpr = x.shape[1]
+    x = tl.reshape(x, [2, 4, 8, C])
+    x = tl.permute(x, (1, 0, 2, 3))
+    return tl.reshape(x, [64, C])
+
+
+@triton.jit
+def _key_fragment(krow, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: tl.constexpr, PART: tl.constexpr):
+    """fp16 [64, 128] decoded K values of coordinates PART * 128.. in the A fragment's layout (see above): `krow`
+    points at each loaded key's words (keys in _fragment_rows' source order)."""
+    if BITS == 4:
+        PER: tl.constexpr = 8
+    else:
+        PER: tl.constexpr = 16
+    W: tl.constexpr = D // PER
+    NW: tl.constexpr = 128 // (4 * PER)  # words per thread and key
+    # loaded as [lane t, key, word u]: Triton lays a load out by the contiguity of its offsets, fastest first, ties
+    # in axis order, so this makes u the vector (registers), then 4 lanes along t, 8 along keys, warps along keys
+    # (the fragment's rows); [key, t, u] put 32 lanes along the keys. Permuted to [key, t, u] in registers.
+    t = tl.arange(0, 4)
+    u = tl.arange(0, NW)
+    wi = PART * (128 // PER) + t[:, None, None] * NW + u[None, None, :]
+    w = tl.permute(tl.load(krow[None, :, None] + wi, mask=n_ok[None, :, None], other=0), (1, 0, 2))
+    if BITS == 3:  # the high-plane halfwords of words (t, u): halfword 2W + PART * 8 + NW * t + u, the same layout
+        hrow = krow.to(tl.pointer_type(tl.int16))
+        hi = tl.load(
+            hrow[None, :, None] + (2 * W + PART * 8) + t[:, None, None] * NW + u[None, None, :],
+            mask=n_ok[None, :, None],
+            other=0,
+        )
+        hh = tl.permute(hi, (1, 0, 2)).to(tl.int32)
+    else:
+        hh = w
+    if DECODE == 1:
+        out = _prmt_asm(w, hh, tab, BITS)
+    else:
+        out = _prmt_emulated(w, hh, tab, BITS)
+    if BITS == 4:
+        o0, o1, o2, o3, o4, o5, o6, o7 = out
+        a0, a1, a2, a3 = tl.join(o0, o4), tl.join(o1, o5), tl.join(o2, o6), tl.join(o3, o7)
+    else:
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = out
+        a0, a1, a2, a3 = tl.join(o0, o8), tl.join(o1, o9), tl.join(o2, o10), tl.join(o3, o11)
+        a4, a5, a6, a7 = tl.join(o4, o12), tl.join(o5, o13), tl.join(o6, o14), tl.join(o7, o15)
+        a0, a1, a2, a3 = tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7)
+    b0, b1 = tl.join(a0, a2), tl.join(a1, a3)
+    tile = tl.reshape(tl.join(b0, b1), [64, 128])  # column (t * NW + u) * PER + value, as _tile_prmt's
+    return _fragment_rows(_fragment_columns(tile, NW, PER))
+
+
+@triton.jit
+def _q_fragment(q, BITS: tl.constexpr):
+    """q's 128 columns (natural order) in _key_fragment's column order, transposed: fp16 [128, BLOCK_M]."""
+    if BITS == 4:
+        PER: tl.constexpr = 8
+    else:
+        PER: tl.constexpr = 16
+        q = _prmt_rows(q, q.shape[0])
+    return tl.trans(_fragment_columns(q, 128 // (4 * PER), PER).to(tl.float16))
+
+
+@triton.jit
+def _attn_keys_m_kernel(
+    q_ptr,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    kc_ptr,
+    kn_ptr,
+    vc_ptr,
+    vn_ptr,
+    krot_ptr,
+    kscale_ptr,
+    klev_ptr,
+    vlev_ptr,
+    mask_ptr,
+    smb,
+    smh,
+    smt,
+    smn,
+    kvlen_ptr,
+    pm_ptr,
+    pl_ptr,
+    pacc_ptr,
+    H,
+    REP,
+    Tq,
+    Tk,
+    M,
+    NS,
+    span,
+    qk_scale,
+    D: tl.constexpr,
+    KBITS: tl.constexpr,
+    VBITS: tl.constexpr,
+    NGK: tl.constexpr,
+    NGV: tl.constexpr,
+    KRB: tl.constexpr,
+    KNB: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW: tl.constexpr,
+    HAS_KVLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DECODE: tl.constexpr = 1,
+):
+    """_attn_split_kernel's contract (same arguments, same partial outputs) with keys as the mma's M side."""
+    tl.static_assert(BLOCK_N == 64)
+    tl.static_assert(D // NGK == 128 and D // NGV == 128)
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    mt = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    CWK: tl.constexpr = D * KBITS // 32
+    CWV: tl.constexpr = D * VBITS // 32
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rows < M
+    r = rows // Tq
+    tq = rows % Tq
+    hq = h * REP + r
+    qrow = q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
+    q0 = _q_fragment(_q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M, 0, 128), KBITS)
+    if NGK == 2:
+        q1 = _q_fragment(
+            _q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M, 128, 128), KBITS
+        )
+    ktab = _tables(klev_ptr, KBITS)
+    vtab = _tables(vlev_ptr, VBITS)
+    # the accumulators' rows follow the V tiles' column order
+    vcol = _prmt_columns(_spread_source(tl.arange(0, 128), 128, VBITS), VBITS)
+
+    if HAS_KVLEN:
+        kvl = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk)
+        span_b = (((kvl + NS - 1) // NS + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        n_lo = split * span_b
+        n_hi = tl.minimum(n_lo + span_b, kvl)
+    else:
+        n_lo = split * span
+        n_hi = tl.minimum(n_lo + span, Tk)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([128, BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([128, BLOCK_M], dtype=tl.float32)  # the second norm group's coordinates (NGV == 2)
+    kbase = kc_ptr + bh.to(tl.int64) * Tk * CWK
+    vbase = vc_ptr + bh.to(tl.int64) * Tk * CWV
+    knb = kn_ptr + bh.to(tl.int64) * Tk * NGK
+    vnb = vn_ptr + bh.to(tl.int64) * Tk * NGV
+    mrow = mask_ptr + b.to(tl.int64) * smb + hq.to(tl.int64) * smh + tq.to(tl.int64) * smt
+    mrow0 = mask_ptr + b.to(tl.int64) * smb
+    i = tl.arange(0, BLOCK_N)
+    load_order = ((i // 8) % 4) * 16 + (i // 32) * 8 + i % 8  # _fragment_rows' inverse: natural keys after it
+    for start in range(n_lo, n_hi, BLOCK_N):
+        n = start + i
+        n_ok = n < n_hi
+        n64 = n.to(tl.int64)
+        nl = start + load_order
+        krow = kbase + nl.to(tl.int64) * CWK
+        # ---- scores^T [keys, rows]: (codebook[code] . q) * norm per norm group
+        nk0 = tl.load(knb + n64 * NGK, mask=n_ok, other=0.0).to(tl.float32)
+        sc = tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 0), q0) * nk0[:, None]
+        if NGK == 2:
+            nk1 = tl.load(knb + n64 * NGK + 1, mask=n_ok, other=0.0).to(tl.float32)
+            sc += tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 1), q1) * nk1[:, None]
+        sc = tl.where(n_ok[:, None], sc, float("-inf"))
+        if MASK_KIND != 0:
+            if MASK_ROW:
+                mv = tl.load(mrow0 + n64 * smn, mask=n_ok, other=0)[:, None]
+            else:
+                mv = tl.load(mrow[None, :] + n64[:, None] * smn, mask=n_ok[:, None] & m_ok[None, :], other=0)
+            if MASK_KIND == 1:
+                sc = tl.where(mv != 0, sc, float("-inf"))
+            else:
+                sc += mv.to(tl.float32) * 1.4426950408889634
+        # ---- online softmax (base 2) over the key axis
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(sc - m_use[None, :])
+        l_t = l_t * alpha[None, :] + p
+        m_i = m_new
+        # ---- values^T [coordinates, rows] += V^T @ (p * norm)^T, one dot per norm group
+        vrow = vbase + n64 * CWV
+        nv0 = tl.load(vnb + n64 * NGV, mask=n_ok, other=0.0).to(tl.float32)
+        vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 0, NGV, False)
+        acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
+        if NGV == 2:
+            nv1 = tl.load(vnb + n64 * NGV + 1, mask=n_ok, other=0.0).to(tl.float32)
+            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 1, 2, False)
+            acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv1[:, None]).to(tl.float16))
+
+    l_i = tl.sum(l_t, axis=0)
+    pidx = (bh.to(tl.int64) * NS + split) * M + rows
+    tl.store(pm_ptr + pidx, m_i, mask=m_ok)
+    tl.store(pl_ptr + pidx, l_i, mask=m_ok)
+    tl.store(pacc_ptr + pidx[None, :] * D + vcol[:, None], acc0, mask=m_ok[None, :])
+    if NGV == 2:
+        tl.store(pacc_ptr + pidx[None, :] * D + (128 + vcol)[:, None], acc1, mask=m_ok[None, :])
+
+
 # ---------------------------------------------------------------- calibrated bit allocation (layout) variant
 #
 # K and V may each mix code widths in runs (docs/FORMAT.md, "Bit allocation") and read their input channels in a
@@ -1159,6 +1397,19 @@ def _attn_combine_kernel(
         tl.store(lse_ptr + qrow, lse2 * 0.6931471805599453)
 
 
+def keys_m_applies(dim: int, k_bits: int, v_bits: int, k_groups: int, v_groups: int, rows: int, decode: int) -> bool:
+    """Whether _attn_keys_m_kernel covers this call: decode shapes (<= 16 query rows per KV head), 128 coordinates
+    per norm group, uniform 2-4 bit codes, the prmt decode (1, or its Triton transcription 2)."""
+    return (
+        rows <= 16
+        and decode in (1, 2)
+        and k_groups * 128 == dim
+        and v_groups * 128 == dim
+        and k_bits in (2, 3, 4)
+        and v_bits in (2, 3, 4)
+    )
+
+
 def kernel_layouts(dim: int, k_bits: int, v_bits: int, k_perm=None, v_perm=None, k_widths=None, v_widths=None):
     """(KL, VL) layout strings for the layout kernel, or None where the single-width kernel applies (no perm, one
     width in 2..4 for each of K and V)."""
@@ -1289,17 +1540,21 @@ def launch_attention(
     split_waves: int | None = None,
     with_lse: bool = False,
     decode: int | str | None = None,
+    variant: str | None = None,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B].
     `with_lse`: rq::attention_lse, returning (out, lse float32 [B, Hq, Tq]) (the combine step also writes the lse).
     k_perm/v_perm ([H, d] int64) and k_widths/v_widths (per-coordinate widths, replacing the bits): a calibrated
     bit allocation's layout, run by the layout kernel. `decode`: the uniform kernel's code decode (DEFAULTS, DECODES:
-    0/"tree", 1/"prmt", 2/"prmt-emulated"); the interpreter cannot run inline asm and takes the tree for "prmt"."""
+    0/"tree", 1/"prmt", 2/"prmt-emulated"); the interpreter cannot run inline asm and takes the tree for "prmt".
+    `variant` (DEFAULTS, VARIANTS): "keys-m" runs _attn_keys_m_kernel where keys_m_applies (the interpreter
+    runs it with the prmt steps in Triton ops), the split kernel elsewhere."""
     import torch
 
     wrap = _identity if wrap is None else wrap
     block_n = DEFAULTS["block_n"] if block_n is None else block_n
     num_stages = DEFAULTS["num_stages"] if num_stages is None else num_stages
+    maxnreg_given = maxnreg is not None
     maxnreg = DEFAULTS["maxnreg"] if maxnreg is None else maxnreg
     num_warps = DEFAULTS["num_warps"] if num_warps is None else num_warps
     split_waves = DEFAULTS["split_waves"] if split_waves is None else split_waves
@@ -1307,20 +1562,33 @@ def launch_attention(
     decode = DECODES[decode] if isinstance(decode, str) else int(decode)
     if decode not in DECODES.values():
         raise ValueError(f"decode must be one of {DECODES}, not {decode}")
-    if decode == 1 and interpreting():
-        decode = 0
+    variant = DEFAULTS["variant"] if variant is None else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
     batch, q_heads, q_len, dim = q.shape
     heads = k_codes.shape[1]
     tk = k_codes.shape[2]
     rep = q_heads // heads
     rows = rep * q_len
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
+
     # The register cap is a plain Triton launch option; torch's wrap_triton (torch.compile / AOTInductor) is given
     # only the options it knows. It is tuned for decode tiles: at BLOCK_M 64 (prefill) ptxas cannot fit the kernel
     # in 168 registers and refuses it (C7600, seen on the H200), so larger tiles launch uncapped.
     # The layout kernel launches uncapped: its register needs (one accumulator per run) are not measured yet.
     layouts = kernel_layouts(dim, k_bits, v_bits, k_perm, v_perm, k_widths, v_widths)
+    keys_m = (
+        variant == "keys-m"
+        and layouts is None
+        and keys_m_applies(dim, k_bits, v_bits, k_norms.shape[-1], v_norms.shape[-1], rows, decode)
+    )
+    if keys_m:
+        block_n, num_warps = 64, 4  # the kernel's fragment layout is built for these
+    if interpreting():  # no inline asm: the split kernel takes the tree, keys-m the prmt steps in Triton ops
+        decode = 2 if keys_m else (0 if decode == 1 else decode)
+    # keys-m: 160 registers uncapped (3 programs per SM either way down to 144); capped only when asked
     capped = maxnreg and block_m == 16 and wrap is _identity and not interpreting() and layouts is None
+    capped = capped and (maxnreg_given or not keys_m)
     launch_opts = {"maxnreg": maxnreg} if capped else {}
     m_tiles = triton.cdiv(rows, block_m)
     qk_scale = float(sm_scale) * LOG2E
@@ -1378,7 +1646,24 @@ def launch_attention(
         "num_warps": num_warps,
         "num_stages": num_stages,
     }
-    if layouts is None:
+    if keys_m:
+        wrap(_attn_keys_m_kernel)[grid](
+            *q_args,
+            _words(k_codes),
+            k_norms.contiguous(),
+            _words(v_codes),
+            v_norms.contiguous(),
+            k_rotation.contiguous(),
+            k_scale.contiguous(),
+            k_levels.contiguous(),
+            v_levels.contiguous(),
+            *tail_args,
+            KBITS=k_bits,
+            VBITS=v_bits,
+            DECODE=decode,
+            **meta,
+        )
+    elif layouts is None:
         wrap(_attn_split_kernel)[grid](
             *q_args,
             _words(k_codes),
