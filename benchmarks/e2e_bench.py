@@ -362,6 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--profile", action="store_true", help="profile the timed steps (device time by kernel)")
     p.add_argument(
+        "--attn-variant",
+        default=None,
+        help="the fused attention's decode kernel (kernels.attention.VARIANTS); default: the library's",
+    )
+    p.add_argument(
         "--compile-mode",
         default=None,
         help="torch.compile mode for both compiled paths, e.g. reduce-overhead (CUDA graphs); default: torch's",
@@ -369,6 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     global PROFILE
     PROFILE = args.profile
+    if args.attn_variant:
+        from rqcompile.kernels import attention as kattn
+
+        kattn.DEFAULTS["variant"] = args.attn_variant
     if args.compile_mode:
         COMPILE_OPTIONS["mode"] = args.compile_mode
     mode = f" ({args.compile_mode})" if args.compile_mode else ""
@@ -394,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         "sink_tokens": args.sink,
         "compile_mode": args.compile_mode,
         "rotation_stages": args.stages,
+        "attn_variant": args.attn_variant,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.stages is not None and args.stages.isdigit():

@@ -1,9 +1,10 @@
-"""Which arguments of the uniform split attention kernel torch's wrap_triton analysis says it writes (what
+"""Which arguments of a uniform-width attention kernel torch's wrap_triton analysis says it writes (what
 torch.compile then treats as mutated), printed as a JSON list. Used by tests/test_kernels.py in a child process:
 torch analyzes the kernel's TTIR for an sm_90 target, generated here without a GPU through a stand-in driver, which
 needs Triton's compiler rather than its interpreter.
 
-    python tests/kernel_writes_probe.py OPAQUE   # OPAQUE: 1 as the eager launch, 0 as the compiled one
+    python tests/kernel_writes_probe.py OPAQUE   # the split kernel; OPAQUE: 1 as the eager launch, 0 as compiled
+    python tests/kernel_writes_probe.py keys-m   # the keys-m kernel (the same launch eager and compiled)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Sm90Driver:
         return GPUTarget("cuda", 90, 32)
 
 
-def written(opaque: bool) -> list[str]:
+def written(opaque: bool, kernel=kattn._attn_split_kernel) -> list[str]:
     analyze = getattr(triton_kernel_wrap, "identify_accessed_tensors", None) or getattr(
         triton_kernel_wrap, "identify_mutated_tensors", None
     )
@@ -63,12 +64,15 @@ def written(opaque: bool) -> list[str]:
         "DECODE": kattn.DECODES["prmt"],
         "OPAQUE": opaque,
     }
-    kwargs = {name: args.get(name, 1) for name in kattn._attn_split_kernel.arg_names}  # the int sizes: 1
+    kwargs = {name: args.get(name, 1) for name in kernel.arg_names}  # the int sizes: 1
     triton.runtime.driver.set_active(Sm90Driver())
-    found = analyze(kattn._attn_split_kernel, kwargs, {})
+    found = analyze(kernel, kwargs, {})
     writes = found.read_writes.writes if hasattr(found, "read_writes") else found
     return sorted(getattr(w, "name", w) for w in writes)
 
 
 if __name__ == "__main__":
-    print(json.dumps(written(bool(int(sys.argv[1])))))
+    if sys.argv[1] == "keys-m":
+        print(json.dumps(written(False, kattn._attn_keys_m_kernel)))
+    else:
+        print(json.dumps(written(bool(int(sys.argv[1])))))

@@ -741,22 +741,23 @@ def _same_decoded_values(out, tree, kb, vb, bitwise=True):
     assert (out - tree).abs().max().item() < 2e-3
 
 
-@pytest.mark.parametrize("opaque", [False, True])
+@pytest.mark.parametrize("opaque", [False, True, "keys-m"])
 def test_compiled_attention_writes_only_its_partial_results(opaque):
     """torch.compile must see the split kernel write only its partial results. An impure inline asm (the eager
     launch's `_opaque`) defeats torch's analysis, which then assumes every input written, and the compiled program
-    copied each layer's whole K/V cache buffers on every decode step; the compiled launch (OPAQUE=False) has none.
-    Run in a child process: torch analyzes the compiled kernel's TTIR, which the interpreter here does not make."""
+    copied each layer's whole K/V cache buffers on every decode step; the compiled launch (OPAQUE=False) has none,
+    nor has the keys-m kernel (its only asm is the pure prmt decode). Run in a child process: torch analyzes the compiled kernel's TTIR, which the interpreter here does not make."""
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     probe = os.path.join(os.path.dirname(__file__), "kernel_writes_probe.py")
-    run = subprocess.run([sys.executable, probe, str(int(opaque))], env=env, capture_output=True, text=True)
+    which = opaque if isinstance(opaque, str) else str(int(opaque))  # "keys-m": that kernel, never opaque
+    run = subprocess.run([sys.executable, probe, which], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     written = set(json.loads(run.stdout.strip().splitlines()[-1]))
-    if opaque:
+    if opaque is True:
         assert {"kc_ptr", "vc_ptr"} <= written  # why the compiled launch goes without it
     else:
         assert written == {"pm_ptr", "pl_ptr", "pacc_ptr"}

@@ -755,6 +755,22 @@ def _q_fragment(q, BITS: tl.constexpr):
 
 
 @triton.jit
+def _tile_norms(knb, vnb, n, n_hi, NGK: tl.constexpr, NGV: tl.constexpr):
+    """fp32 K and V norms of keys n (one per norm group; a second group's are the first's where there is none)."""
+    ok = n < n_hi
+    n64 = n.to(tl.int64)
+    nk0 = tl.load(knb + n64 * NGK, mask=ok, other=0.0).to(tl.float32)
+    nv0 = tl.load(vnb + n64 * NGV, mask=ok, other=0.0).to(tl.float32)
+    nk1 = nk0
+    nv1 = nv0
+    if NGK == 2:
+        nk1 = tl.load(knb + n64 * NGK + 1, mask=ok, other=0.0).to(tl.float32)
+    if NGV == 2:
+        nv1 = tl.load(vnb + n64 * NGV + 1, mask=ok, other=0.0).to(tl.float32)
+    return nk0, nk1, nv0, nv1
+
+
+@triton.jit
 def _attn_keys_m_kernel(
     q_ptr,
     sqb,
@@ -847,17 +863,19 @@ def _attn_keys_m_kernel(
     mrow0 = mask_ptr + b.to(tl.int64) * smb
     i = tl.arange(0, BLOCK_N)
     load_order = ((i // 8) % 4) * 16 + (i // 32) * 8 + i % 8  # _fragment_rows' inverse: natural keys after it
+    # the norms are read one tile ahead: Triton's pipeliner stages only the loads that feed a dot, and these plain
+    # loads, consumed in the same iteration, left every warp waiting on global memory (ncu, benchmarks/NOTES.md v10)
+    nk0, nk1, nv0, nv1 = _tile_norms(knb, vnb, n_lo + i, n_hi, NGK, NGV)
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + i
         n_ok = n < n_hi
         n64 = n.to(tl.int64)
         nl = start + load_order
         krow = kbase + nl.to(tl.int64) * CWK
+        nk0_next, nk1_next, nv0_next, nv1_next = _tile_norms(knb, vnb, n + BLOCK_N, n_hi, NGK, NGV)
         # ---- scores^T [keys, rows]: (codebook[code] . q) * norm per norm group
-        nk0 = tl.load(knb + n64 * NGK, mask=n_ok, other=0.0).to(tl.float32)
         sc = tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 0), q0) * nk0[:, None]
         if NGK == 2:
-            nk1 = tl.load(knb + n64 * NGK + 1, mask=n_ok, other=0.0).to(tl.float32)
             sc += tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 1), q1) * nk1[:, None]
         sc = tl.where(n_ok[:, None], sc, float("-inf"))
         if MASK_KIND != 0:
@@ -878,13 +896,12 @@ def _attn_keys_m_kernel(
         m_i = m_new
         # ---- values^T [coordinates, rows] += V^T @ (p * norm)^T, one dot per norm group
         vrow = vbase + n64 * CWV
-        nv0 = tl.load(vnb + n64 * NGV, mask=n_ok, other=0.0).to(tl.float32)
         vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 0, NGV, False)
         acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
         if NGV == 2:
-            nv1 = tl.load(vnb + n64 * NGV + 1, mask=n_ok, other=0.0).to(tl.float32)
             vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 1, 2, False)
             acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv1[:, None]).to(tl.float16))
+        nk0, nk1, nv0, nv1 = nk0_next, nk1_next, nv0_next, nv1_next
 
     l_i = tl.sum(l_t, axis=0)
     pidx = (bh.to(tl.int64) * NS + split) * M + rows
