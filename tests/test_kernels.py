@@ -746,7 +746,8 @@ def test_compiled_attention_writes_only_its_partial_results(opaque):
     """torch.compile must see the split kernel write only its partial results. An impure inline asm (the eager
     launch's `_opaque`) defeats torch's analysis, which then assumes every input written, and the compiled program
     copied each layer's whole K/V cache buffers on every decode step; the compiled launch (OPAQUE=False) has none,
-    nor has the keys-m kernel (its only asm is the pure prmt decode). Run in a child process: torch analyzes the compiled kernel's TTIR, which the interpreter here does not make."""
+    nor has the keys-m kernel (its only asm is the pure prmt decode). Run in a child process: torch analyzes the
+    compiled kernel's TTIR, which the interpreter here does not make."""
     import json
     import subprocess
     import sys
