@@ -724,7 +724,7 @@ def test_attention_interpret_prmt_data_path(kb, vb, dim, kw):
     tables, word loads, the join order, q's column permutation (K) and the accumulator's (V). Same values as the
     tree decode, summed in another order."""
     kw = {"batch": 2, "heads": 2, **kw}
-    outs, _ = _decode_case(kb, vb, dim, "cpu", tk=70, rep=3, **kw)
+    outs, _ = _decode_case(kb, vb, dim, "cpu", tk=70, rep=3, variant="split", **kw)
     _same_decoded_values(outs["prmt-emulated"], outs["tree"], kb, vb)
 
 
@@ -810,18 +810,19 @@ def test_prmt_decode_is_the_tree_in_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("batch,mask_kind", [(1, None), (8, None), (8, "kv_len")])
 def test_attention_prmt_decode_gpu(bits, batch, mask_kind):
-    """DECODE=1 (inline PTX prmt) at Qwen3.5 shapes (24 query heads, 4 KV heads, d=256, two norm groups), context
-    5000 (partial last tiles): the same decoded values as the tree (equal up to the fp32 summation order: the prmt
-    path takes one half tile and one dot per norm group, the tree two full dots with the other half of q zeroed; see
-    _same_decoded_values), the same as the Triton transcription of the asm (DECODE=2), and close to the reference
-    (checked in _decode_case)."""
-    outs, ref = _decode_case(bits, bits, 256, "cuda", tk=5000, batch=batch, heads=4, rep=6, mask_kind=mask_kind)
+    """The split kernel's DECODE=1 (inline PTX prmt) at Qwen3.5 shapes (24 query heads, 4 KV heads, d=256, two norm
+    groups), context 5000 (partial last tiles): the same decoded values as the tree (equal up to the fp32 summation
+    order: the prmt path takes one half tile and one dot per norm group, the tree two full dots with the other half of
+    q zeroed; see _same_decoded_values), the same as the Triton transcription of the asm (DECODE=2), and close to
+    the reference (checked in _decode_case)."""
+    kw = {"batch": batch, "heads": 4, "rep": 6, "mask_kind": mask_kind, "variant": "split"}
+    outs, ref = _decode_case(bits, bits, 256, "cuda", tk=5000, **kw)
     _same_decoded_values(outs["prmt"], outs["tree"], bits, bits, bitwise=False)
     # DECODE=2 has no _opaque: Triton gives its dots kWidth 4, another grouping of the products
     _same_decoded_values(outs["prmt"], outs["prmt-emulated"], bits, bits, bitwise=False)
     # mixed widths in one launch: K and V tables of different sizes, one of them with permuted columns
     other = 4 if bits != 4 else 2
-    outs, _ = _decode_case(bits, other, 256, "cuda", tk=777, batch=batch, heads=4, rep=6, mask_kind=mask_kind)
+    outs, _ = _decode_case(bits, other, 256, "cuda", tk=777, **kw)
     _same_decoded_values(outs["prmt"], outs["tree"], bits, other, bitwise=False)
 
 

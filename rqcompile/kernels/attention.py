@@ -62,9 +62,10 @@ DEFAULTS = {"block_n": 64, "num_warps": 4, "split_waves": 8, "num_stages": 3, "m
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 # variant: the uniform-width kernel for decode shapes. "split" = _attn_split_kernel (K tile as the mma's B operand);
 # "keys-m" = _attn_keys_m_kernel (keys as the M side, K decoded straight into the mma's registers), taken where it
-# applies (keys_m_applies) and the split kernel elsewhere
+# applies (keys_m_applies) and the split kernel elsewhere. keys-m is the default since it was timed on the H200
+# (benchmarks/NOTES.md v10: 4-9% faster at batch 8, level at batch 1)
 VARIANTS = ("split", "keys-m")
-DEFAULTS["variant"] = "split"
+DEFAULTS["variant"] = "keys-m"
 # The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
 # per load, BLOCK_D = COMBINE_TILE / splits (>= 16): independent loads, not a chain of dependent round trips
 COMBINE_BLOCK_S, COMBINE_TILE = 128, 4096
