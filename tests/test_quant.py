@@ -83,7 +83,7 @@ def _apply_stages_one_by_one(backend: str, x: torch.Tensor, group: int, stages, 
             y = y[..., rotations.shuffle_perm(group, radices[stage - 1])]
         out = []
         for g in range(y.shape[-2]):
-            blocks = rotations.stage_blocks(b, backend, group, gen, "full")  # [nb, b, b]
+            blocks = rotations.stage_blocks(b, group, gen)  # [nb, b, b]
             nb = blocks.shape[0]
             padded = F.pad(y[..., g, :], (0, nb * b - group)).unflatten(-1, (nb, b))
             out.append(torch.einsum("jik,...jk->...ji", blocks, padded).flatten(-2)[..., :group])
@@ -127,6 +127,28 @@ def test_full_mixing_spreads_every_coordinate_evenly_like_a_hadamard_transform(b
     assert tuple(state.rotation.shape) == (2, head_dim // group, group, group)  # no mixing across norm groups
     assert torch.allclose(state.rotation.abs(), torch.full_like(state.rotation, group**-0.5), atol=1e-6)
     assert not torch.equal(state.rotation[0], state.rotation[1])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotor_full_mixing_leaves_no_coordinate_out(head_dim):
+    """Rotor stages cannot be equal-magnitude (no 3x3 Hadamard matrix); they take the flattest 3D rotation (entries
+    2/3, 2/3, 1/3) in random signed orientations, and because 3 does not divide the group, the shuffle moves the
+    leftover slot every stage. With a fixed slot, coordinate 63 of a 64-group was never mixed (an entry of 1)."""
+    state = make_state(
+        RQConfig(backend="rotor", rotation_stages="full"), layer_idx=0, kind="k", num_heads=2, head_dim=head_dim
+    )
+    group = min(head_dim, 128)
+    rot = state.rotation.double()
+    assert torch.allclose(rot @ rot.transpose(-1, -2), torch.eye(group, dtype=torch.float64).expand_as(rot), atol=1e-5)
+    assert rot.abs().max() < 0.5  # every output coordinate mixes many inputs (a fixed slot would give 1.0)
+    # participation: 1 / sum(entry**4) per row, over g; 1 for Hadamard, ~1/3 for a Haar-random rotation
+    participation = (1 / (rot**4).sum(-1)).mean() / group
+    assert participation > 0.35
+    gen = torch.Generator().manual_seed(0)
+    blocks = rotations.stage_blocks(3, 64, gen)
+    assert torch.allclose(torch.linalg.det(blocks[:-1]), torch.ones(21, dtype=torch.float64))
+    magnitudes = (blocks[:-1].abs() * 3).round().sort(-1).values
+    assert torch.equal(magnitudes, torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64).expand_as(magnitudes))
 
 
 def test_the_default_mixes_the_whole_group_and_one_stage_is_the_block_rotation():

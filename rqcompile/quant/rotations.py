@@ -151,26 +151,49 @@ def stage_radices(backend: str, group: int, stages: int | str) -> tuple[int, ...
 
 def shuffle_perm(group: int, b: int) -> torch.Tensor:
     """Perfect shuffle of one norm group's (group // b, b) grid of blocks, as `new[i] = old[p[i]]`: each block of the
-    next stage takes one coordinate from b consecutive blocks of this one. A trailing partial block (rotor's leftover
-    coordinates) stays where it is."""
+    next stage takes one coordinate from b consecutive blocks of this one. When b does not divide the group (rotor's
+    leftover coordinates, which the stage's blocks do not touch), the shuffled order is then rotated by one position,
+    so that the next stage leaves out another coordinate: a fixed trailing slot was never mixed at all."""
     whole = group - group % b
-    p = torch.arange(whole).view(whole // b, b).T.flatten()
-    return torch.cat([p, torch.arange(whole, group)])
+    p = torch.cat([torch.arange(whole).view(whole // b, b).T.flatten(), torch.arange(whole, group)])
+    return torch.roll(p, 1) if whole < group else p
 
 
-def stage_blocks(radix: int, backend: str, group: int, gen: torch.Generator, iso_mode: str) -> torch.Tensor:
+# The flattest 3D rotation we know: entries of magnitude 2/3, 2/3, 1/3 in every row and column (all 1/sqrt(3) would
+# be a Hadamard matrix of order 3, which does not exist). Rotor stages use it between random signed permutations.
+EVEN_ROTATION_3D = torch.tensor([[-2.0, -2.0, 1.0], [2.0, -1.0, 2.0], [-1.0, 2.0, 2.0]], dtype=torch.float64) / 3
+
+
+def _even_rotor_blocks(gen: torch.Generator, count: int) -> torch.Tensor:
+    """[count, 3, 3] rotations S_1 EVEN_ROTATION_3D S_2 with S_1, S_2 random signed permutations (det +1 kept): each
+    the sandwich matrix of a rotor, as every 3D rotation is, with EVEN_ROTATION_3D's entry magnitudes."""
+    out = torch.empty(count, 3, 3, dtype=torch.float64)
+    for i in range(count):
+        signs = torch.randint(0, 2, (2, 3), generator=gen).to(torch.float64) * 2 - 1
+        rows, cols = torch.randperm(3, generator=gen), torch.randperm(3, generator=gen)
+        block = (torch.diag(signs[0]) @ EVEN_ROTATION_3D @ torch.diag(signs[1]))[rows][:, cols]
+        out[i] = block if torch.linalg.det(block) > 0 else -block
+    return out
+
+
+def stage_blocks(radix: int, group: int, gen: torch.Generator) -> torch.Tensor:
     """One stage's blocks [group // radix (+1), radix, radix] for one norm group. 2D and 4D blocks have entries of
     equal magnitude (Givens at +-pi/4; left multiplication by a quaternion (+-1 +-i +-j +-k) / 2), random in sign:
     a staged product of them spreads every coordinate evenly over the group, like a randomized Hadamard transform
     (measured better than random angles, QUALITY.md "Staged rotations"). No 3x3 rotation has equal-magnitude
-    entries, so rotor stages keep Haar-random rotors."""
+    entries; rotor stages take the flattest one (EVEN_ROTATION_3D) in random signed orientations (measured against
+    Haar-random rotors in QUALITY.md); leftover coordinates (g not a multiple of 3) are left out of the stage."""
     if radix == 2:
         signs = torch.randint(0, 2, (group // 2,), generator=gen).to(torch.float64) * 2 - 1
         return givens(signs * (math.pi / 4))
     if radix == 4:
         signs = torch.randint(0, 2, (group // 4, 4), generator=gen).to(torch.float64) * 2 - 1
         return quat_left(signs / 2)
-    return _head_blocks(backend, group, group, gen, iso_mode)
+    whole, leftover = divmod(group, 3)
+    blocks = _even_rotor_blocks(gen, whole)
+    if leftover:
+        blocks = torch.cat([blocks, torch.eye(3, dtype=torch.float64)[None]], 0)
+    return blocks
 
 
 def _block_diag(blocks: torch.Tensor, dim: int) -> torch.Tensor:
@@ -196,7 +219,7 @@ def _staged_head(
         gen = head_generator(seed + STAGE_SEED_STRIDE * stage, layer_idx, head, kind)
         perm = shuffle_perm(group, radices[stage - 1]) if stage else None
         for g in range(dim // group):  # each group its own blocks, drawn in order from the stage's stream
-            blocks = _block_diag(stage_blocks(radix, backend, group, gen, iso_mode), group)
+            blocks = _block_diag(stage_blocks(radix, group, gen), group)
             folded[g] = blocks @ (folded[g] if perm is None else folded[g][perm])  # (P M)[i] = M[p[i]]
     return torch.stack(folded)
 
