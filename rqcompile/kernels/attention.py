@@ -354,6 +354,27 @@ def _prmt_asm(w, hh, tab, BITS: tl.constexpr):
 
 
 @triton.jit
+def _decode_words(w, hh, tab, BITS: tl.constexpr, DECODE: tl.constexpr):
+    """The prmt decode of every word of w (hh: 3 bits' high-plane halfwords), joined into w.shape + [2, ..., 2]:
+    the first join makes the slowest new axis, so pairing element i with i + n/2 at every level leaves the
+    values in output order, a plain reshape away from [.., words * values]."""
+    if DECODE == 1:
+        out = _prmt_asm(w, hh, tab, BITS)
+    else:
+        out = _prmt_emulated(w, hh, tab, BITS)
+    if BITS == 4:
+        o0, o1, o2, o3, o4, o5, o6, o7 = out
+        a0, a1, a2, a3 = tl.join(o0, o4), tl.join(o1, o5), tl.join(o2, o6), tl.join(o3, o7)
+    else:
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = out
+        a0, a1, a2, a3 = tl.join(o0, o8), tl.join(o1, o9), tl.join(o2, o10), tl.join(o3, o11)
+        a4, a5, a6, a7 = tl.join(o4, o12), tl.join(o5, o13), tl.join(o6, o14), tl.join(o7, o15)
+        a0, a1, a2, a3 = tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7)
+    b0, b1 = tl.join(a0, a2), tl.join(a1, a3)
+    return tl.join(b0, b1)
+
+
+@triton.jit
 def _tile_prmt(
     row,
     n_ok,
@@ -385,22 +406,7 @@ def _tile_prmt(
         hh = tl.reshape(tl.join(hi, hi >> 16), [BLOCK_N, WP])
     else:
         hh = w
-    if DECODE == 1:
-        out = _prmt_asm(w, hh, tab, BITS)
-    else:
-        out = _prmt_emulated(w, hh, tab, BITS)
-    # join: the first join makes the slowest new axis, so pairing element i with i + n/2 at every level gives
-    # [BLOCK_N, W, 2, ..., 2] in output order, a plain reshape away from [BLOCK_N, D]
-    if BITS == 4:
-        o0, o1, o2, o3, o4, o5, o6, o7 = out
-        a0, a1, a2, a3 = tl.join(o0, o4), tl.join(o1, o5), tl.join(o2, o6), tl.join(o3, o7)
-    else:
-        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = out
-        a0, a1, a2, a3 = tl.join(o0, o8), tl.join(o1, o9), tl.join(o2, o10), tl.join(o3, o11)
-        a4, a5, a6, a7 = tl.join(o4, o12), tl.join(o5, o13), tl.join(o6, o14), tl.join(o7, o15)
-        a0, a1, a2, a3 = tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7)
-    b0, b1 = tl.join(a0, a2), tl.join(a1, a3)
-    tile = _spread_chunks(tl.reshape(tl.join(b0, b1), [BLOCK_N, D // PARTS]), BITS)
+    tile = _spread_chunks(tl.reshape(_decode_words(w, hh, tab, BITS, DECODE), [BLOCK_N, D // PARTS]), BITS)
     if DECODE == 1 and OPAQUE:
         tile = _opaque(tile)
     return tile
@@ -667,7 +673,8 @@ def _attn_split_kernel(
 #
 # The split kernel above computes scores as q [BLOCK_M, d] @ K^T: the decoded K tile is the mma's B operand, which
 # the tensor cores read from shared memory, so every decoded K element is stored to shared memory and read back
-# (with V's tile, ~1.5 KB of shared traffic per tile and thread, the kernel's limit: benchmarks/NOTES.md v8).
+# (with V's tile ~1.5 KB of shared traffic per tile and thread, which benchmarks/NOTES.md v8 took for the limit;
+# v10 measured this kernel 4-9% faster at batch 8, not the ~2x that predicted: both are latency-bound).
 # Here the scores are computed transposed, S^T = K [BLOCK_N, d] @ q^T, with 64 keys as the M side of a Hopper
 # wgmma, whose A operand may live in registers. The codes are loaded so that each thread decodes exactly the
 # elements the A fragment wants from it (lane l: keys l/4 and l/4 + 8 of its warp's 16, coordinates 16k + 8h +
@@ -727,20 +734,7 @@ def _key_fragment(krow, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: 
         hh = tl.permute(hi, (1, 0, 2)).to(tl.int32)
     else:
         hh = w
-    if DECODE == 1:
-        out = _prmt_asm(w, hh, tab, BITS)
-    else:
-        out = _prmt_emulated(w, hh, tab, BITS)
-    if BITS == 4:
-        o0, o1, o2, o3, o4, o5, o6, o7 = out
-        a0, a1, a2, a3 = tl.join(o0, o4), tl.join(o1, o5), tl.join(o2, o6), tl.join(o3, o7)
-    else:
-        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = out
-        a0, a1, a2, a3 = tl.join(o0, o8), tl.join(o1, o9), tl.join(o2, o10), tl.join(o3, o11)
-        a4, a5, a6, a7 = tl.join(o4, o12), tl.join(o5, o13), tl.join(o6, o14), tl.join(o7, o15)
-        a0, a1, a2, a3 = tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7)
-    b0, b1 = tl.join(a0, a2), tl.join(a1, a3)
-    tile = tl.reshape(tl.join(b0, b1), [64, 128])  # column (t * NW + u) * PER + value, as _tile_prmt's
+    tile = tl.reshape(_decode_words(w, hh, tab, BITS, DECODE), [64, 128])  # column (t * NW + u) * PER + value
     return _fragment_rows(_fragment_columns(tile, NW, PER))
 
 

@@ -7,7 +7,8 @@ Parameters are random but deterministic from (seed, layer, kv-head, K|V).
 Staged rotations (`RQConfig.rotation_stages = s > 1` or "full") compose s layers of blocks with a perfect shuffle
 between layers, inside each norm group: `R = B_s P ... P B_1`, so one coordinate mixes with b^s others (a radix-b
 butterfly; a 2-4 dim block alone cannot spread one large coordinate the way Hadamard does). Their 2D / 4D blocks
-have equal-magnitude entries (random signs), so a fully mixed group is a randomized Hadamard-type transform. The
+have equal-magnitude entries (random signs), so a fully mixed group is a randomized Hadamard-type transform; 3D
+blocks cannot, and take the flattest 3D rotation in random signed orientations instead. The
 product is stored folded, as one dense `[g, g]` block per norm group: the hadamard backend's shape, which every path
 reads (docs/FORMAT.md "Staged rotations").
 """
