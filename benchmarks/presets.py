@@ -50,6 +50,8 @@ MIXED = {
     "K4/3 V3": dict(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS)),
     "K4 V3/2": dict(key_bits=4, value_bits=2, layer_bits=tuple((i, 4, 3) for i in V3_LAYERS)),
     "K3 V3/2": dict(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in V3_LAYERS)),
+    # session 9: 2.5 bits/element (keys 3-bit in K4_LAYERS' half, 2-bit elsewhere; values 2-bit), not tuned
+    "K3/2 V2": dict(bits=2, layer_bits=tuple((i, 3, 2) for i in K4_LAYERS)),
 }
 
 
