@@ -764,42 +764,42 @@ def test_compiled_attention_writes_only_its_partial_results(opaque):
         assert written == {"pm_ptr", "pl_ptr", "pacc_ptr"}
 
 
-def _spy_on_split_launches(monkeypatch, key: str) -> list:
-    """Replace the uniform split kernel by a spy that records launch keyword `key` and then launches the kernel."""
+def _spy_on(monkeypatch, name: str) -> list:
+    """Replace kernel `name` of kernels.attention by a spy that records each launch's keywords, then launches it."""
     seen = []
-    real = kattn._attn_split_kernel
+    real = getattr(kattn, name)
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*a, **k):
-                seen.append(k[key])
+                seen.append(k)
                 return real[grid](*a, **k)
 
             return launch
 
-    monkeypatch.setattr(kattn, "_attn_split_kernel", Spy())
+    monkeypatch.setattr(kattn, name, Spy())
     return seen
 
 
 def test_only_eager_launches_are_opaque(monkeypatch):
     """The launcher passes OPAQUE only where it launches the kernel itself (no wrap_triton)."""
-    seen = _spy_on_split_launches(monkeypatch, "OPAQUE")
+    seen = _spy_on(monkeypatch, "_attn_split_kernel")
     ks, vs = _state("planar", 3, "k", 1, 64, "cpu"), _state("planar", 3, "v", 1, 64, "cpu", seed=1)
     kc, kn = quantizer.quantize(torch.randn(1, 1, 8, 64), ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
     args = (torch.randn(1, 2, 1, 64), kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels)
     args += (vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3, None, 0.125)
     kattn.launch_attention(*args)
     kattn.launch_attention(*args, wrap=lambda kernel: kernel)  # as torch.library.wrap_triton would
-    assert seen == [True, False]
+    assert [k["OPAQUE"] for k in seen] == [True, False]
 
 
 def test_prmt_decode_is_the_tree_in_the_interpreter(monkeypatch):
     """The launcher forces the tree for DECODE=1 where inline asm cannot run."""
     if HAS_CUDA:
         pytest.skip("interpreter only")
-    seen = _spy_on_split_launches(monkeypatch, "DECODE")
+    seen = _spy_on(monkeypatch, "_attn_split_kernel")
     _decode_case(3, 3, 64, "cpu", tk=20, batch=1, heads=1, rep=2, decodes=("tree", "prmt", 1, "prmt-emulated"))
-    assert seen == [0, 0, 0, 2]
+    assert [k["DECODE"] for k in seen] == [0, 0, 0, 2]
     assert kattn.DEFAULTS["decode"] == kattn.DECODES["prmt"]  # the default since it was timed (benchmarks/NOTES.md v6)
     with pytest.raises(ValueError):
         kattn.launch_attention(*([None] * 16), decode=7)
@@ -827,23 +827,6 @@ def test_attention_prmt_decode_gpu(bits, batch, mask_kind):
 
 
 # ---------------------------------------------------------------- keys as the mma's M operand (variant "keys-m")
-
-
-def _spy_on(monkeypatch, name: str) -> list:
-    """Replace kernel `name` of kernels.attention by a spy that records each launch's keywords, then launches it."""
-    seen = []
-    real = getattr(kattn, name)
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                seen.append(k)
-                return real[grid](*a, **k)
-
-            return launch
-
-    monkeypatch.setattr(kattn, name, Spy())
-    return seen
 
 
 @cpu_only
