@@ -40,10 +40,13 @@ ALLOCATION = (2, 3, 4, 5, 6)
 # + sink + search, uncalibrated +38.2% KL 0.391, calibration="prompt" +12.1% KL 0.130, calibrated +9.9% KL 0.170;
 # hadamard with calibration="prompt" +18.7% KL 0.158. Session 8: that is the default RQConfig() (one block layer,
 # the session-4 default, is pinned as iso-K3V3-block-*).
+# Session 9: rotor's stages from the flattest 3D rotation (QUALITY.md "Session 9"): rotor K3V3 full mixing,
+# calibration="prompt" +13.1% KL 0.151 (the Haar-random stages with a fixed leftover slot: +23.2% KL 0.182).
 PINS = {
     "default-uncalibrated": (RQConfig(), False, (15.0, 48.0), 0.49),
     "default-prompt-calibrated": (RQConfig(), "prompt", (4.0, 16.0), 0.165),
     "default-calibrated": (RQConfig(), True, (3.0, 13.0), 0.215),
+    "rotor-K3V3-full-prompt-calibrated": (RQConfig(backend="rotor"), "prompt", (4.0, 17.0), 0.19),
     "iso-K3V3-block-uncalibrated": (RQConfig(**PRESET), False, (60.0, 165.0), 1.0),
     "iso-K3V3-block-prompt-calibrated": (RQConfig(**PRESET), "prompt", (12.0, 44.0), 0.34),
     "planar-3": (RQConfig(backend="planar", bits=3, scale_search=(), rotation_stages=1), False, (500.0, 1300.0), 3.0),
