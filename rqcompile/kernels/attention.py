@@ -474,6 +474,21 @@ def _prmt_columns(col, BITS: tl.constexpr):
 
 
 @triton.jit
+def _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[n_lo, n_hi): this split's keys. With kv_len the splits share the valid keys only (a short context in a long
+    static cache keeps every split busy), in whole tiles."""
+    if HAS_KVLEN:
+        kvl = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk)
+        span_b = (((kvl + NS - 1) // NS + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        n_lo = split * span_b
+        n_hi = tl.minimum(n_lo + span_b, kvl)
+    else:
+        n_lo = split * span
+        n_hi = tl.minimum(n_lo + span, Tk)
+    return n_lo, n_hi
+
+
+@triton.jit
 def _attn_split_kernel(
     q_ptr,
     sqb,
@@ -573,14 +588,7 @@ def _attn_split_kernel(
         q0 = qf.to(tl.float16)
         q1 = q0
 
-    if HAS_KVLEN:  # the splits share the valid keys only: a short context in a long static cache keeps every split busy
-        kvl = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk)
-        span_b = (((kvl + NS - 1) // NS + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-        n_lo = split * span_b
-        n_hi = tl.minimum(n_lo + span_b, kvl)
-    else:
-        n_lo = split * span
-        n_hi = tl.minimum(n_lo + span, Tk)
+    n_lo, n_hi = _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -837,14 +845,7 @@ def _attn_keys_m_kernel(
     # the accumulators' rows follow the V tiles' column order
     vcol = _prmt_columns(_spread_source(tl.arange(0, 128), 128, VBITS), VBITS)
 
-    if HAS_KVLEN:
-        kvl = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk)
-        span_b = (((kvl + NS - 1) // NS + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-        n_lo = split * span_b
-        n_hi = tl.minimum(n_lo + span_b, kvl)
-    else:
-        n_lo = split * span
-        n_hi = tl.minimum(n_lo + span, Tk)
+    n_lo, n_hi = _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -1232,14 +1233,7 @@ def _attn_split_layout_kernel(
     q6 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 6, D, KRB, KNB, KPERM, BLOCK_M)
     q7 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 7, D, KRB, KNB, KPERM, BLOCK_M)
 
-    if HAS_KVLEN:  # the splits share the valid keys only: a short context in a long static cache keeps every split busy
-        kvl = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk)
-        span_b = (((kvl + NS - 1) // NS + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-        n_lo = split * span_b
-        n_hi = tl.minimum(n_lo + span_b, kvl)
-    else:
-        n_lo = split * span
-        n_hi = tl.minimum(n_lo + span, Tk)
+    n_lo, n_hi = _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
