@@ -128,6 +128,7 @@ def main() -> None:
         "--ncu", default="", help="batch,context: launch that shape 10 times for ncu (first variant), nothing else"
     )
     ap.add_argument("--host", default="", help="batch,context: where an eager call spends its host time, nothing else")
+    ap.add_argument("--kv-len", action="store_true", help="pass kv_len (all keys valid), as apply's programs do")
     args = ap.parse_args()
 
     if args.host:
@@ -164,9 +165,10 @@ def main() -> None:
 
             sdpa_ms = do_bench_cudagraph(sdpa, rep=100, return_mode="median")
             for name, settings in variants:
+                kv_len = torch.full((batch,), ctx, device="cuda") if args.kv_len else None
 
-                def fused(op_args=op_args, settings=settings):
-                    return launch_attention(*op_args, None, 1 / math.sqrt(DIM), **settings)
+                def fused(op_args=op_args, settings=settings, kv_len=kv_len):
+                    return launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len, **settings)
 
                 ms = do_bench_cudagraph(fused, rep=100, return_mode="median")
                 kernels = kernel_times(fused)
@@ -175,6 +177,7 @@ def main() -> None:
                     "ctx": ctx,
                     "backend": backend,
                     "variant": name,
+                    "kv_len": args.kv_len,
                     "settings": settings,
                     "graph_ms": ms,
                     "sdpa_graph_ms": sdpa_ms,

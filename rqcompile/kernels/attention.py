@@ -868,7 +868,8 @@ def _attn_keys_m_kernel(
         n64 = n.to(tl.int64)
         nl = start + load_order
         krow = kbase + nl.to(tl.int64) * CWK
-        nk0_next, nk1_next, nv0_next, nv1_next = _tile_norms(knb, vnb, n + BLOCK_N, n_hi, NGK, NGV)
+        nk0_next, nk1_next, _, _ = _tile_norms(knb, vnb, n + BLOCK_N, n_hi, NGK, NGV)
+        _, _, nv0, nv1 = _tile_norms(knb, vnb, n, n_hi, NGK, NGV)
         # ---- scores^T [keys, rows]: (codebook[code] . q) * norm per norm group
         sc = tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 0), q0) * nk0[:, None]
         if NGK == 2:
@@ -897,7 +898,7 @@ def _attn_keys_m_kernel(
         if NGV == 2:
             vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 1, 2, False)
             acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv1[:, None]).to(tl.float16))
-        nk0, nk1, nv0, nv1 = nk0_next, nk1_next, nv0_next, nv1_next
+        nk0, nk1 = nk0_next, nk1_next
 
     l_i = tl.sum(l_t, axis=0)
     pidx = (bh.to(tl.int64) * NS + split) * M + rows
