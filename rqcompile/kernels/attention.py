@@ -14,6 +14,9 @@ Decode (constexpr DECODE, launcher `decode`): 0 = the select tree above; 1 = byt
 PTX (kernels/prmt.py: four prmt per four codes, ~2-3 instructions per element instead of ~8-17; 2/3-bit tiles come
 out with their columns permuted within each block of 16, which q and the accumulator's store follow); 2 = the same
 steps in Triton integer ops (for the interpreter, which cannot run inline asm and takes the tree for 1).
+Keys-m kernel (the default for decode shapes, `launch_attention(variant=...)`): the same contract with the scores
+computed transposed, keys as the M side of a Hopper wgmma, so the decoded K tile goes straight into the mma's
+registers (section "keys as the mma's M operand" below).
 Combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query row (block-diagonal gather),
 applies V's scale and mean and writes the output in q's dtype; for rq::attention_lse (constexpr WRITE_LSE) also each
 row's natural-log sum-exp from the merged max and sum.
@@ -63,7 +66,7 @@ DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 # variant: the uniform-width kernel for decode shapes. "split" = _attn_split_kernel (K tile as the mma's B operand);
 # "keys-m" = _attn_keys_m_kernel (keys as the M side, K decoded straight into the mma's registers), taken where it
 # applies (keys_m_applies) and the split kernel elsewhere. keys-m is the default since it was timed on the H200
-# (benchmarks/NOTES.md v10: 4-9% faster at batch 8, level at batch 1)
+# (benchmarks/NOTES.md v10: at batch 8 4-9% faster, 13-15% with kv_len as apply passes it; at batch 1 within 3%)
 VARIANTS = ("split", "keys-m")
 DEFAULTS["variant"] = "keys-m"
 # The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
