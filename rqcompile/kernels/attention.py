@@ -66,7 +66,7 @@ DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 # variant: the uniform-width kernel for decode shapes. "split" = _attn_split_kernel (K tile as the mma's B operand);
 # "keys-m" = _attn_keys_m_kernel (keys as the M side, K decoded straight into the mma's registers), taken where it
 # applies (keys_m_applies) and the split kernel elsewhere. keys-m is the default since it was timed on the H200
-# (benchmarks/NOTES.md v10: at batch 8 4-9% faster, 13-15% with kv_len as apply passes it; at batch 1 within 3%)
+# (benchmarks/NOTES.md v10: at batch 8 4-9% less time, 13-15% with kv_len as apply passes it; batch 1 within 3%)
 VARIANTS = ("split", "keys-m")
 DEFAULTS["variant"] = "keys-m"
 # The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
