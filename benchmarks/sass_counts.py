@@ -1,0 +1,101 @@
+"""Static SASS of the uniform decode attention kernels for sm_90, built here without a GPU: registers, stack, shared
+memory, and the main loop's instruction count per 64-key tile and thread with its shared-memory / mma / barrier
+instructions (benchmarks/NOTES.md v10). The kernels are compiled with the divisibility attributes a real launch
+specializes (16-byte aligned pointers, strides and lengths divisible by 16, unit stride, Tq = 1): without them the
+load layouts, and so the conversions, differ.
+
+The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install that version beside the venv:
+
+    .venv/bin/python -m pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py "kb=3,vb=3" "kernel=split,kb=3,vb=3,maxnreg=128"
+
+Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), maxnreg, stages.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rqcompile.kernels import attention as kattn
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+POINTERS = {
+    "q_ptr": "*bf16",
+    "kc_ptr": "*i32",
+    "kn_ptr": "*fp16",
+    "vc_ptr": "*i32",
+    "vn_ptr": "*fp16",
+    "krot_ptr": "*fp32",
+    "kscale_ptr": "*fp32",
+    "klev_ptr": "*fp32",
+    "vlev_ptr": "*fp32",
+    "mask_ptr": "*bf16",
+    "kvlen_ptr": "*i32",
+    "pm_ptr": "*fp32",
+    "pl_ptr": "*fp32",
+    "pacc_ptr": "*fp32",
+}
+DIVISIBLE = (*POINTERS, "sqb", "sqh", "sqt", "Tk", "span")
+SHARED_OPS = re.compile(r"(STS|LDS|LDSM|STSM|BAR|SHFL|HGMMA|HMMA)")
+
+
+def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, d=256):
+    fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
+    sig = {name: "i32" for name in fn.arg_names}
+    sig.update(POINTERS, qk_scale="fp32")
+    const = dict(D=d, KBITS=kb, VBITS=vb, NGK=d // 128, NGV=d // 128, KRB=2, KNB=d // 2, MASK_KIND=mask)
+    const.update(MASK_ROW=False, HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1)
+    if not mask:
+        const.update(smb=0, smh=0, smt=0, smn=0)
+    sig.update({name: "constexpr" for name in const})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if sig[n] != "constexpr"}
+    options = {"num_warps": 4, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def loop_instructions(sass: str) -> list[str]:
+    """The opcodes of the largest backward branch's body: the key loop."""
+    rows = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        if m:
+            rows.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    best = None
+    for addr, op, rest in rows:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            span = (int(target.group(1), 16), addr)
+            if best is None or span[1] - span[0] > best[1] - best[0]:
+                best = span
+    return [op for addr, op, _ in rows if best and best[0] <= addr <= best[1]]
+
+
+def main() -> None:
+    for spec in sys.argv[1:] or ["kb=3,vb=3", "kernel=split,kb=3,vb=3"]:
+        kw = {}
+        for item in filter(None, spec.split(",")):
+            key, value = item.split("=")
+            kw[key] = value if key == "kernel" else int(value)
+        compiled = build(**kw)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+            res = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+        loop = loop_instructions(sass)
+        shared = {op: n for op, n in sorted(collections.Counter(loop).items()) if SHARED_OPS.match(op)}
+        usage = " ".join(re.findall(r"REG:\d+|STACK:\d+", res))
+        print(f"{spec}: {usage} shared {compiled.metadata.shared} B, loop {len(loop)} instructions; {shared}")
+
+
+if __name__ == "__main__":
+    main()
