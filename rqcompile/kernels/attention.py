@@ -61,14 +61,21 @@ LOG2E = 1.4426950408889634
 # decode: how a tile of codes becomes fp16 codebook values: 0 = binary select tree ("tree"), 1 = prmt byte-table
 # lookup in inline PTX ("prmt", compiled code only; the interpreter runs the tree), 2 = the prmt steps transcribed
 # into Triton integer ops (any backend; to test the prmt data path in the interpreter)
-DEFAULTS = {"block_n": 64, "num_warps": 4, "split_waves": 8, "num_stages": 3, "maxnreg": 128, "decode": 1}
-DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 # variant: the uniform-width kernel for decode shapes. "split" = _attn_split_kernel (K tile as the mma's B operand);
 # "keys-m" = _attn_keys_m_kernel (keys as the M side, K decoded straight into the mma's registers), taken where it
 # applies (keys_m_applies) and the split kernel elsewhere. keys-m is the default since it was timed on the H200
 # (benchmarks/NOTES.md v10: at batch 8 4-9% less time, 13-15% with kv_len as apply passes it; batch 1 within 3%)
+DEFAULTS = {
+    "block_n": 64,
+    "num_warps": 4,
+    "split_waves": 8,
+    "num_stages": 3,
+    "maxnreg": 128,
+    "decode": 1,
+    "variant": "keys-m",
+}
+DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 VARIANTS = ("split", "keys-m")
-DEFAULTS["variant"] = "keys-m"
 # The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
 # per load, BLOCK_D = COMBINE_TILE / splits (>= 16): independent loads, not a chain of dependent round trips
 COMBINE_BLOCK_S, COMBINE_TILE = 128, 4096
