@@ -165,6 +165,33 @@ def test_chunked_teacher_forcing_through_a_compressed_cache_writes_the_same_code
     assert (runs[1].token_nll - runs[DECODE].token_nll).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["hadamard", "iso"])
+def test_a_windowed_cache_fed_in_one_chunk_scores_as_if_fed_token_by_token(smollm2, ids, backend):
+    """`residual_window`: each query of a chunk must see the exact window it would have seen fed alone (the real
+    cache, fed a chunk, shows every query the window at the chunk's end: the second assertion shows that differs)."""
+    from rqcompile import RQCache, RQConfig
+    from rqcompile.eval.metrics import _decode
+
+    config = RQConfig(backend=backend, bits=3, scale_search=(), sink_tokens=1, residual_window=8)
+    make = lambda: RQCache(config, calibration=None)  # noqa: E731
+    one = decode_time_ppl(smollm2[0], ids, make, PREFILL, DECODE, chunk=1)
+    chunked = decode_time_ppl(smollm2[0], ids, make, PREFILL, DECODE, chunk=DECODE)
+    assert (one.token_nll - chunked.token_nll).abs().max().item() < 1e-4
+    naive = _decode(smollm2[0], ids, make(), PREFILL, DECODE, keep_logprobs=False, progress=False, chunk=DECODE)
+    assert (one.token_nll - naive.token_nll).abs().max().item() > 0.1
+
+
+def test_the_window_view_refuses_a_batch(smollm2):
+    from rqcompile import RQCache, RQConfig
+    from rqcompile.eval.metrics import _cache_kwarg
+    from rqcompile.eval.window_view import window_view
+
+    cache = RQCache(RQConfig(bits=3, residual_window=4), calibration=None)
+    with window_view(smollm2[0], cache) as views, pytest.raises(ValueError, match="one sequence"):
+        smollm2[0](input_ids=torch.ones(2, 8, dtype=torch.long), **{_cache_kwarg(smollm2[0]): views}, use_cache=True)
+    assert smollm2[0].config._attn_implementation != "rqcompile_window_view"
+
+
 def test_chunk_must_be_positive(smollm2, ids):
     with pytest.raises(ValueError, match="chunk"):
         decode_time_ppl(smollm2[0], ids, DynamicCache, PREFILL, DECODE, chunk=0)

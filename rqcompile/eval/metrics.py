@@ -8,6 +8,7 @@ callable returning a fresh cache, which keeps the harness agnostic to the cache 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+
+from rqcompile.cache import RQCache
+from rqcompile.eval.window_view import window_view
 
 MakeCache = Callable[[], object]
 
@@ -80,14 +84,23 @@ def decode_time_ppl(
     `chunk > 1` gives the same scores as one-at-a-time feeding (up to float rounding) for a cache whose stored value
     of a token never depends on when it is read - e.g. `RQCache` without `residual_window`, which quantizes each
     token on write and returns the dequantized history, the chunk's own tokens included, so every query still reads
-    every earlier K/V (and its own) through the compressed store under the causal mask. It does *not* hold for
-    caches that keep recent tokens exact (a residual window, KIVI's fp16 residual): use `chunk=1` there.
+    every earlier K/V (and its own) through the compressed store under the causal mask. An `RQCache` with a
+    `residual_window` is scored through `window_view` (each query of a chunk sees the window it would have seen fed
+    alone). It does *not* hold for other caches that keep recent tokens exact (KIVI's fp16 residual): use `chunk=1`.
     `progress=None` shows a bar only on a terminal.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     ids = _check_ids(ids, prefill + decode + 1).to(model.device)
-    kw = {_cache_kwarg(model): make_cache(), "use_cache": True}
+    cache = make_cache()
+    with contextlib.ExitStack() as stack:
+        if chunk > 1 and isinstance(cache, RQCache) and cache.rq_config.residual_window > 0:
+            cache = stack.enter_context(window_view(model, cache))
+        return _decode(model, ids, cache, prefill, decode, keep_logprobs, progress, chunk)
+
+
+def _decode(model, ids, cache, prefill, decode, keep_logprobs, progress, chunk) -> DecodeResult:
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
     t0 = time.perf_counter()
     model(input_ids=ids[:, :prefill], logits_to_keep=1, **kw)
     nll = torch.empty(decode, dtype=torch.float64)
