@@ -262,7 +262,9 @@ def apply_decode(lm, context: int, steps: int, batch: int) -> dict:
             return lm.decode(tok, torch.tensor([pos], device=device))
 
     timing = time_decode(step, context, steps, batch, device)
-    held = sum(lm.buffers[n].nbytes for n in lm.cache_names if "codes" in n or "norms" in n)
+    held = sum(
+        lm.buffers[n].nbytes for n in lm.cache_names if any(p in n for p in ("codes", "norms", "sink", "window"))
+    )
     return {**timing, "cache_bytes_allocated_for_max_len": held, "peak_bytes": torch.cuda.max_memory_allocated()}
 
 
@@ -338,7 +340,13 @@ def rq_config(args):
     """The compressed format every rqcompile path here uses (drop-in cache and apply): the command line's."""
     from rqcompile import RQConfig
 
-    return RQConfig(backend=args.backend, bits=args.bits, sink_tokens=args.sink, rotation_stages=args.stages)
+    return RQConfig(
+        backend=args.backend,
+        bits=args.bits,
+        sink_tokens=args.sink,
+        residual_window=args.window,
+        rotation_stages=args.stages,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         "--stages", default=None, help="RQConfig.rotation_stages: an int or 'full' (default: the library's, 'full')"
     )
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
+    p.add_argument("--window", type=int, default=0, help="RQConfig.residual_window (default 0, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
     p.add_argument(
         "--cap-apply", action="store_true", help="run the apply path under --cap-gib too (does it fit an 80 GB card?)"
@@ -401,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         "backend": args.backend,
         "bits": args.bits,
         "sink_tokens": args.sink,
+        "residual_window": args.window,
         "compile_mode": args.compile_mode,
         "rotation_stages": args.stages,
         "attn_variant": args.attn_variant,
@@ -409,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stages is not None and args.stages.isdigit():
         args.stages = int(args.stages)
     stages = rq_config(args).stage_count(256)  # Qwen3.5's head_dim
-    name = args.backend + (f" s{stages}" if stages > 1 else "")
+    name = args.backend + (f" s{stages}" if stages > 1 else "") + (f" w{args.window}" if args.window else "")
     model = build_model(args.layers, "cuda")
     log(
         f"model built in {time.perf_counter() - t0:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "

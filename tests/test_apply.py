@@ -316,6 +316,33 @@ def test_sink_only_and_window_only_with_calibration_equal_eager(models, config):
     torch.testing.assert_close(_steps(lm, ids, PROMPT), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", EXACT_MODELS)
+def test_sink_and_window_on_the_gpu_equal_the_eager_cache(models, name):
+    """The same on CUDA, where both paths run the Triton kernels: the fused programs rq::quantize + rq::attention_lse
+    merged with the exact tokens, the eager cache rq::quantize / rq::dequantize + SDPA. Full mixing (the default
+    rotation) and a window longer than the prompt's tail, decoded past it."""
+    import copy
+
+    model = copy.deepcopy(models[name]).cuda()
+    config = EXACT.replace(backend="iso", rotation_stages=None)
+    lm = apply(model, config=config, max_cache_len=MAX_LEN, prefill_logits="all")
+    ids = _ids().cuda()
+
+    def fused() -> torch.Tensor:
+        outs = [lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT, device="cuda"))]
+        for i in range(PROMPT, ids.shape[1]):
+            outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device="cuda")))
+        return torch.cat(outs, dim=1)
+
+    ref = _eager(model, RQCache(config, model_config=model.config, calibration=None), ids, PROMPT)
+    plain = _eager(model, RQCache(config.replace(residual_window=0), calibration=None), ids, PROMPT)
+    got = fused()
+    assert torch.isfinite(got).all()
+    err, effect = (got - ref).abs().max().item(), (plain - ref).abs().max().item()
+    assert err < 0.2 * effect and err < 2e-2, (err, effect)
+
+
 def test_sink_and_window_greedy_generation_equals_eager(models, exact_lms):
     lm, ids = exact_lms["qwen3_5"], _ids(PROMPT, seed=3)
     ref = _eager_greedy(
