@@ -85,8 +85,18 @@ STAGED_WIDTHS = ("K4V4", "K4V3", "K3V3", "K3V2")
 WINDOWED_MIXED = {
     "K4/3 V3 (11)": dict(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS[:11])),
     "K3 V3/2 (11)": dict(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in V3_LAYERS[:11])),
+    # keys before values: at 8K a key's error competes with thousands of distractor keys, a value's averages out
+    "K4V2": dict(key_bits=4, value_bits=2),
+    "K4/3 (11) V2": dict(key_bits=3, value_bits=2, layer_bits=tuple((i, 4, 2) for i in K4_LAYERS[:11])),
 }
-WINDOWED = {"K3V3": (16, 32, 64), "K4/3 V3 (11)": (32,), "K3 V3/2 (11)": (32,), "K3/2 V2": (32,)}
+WINDOWED = {
+    "K3V3": (16, 32, 64),
+    "K4/3 V3 (11)": (32,),
+    "K3 V3/2 (11)": (32,),
+    "K3/2 V2": (32,),
+    "K4V2": (32,),
+    "K4/3 (11) V2": (32,),
+}
 
 
 def candidates(window: bool) -> list[tuple[str, str, RQConfig, str]]:

@@ -1,7 +1,8 @@
 """Quality pins on the real SmolLM2-135M: fail when compression quality regresses, cheap enough for every CI run.
 
 Decode-time ppl and KL over one window of the license corpus (prefill 512, then 256 teacher-forced steps fed in one
-forward: `decode_time_ppl(chunk=256)`, which for a cache without a recent window is the same as one token at a time)
+forward: `decode_time_ppl(chunk=256)`, the same as one token at a time; a cache with a recent window is scored through
+`rqcompile.eval.window_view`, which keeps that so)
 for the plain format (planar, 3 bits, no search), the default config with and without calibration, and the presets of
 QUALITY.md: calibrated (`calibrate(...,
 value_scale=True)` on 2048 stdlib tokens, never the evaluation text), one exact sink token, scale search. Each delta
@@ -44,6 +45,10 @@ ALLOCATION = (2, 3, 4, 5, 6)
 # calibration="prompt" +13.1% KL 0.151 (the Haar-random stages with a fixed leftover slot: +23.2% KL 0.182).
 # The full-mixing presets of README / QUALITY.md "Session 9" at 3.5 and 3.0 bits/element, calibrated with the stdlib
 # key mean only (as measured there): rotor K4/3 V3 +11.1% KL 0.088, iso K3 V3/2 +18.6% KL 0.190 on this harness.
+# Session 10: the default plus an exact window of the 32 most recent tokens (`residual_window=32`; scored chunked
+# through rqcompile.eval.window_view, equal to one token at a time), calibration="prompt": +3.00% KL 0.0305 (iso K3V3
+# full mixing, stdlib key mean, w32: +5.31% KL 0.0276). At this short harness the window is 32 of ~768 tokens, so its
+# bytes are not negligible here (+0.7 bits/element); QUALITY.md "Session 10" measures it at 8K tokens.
 K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))  # benchmarks/presets.py: the half of the layers with 4-bit keys
 PINS = {
     "rotor-K4/3V3-full-keymean": (
@@ -60,6 +65,7 @@ PINS = {
     ),
     "default-uncalibrated": (RQConfig(), False, (15.0, 48.0), 0.49),
     "default-prompt-calibrated": (RQConfig(), "prompt", (4.0, 16.0), 0.165),
+    "default-w32-prompt-calibrated": (RQConfig(residual_window=32), "prompt", (1.0, 5.0), 0.04),
     "default-calibrated": (RQConfig(), True, (3.0, 13.0), 0.215),
     "rotor-K3V3-full-prompt-calibrated": (RQConfig(backend="rotor"), "prompt", (4.0, 17.0), 0.19),
     "iso-K3V3-block-uncalibrated": (RQConfig(**PRESET), False, (60.0, 165.0), 1.0),
