@@ -88,6 +88,8 @@ WINDOWED_MIXED = {
     # keys before values: at 8K a key's error competes with thousands of distractor keys, a value's averages out
     "K4V2": dict(key_bits=4, value_bits=2),
     "K4/3 (11) V2": dict(key_bits=3, value_bits=2, layer_bits=tuple((i, 4, 2) for i in K4_LAYERS[:11])),
+    # measured next: 4-bit keys in every layer beat 4-bit keys in half of them by far at 8K (K4V3 w32 vs K4/3 V3)
+    "K4 V3/2 (11)": dict(key_bits=4, value_bits=2, layer_bits=tuple((i, 4, 3) for i in V3_LAYERS[:11])),
 }
 WINDOWED = {
     "K3V3": (16, 32, 64),
@@ -96,6 +98,9 @@ WINDOWED = {
     "K3/2 V2": (32,),
     "K4V2": (32,),
     "K4/3 (11) V2": (32,),
+    "K4 V3/2 (11)": (32,),
+    "K4V3": (32,),
+    "K4V4": (32,),
 }
 
 
