@@ -105,11 +105,23 @@ WINDOWED = {
 
 
 def candidates(window: bool) -> list[tuple[str, str, RQConfig, str]]:
-    """(backend, preset name, config, calibration "full" | "key mean"): every width plain and with scale search, the
-    mixed-layer, bit-allocation and staged-rotation presets, all with one exact sink token; with `window`, also the
-    recent-window presets."""
+    """(backend, preset name, config, calibration "full" | "key mean" | "prompt"): every width plain and with scale
+    search, the mixed-layer, bit-allocation and staged-rotation presets, all with one exact sink token; with
+    `window`, also the recent-window and drop-in presets."""
     single = [(b, p, c, "key mean" if b == "hadamard" else "full") for b, p, c in _single_stage(window)]
-    return single + _staged() + (_windowed() if window else [])
+    return single + _staged() + (_windowed() + _drop_in() if window else [])
+
+
+def _drop_in() -> list[tuple[str, str, RQConfig, str]]:
+    """What the drop-in caches do by default (`calibration="prompt"`: key mean + K/V scales of the prompt itself),
+    with and without the window, and more sink tokens for long prompts."""
+    w32 = RQConfig(residual_window=32)
+    return [
+        ("iso", "default prompt", RQConfig(), "prompt"),
+        ("iso", "default w32 prompt", w32, "prompt"),
+        ("iso", "K4V3 w32 prompt", w32.replace(key_bits=4, value_bits=3), "prompt"),
+        ("iso", "K3V3 search s3 w32 sink4", w32.replace(sink_tokens=4), "key mean"),
+    ]
 
 
 def _windowed() -> list[tuple[str, str, RQConfig, str]]:
@@ -219,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         name = f"{backend} {preset}"
         if not any(name == part[1:] if part.startswith("=") else part in name for part in args.only.split("|")):
             continue
-        calib = key_mean if calib_kind == "key mean" else full  # measured: scales hurt hadamard (QUALITY.md)
+        # measured: scales hurt hadamard (QUALITY.md); "prompt": each cache measures its own prompt
+        calib = {"key mean": key_mean, "full": full, "prompt": "prompt"}[calib_kind]
         chunk = args.decode
         t0 = time.perf_counter()
         per_window = []
@@ -241,9 +254,11 @@ def main(argv: list[str] | None = None) -> dict:
             "backend": backend,
             "preset": preset,
             "config": config.to_dict(),
-            "calibration": "key mean (+ error weights)"
-            if calib is key_mean
-            else "key mean + K/V scales (+ error weights)",
+            "calibration": {
+                "key mean": "key mean (+ error weights)",
+                "full": "key mean + K/V scales (+ error weights)",
+                "prompt": "prompt (key mean + K/V scales of the prompt)",
+            }[calib_kind],
             "chunk": chunk,
             "windows": per_window,
             "delta_pct_mean": sum(w["delta_pct"] for w in per_window) / len(per_window),

@@ -53,7 +53,10 @@ class BothViewsCache(RQCache):
         self.prompt_call[layer_idx] = first
         if first:  # the real cache's one view: the window at the prompt's end exact (sink tokens already are)
             start = max(key_states.shape[-2] - self.window, 0)
-            return tuple(torch.cat([d[..., :start, :], e[..., start:, :]], dim=-2) for d, e in zip(dequantized, exact))
+            return tuple(
+                torch.cat([d[..., :start, :], e[..., start:, :]], dim=-2)
+                for d, e in zip(dequantized, exact, strict=True)
+            )
         return tuple(torch.cat([d, e], dim=-2) for d, e in zip(dequantized, exact, strict=True))
 
     def views_mask(self, queries: int, keys: int, device: torch.device) -> torch.Tensor:
