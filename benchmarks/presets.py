@@ -119,6 +119,7 @@ def _drop_in() -> list[tuple[str, str, RQConfig, str]]:
     return [
         ("iso", "default prompt", RQConfig(), "prompt"),
         ("iso", "default w32 prompt", w32, "prompt"),
+        ("iso", "default w32 prompt key mean", w32, "prompt key mean"),
         ("iso", "K4V3 w32 prompt", w32.replace(key_bits=4, value_bits=3), "prompt"),
         ("iso", "K3V3 search s3 w32 sink4", w32.replace(sink_tokens=4), "key mean"),
     ]
@@ -232,11 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
         if not any(name == part[1:] if part.startswith("=") else part in name for part in args.only.split("|")):
             continue
         # measured: scales hurt hadamard (QUALITY.md); "prompt": each cache measures its own prompt
-        calib = {"key mean": key_mean, "full": full, "prompt": "prompt"}[calib_kind]
+        calib = {"key mean": key_mean, "full": full, "prompt": "prompt", "prompt key mean": None}[calib_kind]
         chunk = args.decode
         t0 = time.perf_counter()
         per_window = []
         for ids, ref in zip(windows, refs):
+            if calib_kind == "prompt key mean":  # what calibration="prompt" measures, the key mean only
+                calib = calibrate(
+                    model, ids[:, : args.prefill], key_scale=False, value_scale=False, source="prompt key mean"
+                )
 
             def make(config=config, calib=calib):
                 return RQCache(config, calibration=calib)
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "key mean": "key mean (+ error weights)",
                 "full": "key mean + K/V scales (+ error weights)",
                 "prompt": "prompt (key mean + K/V scales of the prompt)",
+                "prompt key mean": "key mean of the prompt",
             }[calib_kind],
             "chunk": chunk,
             "windows": per_window,
