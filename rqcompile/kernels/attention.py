@@ -484,6 +484,23 @@ def _prmt_columns(col, BITS: tl.constexpr):
 
 
 @triton.jit
+def _query_rows(sqb, sqh, sqt, H, REP, Tq, M, BLOCK_M: tl.constexpr):
+    """A decode program's place in the grid (split, batch x KV head, row tile) and its BLOCK_M query rows: row
+    index `rows` (r * Tq + tq over the KV head's REP query heads), validity, query head, position, and q row offsets.
+    Shared by every attention kernel, whose partial outputs are indexed the same way. Offsets, not pointers: a
+    pointer argument to a helper makes `wrap_triton`'s analysis count q as written (test_kernels checks it)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rows < M
+    tq = rows % Tq
+    hq = h * REP + rows // Tq
+    qoff = b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
+    return tl.program_id(0), bh, b, h, rows, m_ok, hq, tq, qoff
+
+
+@triton.jit
 def _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN: tl.constexpr, BLOCK_N: tl.constexpr):
     """[n_lo, n_hi): this split's keys. With kv_len the splits share the valid keys only (a short context in a long
     static cache keeps every split busy), in whole tiles."""
@@ -545,11 +562,8 @@ def _attn_split_kernel(
     DECODE: tl.constexpr = 0,
     OPAQUE: tl.constexpr = True,
 ):
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    mt = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    split, bh, b, h, rows, m_ok, hq, tq, qoff = _query_rows(sqb, sqh, sqt, H, REP, Tq, M, BLOCK_M)
+    qrow = q_ptr + qoff
     CWK: tl.constexpr = D * KBITS // 32  # int32 words of codes per key
     CWV: tl.constexpr = D * VBITS // 32
     KPOST: tl.constexpr = NGK <= 2  # K norms applied to the scores after the dot (one dot per norm group)
@@ -561,12 +575,6 @@ def _attn_split_kernel(
     KSPLIT: tl.constexpr = KFAST and NGK == 2
     VSPLIT: tl.constexpr = VFAST and NGV == 2
     DV: tl.constexpr = D // 2 if VSPLIT else D  # accumulator columns per tile
-    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rows < M
-    r = rows // Tq
-    tq = rows % Tq
-    hq = h * REP + r
-    qrow = q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
     col = tl.arange(0, D)
     if KSPLIT:
         qf = _q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M, 0, D // 2)
@@ -832,19 +840,10 @@ def _attn_keys_m_kernel(
     """_attn_split_kernel's contract (same arguments, same partial outputs) with keys as the mma's M side."""
     tl.static_assert(BLOCK_N == 64)
     tl.static_assert(D // NGK == 128 and D // NGV == 128)
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    mt = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    split, bh, b, h, rows, m_ok, hq, tq, qoff = _query_rows(sqb, sqh, sqt, H, REP, Tq, M, BLOCK_M)
+    qrow = q_ptr + qoff
     CWK: tl.constexpr = D * KBITS // 32
     CWV: tl.constexpr = D * VBITS // 32
-    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rows < M
-    r = rows // Tq
-    tq = rows % Tq
-    hq = h * REP + r
-    qrow = q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
     q0 = _q_fragment(_q_rot(qrow, sqd, m_ok, krot_ptr, kscale_ptr, h, qk_scale, D, KRB, KNB, BLOCK_M, 0, 128), KBITS)
     if NGK == 2:
         q1 = _q_fragment(
@@ -1220,21 +1219,12 @@ def _attn_split_layout_kernel(
 ):
     """`_attn_split_kernel` for K/V layouts `KL`/`VL` (run-length strings, `common.layout_string`): one q tile and
     one accumulator per run (see the section comment); splits, masks and the online softmax are the same."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    mt = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    split, bh, b, h, rows, m_ok, hq, tq, qoff = _query_rows(sqb, sqh, sqt, H, REP, Tq, M, BLOCK_M)
+    qrow = q_ptr + qoff
     CHK: tl.constexpr = row_bytes(KL) // 2  # int16 words of codes per key
     CHV: tl.constexpr = row_bytes(VL) // 2
     GK: tl.constexpr = D // NGK
     GV: tl.constexpr = D // NGV
-    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rows < M
-    r = rows // Tq
-    tq = rows % Tq
-    hq = h * REP + r
-    qrow = q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + tq.to(tl.int64) * sqt
     q0 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 0, D, KRB, KNB, KPERM, BLOCK_M)
     q1 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 1, D, KRB, KNB, KPERM, BLOCK_M)
     q2 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 2, D, KRB, KNB, KPERM, BLOCK_M)
