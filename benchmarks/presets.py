@@ -113,15 +113,18 @@ def candidates(window: bool) -> list[tuple[str, str, RQConfig, str]]:
 
 
 def _drop_in() -> list[tuple[str, str, RQConfig, str]]:
-    """What the drop-in caches do by default (`calibration="prompt"`: key mean + K/V scales of the prompt itself),
-    with and without the window, and more sink tokens for long prompts."""
-    w32 = RQConfig(residual_window=32)
+    """What the drop-in caches do by default (`calibration="prompt"`: the prompt's own key mean, plus its K/V scales
+    for one block layer only, `RQConfig.calibrates_scales`), with and without the window, and more sink tokens for
+    long prompts. Session 10 ran "default prompt" / "default w32 prompt" / "K4V3 w32 prompt" with the prompt's scales
+    for full mixing too (the behaviour then); its JSON says so in each row's "calibration"."""
+    w0, w32 = RQConfig(residual_window=0), RQConfig(residual_window=32)
     return [
-        ("iso", "default prompt", RQConfig(), "prompt"),
+        ("iso", "default prompt", w0, "prompt"),
         ("iso", "default w32 prompt", w32, "prompt"),
         ("iso", "default w32 prompt key mean", w32, "prompt key mean"),
         ("iso", "K4V3 w32 prompt", w32.replace(key_bits=4, value_bits=3), "prompt"),
         ("iso", "K3V3 search s3 w32 sink4", w32.replace(sink_tokens=4), "key mean"),
+        *((b, "default w32 prompt", w32.replace(backend=b), "prompt") for b in ("planar", "rotor", "hadamard")),
     ]
 
 
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
             "calibration": {
                 "key mean": "key mean (+ error weights)",
                 "full": "key mean + K/V scales (+ error weights)",
-                "prompt": "prompt (key mean + K/V scales of the prompt)",
+                "prompt": "prompt (calibration='prompt': key mean of the prompt"
+                + (" + K/V scales)" if config.calibrates_scales else ", no scales for a mixed norm group)"),
                 "prompt key mean": "key mean of the prompt",
             }[calib_kind],
             "chunk": chunk,

@@ -201,6 +201,8 @@ class RQCacheLayer(CacheLayerMixin):
                     stacklevel=4,
                 )
             return lambda kind, name: None
+        if not self.config.calibrates_scales:  # mixed norm groups: the key mean only (the guard above still applies)
+            found = {kind: {k: v for k, v in stats.items() if k != "scale"} for kind, stats in found.items()}
         return lambda kind, name: found[kind].get(name)
 
     def update(

@@ -116,7 +116,7 @@ def _calibration(args, config, model, tok):
         _progress("no tokenizer to encode calibration text with: the cache is not calibrated (lower quality)")
         return None
     _progress(f"calibrating on {count} tokens ({source})")
-    scales = config.backend != "hadamard" and config.resolved_rotation_stages == 1  # one block layer
+    scales = config.calibrates_scales
     return calibrate(model, ids, key_scale=scales, value_scale=scales, source=source)
 
 

@@ -160,6 +160,14 @@ class RQConfig:
             return self.rotation_stages
         return FULL_MIXING if self.backend in STAGED_BACKENDS and not self.bit_allocation else 1
 
+    @property
+    def calibrates_scales(self) -> bool:
+        """Whether calibration measures per-channel K/V scales for this rotation, or the key mean only. Scales help
+        one layer of blocks, whose coordinates stay apart; once a norm group is mixed (hadamard, staged rotations) they
+        hurt: on sample text (QUALITY.md "Staged rotations in the format") and on the prompt at 8K tokens (KL 0.422
+        vs 0.293 with the prompt's key mean only, QUALITY.md "Session 10")."""
+        return self.backend != "hadamard" and self.resolved_rotation_stages == 1
+
     def _check_rotation_stages(self) -> None:
         if self.rotation_stages is None:
             return

@@ -262,13 +262,13 @@ def test_sliding_window_layers_give_the_same_generation_as_the_dequantized_refer
 
 
 def test_prompt_calibration_measures_each_sequence_on_its_own_prompt():
-    """`calibration="prompt"`: each layer measures its key mean and K/V scales on the first K/V it is given (the
-    prompt), sink token left out, exactly as `calibrate` measures sample text. Layer 0 sees the same K/V as
-    `calibrate` on that prompt, so its statistics are equal (later layers see K/V shaped by the compressed layers
-    before them). `reset()` starts a new sequence, which measures its own prompt."""
+    """`calibration="prompt"` with one layer of blocks: each layer measures its key mean and K/V scales on the first
+    K/V it is given (the prompt), sink token left out, exactly as `calibrate` measures sample text. Layer 0 sees the
+    same K/V as `calibrate` on that prompt, so its statistics are equal (later layers see K/V shaped by the compressed
+    layers before them). `reset()` starts a new sequence, which measures its own prompt."""
     model = tiny_llama()
     ids = _prompt(model, batch=1, length=40)
-    cache = RQCache(RQConfig(backend="iso", bits=3), calibration="prompt")
+    cache = RQCache(RQConfig(backend="iso", bits=3, rotation_stages=1), calibration="prompt")
     model(ids, past_key_values=cache, use_cache=True)
     reference = calibrate(model, ids, error_weights=False)
     layer = cache.layers[0]
@@ -282,6 +282,26 @@ def test_prompt_calibration_measures_each_sequence_on_its_own_prompt():
     cache.reset()
     model(_prompt(model, batch=1, length=40, seed=5), past_key_values=cache, use_cache=True)
     assert not torch.allclose(layer.k_state.mean, first)
+
+
+@pytest.mark.parametrize("backend", ["iso", "planar", "rotor", "hadamard"])
+def test_prompt_calibration_of_a_mixed_norm_group_measures_the_key_mean_only(backend):
+    """Once a rotation mixes the whole norm group (the default full mixing, hadamard), per-channel scales hurt
+    (QUALITY.md "Session 10": KL 0.422 with the prompt's scales vs 0.293 without, at 8K tokens): the prompt gives the
+    key mean only, as `calibrate(..., key_scale=False, value_scale=False)` measures it, and the scales stay 1."""
+    model = tiny_llama()
+    ids = _prompt(model, batch=1, length=40)
+    config = RQConfig(backend=backend, bits=3)
+    assert not config.calibrates_scales and config.replace(rotation_stages=1).calibrates_scales != (
+        backend == "hadamard"
+    )
+    cache = RQCache(config, calibration="prompt")
+    model(ids, past_key_values=cache, use_cache=True)
+    reference = calibrate(model, ids, key_scale=False, value_scale=False, error_weights=False)
+    layer = cache.layers[0]
+    assert torch.allclose(layer.k_state.mean, reference.get(0, "k", "mean"), atol=1e-6)
+    assert layer.k_state.mean.abs().max() > 1e-3  # really measured
+    assert torch.all(layer.k_state.scale == 1) and torch.all(layer.v_state.scale == 1)
 
 
 def _calibrated(cache) -> list[bool]:
@@ -510,7 +530,7 @@ def test_prompt_calibration_of_a_padded_batch_measures_only_the_real_tokens(told
     enter them."""
     model = tiny_llama()
     ids, mask = _left_padded(model, lengths=(30, 24, 20))
-    cache = RQCache(RQConfig(), calibration="prompt")
+    cache = RQCache(RQConfig(rotation_stages=1), calibration="prompt")  # one block layer: key mean and scales
     _tell_padding(cache, model, mask, told)
     model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
     rows_keys, rows_values = [], []
