@@ -39,7 +39,7 @@ HEADS, Q_HEADS, DIM = 4, 24, 256
 
 def inputs(batch: int, ctx: int, backend: str, bits: int):
     """Packed K/V of random bf16 data and the op's positional arguments (attention mask None, 1/sqrt(d))."""
-    config = RQConfig(rotation_stages=1, backend=backend, bits=bits)
+    config = RQConfig(residual_window=0, rotation_stages=1, backend=backend, bits=bits)
     states = [
         quantizer.make_state(config, layer_idx=1, kind=kind, num_heads=HEADS, head_dim=DIM) for kind in ("k", "v")
     ]

@@ -21,10 +21,17 @@ from rqcompile.config import RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus
 
 PREFILL, DECODE = 512, 256
-ONE = RQConfig(rotation_stages=1)  # iso 3-bit, sink 1, search, one block layer: the default of sessions 4-7
-STAGED = RQConfig(rotation_stages="full")  # 3 iso stages at SmolLM2's head_dim 64: the default since session 8
+ONE = RQConfig(
+    residual_window=0, rotation_stages=1
+)  # iso 3-bit, sink 1, search, one block layer: the default of sessions 4-7
+STAGED = RQConfig(
+    residual_window=0, rotation_stages="full"
+)  # 3 iso stages at SmolLM2's head_dim 64: the default since session 8
 ROWS = {  # name: (config, calibration: None, "stdlib", "stdlib key mean", "prompt" or "prompt key mean")
-    "old default: planar 3-bit, search, no sink": (RQConfig(backend="planar", sink_tokens=0, rotation_stages=1), None),
+    "old default: planar 3-bit, search, no sink": (
+        RQConfig(residual_window=0, backend="planar", sink_tokens=0, rotation_stages=1),
+        None,
+    ),
     "planar 3-bit, search, sink 1": (ONE.replace(backend="planar"), None),
     "iso 3-bit, search, no sink": (ONE.replace(sink_tokens=0), None),
     "iso 3-bit, search, sink 1 (default of sessions 4-7)": (ONE, None),
@@ -36,8 +43,8 @@ ROWS = {  # name: (config, calibration: None, "stdlib", "stdlib key mean", "prom
     "planar 3-bit, search, sink 1, calibration='prompt'": (ONE.replace(backend="planar"), "prompt"),
     "rotor 3-bit, search, sink 1, calibration='prompt'": (ONE.replace(backend="rotor"), "prompt"),
     # session 7: staged rotations (QUALITY.md "Staged rotations in the format"); "full" is RQConfig() since session 8
-    "iso 2 stages, calibrated": (RQConfig(rotation_stages=2), "stdlib"),
-    "iso 2 stages, calibration='prompt'": (RQConfig(rotation_stages=2), "prompt"),
+    "iso 2 stages, calibrated": (RQConfig(residual_window=0, rotation_stages=2), "stdlib"),
+    "iso 2 stages, calibration='prompt'": (RQConfig(residual_window=0, rotation_stages=2), "prompt"),
     "iso full (3 stages)": (STAGED, None),
     "iso full (3 stages), calibrated": (STAGED, "stdlib"),
     "iso full (3 stages), key mean only": (STAGED, "stdlib key mean"),
@@ -45,9 +52,9 @@ ROWS = {  # name: (config, calibration: None, "stdlib", "stdlib key mean", "prom
     "iso full (3 stages), key mean of the prompt only": (STAGED, "prompt key mean"),
     "iso full (3 stages), no scale search, calibrated": (STAGED.replace(scale_search=()), "stdlib"),
     "iso full (3 stages), no scale search, calibration='prompt'": (STAGED.replace(scale_search=()), "prompt"),
-    "hadamard": (RQConfig(backend="hadamard"), None),
-    "hadamard, key mean only": (RQConfig(backend="hadamard"), "stdlib key mean"),
-    "hadamard, calibration='prompt'": (RQConfig(backend="hadamard"), "prompt"),
+    "hadamard": (RQConfig(residual_window=0, backend="hadamard"), None),
+    "hadamard, key mean only": (RQConfig(residual_window=0, backend="hadamard"), "stdlib key mean"),
+    "hadamard, calibration='prompt'": (RQConfig(residual_window=0, backend="hadamard"), "prompt"),
 }
 
 

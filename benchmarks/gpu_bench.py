@@ -101,7 +101,9 @@ def state(backend, bits, kind, heads, dim, calibrated=False, scale_search=None):
     """`backend` alone is one block layer (the block kernels); "iso:s4" is RQConfig.rotation_stages=4, "iso:sfull"
     "full" (the library default since session 8)."""
     name, _, stages = backend.partition(":s")
-    config = RQConfig(backend=name, bits=bits, rotation_stages=int(stages) if stages.isdigit() else stages or 1)
+    config = RQConfig(
+        residual_window=0, backend=name, bits=bits, rotation_stages=int(stages) if stages.isdigit() else stages or 1
+    )
     if scale_search is not None:
         config = config.replace(scale_search=scale_search)
     st = quantizer.make_state(config, layer_idx=1, kind=kind, num_heads=heads, head_dim=dim)
@@ -223,7 +225,9 @@ def bench_layout_attention(copy_bw, batch, ctx, key_bits=3.5, value_bits=3, back
 
     heads, hq, dim = 4, 24, 256
     gen = torch.Generator().manual_seed(1)
-    config = RQConfig(backend=backend, key_bits=key_bits, value_bits=value_bits, bit_allocation=(2, 3, 4, 5, 6))
+    config = RQConfig(
+        residual_window=0, backend=backend, key_bits=key_bits, value_bits=value_bits, bit_allocation=(2, 3, 4, 5, 6)
+    )
     ks, vs = (
         quantizer.make_state(
             config,

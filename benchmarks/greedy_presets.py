@@ -24,13 +24,25 @@ from rqcompile.models import load_smollm2
 
 ALLOCATION = (2, 3, 4, 5, 6)
 PRESETS = {
-    "iso K4V3.5 alloc (4.0)": RQConfig(backend="iso", key_bits=4, value_bits=3.5, bit_allocation=ALLOCATION),
-    "iso K3.5V3 alloc (3.5)": RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION),
-    "planar K3.5V3 alloc (3.5)": RQConfig(backend="planar", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION),
-    "rotor K3V2.5 alloc (3.0)": RQConfig(backend="rotor", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION),
-    "hadamard K3.5V3 alloc (3.5)": RQConfig(backend="hadamard", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION),
-    "hadamard K3V2.5 alloc (3.0)": RQConfig(backend="hadamard", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION),
-    "iso K3V3 uniform (3.25)": RQConfig(rotation_stages=1, backend="iso", bits=3),
+    "iso K4V3.5 alloc (4.0)": RQConfig(
+        residual_window=0, backend="iso", key_bits=4, value_bits=3.5, bit_allocation=ALLOCATION
+    ),
+    "iso K3.5V3 alloc (3.5)": RQConfig(
+        residual_window=0, backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION
+    ),
+    "planar K3.5V3 alloc (3.5)": RQConfig(
+        residual_window=0, backend="planar", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION
+    ),
+    "rotor K3V2.5 alloc (3.0)": RQConfig(
+        residual_window=0, backend="rotor", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION
+    ),
+    "hadamard K3.5V3 alloc (3.5)": RQConfig(
+        residual_window=0, backend="hadamard", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION
+    ),
+    "hadamard K3V2.5 alloc (3.0)": RQConfig(
+        residual_window=0, backend="hadamard", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION
+    ),
+    "iso K3V3 uniform (3.25)": RQConfig(residual_window=0, rotation_stages=1, backend="iso", bits=3),
 }
 N = 64
 

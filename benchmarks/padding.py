@@ -100,7 +100,7 @@ def padding_experiment(model, tok, stdlib, decode: int, tell: bool = False) -> d
         calibration = {"none": None, "prompt": "prompt", "stdlib": stdlib}[how]
 
         def make(calibration=calibration):
-            return RQCache(RQConfig(rotation_stages=1), calibration=calibration)
+            return RQCache(RQConfig(residual_window=0, rotation_stages=1), calibration=calibration)
 
         batch = padded_batch(model, rows, make, decode, pad_id, tell)
         for (offset, length), (ids, _), ref, (nll, lp) in zip(ROWS, rows, refs, batch):
@@ -156,7 +156,7 @@ def pad_sweep_experiment(model, tok, stdlib, pads: list[int], noise_seeds: int, 
         calibration = {"none": None, "prompt": "prompt", "stdlib": stdlib}[how]
 
         def make(calibration=calibration):
-            return RQCache(RQConfig(rotation_stages=1), calibration=calibration)
+            return RQCache(RQConfig(residual_window=0, rotation_stages=1), calibration=calibration)
 
         cells = []
         for pad in pads:
@@ -192,7 +192,7 @@ def short_prompt_experiment(model, tok, lengths: list[int], offsets: list[int], 
                 run = decode_time_ppl(
                     model,
                     ids,
-                    lambda c=cal: RQCache(RQConfig(rotation_stages=1), calibration=c),
+                    lambda c=cal: RQCache(RQConfig(residual_window=0, rotation_stages=1), calibration=c),
                     length,
                     decode,
                     chunk=decode,

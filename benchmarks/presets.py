@@ -133,7 +133,9 @@ def _windowed() -> list[tuple[str, str, RQConfig, str]]:
     widths = {**WIDTHS, **MIXED, **WINDOWED_MIXED}
     for backend in (*STAGES, "hadamard"):
         stages = STAGES.get(backend)
-        base = RQConfig(backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, rotation_stages=stages)
+        base = RQConfig(
+            residual_window=0, backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, rotation_stages=stages
+        )
         for width, windows in WINDOWED.items():
             for w in windows:
                 name = f"{width} search{f' s{stages}' if stages else ''} w{w}"
@@ -144,7 +146,9 @@ def _windowed() -> list[tuple[str, str, RQConfig, str]]:
 def _staged() -> list[tuple[str, str, RQConfig, str]]:
     rows = []
     for backend, stages in STAGES.items():
-        staged = RQConfig(backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, rotation_stages=stages)
+        staged = RQConfig(
+            residual_window=0, backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, rotation_stages=stages
+        )
         widths = {**{w: WIDTHS[w] for w in STAGED_WIDTHS}, **MIXED}
         for width, bits in widths.items():
             rows.append((backend, f"{width} search s{stages}", staged.replace(**bits), "key mean"))
@@ -157,7 +161,9 @@ def _single_stage(window: bool) -> list[tuple[str, str, RQConfig]]:
     rows = []
     for backend in BACKENDS:
         for width, bits in WIDTHS.items():
-            base = RQConfig(rotation_stages=1, backend=backend, sink_tokens=1, scale_search=(), **bits)
+            base = RQConfig(
+                residual_window=0, rotation_stages=1, backend=backend, sink_tokens=1, scale_search=(), **bits
+            )
             rows.append((backend, width, base))
             rows.append((backend, f"{width} search", base.replace(scale_search=SCALE_SEARCH)))
         for width, bits in MIXED.items():
@@ -165,12 +171,24 @@ def _single_stage(window: bool) -> list[tuple[str, str, RQConfig]]:
                 (
                     backend,
                     f"{width} search",
-                    RQConfig(rotation_stages=1, backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, **bits),
+                    RQConfig(
+                        residual_window=0,
+                        rotation_stages=1,
+                        backend=backend,
+                        sink_tokens=1,
+                        scale_search=SCALE_SEARCH,
+                        **bits,
+                    ),
                 )
             )
         for name, bits in ALLOCATED.items():
             config = RQConfig(
-                rotation_stages=1, backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, bit_allocation=ALLOCATION
+                residual_window=0,
+                rotation_stages=1,
+                backend=backend,
+                sink_tokens=1,
+                scale_search=SCALE_SEARCH,
+                bit_allocation=ALLOCATION,
             )
             rows.append((backend, name, config.replace(**bits)))
         if window and backend != "hadamard":  # hadamard's window rows are in _windowed()

@@ -148,6 +148,7 @@ def rq(
     name += f"-sink{sink}" if sink else ""
     # the plain encoder (one block layer, no scale search): this grid measures the format; presets.py the presets
     cfg = RQConfig(
+        residual_window=0,
         rotation_stages=1,
         backend=backend,
         bits=kb,
@@ -346,7 +347,7 @@ def layer_mse(model, ids: torch.Tensor, calibrations: dict[str, Calibration], bi
     for backend in BACKENDS:
         for calib in ("none", _default_calib(backend), *(["qk"] if "qk" in calibrations else [])):
             cal = calibrations.get(calib)
-            cfg = RQConfig(rotation_stages=1, backend=backend, bits=bits)
+            cfg = RQConfig(residual_window=0, rotation_stages=1, backend=backend, bits=bits)
             rows = {"k": [], "v": [], "score": []}
             for layer in sorted(sink):
                 q, k, v = sink[layer]
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import transformers
 
-    probe = RQCache(RQConfig(rotation_stages=1), calibration=ctx.calibrations["kv"])
+    probe = RQCache(RQConfig(residual_window=0, rotation_stages=1), calibration=ctx.calibrations["kv"])
     with torch.inference_mode():
         model(ids[:, :8], past_key_values=probe, use_cache=True)
     layer0 = probe.layers[0]

@@ -313,7 +313,13 @@ def main(argv=None):
     if exp == "baseline":
         for name, bits in bitsets.items():
             for b in backends:
-                rows.append(h.run(RQConfig(rotation_stages=1, backend=b, sink_tokens=1, **bits), cal(b), f"{b} {name}"))
+                rows.append(
+                    h.run(
+                        RQConfig(residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, **bits),
+                        cal(b),
+                        f"{b} {name}",
+                    )
+                )
     elif exp == "search":
         variants = {
             "ls": search_quantize((1.0,)),
@@ -323,7 +329,7 @@ def main(argv=None):
         }
         for name in ("K3V3", "K4V3"):
             for b in backends:
-                cfg = RQConfig(rotation_stages=1, backend=b, sink_tokens=1, **bitsets[name])
+                cfg = RQConfig(residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, **bitsets[name])
                 rows.append(h.run(cfg, cal(b), f"{b} {name} base"))
                 for vname, fn in variants.items():
                     with patched(quantize=fn):
@@ -336,7 +342,7 @@ def main(argv=None):
             "s12": (0.75, 0.85, 0.95, 1.0, 1.05, 1.15, 1.25, 1.35, 1.5, 1.65, 1.8, 2.0),
         }
         for b in ("planar", "iso", "rotor"):
-            base = RQConfig(rotation_stages=1, backend=b, sink_tokens=1, bits=3)
+            base = RQConfig(residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, bits=3)
             for gname, grid in grids.items():
                 rows.append(h.run(base.replace(scale_search=grid), cal(b), f"{b} K3V3 {gname}"))
             with patched(make_state=kind_only_make_state("k")):
@@ -350,7 +356,15 @@ def main(argv=None):
         }
         for b in ("iso", "rotor"):
             for gname, grid in grids.items():
-                cfg = RQConfig(rotation_stages=1, backend=b, sink_tokens=1, key_bits=4, value_bits=3, scale_search=grid)
+                cfg = RQConfig(
+                    residual_window=0,
+                    rotation_stages=1,
+                    backend=b,
+                    sink_tokens=1,
+                    key_bits=4,
+                    value_bits=3,
+                    scale_search=grid,
+                )
                 rows.append(h.run(cfg, cal(b), f"{b} K4V3 {gname}"))
     elif exp == "perm":
         energy = {}
@@ -359,7 +373,9 @@ def main(argv=None):
                 energy[(layer, kind)] = t
         for name in ("K3V3", "K4V3"):
             for b in ("planar", "iso", "rotor"):
-                cfg = RQConfig(rotation_stages=1, backend=b, sink_tokens=1, scale_search=search, **bitsets[name])
+                cfg = RQConfig(
+                    residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, scale_search=search, **bitsets[name]
+                )
                 rows.append(h.run(cfg, full, f"{b} {name} base"))
                 with patched(make_state=permuted_make_state(rope_pairs)):
                     rows.append(h.run(cfg, full, f"{b} {name} rope-pairs"))
@@ -376,15 +392,19 @@ def main(argv=None):
         for b in blocks:
             print(
                 f"{b} mixing width, stages 1/2/3:",
-                [mixing_width(RQConfig(rotation_stages=1, backend=b), s) for s in (1, 2, 3)],
+                [mixing_width(RQConfig(residual_window=0, rotation_stages=1, backend=b), s) for s in (1, 2, 3)],
             )
         for b in blocks:  # correctness: at 8 bits the staged rotation must give ~fp ppl
-            wide = unchecked_bits(RQConfig(rotation_stages=1, backend=b, sink_tokens=1, scale_search=grid), 8)
+            wide = unchecked_bits(
+                RQConfig(residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, scale_search=grid), 8
+            )
             with patched(make_state=staged_make_state(3)):
                 rows.append(h.run(wide, full, f"{b} K8V8 stages 3 full"))
         # every seed redraws all rotations (hadamard's signs too): the spread over seeds is the noise to beat
         for seed, name in ((seed, name) for seed in seeds for name in ("K3V3", "K4V3")):
-            cfg = RQConfig(rotation_stages=1, sink_tokens=1, scale_search=grid, seed=seed, **bitsets[name])
+            cfg = RQConfig(
+                residual_window=0, rotation_stages=1, sink_tokens=1, scale_search=grid, seed=seed, **bitsets[name]
+            )
             tag = f"{name} seed {seed}"
             rows.append(h.run(cfg.replace(backend="hadamard"), km, f"hadamard {tag} mean"))
             for cname, calib in (("full", full), ("mean", km)):  # ceiling: a dense random rotation of the head
@@ -411,14 +431,22 @@ def main(argv=None):
         chosen = tuple(range(0, 5)) + tuple(range(10, 20))
         even = tuple(range(0, 30, 2))
         for b in ("iso", "rotor", "planar", "hadamard"):
-            base = RQConfig(rotation_stages=1, backend=b, sink_tokens=1, bits=3, scale_search=search)
+            base = RQConfig(residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, bits=3, scale_search=search)
             for name, layers in (("K4@0-4,10-19", chosen), ("K4@even", even)):
                 cfg = base.replace(layer_bits=tuple((i, 4, 3) for i in layers))
                 rows.append(h.run(cfg, cal(b), f"{b} K3V3 {name}"))
                 if b != "iso":
                     break
         for b in ("iso", "hadamard"):  # ~3.0 bits: K3, V3 in half the layers, V2 elsewhere
-            base = RQConfig(rotation_stages=1, backend=b, sink_tokens=1, key_bits=3, value_bits=2, scale_search=search)
+            base = RQConfig(
+                residual_window=0,
+                rotation_stages=1,
+                backend=b,
+                sink_tokens=1,
+                key_bits=3,
+                value_bits=2,
+                scale_search=search,
+            )
             for name, layers in (("V3@0-4,10-19", chosen), ("V3@even", even)):
                 cfg = base.replace(layer_bits=tuple((i, 3, 3) for i in layers))
                 rows.append(h.run(cfg, cal(b), f"{b} K3V2 {name}"))
@@ -426,7 +454,13 @@ def main(argv=None):
         # V3 in one range of layers, V2 elsewhere (K3): which layers' values carry the error at 2 bits?
         for lo, hi in ((0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30)):
             cfg = RQConfig(
-                rotation_stages=1, backend="iso", sink_tokens=1, key_bits=3, value_bits=2, scale_search=search
+                residual_window=0,
+                rotation_stages=1,
+                backend="iso",
+                sink_tokens=1,
+                key_bits=3,
+                value_bits=2,
+                scale_search=search,
             )
             cfg = cfg.replace(layer_bits=tuple((i, 3, 3) for i in range(lo, hi)))
             rows.append(h.run(cfg, full, f"iso K3V2 V3@{lo}-{hi}"))
@@ -434,10 +468,20 @@ def main(argv=None):
         # norm group 32 (two fp16 norms per 64-dim head: +0.25 bits/element) against a 4-bit half of the layers
         for b in ("iso", "rotor", "planar", "hadamard"):
             for name, bits in (("K3V3", dict(bits=3)), ("K3V2", dict(key_bits=3, value_bits=2))):
-                cfg = RQConfig(rotation_stages=1, backend=b, sink_tokens=1, norm_group=32, scale_search=search, **bits)
+                cfg = RQConfig(
+                    residual_window=0,
+                    rotation_stages=1,
+                    backend=b,
+                    sink_tokens=1,
+                    norm_group=32,
+                    scale_search=search,
+                    **bits,
+                )
                 rows.append(h.run(cfg, cal(b), f"{b} {name} g32"))
         for sink in (2, 4):
-            cfg = RQConfig(rotation_stages=1, backend="iso", sink_tokens=sink, bits=3, scale_search=search)
+            cfg = RQConfig(
+                residual_window=0, rotation_stages=1, backend="iso", sink_tokens=sink, bits=3, scale_search=search
+            )
             rows.append(h.run(cfg, full, f"iso K3V3 sink {sink}"))
     elif exp == "power":
         for p in (0.6, 1.0):
@@ -445,7 +489,9 @@ def main(argv=None):
             for b in ("iso",):
                 rows.append(
                     h.run(
-                        RQConfig(rotation_stages=1, backend=b, sink_tokens=1, bits=3, scale_search=search),
+                        RQConfig(
+                            residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, bits=3, scale_search=search
+                        ),
                         c,
                         f"{b} K3V3 power {p}",
                     )
@@ -455,7 +501,9 @@ def main(argv=None):
             for b in ("iso",):
                 rows.append(
                     h.run(
-                        RQConfig(rotation_stages=1, backend=b, sink_tokens=1, bits=3, scale_search=search),
+                        RQConfig(
+                            residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, bits=3, scale_search=search
+                        ),
                         c,
                         f"{b} K3V3 calib {n}",
                     )
@@ -466,7 +514,9 @@ def main(argv=None):
             for lo, hi in ((0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30), (0, 3), (3, 9)):  # noqa: B007
                 table = {i: 4 for i in range(lo, hi)}
                 with patched(make_state=layer_bits_make_state(table)):
-                    cfg = RQConfig(rotation_stages=1, backend=b, sink_tokens=1, bits=3, scale_search=search)
+                    cfg = RQConfig(
+                        residual_window=0, rotation_stages=1, backend=b, sink_tokens=1, bits=3, scale_search=search
+                    )
                     rows.append(h.run(cfg, full, f"{b} K3V3 K4@{lo}-{hi}"))
     else:
         raise SystemExit(f"unknown experiment {exp}")

@@ -24,7 +24,7 @@ def main() -> None:
     copy_bw = 4 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
     print(f"GPU {torch.cuda.get_device_name(0)}, copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
     for backend, search in (("planar", None), ("planar", ()), ("iso", None)):
-        config = RQConfig(rotation_stages=1, backend=backend, bits=3)
+        config = RQConfig(residual_window=0, rotation_stages=1, backend=backend, bits=3)
         config = config if search is None else config.replace(scale_search=search)
         st = quantizer.make_state(config, layer_idx=1, kind="k", num_heads=4, head_dim=256).to("cuda")
         args = (x, st.rotation, st.mean, st.scale, st.levels, 3, st.group)

@@ -102,7 +102,7 @@ def main() -> None:
         ids = license_corpus(tok, 769, offset=offset)
         reference = decode_time_ppl(model, ids, prefill=512, decode=256, chunk=256)
         for backend in ("iso", "planar", "rotor"):
-            config = RQConfig(rotation_stages=1, backend=backend, bits=3)
+            config = RQConfig(residual_window=0, rotation_stages=1, backend=backend, bits=3)
             start = time.perf_counter()
             base = measure(model, config, calib, None, ids, reference)
             fitted = measure(model, config, calib, fitted_states(config, kv, calib), ids, reference)

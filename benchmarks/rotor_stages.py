@@ -24,8 +24,8 @@ from rqcompile.quant import rotations
 
 PREFILL, DECODE = 512, 256
 ROWS = {
-    "rotor K4V3, full mixing": RQConfig(backend="rotor", key_bits=4, value_bits=3),
-    "rotor K3V3, full mixing": RQConfig(backend="rotor"),
+    "rotor K4V3, full mixing": RQConfig(residual_window=0, backend="rotor", key_bits=4, value_bits=3),
+    "rotor K3V3, full mixing": RQConfig(residual_window=0, backend="rotor"),
 }
 
 

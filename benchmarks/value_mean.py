@@ -21,7 +21,7 @@ from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus
 
 PREFILL, DECODE = 512, 256
 K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))  # presets.py's "K4/3 V3": 3.5 bits/element
-FULL, ONE = RQConfig(), RQConfig(rotation_stages=1)
+FULL, ONE = RQConfig(residual_window=0), RQConfig(residual_window=0, rotation_stages=1)
 MIXED = FULL.replace(layer_bits=tuple((i, 4, 3) for i in K4_LAYERS))
 
 

@@ -8,9 +8,9 @@ attention; that copy is transient (one layer at a time), never kept. Linear-atte
 Quantization is per token, so a token's dequantized value never depends on which other tokens are cached: crop,
 reorder and batch operations on the compressed store give the same results as on a cache of dequantized values.
 
-Calibration: by default each attention layer measures its key mean and K/V scales on its first K/V, the prompt
-(`calibration="prompt"`); `calibration=None` is uncalibrated, a `rqcompile.Calibration` is used as given (`RQCache`
-says more).
+Calibration: by default each attention layer measures its key mean (and, for one layer of blocks, K/V scales) on its
+first K/V, the prompt (`calibration="prompt"`); `calibration=None` is uncalibrated, a `rqcompile.Calibration` is used
+as given (`RQCache` says more).
 
 Left-padded batches (batched `generate`): the exact sink token of each row is its first real token and
 `calibration="prompt"` measures only real tokens. The cache learns the padding from the position ids the model passes
@@ -160,7 +160,8 @@ class RQCacheLayer(CacheLayerMixin):
 
     def _stats(self, key_states: torch.Tensor, value_states: torch.Tensor, tokens: torch.Tensor | None = None):
         """(kind, name) -> this layer's calibration tensor or None: from the Calibration, or with PROMPT measured on
-        these first K/V (the prompt) as `calibrate` measures sample text: key mean, K/V scales, sink token left out.
+        these first K/V (the prompt) as `calibrate` measures sample text: key mean, K/V scales where the rotation
+        keeps coordinates apart (`RQConfig.calibrates_scales`), sink token left out.
         `tokens` ([B, T] bool, a padded batch): only these positions are measured, each row's first one left out."""
         calib = self.calibration
         if calib is None:
@@ -464,12 +465,13 @@ class RQCache(Cache):
 
     `calibration`:
 
-    - `"prompt"`, the default: each attention layer measures its key mean and K/V scales (what `rqcompile.calibrate`
-      measures on sample text) on the first K/V it is given (the prompt's forward), its first token (the attention
+    - `"prompt"`, the default: each attention layer measures its key mean (what `rqcompile.calibrate` measures on
+      sample text; plus K/V scales for one layer of blocks, `RQConfig.calibrates_scales`: once the rotation mixes the
+      norm group, scales hurt) on the first K/V it is given (the prompt's forward), its first token (the attention
       sink) left out, and keeps them for the whole sequence: decode steps, and later turns fed to the same cache, do
-      not change them. Measured on SmolLM2 (the default iso 3-bit + sink + full mixing, two windows, QUALITY.md "Staged
-      rotations in the format"): KL 0.130 / 0.099 against 0.391 / 0.261 uncalibrated and 0.170 / 0.126 with
-      `calibrate` on sample text. A prompt with fewer than
+      not change them. Measured on SmolLM2 (the default config, two windows of the 1K harness, QUALITY.md "Session
+      11"): KL 0.0288 / 0.0189 against 0.0605 / - uncalibrated; at 8K tokens (three windows) 0.25 against 0.42 with
+      the prompt's scales too (the session-10 behaviour). A prompt with fewer than
       `MIN_PROMPT_TOKENS` (8) tokens after its first (a padded batch: in its longest row) is not measured: the cache
       stays uncalibrated for the whole sequence, silently by default, with a warning when `calibration="prompt"` is
       passed explicitly; likewise each layer whose prompt K/V have a channel with almost no spread (a repetitive
@@ -477,7 +479,7 @@ class RQCache(Cache):
       so a row's output in a batch is not exactly what it is alone. `reset()` forgets the measurement: the next
       prompt is measured afresh.
     - a `rqcompile.Calibration` (`rqcompile.calibrate(model, tokenizer=tok)`): used for every sequence.
-    - None: uncalibrated (much lower quality for the block backends: KL 0.82 above).
+    - None: uncalibrated (lower quality for the block backends: about 2x the KL above).
 
     The compiled path differs: `rqcompile.apply` refuses `"prompt"` (its programs carry the calibration as
     constants) and runs uncalibrated, with a warning, unless given `calibration=rqcompile.calibrate(...)`. To compare

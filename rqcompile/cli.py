@@ -75,6 +75,7 @@ def _rq_config(args):
             key_bits=args.key_bits,
             value_bits=args.value_bits,
             sink_tokens=args.sink_tokens,
+            residual_window=args.residual_window,
             bit_allocation=tuple(args.bit_allocation or ()),
             rotation_stages=args.rotation_stages,
         )
@@ -444,6 +445,13 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="first tokens kept uncompressed (default 1, the attention sink; 0 disables)",
+    )
+    g.add_argument(
+        "--residual-window",
+        type=int,
+        default=32,
+        help="most recent tokens kept uncompressed (default 32: the largest quality gain measured at long contexts; "
+        "0 disables)",
     )
     g.add_argument(
         "--rotation-stages",

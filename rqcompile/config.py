@@ -40,8 +40,10 @@ class RQConfig:
         seed: rotations are random but deterministic from (seed, layer, kv-head, K-or-V).
         iso_mode: ``full`` uses ``q_L v conj(q_R)`` (all of SO(4)), ``fast`` only ``q_L v``.
         residual_window: most recent tokens kept exact in the model dtype (eager caches, `apply`'s programs and
-            their exports); 0 (default) disables it. At long contexts the largest quality lever measured: 32 tokens
-            cut SmolLM2's KL at 8K tokens 2.4x for +0.013 bits/element at 32K (QUALITY.md "Session 10").
+            their exports); default 32, 0 disables it. At long contexts the largest quality lever measured: 32 tokens
+            cut SmolLM2's KL at 8K tokens 2.4x for +0.013 bits/element at 32K (QUALITY.md "Session 10"), at no
+            measured cost in the compiled GPU decode step. It costs its tokens' bytes whatever the length: +0.5
+            bits/element in bf16 at 1K tokens, +0.016 at 32K (`memory_report()` counts them).
         sink_tokens: first tokens of the sequence kept uncompressed (default 1). The first token is usually an
             attention "sink" with an atypical key that every query attends to; quantizing it costs block backends
             most of their error (measured: QUALITY.md). It costs one token's K/V in the model dtype per layer
@@ -83,7 +85,7 @@ class RQConfig:
     norm_group: int | None = None
     seed: int = 0
     iso_mode: str = "full"
-    residual_window: int = 0
+    residual_window: int = 32
     sink_tokens: int = 1
     check_finite: bool = True
     scale_search: tuple[float, ...] = SCALE_SEARCH

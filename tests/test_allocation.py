@@ -182,7 +182,7 @@ def test_calibration_measures_error_weights_and_the_cache_stores_the_allocated_b
             w = calib.get(layer, kind, "weight")
             assert w.shape == (heads, dim) and bool((w >= 0).all())
             assert torch.allclose(w.mean(-1), torch.ones(heads), atol=1e-4)
-    config = RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOWED)
+    config = RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOWED, residual_window=0)
     cache = RQCache(config, calibration=calib)
     with torch.no_grad():
         model(ids[:, :20], past_key_values=cache, use_cache=True)

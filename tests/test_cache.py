@@ -18,7 +18,11 @@ from rqcompile.quant.quantizer import make_state
 class FakeQuantCache(DynamicCache):
     """Reference: a plain DynamicCache that stores each new token already quantized and dequantized, except the first
     `sink_tokens` tokens of the sequence, stored as they are. Uncalibrated, or with `calibration="prompt"` each
-    layer's states carry the statistics of its first K/V (first token left out) when there are enough of them."""
+    layer's states carry the statistics of its first K/V (first token left out) when there are enough of them: the
+    key mean, and K/V scales where the rotation keeps coordinates apart (`RQConfig.calibrates_scales`). With a
+    `residual_window` it stores the exact history and returns it with every token but the sink and the last
+    `residual_window` ones quantized and dequantized (per-token quantization: re-quantizing the history each step
+    gives the same values as quantizing each token once)."""
 
     def __init__(self, config: RQConfig, model_config, calibration: str | None = None) -> None:
         super().__init__(config=model_config)
@@ -31,8 +35,9 @@ class FakeQuantCache(DynamicCache):
         if layer_idx not in self.states:
             stats = {"k": {}, "v": {}}
             if self.calibration == "prompt" and key_states.shape[-2] - 1 >= MIN_PROMPT_TOKENS:
+                scale = self.rq_config.calibrates_scales
                 stats = {
-                    kind: channel_stats(x[:, :, 1:], mean=kind == "k", scale=True)
+                    kind: channel_stats(x[:, :, 1:], mean=kind == "k", scale=scale)
                     for kind, x in (("k", key_states), ("v", value_states))
                 }
             make = lambda kind: make_state(
@@ -46,8 +51,18 @@ class FakeQuantCache(DynamicCache):
             )
             self.states[layer_idx] = (make("k"), make("v"))
         k_state, v_state = self.states[layer_idx]
+        window, sink = self.rq_config.residual_window, self.rq_config.sink_tokens
+        if window:  # the exact history, viewed with all but the sink and the window quantized
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            start, stop = sink, max(keys.shape[-2] - window, sink)
+
+            def view(x, s):
+                quantized = dequantize_state(*quantize_state(x[:, :, start:stop], s), s, x.dtype)
+                return torch.cat([x[:, :, :start], quantized, x[:, :, stop:]], dim=2)
+
+            return view(keys, k_state), view(values, v_state)
         seen = self.get_seq_length(layer_idx) if layer_idx < len(self.layers) else 0
-        exact = min(max(self.rq_config.sink_tokens - seen, 0), key_states.shape[-2])
+        exact = min(max(sink - seen, 0), key_states.shape[-2])
 
         def fake(x, s):
             quantized = dequantize_state(*quantize_state(x[:, :, exact:], s), s, x.dtype)
@@ -72,9 +87,10 @@ def _prompt(model, batch=2, length=12, seed=0):
 @pytest.mark.parametrize("cache_cls", [PlanarQuantCache, IsoQuantCache, RotorQuantCache])
 @pytest.mark.parametrize("calibration", ["default", None])
 def test_quickstart_generate_matches_a_cache_of_dequantized_values(model, cache_cls, calibration):
-    """The quickstart (`cache_cls(bits=3)`, calibrated on its prompt by default) and an uncalibrated cache generate
-    exactly what a cache of dequantized values, with the same statistics, generates."""
-    ids = _prompt(model)
+    """The quickstart (`cache_cls(bits=3)`: calibrated on its prompt, the last 32 tokens exact) and an uncalibrated
+    cache generate exactly what a cache of dequantized values, with the same statistics and window, generates. The
+    prompt is longer than the window, and generation moves tokens out of it."""
+    ids = _prompt(model, length=40)
     cache = cache_cls(bits=3) if calibration == "default" else cache_cls(bits=3, calibration=None)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
     reference = model.generate(
@@ -137,7 +153,7 @@ def test_bytes_held_match_the_format_arithmetic(head_dim, expected_ratio):
         head_dim=head_dim,
     )
     model = LlamaForCausalLM(config).eval()
-    cache = PlanarQuantCache(bits=3, sink_tokens=0)  # codes and norms only (a sink token adds its own bytes)
+    cache = PlanarQuantCache(bits=3, sink_tokens=0, residual_window=0)  # codes and norms only (exact tokens: own bytes)
     model.generate(_prompt(model, length=40), past_key_values=cache, max_new_tokens=10, do_sample=False)
     report = cache.memory_report()
     assert report.ratio == pytest.approx(expected_ratio, rel=0.02)
@@ -150,7 +166,7 @@ def test_bytes_held_match_the_format_arithmetic(head_dim, expected_ratio):
 
 def test_separate_key_and_value_bits_are_stored_at_their_own_width():
     model = tiny_llama()
-    cache = RQCache(RQConfig(backend="iso", key_bits=4, value_bits=2))
+    cache = RQCache(RQConfig(backend="iso", key_bits=4, value_bits=2, residual_window=0))
     model(_prompt(model), past_key_values=cache, use_cache=True)
     head_dim = model.config.head_dim
     assert cache.layers[0].k_codes.shape[-1] == head_dim * 4 // 8
@@ -179,7 +195,7 @@ def _kv(cache, layer_idx):
 
 def test_crop_reorder_and_batch_ops_act_on_the_compressed_store_like_on_dequantized_values():
     model = tiny_llama()
-    cfg = RQConfig(backend="rotor", bits=3)
+    cfg = RQConfig(backend="rotor", bits=3, residual_window=0)  # every token past the sink in the compressed store
     ours, reference = RQCache(cfg, calibration=None), FakeQuantCache(cfg, model.config)
     ids = _prompt(model, batch=3, length=9)
     for cache in (ours, reference):
@@ -200,7 +216,7 @@ def test_beam_search_matches_the_dequantized_reference(model):
     """Beam search with the default prompt calibration (`generate` repeats the prompt for the beams before the
     prefill, so the pooled measurement is that of the prompt) and the beams reordered in the compressed store."""
     ids = _prompt(model, batch=1)
-    cfg = RQConfig(backend="planar", bits=4)
+    cfg = RQConfig(backend="planar", bits=4, residual_window=0)  # the beams reordered in the compressed store
     kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, num_return_sequences=2)
     got = model.generate(ids, past_key_values=RQCache(cfg), **kwargs)
     want = model.generate(ids, past_key_values=FakeQuantCache(cfg, model.config, "prompt"), **kwargs)
@@ -221,7 +237,7 @@ def test_unknown_backend_or_bits_and_nan_states_give_clear_errors():
 
 def test_sink_tokens_stay_exact_and_survive_crop():
     model = tiny_llama()
-    cache = PlanarQuantCache(bits=2, sink_tokens=2)
+    cache = PlanarQuantCache(bits=2, sink_tokens=2, residual_window=0)
     exact = DynamicCache()
     ids = _prompt(model, length=9)
     model(ids, past_key_values=cache, use_cache=True)
@@ -315,7 +331,7 @@ def test_the_default_calibration_is_measured_on_the_prompt_and_none_stays_uncali
     states are exactly those of an explicit `calibration="prompt"` (layer 0: `calibrate` on that prompt's K/V), so
     the logits are the same; `calibration=None` keeps the uncalibrated states, and its logits differ."""
     model = tiny_llama()
-    ids = _prompt(model, batch=1, length=24)
+    ids = _prompt(model, batch=1, length=48)  # longer than the default window: some tokens are quantized
     make = (lambda **kw: RQCache(RQConfig(), **kw)) if cache_cls is RQCache else (lambda **kw: cache_cls(bits=3, **kw))
     caches = {"default": make(), "prompt": make(calibration="prompt"), "none": make(calibration=None)}
     logits = {name: model(ids, past_key_values=c, use_cache=True).logits for name, c in caches.items()}
@@ -482,7 +498,9 @@ def _first_attention_layer(model) -> int:
 
 
 @pytest.mark.parametrize("told", TOLD)
-@pytest.mark.parametrize("options", [dict(), dict(sink_tokens=2, residual_window=3)], ids=["default", "sink2-window3"])
+@pytest.mark.parametrize(
+    "options", [dict(residual_window=0), dict(sink_tokens=2, residual_window=3)], ids=["sink1", "sink2-window3"]
+)
 def test_each_left_padded_row_keeps_its_own_first_real_tokens_exact(model, told, options):
     """Batched generation with left padding: the exact sink token of every row is that row's first real token, not
     the padding in front of it (the pads are stored, compressed, like any token; the attention mask hides them). The

@@ -83,6 +83,22 @@ def test_staged_rotations_flow_into_the_artifact(tmp_path, capsys):
         main(["generate", *TINY, "--rotation-stages", "most", "--prompt-ids", "1,2"])
 
 
+def test_the_exact_windows_are_command_line_options_with_the_library_defaults():
+    """`--residual-window` / `--sink-tokens` reach the config; left out, they are `RQConfig()`'s (32 and 1); a
+    negative window is refused with the config's message."""
+    from rqcompile.cli import _rq_config, build_parser
+
+    def config(*options):
+        return _rq_config(build_parser().parse_args(["generate", *TINY, *options]))
+
+    default = config()
+    assert (default.residual_window, default.sink_tokens) == (RQConfig().residual_window, RQConfig().sink_tokens)
+    assert default.residual_window == 32
+    assert config("--residual-window", "0", "--sink-tokens", "4").residual_window == 0
+    with pytest.raises(SystemExit, match="residual_window=-1"):
+        config("--residual-window", "-1")
+
+
 def test_bit_allocation_export_inspect_generate(tmp_path, capsys):
     """--bit-allocation calibrates first (the tiny random model has no tokenizer: random ids), exports mixed widths,
     `inspect` shows each layer's layout, and both the artifact and the eager cache generate."""

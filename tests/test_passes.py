@@ -22,7 +22,7 @@ aten = torch.ops.aten
 rq = torch.ops.rq
 MAX_LEN = 32
 MODELS = ["llama", "qwen3_5"]  # GQA dense, and hybrid with linear-attention layers
-CFG = RQConfig(backend="planar", bits=3, sink_tokens=0)  # the plain rewrite; EXACT_CFG below adds exact tokens
+CFG = RQConfig(backend="planar", bits=3, sink_tokens=0, residual_window=0)  # the plain rewrite; EXACT_CFG: exact tokens
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -496,7 +496,8 @@ def test_layer_bits_override_key_and_value_bits_of_the_named_layers_only():
 def test_a_cache_layer_allocates_the_bits_its_layer_is_given():
     from rqcompile.cache import RQCacheLayer
 
-    config = RQConfig(backend="planar", bits=3, layer_bits=((1, 4, 4),), sink_tokens=0)  # codes + norms only
+    # codes + norms only
+    config = RQConfig(backend="planar", bits=3, layer_bits=((1, 4, 4),), sink_tokens=0, residual_window=0)
     held = []
     for layer_idx in (0, 1):
         layer = RQCacheLayer(config, layer_idx)
