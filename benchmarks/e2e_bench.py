@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         "--stages", default=None, help="RQConfig.rotation_stages: an int or 'full' (default: the library's, 'full')"
     )
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
-    p.add_argument("--window", type=int, default=0, help="RQConfig.residual_window (default 0, the library default)")
+    p.add_argument("--window", type=int, default=32, help="RQConfig.residual_window (default 32, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
     p.add_argument(
         "--cap-apply", action="store_true", help="run the apply path under --cap-gib too (does it fit an 80 GB card?)"
