@@ -1,7 +1,8 @@
 """Quality of the default config and its alternatives on SmolLM2-135M (QUALITY.md, "Defaults"), with the quality
 pins' harness (tests/test_quality_pins.py): one license-text window, prefill 512, 256 teacher-forced decode steps in
-one chunk; calibration `rqcompile.calibrate(model, tokenizer=tok)` (2048 stdlib tokens, key mean + K/V scales), or
-`RQCache(calibration="prompt")` (each layer measures the same statistics on the 512-token prompt itself).
+one chunk; calibration `rqcompile.calibrate(model, tokenizer=tok, key_scale=True, value_scale=True)` (2048 stdlib
+tokens, key mean + K/V scales), or `RQCache(calibration="prompt")` (each layer measures its statistics on the
+512-token prompt itself: since session 11 the key mean only for rotations that mix the norm group).
 
     .venv/bin/python benchmarks/defaults.py                 # the window of the pins (offset 0)
     .venv/bin/python benchmarks/defaults.py --offset 8192   # a second window
@@ -68,7 +69,7 @@ def main() -> None:
     ids = license_corpus(tok, PREFILL + DECODE + 1, offset=args.offset)
     reference = decode_time_ppl(model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE)
     start = time.perf_counter()
-    stdlib = calibrate(model, tokenizer=tok)
+    stdlib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True)
     key_mean = Calibration({k: v for k, v in stdlib.stats.items() if k[1:] == ("k", "mean")}, "stdlib key mean")
     # what calibration="prompt" measures, key mean only: calibrate leaves out the sink token as the cache does
     prompt_key_mean = calibrate(

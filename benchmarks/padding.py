@@ -246,10 +246,17 @@ def main() -> None:
         pads = [int(x) for x in args.pad_sweep.split(",")]
         result = {
             "decode": args.decode,
-            **pad_sweep_experiment(model, tok, calibrate(model, tokenizer=tok), pads, args.noise_seeds, args.decode),
+            **pad_sweep_experiment(
+                model,
+                tok,
+                calibrate(model, tokenizer=tok, key_scale=True, value_scale=True),
+                pads,
+                args.noise_seeds,
+                args.decode,
+            ),
         }
     else:
-        stdlib = calibrate(model, tokenizer=tok)
+        stdlib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True)
         result = {"decode": args.decode, **padding_experiment(model, tok, stdlib, args.decode, args.set_attention_mask)}
     meta["seconds"] = round(time.perf_counter() - start, 1)
     print(f"{meta['seconds']} s")

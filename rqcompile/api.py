@@ -318,11 +318,12 @@ def apply(
     model's own weights are shared, not copied; its float K/V caches are never allocated beyond capture (the capture
     wrapper's are dropped).
 
-    `calibration` (`rqcompile.calibrate(model, tokenizer=tok)`) folds the model's per-channel key mean and K/V scales
-    into the format; the block backends need it for good quality and warn without it. A config with `bit_allocation`
+    `calibration` (`rqcompile.calibrate(model, tokenizer=tok)`) folds the model's per-channel key mean (and K/V
+    scales, when measured: `key_scale=True, value_scale=True`, for one block layer) into the format; the block backends
+    need it for good quality and warn without it. A config with `bit_allocation`
     needs it (its per-channel error weights decide the layout; `ValueError` without). The defaults (iso, 3 bits, one
-    exact sink token, scale search, rotations mixing each whole norm group) are the best measured uniform preset
-    (QUALITY.md "Defaults").
+    exact sink token, the 32 most recent tokens exact, scale search, rotations mixing each whole norm group) are the
+    best measured uniform preset (QUALITY.md "Defaults", "Session 11").
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)

@@ -465,19 +465,19 @@ class RQCache(Cache):
 
     `calibration`:
 
-    - `"prompt"`, the default: each attention layer measures its key mean (what `rqcompile.calibrate` measures on
-      sample text; plus K/V scales for one layer of blocks, `RQConfig.calibrates_scales`: once the rotation mixes the
-      norm group, scales hurt) on the first K/V it is given (the prompt's forward), its first token (the attention
-      sink) left out, and keeps them for the whole sequence: decode steps, and later turns fed to the same cache, do
-      not change them. Measured on SmolLM2 (the default config, two windows of the 1K harness, QUALITY.md "Session
-      11"): KL 0.0288 / 0.0189 against 0.0605 / - uncalibrated; at 8K tokens (three windows) 0.25 against 0.42 with
-      the prompt's scales too (the session-10 behaviour). A prompt with fewer than
+    - `"prompt"`, the default: each attention layer measures its key mean (what `rqcompile.calibrate` measures on sample
+      text; plus K/V scales for one layer of blocks, `RQConfig.calibrates_scales`: once the rotation mixes the norm
+      group, scales hurt) on the first K/V it is given (the prompt's forward), its first token (the attention sink) left
+      out, and keeps them for the whole sequence: decode steps, and later turns fed to the same cache, do not change
+      them. Measured on SmolLM2 (the default config, two windows of the 1K harness, QUALITY.md "Session 11"): KL 0.0288
+      / 0.0189 against 0.0605 / 0.0669 uncalibrated and 0.0276 / 0.0258 with the stdlib key mean; at 8K tokens (three
+      windows) 0.246 against 0.422 with the prompt's scales too (the session-10 behaviour). A prompt with fewer than
       `MIN_PROMPT_TOKENS` (8) tokens after its first (a padded batch: in its longest row) is not measured: the cache
       stays uncalibrated for the whole sequence, silently by default, with a warning when `calibration="prompt"` is
-      passed explicitly; likewise each layer whose prompt K/V have a channel with almost no spread (a repetitive
-      prompt; `MIN_PROMPT_SCALE`). The rows of a batch share one measurement, pooled over all their real tokens,
-      so a row's output in a batch is not exactly what it is alone. `reset()` forgets the measurement: the next
-      prompt is measured afresh.
+      passed explicitly; likewise each layer whose prompt K/V have a channel with almost no spread (a repetitive prompt;
+      `MIN_PROMPT_SCALE`). The rows of a batch share one measurement, pooled over all their real tokens, so a row's
+      output in a batch is not exactly what it is alone. `reset()` forgets the measurement: the next prompt is measured
+      afresh.
     - a `rqcompile.Calibration` (`rqcompile.calibrate(model, tokenizer=tok)`): used for every sequence.
     - None: uncalibrated (lower quality for the block backends: about 2x the KL above).
 

@@ -102,9 +102,9 @@ def calibrate(
     tokenizer=None,
     num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     key_mean: bool = True,
-    key_scale: bool = True,
+    key_scale: bool = False,
     value_mean: bool = False,
-    value_scale: bool = True,
+    value_scale: bool = False,
     error_weights: bool = True,
     scale_power: float = 0.8,
     skip_first: int = 1,
@@ -117,8 +117,11 @@ def calibrate(
 
     Scales are per-channel RMS (after removing the mean) raised to `scale_power` (1 equalizes the channels fully;
     less keeps some of their spread), normalized to average 1 per head; only their ratios matter since every norm
-    group is renormalized. The defaults (key mean, key and value scales) are those of every measured preset;
-    `value_mean` also measures V's channel mean, which every decoder adds back (the format carries a mean for K and
+    group is renormalized. The default, the key mean only, is what the default rotation wants (rotations that mix
+    the whole norm group: scales measured on sample text hurt them, QUALITY.md "Staged rotations in the format" and
+    "Session 11"); `key_scale=True, value_scale=True` is the calibration of the one-block-layer presets
+    (`rotation_stages=1`; `RQConfig.calibrates_scales` says which a config wants). `value_mean` also measures V's
+    channel mean, which every decoder adds back (the format carries a mean for K and
     V; QUALITY.md "Tried in session 8": KL -9% / -22% on two windows with the default rotation, ppl mixed). The
     first `skip_first` tokens of each chunk are left out of the statistics: they are the attention sink, atypical,
     and kept uncompressed by `RQConfig.sink_tokens`. `error_weights` also measures each channel's error weight

@@ -44,7 +44,7 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
     from rqcompile.config import RQConfig
 
     t0 = time.perf_counter()
-    calib = calibrate(model, tokenizer=tok)  # 2048 tokens of the built-in Python stdlib text
+    calib = calibrate(model, tokenizer=tok)  # 2048 tokens of the built-in Python stdlib text: the key mean
     print(f"calibrated on 2048 tokens of Python stdlib sources in {time.perf_counter() - t0:.0f}s")
     preset = RQConfig(backend="iso", key_bits=4, value_bits=3, sink_tokens=1)
     # the best measured 3.5 bits/element preset (QUALITY.md, "Session 3"): calibrated bit allocation
@@ -98,9 +98,9 @@ def smollm2_compiled_demo(bits: int, max_new_tokens: int) -> None:
     from rqcompile.models import load_smollm2
 
     model, tok = load_smollm2()
-    # the key mean alone, as the CLI measures it for the default's full mixing (scales measured on sample text hurt a
-    # mixed group: QUALITY.md "Staged rotations in the format")
-    calib = rqcompile.calibrate(model, tokenizer=tok, key_scale=False, value_scale=False)
+    # the key mean alone (calibrate's default, and the CLI's for the default full mixing: scales measured on sample
+    # text hurt a mixed group, QUALITY.md "Staged rotations in the format")
+    calib = rqcompile.calibrate(model, tokenizer=tok)
     question = QUESTIONS[0]
     ids = tok.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True

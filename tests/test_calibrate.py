@@ -20,7 +20,7 @@ def _ids(model, length=48, seed=0):
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3_5])
 def test_calibration_covers_every_attention_layer_with_head_by_channel_stats(factory):
     model = factory()
-    calib = calibrate(model, _ids(model), value_scale=True)
+    calib = calibrate(model, _ids(model), key_scale=True, value_scale=True)
     attention_layers = [
         i
         for i, kind in enumerate(getattr(model.config, "layer_types", None) or ["full_attention"] * 99)
@@ -82,7 +82,7 @@ def test_the_key_mean_cuts_the_error_of_a_fully_mixing_rotation_on_keys_with_an_
 
 def test_a_calibrated_cache_uses_the_calibrated_state():
     model = tiny_llama()
-    calib = calibrate(model, _ids(model, seed=1), value_scale=True)
+    calib = calibrate(model, _ids(model, seed=1), key_scale=True, value_scale=True)
     cache = RQCache(RQConfig(backend="iso", bits=3), calibration=calib)
     model(_ids(model), past_key_values=cache, use_cache=True)
     layer = cache.layers[0]
@@ -104,9 +104,9 @@ def test_repetitive_calibration_text_is_refused():
     the same length calibrates, at any scale power."""
     model = tiny_llama()
     with pytest.raises(ValueError, match="almost no spread"):
-        calibrate(model, torch.full((1, 48), 7))
+        calibrate(model, torch.full((1, 48), 7), key_scale=True, value_scale=True)
     for power in (0.6, 0.8, 1.0):
-        assert calibrate(model, _ids(model), scale_power=power).layers
+        assert calibrate(model, _ids(model), key_scale=True, value_scale=True, scale_power=power).layers
 
 
 def test_channel_stats_of_selected_tokens_are_the_stats_of_those_tokens_alone():

@@ -126,7 +126,9 @@ def ids(smollm2):
 
 @pytest.fixture(scope="module")
 def calibration(smollm2):
-    return calibrate(smollm2[0], stdlib_corpus(smollm2[1], 2048), value_scale=True, source="stdlib 2048")
+    return calibrate(
+        smollm2[0], stdlib_corpus(smollm2[1], 2048), key_scale=True, value_scale=True, source="stdlib 2048"
+    )
 
 
 @pytest.fixture(scope="module")
