@@ -8,7 +8,8 @@ Paths, each timed over `--steps` greedy decode steps after 2 warm-up steps (CUDA
 - `RQCache (drop-in)`: `rqcompile.RQCache`, eager: stores codes, materializes each layer's dequantized K/V for SDPA;
 - `apply (fused)`: `rqcompile.apply(model)`, one capture for the largest context, attention fused into
   `rq::attention` (Triton), which reads only the keys written so far (kv_len);
-- `apply (fused) + torch.compile`: the same programs through `CompiledLM.compile()`.
+- `apply (fused) + torch.compile`: the same programs through `CompiledLM.compile()` (`--regional`: one compiled
+  program per decoder layer, `compile(regional=True)`, so that the whole 64-layer model compiles within one run).
 
 Longest context: with the caching allocator capped at `--cap-gib` (79 GiB ~ the usable memory of an 80 GB H100),
 the largest bf16 DynamicCache context among a few candidates around the predicted limit, and the compressed
@@ -376,6 +377,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the fused attention's decode kernel (kernels.attention.VARIANTS); default: the library's",
     )
     p.add_argument(
+        "--regional",
+        action="store_true",
+        help="compile apply's programs per decoder layer (CompiledLM.compile(regional=True); the baseline stays whole)",
+    )
+    p.add_argument(
         "--compile-mode",
         default=None,
         help="torch.compile mode for both compiled paths, e.g. reduce-overhead (CUDA graphs); default: torch's",
@@ -412,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         "sink_tokens": args.sink,
         "residual_window": args.window,
         "compile_mode": args.compile_mode,
+        "regional": args.regional,
         "rotation_stages": args.stages,
         "attn_variant": args.attn_variant,
     }
@@ -476,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
             left = args.budget_s - (time.perf_counter() - t0)
             if "compile" not in skip and left > 150:
                 t2 = time.perf_counter()
-                lm.compile(**COMPILE_OPTIONS)
+                lm.compile(regional=args.regional, **COMPILE_OPTIONS)
                 ok = guarded("compile warm-up", apply_decode, lm, contexts[0], 1, args.batch, out=out)
                 RESULTS["compile_seconds"] = time.perf_counter() - t2
                 log(f"compile + first step: {RESULTS['compile_seconds']:.0f} s")
@@ -488,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
                     for ctx in contexts:
                         r = guarded(f"compiled {ctx}", apply_decode, lm, ctx, args.steps, args.batch, out=out)
                         if r:
-                            record(f"apply {name} {args.bits}b fused + torch.compile{mode}", ctx, r, out)
+                            region = " per layer" if args.regional else ""
+                            record(f"apply {name} {args.bits}b fused + torch.compile{region}{mode}", ctx, r, out)
             else:
                 log(f"torch.compile skipped ({left:.0f} s of budget left)")
     RESULTS["total_seconds"] = time.perf_counter() - t0

@@ -102,6 +102,13 @@ def _own_attributes(split: fx.GraphModule, call: fx.Node) -> None:
     sub = split.get_submodule(call.target)
     graph = sub.graph
     root = torch.nn.Module()
+    modules = {}  # what split_module kept as attributes: subgraphs of higher-order ops (scan's combine function)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch(sub, node.target)
+            name = modules.setdefault(node.target, f"g{len(modules)}")
+            setattr(root, name, value)
+            node.target = name
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     kept = []
     for arg, placeholder in zip(call.args, placeholders, strict=True):
