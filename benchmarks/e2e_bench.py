@@ -269,6 +269,36 @@ def apply_decode(lm, context: int, steps: int, batch: int) -> dict:
     return {**timing, "cache_bytes_allocated_for_max_len": held, "peak_bytes": torch.cuda.max_memory_allocated()}
 
 
+def apply_decode_graphed(lm, context: int, steps: int, batch: int) -> dict:
+    """`apply_decode` with the whole decode step captured once in a CUDA graph (`torch.cuda.CUDAGraph`) and
+    replayed: token and position are copied into static input tensors first. For the per-layer compiled programs,
+    whose own CUDA graphs (mode="reduce-overhead") fail on torch 2.11 (BENCHMARKS.md "Session 11")."""
+    device = lm.buffers[lm.cache_names[0]].device
+    torch.cuda.reset_peak_memory_stats()
+    apply_fill(lm, context, batch, device)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.tensor([context], device=device)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                lm.decode(tok, pos)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = lm.decode(tok, pos)
+
+    def step(t, p):
+        tok.copy_(t)
+        pos.fill_(p)
+        graph.replay()
+        return logits
+
+    timing = time_decode(step, context, steps, batch, device)
+    return {**timing, "peak_bytes": torch.cuda.max_memory_allocated()}
+
+
 # --- driver ------------------------------------------------------------------------------------------------------
 
 
@@ -293,7 +323,7 @@ def guarded(what: str, fn, *args, out=None, **kw):
     except Exception as e:  # noqa: BLE001 - every path is measured independently; the error is reported
         msg = f"{what}: {type(e).__name__}: {str(e)[:400]}"
         log("FAILED", msg)
-        traceback.print_exc(limit=4)
+        traceback.print_exc(limit=12)
         RESULTS["errors"].append(msg)
         save(out)
         return None
@@ -382,6 +412,11 @@ def main(argv: list[str] | None = None) -> None:
         help="compile apply's programs per decoder layer (CompiledLM.compile(regional=True); the baseline stays whole)",
     )
     p.add_argument(
+        "--graph-step",
+        action="store_true",
+        help="also time apply's compiled decode step captured whole in one CUDA graph (torch.cuda.CUDAGraph)",
+    )
+    p.add_argument(
         "--compile-mode",
         default=None,
         help="torch.compile mode for both compiled paths, e.g. reduce-overhead (CUDA graphs); default: torch's",
@@ -419,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         "residual_window": args.window,
         "compile_mode": args.compile_mode,
         "regional": args.regional,
+        "graph_step": args.graph_step,
         "rotation_stages": args.stages,
         "attn_variant": args.attn_variant,
     }
@@ -483,7 +519,8 @@ def main(argv: list[str] | None = None) -> None:
             left = args.budget_s - (time.perf_counter() - t0)
             if "compile" not in skip and left > 150:
                 t2 = time.perf_counter()
-                lm.compile(regional=args.regional, **COMPILE_OPTIONS)
+                # per layer, the decode program only: Qwen3.5's scan-based prefill layers are not cached by Inductor
+                lm.compile(regional=args.regional, prefill=not args.regional, **COMPILE_OPTIONS)
                 ok = guarded("compile warm-up", apply_decode, lm, contexts[0], 1, args.batch, out=out)
                 RESULTS["compile_seconds"] = time.perf_counter() - t2
                 log(f"compile + first step: {RESULTS['compile_seconds']:.0f} s")
@@ -491,12 +528,16 @@ def main(argv: list[str] | None = None) -> None:
 
                 RESULTS["cudagraph_skips"] = dict(counters["inductor"].get("cudagraph_skips", {}) or {})
                 log(f"inductor counters: {dict(counters['inductor'])}")
+                region = " per layer" if args.regional else ""
                 if ok:
                     for ctx in contexts:
                         r = guarded(f"compiled {ctx}", apply_decode, lm, ctx, args.steps, args.batch, out=out)
                         if r:
-                            region = " per layer" if args.regional else ""
                             record(f"apply {name} {args.bits}b fused + torch.compile{region}{mode}", ctx, r, out)
+                    for ctx in contexts if args.graph_step else ():
+                        r = guarded(f"graphed {ctx}", apply_decode_graphed, lm, ctx, args.steps, args.batch, out=out)
+                        if r:
+                            record(f"apply {name} {args.bits}b fused + torch.compile{region} + CUDA graph", ctx, r, out)
             else:
                 log(f"torch.compile skipped ({left:.0f} s of budget left)")
     RESULTS["total_seconds"] = time.perf_counter() - t0

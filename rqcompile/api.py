@@ -144,7 +144,9 @@ class CompiledLM:
             attention_mask=attention_mask,
         )
 
-    def compile(self, *, dynamic_prefill: bool | None = None, regional: bool = False, **options: Any) -> CompiledLM:
+    def compile(
+        self, *, dynamic_prefill: bool | None = None, regional: bool = False, prefill: bool = True, **options: Any
+    ) -> CompiledLM:
         """Lower both programs through `torch.compile(fullgraph=True, **options)` (in place; returns self).
 
         Decode has static shapes: one compilation serves every step (the position is a tensor). Prefill is compiled
@@ -159,7 +161,9 @@ class CompiledLM:
         of one kind give identical graphs, which Inductor's cache compiles once, so a deep model compiles in about
         the time of its first layers of each kind (the whole 64-layer program of Qwen3.5-27B takes longer than its
         16 layers' ~4 min otherwise); a step then makes one call per layer from Python (with CUDA graphs, one graph
-        per layer).
+        per layer). Qwen3.5's prefill gains little from it: Inductor does not cache graphs holding a `scan`, so each
+        linear-attention layer of the prefill program compiles anew (48 of them in Qwen3.5-27B). `prefill=False`
+        leaves the prefill program eager (it runs once per prompt) and compiles the decode program only.
         """
         options = {"fullgraph": True, **options}
         prefill_options = {k: v for k, v in options.items() if not (k == "mode" and v == "reduce-overhead")}
@@ -168,7 +172,8 @@ class CompiledLM:
         prefill_options = {"dynamic": dynamic_prefill, **prefill_options}
         compile_program = _compile_by_layer if regional else torch.compile
         self._decode_fn = compile_program(_compilable(self.decode_module), **options)
-        self._prefill_fn = compile_program(_compilable(self.prefill_module), **prefill_options)
+        if prefill:
+            self._prefill_fn = compile_program(_compilable(self.prefill_module), **prefill_options)
         self.compiled = True
         return self
 
