@@ -62,6 +62,43 @@ def _compile_by_layer(gm: fx.GraphModule, **options: Any) -> fx.GraphModule:
     return split
 
 
+class _GraphedDecode:
+    """A decode program replayed from one CUDA graph: each call copies token and position into the static inputs
+    and replays; the graph is (re)captured on the first call and whenever the batch shape changes.
+
+    Capturing needs warm-up runs of the step, which write the cache: the K/V of the step's position (written afresh
+    by the real run) and the recurrent state of linear-attention layers (advanced from its old value), which is
+    therefore saved before the warm-up and restored after it."""
+
+    def __init__(self, step: Callable, recurrent_state: Callable[[], list[torch.Tensor]]):
+        self.step = step
+        self.recurrent_state = recurrent_state
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        if self.graph is None or input_ids.shape != self.input_ids.shape:
+            self._capture(input_ids, cache_position)
+        self.input_ids.copy_(input_ids)
+        self.cache_position.copy_(cache_position)
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> None:
+        self.input_ids, self.cache_position = input_ids.clone(), cache_position.clone()
+        saved = [t.clone() for t in self.recurrent_state()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles (first call) and lets lazy allocations happen outside the capture
+                self.step(self.input_ids, self.cache_position)
+        torch.cuda.current_stream().wait_stream(side)
+        for live, old in zip(self.recurrent_state(), saved, strict=True):
+            live.copy_(old)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step(self.input_ids, self.cache_position)
+
+
 class CompiledLM:
     """A causal LM whose K/V cache is stored compressed by rewritten graph programs; see `apply`."""
 
@@ -145,7 +182,13 @@ class CompiledLM:
         )
 
     def compile(
-        self, *, dynamic_prefill: bool | None = None, regional: bool = False, prefill: bool = True, **options: Any
+        self,
+        *,
+        dynamic_prefill: bool | None = None,
+        regional: bool = False,
+        prefill: bool = True,
+        cuda_graph: bool = False,
+        **options: Any,
     ) -> CompiledLM:
         """Lower both programs through `torch.compile(fullgraph=True, **options)` (in place; returns self).
 
@@ -164,7 +207,15 @@ class CompiledLM:
         per layer). Qwen3.5's prefill gains little from it: Inductor does not cache graphs holding a `scan`, so each
         linear-attention layer of the prefill program compiles anew (48 of them in Qwen3.5-27B). `prefill=False`
         leaves the prefill program eager (it runs once per prompt) and compiles the decode program only.
+
+        `cuda_graph=True` (CUDA only) captures the whole compiled decode step in one CUDA graph on its first call and
+        replays it from then on (`_GraphedDecode`); with `regional=True` this is what removes the per-layer launch
+        cost (torch 2.11's per-layer `mode="reduce-overhead"` failed, BENCHMARKS.md "Session 11: the whole 64-layer
+        model": 18.8 ms/token for Qwen3.5-27B at 8K with it, 79.3 without). The returned logits are overwritten by
+        the next step, as with `mode="reduce-overhead"`.
         """
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the programs on a CUDA device; they are on {self.device}")
         options = {"fullgraph": True, **options}
         prefill_options = {k: v for k, v in options.items() if not (k == "mode" and v == "reduce-overhead")}
         if dynamic_prefill is None:
@@ -174,6 +225,8 @@ class CompiledLM:
         self._decode_fn = compile_program(_compilable(self.decode_module), **options)
         if prefill:
             self._prefill_fn = compile_program(_compilable(self.prefill_module), **prefill_options)
+        if cuda_graph:
+            self._decode_fn = _GraphedDecode(self._decode_fn, self._recurrent_state)
         self.compiled = True
         return self
 
@@ -188,6 +241,13 @@ class CompiledLM:
         exact = [n for s in self.sites for n in self._exact_names(s.layer_idx)]
         linear = [n for st in self.linear_states for n in (st.conv_buffer, st.recurrent_buffer)]
         return kv + exact + linear
+
+    def _recurrent_state(self) -> list[torch.Tensor]:
+        """The state a decode step updates from its old value (linear-attention conv / recurrent states), unlike the
+        K/V buffers, where a step writes its position afresh."""
+        return [
+            self.decode_module.get_buffer(n) for st in self.linear_states for n in (st.conv_buffer, st.recurrent_buffer)
+        ]
 
     def _exact_names(self, layer_idx: int) -> list[str]:
         """Sink / recent-window buffers of one layer (model dtype), as created by `compress_kv_cache`."""

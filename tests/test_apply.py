@@ -517,3 +517,35 @@ def test_bit_allocation_without_calibration_is_refused_before_capture(models):
         apply(models["llama"], config=ALLOC, calibration=no_weights, max_cache_len=8)
     with pytest.raises(ValueError, match="apply needs a rqcompile.Calibration .*'prompt' is for the eager caches"):
         apply(models["llama"], calibration="prompt", max_cache_len=8)
+
+
+def test_a_cuda_graph_needs_the_programs_on_a_cuda_device(lms):
+    with pytest.raises(ValueError, match="cuda_graph=True needs the programs on a CUDA device"):
+        lms["llama"].compile(cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_the_per_layer_compiled_step_replayed_from_one_cuda_graph_equals_the_eager_programs(models):
+    """`compile(regional=True, prefill=False, cuda_graph=True)` (the whole-model setup of BENCHMARKS.md "Session 11")
+    on the hybrid model: teacher-forced logits and the final cache state as the eager programs', so the warm-up runs
+    that capturing needs leave the linear-attention state as it was."""
+    import copy
+
+    model = copy.deepcopy(models["qwen3_5"]).cuda()
+    with pytest.warns(UserWarning, match="without calibration"):
+        eager = apply(model, max_cache_len=MAX_LEN, prefill_logits="all")
+        graphed = apply(model, max_cache_len=MAX_LEN, prefill_logits="all")
+    graphed.compile(regional=True, prefill=False, cuda_graph=True)
+    ids = _ids().cuda()
+
+    def run(lm) -> torch.Tensor:
+        outs = [lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT, device="cuda"))]
+        for i in range(PROMPT, ids.shape[1]):
+            outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device="cuda")).clone())
+        return torch.cat(outs, dim=1)
+
+    want, got = run(eager), run(graphed)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() < 2e-2
+    for name, a, b in zip(eager.cache_names, eager.cache_tensors(), graphed.cache_tensors(), strict=True):
+        assert (a.float() - b.float()).abs().max().item() < 2e-2 or a.dtype == torch.uint8, name
