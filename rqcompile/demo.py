@@ -34,6 +34,19 @@ def _chat(model, tok, question: str, cache, max_new_tokens: int) -> str:
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
+def _first_token_margin(model, tok, question: str) -> str:
+    """The uncompressed model's two likeliest first answer tokens and their log-probability gap: where the gap is a
+    few hundredths of a nat, any perturbation (a compressed cache's too) can flip the whole greedy answer."""
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad():
+        top = model(ids).logits[0, -1].float().log_softmax(-1).topk(2)
+    first, second = (tok.decode(int(i)) for i in top.indices)
+    gap = float(top.values[0] - top.values[1])
+    return f"uncompressed first token {first!r}, then {second!r} {gap:.2f} nats behind"
+
+
 def smollm2_demo(bits: int, max_new_tokens: int) -> None:
     from rqcompile.models import load_smollm2
 
@@ -60,7 +73,7 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
         "iso K3.5/V3 bit-allocated + sink": lambda: RQCache(allocated, calibration=calib),
     }
     for question in QUESTIONS:
-        print(f"\nQ: {question}")
+        print(f"\nQ: {question} ({_first_token_margin(model, tok, question)})")
         for name, make in caches.items():
             cache = make()
             answer = _chat(model, tok, question, cache, max_new_tokens)

@@ -15,6 +15,7 @@ parameters and buffers are renamed `a0, a1, ...` in the order the submodule read
 from __future__ import annotations
 
 import copy
+import operator
 import re
 
 import torch
@@ -105,22 +106,22 @@ def _own_attributes(split: fx.GraphModule, call: fx.Node) -> None:
     modules = {}  # what split_module kept as attributes: subgraphs of higher-order ops (scan's combine function)
     for node in graph.nodes:
         if node.op == "get_attr":
-            value = _fetch(sub, node.target)
+            value = operator.attrgetter(node.target)(sub)
             name = modules.setdefault(node.target, f"g{len(modules)}")
             setattr(root, name, value)
             node.target = name
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    kept = []
+    kept, tensors = [], 0
     for arg, placeholder in zip(call.args, placeholders, strict=True):
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            name = f"a{sum(1 for _ in root.named_parameters()) + sum(1 for _ in root.named_buffers())}"
-            value = _fetch(split, arg.target)
+            name, tensors = f"a{tensors}", tensors + 1
+            value = operator.attrgetter(arg.target)(split)
             if isinstance(value, torch.nn.Parameter):
                 root.register_parameter(name, value)
             else:
                 root.register_buffer(name, value)
             with graph.inserting_before(placeholder.next):
-                attr = graph.get_attr(name)
+                attr = graph.create_node("get_attr", name)  # registered on the new module below
             placeholder.replace_all_uses_with(attr)
             graph.erase_node(placeholder)
         else:
@@ -131,9 +132,3 @@ def _own_attributes(split: fx.GraphModule, call: fx.Node) -> None:
             node.name = f"n{i}"
     setattr(split, call.target, fx.GraphModule(root, graph))
     call.args = tuple(kept)
-
-
-def _fetch(module: torch.nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
