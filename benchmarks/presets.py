@@ -125,6 +125,12 @@ def _drop_in() -> list[tuple[str, str, RQConfig, str]]:
         ("iso", "K4V3 w32 prompt", w32.replace(key_bits=4, value_bits=3), "prompt"),
         ("iso", "K3V3 search s3 w32 sink4", w32.replace(sink_tokens=4), "key mean"),
         *((b, "default w32 prompt", w32.replace(backend=b), "prompt") for b in ("planar", "rotor", "hadamard")),
+        # session 11: the mixed widths of "Session 10" with the drop-in calibration (the prompt's key mean)
+        *(
+            (b, f"{width} w32 prompt", w32.replace(backend=b, **WINDOWED_MIXED[width]), "prompt")
+            for width in ("K4 V3/2 (11)", "K3 V3/2 (11)")
+            for b in BACKENDS
+        ),
     ]
 
 
