@@ -203,8 +203,9 @@ class CompiledLM:
         `regional=True` compiles each decoder layer as its own program (`rqcompile.passes.split_by_layer`): layers
         of one kind give identical graphs, which Inductor's cache compiles once, so a deep model compiles in about
         the time of its first layers of each kind (the whole 64-layer program of Qwen3.5-27B takes longer than its
-        16 layers' ~4 min otherwise); a step then makes one call per layer from Python (with CUDA graphs, one graph
-        per layer). Qwen3.5's prefill gains little from it: Inductor does not cache graphs holding a `scan`, so each
+        16 layers' ~4 min otherwise); a step then makes one call per layer from Python. Per-layer CUDA graphs
+        (`mode="reduce-overhead"`) failed on torch 2.11 CUDA; `cuda_graph=True` below graphs the whole step instead.
+        Qwen3.5's prefill gains little from it: Inductor does not cache graphs holding a `scan`, so each
         linear-attention layer of the prefill program compiles anew (48 of them in Qwen3.5-27B). `prefill=False`
         leaves the prefill program eager (it runs once per prompt) and compiles the decode program only.
 
@@ -239,15 +240,16 @@ class CompiledLM:
             n for s in self.sites for n in (f"v_codes_{s.layer_idx}", f"v_norms_{s.layer_idx}")
         ]
         exact = [n for s in self.sites for n in self._exact_names(s.layer_idx)]
-        linear = [n for st in self.linear_states for n in (st.conv_buffer, st.recurrent_buffer)]
-        return kv + exact + linear
+        return kv + exact + self._linear_names()
+
+    def _linear_names(self) -> list[str]:
+        """Linear-attention conv / recurrent state buffers, in `cache_names` order."""
+        return [n for st in self.linear_states for n in (st.conv_buffer, st.recurrent_buffer)]
 
     def _recurrent_state(self) -> list[torch.Tensor]:
         """The state a decode step updates from its old value (linear-attention conv / recurrent states), unlike the
         K/V buffers, where a step writes its position afresh."""
-        return [
-            self.decode_module.get_buffer(n) for st in self.linear_states for n in (st.conv_buffer, st.recurrent_buffer)
-        ]
+        return [self.decode_module.get_buffer(n) for n in self._linear_names()]
 
     def _exact_names(self, layer_idx: int) -> list[str]:
         """Sink / recent-window buffers of one layer (model dtype), as created by `compress_kv_cache`."""
