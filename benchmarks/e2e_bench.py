@@ -9,7 +9,9 @@ Paths, each timed over `--steps` greedy decode steps after 2 warm-up steps (CUDA
 - `apply (fused)`: `rqcompile.apply(model)`, one capture for the largest context, attention fused into
   `rq::attention` (Triton), which reads only the keys written so far (kv_len);
 - `apply (fused) + torch.compile`: the same programs through `CompiledLM.compile()` (`--regional`: one compiled
-  program per decoder layer, `compile(regional=True)`, so that the whole 64-layer model compiles within one run).
+  program per decoder layer, `compile(regional=True)`, so that the whole 64-layer model compiles within one run;
+  `--graph-step`: `compile(cuda_graph=True)`, the whole step replayed from one CUDA graph, and the bf16 StaticCache
+  baseline's compiled step replayed the same way).
 
 Longest context: with the caching allocator capped at `--cap-gib` (79 GiB ~ the usable memory of an 80 GB H100),
 the largest bf16 DynamicCache context among a few candidates around the predicted limit, and the compressed
@@ -165,11 +167,16 @@ def bf16_dynamic(model, context: int, steps: int, batch: int) -> dict:
     return eager_decode(model, cache, fill, held, context, steps, batch)
 
 
-def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out) -> None:
+def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out, graph_step: bool = False) -> None:
     """transformers' StaticCache (bf16, max_cache_len = largest context + 64) with `torch.compile(model.forward)`:
-    the compiled baseline. Like every static cache it attends over all max_cache_len slots (masked) each step."""
+    the compiled baseline. Like every static cache it attends over all max_cache_len slots (masked) each step.
+    `graph_step`: also time the same compiled step replayed from one CUDA graph (`GraphedStep`, as
+    `apply(...).compile(cuda_graph=True)` does), so the comparison with the graphed compressed step is not one of
+    launch overheads."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
+
+    from rqcompile.runtime.cuda_graph import GraphedStep
 
     cfg = model.config
     max_len = max(contexts) + 64
@@ -187,6 +194,11 @@ def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out
         def step(tok, pos):
             return forward(input_ids=tok, cache_position=torch.tensor([pos], device=device), **kw).logits
 
+        graphed = GraphedStep(lambda t, p: forward(input_ids=t, cache_position=p, **kw).logits)  # captured once
+
+        def replay(tok, pos):
+            return graphed(tok, torch.tensor([pos], device=device))
+
         t0 = time.perf_counter()
         step(torch.zeros(batch, 1, dtype=torch.long, device=device), 16)
         RESULTS["bf16_static_compile_seconds"] = time.perf_counter() - t0
@@ -203,6 +215,11 @@ def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out
             r = {**r, "cache_bytes_allocated_for_max_len": held, "peak_bytes": torch.cuda.max_memory_allocated()}
             mode = f" ({COMPILE_OPTIONS['mode']})" if COMPILE_OPTIONS else ""
             record(f"bf16 StaticCache + torch.compile{mode}", ctx, r, out, max_cache_len=max_len)
+            if graph_step:
+                r = guarded(f"bf16 static graphed {ctx}", time_decode, replay, ctx, steps, batch, device, out=out)
+                if r:
+                    r = {**r, "peak_bytes": torch.cuda.max_memory_allocated()}
+                    record(f"bf16 StaticCache + torch.compile{mode} + CUDA graph", ctx, r, out, max_cache_len=max_len)
 
 
 def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, chunk: int = 16384):
@@ -267,36 +284,6 @@ def apply_decode(lm, context: int, steps: int, batch: int) -> dict:
         lm.buffers[n].nbytes for n in lm.cache_names if any(p in n for p in ("codes", "norms", "sink", "window"))
     )
     return {**timing, "cache_bytes_allocated_for_max_len": held, "peak_bytes": torch.cuda.max_memory_allocated()}
-
-
-def apply_decode_graphed(lm, context: int, steps: int, batch: int) -> dict:
-    """`apply_decode` with the whole decode step captured once in a CUDA graph (`torch.cuda.CUDAGraph`) and
-    replayed: token and position are copied into static input tensors first. For the per-layer compiled programs,
-    whose own CUDA graphs (mode="reduce-overhead") fail on torch 2.11 (BENCHMARKS.md "Session 11")."""
-    device = lm.buffers[lm.cache_names[0]].device
-    torch.cuda.reset_peak_memory_stats()
-    apply_fill(lm, context, batch, device)
-    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    pos = torch.tensor([context], device=device)
-    with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                lm.decode(tok, pos)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = lm.decode(tok, pos)
-
-    def step(t, p):
-        tok.copy_(t)
-        pos.fill_(p)
-        graph.replay()
-        return logits
-
-    timing = time_decode(step, context, steps, batch, device)
-    return {**timing, "peak_bytes": torch.cuda.max_memory_allocated()}
 
 
 # --- driver ------------------------------------------------------------------------------------------------------
@@ -414,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--graph-step",
         action="store_true",
-        help="also time apply's compiled decode step captured whole in one CUDA graph (torch.cuda.CUDAGraph)",
+        help="compile apply's decode step with compile(cuda_graph=True): the whole step replayed from one CUDA graph"
+        " (instead of one call per compiled program)",
     )
     p.add_argument(
         "--compile-mode",
@@ -487,7 +475,17 @@ def main(argv: list[str] | None = None) -> None:
             if r:
                 record(f"RQCache {args.backend} {args.bits}b (eager)", ctx, r, out)
     if "static" not in skip:
-        guarded("bf16 static compiled", bf16_static_compiled, model, contexts, args.steps, args.batch, out, out=out)
+        guarded(
+            "bf16 static compiled",
+            bf16_static_compiled,
+            model,
+            contexts,
+            args.steps,
+            args.batch,
+            out,
+            args.graph_step,
+            out=out,
+        )
     if "longest" not in skip:
         longest(model, args, out)
     if "apply" not in skip:
@@ -520,7 +518,10 @@ def main(argv: list[str] | None = None) -> None:
             if "compile" not in skip and left > 150:
                 t2 = time.perf_counter()
                 # per layer, the decode program only: Qwen3.5's scan-based prefill layers are not cached by Inductor
-                lm.compile(regional=args.regional, prefill=not args.regional, **COMPILE_OPTIONS)
+                # --graph-step: the library's whole-step CUDA graph (compile(cuda_graph=True)) instead of plain calls
+                lm.compile(
+                    regional=args.regional, prefill=not args.regional, cuda_graph=args.graph_step, **COMPILE_OPTIONS
+                )
                 ok = guarded("compile warm-up", apply_decode, lm, contexts[0], 1, args.batch, out=out)
                 RESULTS["compile_seconds"] = time.perf_counter() - t2
                 log(f"compile + first step: {RESULTS['compile_seconds']:.0f} s")
@@ -529,15 +530,12 @@ def main(argv: list[str] | None = None) -> None:
                 RESULTS["cudagraph_skips"] = dict(counters["inductor"].get("cudagraph_skips", {}) or {})
                 log(f"inductor counters: {dict(counters['inductor'])}")
                 region = " per layer" if args.regional else ""
+                graph = " + CUDA graph" if args.graph_step else ""
                 if ok:
                     for ctx in contexts:
                         r = guarded(f"compiled {ctx}", apply_decode, lm, ctx, args.steps, args.batch, out=out)
                         if r:
-                            record(f"apply {name} {args.bits}b fused + torch.compile{region}{mode}", ctx, r, out)
-                    for ctx in contexts if args.graph_step else ():
-                        r = guarded(f"graphed {ctx}", apply_decode_graphed, lm, ctx, args.steps, args.batch, out=out)
-                        if r:
-                            record(f"apply {name} {args.bits}b fused + torch.compile{region} + CUDA graph", ctx, r, out)
+                            record(f"apply {name} {args.bits}b fused + torch.compile{region}{mode}{graph}", ctx, r, out)
             else:
                 log(f"torch.compile skipped ({left:.0f} s of budget left)")
     RESULTS["total_seconds"] = time.perf_counter() - t0

@@ -33,6 +33,7 @@ from rqcompile.passes.fuse_attention import fuse_attention
 from rqcompile.passes.kv_compress import SiteRewrite, compress_kv_cache
 from rqcompile.quant.quantizer import QuantState
 from rqcompile.quant.rotations import STAGED_BACKENDS
+from rqcompile.runtime.cuda_graph import GraphedStep
 from rqcompile.runtime.generate import SamplingConfig, generate
 
 __all__ = ["CompiledLM", "FunctionalStep", "apply"]
@@ -60,43 +61,6 @@ def _compile_by_layer(gm: fx.GraphModule, **options: Any) -> fx.GraphModule:
         if name.startswith("submod_"):
             setattr(split, name, torch.compile(sub, **options))
     return split
-
-
-class _GraphedDecode:
-    """A decode program replayed from one CUDA graph: each call copies token and position into the static inputs
-    and replays; the graph is (re)captured on the first call and whenever the batch shape changes.
-
-    Capturing needs warm-up runs of the step, which write the cache: the K/V of the step's position (written afresh
-    by the real run) and the recurrent state of linear-attention layers (advanced from its old value), which is
-    therefore saved before the warm-up and restored after it."""
-
-    def __init__(self, step: Callable, recurrent_state: Callable[[], list[torch.Tensor]]):
-        self.step = step
-        self.recurrent_state = recurrent_state
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    def __call__(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        if self.graph is None or input_ids.shape != self.input_ids.shape:
-            self._capture(input_ids, cache_position)
-        self.input_ids.copy_(input_ids)
-        self.cache_position.copy_(cache_position)
-        self.graph.replay()
-        return self.logits
-
-    def _capture(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> None:
-        self.input_ids, self.cache_position = input_ids.clone(), cache_position.clone()
-        saved = [t.clone() for t in self.recurrent_state()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compiles (first call) and lets lazy allocations happen outside the capture
-                self.step(self.input_ids, self.cache_position)
-        torch.cuda.current_stream().wait_stream(side)
-        for live, old in zip(self.recurrent_state(), saved, strict=True):
-            live.copy_(old)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step(self.input_ids, self.cache_position)
 
 
 class CompiledLM:
@@ -210,10 +174,10 @@ class CompiledLM:
         leaves the prefill program eager (it runs once per prompt) and compiles the decode program only.
 
         `cuda_graph=True` (CUDA only) captures the whole compiled decode step in one CUDA graph on its first call and
-        replays it from then on (`_GraphedDecode`); with `regional=True` this is what removes the per-layer launch
-        cost (torch 2.11's per-layer `mode="reduce-overhead"` failed, BENCHMARKS.md "Session 11: the whole 64-layer
-        model": 18.8 ms/token for Qwen3.5-27B at 8K with it, 79.3 without). The returned logits are overwritten by
-        the next step, as with `mode="reduce-overhead"`.
+        replays it from then on (`rqcompile.runtime.cuda_graph.GraphedStep`); with `regional=True` this is what
+        removes the per-layer launch cost (torch 2.11's per-layer `mode="reduce-overhead"` failed). BENCHMARKS.md
+        "Session 12": 19.0 ms/token for Qwen3.5-27B at 8K with it, 79.3 without (session 11). The returned logits are
+        overwritten by the next step, as with `mode="reduce-overhead"`.
         """
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the programs on a CUDA device; they are on {self.device}")
@@ -227,7 +191,7 @@ class CompiledLM:
         if prefill:
             self._prefill_fn = compile_program(_compilable(self.prefill_module), **prefill_options)
         if cuda_graph:
-            self._decode_fn = _GraphedDecode(self._decode_fn, self._recurrent_state)
+            self._decode_fn = GraphedStep(self._decode_fn, self._recurrent_state)
         self.compiled = True
         return self
 

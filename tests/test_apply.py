@@ -548,4 +548,7 @@ def test_the_per_layer_compiled_step_replayed_from_one_cuda_graph_equals_the_eag
     assert torch.isfinite(got).all()
     assert (got - want).abs().max().item() < 2e-2
     for name, a, b in zip(eager.cache_names, eager.cache_tensors(), graphed.cache_tensors(), strict=True):
-        assert (a.float() - b.float()).abs().max().item() < 2e-2 or a.dtype == torch.uint8, name
+        if a.dtype == torch.uint8:  # packed codes: a rare flip from float rounding in the compiled rotation
+            assert (a != b).float().mean().item() < 1e-3, name
+        else:
+            assert (a.float() - b.float()).abs().max().item() < 2e-2, name
