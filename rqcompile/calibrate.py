@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -74,6 +75,9 @@ def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module]
         model.set_attn_implementation(previous)
 
 
+# `calibrate(..., key_scale=QUERY)`: key scales from the queries that read the keys (`query_key_scale`).
+QUERY = "query"
+
 # `RQCache(calibration=PROMPT)`, the drop-in caches' default: each layer measures its key mean and K/V scales on the
 # first tokens it is given (the prompt), skipping the sink token, as `calibrate` does on sample text (QUALITY.md
 # "Defaults (session 4)").
@@ -102,7 +106,7 @@ def calibrate(
     tokenizer=None,
     num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     key_mean: bool = True,
-    key_scale: bool = False,
+    key_scale: bool | Literal["query"] = False,
     value_mean: bool = False,
     value_scale: bool = False,
     error_weights: bool = True,
@@ -120,7 +124,10 @@ def calibrate(
     group is renormalized. The default, the key mean only, is what the default rotation wants (rotations that mix
     the whole norm group: scales measured on sample text hurt them, QUALITY.md "Staged rotations in the format" and
     "Session 11"); `key_scale=True, value_scale=True` is the calibration of the one-block-layer presets
-    (`rotation_stages=1`; `RQConfig.calibrates_scales` says which a config wants). `value_mean` also measures V's
+    (`rotation_stages=1`; `RQConfig.calibrates_scales` says which a config wants). `key_scale="query"` measures the
+    key scales that minimize the attention-score error of a rotation that mixes the norm group (`query_key_scale`):
+    they weigh each channel by the queries that read it, which RMS scales cannot (QUALITY.md "Session 12").
+    `value_mean` also measures V's
     channel mean, which every decoder adds back (the format carries a mean for K and
     V; QUALITY.md "Tried in session 8": KL -9% / -22% on two windows with the default rotation, ppl mixed). The
     first `skip_first` tokens of each chunk are left out of the statistics: they are the attention sink, atypical,
@@ -129,6 +136,11 @@ def calibrate(
     """
     if scale_power <= 0:
         raise ValueError(f"scale_power must be > 0, got {scale_power}")
+    if key_scale not in (True, False, QUERY) or value_scale not in (True, False):
+        raise ValueError(
+            f"key_scale must be True, False or {QUERY!r} and value_scale True or False; got {key_scale!r},"
+            f" {value_scale!r}"
+        )
     if (input_ids is None) == (tokenizer is None):
         raise ValueError("calibrate needs exactly one of input_ids (token ids) or tokenizer (built-in stdlib text)")
     if tokenizer is not None:
@@ -151,22 +163,40 @@ def calibrate(
     for layer_idx, pieces in sink.items():
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", value_mean, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
-            found = channel_stats(x, mean=want_mean, scale=want_scale, scale_power=scale_power)
-            if want_scale and too_little_spread(found["scale"], scale_power):
+            found = channel_stats(x, mean=want_mean, scale=bool(want_scale), scale_power=scale_power)
+            if want_scale and too_little_spread(found["scale"], scale_power):  # the text's own spread, either way
                 raise ValueError(
                     f"the calibration text gives layer {layer_idx}'s {kind.upper()} channels with almost no spread "
                     "(a repetitive text?); scales measured on it would blow up the quantization error of real "
                     "text: calibrate on varied text, e.g. rqcompile.calibrate(model, tokenizer=tok) (built-in text)"
                 )
-            stats.update({(layer_idx, kind, name): t for name, t in found.items()})
-            if error_weights:
+            if want_scale == QUERY or error_weights:
                 flat = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
                 centred = flat - flat.mean(1)[:, None] if want_mean else flat  # what is quantized
                 variance = centred.pow(2).mean(1)
                 importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0])
-                weight = variance * importance
-                stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
+                if want_scale == QUERY:
+                    found["scale"] = query_key_scale(variance, importance)
+                if error_weights:
+                    weight = variance * importance
+                    stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
+            stats.update({(layer_idx, kind, name): t for name, t in found.items()})
     return Calibration(stats, source)
+
+
+def query_key_scale(key_variance: torch.Tensor, query_power: torch.Tensor) -> torch.Tensor:
+    """Per-channel key scales `s = (Var[k] / E[q^2]) ** (1/4)`, normalized to mean 1 per head ([H, d] in and out).
+
+    Why: a rotation that mixes the norm group spreads the quantization error of `k / s` evenly over the group's
+    coordinates, so channel c's key error has variance `~ s_c^2 * sum_j Var[k_j] / s_j^2`, and it moves a score by
+    `q_c` times that error. The score error's variance, `(sum_c E[q_c^2] s_c^2) (sum_j Var[k_j] / s_j^2)`, is
+    smallest (Cauchy-Schwarz) for `s_c^2 ~ sqrt(Var[k_c] / E[q_c^2])`. RMS scales (`key_scale=True`) equalize the
+    keys instead, which is right for one block layer (the codebook must fit each block) and wrong for a mixed group.
+    Channels the queries never read are floored at 1e-3 of the head's mean query power (so their scale stays finite).
+    """
+    floor = 1e-3 * query_power.mean(-1, keepdim=True).clamp_min(1e-30)
+    scale = (key_variance.clamp_min(1e-30) / query_power.clamp_min(floor)).pow(0.25)
+    return scale / scale.mean(-1, keepdim=True)
 
 
 def too_little_spread(scale: torch.Tensor, scale_power: float = 0.8) -> bool:
@@ -223,4 +253,4 @@ def _importance(kind: str, pieces: list, module: torch.nn.Module, kv_heads: int)
     return cols.view(-1, d).unflatten(0, (kv_heads, -1)).mean(1).cpu()
 
 
-__all__ = ["Calibration", "calibrate"]
+__all__ = ["QUERY", "Calibration", "calibrate", "query_key_scale"]
