@@ -176,7 +176,9 @@ def calibrate(
                 variance = centred.pow(2).mean(1)
                 importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0])
                 if want_scale == QUERY:
-                    found["scale"] = query_key_scale(variance, importance)
+                    rotary = _rotary_dims(model, flat.shape[-1])
+                    energy = torch.cat([flat[..., :rotary].pow(2).mean(1), variance[..., rotary:]], dim=-1)
+                    found["scale"] = query_key_scale(energy, importance, rotary_dims=rotary)
                 if error_weights:
                     weight = variance * importance
                     stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
@@ -184,19 +186,46 @@ def calibrate(
     return Calibration(stats, source)
 
 
-def query_key_scale(key_variance: torch.Tensor, query_power: torch.Tensor) -> torch.Tensor:
-    """Per-channel key scales `s = (Var[k] / E[q^2]) ** (1/4)`, normalized to mean 1 per head ([H, d] in and out).
+def query_key_scale(key_energy: torch.Tensor, query_power: torch.Tensor, rotary_dims: int = 0) -> torch.Tensor:
+    """Per-channel key scales `s = (E[k^2] / E[q^2]) ** (1/4)`, normalized to mean 1 per head ([H, d] in and out).
 
     Why: a rotation that mixes the norm group spreads the quantization error of `k / s` evenly over the group's
-    coordinates, so channel c's key error has variance `~ s_c^2 * sum_j Var[k_j] / s_j^2`, and it moves a score by
-    `q_c` times that error. The score error's variance, `(sum_c E[q_c^2] s_c^2) (sum_j Var[k_j] / s_j^2)`, is
-    smallest (Cauchy-Schwarz) for `s_c^2 ~ sqrt(Var[k_c] / E[q_c^2])`. RMS scales (`key_scale=True`) equalize the
+    coordinates, so channel c's key error has variance `~ s_c^2 * sum_j E[k_j^2] / s_j^2`, and it moves a score by
+    `q_c` times that error. The score error's variance, `(sum_c E[q_c^2] s_c^2) (sum_j E[k_j^2] / s_j^2)`, is
+    smallest (Cauchy-Schwarz) for `s_c^2 ~ sqrt(E[k_c^2] / E[q_c^2])`. RMS scales (`key_scale=True`) equalize the
     keys instead, which is right for one block layer (the codebook must fit each block) and wrong for a mixed group.
-    Channels the queries never read are floored at 1e-3 of the head's mean query power (so their scale stays finite).
+
+    The first `rotary_dims` channels are RoPE's (transformers' rotate_half turns channel i with i + rotary_dims/2 by
+    an angle that grows with the position): both channels of a pair get the pair's mean statistics, which are the same
+    at every position, so scales measured on short calibration chunks hold at 8K or 128K tokens (measured per channel,
+    a slowly turning pair looks nearly constant on 512 tokens, gets a fine scale, and swamps the norm group once it has
+    turned: QUALITY.md "Session 12"). For them `key_energy` should be the uncentred `E[k^2]`, which does not change as
+    the pair turns; elsewhere the variance about the key mean. Channels the queries never read are floored at 1e-3 of
+    the head's mean query power (so their scale stays finite).
     """
+    key_energy, query_power = _pair_mean(key_energy, rotary_dims), _pair_mean(query_power, rotary_dims)
     floor = 1e-3 * query_power.mean(-1, keepdim=True).clamp_min(1e-30)
-    scale = (key_variance.clamp_min(1e-30) / query_power.clamp_min(floor)).pow(0.25)
+    scale = (key_energy.clamp_min(1e-30) / query_power.clamp_min(floor)).pow(0.25)
     return scale / scale.mean(-1, keepdim=True)
+
+
+def _pair_mean(x: torch.Tensor, rotary_dims: int) -> torch.Tensor:
+    """x [..., d] with each RoPE pair (i, i + rotary_dims/2), i < rotary_dims/2, replaced by the pair's mean."""
+    half = rotary_dims // 2
+    if half == 0:
+        return x
+    pair = (x[..., :half] + x[..., half : 2 * half]) / 2
+    return torch.cat([pair, pair, x[..., 2 * half :]], dim=-1)
+
+
+def _rotary_dims(model, head_dim: int) -> int:
+    """How many leading channels of a head RoPE turns: head_dim times the config's `partial_rotary_factor` (1 unless
+    set; Qwen3.5: 0.25), even."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    dims = min(head_dim, int(head_dim * factor))
+    return dims - dims % 2
 
 
 def too_little_spread(scale: torch.Tensor, scale_power: float = 0.8) -> bool:

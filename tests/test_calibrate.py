@@ -155,31 +155,47 @@ def test_query_key_scales_cut_the_score_error_of_a_fully_mixing_rotation():
     assert by_query < 0.7 * _score_error(keys, queries, mixed, mean=mean, scale=rms)
 
 
-def test_query_key_scale_is_the_fourth_root_of_key_variance_over_query_power_with_mean_one():
-    variance, power = torch.rand(3, 16) + 0.5, torch.rand(3, 16) + 0.5
-    scale = query_key_scale(variance, power)
-    expected = (variance / power).pow(0.25)
+def test_query_key_scale_is_the_fourth_root_of_key_energy_over_query_power_with_mean_one():
+    energy, power = torch.rand(3, 16) + 0.5, torch.rand(3, 16) + 0.5
+    scale = query_key_scale(energy, power)
+    expected = (energy / power).pow(0.25)
     torch.testing.assert_close(scale, expected / expected.mean(-1, keepdim=True))
     power[0, 5] = 0.0  # a channel no query reads: finite, and larger than any read channel of its head
-    floored = query_key_scale(variance, power)
+    floored = query_key_scale(energy, power)
     assert torch.isfinite(floored).all() and floored[0, 5] == floored[0].max()
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3_5])
-def test_calibrate_measures_query_key_scales_from_the_queries_that_read_each_key_head(factory):
-    """`key_scale="query"` stores K's scale as `(Var[k] / E[q^2])^(1/4)`: with RMS scales at power 1 (`sqrt(Var[k])`)
-    and the error weights (`Var[k] E[q^2]`, normalized) from the same text, `scale^4 * weight / rms^4` is one
-    constant per head. Values get no scale; the same key mean as without scales."""
-    model = factory()
+def test_both_channels_of_a_rope_pair_get_the_scale_of_the_pair():
+    """RoPE turns channel i with i + r/2 by a position-dependent angle, so per-channel statistics of a short text
+    do not hold at long positions; the pair's mean statistics do. Channels past the rotary ones keep their own."""
+    energy, power = torch.rand(2, 16) + 0.5, torch.rand(2, 16) + 0.5
+    scale = query_key_scale(energy, power, rotary_dims=8)
+    torch.testing.assert_close(scale[:, :4], scale[:, 4:8])
+
+    def paired(x: torch.Tensor) -> torch.Tensor:
+        pair = (x[:, :4] + x[:, 4:8]) / 2
+        return torch.cat([pair, pair, x[:, 8:]], -1)
+
+    ratio = paired(energy) / paired(power)
+    torch.testing.assert_close(scale, ratio.pow(0.25) / ratio.pow(0.25).mean(-1, keepdim=True))
+
+
+def test_calibrate_measures_query_key_scales_from_the_queries_that_read_each_key_head():
+    """`key_scale="query"` on the hybrid model (partial RoPE: 16 of 64 channels turn): the scale is shared within
+    each RoPE pair, and on the channels RoPE leaves alone it is `(Var[k] / E[q^2])^(1/4)`: with RMS scales at power 1
+    (`sqrt(Var[k])`) and the error weights (`Var[k] E[q^2]`) from the same text, `scale^4 * weight / rms^4` is one
+    constant per head there. Values get no scale; the key mean is the one measured without scales."""
+    model = tiny_qwen3_5()
     ids = _ids(model)
     by_query = calibrate(model, ids, key_scale=QUERY)
     rms = calibrate(model, ids, key_scale=True, scale_power=1.0)
     for layer in by_query.layers:
         scale, weight = by_query.get(layer, "k", "scale"), by_query.get(layer, "k", "weight")
         assert torch.allclose(scale.mean(-1), torch.ones(scale.shape[0]), atol=1e-5)
-        ratio = scale.pow(4) * weight / rms.get(layer, "k", "scale").pow(4)
+        torch.testing.assert_close(scale[:, :8], scale[:, 8:16])
+        ratio = (scale.pow(4) * weight / rms.get(layer, "k", "scale").pow(4))[:, 16:]
         torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=0)
-        assert not torch.allclose(scale, rms.get(layer, "k", "scale").sqrt(), rtol=1e-2)  # the queries matter
+        assert not torch.allclose(scale[:, 16:], rms.get(layer, "k", "scale")[:, 16:].sqrt(), rtol=1e-2)
         assert by_query.get(layer, "v", "scale") is None
         assert torch.equal(by_query.get(layer, "k", "mean"), rms.get(layer, "k", "mean"))
 
