@@ -177,8 +177,7 @@ def calibrate(
                 importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0])
                 if want_scale == QUERY:
                     rotary = _rotary_dims(model, flat.shape[-1])
-                    energy = torch.cat([flat[..., :rotary].pow(2).mean(1), variance[..., rotary:]], dim=-1)
-                    found["scale"] = query_key_scale(energy, importance, rotary_dims=rotary)
+                    found["scale"] = query_key_scale(variance, importance, rotary_dims=rotary)
                 if error_weights:
                     weight = variance * importance
                     stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
