@@ -107,10 +107,9 @@ WINDOWED = {
 def candidates(window: bool) -> list[tuple[str, str, RQConfig, str]]:
     """(backend, preset name, config, calibration "full" | "key mean" | "prompt"): every width plain and with scale
     search, the mixed-layer, bit-allocation and staged-rotation presets, all with one exact sink token; with
-    `window`, also the recent-window and drop-in presets. Calibration "query": the key mean and query-aware key
-    scales."""
+    `window`, also the recent-window and drop-in presets."""
     single = [(b, p, c, "key mean" if b == "hadamard" else "full") for b, p, c in _single_stage(window)]
-    return single + _staged() + _query_scaled() + (_windowed() + _drop_in() if window else [])
+    return single + _staged() + (_windowed() + _drop_in() if window else [])
 
 
 def _drop_in() -> list[tuple[str, str, RQConfig, str]]:
@@ -161,25 +160,6 @@ def _staged() -> list[tuple[str, str, RQConfig, str]]:
             rows.append((backend, f"{width} search s{stages}", staged.replace(**bits), "key mean"))
             if backend == "iso" and width in ("K4V3", "K3V3"):
                 rows.append((backend, f"{width} search s{stages} fullcal", staged.replace(**bits), "full"))
-    return rows
-
-
-def _query_scaled() -> list[tuple[str, str, RQConfig, str]]:
-    """Session 12: the full-mixing presets (and hadamard's) with key scales from the queries
-    (`calibrate(..., key_scale="query")`, `rqcompile.calibrate.query_key_scale`) on top of the key mean."""
-    rows = []
-    for backend in (*STAGES, "hadamard"):
-        stages = STAGES.get(backend)
-        base = RQConfig(
-            residual_window=0, backend=backend, sink_tokens=1, scale_search=SCALE_SEARCH, rotation_stages=stages
-        )
-        widths = {**{w: WIDTHS[w] for w in STAGED_WIDTHS}, **MIXED}
-        for width, bits in widths.items():
-            rows.append((backend, f"{width} search{f' s{stages}' if stages else ''} qk", base.replace(**bits), "query"))
-        for width in ("K3V3", "K4 V3/2 (11)", "K3 V3/2 (11)"):  # with the default window, for the 8K harness
-            bits = {**WIDTHS, **WINDOWED_MIXED}[width]
-            config = base.replace(residual_window=32, **bits)
-            rows.append((backend, f"{width} search{f' s{stages}' if stages else ''} w32 qk", config, "query"))
     return rows
 
 
@@ -271,7 +251,6 @@ def main(argv: list[str] | None = None) -> dict:
     # hadamard: the key mean and the error weights (which only bit allocation reads), no scales
     keep = [k for k in full.stats if (k[1] == "k" and k[2] == "mean") or k[2] == "weight"]
     key_mean = Calibration({k: full.stats[k] for k in keep}, full.source)
-    query = calibrate(model, stdlib_corpus(tok, 4096), key_scale="query", source="stdlib 4096 tokens, query key scales")
     print(f"calibrated in {time.perf_counter() - t0:.0f}s", flush=True)
     refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
     print(f"fp ppl {[round(r.ppl, 3) for r in refs]}", flush=True)
@@ -281,9 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not any(name == part[1:] if part.startswith("=") else part in name for part in args.only.split("|")):
             continue
         # measured: scales hurt hadamard (QUALITY.md); "prompt": each cache measures its own prompt
-        calib = {"key mean": key_mean, "full": full, "query": query, "prompt": "prompt", "prompt key mean": None}[
-            calib_kind
-        ]
+        calib = {"key mean": key_mean, "full": full, "prompt": "prompt", "prompt key mean": None}[calib_kind]
         chunk = args.decode
         t0 = time.perf_counter()
         per_window = []
@@ -312,7 +289,6 @@ def main(argv: list[str] | None = None) -> dict:
             "calibration": {
                 "key mean": "key mean (+ error weights)",
                 "full": "key mean + K/V scales (+ error weights)",
-                "query": "key mean + query-aware key scales (+ error weights)",
                 "prompt": "prompt (calibration='prompt': key mean of the prompt"
                 + (" + K/V scales)" if config.calibrates_scales else ", no scales for a mixed norm group)"),
                 "prompt key mean": "key mean of the prompt",

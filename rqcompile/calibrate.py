@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
@@ -75,9 +74,6 @@ def _capturing(model, sink: dict[int, list], modules: dict[int, torch.nn.Module]
         model.set_attn_implementation(previous)
 
 
-# `calibrate(..., key_scale=QUERY)`: key scales from the queries that read the keys (`query_key_scale`).
-QUERY = "query"
-
 # `RQCache(calibration=PROMPT)`, the drop-in caches' default: each layer measures its key mean and K/V scales on the
 # first tokens it is given (the prompt), skipping the sink token, as `calibrate` does on sample text (QUALITY.md
 # "Defaults (session 4)").
@@ -106,7 +102,7 @@ def calibrate(
     tokenizer=None,
     num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     key_mean: bool = True,
-    key_scale: bool | Literal["query"] = False,
+    key_scale: bool = False,
     value_mean: bool = False,
     value_scale: bool = False,
     error_weights: bool = True,
@@ -124,10 +120,7 @@ def calibrate(
     group is renormalized. The default, the key mean only, is what the default rotation wants (rotations that mix
     the whole norm group: scales measured on sample text hurt them, QUALITY.md "Staged rotations in the format" and
     "Session 11"); `key_scale=True, value_scale=True` is the calibration of the one-block-layer presets
-    (`rotation_stages=1`; `RQConfig.calibrates_scales` says which a config wants). `key_scale="query"` measures the
-    key scales that minimize the attention-score error of a rotation that mixes the norm group (`query_key_scale`):
-    they weigh each channel by the queries that read it, which RMS scales cannot (QUALITY.md "Session 12").
-    `value_mean` also measures V's
+    (`rotation_stages=1`; `RQConfig.calibrates_scales` says which a config wants). `value_mean` also measures V's
     channel mean, which every decoder adds back (the format carries a mean for K and
     V; QUALITY.md "Tried in session 8": KL -9% / -22% on two windows with the default rotation, ppl mixed). The
     first `skip_first` tokens of each chunk are left out of the statistics: they are the attention sink, atypical,
@@ -136,11 +129,6 @@ def calibrate(
     """
     if scale_power <= 0:
         raise ValueError(f"scale_power must be > 0, got {scale_power}")
-    if key_scale not in (True, False, QUERY) or value_scale not in (True, False):
-        raise ValueError(
-            f"key_scale must be True, False or {QUERY!r} and value_scale True or False; got {key_scale!r},"
-            f" {value_scale!r}"
-        )
     if (input_ids is None) == (tokenizer is None):
         raise ValueError("calibrate needs exactly one of input_ids (token ids) or tokenizer (built-in stdlib text)")
     if tokenizer is not None:
@@ -163,68 +151,22 @@ def calibrate(
     for layer_idx, pieces in sink.items():
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", value_mean, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
-            found = channel_stats(x, mean=want_mean, scale=bool(want_scale), scale_power=scale_power)
-            if want_scale and too_little_spread(found["scale"], scale_power):  # the text's own spread, either way
+            found = channel_stats(x, mean=want_mean, scale=want_scale, scale_power=scale_power)
+            if want_scale and too_little_spread(found["scale"], scale_power):
                 raise ValueError(
                     f"the calibration text gives layer {layer_idx}'s {kind.upper()} channels with almost no spread "
                     "(a repetitive text?); scales measured on it would blow up the quantization error of real "
                     "text: calibrate on varied text, e.g. rqcompile.calibrate(model, tokenizer=tok) (built-in text)"
                 )
-            if want_scale == QUERY or error_weights:
+            stats.update({(layer_idx, kind, name): t for name, t in found.items()})
+            if error_weights:
                 flat = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
                 centred = flat - flat.mean(1)[:, None] if want_mean else flat  # what is quantized
                 variance = centred.pow(2).mean(1)
                 importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0])
-                if want_scale == QUERY:
-                    rotary = _rotary_dims(model, flat.shape[-1])
-                    found["scale"] = query_key_scale(variance, importance, rotary_dims=rotary)
-                if error_weights:
-                    weight = variance * importance
-                    stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
-            stats.update({(layer_idx, kind, name): t for name, t in found.items()})
+                weight = variance * importance
+                stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
     return Calibration(stats, source)
-
-
-def query_key_scale(key_energy: torch.Tensor, query_power: torch.Tensor, rotary_dims: int = 0) -> torch.Tensor:
-    """Per-channel key scales `s = (E[k^2] / E[q^2]) ** (1/4)`, normalized to mean 1 per head ([H, d] in and out).
-
-    Why: a rotation that mixes the norm group spreads the quantization error of `k / s` evenly over the group's
-    coordinates, so channel c's key error has variance `~ s_c^2 * sum_j E[k_j^2] / s_j^2`, and it moves a score by
-    `q_c` times that error. The score error's variance, `(sum_c E[q_c^2] s_c^2) (sum_j E[k_j^2] / s_j^2)`, is
-    smallest (Cauchy-Schwarz) for `s_c^2 ~ sqrt(E[k_c^2] / E[q_c^2])`. RMS scales (`key_scale=True`) equalize the
-    keys instead, which is right for one block layer (the codebook must fit each block) and wrong for a mixed group.
-
-    The first `rotary_dims` channels are RoPE's (transformers' rotate_half turns channel i with i + rotary_dims/2 by
-    an angle that grows with the position): both channels of a pair get the pair's mean statistics, which are the same
-    at every position, so scales measured on short calibration chunks hold at 8K or 128K tokens (measured per channel,
-    a slowly turning pair looks nearly constant on 512 tokens, gets a fine scale, and swamps the norm group once it has
-    turned: QUALITY.md "Session 12"). For them `key_energy` should be the uncentred `E[k^2]`, which does not change as
-    the pair turns; elsewhere the variance about the key mean. Channels the queries never read are floored at 1e-3 of
-    the head's mean query power (so their scale stays finite).
-    """
-    key_energy, query_power = _pair_mean(key_energy, rotary_dims), _pair_mean(query_power, rotary_dims)
-    floor = 1e-3 * query_power.mean(-1, keepdim=True).clamp_min(1e-30)
-    scale = (key_energy.clamp_min(1e-30) / query_power.clamp_min(floor)).pow(0.25)
-    return scale / scale.mean(-1, keepdim=True)
-
-
-def _pair_mean(x: torch.Tensor, rotary_dims: int) -> torch.Tensor:
-    """x [..., d] with each RoPE pair (i, i + rotary_dims/2), i < rotary_dims/2, replaced by the pair's mean."""
-    half = rotary_dims // 2
-    if half == 0:
-        return x
-    pair = (x[..., :half] + x[..., half : 2 * half]) / 2
-    return torch.cat([pair, pair, x[..., 2 * half :]], dim=-1)
-
-
-def _rotary_dims(model, head_dim: int) -> int:
-    """How many leading channels of a head RoPE turns: head_dim times the config's `partial_rotary_factor` (1 unless
-    set; Qwen3.5: 0.25), even."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    rope = getattr(config, "rope_parameters", None) or {}
-    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
-    dims = min(head_dim, int(head_dim * factor))
-    return dims - dims % 2
 
 
 def too_little_spread(scale: torch.Tensor, scale_power: float = 0.8) -> bool:
@@ -281,4 +223,4 @@ def _importance(kind: str, pieces: list, module: torch.nn.Module, kv_heads: int)
     return cols.view(-1, d).unflatten(0, (kv_heads, -1)).mean(1).cpu()
 
 
-__all__ = ["QUERY", "Calibration", "calibrate", "query_key_scale"]
+__all__ = ["Calibration", "calibrate"]

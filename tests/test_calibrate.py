@@ -7,7 +7,7 @@ import torch
 from tiny_models import tiny_llama, tiny_qwen3_5
 
 from rqcompile.cache import RQCache
-from rqcompile.calibrate import QUERY, Calibration, calibrate, query_key_scale
+from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import make_state
@@ -127,82 +127,3 @@ def test_channel_stats_of_selected_tokens_are_the_stats_of_those_tokens_alone():
         channel_stats(x, mean=True, scale=True, tokens=tokens[:, 1:])
     with pytest.raises(ValueError, match="no token selected"):
         channel_stats(x, mean=True, scale=True, tokens=torch.zeros_like(tokens))
-
-
-def _score_error(keys: torch.Tensor, queries: torch.Tensor, config: RQConfig, **stats) -> float:
-    """Mean squared error of the attention scores q . k over every (query, key) pair, per head."""
-    state = make_state(config, layer_idx=0, kind="k", num_heads=keys.shape[1], head_dim=keys.shape[-1], **stats)
-    error = dequantize_state(*quantize_state(keys, state), state, torch.float32) - keys  # [1, H, T, d]
-    return torch.einsum("bhqd,bhtd->bhqt", queries, error).pow(2).mean().item()
-
-
-def test_query_key_scales_cut_the_score_error_of_a_fully_mixing_rotation():
-    """Keys whose large channels are not the ones the queries read (as RoPE's slow and fast pairs): with the key
-    mean alone or RMS scales the quantization error lands evenly on every channel; scales from the queries move it to
-    the channels the queries ignore. `query_key_scale` is the score-error optimum for a mixed group (its docstring):
-    lower than either alternative, on the scores, which is what attention sees."""
-    keys = _outlier_keys(heads=2, dim=64)
-    torch.manual_seed(1)
-    query_std = torch.ones(2, 64)
-    query_std[:, 32:] = 0.1  # the queries barely read the second half of the channels
-    queries = torch.randn(1, 2, 256, 64) * query_std[:, None]
-    mean = keys.mean(2)[0]
-    variance = (keys - keys.mean(2, keepdim=True)).pow(2).mean(2)[0]
-    mixed = RQConfig(backend="iso", bits=3)  # the default: full mixing
-    by_query = _score_error(keys, queries, mixed, mean=mean, scale=query_key_scale(variance, query_std.pow(2)))
-    rms = variance.sqrt() / variance.sqrt().mean(-1, keepdim=True)
-    assert by_query < 0.7 * _score_error(keys, queries, mixed, mean=mean)
-    assert by_query < 0.7 * _score_error(keys, queries, mixed, mean=mean, scale=rms)
-
-
-def test_query_key_scale_is_the_fourth_root_of_key_energy_over_query_power_with_mean_one():
-    energy, power = torch.rand(3, 16) + 0.5, torch.rand(3, 16) + 0.5
-    scale = query_key_scale(energy, power)
-    expected = (energy / power).pow(0.25)
-    torch.testing.assert_close(scale, expected / expected.mean(-1, keepdim=True))
-    power[0, 5] = 0.0  # a channel no query reads: finite, and larger than any read channel of its head
-    floored = query_key_scale(energy, power)
-    assert torch.isfinite(floored).all() and floored[0, 5] == floored[0].max()
-
-
-def test_both_channels_of_a_rope_pair_get_the_scale_of_the_pair():
-    """RoPE turns channel i with i + r/2 by a position-dependent angle, so per-channel statistics of a short text
-    do not hold at long positions; the pair's mean statistics do. Channels past the rotary ones keep their own."""
-    energy, power = torch.rand(2, 16) + 0.5, torch.rand(2, 16) + 0.5
-    scale = query_key_scale(energy, power, rotary_dims=8)
-    torch.testing.assert_close(scale[:, :4], scale[:, 4:8])
-
-    def paired(x: torch.Tensor) -> torch.Tensor:
-        pair = (x[:, :4] + x[:, 4:8]) / 2
-        return torch.cat([pair, pair, x[:, 8:]], -1)
-
-    ratio = paired(energy) / paired(power)
-    torch.testing.assert_close(scale, ratio.pow(0.25) / ratio.pow(0.25).mean(-1, keepdim=True))
-
-
-def test_calibrate_measures_query_key_scales_from_the_queries_that_read_each_key_head():
-    """`key_scale="query"` on the hybrid model (partial RoPE: 16 of 64 channels turn): the scale is shared within
-    each RoPE pair, and on the channels RoPE leaves alone it is `(Var[k] / E[q^2])^(1/4)`: with RMS scales at power 1
-    (`sqrt(Var[k])`) and the error weights (`Var[k] E[q^2]`) from the same text, `scale^4 * weight / rms^4` is one
-    constant per head there. Values get no scale; the key mean is the one measured without scales."""
-    model = tiny_qwen3_5()
-    ids = _ids(model)
-    by_query = calibrate(model, ids, key_scale=QUERY)
-    rms = calibrate(model, ids, key_scale=True, scale_power=1.0)
-    for layer in by_query.layers:
-        scale, weight = by_query.get(layer, "k", "scale"), by_query.get(layer, "k", "weight")
-        assert torch.allclose(scale.mean(-1), torch.ones(scale.shape[0]), atol=1e-5)
-        torch.testing.assert_close(scale[:, :8], scale[:, 8:16])
-        ratio = (scale.pow(4) * weight / rms.get(layer, "k", "scale").pow(4))[:, 16:]
-        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=0)
-        assert not torch.allclose(scale[:, 16:], rms.get(layer, "k", "scale")[:, 16:].sqrt(), rtol=1e-2)
-        assert by_query.get(layer, "v", "scale") is None
-        assert torch.equal(by_query.get(layer, "k", "mean"), rms.get(layer, "k", "mean"))
-
-
-def test_unknown_scale_kinds_are_refused():
-    model = tiny_llama()
-    with pytest.raises(ValueError, match="key_scale must be True, False or 'query'"):
-        calibrate(model, _ids(model), key_scale="rms")
-    with pytest.raises(ValueError, match="value_scale True or False"):
-        calibrate(model, _ids(model), value_scale=QUERY)

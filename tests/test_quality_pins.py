@@ -29,8 +29,7 @@ PREFILL, DECODE = 512, 256
 PRESET = dict(sink_tokens=1, scale_search=SCALE_SEARCH, rotation_stages=1, residual_window=0)
 ALLOCATION = (2, 3, 4, 5, 6)
 
-# name: (config, calibrated? (True: the stdlib calibration, "key mean": its key mean only, "query": its key mean and
-# query-aware key scales, "prompt": the cache's own),
+# name: (config, calibrated? (True: the stdlib calibration, "key mean": its key mean only, "prompt": the cache's own),
 # (ppl delta % floor, ceiling), KL ceiling). Measured at pin time (fp ppl 12.173):
 # planar-3 +970.3% KL 2.346; iso-K4V3-preset +10.3% KL 0.091 (without the scale search +13.7% KL 0.141);
 # iso-K3V3-preset +28.2% KL 0.251 (without the search +32.3% KL 0.305); rotor-K3V2-preset +65.3% KL 0.459.
@@ -57,8 +56,6 @@ ALLOCATION = (2, 3, 4, 5, 6)
 # calibration="prompt" +14.74% KL 0.1407 (with the prompt's scales it was +12.14% KL 0.1296); rotor K3V3 without
 # the window, calibration="prompt" +16.49% KL 0.1945 (with the prompt's scales +13.11% KL 0.1512; QUALITY.md
 # "Session 11" has both windows: the scales' loss is rotor's alone, and only without the window).
-# Session 12: key scales from the queries (`calibrate(..., key_scale="query")`), iso K3V3 full mixing without the
-# window: +11.19% KL 0.1197 (the key mean alone: +17.29% KL 0.1477; QUALITY.md "Session 12").
 K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))  # benchmarks/presets.py: the half of the layers with 4-bit keys
 PINS = {
     "rotor-K4/3V3-full-keymean": (
@@ -73,7 +70,6 @@ PINS = {
         (6.0, 24.0),
         0.24,
     ),
-    "iso-K3V3-full-query": (RQConfig(residual_window=0), "query", (5.0, 16.0), 0.15),
     "default-uncalibrated": (RQConfig(), False, (2.0, 12.0), 0.076),
     "default-prompt-calibrated": (RQConfig(), "prompt", (1.5, 8.0), 0.037),
     "default-calibrated": (RQConfig(), True, (0.5, 5.0), 0.053),
@@ -143,11 +139,6 @@ def key_mean_calibration(smollm2):
 
 
 @pytest.fixture(scope="module")
-def query_calibration(smollm2):
-    return calibrate(smollm2[0], stdlib_corpus(smollm2[1], 2048), key_scale="query", source="stdlib 2048")
-
-
-@pytest.fixture(scope="module")
 def reference(smollm2, ids):
     return decode_time_ppl(smollm2[0], ids, prefill=PREFILL, decode=DECODE, chunk=DECODE)
 
@@ -167,8 +158,8 @@ def _measure(smollm2, ids, reference, config, calibration):
 @pytest.mark.parametrize("name", sorted(PINS))
 def test_decode_time_quality_pin(name, smollm2, ids, calibration, reference, request):
     config, calibrated, (low, high), kl_high = PINS[name]
-    if calibrated in ("key mean", "query"):
-        cal = request.getfixturevalue({"key mean": "key_mean_calibration", "query": "query_calibration"}[calibrated])
+    if calibrated == "key mean":
+        cal = request.getfixturevalue("key_mean_calibration")
     else:
         cal = {True: calibration, False: None}.get(calibrated, calibrated)
     delta, kl, cache = _measure(smollm2, ids, reference, config, cal)
@@ -267,17 +258,3 @@ def test_a_repetitive_prompt_does_not_wreck_the_default_cache(smollm2):
     real = license_corpus(tok, 16, offset=100)
     default, none = quality(real, "default"), quality(real, None)
     assert default[1] < 0.8 * none[1], (default, none)
-
-
-def test_query_key_scales_beat_the_key_mean_alone_for_rotations_that_mix_the_group(
-    smollm2, ids, reference, key_mean_calibration, query_calibration
-):
-    """QUALITY.md "Session 12": key scales weighted by the queries that read them (the score-error optimum for a
-    mixed norm group) against the stdlib key mean alone, iso and rotor full mixing without the window: clearly lower
-    KL summed over both backends (measured 0.120 + 0.091 vs 0.148 + 0.142)."""
-    kl = {}
-    for name, cal in (("key mean", key_mean_calibration), ("query", query_calibration)):
-        kl[name] = sum(
-            _measure(smollm2, ids, reference, RQConfig(backend=b, residual_window=0), cal)[1] for b in ("iso", "rotor")
-        )
-    assert kl["query"] < 0.85 * kl["key mean"], kl
