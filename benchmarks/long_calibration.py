@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--backend", default="iso")
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--key-mean-only", action="store_true", help="skip the query-scale row")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
@@ -43,6 +44,8 @@ def main() -> None:
         scale = (variance / query_power).pow(0.25)
         stats[(layer, "k", "scale")] = scale / scale.mean(-1, keepdim=True)
     calibrations = {"key mean": key_mean, "key mean + per-channel query scales": Calibration(stats)}
+    if args.key_mean_only:
+        del calibrations["key mean + per-channel query scales"]
     config = RQConfig(backend=args.backend, residual_window=32)
     windows = [license_corpus(tok, PREFILL + DECODE + 1, offset=o) for o in OFFSETS]
     refs = [decode_time_ppl(model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE) for ids in windows]
