@@ -14,10 +14,11 @@ import argparse
 import time
 
 import torch
+from query_key_scales import with_query_scales
 
 from rqcompile import models
 from rqcompile.cache import RQCache
-from rqcompile.calibrate import Calibration, calibrate
+from rqcompile.calibrate import calibrate
 from rqcompile.config import RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 
@@ -37,13 +38,8 @@ def main() -> None:
     text = stdlib_corpus(tok, args.tokens)
     key_mean = calibrate(model, text, chunk=args.chunk)
     centred = calibrate(model, text, key_scale=True, scale_power=1.0, error_weights=False, chunk=args.chunk)
-    stats = {k: v for k, v in key_mean.stats.items() if k[2] == "mean"}
-    for layer in key_mean.layers:
-        variance = centred.get(layer, "k", "scale").pow(2)
-        query_power = key_mean.get(layer, "k", "weight") / variance
-        scale = (variance / query_power).pow(0.25)
-        stats[(layer, "k", "scale")] = scale / scale.mean(-1, keepdim=True)
-    calibrations = {"key mean": key_mean, "key mean + per-channel query scales": Calibration(stats)}
+    per_channel = with_query_scales(key_mean, centred, centred, pairs=False)
+    calibrations = {"key mean": key_mean, "key mean + per-channel query scales": per_channel}
     if args.key_mean_only:
         del calibrations["key mean + per-channel query scales"]
     config = RQConfig(backend=args.backend, residual_window=32)

@@ -43,6 +43,21 @@ def query_key_scale(energy: torch.Tensor, query_power: torch.Tensor, pairs: bool
     return scale / scale.mean(-1, keepdim=True)
 
 
+def with_query_scales(
+    key_mean: Calibration, centred: Calibration, energy_from: Calibration, pairs: bool
+) -> Calibration:
+    """`key_mean`'s key mean plus query key scales. `key_mean` also holds the error weights (Var[k] E[q^2]),
+    `centred` the RMS scales at power 1 (sqrt(Var[k])), `energy_from` the RMS scales the key energy is read from
+    (`centred`, or measured without the mean for E[k^2] about zero)."""
+    stats = {k: v for k, v in key_mean.stats.items() if k[2] == "mean"}
+    for layer in key_mean.layers:
+        variance = centred.get(layer, "k", "scale").pow(2)
+        query_power = key_mean.get(layer, "k", "weight") / variance
+        energy = energy_from.get(layer, "k", "scale").pow(2)
+        stats[(layer, "k", "scale")] = query_key_scale(energy, query_power, pairs)
+    return Calibration(stats)
+
+
 def main() -> None:
     offset = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     torch.set_num_threads(1)
@@ -54,20 +69,11 @@ def main() -> None:
     centred = calibrate(model, text, key_scale=True, scale_power=1.0, error_weights=False)  # ~ sqrt(Var[k])
     uncentred = calibrate(model, text, key_mean=False, key_scale=True, scale_power=1.0, error_weights=False)
 
-    def with_scales(pairs: bool, energy_from: Calibration) -> Calibration:
-        stats = {k: v for k, v in key_mean.stats.items() if k[2] == "mean"}
-        for layer in key_mean.layers:
-            variance = centred.get(layer, "k", "scale").pow(2)
-            query_power = key_mean.get(layer, "k", "weight") / variance
-            energy = energy_from.get(layer, "k", "scale").pow(2)
-            stats[(layer, "k", "scale")] = query_key_scale(energy, query_power, pairs)
-        return Calibration(stats)
-
     calibrations = {
         "key mean": key_mean,
-        "per channel": with_scales(False, centred),
-        "pairs, centred": with_scales(True, centred),
-        "pairs, uncentred": with_scales(True, uncentred),
+        "per channel": with_query_scales(key_mean, centred, centred, pairs=False),
+        "pairs, centred": with_query_scales(key_mean, centred, centred, pairs=True),
+        "pairs, uncentred": with_query_scales(key_mean, centred, uncentred, pairs=True),
     }
     print(f"window {offset}, fp ppl {ref.ppl:.3f}; cells: ppl delta, KL", flush=True)
     for window in (0, 32):
