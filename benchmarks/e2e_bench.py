@@ -405,6 +405,12 @@ def main(argv: list[str] | None = None) -> None:
         " (instead of one call per compiled program)",
     )
     p.add_argument(
+        "--rows-max-tokens",
+        type=int,
+        default=None,
+        help="kernels.quantize DEFAULTS['rows_max_tokens']: 0 sends a decode step's quantize to the tiled kernel",
+    )
+    p.add_argument(
         "--compile-mode",
         default=None,
         help="torch.compile mode for both compiled paths, e.g. reduce-overhead (CUDA graphs); default: torch's",
@@ -418,6 +424,10 @@ def main(argv: list[str] | None = None) -> None:
         kattn.DEFAULTS["variant"] = args.attn_variant
     if args.compile_mode:
         COMPILE_OPTIONS["mode"] = args.compile_mode
+    if args.rows_max_tokens is not None:
+        from rqcompile.kernels import quantize as kquant
+
+        kquant.DEFAULTS["rows_max_tokens"] = args.rows_max_tokens
     mode = f" ({args.compile_mode})" if args.compile_mode else ""
     t0 = time.perf_counter()
     skip = set(filter(None, args.skip.split(",")))
@@ -445,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         "graph_step": args.graph_step,
         "rotation_stages": args.stages,
         "attn_variant": args.attn_variant,
+        "rows_max_tokens": args.rows_max_tokens,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.stages is not None and args.stages.isdigit():

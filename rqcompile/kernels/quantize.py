@@ -649,6 +649,8 @@ DEFAULTS = {"block_t": 8, "block_t_dense": 64, "lut": 0, "num_warps": 4, "reshap
 # `launch_quantize(variant=...)` default, and the "v2" kernel's launch: `v2_tile` elements per slot tile
 # ([BLOCK_T, G/P], BLOCK_T = v2_tile // (G/P)), `v2_num_warps` warps. "v1" until v2 is timed on the device.
 DEFAULTS.update({"quantize_variant": "v1", "v2_tile": 128, "v2_num_warps": 4})
+# Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
+DEFAULTS["rows_max_tokens"] = 4
 
 
 def _block_t(dim: int, dense: bool, tokens: int | None = None) -> int:
@@ -730,8 +732,9 @@ def launch_quantize(
     """(codes uint8 [B, H, T, bytes], norms fp16 [B, H, T, d/group]) from x [B, H, T, d] (any strides).
 
     `widths` (one per stored coordinate) replaces `bits`, and `perm` [H, d] is the channel order the rotation
-    reads (calibrated bit allocation). `variant`: "v1" or "v2" (None: `DEFAULTS["quantize_variant"]`); "v2" runs
-    only where `v2_applies`, other calls take v1. Both write the same codes and norms (up to float ties)."""
+    reads (calibrated bit allocation). `variant`: "v1", "v2" or "rows" (None: "rows" for a call of at most
+    `DEFAULTS["rows_max_tokens"]` tokens, else `DEFAULTS["quantize_variant"]`); "v2" and "rows" run only where
+    `v2_applies` / `rows_apply` say, other calls take v1. All write the same codes and norms (up to float ties)."""
     import torch
 
     batch, heads, tokens, dim = x.shape
@@ -745,9 +748,17 @@ def launch_quantize(
     norms = torch.empty((batch, heads, tokens, dim // group), dtype=torch.float16, device=x.device)
     if batch * heads * tokens == 0:
         return codes, norms
-    variant = DEFAULTS["quantize_variant"] if variant is None else variant
-    if variant not in ("v1", "v2"):
+    if variant is None:
+        few = isinstance(tokens, int) and tokens <= DEFAULTS["rows_max_tokens"]
+        variant = "rows" if few else DEFAULTS["quantize_variant"]
+    if variant not in ("v1", "v2", "rows"):
         raise ValueError(f"unknown quantize variant {variant!r}")
+    if variant == "rows":
+        from rqcompile.kernels.quantize_rows import launch_quantize_rows, rows_apply
+
+        if rows_apply(dim, rb, bits, group, layout, perm):
+            launch_quantize_rows(x, rotation, mean, scale, levels, bits, group, codes, norms, wrap)
+            return codes, norms
     if variant == "v2" and v2_applies(dim, rb, bits, group, layout, perm):
         slots = 8 if bits == 4 else 16
         bt = max(1, DEFAULTS["v2_tile"] // (group // slots))
