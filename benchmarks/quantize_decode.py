@@ -1,5 +1,5 @@
 """The decode-step quantize: the tiled kernel ("v1") against the per-row kernel ("rows", kernels/quantize_rows.py) on
-Qwen3.5-27B's KV shapes (4 KV heads, head_dim 256), 1 / 4 / 16 new tokens, batch 1 and 8, timed as CUDA-graph
+Qwen3.5-27B's KV shapes (4 KV heads, head_dim 256), 1 / 4 / 16 new tokens (`--tokens`), batch 1 and 8, timed as CUDA-graph
 replays (`do_bench_cudagraph` medians: a compiled decode step replays its quantize calls from a graph, so launch
 overhead is not what is measured), plus each variant's codes against the reference quantizer.
 
