@@ -1,7 +1,8 @@
-"""The decode-step quantize: the tiled kernel ("v1") against the per-row kernel ("rows", kernels/quantize_rows.py) on
-Qwen3.5-27B's KV shapes (4 KV heads, head_dim 256), 1 / 4 / 16 new tokens (`--tokens`), batch 1 and 8, timed as CUDA-graph
-replays (`do_bench_cudagraph` medians: a compiled decode step replays its quantize calls from a graph, so launch
-overhead is not what is measured), plus each variant's codes against the reference quantizer.
+"""The decode-step quantize: the tiled kernel ("v1") against the per-row kernel ("rows", kernels/quantize_rows.py)
+on Qwen3.5-27B's KV shapes (4 KV heads, head_dim 256), 1 / 4 / 16 new tokens (`--tokens`), batch 1 and 8, timed as
+CUDA-graph replays (`do_bench_cudagraph` medians: a compiled decode step replays its quantize calls from a graph,
+so launch overhead is not what is measured), the host time per eager call (a loop of 200 calls), and each
+variant's codes against the reference quantizer.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_decode.py --out $OUT
 """
@@ -35,8 +36,11 @@ def main() -> None:
     args = p.parse_args()
     print(f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     rows = []
-    print("| config | batch | tokens | v1 us | rows us | v1 / rows | codes differing from the reference (v1 / rows) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| config | batch | tokens | v1 us | rows us | v1 / rows | eager us per call (v1 / rows) "
+        "| codes differing from the reference (v1 / rows) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, overrides in CONFIGS.items():
         st = quantizer.make_state(RQConfig(**overrides), layer_idx=1, kind="k", num_heads=4, head_dim=256).to("cuda")
         for batch in map(int, args.batches.split(",")):
@@ -53,10 +57,17 @@ def main() -> None:
                     row[f"{variant}_code_bytes_differing"] = (codes != ref).float().mean().item()
                     fn = lambda x=x, p=params, v=variant: launch_quantize(x, *p, variant=v)  # noqa: E731
                     row[f"{variant}_us"] = 1e3 * do_bench_cudagraph(fn, return_mode="median")
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(200):  # eager: host time per call (launch-bound at these sizes)
+                        fn()
+                    torch.cuda.synchronize()
+                    row[f"{variant}_eager_us"] = 1e6 * (time.perf_counter() - t0) / 200
                 rows.append(row)
                 print(
                     f"| {name} | {batch} | {tokens} | {row['v1_us']:.1f} | {row['rows_us']:.1f} | "
-                    f"{row['v1_us'] / row['rows_us']:.2f}x | {row['v1_code_bytes_differing']:.1e} / "
+                    f"{row['v1_us'] / row['rows_us']:.2f}x | {row['v1_eager_us']:.1f} / {row['rows_eager_us']:.1f} | "
+                    f"{row['v1_code_bytes_differing']:.1e} / "
                     f"{row['rows_code_bytes_differing']:.1e} |",
                     flush=True,
                 )
