@@ -156,6 +156,82 @@ def _pack_layout(code, out_row, t_ok, g, G: tl.constexpr, L: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _rotate_dense(
+    x_row,
+    t_ok,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    perm_ptr,
+    h,
+    g,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NB: tl.constexpr,
+    PERM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """y [BLOCK_T, G] = u @ R_g^T for norm group g, u = (x - mean) / scale, over chunks of KC input coordinates (a
+    whole [G, G] fp32 block in registers spilled: 255 registers + 1.3 KB of stack per thread at G = 128). tl.dot needs
+    16 rows; a tile of fewer rows (a decode step's token) multiplies and sums in registers instead of padding the tile
+    with empty rows."""
+    KC: tl.constexpr = 32 if G > 32 else G
+    ri = tl.arange(0, G)
+    y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+    for kc in tl.static_range(G // KC):
+        kk = kc * KC + tl.arange(0, KC)
+        chk = channels(perm_ptr, h, g * G + kk, g * G + kk < D, D, PERM)
+        xv = tl.load(x_row + chk[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + h * D + chk)[None, :]
+        u = tl.math.div_rn(xv - mu, tl.load(scale_ptr + h * D + chk)[None, :])
+        if BLOCK_T >= 16:
+            rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + kk[:, None])  # R_g[i, k] at [k, i]
+            y = tl.dot(u, rt, y, input_precision=DOT_PREC)
+        else:
+            r = tl.load(rot_ptr + ((h * NB + g) * G + ri[:, None]) * G + kk[None, :])  # R_g[i, k] at [i, k]
+            y += tl.sum(u[:, None, :] * r[None, :, :], axis=2)
+    return y
+
+
+@triton.jit
+def _rotate_blocks(
+    x_row,
+    t_ok,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    perm_ptr,
+    h,
+    c,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    PERM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """y [BLOCK_T, G] at the G rotated coordinates c of a block rotation (b <= 4), as RB gathered loads of the block's
+    inputs (a block may straddle norm groups: rotor's b = 3)."""
+    blk = c // RB
+    ii = c % RB
+    y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+    for k in tl.static_range(RB):
+        src = blk * RB + k
+        sv = src < D
+        chs = channels(perm_ptr, h, src, sv, D, PERM)
+        xv = tl.load(x_row + chs[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + h * D + chs, mask=sv, other=0.0)
+        sc = tl.load(scale_ptr + h * D + chs, mask=sv, other=1.0)
+        u = tl.where(sv[None, :], tl.math.div_rn(xv - mu[None, :], sc[None, :]), 0.0)
+        coef = tl.load(rot_ptr + ((h * NB + blk) * RB + ii) * RB + k)
+        y += coef[None, :] * u
+    return y
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr,
     sxb,
@@ -200,28 +276,13 @@ def _quantize_kernel(
     t_ok = (t < T)[:, None]
     x_row = x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64)[:, None] * sxt
     out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
-    KC: tl.constexpr = 32 if G > 32 else G  # dense rotation: input coordinates per tl.dot
     for g in tl.static_range(NG):
         c = g * G + tl.arange(0, G)
         ch = channels(perm_ptr, h, c, c < D, D, PERM)  # input channels (c itself without a perm)
         if DENSE:
-            # y = u @ R_g^T over K chunks of KC input coordinates: a whole [G, G] fp32 block in registers spilled
-            # (255 registers + 1.3 KB of stack per thread at G = 128). tl.dot needs 16 rows; a one-row tile (a decode
-            # step's token per head) multiplies and sums in registers instead of padding the tile with empty rows.
-            ri = tl.arange(0, G)
-            y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
-            for kc in tl.static_range(G // KC):
-                kk = kc * KC + tl.arange(0, KC)
-                chk = channels(perm_ptr, h, g * G + kk, g * G + kk < D, D, PERM)
-                xv = tl.load(x_row + chk[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
-                mu = tl.load(mean_ptr + h * D + chk)[None, :]
-                u = tl.math.div_rn(xv - mu, tl.load(scale_ptr + h * D + chk)[None, :])
-                if BLOCK_T >= 16:
-                    rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + kk[:, None])  # R_g[i, k] at [k, i]
-                    y = tl.dot(u, rt, y, input_precision=DOT_PREC)
-                else:
-                    r = tl.load(rot_ptr + ((h * NB + g) * G + ri[:, None]) * G + kk[None, :])  # R_g[i, k] at [i, k]
-                    y += tl.sum(u[:, None, :] * r[None, :, :], axis=2)
+            y = _rotate_dense(
+                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, perm_ptr, h, g, D, G, NB, PERM, DOT_PREC, BLOCK_T
+            )
         elif RESHAPE:  # RB in (1, 2, 4): one contiguous load (a gather with a perm), rotate in registers
             xv = tl.load(x_row + ch[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
             u = tl.math.div_rn(xv - tl.load(mean_ptr + h * D + ch)[None, :], tl.load(scale_ptr + h * D + ch)[None, :])
@@ -231,19 +292,9 @@ def _quantize_kernel(
             r3 = tl.load(rot_ptr + ((h * NB + jb[:, None, None]) * RB + ri[None, :, None]) * RB + ri[None, None, :])
             y = tl.reshape(tl.sum(u3[:, :, None, :] * r3[None, :, :, :], axis=3), [BLOCK_T, G])
         else:
-            blk = c // RB
-            ii = c % RB
-            y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
-            for k in tl.static_range(RB):
-                src = blk * RB + k
-                sv = src < D
-                chs = channels(perm_ptr, h, src, sv, D, PERM)
-                xv = tl.load(x_row + chs[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
-                mu = tl.load(mean_ptr + h * D + chs, mask=sv, other=0.0)
-                sc = tl.load(scale_ptr + h * D + chs, mask=sv, other=1.0)
-                u = tl.where(sv[None, :], tl.math.div_rn(xv - mu[None, :], sc[None, :]), 0.0)
-                coef = tl.load(rot_ptr + ((h * NB + blk) * RB + ii) * RB + k)
-                y += coef[None, :] * u
+            y = _rotate_blocks(
+                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, perm_ptr, h, c, D, G, RB, NB, PERM, BLOCK_T
+            )
         n = tl.sqrt_rn(tl.sum(y * y, axis=1))
         unit = tl.where(n[:, None] > 0, tl.math.div_rn(y, tl.maximum(n, TINY)[:, None]), 0.0)
         if LAYOUT != "":

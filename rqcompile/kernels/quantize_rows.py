@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rqcompile.kernels.quantize import TINY, _codes, _lookup, _pack_store
+from rqcompile.kernels.quantize import TINY, _codes, _lookup, _pack_store, _rotate_blocks, _rotate_dense
 
 
 @triton.jit
@@ -43,7 +43,6 @@ def _quantize_rows_kernel(
     BITS: tl.constexpr,
     NA: tl.constexpr,
     NA_PAD: tl.constexpr,
-    KC: tl.constexpr,
 ):
     g = tl.program_id(0)
     row = tl.program_id(1)  # (b, h, t) flattened: the output row
@@ -53,34 +52,15 @@ def _quantize_rows_kernel(
     h = bh % H
     NL: tl.constexpr = 1 << BITS
     CB: tl.constexpr = D * BITS // 8
-    x_row = x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64) * sxt
-    c = g * G + tl.arange(0, G)
-    if RB == G:  # dense per-group rotation: y = R_g u, summed over chunks of KC input coordinates
-        ri = tl.arange(0, G)
-        y = tl.zeros([G], dtype=tl.float32)
-        for kc in tl.static_range(G // KC):
-            kk = kc * KC + tl.arange(0, KC)
-            ch = g * G + kk
-            u = tl.math.div_rn(
-                tl.load(x_row + ch * sxd).to(tl.float32) - tl.load(mean_ptr + h * D + ch),
-                tl.load(scale_ptr + h * D + ch),
-            )
-            r = tl.load(rot_ptr + ((h * NB + g) * G + ri[:, None]) * G + kk[None, :])  # R_g[i, k]
-            y += tl.sum(r * u[None, :], axis=1)
-    else:  # block rotation over the head dimension (a block may straddle norm groups: rotor's b = 3)
-        blk = c // RB
-        ii = c % RB
-        y = tl.zeros([G], dtype=tl.float32)
-        for k in tl.static_range(RB):
-            src = blk * RB + k
-            sv = src < D
-            xv = tl.load(x_row + src * sxd, mask=sv, other=0.0).to(tl.float32)
-            mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
-            sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
-            u = tl.where(sv, tl.math.div_rn(xv - mu, sc), 0.0)
-            y += tl.load(rot_ptr + ((h * NB + blk) * RB + ii) * RB + k) * u
-    n = tl.sqrt_rn(tl.sum(y * y, axis=0))
-    unit = tl.where(n > 0, tl.math.div_rn(y, tl.maximum(n, TINY)), 0.0)[None, :]  # [1, G]
+    x_row = (x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64) * sxt) + tl.zeros([1, 1], tl.int64)
+    row_ok = tl.full([1, 1], 1, tl.int1)
+    if RB == G:  # dense per-group rotation (full mixing, hadamard)
+        y = _rotate_dense(x_row, row_ok, sxd, rot_ptr, mean_ptr, scale_ptr, mean_ptr, h, g, D, G, NB, False, "ieee", 1)
+    else:
+        c = g * G + tl.arange(0, G)
+        y = _rotate_blocks(x_row, row_ok, sxd, rot_ptr, mean_ptr, scale_ptr, mean_ptr, h, c, D, G, RB, NB, False, 1)
+    n = tl.sqrt_rn(tl.sum(y * y, axis=1))  # [1]
+    unit = tl.where(n[:, None] > 0, tl.math.div_rn(y, tl.maximum(n, TINY)[:, None]), 0.0)  # [1, G]
     if NA == 0:
         code = _codes(unit, lev_ptr, NL, 1, G)
     else:  # every candidate c at once: codes of unit / c, keep the largest cosine (the first on ties)
@@ -95,7 +75,6 @@ def _quantize_rows_kernel(
     lv = _lookup(code, lev_ptr, NL, 0, 1, G)
     corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(tl.sum(lv * lv, axis=1)), TINY))  # [1]
     tl.store(norms_ptr + row.to(tl.int64) * NG + g + tl.arange(0, 1), corrected.to(tl.float16))
-    row_ok = tl.full([1, 1], 1, tl.int1)
     _pack_store(code, codes_ptr + row.to(tl.int64) * CB + tl.zeros([1, 1], tl.int64), row_ok, g, G, D, BITS, 1)
 
 
@@ -133,6 +112,5 @@ def launch_quantize_rows(x, rotation, mean, scale, levels, bits: int, group: int
         BITS=bits,
         NA=na,
         NA_PAD=triton.next_power_of_2(max(na, 1)),
-        KC=min(group, 32),
         num_warps=max(1, min(4, group // 32)),
     )

@@ -1,0 +1,129 @@
+"""Research (session 13, QUALITY.md "Session 13"): remove the key mean *before* RoPE instead of after it.
+
+The format subtracts a per-channel key mean from the post-RoPE keys. A constant post-RoPE offset shifts all of a
+query's scores equally (softmax ignores it), but most of the keys' offset is constant *before* RoPE: after it, that
+offset turns with the position (pair i by theta_i * p), so a post-RoPE mean catches only its slowly turning part
+(and what it catches depends on the position range it was measured on: QUALITY.md "Session 12"). Here each layer's
+pre-RoPE key mean m (stdlib text, sink token left out) is rotated to each key's position, RoPE(m, p), subtracted
+before quantizing and added back exactly after dequantizing: the codes carry only k - RoPE(m, p). The added-back
+term is not softmax-invariant (it is a real positional signal), so it must be exact; it costs no bytes per token
+(m is a per-layer constant, RoPE(m, p) a function of the position).
+
+Measured with the library's RQCache (calibration="prompt": its key mean is then the prompt's residual mean) wrapped
+to subtract / add RoPE(m, p); SmolLM2's RoPE from the model's own rotary embedding. Harness: prefill 512, 256
+teacher-forced steps in one chunk, license windows 0 / 8192 / 16384 (the presets' 1K harness), or `--prefill 7679
+--decode 512 --offsets 24576,32768,40960` (8K).
+
+    .venv/bin/python benchmarks/prerope_mean.py --configs "iso K3V3,planar K3V3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import transformers.models.llama.modeling_llama as llama
+from presets import MIXED
+
+from rqcompile import models
+from rqcompile.cache import RQCache
+from rqcompile.config import RQConfig
+from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
+
+WIDTHS = {"K3V3": dict(bits=3), "K4V3": dict(key_bits=4, value_bits=3), "K3V2": dict(key_bits=3, value_bits=2)}
+WIDTHS.update({k: MIXED[k] for k in ("K4/3 V3", "K3 V3/2")})
+
+
+def prerope_key_means(model, ids: torch.Tensor, chunk: int = 512, skip_first: int = 1) -> list[torch.Tensor]:
+    """Per layer [H, d]: the mean of the keys as they enter RoPE, over `ids` in chunks (each chunk's first
+    `skip_first` tokens, the attention sink, left out)."""
+    seen: list[torch.Tensor] = []
+    real = llama.apply_rotary_pos_emb
+
+    def spy(q, k, cos, sin, unsqueeze_dim=1):
+        seen.append(k[0, :, skip_first:].double().sum(1))
+        return real(q, k, cos, sin, unsqueeze_dim)
+
+    llama.apply_rotary_pos_emb = spy
+    try:
+        chunks = [ids[:, a : a + chunk] for a in range(0, ids.shape[1] - skip_first, chunk)]
+        for c in chunks:
+            model(c)
+    finally:
+        llama.apply_rotary_pos_emb = real
+    layers = model.config.num_hidden_layers
+    count = sum(c.shape[1] - skip_first for c in chunks)
+    return [sum(seen[i * layers + layer] for i in range(len(chunks))).float() / count for layer in range(layers)]
+
+
+class PreRopeMeanCache(RQCache):
+    """RQCache that quantizes k - RoPE(m, p) and returns the dequantized history plus RoPE(m, p) (batch 1, no
+    padding: positions are the layer's token count). `means` None: each layer measures m on its first K (the prompt),
+    un-rotated to the pre-RoPE frame, its first token left out."""
+
+    def __init__(self, config: RQConfig, means: list[torch.Tensor] | None, rotary, **kw) -> None:
+        super().__init__(config, **kw)
+        self.means, self.rotary, self.measured = means, rotary, {}
+
+    def _mean(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
+        if self.means is not None:
+            return self.means[layer_idx]
+        if layer_idx not in self.measured:
+            cos, sin = self.rotary(key_states, torch.arange(key_states.shape[-2])[None])
+            pre = key_states * cos[:, None] - llama.rotate_half(key_states) * sin[:, None]
+            self.measured[layer_idx] = pre[0, :, 1:].double().mean(1).float()
+        return self.measured[layer_idx]
+
+    def _offset(self, layer_idx: int, start: int, length: int, like: torch.Tensor) -> torch.Tensor:
+        m = self._mean(layer_idx, like).to(like.dtype)[None, :, None, :]  # [1, H, 1, d]
+        pos = torch.arange(start, start + length)[None]
+        cos, sin = self.rotary(like, pos)  # [1, T, d]
+        return m * cos[:, None] + llama.rotate_half(m) * sin[:, None]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        start = self.get_seq_length(layer_idx) if layer_idx < len(self.layers) else 0
+        residual = key_states - self._offset(layer_idx, start, key_states.shape[-2], key_states)
+        keys, values = super().update(residual, value_states, layer_idx, *args, **kwargs)
+        return keys + self._offset(layer_idx, 0, keys.shape[-2], keys), values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="iso K3V3,planar K3V3,rotor K3V3,hadamard K3V3")
+    parser.add_argument("--window", type=int, default=0, help="RQConfig.residual_window")
+    parser.add_argument("--tokens", type=int, default=4096, help="stdlib tokens for the pre-RoPE mean")
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=256)
+    parser.add_argument("--offsets", default="0,8192,16384")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    model, tok = models.load_smollm2()
+    means = prerope_key_means(model, stdlib_corpus(tok, args.tokens))
+    rotary = model.model.rotary_emb
+    prefill, decode = args.prefill, args.decode
+    windows = [license_corpus(tok, prefill + decode + 1, offset=int(o)) for o in args.offsets.split(",")]
+    refs = [decode_time_ppl(model, ids, prefill=prefill, decode=decode, chunk=decode) for ids in windows]
+    print(f"prefill {prefill}, decode {decode}, windows {args.offsets}, w{args.window}, calibration='prompt'")
+    for spec in args.configs.split(","):
+        backend, widths = spec.strip().split(" ", 1)
+        config = RQConfig(backend=backend, residual_window=args.window, **WIDTHS[widths])
+        for name, make in (
+            ("post-RoPE key mean (the format today)", lambda c=config: RQCache(c, calibration="prompt")),
+            ("pre-RoPE key mean (stdlib) removed", lambda c=config: PreRopeMeanCache(c, means, rotary)),
+            ("pre-RoPE key mean (prompt) removed", lambda c=config: PreRopeMeanCache(c, None, rotary)),
+        ):
+            t0, cells, kls = time.perf_counter(), [], []
+            for ids, ref in zip(windows, refs):
+                result = decode_time_ppl(model, ids, make, prefill, decode, chunk=decode)
+                kls.append(kl_divergence(ref, result).mean().item())
+                cells.append(f"{100 * (result.ppl / ref.ppl - 1):+.2f}%")
+            mean_kl = sum(kls) / len(kls)
+            kl_cells = " / ".join(f"{k:.4f}" for k in kls)
+            print(f"{spec:14s} {name:38s} {' / '.join(cells)} (KL {kl_cells}; mean {mean_kl:.4f}) ", end="")
+            print(f"{time.perf_counter() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
