@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=256)
     parser.add_argument("--offsets", default="0,8192,16384")
+    parser.add_argument("--only", default="", help="run only the variants whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
@@ -113,7 +114,16 @@ def main() -> None:
             ("post-RoPE key mean (the format today)", lambda c=config: RQCache(c, calibration="prompt")),
             ("pre-RoPE key mean (stdlib) removed", lambda c=config: PreRopeMeanCache(c, means, rotary)),
             ("pre-RoPE key mean (prompt) removed", lambda c=config: PreRopeMeanCache(c, None, rotary)),
+            (
+                "the same, RQConfig(rope_key_mean=True)",
+                lambda c=config: RQCache(c.replace(rope_key_mean=True), model_config=model.config),
+            ),
         ):
+            if args.only not in name:
+                continue
+            if args.window and "removed" in name:  # window_view rebuilds the cache from its config and model_config
+                print(f"{spec:14s} {name:38s} skipped: with a window only the library's rope_key_mean is measured")
+                continue
             t0, cells, kls = time.perf_counter(), [], []
             for ids, ref in zip(windows, refs):
                 result = decode_time_ppl(model, ids, make, prefill, decode, chunk=decode)

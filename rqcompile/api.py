@@ -376,6 +376,12 @@ def apply(
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
     fuse = True if fuse is None else fuse
+    if config.rope_key_mean:
+        raise ValueError(
+            "RQConfig(rope_key_mean=True) is supported by the drop-in caches only so far (RQCache / IsoQuantCache / "
+            "... with model_config=model.config): apply's fused attention kernels do not yet add the positional key "
+            "offset back (QUALITY.md 'Session 13'); use rope_key_mean=False here"
+        )
     _check_calibration(config, calibration)
     captured = capture(
         model,

@@ -31,6 +31,7 @@ from rqcompile.calibrate import MIN_PROMPT_TOKENS, PROMPT, Calibration, channel_
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import QuantState, make_state
+from rqcompile.quant.rope_offset import RopeSpec, rope_offset, rope_spec, unrotate
 
 _LINEAR_TYPES = ("linear_attention", "conv", "mamba")
 
@@ -113,11 +114,22 @@ class RQCacheLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(
-        self, config: RQConfig, layer_idx: int, calibration: Calibration | str | None = None, **kw: Any
+        self,
+        config: RQConfig,
+        layer_idx: int,
+        calibration: Calibration | str | None = None,
+        rope: RopeSpec | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__()
         _check_calibration(calibration)
+        if config.rope_key_mean and rope is None:
+            raise ValueError(
+                "RQConfig(rope_key_mean=True) needs the model's RoPE: build the cache with model_config=model.config"
+            )
         self.config = config
+        self.rope = rope if config.rope_key_mean else None
+        self.k_rope_mean: torch.Tensor | None = None
         self.calibration = PROMPT if calibration is _PROMPT_BY_DEFAULT else calibration
         # a prompt too short to calibrate on warns only when calibration="prompt" was asked for explicitly
         self.warn_short_prompt = calibration is not _PROMPT_BY_DEFAULT  # and on a degenerate prompt
@@ -128,13 +140,14 @@ class RQCacheLayer(CacheLayerMixin):
 
     def _clear(self) -> None:
         if self.calibration == PROMPT:  # the next sequence calibrates on its own prompt
-            self.k_state = self.v_state = None
+            self.k_state = self.v_state = self.k_rope_mean = None
         self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
         self.k_window = self.v_window = None
         self.k_sink = self.v_sink = None
         # a padded batch: each row's first sink_tokens real tokens, exact, and their positions [B, S] (the stores
         # above then hold every position from 0, pads included: the model's mask hides the pads)
         self.k_row_sink = self.v_row_sink = self.row_sink_index = None
+        self.row_start = None  # rope_key_mean in a padded batch: each row's first real token (its position 0)
         self.is_initialized = False
 
     # -- transformers layer API ---------------------------------------------------------------------------------
@@ -143,6 +156,13 @@ class RQCacheLayer(CacheLayerMixin):
     ) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         _, heads, _, head_dim = key_states.shape
+        if self.rope is not None:
+            if tokens is not None:
+                self.row_start = _first_tokens(tokens, 1)[:, 0].clone()
+            if self.k_rope_mean is None or self.k_rope_mean.shape != (heads, head_dim):
+                self.k_rope_mean = self._rope_mean(key_states, tokens)
+            # the post-RoPE statistics below are those of what is quantized: the keys without their offset
+            key_states = key_states - self._offset(0, key_states.shape[-2]).to(key_states.dtype)
         if self.k_state is None or self.k_state.num_heads != heads or self.k_state.head_dim != head_dim:
             stats = self._stats(key_states, value_states, tokens)
             make = lambda kind: make_state(  # noqa: E731
@@ -157,6 +177,44 @@ class RQCacheLayer(CacheLayerMixin):
             ).to(self.device)
             self.k_state, self.v_state = make("k"), make("v")
         self.is_initialized = True
+
+    def _positions(self, start: int, length: int) -> torch.Tensor:
+        """Positions [B or 1, length] of cache slots start..start+length: a padded row's count from its first real
+        token (the position ids transformers gives a left-padded row)."""
+        slots = torch.arange(start, start + length, device=self.device)[None]
+        return slots if self.row_start is None else slots - self.row_start[:, None]
+
+    def _offset(self, start: int, length: int) -> torch.Tensor:
+        """RoPE_p(m) [B or 1, H, length, d] float32 for cache slots start..start+length (`RQConfig.rope_key_mean`)."""
+        return rope_offset(self.k_rope_mean, self._positions(start, length), self.rope)
+
+    def _rope_mean(self, key_states: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """The pre-RoPE key mean [H, d]: from the Calibration, or (PROMPT) the prompt's keys turned back to the
+        pre-RoPE frame, its sink token left out; zeros (no offset) when uncalibrated or the prompt is too short."""
+        heads, head_dim = key_states.shape[1], key_states.shape[-1]
+        zeros = torch.zeros(heads, head_dim, device=self.device)
+        calib = self.calibration
+        if calib is None:
+            return zeros
+        if calib != PROMPT:
+            mean = calib.get(self.layer_idx, "k", "rope_mean")
+            if mean is None:
+                raise ValueError(
+                    f"layer {self.layer_idx}: RQConfig(rope_key_mean=True), but this Calibration has no pre-RoPE key "
+                    "mean ('rope_mean'); use calibration='prompt' (the drop-in caches' default)"
+                )
+            return mean.float().to(self.device)
+        measured = None
+        if tokens is not None:
+            measured = tokens.clone()
+            measured.scatter_(1, _first_tokens(tokens, 1), False)
+        count = key_states.shape[-2] - 1 if measured is None else int(measured.sum(-1).max())
+        if count < MIN_PROMPT_TOKENS:  # _stats warns about the short prompt
+            return zeros
+        pre = unrotate(key_states, self._positions(0, key_states.shape[-2]), self.rope)
+        if measured is None:
+            return channel_stats(pre[:, :, 1:], mean=True, scale=False)["mean"]
+        return channel_stats(pre, mean=True, scale=False, tokens=measured)["mean"]
 
     def _stats(self, key_states: torch.Tensor, value_states: torch.Tensor, tokens: torch.Tensor | None = None):
         """(kind, name) -> this layer's calibration tensor or None: from the Calibration, or with PROMPT measured on
@@ -287,6 +345,9 @@ class RQCacheLayer(CacheLayerMixin):
         self.row_sink_index = index
 
     def _append_compressed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if self.rope is not None:  # quantize what is left of the keys after their positional offset
+            start = self._sink_length() + (0 if self.k_codes is None else self.k_codes.shape[-2])
+            keys = keys.float() - self._offset(start, keys.shape[-2])
         k_codes, k_norms = quantize_state(keys, self.k_state)
         v_codes, v_norms = quantize_state(values, self.v_state)
         self.k_codes, self.k_norms = _cat(self.k_codes, k_codes), _cat(self.k_norms, k_norms)
@@ -299,7 +360,12 @@ class RQCacheLayer(CacheLayerMixin):
             keys.append(self.k_sink)
             values.append(self.v_sink)
         if self.k_codes is not None and self.k_codes.shape[-2] > 0:
-            keys.append(dequantize_state(self.k_codes, self.k_norms, self.k_state, self.dtype))
+            if self.rope is None:
+                keys.append(dequantize_state(self.k_codes, self.k_norms, self.k_state, self.dtype))
+            else:  # the positional offset added back, exactly
+                k = dequantize_state(self.k_codes, self.k_norms, self.k_state, torch.float32)
+                k = k + self._offset(self._sink_length(), k.shape[-2])
+                keys.append(k.to(self.dtype))
             values.append(dequantize_state(self.v_codes, self.v_norms, self.v_state, self.dtype))
         if self.k_window is not None:
             keys.append(self.k_window)
@@ -343,6 +409,7 @@ class RQCacheLayer(CacheLayerMixin):
         "k_row_sink",
         "v_row_sink",
         "row_sink_index",
+        "row_start",
     )
 
     def _map(self, fn) -> None:
@@ -402,6 +469,7 @@ class RQCacheLayer(CacheLayerMixin):
             self.k_row_sink,
             self.v_row_sink,
             self.row_sink_index,
+            self.row_start,
         )
         tokens = self.get_seq_length()
         if self.k_state is None or tokens == 0:
@@ -425,9 +493,10 @@ class RQSlidingCacheLayer(RQCacheLayer):
         layer_idx: int,
         calibration: Calibration | str | None = None,
         sliding_window: int | None = None,
+        rope: RopeSpec | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(config, layer_idx, calibration)
+        super().__init__(config, layer_idx, calibration, rope)
         self.sliding_window = sliding_window
 
 
@@ -508,6 +577,12 @@ class RQCache(Cache):
         self._attention_mask: torch.Tensor | None = None
         self._tokens_memo: tuple[Any, torch.Tensor | None] = (None, None)
         self._warned_unknown_padding = False
+        if config.rope_key_mean and model_config is None:
+            raise ValueError(
+                "RQConfig(rope_key_mean=True) needs the model's RoPE: pass model_config=model.config to the cache"
+            )
+        self._model_config = model_config
+        self._rope = rope_spec(model_config) if config.rope_key_mean else None
         layers: list = []
         if model_config is not None:
             text_config = model_config.get_text_config(decoder=True)
@@ -520,9 +595,11 @@ class RQCache(Cache):
 
     def _make_layer(self, layer_type: str, idx: int, sliding_window: int | None):
         if layer_type == "full_attention":
-            return RQCacheLayer(self.rq_config, idx, self._layer_calibration)
+            return RQCacheLayer(self.rq_config, idx, self._layer_calibration, self._rope)
         if layer_type in ("sliding_attention", "chunked_attention"):
-            return RQSlidingCacheLayer(self.rq_config, idx, self._layer_calibration, sliding_window=sliding_window)
+            return RQSlidingCacheLayer(
+                self.rq_config, idx, self._layer_calibration, sliding_window=sliding_window, rope=self._rope
+            )
         if layer_type in _LINEAR_TYPES:
             return LinearAttentionLayer()
         raise ValueError(
@@ -537,7 +614,7 @@ class RQCache(Cache):
             if idx == layer_idx and linear:
                 self.layers.append(LinearAttentionLayer())
             else:
-                self.layers.append(RQCacheLayer(self.rq_config, idx, self._layer_calibration))
+                self.layers.append(RQCacheLayer(self.rq_config, idx, self._layer_calibration, self._rope))
 
     # -- padding ----------------------------------------------------------------------------------------------
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:

@@ -76,6 +76,13 @@ class RQConfig:
             kernel), the encoder does ``g`` FMAs per coordinate. Why "full" is the default: KL of the drop-in cache
             -53% / -42% (QUALITY.md), for a compiled decode step within -6% / +4% of one layer's on the H200
             (BENCHMARKS.md, session 8); ``1`` keeps the block kernels (planar's encoder is then the fastest).
+        rope_key_mean: also remove each layer's *pre-RoPE* key mean, turned to each key's position, before quantizing
+            (added back exactly after dequantizing; no bytes per token; ``rqcompile.quant.rope_offset``). Most of the
+            keys' offset is constant before RoPE and turns with the position after it, so the post-RoPE key mean
+            misses it: on SmolLM2 this cut KL by 16-43% at 3-3.5 bits for every backend (QUALITY.md "Session 13").
+            Drop-in caches only so far (they need ``model_config``, for the RoPE, and measure the mean on the prompt);
+            ``rqcompile.apply`` and the exports refuse it until the fused attention kernel adds the positional term.
+            Default False.
     """
 
     backend: str = "iso"
@@ -92,6 +99,7 @@ class RQConfig:
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     bit_allocation: tuple[int, ...] = ()
     rotation_stages: int | str | None = None
+    rope_key_mean: bool = False
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
@@ -131,6 +139,8 @@ class RQConfig:
         self._check_rotation_stages()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {type(self.seed).__name__}")
+        if not isinstance(self.rope_key_mean, bool):
+            raise ValueError(f"rope_key_mean must be a bool, got {self.rope_key_mean!r}")
 
     def _check_layer_bits(self) -> None:
         entries = self.layer_bits

@@ -56,6 +56,9 @@ ALLOCATION = (2, 3, 4, 5, 6)
 # calibration="prompt" +14.74% KL 0.1407 (with the prompt's scales it was +12.14% KL 0.1296); rotor K3V3 without
 # the window, calibration="prompt" +16.49% KL 0.1945 (with the prompt's scales +13.11% KL 0.1512; QUALITY.md
 # "Session 11" has both windows: the scales' loss is rotor's alone, and only without the window).
+# Session 13: the pre-RoPE key mean removed too (`rope_key_mean=True`, measured on the prompt; QUALITY.md "Session
+# 13"): the default without the window +3.86% KL 0.0952 (without it +14.74% KL 0.1407), with the window +4.40% KL
+# 0.0252 (without it +5.23% KL 0.0288).
 K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))  # benchmarks/presets.py: the half of the layers with 4-bit keys
 PINS = {
     "rotor-K4/3V3-full-keymean": (
@@ -75,6 +78,8 @@ PINS = {
     "default-calibrated": (RQConfig(), True, (0.5, 5.0), 0.053),
     "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (5.0, 20.0), 0.176),
     "rotor-K3V3-full-prompt-calibrated": (RQConfig(backend="rotor", residual_window=0), "prompt", (5.0, 21.0), 0.245),
+    "default-rope-key-mean": (RQConfig(rope_key_mean=True), "prompt", (1.0, 8.0), 0.032),
+    "default-no-window-rope-key-mean": (RQConfig(residual_window=0, rope_key_mean=True), "prompt", (0.5, 9.0), 0.12),
     "iso-K3V3-block-uncalibrated": (RQConfig(**PRESET), False, (60.0, 165.0), 1.0),
     "iso-K3V3-block-prompt-calibrated": (RQConfig(**PRESET), "prompt", (12.0, 44.0), 0.34),
     "planar-3": (
@@ -146,8 +151,10 @@ def reference(smollm2, ids):
 def _measure(smollm2, ids, reference, config, calibration):
     caches: list[RQCache] = []
 
+    model_config = smollm2[0].config if config.rope_key_mean else None  # the RoPE the offset needs
+
     def make():
-        caches.append(RQCache(config, calibration=calibration))
+        caches.append(RQCache(config, calibration=calibration, model_config=model_config))
         return caches[-1]
 
     result = decode_time_ppl(smollm2[0], ids, make, PREFILL, DECODE, chunk=DECODE)
@@ -192,6 +199,15 @@ def test_full_mixing_lowers_the_error_of_one_block_layer(smollm2, ids, reference
     assert kl_staged < kl_hadamard, f"KL staged {kl_staged:.4f} vs hadamard {kl_hadamard:.4f}"
 
 
+def test_removing_the_pre_rope_key_mean_lowers_the_error(smollm2, ids, reference):
+    """The default cache without its window, with and without `rope_key_mean` (both measured on the prompt): the
+    positional offset removed before quantizing cuts KL by about a third (QUALITY.md "Session 13")."""
+    config = RQConfig(residual_window=0)
+    _, kl_post, _ = _measure(smollm2, ids, reference, config, "prompt")
+    _, kl_pre, _ = _measure(smollm2, ids, reference, config.replace(rope_key_mean=True), "prompt")
+    assert kl_pre < 0.8 * kl_post, f"KL with the pre-RoPE mean {kl_pre:.4f} vs without {kl_post:.4f}"
+
+
 def test_scale_search_is_what_makes_the_preset_better(smollm2, ids, calibration, reference):
     """The same calibrated iso K4/V3 + sink config without the scale search is clearly worse (KL, nats/token)."""
     config = PINS["iso-K4V3-preset"][0]
@@ -223,8 +239,10 @@ def test_sink_token_costs_only_its_own_bytes(smollm2, ids, calibration):
     caches: list[RQCache] = []
     config = RQConfig(backend="iso", bits=3, sink_tokens=1, residual_window=0)
 
+    model_config = smollm2[0].config if config.rope_key_mean else None  # the RoPE the offset needs
+
     def make():
-        caches.append(RQCache(config, calibration=calibration))
+        caches.append(RQCache(config, calibration=calibration, model_config=model_config))
         return caches[-1]
 
     decode_time_ppl(smollm2[0], ids[:, :131], make, 128, 2, keep_logprobs=False)

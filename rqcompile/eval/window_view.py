@@ -32,7 +32,11 @@ class BothViewsCache(RQCache):
     def __init__(self, cache: RQCache) -> None:
         self.window = cache.rq_config.residual_window
         self.sinks = cache.rq_config.sink_tokens
-        super().__init__(cache.rq_config.replace(residual_window=0), calibration=cache._layer_calibration)
+        super().__init__(
+            cache.rq_config.replace(residual_window=0),
+            calibration=cache._layer_calibration,
+            model_config=cache._model_config,
+        )
         self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.prompt_call: dict[int, bool] = {}  # per layer: was the last update the sequence's first?
 

@@ -108,7 +108,15 @@ class Artifact:
     @property
     def rq_config(self) -> RQConfig | None:
         data = self.manifest.get("rq_config")
-        return RQConfig.from_dict(data) if data is not None else None
+        if data is None:
+            return None
+        config = RQConfig.from_dict(data)
+        if config.rope_key_mean:  # apply() refuses it, so no artifact of ours carries it
+            raise ArtifactError(
+                f"{self.path}: the manifest's rq_config has rope_key_mean=True, which no exported program supports "
+                "(a tampered or foreign artifact)"
+            )
+        return config
 
     @property
     def model_config(self) -> dict[str, Any] | None:
@@ -578,6 +586,7 @@ def read_artifact(path: str | Path, *, torch_version: str | None = None) -> Arti
             unlisted.append(rel)
     check_torch_compatibility(manifest, torch_version)
     artifact = Artifact(path=path, manifest=manifest, unlisted=sorted(unlisted))
+    artifact.rq_config  # noqa: B018  (validates the config: a field no exported program supports is refused here)
     if manifest.get("quant_state_digest") and QUANT_STATE_FILE in listed:
         if quant_state_digest(artifact.quant_states()) != manifest["quant_state_digest"]:
             raise ArtifactIntegrityError(

@@ -1,0 +1,131 @@
+"""`RQConfig(rope_key_mean=True)`: the keys' pre-RoPE mean, turned to each key's position, is removed before
+quantizing and added back exactly after dequantizing (rqcompile/quant/rope_offset.py; QUALITY.md "Session 13")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_cache import _left_padded, _tell_padding
+from tiny_models import tiny_llama
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+import rqcompile
+from rqcompile.cache import IsoQuantCache, RQCache
+from rqcompile.calibrate import Calibration
+from rqcompile.config import RQConfig
+from rqcompile.export.artifact import Artifact
+from rqcompile.quant.rope_offset import rope_offset, rope_spec, unrotate
+
+HEADS, DIM = 2, 64
+
+
+def _config(**rope) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=HEADS,
+        head_dim=DIM,
+        num_hidden_layers=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, **rope},
+    )
+
+
+def test_the_offset_is_the_models_own_rope_of_the_mean():
+    """RoPE_p(m) equals transformers' apply_rotary_pos_emb of m at p, and `unrotate` inverts it."""
+    config = _config()
+    mean = torch.randn(HEADS, DIM)
+    positions = torch.tensor([[0, 1, 7, 300, 4095]])
+    cos, sin = LlamaRotaryEmbedding(config)(mean, positions)
+    broadcast = mean[None, :, None, :].expand(1, HEADS, positions.shape[1], DIM)
+    _, want = apply_rotary_pos_emb(broadcast, broadcast, cos, sin)
+    got = rope_offset(mean, positions, rope_spec(config))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    back = unrotate(got, positions, rope_spec(config))
+    torch.testing.assert_close(back, broadcast, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_rotary_turns_only_the_rotary_coordinates():
+    spec = rope_spec(_config(partial_rotary_factor=0.25))
+    assert spec.dims == DIM // 4
+    mean = torch.randn(HEADS, DIM)
+    got = rope_offset(mean, torch.tensor([[5, 9]]), spec)
+    assert torch.equal(got[..., spec.dims :], mean[None, :, None, spec.dims :].expand(1, HEADS, 2, -1))
+    assert not torch.allclose(got[..., : spec.dims], mean[None, :, None, : spec.dims].expand(1, HEADS, 2, -1))
+
+
+def _keys_with_a_pre_rope_offset(config, batch=1, tokens=96, seed=0):
+    """Post-RoPE keys whose pre-RoPE form is a large constant offset plus noise, as real keys are (QUALITY.md)."""
+    g = torch.Generator().manual_seed(seed)
+    offset = 4 * torch.randn(HEADS, DIM, generator=g)
+    pre = offset[None, :, None, :] + torch.randn(batch, HEADS, tokens, DIM, generator=g)
+    positions = torch.arange(tokens)[None].expand(batch, -1)
+    cos, sin = LlamaRotaryEmbedding(config)(pre, positions)
+    keys, _ = apply_rotary_pos_emb(pre, pre, cos, sin)
+    return keys, torch.randn(batch, HEADS, tokens, DIM, generator=g)
+
+
+def test_removing_the_pre_rope_mean_cuts_the_key_error_and_keeps_exact_tokens_exact():
+    """On keys with a constant pre-RoPE offset, the cache that removes it reconstructs the compressed keys with far
+    less error than the post-RoPE key mean alone; the sink and the recent window stay bit-exact; values unchanged."""
+    config = _config()
+    keys, values = _keys_with_a_pre_rope_offset(config)
+    errors = {}
+    for rope_key_mean in (False, True):
+        rq = RQConfig(rope_key_mean=rope_key_mean, sink_tokens=1, residual_window=8)
+        cache = RQCache(rq, model_config=config)
+        got_k, got_v = cache.update(keys[:, :, :64], values[:, :, :64], 0)
+        got_k, got_v = cache.update(keys[:, :, 64:], values[:, :, 64:], 0)  # a second write: positions go on
+        assert torch.equal(got_k[:, :, :1], keys[:, :, :1]) and torch.equal(got_k[:, :, -8:], keys[:, :, -8:])
+        compressed = slice(1, keys.shape[-2] - 8)
+        errors[rope_key_mean] = (got_k[:, :, compressed] - keys[:, :, compressed]).pow(2).sum() / keys[
+            :, :, compressed
+        ].pow(2).sum()
+        errors[("v", rope_key_mean)] = got_v
+    assert errors[True] < 0.5 * errors[False], (errors[True], errors[False])
+    assert torch.equal(errors[("v", True)], errors[("v", False)])
+
+
+def test_a_left_padded_row_counts_its_positions_from_its_first_real_token():
+    """With the mean given by a Calibration (nothing pooled over the batch), a left-padded row's real tokens come back
+    exactly as the same row's alone: its offset is turned by the position ids the model gives that row."""
+    model = tiny_llama()
+    ids, mask = _left_padded(model, lengths=(14, 9))
+    heads = model.config.num_key_value_heads
+    g = torch.Generator().manual_seed(1)
+    stats = {(i, "k", "rope_mean"): 2 * torch.randn(heads, 64, generator=g) for i in range(2)}
+    calibration = Calibration(stats, "test")
+
+    def keys_of(input_ids, attention_mask):
+        cache = IsoQuantCache(
+            bits=3, model_config=model.config, calibration=calibration, rope_key_mean=True, residual_window=0
+        )
+        _tell_padding(cache, model, attention_mask, "set_attention_mask")
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # as generate gives a left-padded batch
+        model(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        return cache.layers[1]._materialize()[0]
+
+    batched = keys_of(ids, mask)
+    row = mask[1].bool()
+    alone = keys_of(ids[1:, row], mask[1:, row])
+    torch.testing.assert_close(batched[1:, :, row], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_uses_give_clear_errors():
+    with pytest.raises(ValueError, match="model_config"):
+        RQCache(RQConfig(rope_key_mean=True))
+    with pytest.raises(ValueError, match="rope_key_mean must be a bool"):
+        RQConfig(rope_key_mean="yes")
+    with pytest.raises(ValueError, match="dynamic|frequencies change"):
+        rope_spec(_config(rope_type="dynamic", factor=2.0))
+    cache = RQCache(RQConfig(rope_key_mean=True), model_config=_config(), calibration=Calibration({}, "empty"))
+    keys, values = _keys_with_a_pre_rope_offset(_config(), tokens=16)
+    with pytest.raises(ValueError, match="rope_mean"):
+        cache.update(keys, values, 0)
+    with pytest.raises(ValueError, match="drop-in caches only"):
+        rqcompile.apply(tiny_llama(), config=RQConfig(rope_key_mean=True))
+    manifest = {"rq_config": RQConfig(rope_key_mean=True).to_dict()}  # no exported program adds the offset back
+    with pytest.raises(ValueError, match="tampered or foreign"):
+        _ = Artifact(Path("artifact"), manifest).rq_config
