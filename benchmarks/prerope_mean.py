@@ -15,6 +15,7 @@ teacher-forced steps in one chunk, license windows 0 / 8192 / 16384 (the presets
 --decode 512 --offsets 24576,32768,40960` (8K).
 
     .venv/bin/python benchmarks/prerope_mean.py --configs "iso K3V3,planar K3V3"
+    .venv/bin/python benchmarks/prerope_mean.py --energy      # the key energy each mean leaves (2048 stdlib tokens)
 """
 
 from __future__ import annotations
@@ -57,6 +58,33 @@ def prerope_key_means(model, ids: torch.Tensor, chunk: int = 512, skip_first: in
     return [sum(seen[i * layers + layer] for i in range(len(chunks))).float() / count for layer in range(layers)]
 
 
+def energy_left(model, ids: torch.Tensor, chunk: int = 512) -> None:
+    """Print, for some layers, the fraction of E||k||^2 left after removing the pre-RoPE / the post-RoPE key mean
+    (per KV head; chunks of `chunk` tokens, each chunk's first token left out)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = llama.apply_rotary_pos_emb
+
+    def spy(q, k, cos, sin, unsqueeze_dim=1):
+        q_out, k_out = real(q, k, cos, sin, unsqueeze_dim)
+        seen.append((k[0, :, 1:].double(), k_out[0, :, 1:].double()))
+        return q_out, k_out
+
+    llama.apply_rotary_pos_emb = spy
+    try:
+        for a in range(0, ids.shape[1] - 1, chunk):
+            model(ids[:, a : a + chunk])
+    finally:
+        llama.apply_rotary_pos_emb = real
+    layers = model.config.num_hidden_layers
+    for layer in (0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27):
+        pre = torch.cat([seen[i][0] for i in range(layer, len(seen), layers)], 1)  # [H, T, d]
+        post = torch.cat([seen[i][1] for i in range(layer, len(seen), layers)], 1)
+        total = pre.pow(2).sum(-1).mean(-1)
+        left = [(x - x.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1) / total for x in (pre, post)]
+        cells = [" / ".join(f"{v:.2f}" for v in f.tolist()) for f in left]
+        print(f"layer {layer:2d}: energy left after the pre-RoPE mean {cells[0]}, after the post-RoPE mean {cells[1]}")
+
+
 class PreRopeMeanCache(RQCache):
     """RQCache that quantizes k - RoPE(m, p) and returns the dequantized history plus RoPE(m, p) (batch 1, no
     padding: positions are the layer's token count). `means` None: each layer measures m on its first K (the prompt),
@@ -97,10 +125,14 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=256)
     parser.add_argument("--offsets", default="0,8192,16384")
     parser.add_argument("--only", default="", help="run only the variants whose name contains this")
+    parser.add_argument("--energy", action="store_true", help="only print the key energy left by each mean")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     model, tok = models.load_smollm2()
+    if args.energy:
+        energy_left(model, stdlib_corpus(tok, 2048))
+        return
     means = prerope_key_means(model, stdlib_corpus(tok, args.tokens))
     rotary = model.model.rotary_emb
     prefill, decode = args.prefill, args.decode
