@@ -29,6 +29,7 @@ from presets import MIXED
 
 from rqcompile import models
 from rqcompile.cache import RQCache
+from rqcompile.calibrate import calibrate
 from rqcompile.config import RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 
@@ -134,6 +135,7 @@ def main() -> None:
         energy_left(model, stdlib_corpus(tok, 2048))
         return
     means = prerope_key_means(model, stdlib_corpus(tok, args.tokens))
+    stdlib = calibrate(model, stdlib_corpus(tok, args.tokens), rope_key_mean=True)  # pre-RoPE and residual key means
     rotary = model.model.rotary_emb
     prefill, decode = args.prefill, args.decode
     windows = [license_corpus(tok, prefill + decode + 1, offset=int(o)) for o in args.offsets.split(",")]
@@ -149,6 +151,10 @@ def main() -> None:
             (
                 "the same, RQConfig(rope_key_mean=True)",
                 lambda c=config: RQCache(c.replace(rope_key_mean=True), model_config=model.config),
+            ),
+            (
+                "rope_key_mean, calibrate(stdlib)",
+                lambda c=config: RQCache(c.replace(rope_key_mean=True), model_config=model.config, calibration=stdlib),
             ),
         ):
             if args.only not in name:

@@ -319,6 +319,11 @@ def _check_calibration(config: RQConfig, calibration: Calibration | None) -> Non
             f"calibration={calibration!r}: apply needs a rqcompile.Calibration (rqcompile.calibrate(model, "
             "tokenizer=tok)); the compiled programs carry it as constants ('prompt' is for the eager caches)"
         )
+    if calibration is not None and any(name == "rope_mean" for _, _, name in calibration.stats):
+        raise ValueError(
+            "this Calibration was measured with rope_key_mean=True (its key statistics are those of the keys without "
+            "their pre-RoPE mean), which apply does not support yet; calibrate without rope_key_mean for apply"
+        )
     if calibration is None and config.backend in _CALIBRATED_BACKENDS:
         measured = (  # SmolLM2, decode-time perplexity, iso 3-bit: QUALITY.md "Defaults" / "Staged rotations"
             "iso 3-bit +127% vs +28%" if config.resolved_rotation_stages == 1 else "iso 3-bit fully mixed +38% vs +10%"

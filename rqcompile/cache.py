@@ -225,6 +225,11 @@ class RQCacheLayer(CacheLayerMixin):
         if calib is None:
             return lambda kind, name: None
         if calib != PROMPT:
+            if self.rope is None and calib.get(self.layer_idx, "k", "rope_mean") is not None:
+                raise ValueError(
+                    f"layer {self.layer_idx}: this Calibration was measured for RQConfig(rope_key_mean=True) (its key "
+                    "statistics are those of the keys without their pre-RoPE mean); use it with rope_key_mean=True"
+                )
             return lambda kind, name: calib.get(self.layer_idx, kind, name)
         if tokens is None:
             count, measured = key_states.shape[-2] - 1, None

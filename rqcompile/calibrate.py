@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 _KINDS = ("k", "v")
-_FIELDS = ("mean", "scale", "weight")
+_FIELDS = ("mean", "scale", "weight", "rope_mean")
 
 
 @dataclass
 class Calibration:
     """Per-layer, per-KV-head channel statistics: `stats[(layer, "k"|"v", "mean"|"scale"|"weight")] -> [H, d]`
     float32. `weight` is each channel's error weight, what calibrated bit allocation (`RQConfig.bit_allocation`)
-    distributes bits by."""
+    distributes bits by; `(layer, "k", "rope_mean")` the keys' pre-RoPE mean, what `RQConfig.rope_key_mean` removes."""
 
     stats: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
     source: str = ""
@@ -110,6 +110,7 @@ def calibrate(
     skip_first: int = 1,
     chunk: int = 512,
     source: str = "",
+    rope_key_mean: bool = False,
 ) -> Calibration:
     """Measure channel statistics of every attention layer's K (and V) on `input_ids` ([B, T] or [T]), or, with
     `tokenizer` instead, on the first `num_tokens` tokens of the built-in calibration text (Python standard-library
@@ -126,6 +127,9 @@ def calibrate(
     first `skip_first` tokens of each chunk are left out of the statistics: they are the attention sink, atypical,
     and kept uncompressed by `RQConfig.sink_tokens`. `error_weights` also measures each channel's error weight
     (variance times importance, `_importance`), normalized to mean 1 per head, which `RQConfig.bit_allocation` needs.
+    `rope_key_mean` also measures each layer's pre-RoPE key mean (`rope_mean`, the keys turned back to the pre-RoPE
+    frame with the model's RoPE; each chunk starts at position 0), which `RQConfig(rope_key_mean=True)` removes; the
+    key statistics are then measured on what that cache quantizes, the keys without their positional offset.
     """
     if scale_power <= 0:
         raise ValueError(f"scale_power must be > 0, got {scale_power}")
@@ -148,6 +152,9 @@ def calibrate(
             " attention interface"
         )
     stats: dict[tuple[int, str, str], torch.Tensor] = {}
+    if rope_key_mean:
+        for layer_idx, pieces in sink.items():
+            stats[(layer_idx, "k", "rope_mean")], sink[layer_idx] = _without_rope_mean(model, pieces, skip_first)
     for layer_idx, pieces in sink.items():
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", value_mean, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
@@ -167,6 +174,21 @@ def calibrate(
                 weight = variance * importance
                 stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
     return Calibration(stats, source)
+
+
+def _without_rope_mean(model, pieces: list, skip_first: int) -> tuple[torch.Tensor, list]:
+    """A layer's pre-RoPE key mean [H, d] from its captured chunks (keys at positions 0..T-1), and the chunks with
+    that mean, turned to each key's position, taken off their keys."""
+    from rqcompile.quant.rope_offset import rope_offset, rope_spec, unrotate
+
+    spec = rope_spec(model.config)
+
+    def positions(keys: torch.Tensor) -> torch.Tensor:
+        return torch.arange(keys.shape[-2], device=keys.device)[None]
+
+    pre = torch.cat([unrotate(p[0], positions(p[0]), spec)[:, :, skip_first:] for p in pieces], dim=2)
+    mean = channel_stats(pre, mean=True, scale=False)["mean"]
+    return mean, [(p[0] - rope_offset(mean, positions(p[0]), spec), *p[1:]) for p in pieces]
 
 
 def too_little_spread(scale: torch.Tensor, scale_power: float = 0.8) -> bool:

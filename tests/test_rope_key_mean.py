@@ -113,6 +113,27 @@ def test_a_left_padded_row_counts_its_positions_from_its_first_real_token():
     torch.testing.assert_close(batched[1:, :, row], alone, rtol=1e-4, atol=1e-4)
 
 
+def test_calibrate_measures_the_same_pre_rope_mean_as_the_prompt_calibration():
+    """`calibrate(..., rope_key_mean=True)` on the prompt's own tokens (one chunk) stores the pre-RoPE key mean the
+    cache measures on that prompt, and a cache given that Calibration writes the same codes. In the first layer only:
+    later layers' keys depend on the compressed cache the earlier ones returned, which calibrate does not use."""
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    calibration = rqcompile.calibrate(model, ids, rope_key_mean=True, error_weights=False, chunk=64)
+    prompt = IsoQuantCache(bits=3, model_config=model.config, rope_key_mean=True, residual_window=0)
+    given = IsoQuantCache(
+        bits=3, model_config=model.config, rope_key_mean=True, residual_window=0, calibration=calibration
+    )
+    for cache in (prompt, given):
+        model(ids, past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(prompt.layers[0].k_rope_mean, calibration.get(0, "k", "rope_mean"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(prompt.layers[0].k_state.mean, given.layers[0].k_state.mean, rtol=0, atol=1e-6)
+    assert torch.equal(prompt.layers[0].k_codes, given.layers[0].k_codes)
+    assert calibration.get(1, "k", "rope_mean") is not None
+    with pytest.raises(ValueError, match="measured for RQConfig\\(rope_key_mean=True\\)"):
+        model(ids, past_key_values=IsoQuantCache(bits=3, calibration=calibration), use_cache=True)
+
+
 def test_bad_uses_give_clear_errors():
     with pytest.raises(ValueError, match="model_config"):
         RQCache(RQConfig(rope_key_mean=True))
