@@ -25,7 +25,7 @@ import time
 
 import torch
 import transformers.models.llama.modeling_llama as llama
-from presets import MIXED
+from presets import MIXED, WINDOWED_MIXED
 
 from rqcompile import models
 from rqcompile.cache import RQCache
@@ -35,6 +35,7 @@ from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdli
 
 WIDTHS = {"K3V3": dict(bits=3), "K4V3": dict(key_bits=4, value_bits=3), "K3V2": dict(key_bits=3, value_bits=2)}
 WIDTHS.update({k: MIXED[k] for k in ("K4/3 V3", "K3 V3/2")})
+WIDTHS.update({k: WINDOWED_MIXED[k] for k in ("K4 V3/2 (11)", "K3 V3/2 (11)")})  # the 8K presets with the window
 
 
 def prerope_key_means(model, ids: torch.Tensor, chunk: int = 512, skip_first: int = 1) -> list[torch.Tensor]:
