@@ -105,6 +105,16 @@ def _first_tokens(tokens: torch.Tensor, count: int) -> torch.Tensor:
     return torch.where(tokens, ramp, ramp + length).sort(dim=-1).values[:, :count]
 
 
+def _prompt_sample(key_states: torch.Tensor, tokens: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
+    """What a prompt calibration measures: (tokens in the longest row, the [B, T] mask of them or None for all after
+    the first). Each row's first real token, the attention sink, is left out."""
+    if tokens is None:
+        return key_states.shape[-2] - 1, None
+    measured = tokens.clone()
+    measured.scatter_(1, _first_tokens(tokens, 1), False)
+    return int(measured.sum(-1).max()), measured
+
+
 class RQCacheLayer(CacheLayerMixin):
     """One attention layer's compressed K/V store. `calibration` as `RQCache`'s, but None (uncalibrated) by default:
     `RQCache` passes each layer its own."""
@@ -204,11 +214,7 @@ class RQCacheLayer(CacheLayerMixin):
                     "mean ('rope_mean'); use calibration='prompt' (the drop-in caches' default)"
                 )
             return mean.float().to(self.device)
-        measured = None
-        if tokens is not None:
-            measured = tokens.clone()
-            measured.scatter_(1, _first_tokens(tokens, 1), False)
-        count = key_states.shape[-2] - 1 if measured is None else int(measured.sum(-1).max())
+        count, measured = _prompt_sample(key_states, tokens)
         if count < MIN_PROMPT_TOKENS:  # _stats warns about the short prompt
             return zeros
         pre = unrotate(key_states, self._positions(0, key_states.shape[-2]), self.rope)
@@ -231,12 +237,7 @@ class RQCacheLayer(CacheLayerMixin):
                     "statistics are those of the keys without their pre-RoPE mean); use it with rope_key_mean=True"
                 )
             return lambda kind, name: calib.get(self.layer_idx, kind, name)
-        if tokens is None:
-            count, measured = key_states.shape[-2] - 1, None
-        else:  # each row's real tokens after its first
-            measured = tokens.clone()
-            measured.scatter_(1, _first_tokens(tokens, 1), False)
-            count = int(measured.sum(-1).max())
+        count, measured = _prompt_sample(key_states, tokens)
         if count < MIN_PROMPT_TOKENS:
             if self.warn_short_prompt:  # the same text from every layer: Python's default filter shows it once
                 warnings.warn(
