@@ -3,12 +3,13 @@ quantizing and added back exactly after dequantizing (rqcompile/quant/rope_offse
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_cache import _left_padded, _tell_padding
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, tiny_qwen3, tiny_qwen3_5
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -45,6 +46,23 @@ def test_the_offset_is_the_models_own_rope_of_the_mean():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     back = unrotate(got, positions, rope_spec(config))
     torch.testing.assert_close(back, broadcast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen3, tiny_qwen3_5], ids=lambda f: f.__name__)
+def test_the_offset_matches_each_models_own_rotary_embedding(make):
+    """Llama, Qwen3 and Qwen3.5 (partial rotary over a quarter of the head, multimodal RoPE sections): RoPE_p(m) is
+    exactly what the model's rotary embedding and apply_rotary_pos_emb make of m at position p."""
+    model = make()
+    rotary = next(m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+    modeling = sys.modules[type(rotary).__module__]
+    text = model.config.get_text_config(decoder=True)
+    heads, dim = text.num_key_value_heads, text.head_dim
+    mean = torch.randn(heads, dim, generator=torch.Generator().manual_seed(4))
+    positions = torch.tensor([[0, 3, 77, 1000]])
+    cos, sin = rotary(mean, positions)
+    broadcast = mean[None, :, None, :].expand(1, heads, positions.shape[1], dim)
+    _, want = modeling.apply_rotary_pos_emb(broadcast, broadcast, cos, sin)
+    torch.testing.assert_close(rope_offset(mean, positions, rope_spec(model.config)), want, rtol=1e-6, atol=1e-6)
 
 
 def test_partial_rotary_turns_only_the_rotary_coordinates():
@@ -132,6 +150,23 @@ def test_calibrate_measures_the_same_pre_rope_mean_as_the_prompt_calibration():
     assert calibration.get(1, "k", "rope_mean") is not None
     with pytest.raises(ValueError, match="measured for RQConfig\\(rope_key_mean=True\\)"):
         model(ids, past_key_values=IsoQuantCache(bits=3, calibration=calibration), use_cache=True)
+
+
+def test_generate_on_a_hybrid_model_with_a_zero_offset_is_the_plain_cache():
+    """Qwen3.5 (linear-attention layers beside partial-rotary full attention), batched greedy generate: with a zero
+    pre-RoPE mean the option changes nothing, bit for bit: its path through generate (the hybrid layer list, the
+    float32 residual, decode steps, the window) adds nothing of its own. (The positions are checked above.)"""
+    model = tiny_qwen3_5()
+    text = model.config.get_text_config(decoder=True)
+    zeros = torch.zeros(text.num_key_value_heads, text.head_dim)
+    calibration = Calibration({(i, "k", "rope_mean"): zeros for i in range(text.num_hidden_layers)}, "zeros")
+    ids = torch.randint(1, text.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for options in (dict(calibration=None), dict(calibration=calibration, rope_key_mean=True)):
+        cache = IsoQuantCache(bits=3, model_config=model.config, residual_window=4, **options)
+        outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False))
+        assert any(getattr(layer, "k_codes", None) is not None for layer in cache.layers)
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_bad_uses_give_clear_errors():
