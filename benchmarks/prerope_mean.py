@@ -16,6 +16,7 @@ teacher-forced steps in one chunk, license windows 0 / 8192 / 16384 (the presets
 
     .venv/bin/python benchmarks/prerope_mean.py --configs "iso K3V3,planar K3V3"
     .venv/bin/python benchmarks/prerope_mean.py --energy      # the key energy each mean leaves (2048 stdlib tokens)
+    .venv/bin/python benchmarks/prerope_mean.py --angles      # float error of RoPE_p(m) at 8K / 128K / 1M
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rqcompile.cache import RQCache
 from rqcompile.calibrate import calibrate
 from rqcompile.config import RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
+from rqcompile.quant.rope_offset import RopeSpec, rope_offset
 
 WIDTHS = {"K3V3": dict(bits=3), "K4V3": dict(key_bits=4, value_bits=3), "K3V2": dict(key_bits=3, value_bits=2)}
 WIDTHS.update({k: MIXED[k] for k in ("K4/3 V3", "K3 V3/2")})
@@ -87,6 +89,25 @@ def energy_left(model, ids: torch.Tensor, chunk: int = 512) -> None:
         print(f"layer {layer:2d}: energy left after the pre-RoPE mean {cells[0]}, after the post-RoPE mean {cells[1]}")
 
 
+def angle_error() -> None:
+    """How far RoPE_p(m) computed as the models do (fp32 theta * p) and as a decode kernel could (a tile start p0 and
+    an offset j, joined by the angle-addition formula in fp32) are from the exact value (float64), relative to |m|."""
+    for name, dims, theta in (("Qwen3.5 (d_rot 64, theta 1e7)", 64, 1e7), ("SmolLM2 (d 64, theta 1e5)", 64, 1e5)):
+        inv = 1.0 / (theta ** (torch.arange(0, dims, 2, dtype=torch.float) / dims))
+        m, half = torch.randn(1, dims, generator=torch.Generator().manual_seed(0)), dims // 2
+        for p0 in (8192, 131072, 1048576):
+            j = torch.arange(64)
+            model = rope_offset(m, (p0 + j)[None], RopeSpec(inv))[0, 0]
+            a0, aj = p0 * inv, j[:, None].float() * inv
+            c, s = a0.cos() * aj.cos() - a0.sin() * aj.sin(), a0.sin() * aj.cos() + a0.cos() * aj.sin()
+            tile = torch.cat([m[0, :half] * c - m[0, half:] * s, m[0, half:] * c + m[0, :half] * s], -1)
+            exact = (p0 + j[:, None].double()) * inv.double()
+            md, ce, se = m[0].double(), exact.cos(), exact.sin()
+            exact = torch.cat([md[:half] * ce - md[half:] * se, md[half:] * ce + md[:half] * se], -1)
+            err = [(x.double() - exact).norm(dim=-1).max().item() / m.norm().item() for x in (model, tile)]
+            print(f"{name} at p = {p0:>7d}: model's fp32 angles {err[0]:.1e}, per-tile addition {err[1]:.1e} of |m|")
+
+
 class PreRopeMeanCache(RQCache):
     """RQCache that quantizes k - RoPE(m, p) and returns the dequantized history plus RoPE(m, p) (batch 1, no
     padding: positions are the layer's token count). `means` None: each layer measures m on its first K (the prompt),
@@ -128,9 +149,13 @@ def main() -> None:
     parser.add_argument("--offsets", default="0,8192,16384")
     parser.add_argument("--only", default="", help="run only the variants whose name contains this")
     parser.add_argument("--energy", action="store_true", help="only print the key energy left by each mean")
+    parser.add_argument("--angles", action="store_true", help="only print the float error of RoPE_p(m) at long p")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
+    if args.angles:
+        angle_error()
+        return
     model, tok = models.load_smollm2()
     if args.energy:
         energy_left(model, stdlib_corpus(tok, 2048))
