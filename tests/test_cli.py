@@ -153,6 +153,20 @@ def test_calibration_measures_scales_only_where_they_help(backend, stages, scale
     assert "mean" in names and ("scale" in names) == scales
 
 
+def test_rope_key_mean_reaches_the_eager_cache_and_its_calibration_and_export_refuses_it(tmp_path, capsys):
+    """`--rope-key-mean` sets `RQConfig.rope_key_mean`; eval runs with it (the calibration then carries the pre-RoPE
+    key mean); export says it is not supported there, before any capture."""
+    from rqcompile.cli import _rq_config, build_parser
+
+    assert _rq_config(build_parser().parse_args(["generate", *TINY, "--rope-key-mean"])).rope_key_mean
+    assert not _rq_config(build_parser().parse_args(["generate", *TINY])).rope_key_mean
+    assert main(["eval", *TINY, "--prefill", "16", "--decode", "8", "--json", "--rope-key-mean"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["compressed_ppl"] > 0
+    with pytest.raises(SystemExit, match="--rope-key-mean works with the eager cache"):
+        main(["export", *TINY, "--rope-key-mean", "-o", str(tmp_path / "a")])
+
+
 def test_eval_and_bench_on_the_tiny_model(capsys):
     assert main(["eval", *TINY, "--prefill", "16", "--decode", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
