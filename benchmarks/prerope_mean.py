@@ -188,14 +188,17 @@ def main() -> None:
             if args.window and "removed" in name:  # window_view rebuilds the cache from its config and model_config
                 print(f"{spec:14s} {name:38s} skipped: with a window only the library's rope_key_mean is measured")
                 continue
-            t0, cells, kls = time.perf_counter(), [], []
+            t0, cells, kls, agree = time.perf_counter(), [], [], []
             for ids, ref in zip(windows, refs):
                 result = decode_time_ppl(model, ids, make, prefill, decode, chunk=decode)
                 kls.append(kl_divergence(ref, result).mean().item())
                 cells.append(f"{100 * (result.ppl / ref.ppl - 1):+.2f}%")
+                # teacher-forced top-1 agreement with the uncompressed model (same steps as the KL)
+                agree.append((ref.logprobs.argmax(-1) == result.logprobs.argmax(-1)).float().mean().item())
             mean_kl = sum(kls) / len(kls)
             kl_cells = " / ".join(f"{k:.4f}" for k in kls)
             print(f"{spec:14s} {name:38s} {' / '.join(cells)} (KL {kl_cells}; mean {mean_kl:.4f}) ", end="")
+            print(f"top-1 {100 * sum(agree) / len(agree):.1f}% ", end="")
             print(f"{time.perf_counter() - t0:.0f}s", flush=True)
 
 
