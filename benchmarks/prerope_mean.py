@@ -143,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="iso K3V3,planar K3V3,rotor K3V3,hadamard K3V3")
     parser.add_argument("--window", type=int, default=0, help="RQConfig.residual_window")
+    parser.add_argument("--stages", default=None, help="RQConfig.rotation_stages (default: the library's, 'full')")
     parser.add_argument("--tokens", type=int, default=4096, help="stdlib tokens for the pre-RoPE mean")
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=256)
@@ -169,7 +170,8 @@ def main() -> None:
     print(f"prefill {prefill}, decode {decode}, windows {args.offsets}, w{args.window}, calibration='prompt'")
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)
-        config = RQConfig(backend=backend, residual_window=args.window, **WIDTHS[widths])
+        stages = int(args.stages) if args.stages and args.stages.isdigit() else args.stages
+        config = RQConfig(backend=backend, residual_window=args.window, rotation_stages=stages, **WIDTHS[widths])
         for name, make in (
             ("post-RoPE key mean (the format today)", lambda c=config: RQCache(c, calibration="prompt")),
             ("pre-RoPE key mean (stdlib) removed", lambda c=config: PreRopeMeanCache(c, means, rotary)),
