@@ -40,49 +40,42 @@ WIDTHS.update({k: MIXED[k] for k in ("K4/3 V3", "K3 V3/2")})
 WIDTHS.update({k: WINDOWED_MIXED[k] for k in ("K4 V3/2 (11)", "K3 V3/2 (11)")})  # the 8K presets with the window
 
 
-def prerope_key_means(model, ids: torch.Tensor, chunk: int = 512, skip_first: int = 1) -> list[torch.Tensor]:
-    """Per layer [H, d]: the mean of the keys as they enter RoPE, over `ids` in chunks (each chunk's first
-    `skip_first` tokens, the attention sink, left out)."""
-    seen: list[torch.Tensor] = []
-    real = llama.apply_rotary_pos_emb
-
-    def spy(q, k, cos, sin, unsqueeze_dim=1):
-        seen.append(k[0, :, skip_first:].double().sum(1))
-        return real(q, k, cos, sin, unsqueeze_dim)
-
-    llama.apply_rotary_pos_emb = spy
-    try:
-        chunks = [ids[:, a : a + chunk] for a in range(0, ids.shape[1] - skip_first, chunk)]
-        for c in chunks:
-            model(c)
-    finally:
-        llama.apply_rotary_pos_emb = real
-    layers = model.config.num_hidden_layers
-    count = sum(c.shape[1] - skip_first for c in chunks)
-    return [sum(seen[i * layers + layer] for i in range(len(chunks))).float() / count for layer in range(layers)]
-
-
-def energy_left(model, ids: torch.Tensor, chunk: int = 512) -> None:
-    """Print, for some layers, the fraction of E||k||^2 left after removing the pre-RoPE / the post-RoPE key mean
-    (per KV head; chunks of `chunk` tokens, each chunk's first token left out)."""
+def _keys_around_rope(model, ids: torch.Tensor, chunk: int, skip_first: int) -> list[list[tuple]]:
+    """Per chunk of `chunk` tokens, per layer: (keys entering RoPE, keys leaving it), [H, T, d] float64, each chunk's
+    first `skip_first` tokens (the attention sink) left out."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = llama.apply_rotary_pos_emb
 
     def spy(q, k, cos, sin, unsqueeze_dim=1):
         q_out, k_out = real(q, k, cos, sin, unsqueeze_dim)
-        seen.append((k[0, :, 1:].double(), k_out[0, :, 1:].double()))
+        seen.append((k[0, :, skip_first:].double(), k_out[0, :, skip_first:].double()))
         return q_out, k_out
 
     llama.apply_rotary_pos_emb = spy
     try:
-        for a in range(0, ids.shape[1] - 1, chunk):
+        for a in range(0, ids.shape[1] - skip_first, chunk):
             model(ids[:, a : a + chunk])
     finally:
         llama.apply_rotary_pos_emb = real
     layers = model.config.num_hidden_layers
+    return [seen[i : i + layers] for i in range(0, len(seen), layers)]
+
+
+def prerope_key_means(model, ids: torch.Tensor, chunk: int = 512, skip_first: int = 1) -> list[torch.Tensor]:
+    """Per layer [H, d]: the mean of the keys as they enter RoPE, over `ids` in chunks (each chunk's first
+    `skip_first` tokens, the attention sink, left out)."""
+    chunks = _keys_around_rope(model, ids, chunk, skip_first)
+    count = sum(c[0][0].shape[1] for c in chunks)
+    return [sum(c[layer][0].sum(1) for c in chunks).float() / count for layer in range(len(chunks[0]))]
+
+
+def energy_left(model, ids: torch.Tensor, chunk: int = 512) -> None:
+    """Print, for some layers, the fraction of E||k||^2 left after removing the pre-RoPE / the post-RoPE key mean
+    (per KV head; chunks of `chunk` tokens, each chunk's first token left out)."""
+    chunks = _keys_around_rope(model, ids, chunk, 1)
     for layer in (0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27):
-        pre = torch.cat([seen[i][0] for i in range(layer, len(seen), layers)], 1)  # [H, T, d]
-        post = torch.cat([seen[i][1] for i in range(layer, len(seen), layers)], 1)
+        pre = torch.cat([c[layer][0] for c in chunks], 1)  # [H, T, d]
+        post = torch.cat([c[layer][1] for c in chunks], 1)
         total = pre.pow(2).sum(-1).mean(-1)
         left = [(x - x.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1) / total for x in (pre, post)]
         cells = [" / ".join(f"{v:.2f}" for v in f.tolist()) for f in left]
