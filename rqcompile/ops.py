@@ -100,6 +100,8 @@ def attention(
     v_perm: torch.Tensor | None = None,
     k_widths: list[int] | None = None,
     v_widths: list[int] | None = None,
+    rope_ab: torch.Tensor | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over the compressed cache, computed in the rotated space (GQA by head grouping).
 
@@ -107,10 +109,15 @@ def attention(
     the mask does not, but it lets a kernel stop reading a static cache at the last valid key instead of streaming
     (and masking) all of max_cache_len. `k_perm`/`v_perm`, `k_widths`/`v_widths`: a calibrated bit allocation's
     layout (as for rq::quantize).
+
+    `rope_ab` (float32 [B, Hq, Tq, 2h]) with `rope_inv_freq` (float32 [h]): a score term that turns with the key's
+    slot j, added to q . k before `sm_scale`: sum_i rope_ab[..., i] cos(j theta_i) + rope_ab[..., h + i] sin(j theta_i),
+    the angle computed as float32(j) * theta_i. It is q . RoPE_j(m) for a pre-RoPE key offset m
+    (`RQConfig.rope_key_mean`; `rqcompile.quant.rope_offset.rope_score_weights` makes `rope_ab` from q and m).
     """
     args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
     args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
-    return reference_attention(*args)
+    return reference_attention(*args, rope_ab, rope_inv_freq)
 
 
 def reference_attention(
@@ -135,10 +142,14 @@ def reference_attention(
     v_perm=None,
     k_widths=None,
     v_widths=None,
+    rope_ab=None,
+    rope_inv_freq=None,
     return_lse: bool = False,
 ):
     """rq::attention's (`return_lse`: rq::attention_lse's) torch implementation, any device, the op's arguments."""
     attn_mask = mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2])
+    if rope_ab is not None:
+        attn_mask = _with_score_bias(attn_mask, sm_scale * rope_score_bias(rope_ab, rope_inv_freq, k_codes.shape[2]))
     group_k = q.shape[-1] // k_norms.shape[-1]
     group_v = q.shape[-1] // v_norms.shape[-1]
     k = quantizer.QuantState(
@@ -176,14 +187,16 @@ def attention_lse(
     v_perm: torch.Tensor | None = None,
     k_widths: list[int] | None = None,
     v_widths: list[int] | None = None,
+    rope_ab: torch.Tensor | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rq::attention plus `lse` float32 [B, Hq, Tq]: the natural-log sum-exp of each query row's scaled, masked
     scores (-inf for a fully masked row, whose output is V's mean, as rq::attention's). Two attentions over disjoint
     key sets merge exactly by their lse. The scores omit the key mean's term `sm_scale * q . k_mean` (softmax ignores
-    it; a merge with other keys must add it)."""
+    it; a merge with other keys must add it); the `rope_ab` term, which does depend on the key, is included."""
     args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
     args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
-    return reference_attention_lse(*args)
+    return reference_attention_lse(*args, rope_ab, rope_inv_freq)
 
 
 def reference_attention_lse(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +219,26 @@ def mask_with_kv_len(attn_mask: torch.Tensor | None, kv_len: torch.Tensor | None
     if attn_mask.dtype == torch.bool:
         return attn_mask & valid
     return torch.where(valid, attn_mask, torch.tensor(float("-inf"), dtype=attn_mask.dtype, device=attn_mask.device))
+
+
+def rope_score_bias(rope_ab: torch.Tensor, rope_inv_freq: torch.Tensor, tk: int) -> torch.Tensor:
+    """float32 [B, Hq, Tq, tk]: rq::attention's `rope_ab` term for key slots 0..tk-1 (before `sm_scale`)."""
+    half = rope_inv_freq.numel()
+    if rope_ab.shape[-1] != 2 * half:
+        raise ValueError(f"rope_ab has {rope_ab.shape[-1]} weights per query, expected 2 x {half} (rope_inv_freq)")
+    slots = torch.arange(tk, device=rope_ab.device, dtype=torch.float32)
+    angles = slots[:, None] * rope_inv_freq.float().to(rope_ab.device)  # [tk, h], float32(j) * theta_i
+    ab = rope_ab.float()
+    return ab[..., :half] @ angles.cos().T + ab[..., half:] @ angles.sin().T
+
+
+def _with_score_bias(attn_mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """An additive float mask: `bias` where `attn_mask` (bool / additive float / None) lets a key through."""
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, float("-inf"))
+    return bias + attn_mask.float()
 
 
 def layout_args(state: quantizer.QuantState) -> tuple[int, torch.Tensor | None, list[int] | None]:

@@ -92,6 +92,8 @@ _ATTENTION_ARGS = (
     "v_perm",
     "k_widths",
     "v_widths",
+    "rope_ab",
+    "rope_inv_freq",
 )
 
 
@@ -122,6 +124,7 @@ def _attention_ok(*args, **kwargs):
         v_levels=a["v_levels"],
         k_perm=a["k_perm"],
         v_perm=a["v_perm"],
+        rope_ab=a["rope_ab"],
     )
 
 

@@ -1460,7 +1460,10 @@ def attention_supported(
     v_levels=None,
     k_perm=None,
     v_perm=None,
+    rope_ab=None,
 ) -> bool:
+    if rope_ab is not None:  # the pre-RoPE key offset's score term: not in the kernels yet (reference fallback)
+        return False
     dim = q.shape[-1]
     if not is_pow2(dim) or dim < 32 or dim > 512 or q.shape[1] % k_codes.shape[1]:
         return False
@@ -1538,6 +1541,8 @@ def launch_attention(
     v_perm=None,
     k_widths=None,
     v_widths=None,
+    rope_ab=None,
+    rope_inv_freq=None,
     wrap=None,
     num_splits: int | None = None,
     block_n: int | None = None,
@@ -1569,6 +1574,8 @@ def launch_attention(
     decode = DECODES[decode] if isinstance(decode, str) else int(decode)
     if decode not in DECODES.values():
         raise ValueError(f"decode must be one of {DECODES}, not {decode}")
+    if rope_ab is not None:
+        raise NotImplementedError("the Triton attention kernels do not take rope_ab yet (attention_supported says so)")
     variant = DEFAULTS["variant"] if variant is None else variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
