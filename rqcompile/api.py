@@ -32,6 +32,7 @@ from rqcompile.passes.functional import FunctionalStep, has_scan
 from rqcompile.passes.fuse_attention import fuse_attention
 from rqcompile.passes.kv_compress import SiteRewrite, compress_kv_cache
 from rqcompile.quant.quantizer import QuantState
+from rqcompile.quant.rope_offset import rope_spec
 from rqcompile.quant.rotations import STAGED_BACKENDS
 from rqcompile.runtime.cuda_graph import GraphedStep
 from rqcompile.runtime.generate import SamplingConfig, generate
@@ -319,10 +320,17 @@ def _check_calibration(config: RQConfig, calibration: Calibration | None) -> Non
             f"calibration={calibration!r}: apply needs a rqcompile.Calibration (rqcompile.calibrate(model, "
             "tokenizer=tok)); the compiled programs carry it as constants ('prompt' is for the eager caches)"
         )
-    if calibration is not None and any(name == "rope_mean" for _, _, name in calibration.stats):
+    has_rope_mean = calibration is not None and any(name == "rope_mean" for _, _, name in calibration.stats)
+    if has_rope_mean and not config.rope_key_mean:
         raise ValueError(
             "this Calibration was measured with rope_key_mean=True (its key statistics are those of the keys without "
-            "their pre-RoPE mean), which apply does not support yet; calibrate without rope_key_mean for apply"
+            "their pre-RoPE mean): use it with RQConfig(rope_key_mean=True), or calibrate without rope_key_mean"
+        )
+    if config.rope_key_mean and not has_rope_mean:
+        raise ValueError(
+            "RQConfig(rope_key_mean=True) needs each layer's pre-RoPE key mean from sample text: pass "
+            "calibration=rqcompile.calibrate(model, tokenizer=tokenizer, rope_key_mean=True) (compiled programs "
+            "cannot measure it on the prompt as the drop-in caches do)"
         )
     if calibration is None and config.backend in _CALIBRATED_BACKENDS:
         measured = (  # SmolLM2, decode-time perplexity, iso 3-bit: QUALITY.md "Defaults" / "Staged rotations"
@@ -376,18 +384,15 @@ def apply(
     need it for good quality and warn without it. A config with `bit_allocation`
     needs it (its per-channel error weights decide the layout; `ValueError` without). The defaults (iso, 3 bits, one
     exact sink token, the 32 most recent tokens exact, scale search, rotations mixing each whole norm group) are the
-    best measured uniform preset (QUALITY.md "Defaults", "Session 11").
+    best measured uniform preset (QUALITY.md "Defaults", "Session 11"). `RQConfig(rope_key_mean=True)` also removes
+    each layer's pre-RoPE key mean turned to the key's position; it needs a Calibration measured for it
+    (`calibrate(..., rope_key_mean=True)`: `ValueError` otherwise, before the capture).
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
     fuse = True if fuse is None else fuse
-    if config.rope_key_mean:
-        raise ValueError(
-            "RQConfig(rope_key_mean=True) is supported by the drop-in caches only so far (RQCache / IsoQuantCache / "
-            "... with model_config=model.config): apply's fused attention kernels do not yet add the positional key "
-            "offset back (QUALITY.md 'Session 13'); use rope_key_mean=False here"
-        )
     _check_calibration(config, calibration)
+    rope = rope_spec(model.config) if config.rope_key_mean else None  # before the capture: a clear error if no RoPE
     captured = capture(
         model,
         max_cache_len=max_cache_len,
@@ -397,12 +402,9 @@ def apply(
     )
     buffers: dict[str, torch.Tensor] = {}
     quant_states: dict[int, dict[str, QuantState]] = {}
-    prefill = compress_kv_cache(
-        captured.prefill, captured.sites, config, calibration, buffers=buffers, quant_states=quant_states
-    )
-    decode = compress_kv_cache(
-        captured.decode, captured.sites, config, calibration, buffers=buffers, quant_states=quant_states
-    )
+    shared = {"buffers": buffers, "quant_states": quant_states, "rope": rope}
+    prefill = compress_kv_cache(captured.prefill, captured.sites, config, calibration, **shared)
+    decode = compress_kv_cache(captured.decode, captured.sites, config, calibration, **shared)
     if fuse:
         fuse_attention(prefill)
         fuse_attention(decode)

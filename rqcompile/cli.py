@@ -165,11 +165,6 @@ def cmd_export(args) -> int:
         except ImportError as exc:
             raise SystemExit(f"rqcompile.api is not available ({exc}); use --uncompressed") from exc
         config = _rq_config(args)
-        if config.rope_key_mean:
-            raise SystemExit(
-                "error: --rope-key-mean works with the eager cache (generate / eval / bench without an artifact) "
-                "only so far: exported programs do not add the positional key offset back"
-            )
         calibration = _calibration(args, config, model, tok)
         _progress(f"capturing and compressing the K/V cache ({args.backend}, {_describe_bits(args)})")
         program = apply(

@@ -229,9 +229,11 @@ def test_functional_step_takes_and_returns_the_cache(lms):
     assert len(new) == len(lm.cache_names)
 
 
-def _compile_check(name: str, models, steps: int, config: RQConfig | None = None) -> None:
+def _compile_check(
+    name: str, models, steps: int, config: RQConfig | None = None, calibration: Calibration | None = None
+) -> None:
     model = models[name]
-    lm = apply(model, "planar", 3, max_cache_len=PROMPT + steps + 2, config=config)
+    lm = apply(model, "planar", 3, max_cache_len=PROMPT + steps + 2, config=config, calibration=calibration)
     ids = _ids(PROMPT, seed=4)
     eager_tokens = lm.generate(ids, steps + 1)
     eager_logits = _steps(lm, _ids(PROMPT + 3, seed=5), PROMPT)
@@ -552,3 +554,122 @@ def test_the_per_layer_compiled_step_replayed_from_one_cuda_graph_equals_the_eag
             assert (a != b).float().mean().item() < 1e-3, name
         else:
             assert (a.float() - b.float()).abs().max().item() < 2e-2, name
+
+
+# -- the pre-RoPE key offset (RQConfig.rope_key_mean): the same keys as the eager cache, on every path ----------------
+ROPE_WINDOW = RQConfig(rope_key_mean=True, residual_window=4)  # + the default sink token
+ROPE_PLAIN = RQConfig(rope_key_mean=True, sink_tokens=0, residual_window=0)
+
+
+def _rope_calibration(model) -> Calibration:
+    """A post-RoPE residual mean and a large pre-RoPE key mean per layer (linear-attention layers' are never read)."""
+    gen = torch.Generator().manual_seed(4)
+    layers = range(model.config.get_text_config(decoder=True).num_hidden_layers)
+    return Calibration(
+        {(layer, "k", "mean"): torch.randn(2, 64, generator=gen) * 0.3 for layer in layers}
+        | {(layer, "k", "rope_mean"): torch.randn(2, 64, generator=gen) * 2 for layer in layers}
+    )
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "llama"])  # partial rotary (a quarter of the head) and full rotary
+@pytest.mark.parametrize("config", [ROPE_PLAIN, ROPE_WINDOW], ids=["codes-only", "sink-and-window"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "dequantize+sdpa"])
+def test_rope_key_mean_logits_equal_the_eager_cache(models, name, config, fuse):
+    """The programs subtract RoPE_slot(m) before rq::quantize and add it back on read (fused: as rq::attention's
+    per-key score term), as the eager cache does: same logits over a prefill and decode steps. The offset is really
+    in play: the programs without it (same Calibration's residual mean) are far from these logits."""
+    model = models[name]
+    calib = _rope_calibration(model)
+    lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=calib, fuse=fuse, prefill_logits="all")
+    ids = _ids()
+    ref = _eager(model, RQCache(config, model_config=model.config, calibration=calib), ids, PROMPT)
+    got = _steps(lm, ids, PROMPT)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    plain_calib = Calibration({key: t for key, t in calib.stats.items() if key[2] != "rope_mean"})
+    plain = apply(model, config=config.replace(rope_key_mean=False), max_cache_len=MAX_LEN, calibration=plain_calib)
+    assert (_steps(plain, ids, PROMPT)[:, -1] - got[:, -1]).abs().max() > 1e-2
+
+
+def test_rope_key_mean_graphs_hold_the_offset_and_no_materialized_cache(models):
+    """After kv_compress each site subtracts the offset from its new keys; after fuse_attention the keys are read
+    only by rq::attention (with its rope_ab / rope_inv_freq arguments) or attention_with_exact_tokens: no
+    dequantize, no add_slot_offset, no SDPA left."""
+    from rqcompile.passes.kv_compress import add_slot_offset, subtract_slot_offset
+    from rqcompile.quant.rope_offset import rope_score_weights
+
+    model, calib = models["llama"], _rope_calibration(models["llama"])
+    for config, reader in ((ROPE_PLAIN, torch.ops.rq.attention.default), (ROPE_WINDOW, attention_with_exact_tokens)):
+        unfused = apply(model, config=config, max_cache_len=MAX_LEN, calibration=calib, fuse=False)
+        targets = [n.target for n in unfused.decode_module.graph.nodes if n.op == "call_function"]
+        assert targets.count(subtract_slot_offset) == targets.count(add_slot_offset) == len(unfused.sites)
+        lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=calib)
+        for gm in (lm.prefill_module, lm.decode_module):
+            nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+            targets = [n.target for n in nodes]
+            assert targets.count(subtract_slot_offset) == targets.count(reader) == len(lm.sites)
+            for gone in (
+                add_slot_offset,
+                torch.ops.rq.dequantize.default,
+                torch.ops.aten.scaled_dot_product_attention.default,
+            ):
+                assert gone not in targets
+            if reader is torch.ops.rq.attention.default:
+                assert targets.count(rope_score_weights) == len(lm.sites)
+                calls = [n for n in nodes if n.target is reader]
+                assert all(len(n.args) == 23 and n.args[21] is not None for n in calls)
+        names = dict(lm.prefill_module.named_buffers())
+        assert names["rq_k_rope_mean_0"].shape == (2, 64) and names["rq_rope_inv_freq_0"].dtype == torch.float32
+
+
+def test_rope_key_mean_needs_a_calibration_that_measured_it(models):
+    """Compiled programs cannot measure the prompt: `apply` asks for `calibrate(..., rope_key_mean=True)`, and a
+    Calibration measured that way is refused without the option (its key statistics are of the offset-free keys).
+    Both before the capture."""
+    model, calib = models["llama"], _rope_calibration(models["llama"])
+    plain = Calibration({key: t for key, t in calib.stats.items() if key[2] != "rope_mean"})
+    for calibration in (None, plain):
+        with pytest.raises(ValueError, match="rope_key_mean=True\\) needs each layer's pre-RoPE key mean"):
+            apply(model, config=ROPE_PLAIN, calibration=calibration)
+    with pytest.raises(ValueError, match="use it with RQConfig\\(rope_key_mean=True\\)"):
+        apply(model, calibration=calib)
+
+
+def test_rope_key_mean_compiles_without_graph_breaks(models):
+    _compile_check("llama", models, steps=4, config=ROPE_WINDOW, calibration=_rope_calibration(models["llama"]))
+
+
+@pytest.mark.slow
+def test_rope_key_mean_onnx_round_trip(models, tmp_path):
+    """The offset's buffers travel as the ONNX graphs' initializers: the exported LM generates the same tokens."""
+    pytest.importorskip("onnxruntime")
+    import rqcompile
+
+    model = models["llama"]
+    lm = apply(model, config=ROPE_WINDOW, max_cache_len=MAX_LEN, calibration=_rope_calibration(model))
+    ids = _ids(PROMPT, seed=6)
+    reference = lm.generate(ids, 8)
+    lm.export(str(tmp_path / "onnx"), target="onnx")
+    loaded = rqcompile.load(tmp_path / "onnx")
+    assert loaded.artifact.rq_config.rope_key_mean
+    assert torch.equal(loaded.generate(ids, 8, eos_token_id=[]), reference)
+
+
+@pytest.mark.gpu
+def test_rope_key_mean_on_the_gpu_equals_the_eager_cache(models):
+    """On CUDA (Triton kernels on both sides): the fused programs' logits equal the eager cache's within the usual
+    kernel-vs-kernel tolerance, far closer than the same programs without the offset."""
+    import copy
+
+    model = copy.deepcopy(models["qwen3_5"]).cuda()
+    calib = _rope_calibration(model)
+    lm = apply(model, config=ROPE_WINDOW, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
+    ids = _ids().cuda()
+    outs = [lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT, device="cuda"))]
+    for i in range(PROMPT, ids.shape[1]):
+        outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device="cuda")))
+    got = torch.cat(outs, dim=1)
+    ref = _eager(model, RQCache(ROPE_WINDOW, model_config=model.config, calibration=calib), ids, PROMPT)
+    plain = _eager(model, RQCache(ROPE_WINDOW.replace(rope_key_mean=False), calibration=None), ids, PROMPT)
+    assert torch.isfinite(got).all()
+    err, effect = (got - ref).abs().max().item(), (plain - ref).abs().max().item()
+    assert err < 0.2 * effect and err < 2e-2, (err, effect)

@@ -4,7 +4,6 @@ quantizing and added back exactly after dequantizing (rqcompile/quant/rope_offse
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ import rqcompile
 from rqcompile.cache import IsoQuantCache, RQCache
 from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
-from rqcompile.export.artifact import Artifact
 from rqcompile.quant.rope_offset import rope_offset, rope_spec, unrotate
 
 HEADS, DIM = 2, 64
@@ -180,8 +178,3 @@ def test_bad_uses_give_clear_errors():
     keys, values = _keys_with_a_pre_rope_offset(_config(), tokens=16)
     with pytest.raises(ValueError, match="rope_mean"):
         cache.update(keys, values, 0)
-    with pytest.raises(ValueError, match="drop-in caches only"):
-        rqcompile.apply(tiny_llama(), config=RQConfig(rope_key_mean=True))
-    manifest = {"rq_config": RQConfig(rope_key_mean=True).to_dict()}  # no exported program adds the offset back
-    with pytest.raises(ValueError, match="tampered or foreign"):
-        _ = Artifact(Path("artifact"), manifest).rq_config

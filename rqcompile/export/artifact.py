@@ -110,13 +110,7 @@ class Artifact:
         data = self.manifest.get("rq_config")
         if data is None:
             return None
-        config = RQConfig.from_dict(data)
-        if config.rope_key_mean:  # apply() refuses it, so no artifact of ours carries it
-            raise ArtifactError(
-                f"{self.path}: the manifest's rq_config has rope_key_mean=True, which no exported program supports "
-                "(a tampered or foreign artifact)"
-            )
-        return config
+        return RQConfig.from_dict(data)
 
     @property
     def model_config(self) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
+from rqcompile.quant.rope_offset import rope_constant_term, rope_score_weights
 
 __all__ = ["attention_with_exact_tokens", "exact_positions"]
 
@@ -113,15 +114,24 @@ def attention_with_exact_tokens(
     v_perm: torch.Tensor | None = None,
     k_widths: list[int] | None = None,
     v_widths: list[int] | None = None,
+    k_rope_mean: torch.Tensor | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over `exact_read(dequantize(codes), sink, window, cache_position)` (K and V), GQA by
     head grouping, in q's dtype. The compressed arguments are rq::attention's, plus `k_mean`: rq::attention_lse's
     scores leave out the key mean (softmax ignores it), but against exact keys it matters, so it is added to the
     compressed part's lse. `kv_len` (optional int [B]) only bounds the compressed keys read, as for rq::attention.
+    `k_rope_mean` ([H, d], `offset_base`) with `rope_inv_freq` [h]: the codes hold the keys without their pre-RoPE
+    offset (`RQConfig.rope_key_mean`), whose score term rq::attention_lse adds per key (`rope_ab`) and whose
+    unrotated coordinates join the key mean's term.
     """
     sink = 0 if k_sink is None else k_sink.shape[2]
     window = 0 if k_window is None else k_window.shape[2]
     covered, slot_pos, slot_ok = exact_positions(k_codes.shape[2], sink, window, cache_position)
+    rope_ab, half = None, 0
+    if k_rope_mean is not None:
+        half = rope_inv_freq.shape[0]
+        rope_ab = rope_score_weights(q, k_rope_mean, half)
     out_c, lse_c = torch.ops.rq.attention_lse(
         q,
         k_codes,
@@ -144,9 +154,14 @@ def attention_with_exact_tokens(
         v_perm,
         k_widths,
         v_widths,
+        rope_ab,
+        rope_inv_freq,
     )
     rep = q.shape[1] // k_mean.shape[0]
-    mean_term = (q.float() * k_mean.repeat_interleave(rep, dim=0)[:, None, :]).sum(-1) * sm_scale  # [B, Hq, Tq]
+    mean_term = (q.float() * k_mean.repeat_interleave(rep, dim=0)[:, None, :]).sum(-1)  # [B, Hq, Tq]
+    if k_rope_mean is not None:
+        mean_term = mean_term + rope_constant_term(q, k_rope_mean, half)
+    mean_term = mean_term * sm_scale
     k_exact = torch.cat([t for t in (k_sink, k_window) if t is not None], dim=2)
     v_exact = torch.cat([t for t in (v_sink, v_window) if t is not None], dim=2)
     out_e, lse_e = _exact_attention(q, k_exact, v_exact, _mask_columns(attn_mask, slot_ok, slot_pos), sm_scale)

@@ -30,6 +30,10 @@ traced into the graph on re-export, like `exact_read`):
 
 It reads packed codes for the compressed positions and the sink / ring buffers for the exact ones (the key mean is
 kept here: against exact keys it is not a constant shift). `gm.meta["rq_fuse_attention_exact"]` counts these sites.
+
+Keys read through `add_slot_offset` (`RQConfig.rope_key_mean`) keep their positional offset as a score term: the fused
+call gets `rope_ab = rope_score_weights(q, rope_mean, h)` and `inv_freq` as rq::attention's last two arguments
+(`attention_with_exact_tokens` gets `rope_mean, inv_freq` and does the same inside).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from torch import fx
 
 import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
 from rqcompile.passes.exact_attention import attention_with_exact_tokens
-from rqcompile.passes.kv_compress import SDPA, VIEW_OPS, exact_read
+from rqcompile.passes.kv_compress import SDPA, VIEW_OPS, add_slot_offset, exact_read
+from rqcompile.quant.rope_offset import rope_score_weights
 
 __all__ = ["fuse_attention"]
 
@@ -62,19 +67,26 @@ def _through_views(node: fx.Node) -> fx.Node:
     return node
 
 
-def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | None]:
-    """Follow SDPA's K/V input back through view ops (and one `exact_read`); the dequantize node (or None), the nodes
-    passed (users before producers) and the `exact_read` node (None when the cache holds no exact tokens)."""
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | None, fx.Node | None]:
+    """Follow SDPA's K/V input back through view ops (and one `exact_read`, one `add_slot_offset`); the dequantize
+    node (or None), the nodes passed (users before producers), the `exact_read` node (None when the cache holds no
+    exact tokens) and the `add_slot_offset` node (None without `RQConfig.rope_key_mean`)."""
     views = []
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
         views.append(node)
         node = node.args[0]
-    exact = None
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is exact_read:
+    exact = offset = None
+    if _is(node, exact_read):
         exact, node = node, node.args[0]
+    if _is(node, add_slot_offset):
+        offset, node = node, node.args[0]
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target == DEQUANTIZE:
-        return node, views + ([exact] if exact is not None else []), exact
-    return None, views, exact
+        return node, views + [n for n in (exact, offset) if n is not None], exact, offset
+    return None, views, exact, offset
 
 
 def _dequantize_args(node: fx.Node) -> tuple:
@@ -110,9 +122,12 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
         if not (node.op == "call_function" and node.target == SDPA):
             continue
         q = _arg(node, 0, "query")
-        k_deq, k_views, k_exact = _chain_to_dequantize(_arg(node, 1, "key"))
-        v_deq, v_views, v_exact = _chain_to_dequantize(_arg(node, 2, "value"))
+        k_deq, k_views, k_exact, k_offset = _chain_to_dequantize(_arg(node, 1, "key"))
+        v_deq, v_views, v_exact, v_offset = _chain_to_dequantize(_arg(node, 2, "value"))
         if k_deq is None or v_deq is None:
+            continue
+        if v_offset is not None:
+            skipped.append(f"{node.name}: the values carry a positional offset (only keys can)")
             continue
         if (k_exact is None) != (v_exact is None) or (k_exact is not None and k_exact.args[3] is not v_exact.args[3]):
             skipped.append(f"{node.name}: only one of K/V holds exact tokens (or they disagree on cache_position)")
@@ -140,15 +155,22 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
             # a contiguous q makes the two agree (else torch.compile fails its stride asserts on a transposed q).
             q = graph.call_function(aten.clone.default, (q,), {"memory_format": torch.contiguous_format})
             tail = layout if any(x is not None for x in layout) else ()
+            rope = () if k_offset is None else tuple(k_offset.args[1:3])  # (offset base [H, d], inv_freq [h])
+            if rope:
+                tail = layout
             if k_exact is None:
                 args = (q, kc, kn, vc, vn, k_rot, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels, k_bits, v_bits)
+                if rope:  # the offset's score term, q . RoPE_j(m), from q and m once per call
+                    half = rope[1].meta["val"].numel()
+                    weights = graph.call_function(rope_score_weights, (q, rope[0], half))
+                    tail += (weights, rope[1])
                 attn = graph.call_function(ATTENTION, args + (mask, sm_scale, kv_len) + tail)
             else:
                 _, k_sink, k_window, cache_position = k_exact.args
                 _, v_sink, v_window, _ = v_exact.args
                 args = (q, kc, kn, vc, vn, k_rot, k_mean, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels)
                 args += (k_bits, v_bits, k_sink, v_sink, k_window, v_window, cache_position, mask, sm_scale, kv_len)
-                attn = graph.call_function(attention_with_exact_tokens, args + tail)
+                attn = graph.call_function(attention_with_exact_tokens, args + tail + rope)
                 exact += 1
         attn.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
         node.replace_all_uses_with(attn)

@@ -53,6 +53,15 @@ its window *before* attention, so a prefill of T > W tokens attends to its first
 to its last W exactly. No reset is needed for a new sequence: every position <= max(cache_position) that the read
 takes from the sink or ring was written in the current sequence. S and W are clamped to max_cache_len. `fuse_attention`
 fuses such sites into `attention_with_exact_tokens` (codes + the sink / ring buffers, no materialized cache).
+
+The pre-RoPE key offset (`config.rope_key_mean`, `rope=` the model's RopeSpec, the means from the Calibration's
+`rope_mean`; docs/FORMAT.md "Pre-RoPE key offset"): each K site gains buffers `rq_k_rope_mean_i` [H, d] (m with the
+attention scaling folded in) and `rq_rope_inv_freq_i` [h], and
+
+    residual = subtract_slot_offset(new, rope_mean, cache_position, inv_freq)    # float32, fed to rq.quantize
+    written' = add_slot_offset(rq.dequantize(..., torch.float32), rope_mean, inv_freq, dtype)
+
+(exact tokens are written from `new` itself). `fuse_attention` turns the read into rq::attention's `rope_ab` term.
 """
 
 from __future__ import annotations
@@ -69,17 +78,20 @@ from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
 from rqcompile.ops import layout_args
 from rqcompile.quant.quantizer import QuantState, make_state
+from rqcompile.quant.rope_offset import RopeSpec, offset_base, slot_offset
 
 aten = torch.ops.aten
 
 __all__ = [
     "AttentionMatch",
     "KVCompressError",
+    "add_slot_offset",
     "exact_read",
     "exact_write",
     "SiteRewrite",
     "compress_kv_cache",
     "find_attention_sites",
+    "subtract_slot_offset",
     "to_graph_module",
     "width_label",
 ]
@@ -194,6 +206,22 @@ def exact_read(
     return out
 
 
+def subtract_slot_offset(
+    new: torch.Tensor, base: torch.Tensor, cache_position: torch.Tensor, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """The new keys [B, H, T, d] without their pre-RoPE offset turned to their slots (`RQConfig.rope_key_mean`),
+    float32, as the eager cache quantizes them."""
+    return new.float() - slot_offset(base, cache_position, inv_freq)
+
+
+def add_slot_offset(
+    dequantized: torch.Tensor, base: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The dequantized keys (float32 [B, H, L, d]) with the pre-RoPE offset of every slot added back, in `dtype`."""
+    slots = torch.arange(dequantized.shape[2], device=dequantized.device)
+    return (dequantized + slot_offset(base, slots, inv_freq)).to(dtype)
+
+
 def to_graph_module(program: fx.GraphModule | torch.export.ExportedProgram) -> fx.GraphModule:
     """The unlifted GraphModule (buffers as `get_attr`) of a program; a GraphModule is returned as is."""
     if isinstance(program, torch.export.ExportedProgram):
@@ -303,6 +331,7 @@ def compress_kv_cache(
     *,
     buffers: dict[str, torch.Tensor] | None = None,
     quant_states: dict[int, dict[str, QuantState]] | None = None,
+    rope: RopeSpec | None = None,
 ) -> fx.GraphModule:
     """Rewrite every attention cache write of `program` to the compressed format (see the module docstring).
 
@@ -315,11 +344,17 @@ def compress_kv_cache(
         buffers: name -> tensor of already created compressed-cache / quantizer buffers, reused instead of
             allocating (so prefill and decode share one cache); new ones are added to it.
         quant_states: filled with layer -> {"k": QuantState, "v": QuantState} (the tensors of the new buffers).
+        rope: the model's RoPE, needed by `config.rope_key_mean` (whose pre-RoPE key means come from `calibration`).
 
     Returns the GraphModule; `gm.meta["rq_kv_compress"]` is the list of `SiteRewrite`s (layer, shapes, bytes).
     Raises `KVCompressError` naming what was looked for and what was found when nothing matches.
     """
     gm = to_graph_module(program)
+    if config.rope_key_mean and (rope is None or calibration is None):
+        raise KVCompressError(
+            "kv_compress: RQConfig(rope_key_mean=True) needs the model's RoPE (rope=rope_spec(model.config)) and a "
+            "Calibration measured with rope_key_mean=True (rqcompile.calibrate(model, ..., rope_key_mean=True))"
+        )
     buffers = {} if buffers is None else buffers
     quant_states = {} if quant_states is None else quant_states
     sites = list(sites)
@@ -347,7 +382,9 @@ def compress_kv_cache(
         for write, buffer in ((match.k_write, match.k_buffer), (match.v_write, match.v_buffer)):
             site, kind = by_buffer[buffer]
             report.append(
-                _rewrite_write(gm, graph, write, buffer, site, kind, config, calibration, buffers, quant_states)
+                _rewrite_write(
+                    gm, graph, write, buffer, site, kind, config, calibration, buffers, quant_states, rope
+                )
             )
     old = {r.buffer for r in report}
     for node in list(graph.nodes):  # the float caches' get_attr nodes, now unused (no global DCE: writes are impure)
@@ -401,6 +438,32 @@ def _site_state(
     return QuantState(**params, widths=widths, group=config.group_for(head_dim), perm=perm)
 
 
+def _rope_buffers(
+    layer: int,
+    heads: int,
+    head_dim: int,
+    calibration: Calibration | None,
+    rope: RopeSpec | None,
+    buffers: dict[str, torch.Tensor],
+    device: torch.device,
+) -> tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]] | None:
+    """(name, tensor) of a layer's `offset_base` [H, d] and inverse frequencies [h] (float32) for
+    `RQConfig.rope_key_mean`, shared through `buffers`; None without the option."""
+    if rope is None:
+        return None
+    mean = calibration.get(layer, "k", "rope_mean") if calibration is not None else None
+    if mean is None or tuple(mean.shape) != (heads, head_dim):
+        found = "none" if mean is None else list(mean.shape)
+        raise KVCompressError(
+            f"kv_compress: layer {layer}: RQConfig(rope_key_mean=True) needs the Calibration's pre-RoPE key mean "
+            f"[{heads}, {head_dim}] ('rope_mean', from rqcompile.calibrate(..., rope_key_mean=True)); found {found}"
+        )
+    base_name, freq_name = f"rq_k_rope_mean_{layer}", f"rq_rope_inv_freq_{layer}"
+    base = _shared(buffers, base_name, lambda: offset_base(mean, rope).to(device))
+    inv_freq = _shared(buffers, freq_name, lambda: rope.inv_freq.float().to(device))
+    return (base_name, base), (freq_name, inv_freq)
+
+
 def _rewrite_write(
     gm: fx.GraphModule,
     graph: fx.Graph,
@@ -412,6 +475,7 @@ def _rewrite_write(
     calibration: Calibration | None,
     buffers: dict[str, torch.Tensor],
     quant_states: dict[int, dict[str, QuantState]],
+    rope: RopeSpec | None = None,
 ) -> SiteRewrite:
     cache = gm.get_buffer(buffer)
     batch, heads, length, head_dim = cache.shape
@@ -472,9 +536,13 @@ def _rewrite_write(
                 raise KVCompressError(f"kv_compress: shared buffer {name} has the wrong shape or dtype")
             exact[part] = (name, tensor)
 
+    offset = _rope_buffers(layer, heads, head_dim, calibration, rope, buffers, cache.device) if kind == "k" else None
     _, dim, index, source = write.args
     with graph.inserting_before(write):
         p = {f: _get_attr(graph, gm, f"rq_{kind}_{f}_{layer}", t) for f, t in params.items()}
+        if offset is not None:  # quantize what is left of the keys after their positional offset (eager: the same)
+            base, inv_freq = (_get_attr(graph, gm, name, tensor) for name, tensor in offset)
+            source = graph.call_function(subtract_slot_offset, (source, base, index, inv_freq))
         # a mixed layout's trailing (perm, widths) arguments; none for a uniform state (the graph stays as it was)
         layout = () if state.uniform else (p.get("perm"), widths)
         quant = graph.call_function(
@@ -487,13 +555,17 @@ def _rewrite_write(
         norms_all = graph.call_function(INDEX_COPY, (_get_attr(graph, gm, norms_name, norms), dim, index, new_norms))
         restored = graph.call_function(
             torch.ops.rq.dequantize.default,
-            (codes_all, norms_all, p["rotation"], p["mean"], p["scale"], p["levels"], bits, head_dim, cache.dtype)
+            (codes_all, norms_all, p["rotation"], p["mean"], p["scale"], p["levels"], bits, head_dim)
+            + (cache.dtype if offset is None else torch.float32,)
             + layout,
         )
+        if offset is not None:
+            restored = graph.call_function(add_slot_offset, (restored, base, inv_freq, cache.dtype))
         written = {}
+        raw = write.args[3]  # exact tokens are the model's own keys
         for part, (name, tensor) in exact.items():
             held = _get_attr(graph, gm, name, tensor)
-            merged = graph.call_function(exact_write, (held, source, index, part == "window"))
+            merged = graph.call_function(exact_write, (held, raw, index, part == "window"))
             written[part] = graph.call_function(aten.copy_.default, (held, merged))
             written[part].meta["val"] = tensor
         if exact:

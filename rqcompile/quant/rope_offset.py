@@ -68,16 +68,51 @@ def _cos_sin(positions: torch.Tensor, spec: RopeSpec) -> tuple[torch.Tensor, tor
     return angles.cos(), angles.sin()
 
 
+def offset_base(mean: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """The pre-RoPE key mean [H, d] with the attention scaling folded into its rotary coordinates (float32): what
+    the compiled programs store, so that RoPE_p(m) needs only the inverse frequencies."""
+    half = spec.dims // 2
+    m = mean.float()
+    return torch.cat([spec.scaling * m[..., : 2 * half], m[..., 2 * half :]], dim=-1)
+
+
+def _turn(base: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """rotate_half RoPE of `base` [1, H, 1, d] by angles whose cos / sin are [.., T, h]; the rest of d unrotated."""
+    half = cos.shape[-1]
+    m1, m2, rest = base[..., :half], base[..., half : 2 * half], base[..., 2 * half :]
+    return torch.cat([m1 * cos - m2 * sin, m2 * cos + m1 * sin, rest.expand(*shape, -1)], dim=-1)
+
+
 def rope_offset(mean: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
     """RoPE_p(m): the pre-RoPE key mean `mean` [H, d] at `positions` [B, T] -> [B, H, T, d] float32 (coordinates past
     `spec.dims` unrotated)."""
-    half = spec.dims // 2
     cos, sin = _cos_sin(positions, spec)
-    m = mean.float().to(positions.device)[None, :, None, :]
-    m1, m2, rest = m[..., :half], m[..., half : 2 * half], m[..., 2 * half :]
-    s = spec.scaling
-    shape = (positions.shape[0], mean.shape[0], positions.shape[1])
-    return torch.cat([s * (m1 * cos - m2 * sin), s * (m2 * cos + m1 * sin), rest.expand(*shape, -1)], dim=-1)
+    base = offset_base(mean, spec).to(positions.device)[None, :, None, :]
+    return _turn(base, cos, sin, (positions.shape[0], mean.shape[0], positions.shape[1]))
+
+
+def slot_offset(base: torch.Tensor, slots: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE_p(m) [1, H, T, d] float32 at cache slots `slots` [T] (position = slot: the compiled programs' unpadded
+    rows) from `offset_base`'s tensor and the inverse frequencies; torch ops only, so it traces into a graph."""
+    angles = slots.float()[None, None, :, None] * inv_freq  # [1, 1, T, h], float32(p) * theta_i as rope_offset
+    return _turn(base[None, :, None, :], angles.cos(), angles.sin(), (1, base.shape[0], slots.shape[0]))
+
+
+def rope_score_weights(q: torch.Tensor, base: torch.Tensor, half: int) -> torch.Tensor:
+    """rq::attention's `rope_ab` [B, Hq, Tq, 2 half] float32: q . RoPE_j(m) = sum_i A_i cos(j theta_i) + B_i sin(j
+    theta_i) with A_i = q_i m_i + q_{i+h} m_{i+h} and B_i = q_{i+h} m_i - q_i m_{i+h} (query head h reads KV head h //
+    (Hq / H) of `base` [H, d]). The unrotated coordinates' term is the same for every key: `rope_constant_term`."""
+    m = base.repeat_interleave(q.shape[1] // base.shape[0], dim=0)[None, :, None, :]
+    qf = q.float()
+    q1, q2, m1, m2 = qf[..., :half], qf[..., half : 2 * half], m[..., :half], m[..., half : 2 * half]
+    return torch.cat([q1 * m1 + q2 * m2, q2 * m1 - q1 * m2], dim=-1)
+
+
+def rope_constant_term(q: torch.Tensor, base: torch.Tensor, half: int) -> torch.Tensor:
+    """q . m over the coordinates RoPE leaves alone (partial rotary), [B, Hq, Tq] float32: softmax ignores it, but a
+    merge with attention over exact keys must add it, like the post-RoPE key mean's term."""
+    m = base.repeat_interleave(q.shape[1] // base.shape[0], dim=0)[None, :, None, 2 * half :]
+    return (q.float()[..., 2 * half :] * m).sum(-1)
 
 
 def unrotate(keys: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
