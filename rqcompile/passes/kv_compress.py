@@ -382,9 +382,7 @@ def compress_kv_cache(
         for write, buffer in ((match.k_write, match.k_buffer), (match.v_write, match.v_buffer)):
             site, kind = by_buffer[buffer]
             report.append(
-                _rewrite_write(
-                    gm, graph, write, buffer, site, kind, config, calibration, buffers, quant_states, rope
-                )
+                _rewrite_write(gm, graph, write, buffer, site, kind, config, calibration, buffers, quant_states, rope)
             )
     old = {r.buffer for r in report}
     for node in list(graph.nodes):  # the float caches' get_attr nodes, now unused (no global DCE: writes are impure)
