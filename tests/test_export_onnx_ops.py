@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
+import onnx
 import pytest
 import torch
 
@@ -358,3 +359,115 @@ def test_attention_lse_matches_the_reference(tmp_path, flavour, layout):
     assert (lse[0, :, 0] == float("-inf")).all() and torch.isfinite(lse[1:]).all()
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4 * ref_out.abs().max().item())
+
+
+# -- rq::attention(_lse)'s rope_ab / rope_inv_freq: a score term turning with the key's cache slot --------------------
+
+
+class CompressedAttentionRope(CompressedAttention):
+    """rq::attention (`with_lse`: rq::attention_lse) with the trailing rope_ab (a graph input) and rope_inv_freq (a
+    buffer, as a model carries it); kv_len and, for uniform states, the layout arguments are None."""
+
+    def __init__(self, k: QuantState, v: QuantState, inv_freq: torch.Tensor, with_lse: bool) -> None:
+        super().__init__(k, v)
+        self.register_buffer("rope_inv_freq", inv_freq)
+        self.op = torch.ops.rq.attention_lse if with_lse else torch.ops.rq.attention
+
+    def args(self, q, k_codes, k_norms, v_codes, v_norms, mask, rope_ab) -> tuple:
+        args = (q, k_codes, k_norms, v_codes, v_norms, self.k_rotation, self.k_scale, self.k_levels, self.v_rotation)
+        args += (self.v_mean, self.v_scale, self.v_levels, self.k_bits, self.v_bits, mask, self.sm_scale)
+        layout = self.layout() or (None,) * 5
+        return (*args, *layout, rope_ab, self.rope_inv_freq)
+
+    def forward(self, q, k_codes, k_norms, v_codes, v_norms, mask, rope_ab):
+        return self.op(*self.args(q, k_codes, k_norms, v_codes, v_norms, mask, rope_ab))
+
+
+def _rope_weights(q: torch.Tensor, base: torch.Tensor, half: int) -> torch.Tensor:
+    """rope_ab [B, Hq, Tq, 2 half] with q . RoPE_j(m) = sum_i A_i cos(j theta_i) + B_i sin(j theta_i) for the
+    pre-RoPE key offset m = `base` [H, d] (rotate-half pairs i, i + half;
+    GQA: query head h reads KV head h // rep)."""
+    m = base.repeat_interleave(q.shape[1] // base.shape[0], dim=0)[None, :, None, :]
+    q1, q2, m1, m2 = q[..., :half], q[..., half : 2 * half], m[..., :half], m[..., half : 2 * half]
+    return torch.cat([q1 * m1 + q2 * m2, q2 * m1 - q1 * m2], dim=-1)
+
+
+@pytest.mark.parametrize(
+    "flavour,with_lse,mask_kind,half,layout",
+    [
+        ("standard", False, "bool", 32, False),
+        ("tensorrt", False, "float", 16, False),  # partial rotary: 2h = 32 of 64 coordinates
+        ("standard", True, "bool", 16, True),  # with a calibrated bit allocation's layout
+        ("tensorrt", True, "bool", 32, False),
+    ],
+)
+def test_attention_with_rope_term_matches_the_reference(tmp_path, flavour, with_lse, mask_kind, half, layout):
+    """GQA with a mask, rope_ab of a pre-RoPE key offset (`_rope_weights`), against
+    `rqcompile.ops.reference_attention(_lse)`; the cache length at run time differs from the export's."""
+    gen = torch.Generator().manual_seed(14 + half)
+    if layout:
+        config = RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION, norm_group=32)
+        k, v = _allocated(config, "k", 3.0, gen), _allocated(config, "v", 2.0, gen)
+    else:
+        config = RQConfig(backend="planar", key_bits=3, value_bits=2, norm_group=32)
+        k, v = (_calibrated(make_state(config, layer_idx=0, kind=x, num_heads=2, head_dim=HEAD_DIM), gen) for x in "kv")
+    k = replace(k, mean=torch.zeros(2, HEAD_DIM))
+    inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
+    base = torch.randn(2, HEAD_DIM, generator=gen) * 2.0  # the pre-RoPE key offset m, one per KV head
+    module = CompressedAttentionRope(k, v, inv_freq, with_lse).eval()
+
+    def inputs(batch: int, q_len: int, k_len: int) -> dict[str, torch.Tensor]:
+        k_codes, k_norms = quantize_state(torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen), k)
+        v_codes, v_norms = quantize_state(torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen), v)
+        q = torch.randn(batch, 4, q_len, HEAD_DIM, generator=gen)  # GQA: 4 query heads on 2 KV heads
+        if mask_kind == "bool":
+            mask = torch.rand(batch, 1, q_len, k_len, generator=gen) > 0.3
+            mask[0, 0, 0] = False  # a fully masked row: V's mean (and lse -inf), the term notwithstanding
+        else:
+            mask = torch.randn(batch, 1, q_len, k_len, generator=gen)
+        rope_ab = _rope_weights(q, base, half)
+        return dict(q=q, k_codes=k_codes, k_norms=k_norms, v_codes=v_codes, v_norms=v_norms, mask=mask, rope_ab=rope_ab)
+
+    names = ["q", "k_codes", "k_norms", "v_codes", "v_norms", "mask", "rope_ab"]
+    batch, q_len, k_len = torch.export.Dim("batch"), torch.export.Dim("q_len"), torch.export.Dim("k_len")
+    shapes = (
+        [{0: batch, 2: q_len}] + [{0: batch, 2: k_len}] * 4 + [{0: batch, 2: q_len, 3: k_len}, {0: batch, 2: q_len}]
+    )
+    example = inputs(2, 3, 7)
+    path = _export(module, tuple(example[n] for n in names), tmp_path / "rope.onnx", flavour, tuple(shapes))
+    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"Cos", "Sin", "Range"} <= op_types
+    if flavour == "tensorrt":
+        assert check_tensorrt(path).ok, check_tensorrt(path).format()
+
+    test = inputs(3, 5, 40)  # slots up to 39: angles up to 39 rad on the fastest frequency
+    outs = _run(path, test)
+    args = module.args(*(test[n] for n in names))
+    if with_lse:
+        ref_out, ref_lse = ops.reference_attention_lse(*args)
+        out, lse = outs
+        if mask_kind == "bool":
+            assert (lse[0, :, 0] == float("-inf")).all() and torch.isfinite(lse[1:]).all()
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+        plain = ops.reference_attention_lse(*args[:-2])[1]
+        assert (plain - ref_lse)[torch.isfinite(ref_lse)].abs().max() > 0.1  # the term matters here
+    else:
+        ref_out = ops.reference_attention(*args)
+        (out,) = outs
+        plain = ops.reference_attention(*args[:-2])
+        assert (plain - ref_out).abs().max() > 0.1 * ref_out.abs().max()  # the term matters here
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4 * ref_out.abs().max().item())
+
+
+def test_attention_without_rope_has_no_rope_ops(tmp_path):
+    """No rope_ab / rope_inv_freq: no trace of the term in the graph (rq::attention_lse, the TensorRT flavour)."""
+    config = RQConfig(backend="planar", key_bits=3, value_bits=2, norm_group=32)
+    k, v = (make_state(config, layer_idx=0, kind=x, num_heads=2, head_dim=HEAD_DIM) for x in "kv")
+    module = CompressedAttentionLSE(replace(k, mean=torch.zeros(2, HEAD_DIM)), v).eval()
+    k_codes, k_norms = quantize_state(torch.randn(1, 2, 6, HEAD_DIM), k)
+    v_codes, v_norms = quantize_state(torch.randn(1, 2, 6, HEAD_DIM), v)
+    args = (torch.randn(1, 4, 2, HEAD_DIM), k_codes, k_norms, v_codes, v_norms)
+    path = _export(module, args, tmp_path / "plain.onnx", "tensorrt", None)
+    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert not {"Cos", "Sin", "Range"} & op_types

@@ -21,6 +21,11 @@ A calibrated bit allocation's layout (the ops' trailing `perm` / `widths` argume
 outputs, by a ScatterElements of the small index vector), and each run of equal widths is packed and unpacked by its
 own bit planes at its byte offset, its codes indexing its own slice of `levels` (one Gather with per-coordinate
 codebook offsets). Uniform states (no layout arguments) translate to exactly the graphs they always did.
+
+rq::attention / rq::attention_lse's optional `rope_ab` [B, Hq, Tq, 2h] / `rope_inv_freq` [h] (a pre-RoPE key
+offset's score term, `RQConfig.rope_key_mean`) add sum_i rope_ab[..., i] cos(j theta_i) + rope_ab[..., h + i]
+sin(j theta_i) for the key at cache slot j to the materialized scores before `sm_scale` (and so to the lse), with
+Range / Cos / Sin / MatMul, the same ops in both flavours; without them the graph is exactly what it was before.
 """
 
 from __future__ import annotations
@@ -408,8 +413,10 @@ def make_dequantize(flavour: str = "standard") -> Callable[..., Any]:
 def make_attention(flavour: str = "standard", *, with_lse: bool = False) -> Callable[..., Any]:
     """Translation of rq::attention (SDPA over the compressed cache in the rotated space, GQA by head grouping), or
     with `with_lse` of rq::attention_lse: the same output and each query row's log-sum-exp (float32 [B, Hq, Tq], -inf
-    for a fully masked row), from the same scores. The parameters are spelled out: the exporter maps them to the op's
-    inputs and attributes by name."""
+    for a fully masked row), from the same scores. With `rope_ab` / `rope_inv_freq` (None when the op call has no
+    such arguments) each key slot j's term sum_i rope_ab[..., i] cos(j theta_i) + rope_ab[..., h + i] sin(j theta_i)
+    joins the scores before `sm_scale` and masking, as in `rqcompile.ops.reference_attention`. The parameters are
+    spelled out: the exporter maps them to the op's inputs and attributes by name."""
     _check_flavour(flavour)
 
     def rq_attention(
@@ -434,6 +441,8 @@ def make_attention(flavour: str = "standard", *, with_lse: bool = False) -> Call
         v_perm=None,
         k_widths=None,
         v_widths=None,
+        rope_ab=None,
+        rope_inv_freq=None,
     ):
         out, scores = _attention(
             flavour,
@@ -458,6 +467,8 @@ def make_attention(flavour: str = "standard", *, with_lse: bool = False) -> Call
             v_perm,
             k_widths,
             v_widths,
+            rope_ab,
+            rope_inv_freq,
         )
         return (out, _logsumexp(scores)) if with_lse else out
 
@@ -471,6 +482,27 @@ def _logsumexp(scores: Any) -> Any:
     top = op.Where(op.Equal(top, op.Constant(value_float=float("-inf"))), op.Constant(value_float=0.0), top)
     total = op.ReduceSum(op.Exp(op.Sub(scores, top)), _ints(-1), keepdims=1)
     return op.Squeeze(op.Add(op.Log(total), top), _ints(-1))
+
+
+def _rope_score_bias(scores: Any, rope_ab: Any, rope_inv_freq: Any) -> Any:
+    """`rqcompile.ops.rope_score_bias`: float32 [B, Hq, Tq, Tk], the score term of the key at cache slot j,
+    sum_i rope_ab[..., i] cos(a_ij) + rope_ab[..., h + i] sin(a_ij) with a_ij = float32(j) * rope_inv_freq[i].
+
+    The slots 0..Tk-1 come from the scores' (dynamic) last dim by Range, cast to float32 (exact below 2^24, as the
+    reference's float32 arange); cos and sin of the angles [Tk, h] are concatenated to [Tk, 2h] so the whole term is
+    one MatMul with `rope_ab`. Shape / Squeeze / Range / Cast / Mul / Cos / Sin / Concat / Transpose / MatMul: valid
+    in both flavours (all on float32 or int64 data, none on uint8)."""
+    if rope_ab is None or rope_inv_freq is None:
+        raise ValueError("rq::attention takes rope_ab and rope_inv_freq together (one of them is missing)")
+    half = _static(rope_inv_freq.shape[0], "rope_inv_freq length")
+    weights = rope_ab.shape[-1]
+    if isinstance(weights, int) and weights != 2 * half:
+        raise ValueError(f"rope_ab has {weights} weights per query, expected 2 x {half} (rope_inv_freq)")
+    tk = op.Squeeze(op.Shape(scores, start=3, end=4), _ints(0))  # scalar int64: the cache length
+    slots = op.Cast(op.Range(op.Constant(value_int=0), tk, op.Constant(value_int=1)), to=_FLOAT)  # [Tk]
+    angles = op.Mul(op.Unsqueeze(slots, _ints(1)), op.Cast(rope_inv_freq, to=_FLOAT))  # [Tk, h]
+    trig = op.Concat(op.Cos(angles), op.Sin(angles), axis=1)  # [Tk, 2h]
+    return op.MatMul(op.Cast(rope_ab, to=_FLOAT), op.Transpose(trig, perm=[1, 0]))
 
 
 def _attention(
@@ -496,8 +528,11 @@ def _attention(
     v_perm=None,
     k_widths=None,
     v_widths=None,
+    rope_ab=None,
+    rope_inv_freq=None,
 ) -> tuple[Any, Any]:
-    """rq::attention's output in q's dtype and its masked scores [B, Hq, Tq, Tk] (float32)."""
+    """rq::attention's output in q's dtype and its masked scores [B, Hq, Tq, Tk] (float32), the `rope_ab` term
+    (`_rope_score_bias`) included when given."""
     kv_heads, dim = (_static(s, "k_scale shape [H, d]") for s in k_scale.shape)
     q_heads = _static(q.shape[1], "number of query heads")
     k_groups = _static(k_norms.shape[-1], "number of key norm groups")
@@ -510,6 +545,9 @@ def _attention(
     v_rot = _dequantize_rotated(v_codes, v_norms, v_levels, v_bits, dim, v_groups, flavour, v_layout)
     scores = op.Mul(op.MatMul(q_rot, op.Transpose(k_rot, perm=[0, 1, 3, 2])), op.Constant(value_float=sm_scale))
     scores = op.Reshape(scores, _ints(0, q_heads, -1, 0))  # [B, Hq, Tq, Tk]
+    if rope_ab is not None or rope_inv_freq is not None:
+        bias = _rope_score_bias(scores, rope_ab, rope_inv_freq)
+        scores = op.Add(scores, op.Mul(bias, op.Constant(value_float=sm_scale)))
     if attn_mask is not None:
         if attn_mask.dtype is not None and int(attn_mask.dtype) == 9:  # BOOL: True = attend
             scores = op.Where(attn_mask, scores, op.Constant(value_float=float("-inf")))
