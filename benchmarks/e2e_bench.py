@@ -364,7 +364,24 @@ def rq_config(args):
         sink_tokens=args.sink,
         residual_window=args.window,
         rotation_stages=args.stages,
+        rope_key_mean=args.rope_key_mean,
     )
+
+
+def synthetic_calibration(model, args):
+    """`--rope-key-mean`: apply needs a Calibration with each layer's pre-RoPE key mean; random weights have no text
+    worth calibrating on and the step's cost does not depend on the values, so random means of a key's scale."""
+    if not args.rope_key_mean:
+        return None
+    from rqcompile import Calibration
+
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    stats = {}
+    for i in range(cfg.num_hidden_layers):
+        stats[(i, "k", "rope_mean")] = torch.randn(cfg.num_key_value_heads, cfg.head_dim, generator=gen)
+        stats[(i, "k", "mean")] = torch.zeros(cfg.num_key_value_heads, cfg.head_dim)
+    return Calibration(stats, "synthetic (e2e_bench --rope-key-mean)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -381,6 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
     p.add_argument("--window", type=int, default=32, help="RQConfig.residual_window (default 32, the library default)")
     p.add_argument("--cap-gib", type=float, default=79.0)
+    p.add_argument(
+        "--rope-key-mean",
+        action="store_true",
+        help="RQConfig(rope_key_mean=True) for apply, with a synthetic Calibration (the drop-in path: skip it)",
+    )
     p.add_argument(
         "--cap-apply", action="store_true", help="run the apply path under --cap-gib too (does it fit an 80 GB card?)"
     )
@@ -456,12 +478,14 @@ def main(argv: list[str] | None = None) -> None:
         "rotation_stages": args.stages,
         "attn_variant": args.attn_variant,
         "rows_max_tokens": args.rows_max_tokens,
+        "rope_key_mean": args.rope_key_mean,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.stages is not None and args.stages.isdigit():
         args.stages = int(args.stages)
     stages = rq_config(args).stage_count(256)  # Qwen3.5's head_dim
     name = args.backend + (f" s{stages}" if stages > 1 else "") + (f" w{args.window}" if args.window else "")
+    name += " rope-mean" if args.rope_key_mean else ""
     model = build_model(args.layers, "cuda")
     log(
         f"model built in {time.perf_counter() - t0:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
@@ -511,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
             rqcompile.apply,
             model,
             config=rq_config(args),
+            calibration=synthetic_calibration(model, args),
             max_cache_len=max(contexts) + 64,
             batch_size=args.batch,
             out=out,

@@ -270,9 +270,12 @@ def bench_layout_attention(copy_bw, batch, ctx, key_bits=3.5, value_bits=3, back
     log(row)
 
 
-def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True, with_deq=True, decodes=("tree",)):
+def bench_attention(
+    copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=True, with_deq=True, decodes=("tree",), rope=False
+):
     """Fused attention (one row per code decode, same inputs) against bf16 SDPA and dequantize-then-SDPA (timed once,
-    copied into every decode's row)."""
+    copied into every decode's row). `rope`: also the fused call with the pre-RoPE key offset's score term
+    (`rope_ab` over Qwen3.5's 64 rotary dims, h = 32), its time and its error against the torch reference."""
     heads, hq, dim = 4, 24, 256
     ks, vs = state(backend, bits, "k", heads, dim), state(backend, bits, "v", heads, dim)
     q = torch.randn(batch, hq, 1, dim, device="cuda", dtype=torch.bfloat16)
@@ -313,6 +316,8 @@ def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=Tru
             row["fused_ms"] = med(fused)
         row["fused_graph_ms"] = med(fused_kernel_only, graph=True)
         row["fused_floor_ms"] = packed_bytes / copy_bw * 1e3
+        if rope:
+            guarded(rope_row, row, args, sm, decode)
         rows.append(row)
     del ref, first_out
     if with_sdpa:
@@ -338,6 +343,32 @@ def bench_attention(copy_bw, batch, ctx, bits=3, backend="planar", with_sdpa=Tru
     for row in rows:
         RESULTS["attention"].append(row)
         log(json.dumps(row))
+
+
+def rope_row(row, args, sm, decode):
+    """`row` gains the fused attention's time with the rope_ab term (kernel only, CUDA graph) and its relative error
+    against the torch reference on these inputs (where that fits)."""
+    q = args[0]
+    half = 32
+    inv_freq = 1.0 / (1e7 ** (torch.arange(0, 2 * half, 2, device="cuda", dtype=torch.float32) / (2 * half)))
+    ab = torch.randn(*q.shape[:-1], 2 * half, device="cuda") * 4.0
+    tail = (None, sm, None, None, None, None, None, ab, inv_freq)
+    row["rope_kernel_supported"] = kattn.attention_supported(
+        q, args[1], args[3], args[12], args[13], args[2], args[4], rope_ab=ab
+    )
+    if row["rope_kernel_supported"]:
+
+        def with_rope(decode=decode):
+            return launch_attention(*args, *tail, decode=decode)
+
+        out = with_rope().float()
+        assert torch.isfinite(out).all()
+        if q.shape[0] * args[1].shape[2] <= 2**18:
+            from rqcompile.ops import reference_attention
+
+            ref = reference_attention(*args, *tail).float()
+            row["rope_relerr_vs_reference"] = ((out - ref).norm() / ref.norm()).item()
+        row["fused_rope_graph_ms"] = med(with_rope, graph=True)
 
 
 def sweep(copy_bw):
@@ -575,6 +606,11 @@ def table(copy_bw):
             s += f" | {r['sdpa_ms']:.3f} ({r['sdpa_graph_ms']:.3f}) {r['sdpa_floor_ms'] / r['sdpa_graph_ms']:.0%}"
             s += f" | {r.get('deq_sdpa_ms', float('nan')):.3f} | {r['sdpa_ms'] / r['fused_ms']:.2f}x"
             s += f" ({r['sdpa_graph_ms'] / r['fused_graph_ms']:.2f}x)"
+        if "fused_rope_graph_ms" in r:
+            s += f" | rope {r['fused_rope_graph_ms']:.3f} (graph) {r['fused_rope_graph_ms'] / r['fused_graph_ms']:.2f}x"
+            s += f" err {r.get('rope_relerr_vs_reference', float('nan')):.1e}"
+        elif "rope_kernel_supported" in r:
+            s += " | rope: kernel declines"
         log(s)
     for e in RESULTS["errors"]:
         log("ERROR", e[:300])
@@ -643,6 +679,7 @@ def attn_only(args):
                         backend=backend,
                         with_deq=not args.no_deq,
                         decodes=decodes,
+                        rope=args.rope,
                     )
     log(f"attention bench done at {time.time() - t0:.0f}s")
     RESULTS["defaults"] = {"attention": dict(kattn.DEFAULTS)}
@@ -668,6 +705,7 @@ def main():
     ap.add_argument("--quantize", action="store_true", help="with --attn-only: quantize checks and bench too")
     ap.add_argument("--layout", action="store_true", help="with --attn-only: bit-allocation layout attention too")
     ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-SDPA baseline")
+    ap.add_argument("--rope", action="store_true", help="with --attn-only: also time the rope_ab score term")
     ap.add_argument(
         "--quantize-variant",
         default="v1",
