@@ -153,9 +153,9 @@ def test_calibration_measures_scales_only_where_they_help(backend, stages, scale
     assert "mean" in names and ("scale" in names) == scales
 
 
-def test_rope_key_mean_reaches_the_eager_cache_and_its_calibration_and_export_refuses_it(tmp_path, capsys):
-    """`--rope-key-mean` sets `RQConfig.rope_key_mean`; eval runs with it (the calibration then carries the pre-RoPE
-    key mean); export says it is not supported there, before any capture."""
+def test_rope_key_mean_reaches_the_eager_cache_the_calibration_and_the_artifact(tmp_path, capsys):
+    """`--rope-key-mean` sets `RQConfig.rope_key_mean`; eval runs with it; export calibrates for it (the tiny random
+    model has no tokenizer: random ids), the artifact's manifest says so and generates like the programs it holds."""
     from rqcompile.cli import _rq_config, build_parser
 
     assert _rq_config(build_parser().parse_args(["generate", *TINY, "--rope-key-mean"])).rope_key_mean
@@ -163,8 +163,14 @@ def test_rope_key_mean_reaches_the_eager_cache_and_its_calibration_and_export_re
     assert main(["eval", *TINY, "--prefill", "16", "--decode", "8", "--json", "--rope-key-mean"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["compressed_ppl"] > 0
-    with pytest.raises(SystemExit, match="--rope-key-mean works with the eager cache"):
-        main(["export", *TINY, "--rope-key-mean", "-o", str(tmp_path / "a")])
+    out = tmp_path / "rope"
+    rope = ["--rope-key-mean", "--calibration-tokens", "64"]
+    assert main(["export", *TINY, *rope, "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]) == 0
+    assert "calibrating on 64 tokens" in capsys.readouterr().err
+    assert main(["inspect", str(out)]) == 0
+    assert "rope_key_mean" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
 
 
 def test_eval_and_bench_on_the_tiny_model(capsys):
