@@ -158,9 +158,13 @@ def _attention_case(
     splits=None,
     layout=False,
     lse=False,
+    rope_h=None,
+    variant=None,
+    decode=None,
     **config,
 ):
-    """The kernels against the reference; `lse`: rq::attention_lse, its lse checked too."""
+    """The kernels against the reference; `lse`: rq::attention_lse, its lse checked too; `rope_h`: with a rope_ab
+    term over that many pairs (_rope_inputs); `variant`, `decode`: launch_attention's (CPU and direct launches)."""
     ks = _state(backend, kb, "k", heads, dim, device, layout=layout, **config)
     vs = _state(backend, vb, "v", heads, dim, device, seed=1, layout=layout, **config)
     kb, k_perm, k_widths = rqcompile.ops.layout_args(ks)
@@ -187,24 +191,48 @@ def _attention_case(
     ref = quantizer.rotated_attention(q, kc, kn, vc, vn, ks, vs, ref_mask, sm)
     args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, kb, vb)
     layout_args = (k_perm, v_perm, k_widths, v_widths)
-    if layout:  # a layout the kernels must take, not hand to the reference
-        assert kattn.kernel_layouts(dim, kb, vb, *layout_args) is not None
+    rope = (None, None)
+    if rope_h:  # the reference with the term (the op's torch implementation), which must move the output
+        rope = _rope_inputs(batch, heads * rep, tq, rope_h, device)
+        plain, ref = ref, rqcompile.ops.reference_attention(*args, ref_mask, sm, None, *layout_args, *rope)
+        assert ((plain - ref).norm() / ref.norm()).item() > 0.1
+    if layout or rope_h:  # a call the kernels must take, not hand to the reference
+        assert layout == (kattn.kernel_layouts(dim, kb, vb, *layout_args) is not None)
         assert kattn.attention_supported(
-            q, kc, vc, kb, vb, kn, vn, k_widths, v_widths, ks.levels, vs.levels, k_perm, v_perm
+            q, kc, vc, kb, vb, kn, vn, k_widths, v_widths, ks.levels, vs.levels, k_perm, v_perm, rope[0]
         )
     _poison(device)
-    if device == "cuda" and kv_len is None and splits is None:
+    if device == "cuda" and kv_len is None and splits is None and variant is None and decode is None:
         op = torch.ops.rq.attention_lse if lse else torch.ops.rq.attention
-        out = op(*args, mask, sm, None, *layout_args)
+        out = op(*args, mask, sm, None, *layout_args, *rope)
     else:
-        out = kattn.launch_attention(*args, mask, sm, kv_len, *layout_args, num_splits=splits, with_lse=lse)
+        out = kattn.launch_attention(
+            *args,
+            mask,
+            sm,
+            kv_len,
+            *layout_args,
+            *rope,
+            num_splits=splits,
+            with_lse=lse,
+            variant=variant,
+            decode=decode,
+        )
     if lse:
         out, got_lse = out
-        _check_lse(got_lse, rqcompile.ops.reference_attention_lse(*args, ref_mask, sm, None, *layout_args)[1])
+        _check_lse(got_lse, rqcompile.ops.reference_attention_lse(*args, ref_mask, sm, None, *layout_args, *rope)[1])
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not torch.isnan(out).any()
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < 3e-3, err  # fp16 tensor-core operands, fp32 accumulation
+
+
+def _rope_inputs(batch, q_heads, tq, h, device):
+    """rope_ab [B, Hq, Tq, 2h] and default RoPE's inverse frequencies for h pairs (theta 10000: the fastest pair turns
+    one radian per slot), weights scaled so that the term moves the softmax about as much as q . k does."""
+    ab = torch.randn(batch, q_heads, tq, 2 * h, device=device) * 3 * math.sqrt(8 / h)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 2 * h, 2, dtype=torch.float32, device=device) / (2 * h))
+    return ab, inv_freq
 
 
 def _check_lse(got, ref):
@@ -900,3 +928,164 @@ def test_attention_keys_m_gpu(monkeypatch, kb, vb, dim, kw):
     torch.manual_seed(0)  # _decode_case draws its inputs from the global generator: the same inputs again
     split, _ = _decode_case(kb, vb, dim, "cuda", tk=5000, decodes=("prmt",), variant="split", **kw)
     _same_decoded_values(keys_m["prmt"], split["prmt"], kb, vb, bitwise=False)
+
+
+# ---------------------------------------------------------------- the rope_ab score term (rq::attention's rope_ab)
+
+# (backend, K bits, V bits, head_dim, h pairs, the kernel that must run, _attention_case keywords); 300 key slots: the
+# fastest pair's angle passes 299 radians, the splits start at slots 64 * k (the angle is the slot's, not the split's)
+ROPE_CASES = [
+    # decode, GQA 3, h = d/2, kv_len shorter than the cache, lse
+    ("planar", 3, 3, 64, 32, "split", {"mask_kind": "kv_len", "splits": 3, "lse": True}),
+    # prefill-like: 4 positions under a causal mask, partial rotary (h = 8 of 32 pairs), lse
+    ("iso", 4, 2, 64, 8, "split", {"mask_kind": "causal", "tq": 4, "splits": 2, "lse": True, "rep": 2}),
+    ("rotor", 2, 4, 64, 8, "split", {"mask_kind": "float", "tq": 3}),  # additive float mask per row
+    # h not a power of two (ROPE_K 16, 4 padded pairs); a fully masked batch row (lse -inf, V's mean)
+    ("planar", 3, 3, 64, 12, "split", {"mask_kind": "bool", "splits": 2, "lse": True}),
+    ("hadamard", 3, 3, 64, 1, "split", {}),  # one pair; q rotated on the host
+    # Qwen3.5-27B's shape: head_dim 256 (two norm groups), 6 query heads per KV head, partial rotary h = 32, decode
+    ("planar", 3, 3, 256, 32, "keys-m", {"batch": 1, "rep": 6, "mask_kind": "kv_len", "splits": 2, "lse": True}),
+    # full rotary at head_dim 128 (ROPE_K 64), 2 positions x 3 query heads, a bool mask (batch row 0 fully masked)
+    ("iso", 4, 3, 128, 64, "keys-m", {"heads": 1, "tq": 2, "mask_kind": "bool"}),
+    # 18 query rows per KV head: past keys-m's 16, the split kernel (BLOCK_M 32) takes the rope call
+    ("planar", 2, 3, 128, 16, "split", {"batch": 1, "heads": 1, "rep": 6, "tq": 3, "mask_kind": "causal"}),
+    # a calibrated bit allocation: the layout kernel
+    ("iso", 3.5, 3, 64, 8, "layout", {"mask_kind": "causal", "tq": 3, "splits": 2, "layout": True, "lse": True}),
+]
+ROPE_KERNELS = {"split": "_attn_split_kernel", "keys-m": "_attn_keys_m_kernel", "layout": "_attn_split_layout_kernel"}
+
+
+@cpu_only
+@pytest.mark.parametrize("backend,kb,vb,dim,h,kernel,kw", ROPE_CASES)
+def test_attention_interpret_rope(monkeypatch, backend, kb, vb, dim, h, kernel, kw):
+    """Each kernel with a rope_ab term against the op's reference (output, and lse where asked): the term's slot
+    angles, weights per query row (GQA rows x positions), its scaling, and masks on top of it. The default variant
+    (keys-m) runs: it takes the decode shapes and leaves the rest to the split kernel, rope or not."""
+    seen = {name: _spy_on(monkeypatch, fn) for name, fn in ROPE_KERNELS.items()}
+    kw = {"batch": 2, "heads": 2, "rep": 3, **kw}
+    _attention_case(backend, kb, vb, dim, "cpu", tk=300, rope_h=h, **kw)
+    assert {name: len(calls) for name, calls in seen.items() if calls} == {kernel: 1}
+    assert seen[kernel][0]["ROPE_K"] == max(16, triton.next_power_of_2(h))
+
+
+@cpu_only
+def test_attention_interpret_rope_split_variant_at_keys_m_shapes(monkeypatch):
+    """variant="split" forced on a decode shape keys-m would take: the split kernel's rope term at head_dim 256 with
+    the prmt data path (DECODE 2: two norm groups, one half dot each, q's columns permuted)."""
+    seen = _spy_on(monkeypatch, "_attn_split_kernel")
+    kw = {"batch": 1, "rep": 6, "rope_h": 32, "variant": "split", "decode": "prmt-emulated", "lse": True}
+    _attention_case("planar", 3, 3, 256, "cpu", tk=300, **kw)
+    assert len(seen) == 1 and seen[0]["ROPE_K"] == 32 and seen[0]["DECODE"] == 2
+
+
+@cpu_only
+def test_rope_free_launches_build_without_the_term(monkeypatch):
+    """Without rope_ab the kernels get ROPE_K 0 (the build they had before the term); with it, h padded to >= 16."""
+    seen = _spy_on(monkeypatch, "_attn_split_kernel")
+    ks, vs = _state("planar", 3, "k", 1, 64, "cpu"), _state("planar", 3, "v", 1, 64, "cpu", seed=1)
+    kc, kn = quantizer.quantize(torch.randn(1, 1, 8, 64), ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
+    args = (torch.randn(1, 2, 1, 64), kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels)
+    args += (vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3, None, 0.125)
+    kattn.launch_attention(*args)
+    kattn.launch_attention(*args, rope_ab=torch.randn(1, 2, 1, 6), rope_inv_freq=torch.rand(3))
+    assert [k["ROPE_K"] for k in seen] == [0, 16]
+    with pytest.raises(ValueError, match="rope_inv_freq"):
+        kattn.launch_attention(*args, rope_ab=torch.randn(1, 2, 1, 6), rope_inv_freq=torch.rand(4))
+
+
+def test_attention_supported_takes_rope_calls():
+    """rope calls the kernels read (any h up to d/2, rows broadcast from 1) are theirs; odd widths, h past d/2 or rows
+    that do not broadcast go to the reference, and so do calls unsupported for other reasons."""
+    q = torch.empty(2, 24, 1, 256)
+    kc, vc = torch.empty(2, 4, 10, 96, dtype=torch.uint8), torch.empty(2, 4, 10, 96, dtype=torch.uint8)
+    kn = torch.empty(2, 4, 10, 2, dtype=torch.float16)
+
+    def ok(rope_ab, query=q):
+        return kattn.attention_supported(query, kc, vc, 3, 3, kn, kn, rope_ab=rope_ab)
+
+    assert ok(None) and ok(torch.empty(2, 24, 1, 64)) and ok(torch.empty(1, 24, 1, 64))
+    assert ok(torch.empty(2, 24, 1, 24)) and ok(torch.empty(2, 24, 1, 2)) and ok(torch.empty(2, 24, 1, 256))
+    assert not ok(torch.empty(2, 24, 1, 63)) and not ok(torch.empty(2, 24, 1, 258))
+    assert not ok(torch.empty(2, 12, 1, 64)) and not ok(torch.empty(24, 1, 64))
+    assert not ok(torch.empty(2, 24, 1, 64), torch.empty(2, 24, 1, 48))  # head_dim 48: no kernel at all
+
+
+@cpu_only
+def test_cuda_dispatch_sends_rope_calls_to_the_kernels():
+    """The rq ops' CUDA implementations pass rope_ab / rope_inv_freq on, positionally or by name, and the kernels
+    take them (here in the interpreter); rope_ab broadcast over the query positions included."""
+    from rqcompile import kernels
+
+    ks, vs = _state("planar", 3, "k", 2, 64), _state("iso", 3, "v", 2, 64, seed=1)
+    k, v = torch.randn(2, 2, 90, 64) * 2, torch.randn(2, 2, 90, 64)
+    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
+    vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, 3, vs.group)
+    q = torch.randn(2, 4, 2, 64)
+    ab, inv_freq = _rope_inputs(2, 4, 1, 16, "cpu")  # one set of weights for both positions
+    mask = torch.ones(2, 90, dtype=torch.bool).tril(88)
+    args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3)
+    args = (*args, mask, 0.125)
+    kv_len = torch.tensor([90, 57])
+    assert kernels._attention_ok(*args, kv_len, None, None, None, None, ab, inv_freq)
+    assert kernels._attention_ok(*args, kv_len=kv_len, rope_ab=ab, rope_inv_freq=inv_freq)
+    ref, ref_lse = rqcompile.ops.reference_attention_lse(*args, kv_len, None, None, None, None, ab, inv_freq)
+    out = kernels._attention_launch(*args, kv_len=kv_len, rope_ab=ab, rope_inv_freq=inv_freq)
+    assert not torch.isnan(out).any() and ((out - ref).norm() / ref.norm()).item() < 3e-3
+    out, lse = kernels._attention_lse_launch(*args, kv_len, None, None, None, None, ab, inv_freq)
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-3
+    _check_lse(lse, ref_lse)
+
+
+@pytest.mark.parametrize("kernel", ["_attn_split_kernel", "_attn_keys_m_kernel"])
+def test_compiled_rope_attention_writes_only_its_partial_results(kernel):
+    """With the rope term, torch's analysis of the compiled kernel (as tests/kernel_writes_probe.py runs it, the rope
+    arguments added) still finds only the partial results written: rope_ab and the frequencies are read only."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys, torch
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import kernel_writes_probe as probe
+from torch._higher_order_ops import triton_kernel_wrap as wrap
+name = "identify_accessed_tensors" if hasattr(wrap, "identify_accessed_tensors") else "identify_mutated_tensors"
+real = getattr(wrap, name)
+def with_rope(kernel, kwargs, *rest):
+    rope = {{"ROPE_K": 32, "rope_ptr": torch.empty(1, 24, 1, 64), "rfreq_ptr": torch.empty(32), "rope_h": 32}}
+    return real(kernel, {{**kwargs, **rope}}, *rest)
+setattr(wrap, name, with_rope)
+print(json.dumps(probe.written(False, probe.kattn.{kernel})))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(json.loads(run.stdout.strip().splitlines()[-1])) == {"pm_ptr", "pl_ptr", "pacc_ptr"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "backend,kb,vb,dim,h,kernel,kw",
+    [
+        # Qwen3.5-27B decode through rq::attention(_lse): keys-m, partial rotary h = 32 of 128 pairs
+        ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8}),
+        ("iso", 3, 3, 256, 32, "keys-m", {"batch": 4, "lse": True, "rotation_stages": "full"}),
+        ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8, "mask_kind": "kv_len"}),  # launched directly
+        ("planar", 4, 4, 256, 32, "split", {"batch": 2, "variant": "split", "lse": True}),  # the split kernel forced
+        # prefill: 64 positions under a causal mask (split kernel, BLOCK_M 64)
+        ("iso", 3, 3, 256, 32, "split", {"batch": 1, "mask_kind": "causal", "tq": 64, "lse": True}),
+        ("planar", 3.5, 3, 256, 32, "layout", {"batch": 2, "layout": True, "mask_kind": "float", "tq": 5}),
+        # SmolLM2-like: head_dim 64, full rotary h = 32
+        ("planar", 3, 3, 64, 32, "split", {"batch": 8, "heads": 3, "rep": 3, "tk": 4000}),
+        ("hadamard", 3, 3, 128, 64, "keys-m", {"batch": 4, "heads": 2, "rep": 4, "lse": True}),  # full rotary
+    ],
+)
+def test_attention_rope_gpu(monkeypatch, backend, kb, vb, dim, h, kernel, kw):
+    """The rope_ab term at real sizes (9000 key slots: angles up to 9e3 radians), each kernel against the op's
+    reference; the expected kernel ran with the term."""
+    seen = {name: _spy_on(monkeypatch, fn) for name, fn in ROPE_KERNELS.items()}
+    kw = {"heads": 4, "rep": 6, "tk": 9000, **kw}
+    _attention_case(backend, kb, vb, dim, "cuda", rope_h=h, **kw)
+    assert {name: len(calls) for name, calls in seen.items() if calls} == {kernel: 1}
+    assert seen[kernel][0]["ROPE_K"] == max(16, triton.next_power_of_2(h))

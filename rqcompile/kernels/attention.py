@@ -21,6 +21,12 @@ Combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query 
 applies V's scale and mean and writes the output in q's dtype; for rq::attention_lse (constexpr WRITE_LSE) also each
 row's natural-log sum-exp from the merged max and sum.
 
+rq::attention's `rope_ab` term (a pre-RoPE key offset turned to each key's slot j): every kernel above adds it to
+the raw scores, sum_i A_i cos(j theta_i) + B_i sin(j theta_i) with the fp32 angle float32(j) * theta_i of
+ops.rope_score_bias; per key tile the cos/sin of the [h, BLOCK_N] angles are shared by the program's query rows and
+enter through two fp16 dots (section "the rope_ab score term"). Without rope_ab (constexpr ROPE_K 0) the kernels
+build the same code as before the term existed.
+
 Masks: none; an optional per-batch valid length `kv_len` (keys >= kv_len[b] are never read, and the splits divide
 the valid keys among themselves, so the work follows the context, not max_cache_len); or any
 SDPA-style mask (bool or additive float, broadcastable to [B, Hq, Tq, Tk]) read tile by tile with its strides.
@@ -515,6 +521,77 @@ def _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN: tl.constexpr, BLOCK
     return n_lo, n_hi
 
 
+# ---------------------------------------------------------------- the rope_ab score term (rq::attention's rope_ab)
+#
+# A score gains sum_i A_i cos(j theta_i) + B_i sin(j theta_i) for key slot j (rope_ab = [A | B] per query row, theta =
+# rope_inv_freq, the angle the fp32 product float32(j) * theta_i as in ops.rope_score_bias). Each program loads its
+# rows' A and B once (times qk_scale, as q), and per key tile computes the [ROPE_K, BLOCK_N] angles, their cos and
+# sin, and two fp16 dots (K = ROPE_K) into the scores: the sincos work is shared by all the program's query rows (the
+# KV head's query heads x Tq). h is padded with zero weights and zero frequencies to ROPE_K, a power of two >= 16
+# (tl.dot's smallest K). ROPE_K 0: no term; the kernels test ROPE_K >= 16, so the rope-free build is the same code
+# as before the term existed (and tests/kernel_writes_probe.py's placeholder 1 for an argument it does not know is
+# rope-free too).
+
+
+@triton.jit
+def _rope_weights(rrow, srd, m_ok, rope_h, qk_scale, PART: tl.constexpr, ROPE_K: tl.constexpr, TRANS: tl.constexpr):
+    """rope_ab's cos (PART 0) or sin (PART 1) weights of the rows at `rrow`, times qk_scale, fp16 [BLOCK_M, ROPE_K]
+    (TRANS: [ROPE_K, BLOCK_M], keys-m's transposed scores); zero past h and for rows past M."""
+    i = tl.arange(0, ROPE_K)
+    col = (PART * rope_h + i).to(tl.int64) * srd
+    if TRANS:
+        x = tl.load(rrow[None, :] + col[:, None], mask=(i < rope_h)[:, None] & m_ok[None, :], other=0.0)
+    else:
+        x = tl.load(rrow[:, None] + col[None, :], mask=m_ok[:, None] & (i < rope_h)[None, :], other=0.0)
+    return (x.to(tl.float32) * qk_scale).to(tl.float16)
+
+
+@triton.jit
+def _rope_freq(rfreq_ptr, rope_h, ROPE_K: tl.constexpr):
+    """rope_inv_freq fp32 [ROPE_K], zero past h (angle 0: cos 1 and sin 0 against zero weights)."""
+    i = tl.arange(0, ROPE_K)
+    return tl.load(rfreq_ptr + i, mask=i < rope_h, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rope_setup(
+    rope_ptr,
+    srb,
+    srh,
+    srt,
+    srd,
+    rfreq_ptr,
+    rope_h,
+    b,
+    hq,
+    tq,
+    m_ok,
+    qk_scale,
+    ROPE_K: tl.constexpr,
+    TRANS: tl.constexpr,
+):
+    """(cos weights, sin weights, frequencies) of a program's rows, loaded once before its key loop."""
+    rrow = rope_ptr + (b.to(tl.int64) * srb + hq.to(tl.int64) * srh + tq.to(tl.int64) * srt)
+    wa = _rope_weights(rrow, srd, m_ok, rope_h, qk_scale, 0, ROPE_K, TRANS)
+    wb = _rope_weights(rrow, srd, m_ok, rope_h, qk_scale, 1, ROPE_K, TRANS)
+    return wa, wb, _rope_freq(rfreq_ptr, rope_h, ROPE_K)
+
+
+@triton.jit
+def _rope_scores(sc, wa, wb, freq, n, TRANS: tl.constexpr):
+    """sc plus the rope term of key slots n: wa . cos(n theta) + wb . sin(n theta) (fp16 operands, fp32 sums into
+    sc, [BLOCK_M, BLOCK_N]; TRANS: sc^T [BLOCK_N, BLOCK_M] with wa, wb transposed)."""
+    if TRANS:
+        angle = n.to(tl.float32)[:, None] * freq[None, :]  # [BLOCK_N, ROPE_K]: float32(j) * theta_i
+        sc = tl.dot(tl.cos(angle).to(tl.float16), wa, sc)
+        sc = tl.dot(tl.sin(angle).to(tl.float16), wb, sc)
+    else:
+        angle = freq[:, None] * n.to(tl.float32)[None, :]  # [ROPE_K, BLOCK_N]
+        sc = tl.dot(wa, tl.cos(angle).to(tl.float16), sc)
+        sc = tl.dot(wb, tl.sin(angle).to(tl.float16), sc)
+    return sc
+
+
 @triton.jit
 def _attn_split_kernel(
     q_ptr,
@@ -547,6 +624,13 @@ def _attn_split_kernel(
     NS,
     span,
     qk_scale,
+    rope_ptr,
+    srb,
+    srh,
+    srt,
+    srd,
+    rfreq_ptr,
+    rope_h,
     D: tl.constexpr,
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
@@ -557,6 +641,7 @@ def _attn_split_kernel(
     MASK_KIND: tl.constexpr,
     MASK_ROW: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
+    ROPE_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr = 0,
@@ -606,6 +691,11 @@ def _attn_split_kernel(
         q0 = qf.to(tl.float16)
         q1 = q0
 
+    ROPE: tl.constexpr = ROPE_K >= 16  # rope_ab's score term (section "the rope_ab score term")
+    if ROPE:
+        wa, wb, rfreq = _rope_setup(
+            rope_ptr, srb, srh, srt, srd, rfreq_ptr, rope_h, b, hq, tq, m_ok, qk_scale, ROPE_K, False
+        )
     n_lo, n_hi = _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -644,6 +734,8 @@ def _attn_split_kernel(
                     sc += tl.dot(q1, kt) * nk1[None, :]
             else:
                 sc = tl.dot(q0, kt)
+        if ROPE:
+            sc = _rope_scores(sc, wa, wb, rfreq, n, False)
         sc = tl.where(n_ok[None, :], sc, float("-inf"))
         if MASK_KIND != 0:
             if MASK_ROW:  # the same mask row for every query row of this program: one [BLOCK_N] load
@@ -823,6 +915,13 @@ def _attn_keys_m_kernel(
     NS,
     span,
     qk_scale,
+    rope_ptr,
+    srb,
+    srh,
+    srt,
+    srd,
+    rfreq_ptr,
+    rope_h,
     D: tl.constexpr,
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
@@ -833,6 +932,7 @@ def _attn_keys_m_kernel(
     MASK_KIND: tl.constexpr,
     MASK_ROW: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
+    ROPE_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr = 1,
@@ -854,6 +954,11 @@ def _attn_keys_m_kernel(
     # the accumulators' rows follow the V tiles' column order
     vcol = _prmt_columns(_spread_source(tl.arange(0, 128), 128, VBITS), VBITS)
 
+    ROPE: tl.constexpr = ROPE_K >= 16  # rope_ab's score term (section "the rope_ab score term")
+    if ROPE:
+        wa, wb, rfreq = _rope_setup(
+            rope_ptr, srb, srh, srt, srd, rfreq_ptr, rope_h, b, hq, tq, m_ok, qk_scale, ROPE_K, True
+        )
     n_lo, n_hi = _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -883,6 +988,8 @@ def _attn_keys_m_kernel(
         sc = tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 0), q0) * nk0[:, None]
         if NGK == 2:
             sc += tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 1), q1) * nk1[:, None]
+        if ROPE:
+            sc = _rope_scores(sc, wa, wb, rfreq, n, True)
         sc = tl.where(n_ok[:, None], sc, float("-inf"))
         if MASK_KIND != 0:
             if MASK_ROW:
@@ -1203,6 +1310,13 @@ def _attn_split_layout_kernel(
     NS,
     span,
     qk_scale,
+    rope_ptr,
+    srb,
+    srh,
+    srt,
+    srd,
+    rfreq_ptr,
+    rope_h,
     D: tl.constexpr,
     KL: tl.constexpr,
     VL: tl.constexpr,
@@ -1214,6 +1328,7 @@ def _attn_split_layout_kernel(
     MASK_KIND: tl.constexpr,
     MASK_ROW: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
+    ROPE_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -1234,6 +1349,11 @@ def _attn_split_layout_kernel(
     q6 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 6, D, KRB, KNB, KPERM, BLOCK_M)
     q7 = _run_q(qrow, sqd, m_ok, krot_ptr, kscale_ptr, kperm_ptr, h, qk_scale, KL, 7, D, KRB, KNB, KPERM, BLOCK_M)
 
+    ROPE: tl.constexpr = ROPE_K >= 16  # rope_ab's score term (section "the rope_ab score term")
+    if ROPE:
+        wa, wb, rfreq = _rope_setup(
+            rope_ptr, srb, srh, srt, srd, rfreq_ptr, rope_h, b, hq, tq, m_ok, qk_scale, ROPE_K, False
+        )
     n_lo, n_hi = _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -1265,6 +1385,8 @@ def _attn_split_layout_kernel(
         sc = _more_scores(sc, q5, kbase, knb, n64, n_ok, klev_ptr, KL, 5, CHK, NGK, GK, BLOCK_N)
         sc = _more_scores(sc, q6, kbase, knb, n64, n_ok, klev_ptr, KL, 6, CHK, NGK, GK, BLOCK_N)
         sc = _more_scores(sc, q7, kbase, knb, n64, n_ok, klev_ptr, KL, 7, CHK, NGK, GK, BLOCK_N)
+        if ROPE:
+            sc = _rope_scores(sc, wa, wb, rfreq, n, False)
         sc = tl.where(n_ok[None, :], sc, float("-inf"))
         if MASK_KIND != 0:
             if MASK_ROW:  # the same mask row for every query row of this program: one [BLOCK_N] load
@@ -1446,6 +1568,19 @@ def _layout_readable(widths, dim: int, levels) -> bool:
     )
 
 
+def _rope_readable(rope_ab, q) -> bool:
+    """A rope_ab the kernels take: [B, Hq, Tq, 2h] (each of B, Hq, Tq q's or 1, broadcast) with 1 <= h <= d/2
+    (RoPE turns at most all of the head's pairs; any h, padded to ROPE_K)."""
+    half = rope_ab.shape[-1] // 2
+    return (
+        rope_ab.dim() == 4
+        and rope_ab.shape[-1] % 2 == 0
+        and 1 <= half <= max(1, q.shape[-1] // 2)
+        and all(r in (1, n) for r, n in zip(rope_ab.shape[:3], q.shape[:3]))
+        and rope_ab.is_floating_point()
+    )
+
+
 def attention_supported(
     q,
     k_codes,
@@ -1462,9 +1597,9 @@ def attention_supported(
     v_perm=None,
     rope_ab=None,
 ) -> bool:
-    if rope_ab is not None:  # the pre-RoPE key offset's score term: not in the kernels yet (reference fallback)
-        return False
     dim = q.shape[-1]
+    if rope_ab is not None and not _rope_readable(rope_ab, q):
+        return False
     if not is_pow2(dim) or dim < 32 or dim > 512 or q.shape[1] % k_codes.shape[1]:
         return False
     for norms in (k_norms, v_norms):
@@ -1507,6 +1642,29 @@ def _permute(x, perm, inverse=False):
     if inverse:
         return x.new_empty(x.shape).scatter_(-1, index, x)
     return x.gather(-1, index)
+
+
+def rope_width(rope_ab) -> int:
+    """The kernels' ROPE_K for a rope_ab [.., 2h]: h padded to a power of two >= 16 (tl.dot's smallest K); 0 without
+    the term."""
+    if rope_ab is None:
+        return 0
+    return max(16, triton.next_power_of_2(rope_ab.shape[-1] // 2))
+
+
+def _rope_args(rope_ab, rope_inv_freq, q):
+    """(ROPE_K, the kernels' rope arguments: rope_ab broadcast to q's rows and its strides, the frequencies, h).
+    Without rope_ab, placeholders the rope-free build never reads."""
+    import torch
+
+    if rope_ab is None:
+        return 0, (q, 0, 0, 0, 0, q, 0)
+    half = rope_inv_freq.numel()
+    if rope_ab.shape[-1] != 2 * half:
+        raise ValueError(f"rope_ab has {rope_ab.shape[-1]} weights per query, expected 2 x {half} (rope_inv_freq)")
+    ab = rope_ab.expand(*q.shape[:3], 2 * half)  # broadcast rows read through zero strides
+    freq = rope_inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+    return rope_width(rope_ab), (ab, *ab.stride(), freq, half)
 
 
 def _identity(kernel):
@@ -1560,7 +1718,9 @@ def launch_attention(
     bit allocation's layout, run by the layout kernel. `decode`: the uniform kernel's code decode (DEFAULTS, DECODES:
     0/"tree", 1/"prmt", 2/"prmt-emulated"); the interpreter cannot run inline asm and takes the tree for "prmt".
     `variant` (DEFAULTS, VARIANTS): "keys-m" runs _attn_keys_m_kernel where keys_m_applies (the interpreter
-    runs it with the prmt steps in Triton ops), the split kernel elsewhere."""
+    runs it with the prmt steps in Triton ops), the split kernel elsewhere. `rope_ab` [B or 1, Hq or 1, Tq or 1, 2h]
+    with `rope_inv_freq` [h]: the rope score term, taken by every kernel (split, keys-m and layout alike), so it
+    changes no kernel choice."""
     import torch
 
     wrap = _identity if wrap is None else wrap
@@ -1574,8 +1734,6 @@ def launch_attention(
     decode = DECODES[decode] if isinstance(decode, str) else int(decode)
     if decode not in DECODES.values():
         raise ValueError(f"decode must be one of {DECODES}, not {decode}")
-    if rope_ab is not None:
-        raise NotImplementedError("the Triton attention kernels do not take rope_ab yet (attention_supported says so)")
     variant = DEFAULTS["variant"] if variant is None else variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
@@ -1645,7 +1803,9 @@ def launch_attention(
         return (empty, lse) if with_lse else empty
     grid = (num_splits, batch * heads, m_tiles)
     q_args = (q_in, q_in.stride(0), q_in.stride(1), q_in.stride(2), q_in.stride(3))
+    rope_k, rope_args = _rope_args(rope_ab, rope_inv_freq, q)
     tail_args = (mask, *mstrides, kvl, pm, pl, pacc, heads, rep, q_len, tk, rows, num_splits, span, qk_scale)
+    tail_args += rope_args
     meta = {
         "D": dim,
         "NGK": k_norms.shape[-1],
@@ -1655,6 +1815,7 @@ def launch_attention(
         "MASK_KIND": mask_kind,
         "MASK_ROW": mask_kind != 0 and mstrides[1] == 0 and mstrides[2] == 0,
         "HAS_KVLEN": kv_len is not None,
+        "ROPE_K": rope_k,
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "num_warps": num_warps,
