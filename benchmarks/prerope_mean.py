@@ -36,7 +36,8 @@ from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdli
 from rqcompile.quant.rope_offset import RopeSpec, rope_offset
 
 WIDTHS = {"K3V3": dict(bits=3), "K4V3": dict(key_bits=4, value_bits=3), "K3V2": dict(key_bits=3, value_bits=2)}
-WIDTHS.update({k: MIXED[k] for k in ("K4/3 V3", "K3 V3/2")})
+WIDTHS["K4V4"] = dict(bits=4)
+WIDTHS.update({k: MIXED[k] for k in ("K4/3 V3", "K3 V3/2", "K3/2 V2")})
 WIDTHS.update({k: WINDOWED_MIXED[k] for k in ("K4 V3/2 (11)", "K3 V3/2 (11)")})  # the 8K presets with the window
 
 
@@ -141,7 +142,9 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=256)
     parser.add_argument("--offsets", default="0,8192,16384")
-    parser.add_argument("--only", default="", help="run only the variants whose name contains this")
+    parser.add_argument(
+        "--only", default="", help="run only the variants whose name contains this ('|' separates alternatives)"
+    )
     parser.add_argument("--energy", action="store_true", help="only print the key energy left by each mean")
     parser.add_argument("--angles", action="store_true", help="only print the float error of RoPE_p(m) at long p")
     args = parser.parse_args()
@@ -178,7 +181,7 @@ def main() -> None:
                 lambda c=config: RQCache(c.replace(rope_key_mean=True), model_config=model.config, calibration=stdlib),
             ),
         ):
-            if args.only not in name:
+            if not any(part in name for part in args.only.split("|")):
                 continue
             if args.window and "removed" in name:  # window_view rebuilds the cache from its config and model_config
                 print(f"{spec:14s} {name:38s} skipped: with a window only the library's rope_key_mean is measured")

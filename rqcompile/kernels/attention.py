@@ -577,18 +577,46 @@ def _rope_setup(
     return wa, wb, _rope_freq(rfreq_ptr, rope_h, ROPE_K)
 
 
+# cos / sin of the fp32 angles: the accurate libdevice functions cost ~4x the whole rope-free tile at 128K slots
+# (angles past ~1e5 rad take their slow Payne-Hanek path; H200, QUALITY.md "Session 14"). The angle is instead reduced
+# to [-pi, pi] by two FMAs against 2 pi split into fp32 head + tail (each FMA rounds once, so the remainder is within
+# ~2 ulp(pi) of the exact remainder of the fp32 angle for any angle below 2^24), then the SFU's approximate cos / sin
+# (|error| < 1e-6 on [-pi, pi], well under the fp16 operands' 5e-4). The interpreter has no SFU: tl.cos / tl.sin of
+# the same reduced angle.
+_TWO_PI_HEAD = tl.constexpr(6.2831854820251465)  # float32(2 pi)
+_TWO_PI_TAIL = tl.constexpr(-1.7484555314695172e-07)  # float32(2 pi - _TWO_PI_HEAD)
+_SFU_TRIG = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def _cos_sin(angle):
+    """cos and sin of fp32 angles (any magnitude below 2^24 rad), via the reduction above."""
+    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+    r = tl.fma(-turns, _TWO_PI_HEAD, angle)
+    r = tl.fma(-turns, _TWO_PI_TAIL, r)
+    if _SFU_TRIG:  # inline PTX rather than libdevice's fast_cosf: torch's kernel-write analysis reads inline asm
+        cos = tl.inline_asm_elementwise(
+            "cos.approx.ftz.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1
+        )
+        sin = tl.inline_asm_elementwise(
+            "sin.approx.ftz.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1
+        )
+        return cos, sin
+    return tl.cos(r), tl.sin(r)
+
+
 @triton.jit
 def _rope_scores(sc, wa, wb, freq, n, TRANS: tl.constexpr):
     """sc plus the rope term of key slots n: wa . cos(n theta) + wb . sin(n theta) (fp16 operands, fp32 sums into
     sc, [BLOCK_M, BLOCK_N]; TRANS: sc^T [BLOCK_N, BLOCK_M] with wa, wb transposed)."""
     if TRANS:
-        angle = n.to(tl.float32)[:, None] * freq[None, :]  # [BLOCK_N, ROPE_K]: float32(j) * theta_i
-        sc = tl.dot(tl.cos(angle).to(tl.float16), wa, sc)
-        sc = tl.dot(tl.sin(angle).to(tl.float16), wb, sc)
+        cos, sin = _cos_sin(n.to(tl.float32)[:, None] * freq[None, :])  # [BLOCK_N, ROPE_K]: float32(j) * theta_i
+        sc = tl.dot(cos.to(tl.float16), wa, sc)
+        sc = tl.dot(sin.to(tl.float16), wb, sc)
     else:
-        angle = freq[:, None] * n.to(tl.float32)[None, :]  # [ROPE_K, BLOCK_N]
-        sc = tl.dot(wa, tl.cos(angle).to(tl.float16), sc)
-        sc = tl.dot(wb, tl.sin(angle).to(tl.float16), sc)
+        cos, sin = _cos_sin(freq[:, None] * n.to(tl.float32)[None, :])  # [ROPE_K, BLOCK_N]
+        sc = tl.dot(wa, cos.to(tl.float16), sc)
+        sc = tl.dot(wb, sin.to(tl.float16), sc)
     return sc
 
 
