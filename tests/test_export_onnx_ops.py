@@ -324,17 +324,23 @@ class CompressedAttentionLSE(CompressedAttention):
         return torch.ops.rq.attention_lse(*args, *self.layout())
 
 
-@pytest.mark.parametrize("flavour,layout", [("standard", False), ("tensorrt", False), ("standard", True)])
-def test_attention_lse_matches_the_reference(tmp_path, flavour, layout):
-    """A fully masked row gives lse -inf (and V's mean), as the reference; the rest within float tolerance."""
-    gen = torch.Generator().manual_seed(13)
+def _attention_states(layout: bool, gen: torch.Generator):
+    """K and V states for the attention tests: a calibrated bit allocation's layout (K 3.5, V 3 bits), or uniform
+    planar K3 V2; K's mean zero (rq::attention takes none: softmax ignores it)."""
     if layout:
         config = RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION, norm_group=32)
         k, v = _allocated(config, "k", 3.0, gen), _allocated(config, "v", 2.0, gen)
     else:
         config = RQConfig(backend="planar", key_bits=3, value_bits=2, norm_group=32)
         k, v = (_calibrated(make_state(config, layer_idx=0, kind=x, num_heads=2, head_dim=HEAD_DIM), gen) for x in "kv")
-    k = replace(k, mean=torch.zeros(2, HEAD_DIM))
+    return replace(k, mean=torch.zeros(2, HEAD_DIM)), v
+
+
+@pytest.mark.parametrize("flavour,layout", [("standard", False), ("tensorrt", False), ("standard", True)])
+def test_attention_lse_matches_the_reference(tmp_path, flavour, layout):
+    """A fully masked row gives lse -inf (and V's mean), as the reference; the rest within float tolerance."""
+    gen = torch.Generator().manual_seed(13)
+    k, v = _attention_states(layout, gen)
     module = CompressedAttentionLSE(k, v).eval()
 
     def inputs(batch: int, q_len: int, k_len: int) -> dict[str, torch.Tensor]:
@@ -405,13 +411,7 @@ def test_attention_with_rope_term_matches_the_reference(tmp_path, flavour, with_
     """GQA with a mask, rope_ab of a pre-RoPE key offset (`_rope_weights`), against
     `rqcompile.ops.reference_attention(_lse)`; the cache length at run time differs from the export's."""
     gen = torch.Generator().manual_seed(14 + half)
-    if layout:
-        config = RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION, norm_group=32)
-        k, v = _allocated(config, "k", 3.0, gen), _allocated(config, "v", 2.0, gen)
-    else:
-        config = RQConfig(backend="planar", key_bits=3, value_bits=2, norm_group=32)
-        k, v = (_calibrated(make_state(config, layer_idx=0, kind=x, num_heads=2, head_dim=HEAD_DIM), gen) for x in "kv")
-    k = replace(k, mean=torch.zeros(2, HEAD_DIM))
+    k, v = _attention_states(layout, gen)
     inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
     base = torch.randn(2, HEAD_DIM, generator=gen) * 2.0  # the pre-RoPE key offset m, one per KV head
     module = CompressedAttentionRope(k, v, inv_freq, with_lse).eval()

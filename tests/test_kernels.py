@@ -809,13 +809,18 @@ def _spy_on(monkeypatch, name: str) -> list:
     return seen
 
 
-def test_only_eager_launches_are_opaque(monkeypatch):
-    """The launcher passes OPAQUE only where it launches the kernel itself (no wrap_triton)."""
-    seen = _spy_on(monkeypatch, "_attn_split_kernel")
+def _tiny_attention_args() -> tuple:
+    """launch_attention's 16 leading arguments for a tiny CPU call: 2 query heads over 8 planar 3-bit keys."""
     ks, vs = _state("planar", 3, "k", 1, 64, "cpu"), _state("planar", 3, "v", 1, 64, "cpu", seed=1)
     kc, kn = quantizer.quantize(torch.randn(1, 1, 8, 64), ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
     args = (torch.randn(1, 2, 1, 64), kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels)
-    args += (vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3, None, 0.125)
+    return args + (vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3, None, 0.125)
+
+
+def test_only_eager_launches_are_opaque(monkeypatch):
+    """The launcher passes OPAQUE only where it launches the kernel itself (no wrap_triton)."""
+    seen = _spy_on(monkeypatch, "_attn_split_kernel")
+    args = _tiny_attention_args()
     kattn.launch_attention(*args)
     kattn.launch_attention(*args, wrap=lambda kernel: kernel)  # as torch.library.wrap_triton would
     assert [k["OPAQUE"] for k in seen] == [True, False]
@@ -982,10 +987,7 @@ def test_attention_interpret_rope_split_variant_at_keys_m_shapes(monkeypatch):
 def test_rope_free_launches_build_without_the_term(monkeypatch):
     """Without rope_ab the kernels get ROPE_K 0 (the build they had before the term); with it, h padded to >= 16."""
     seen = _spy_on(monkeypatch, "_attn_split_kernel")
-    ks, vs = _state("planar", 3, "k", 1, 64, "cpu"), _state("planar", 3, "v", 1, 64, "cpu", seed=1)
-    kc, kn = quantizer.quantize(torch.randn(1, 1, 8, 64), ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
-    args = (torch.randn(1, 2, 1, 64), kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels)
-    args += (vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3, None, 0.125)
+    args = _tiny_attention_args()
     kattn.launch_attention(*args)
     kattn.launch_attention(*args, rope_ab=torch.randn(1, 2, 1, 6), rope_inv_freq=torch.rand(3))
     assert [k["ROPE_K"] for k in seen] == [0, 16]
