@@ -129,6 +129,33 @@ def test_aoti_round_trip_of_the_compressed_program_in_a_fresh_process(compressed
     assert got["modeling"] == [] and got["backend"] == "aoti"
 
 
+@pytest.mark.slow
+def test_aoti_round_trip_with_the_pre_rope_key_offset(tmp_path):
+    """`RQConfig(rope_key_mean=True)` (its offset and inverse frequencies are program constants, rq::attention
+    takes the score term): the AOTI artifact, loaded in a fresh process, generates the tokens of
+    `CompiledLM.generate` (~60 s)."""
+    from rqcompile.api import apply
+    from rqcompile.calibrate import Calibration
+    from rqcompile.config import RQConfig
+
+    torch.set_num_threads(1)
+    model = tiny_qwen3_5()
+    text = model.config.get_text_config(decoder=True)
+    gen = torch.Generator().manual_seed(4)
+    means = {
+        (i, "k", "rope_mean"): torch.randn(text.num_key_value_heads, text.head_dim, generator=gen) * 2
+        for i in range(text.num_hidden_layers)
+    }
+    config = RQConfig(rope_key_mean=True, residual_window=4)
+    compiled = apply(model, config=config, max_cache_len=16, calibration=Calibration(means))
+    prompts = [_prompt(10).tolist()[0], _prompt(3, seed=2).tolist()[0]]
+    reference = [compiled.generate(torch.tensor([p]), 4, eos_token_id=[]).tolist()[0] for p in prompts]
+    path = tmp_path / "aoti"
+    compiled.export(path, target="aoti", prefill_chunk=8, inductor_configs=FAST_AOTI, progress=False)
+    assert json.loads((path / "manifest.json").read_text())["rq_config"]["rope_key_mean"]
+    assert _load_in_subprocess(path, prompts, 4)["tokens"] == reference
+
+
 def test_aoti_artifact_holds_the_weights_once(compressed_aoti):
     """The packages are code only: every weight and quant-state tensor lives once in `weights.safetensors`, shared by
     both programs (the bytes of the largest weight occur there and in neither package)."""
