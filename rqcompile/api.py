@@ -288,6 +288,11 @@ class CompiledLM:
     def rewrite_report(self) -> str:
         lines = [str(r) for r in self.rewrites]
         lines.append(f"rotation: {self._describe_rotation()}")
+        if self.config.rope_key_mean:
+            offset = (
+                "each layer's pre-RoPE mean turned to the key's slot, removed before quantizing, added back on read"
+            )
+            lines.append(f"keys: {offset} (rope_key_mean)")
         fused = "attention: fused into rq::attention (rq::attention_lse + exact tokens where sink/window are held)"
         lines.append(fused if self.fused else "attention: not fused (dequantize + SDPA)")
         return "\n".join(lines)

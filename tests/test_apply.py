@@ -163,6 +163,7 @@ def test_the_rewrite_report_says_what_rotation_the_default_resolved_to(models):
     assert "rotation: iso, 3 block layers mixing each 64-coordinate norm group" in report
     one = apply(models["llama"], config=RQConfig(backend="planar", rotation_stages=1), max_cache_len=16)
     assert "rotation: planar, one layer of 2x2 blocks" in one.rewrite_report()
+    assert "pre-RoPE" not in report  # only with RQConfig(rope_key_mean=True)
 
 
 def test_apply_leaves_no_float_kv_cache_allocated(models):
@@ -627,6 +628,10 @@ def test_rope_key_mean_graphs_hold_the_offset_and_no_materialized_cache(models):
                 assert targets.count(rope_score_weights) == len(lm.sites)
                 calls = [n for n in nodes if n.target is reader]
                 assert all(len(n.args) == 23 and n.args[21] is not None for n in calls)
+        assert "pre-RoPE mean" in lm.rewrite_report() and "pre-RoPE" not in unfused.rewrite_report().replace(
+            "pre-RoPE mean", ""
+        )
+        assert "pre-RoPE mean" in lm.rewrite_report()
         names = dict(lm.prefill_module.named_buffers())
         assert names["rq_k_rope_mean_0"].shape == (2, 64) and names["rq_rope_inv_freq_0"].dtype == torch.float32
 
