@@ -460,7 +460,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
         "--rope-key-mean",
         action="store_true",
         help="also remove the keys' pre-RoPE mean, turned to each key's position (KL -16%% to -60%% on SmolLM2, "
-        "QUALITY.md 'Session 13'); the eager cache only (not export)",
+        "QUALITY.md 'Session 13' / 'Session 14'); export calibrates for it",
     )
     g.add_argument(
         "--rotation-stages",

@@ -79,10 +79,11 @@ class RQConfig:
         rope_key_mean: also remove each layer's *pre-RoPE* key mean, turned to each key's position, before quantizing
             (added back exactly after dequantizing; no bytes per token; ``rqcompile.quant.rope_offset``). Most of the
             keys' offset is constant before RoPE and turns with the position after it, so the post-RoPE key mean
-            misses it: on SmolLM2 this cut KL by 16-43% at 3-3.5 bits for every backend (QUALITY.md "Session 13").
-            Drop-in caches only so far (they need ``model_config``, for the RoPE, and measure the mean on the prompt);
-            ``rqcompile.apply`` and the exports refuse it until the fused attention kernel adds the positional term.
-            Default False.
+            misses it: on SmolLM2 KL falls 13-45% at every width from 2.5 to 4.25 bits, for every backend (QUALITY.md
+            "Session 13" / "Session 14"). The drop-in caches need ``model_config`` (for the RoPE) and measure the mean
+            on the prompt; ``rqcompile.apply`` (and its exports) need a Calibration measured for it
+            (``calibrate(..., rope_key_mean=True)``), whose term the fused attention adds to each score. Default
+            False (not the default, though the best measured: it needs ``model_config`` in the drop-in caches).
     """
 
     backend: str = "iso"
