@@ -586,6 +586,19 @@ def test_rope_key_mean_logits_equal_the_eager_cache(models, name, config, fuse):
     torch.testing.assert_close(_steps(lm, ids, PROMPT), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "dequantize+sdpa"])
+def test_rope_key_mean_with_a_calibrated_bit_allocation_equals_eager(models, fuse):
+    """The offset composes with a bit allocation's layout (per-head channel order, mixed widths): `calibrate` measures
+    the error weights on the offset-free keys, and the programs equal the eager cache."""
+    model = models["llama"]
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 200), generator=torch.Generator().manual_seed(1))
+    calib = calibrate(model, ids, key_scale=True, value_scale=True, rope_key_mean=True, chunk=100)
+    config = ALLOC.replace(rope_key_mean=True, residual_window=4)
+    lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=calib, fuse=fuse, prefill_logits="all")
+    ref = _eager(model, RQCache(config, model_config=model.config, calibration=calib), _ids(), PROMPT)
+    torch.testing.assert_close(_steps(lm, _ids(), PROMPT), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_rope_key_mean_is_in_play(models):
     """The equality above is not vacuous: the same programs without the offset (the Calibration's residual mean
     only) give other logits, and so does the eager cache without it."""
