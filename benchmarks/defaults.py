@@ -1,8 +1,9 @@
 """Quality of the default config and its alternatives on SmolLM2-135M (QUALITY.md, "Defaults"), with the quality
 pins' harness (tests/test_quality_pins.py): one license-text window, prefill 512, 256 teacher-forced decode steps in
-one chunk; calibration `rqcompile.calibrate(model, tokenizer=tok, key_scale=True, value_scale=True)` (2048 stdlib
-tokens, key mean + K/V scales), or `RQCache(calibration="prompt")` (each layer measures its statistics on the
-512-token prompt itself: since session 11 the key mean only for rotations that mix the norm group).
+one chunk; calibration `rqcompile.calibrate(model, tokenizer=tok, key_scale=True, value_scale=True,
+rope_key_mean=False)` (2048 stdlib tokens, key mean + K/V scales), or `RQCache(calibration="prompt")` (each layer
+measures its statistics on the 512-token prompt itself: since session 11 the key mean only for rotations that mix the
+norm group). None of it removes the pre-RoPE key mean (the default since session 15 where the RoPE is known).
 
     .venv/bin/python benchmarks/defaults.py                 # the window of the pins (offset 0)
     .venv/bin/python benchmarks/defaults.py --offset 8192   # a second window
@@ -69,11 +70,17 @@ def main() -> None:
     ids = license_corpus(tok, PREFILL + DECODE + 1, offset=args.offset)
     reference = decode_time_ppl(model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE)
     start = time.perf_counter()
-    stdlib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True)
+    stdlib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True, rope_key_mean=False)
     key_mean = Calibration({k: v for k, v in stdlib.stats.items() if k[1:] == ("k", "mean")}, "stdlib key mean")
     # what calibration="prompt" measures, key mean only: calibrate leaves out the sink token as the cache does
     prompt_key_mean = calibrate(
-        model, ids[:, :PREFILL], key_scale=False, value_scale=False, error_weights=False, source="prompt key mean"
+        model,
+        ids[:, :PREFILL],
+        key_scale=False,
+        value_scale=False,
+        error_weights=False,
+        source="prompt key mean",
+        rope_key_mean=False,
     )
     print(f"window {args.offset}: fp ppl {reference.ppl:.3f}; calibration {time.perf_counter() - start:.1f} s")
     print("| config | ppl delta | KL (nats/token) |\n|---|---|---|")

@@ -55,7 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     model, tok = load_smollm2()
-    full = calibrate(model, stdlib_corpus(tok, 4096), key_scale=True, value_scale=True, source="stdlib 4096 tokens")
+    full = calibrate(
+        model,
+        stdlib_corpus(tok, 4096),
+        key_scale=True,
+        value_scale=True,
+        source="stdlib 4096 tokens",
+        rope_key_mean=False,
+    )
     keep = [k for k in full.stats if (k[1] == "k" and k[2] == "mean") or k[2] == "weight"]
     hadamard_calib = Calibration({k: full.stats[k] for k in keep}, full.source)
     offsets = [int(o) for o in args.offsets.split(",")]

@@ -48,13 +48,16 @@ def main() -> None:
     text = stdlib_corpus(tok, args.tokens)
     if args.chunks:
         calibrations = {
-            f"key mean, {c}-token chunks": calibrate(model, text, chunk=int(c)) for c in args.chunks.split(",")
+            f"key mean, {c}-token chunks": calibrate(model, text, chunk=int(c), rope_key_mean=False)
+            for c in args.chunks.split(",")
         }
     else:
-        key_mean = calibrate(model, text, chunk=args.chunk)
+        key_mean = calibrate(model, text, chunk=args.chunk, rope_key_mean=False)
         calibrations = {"key mean": key_mean}
         if not args.key_mean_only:
-            centred = calibrate(model, text, key_scale=True, scale_power=1.0, error_weights=False, chunk=args.chunk)
+            centred = calibrate(
+                model, text, key_scale=True, scale_power=1.0, error_weights=False, chunk=args.chunk, rope_key_mean=False
+            )
             calibrations["key mean + per-channel query scales"] = with_query_scales(
                 key_mean, centred, centred, pairs=False
             )

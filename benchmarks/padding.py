@@ -249,14 +249,14 @@ def main() -> None:
             **pad_sweep_experiment(
                 model,
                 tok,
-                calibrate(model, tokenizer=tok, key_scale=True, value_scale=True),
+                calibrate(model, tokenizer=tok, key_scale=True, value_scale=True, rope_key_mean=False),
                 pads,
                 args.noise_seeds,
                 args.decode,
             ),
         }
     else:
-        stdlib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True)
+        stdlib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True, rope_key_mean=False)
         result = {"decode": args.decode, **padding_experiment(model, tok, stdlib, args.decode, args.set_attention_mask)}
     meta["seconds"] = round(time.perf_counter() - start, 1)
     print(f"{meta['seconds']} s")

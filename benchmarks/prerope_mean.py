@@ -159,6 +159,7 @@ def main() -> None:
         return
     means = prerope_key_means(model, stdlib_corpus(tok, args.tokens))
     stdlib = calibrate(model, stdlib_corpus(tok, args.tokens), rope_key_mean=True)  # pre-RoPE and residual key means
+    stdlib_post = calibrate(model, stdlib_corpus(tok, args.tokens), rope_key_mean=False)  # the post-RoPE key mean
     rotary = model.model.rotary_emb
     prefill, decode = args.prefill, args.decode
     windows = [license_corpus(tok, prefill + decode + 1, offset=int(o)) for o in args.offsets.split(",")]
@@ -169,7 +170,14 @@ def main() -> None:
         stages = int(args.stages) if args.stages and args.stages.isdigit() else args.stages
         config = RQConfig(backend=backend, residual_window=args.window, rotation_stages=stages, **WIDTHS[widths])
         for name, make in (
-            ("post-RoPE key mean (the format today)", lambda c=config: RQCache(c, calibration="prompt")),
+            (
+                "post-RoPE key mean (the format today)",
+                lambda c=config: RQCache(c.replace(rope_key_mean=False), calibration="prompt"),
+            ),
+            (
+                "post-RoPE key mean, calibrate(stdlib)",
+                lambda c=config: RQCache(c.replace(rope_key_mean=False), calibration=stdlib_post),
+            ),
             ("pre-RoPE key mean (stdlib) removed", lambda c=config: PreRopeMeanCache(c, means, rotary)),
             ("pre-RoPE key mean (prompt) removed", lambda c=config: PreRopeMeanCache(c, None, rotary)),
             (

@@ -247,7 +247,14 @@ def main(argv: list[str] | None = None) -> dict:
     offsets = [int(o) for o in args.offsets.split(",")]
     windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=o) for o in offsets]
     t0 = time.perf_counter()
-    full = calibrate(model, stdlib_corpus(tok, 4096), key_scale=True, value_scale=True, source="stdlib 4096 tokens")
+    full = calibrate(
+        model,
+        stdlib_corpus(tok, 4096),
+        key_scale=True,
+        value_scale=True,
+        source="stdlib 4096 tokens",
+        rope_key_mean=False,
+    )
     # hadamard: the key mean and the error weights (which only bit allocation reads), no scales
     keep = [k for k in full.stats if (k[1] == "k" and k[2] == "mean") or k[2] == "weight"]
     key_mean = Calibration({k: full.stats[k] for k in keep}, full.source)
@@ -267,7 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
         for ids, ref in zip(windows, refs):
             if calib_kind == "prompt key mean":  # what calibration="prompt" measures, the key mean only
                 calib = calibrate(
-                    model, ids[:, : args.prefill], key_scale=False, value_scale=False, source="prompt key mean"
+                    model,
+                    ids[:, : args.prefill],
+                    key_scale=False,
+                    value_scale=False,
+                    source="prompt key mean",
+                    rope_key_mean=False,
                 )
 
             def make(config=config, calib=calib):

@@ -623,7 +623,9 @@ def main(argv: list[str] | None = None) -> dict:
     ids = license_corpus(tok, args.prefill + args.decode + 1)
     calib_ids = stdlib_corpus(tok, CALIB_TOKENS)
     ctx = Context(model, ids, args.prefill, args.decode)
-    ctx.calibrations["kv"] = calibrate(model, calib_ids, key_scale=True, value_scale=True, source="stdlib")
+    ctx.calibrations["kv"] = calibrate(
+        model, calib_ids, key_scale=True, value_scale=True, source="stdlib", rope_key_mean=False
+    )
     kmean = {key: t for key, t in ctx.calibrations["kv"].stats.items() if key[1:] == ("k", "mean")}
     ctx.calibrations["kmean"] = Calibration(kmean, "stdlib (key mean only)")  # the same mean, without the scales
     if args.grid == "experiment" and not args.no_mse:

@@ -49,7 +49,9 @@ class Harness:
         key = (tokens or self.calib_tokens, power or self.scale_power, value_scale)
         if key not in self._calibs:
             ids = stdlib_corpus(self.tok, key[0])
-            self._calibs[key] = calibrate(self.model, ids, key_scale=True, value_scale=value_scale, scale_power=key[1])
+            self._calibs[key] = calibrate(
+                self.model, ids, key_scale=True, value_scale=value_scale, scale_power=key[1], rope_key_mean=False
+            )
         return self._calibs[key]
 
     def key_mean(self) -> Calibration:

@@ -94,7 +94,7 @@ def measure(model, config: RQConfig, calib, states, ids, reference) -> tuple[flo
 def main() -> None:
     torch.set_num_threads(1)
     model, tok = models.load_smollm2()
-    calib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True)
+    calib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True, rope_key_mean=False)
     kv = calibration_kv(model, stdlib_corpus(tok, 2048))
     print("| window | backend | Gaussian codebook: ppl delta, KL | fitted codebooks: ppl delta, KL |")
     print("|---|---|---|---|")

@@ -31,8 +31,8 @@ def main() -> None:
     model, tok = models.load_smollm2()
     ids = license_corpus(tok, PREFILL + DECODE + 1, offset=offset)
     ref = decode_time_ppl(model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE)
-    stdlib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True)
-    stdlib_v = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True, value_mean=True)
+    stdlib = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True, rope_key_mean=False)
+    stdlib_v = calibrate(model, tokenizer=tok, key_scale=True, value_scale=True, value_mean=True, rope_key_mean=False)
     measure = cache_module.channel_stats
 
     def with_value_mean(x, *, mean, scale, **kw):

@@ -32,7 +32,7 @@ from rqcompile.passes.functional import FunctionalStep, has_scan
 from rqcompile.passes.fuse_attention import fuse_attention
 from rqcompile.passes.kv_compress import SiteRewrite, compress_kv_cache
 from rqcompile.quant.quantizer import QuantState
-from rqcompile.quant.rope_offset import rope_spec
+from rqcompile.quant.rope_offset import check_same_rope, rope_spec
 from rqcompile.quant.rotations import STAGED_BACKENDS
 from rqcompile.runtime.cuda_graph import GraphedStep
 from rqcompile.runtime.generate import SamplingConfig, generate
@@ -325,17 +325,18 @@ def _check_calibration(config: RQConfig, calibration: Calibration | None) -> Non
             f"calibration={calibration!r}: apply needs a rqcompile.Calibration (rqcompile.calibrate(model, "
             "tokenizer=tok)); the compiled programs carry it as constants ('prompt' is for the eager caches)"
         )
-    has_rope_mean = calibration is not None and any(name == "rope_mean" for _, _, name in calibration.stats)
-    if has_rope_mean and not config.rope_key_mean:
+    has_rope_mean = calibration is not None and calibration.has_rope_mean
+    if has_rope_mean and config.rope_key_mean is False:
         raise ValueError(
             "this Calibration was measured with rope_key_mean=True (its key statistics are those of the keys without "
-            "their pre-RoPE mean): use it with RQConfig(rope_key_mean=True), or calibrate without rope_key_mean"
+            "their pre-RoPE mean): use it with RQConfig(rope_key_mean=None or True), or calibrate with "
+            "rope_key_mean=False"
         )
     if config.rope_key_mean and not has_rope_mean:
         raise ValueError(
             "RQConfig(rope_key_mean=True) needs each layer's pre-RoPE key mean from sample text: pass "
-            "calibration=rqcompile.calibrate(model, tokenizer=tokenizer, rope_key_mean=True) (compiled programs "
-            "cannot measure it on the prompt as the drop-in caches do)"
+            "calibration=rqcompile.calibrate(model, tokenizer=tokenizer) (it measures them by default; compiled "
+            "programs cannot measure them on the prompt as the drop-in caches do)"
         )
     if calibration is None and config.backend in _CALIBRATED_BACKENDS:
         measured = (  # SmolLM2, decode-time perplexity, iso 3-bit: QUALITY.md "Defaults" / "Staged rotations"
@@ -389,15 +390,20 @@ def apply(
     need it for good quality and warn without it. A config with `bit_allocation`
     needs it (its per-channel error weights decide the layout; `ValueError` without). The defaults (iso, 3 bits, one
     exact sink token, the 32 most recent tokens exact, scale search, rotations mixing each whole norm group) are the
-    best measured uniform preset (QUALITY.md "Defaults", "Session 11"). `RQConfig(rope_key_mean=True)` also removes
-    each layer's pre-RoPE key mean turned to the key's position; it needs a Calibration measured for it
-    (`calibrate(..., rope_key_mean=True)`: `ValueError` otherwise, before the capture).
+    best measured uniform preset (QUALITY.md "Defaults", "Session 11"). The programs also remove each layer's pre-RoPE
+    key mean turned to the key's position (`RQConfig.rope_key_mean`, the best measured configuration, QUALITY.md
+    "Session 14") exactly when the Calibration carries it, which `calibrate` measures by default; `rope_key_mean=True`
+    without such a Calibration, or False with one, is a `ValueError` before the capture.
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
     fuse = True if fuse is None else fuse
     _check_calibration(config, calibration)
+    # auto: on exactly when the Calibration carries pre-RoPE key means; the programs and artifacts keep the bool
+    config = config.replace(rope_key_mean=calibration is not None and calibration.has_rope_mean)
     rope = rope_spec(model.config) if config.rope_key_mean else None  # before the capture: a clear error if no RoPE
+    if rope is not None and calibration.rope is not None:
+        check_same_rope(calibration.rope, rope)
     captured = capture(
         model,
         max_cache_len=max_cache_len,

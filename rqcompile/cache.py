@@ -31,7 +31,7 @@ from rqcompile.calibrate import MIN_PROMPT_TOKENS, PROMPT, Calibration, channel_
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import QuantState, make_state
-from rqcompile.quant.rope_offset import RopeSpec, rope_offset, rope_spec, unrotate
+from rqcompile.quant.rope_offset import RopeSpec, check_same_rope, rope_offset, rope_spec, static_rope_spec, unrotate
 
 _LINEAR_TYPES = ("linear_attention", "conv", "mamba")
 
@@ -72,6 +72,49 @@ def _check_calibration(calibration: Any) -> None:
             f"calibration={calibration!r}: pass a rqcompile.Calibration (rqcompile.calibrate(model, ...)), "
             f"{PROMPT!r} (measure it on each sequence's prompt) or None"
         )
+
+
+def _resolve_rope(config: RQConfig, model_config: Any, calibration: Any) -> tuple[RQConfig, RopeSpec | None]:
+    """`config` with `rope_key_mean` decided, and the RoPE the offset turns with (None when off).
+
+    Auto (None) follows what is known: a Calibration turns it on when it holds pre-RoPE means (its key statistics
+    are those of the offset-free keys), a prompt calibration when `model_config` gives a RoPE the offset supports.
+    The RoPE comes from `model_config`, else from the Calibration that was measured with it."""
+    calibrated = isinstance(calibration, Calibration)
+    has_mean = calibrated and calibration.has_rope_mean
+    want = config.rope_key_mean
+    if want is None:
+        if calibrated:
+            want = has_mean
+        elif calibration is None:
+            want = False  # nothing measured: no offset to remove
+        else:  # the prompt
+            want = model_config is not None and static_rope_spec(model_config) is not None
+    if not want:
+        if has_mean:
+            raise ValueError(
+                "this Calibration was measured for RQConfig(rope_key_mean=True) (its key statistics are those of the "
+                "keys without their pre-RoPE mean): use it with rope_key_mean=None or True, or calibrate with "
+                "rope_key_mean=False"
+            )
+        return config.replace(rope_key_mean=False), None
+    if calibrated and not has_mean:
+        raise ValueError(
+            "RQConfig(rope_key_mean=True), but this Calibration has no pre-RoPE key mean: calibrate with "
+            "rope_key_mean=True (or None, the default), or use calibration='prompt'"
+        )
+    measured = calibration.rope if calibrated else None
+    if model_config is not None:
+        spec = rope_spec(model_config)
+        if measured is not None:
+            check_same_rope(measured, spec)
+    elif measured is not None:
+        spec = measured
+    else:
+        raise ValueError(
+            "RQConfig(rope_key_mean=True) needs the model's RoPE: pass model_config=model.config to the cache"
+        )
+    return config.replace(rope_key_mean=True), spec
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -577,18 +620,14 @@ class RQCache(Cache):
     ) -> None:
         config = (config or RQConfig()).replace(**overrides) if overrides else (config or RQConfig())
         _check_calibration(calibration)
-        self.rq_config = config
         self.calibration = PROMPT if calibration is _PROMPT_BY_DEFAULT else calibration
+        config, self._rope = _resolve_rope(config, model_config, self.calibration)
+        self.rq_config = config
         self._layer_calibration = calibration  # what each layer is given: the default stays silent on short prompts
         self._attention_mask: torch.Tensor | None = None
         self._tokens_memo: tuple[Any, torch.Tensor | None] = (None, None)
         self._warned_unknown_padding = False
-        if config.rope_key_mean and model_config is None:
-            raise ValueError(
-                "RQConfig(rope_key_mean=True) needs the model's RoPE: pass model_config=model.config to the cache"
-            )
         self._model_config = model_config
-        self._rope = rope_spec(model_config) if config.rope_key_mean else None
         layers: list = []
         if model_config is not None:
             text_config = model_config.get_text_config(decoder=True)

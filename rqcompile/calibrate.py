@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rqcompile.quant.rope_offset import RopeSpec, rope_offset, rope_spec, static_rope_spec, unrotate
+
 _KINDS = ("k", "v")
 _FIELDS = ("mean", "scale", "weight", "rope_mean")
 
@@ -22,26 +24,45 @@ _FIELDS = ("mean", "scale", "weight", "rope_mean")
 class Calibration:
     """Per-layer, per-KV-head channel statistics: `stats[(layer, "k"|"v", "mean"|"scale"|"weight")] -> [H, d]`
     float32. `weight` is each channel's error weight, what calibrated bit allocation (`RQConfig.bit_allocation`)
-    distributes bits by; `(layer, "k", "rope_mean")` the keys' pre-RoPE mean, what `RQConfig.rope_key_mean` removes."""
+    distributes bits by; `(layer, "k", "rope_mean")` the keys' pre-RoPE mean, what `RQConfig.rope_key_mean` removes,
+    and `rope` the model's RoPE it was measured with, so that a drop-in cache can use it without `model_config`."""
 
     stats: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
     source: str = ""
+    rope: RopeSpec | None = None
 
     def get(self, layer_idx: int, kind: str, name: str) -> torch.Tensor | None:
         return self.stats.get((layer_idx, kind, name))
 
+    @property
+    def has_rope_mean(self) -> bool:
+        """Whether it holds pre-RoPE key means: its key statistics are then those of the keys without that offset,
+        and a cache using it removes the offset (`RQConfig.rope_key_mean`)."""
+        return any(name == "rope_mean" for _, _, name in self.stats)
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"calibration.{layer}.{kind}.{name}": t.contiguous() for (layer, kind, name), t in self.stats.items()}
+        tensors = {
+            f"calibration.{layer}.{kind}.{name}": t.contiguous() for (layer, kind, name), t in self.stats.items()
+        }
+        if self.rope is not None:
+            tensors["rope.inv_freq"] = self.rope.inv_freq.contiguous()
+            tensors["rope.scaling"] = torch.tensor([self.rope.scaling], dtype=torch.float64)
+        return tensors
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str = "") -> Calibration:
         stats = {}
+        tensors = dict(tensors)
+        inv_freq, scaling = tensors.pop("rope.inv_freq", None), tensors.pop("rope.scaling", None)
+        if (inv_freq is None) != (scaling is None):
+            raise ValueError("calibration tensors hold one of rope.inv_freq / rope.scaling without the other")
         for key, tensor in tensors.items():
-            prefix, layer, kind, name = key.split(".")
-            if prefix != "calibration" or kind not in _KINDS or name not in _FIELDS:
+            parts = key.split(".")
+            if len(parts) != 4 or parts[0] != "calibration" or parts[2] not in _KINDS or parts[3] not in _FIELDS:
                 raise ValueError(f"unexpected calibration tensor {key!r}")
-            stats[(int(layer), kind, name)] = tensor.float()
-        return cls(stats, source)
+            stats[(int(parts[1]), parts[2], parts[3])] = tensor.float()
+        rope = None if inv_freq is None else RopeSpec(inv_freq.float(), float(scaling.reshape(-1)[0]))
+        return cls(stats, source, rope)
 
     @property
     def layers(self) -> list[int]:
@@ -110,7 +131,7 @@ def calibrate(
     skip_first: int = 1,
     chunk: int = 512,
     source: str = "",
-    rope_key_mean: bool = False,
+    rope_key_mean: bool | None = None,
 ) -> Calibration:
     """Measure channel statistics of every attention layer's K (and V) on `input_ids` ([B, T] or [T]), or, with
     `tokenizer` instead, on the first `num_tokens` tokens of the built-in calibration text (Python standard-library
@@ -128,13 +149,20 @@ def calibrate(
     and kept uncompressed by `RQConfig.sink_tokens`. `error_weights` also measures each channel's error weight
     (variance times importance, `_importance`), normalized to mean 1 per head, which `RQConfig.bit_allocation` needs.
     `rope_key_mean` also measures each layer's pre-RoPE key mean (`rope_mean`, the keys turned back to the pre-RoPE
-    frame with the model's RoPE; each chunk starts at position 0), which `RQConfig(rope_key_mean=True)` removes; the
-    key statistics are then measured on what that cache quantizes, the keys without their positional offset.
+    frame with the model's RoPE; each chunk starts at position 0), which `RQConfig.rope_key_mean` removes; the key
+    statistics are then measured on what that cache quantizes, the keys without their positional offset, and the
+    Calibration carries the RoPE. None (default): measured when the model has a RoPE the offset supports (a static
+    one, `rope_offset.rope_spec`), the best measured configuration (QUALITY.md "Session 14"); True insists (an error
+    otherwise); False gives the statistics of the format without the offset.
     """
     if scale_power <= 0:
         raise ValueError(f"scale_power must be > 0, got {scale_power}")
     if (input_ids is None) == (tokenizer is None):
         raise ValueError("calibrate needs exactly one of input_ids (token ids) or tokenizer (built-in stdlib text)")
+    if rope_key_mean is None:
+        rope = static_rope_spec(model.config)
+    else:
+        rope = rope_spec(model.config) if rope_key_mean else None  # before the forwards: a clear error if no RoPE
     if tokenizer is not None:
         from rqcompile.eval.corpus import stdlib_corpus
 
@@ -152,9 +180,9 @@ def calibrate(
             " attention interface"
         )
     stats: dict[tuple[int, str, str], torch.Tensor] = {}
-    if rope_key_mean:
+    if rope is not None:
         for layer_idx, pieces in sink.items():
-            stats[(layer_idx, "k", "rope_mean")], sink[layer_idx] = _without_rope_mean(model, pieces, skip_first)
+            stats[(layer_idx, "k", "rope_mean")], sink[layer_idx] = _without_rope_mean(pieces, rope, skip_first)
     for layer_idx, pieces in sink.items():
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", value_mean, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
@@ -173,15 +201,12 @@ def calibrate(
                 importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0])
                 weight = variance * importance
                 stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
-    return Calibration(stats, source)
+    return Calibration(stats, source, rope)
 
 
-def _without_rope_mean(model, pieces: list, skip_first: int) -> tuple[torch.Tensor, list]:
+def _without_rope_mean(pieces: list, spec: RopeSpec, skip_first: int) -> tuple[torch.Tensor, list]:
     """A layer's pre-RoPE key mean [H, d] from its captured chunks (keys at positions 0..T-1), and the chunks with
     that mean, turned to each key's position, taken off their keys."""
-    from rqcompile.quant.rope_offset import rope_offset, rope_spec, unrotate
-
-    spec = rope_spec(model.config)
 
     def positions(keys: torch.Tensor) -> torch.Tensor:
         return torch.arange(keys.shape[-2], device=keys.device)[None]

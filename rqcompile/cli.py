@@ -458,9 +458,11 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--rope-key-mean",
-        action="store_true",
-        help="also remove the keys' pre-RoPE mean, turned to each key's position (KL -16%% to -60%% on SmolLM2, "
-        "QUALITY.md 'Session 13' / 'Session 14'); export calibrates for it",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also remove the keys' pre-RoPE mean, turned to each key's position (KL -13%% to -45%% on SmolLM2, "
+        "QUALITY.md 'Session 14'); default: on for models with a static RoPE (the calibration measures it), "
+        "--no-rope-key-mean for the format without it",
     )
     g.add_argument(
         "--rotation-stages",

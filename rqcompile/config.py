@@ -21,7 +21,8 @@ SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 # Values that reproduce the format of configs written before a field existed (read by `RQConfig.from_dict`):
 # rotation_stages came in session 7 with 1 as its default (manifests before it hold one block layer); session 8 made
 # the default None ("full" where blocks compose).
-FORMAT_BEFORE_FIELD: dict[str, Any] = {"rotation_stages": 1}
+# rope_key_mean came in session 13 as False; session 15 made the default None ("auto"), which manifests never hold.
+FORMAT_BEFORE_FIELD: dict[str, Any] = {"rotation_stages": 1, "rope_key_mean": False}
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
 
 
@@ -80,10 +81,12 @@ class RQConfig:
             (added back exactly after dequantizing; no bytes per token; ``rqcompile.quant.rope_offset``). Most of the
             keys' offset is constant before RoPE and turns with the position after it, so the post-RoPE key mean
             misses it: on SmolLM2 KL falls 13-45% at every width from 2.5 to 4.25 bits, for every backend (QUALITY.md
-            "Session 13" / "Session 14"). The drop-in caches need ``model_config`` (for the RoPE) and measure the mean
-            on the prompt; ``rqcompile.apply`` (and its exports) need a Calibration measured for it
-            (``calibrate(..., rope_key_mean=True)``), whose term the fused attention adds to each score. Default
-            False (not the default, though the best measured: it needs ``model_config`` in the drop-in caches).
+            "Session 13" / "Session 14"). ``None`` (default, "auto"): on wherever the RoPE and the mean are known,
+            off elsewhere (``resolve_rope_key_mean``): a drop-in cache measuring its prompt turns it on when given
+            ``model_config``; a Calibration measured with it (``rqcompile.calibrate`` does by default, for models
+            with a static RoPE) turns it on in the caches and in ``rqcompile.apply``, whose fused attention then adds
+            its term to each score. ``True`` insists (a clear error where it cannot be done); ``False`` is the format
+            without it. Caches and ``apply`` store the resolved bool, and artifacts carry it.
     """
 
     backend: str = "iso"
@@ -100,7 +103,7 @@ class RQConfig:
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     bit_allocation: tuple[int, ...] = ()
     rotation_stages: int | str | None = None
-    rope_key_mean: bool = False
+    rope_key_mean: bool | None = None
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
@@ -140,8 +143,8 @@ class RQConfig:
         self._check_rotation_stages()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {type(self.seed).__name__}")
-        if not isinstance(self.rope_key_mean, bool):
-            raise ValueError(f"rope_key_mean must be a bool, got {self.rope_key_mean!r}")
+        if self.rope_key_mean is not None and not isinstance(self.rope_key_mean, bool):
+            raise ValueError(f"rope_key_mean must be None (auto) or a bool, got {self.rope_key_mean!r}")
 
     def _check_layer_bits(self) -> None:
         entries = self.layer_bits

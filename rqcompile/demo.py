@@ -57,7 +57,7 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
     from rqcompile.config import RQConfig
 
     t0 = time.perf_counter()
-    calib = calibrate(model, tokenizer=tok)  # 2048 tokens of the built-in Python stdlib text: the key mean
+    calib = calibrate(model, tokenizer=tok)  # 2048 tokens of the built-in Python stdlib text: the key means
     print(f"calibrated on 2048 tokens of Python stdlib sources in {time.perf_counter() - t0:.0f}s")
     preset = RQConfig(backend="iso", key_bits=4, value_bits=3, sink_tokens=1)
     # the best measured 3.5 bits/element preset (QUALITY.md, "Session 3"): calibrated bit allocation
@@ -67,7 +67,9 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
         f"planar {bits}-bit, uncalibrated": lambda: PlanarQuantCache(bits=bits, calibration=None),
         f"iso {bits}-bit, uncalibrated": lambda: IsoQuantCache(bits=bits, calibration=None),
         f"rotor {bits}-bit, uncalibrated": lambda: RotorQuantCache(bits=bits, calibration=None),
-        f"iso {bits}-bit calibrated on the prompt (the drop-in default)": lambda: IsoQuantCache(bits=bits),
+        f"iso {bits}-bit calibrated on the prompt (the drop-in default)": lambda: IsoQuantCache(
+            bits=bits, model_config=model.config
+        ),
         f"iso {bits}-bit, stdlib calibration": lambda: IsoQuantCache(bits=bits, calibration=calib),
         "iso K4/V3 calibrated + sink": lambda: RQCache(preset, calibration=calib),
         "iso K3.5/V3 bit-allocated + sink": lambda: RQCache(allocated, calibration=calib),
@@ -94,12 +96,13 @@ def _long_prompt(model, tok, bits: int) -> None:
 
     ids = license_corpus(tok, 2048)
     reference = model.generate(ids, max_new_tokens=16, do_sample=False)
-    cache = IsoQuantCache(bits=bits)
+    cache = IsoQuantCache(bits=bits, model_config=model.config)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
     agree = (out[0, 2048:] == reference[0, 2048:]).float().mean().item()
     report = cache.memory_report()
     print(
-        f"\n2,048-token prompt (license text), IsoQuantCache(bits={bits}) (defaults): {report.compressed_bytes:,} B "
+        f"\n2,048-token prompt (license text), IsoQuantCache(bits={bits}, model_config=model.config) (defaults): "
+        f"{report.compressed_bytes:,} B "
         f"held, {report.ratio:.2f}x smaller than bf16; greedy agreement with the uncompressed cache over 16 tokens "
         f"{agree:.0%}"
     )
@@ -111,8 +114,8 @@ def smollm2_compiled_demo(bits: int, max_new_tokens: int) -> None:
     from rqcompile.models import load_smollm2
 
     model, tok = load_smollm2()
-    # the key mean alone (calibrate's default, and the CLI's for the default full mixing: scales measured on sample
-    # text hurt a mixed group, QUALITY.md "Staged rotations in the format")
+    # the key means alone, post- and pre-RoPE (calibrate's default, and the CLI's for the default full mixing: scales
+    # measured on sample text hurt a mixed group, QUALITY.md "Staged rotations in the format")
     calib = rqcompile.calibrate(model, tokenizer=tok)
     question = QUESTIONS[0]
     ids = tok.apply_chat_template(

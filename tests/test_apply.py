@@ -658,8 +658,28 @@ def test_rope_key_mean_needs_a_calibration_that_measured_it(models):
     for calibration in (None, plain):
         with pytest.raises(ValueError, match="rope_key_mean=True\\) needs each layer's pre-RoPE key mean"):
             apply(model, config=ROPE_PLAIN, calibration=calibration)
-    with pytest.raises(ValueError, match="use it with RQConfig\\(rope_key_mean=True\\)"):
-        apply(model, calibration=calib)
+    with pytest.raises(ValueError, match="use it with RQConfig\\(rope_key_mean=None or True\\)"):
+        apply(model, config=RQConfig(rope_key_mean=False), calibration=calib)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "llama"])
+def test_by_default_apply_removes_the_offset_exactly_when_the_calibration_carries_it(models, name):
+    """The defaults are the best measured configuration (QUALITY.md "Session 15"): `calibrate(model, ids)` measures
+    the pre-RoPE key means, `apply(model, calibration=calib)` then removes the offset, and its logits equal the
+    default drop-in cache given the same Calibration (no model_config: the Calibration carries the RoPE). A
+    Calibration measured without it gives programs without it; so does no Calibration."""
+    model = models[name]
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    sample = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(2))
+    calib = calibrate(model, sample, chunk=64)
+    lm = apply(model, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
+    assert lm.config.rope_key_mean is True and "pre-RoPE" in lm.rewrite_report()
+    ids = _ids()
+    torch.testing.assert_close(
+        _steps(lm, ids, PROMPT), _eager(model, RQCache(calibration=calib), ids, PROMPT), atol=1e-4, rtol=1e-4
+    )
+    without = calibrate(model, sample, chunk=64, rope_key_mean=False)
+    assert apply(model, max_cache_len=MAX_LEN, calibration=without).config.rope_key_mean is False
 
 
 def test_rope_key_mean_compiles_without_graph_breaks(models):

@@ -59,6 +59,11 @@ ALLOCATION = (2, 3, 4, 5, 6)
 # Session 13: the pre-RoPE key mean removed too (`rope_key_mean=True`, measured on the prompt; QUALITY.md "Session
 # 13"): the default without the window +3.86% KL 0.0952 (without it +14.74% KL 0.1407), with the window +4.40% KL
 # 0.0252 (without it +5.23% KL 0.0288).
+# Session 15: the default removes the pre-RoPE key mean wherever it is known (RQConfig.rope_key_mean=None, "auto"):
+# the drop-in cache given model_config (as _measure builds it) +4.40% KL 0.0252 (no window +3.86% KL 0.0952), and
+# apply's default calibration, calibrate(model, tokenizer=tok) (2048 stdlib tokens, both key means), +7.42% KL
+# 0.0271 on this window (three windows, 4096 tokens: QUALITY.md "Session 15"). The earlier pins keep their format
+# with rope_key_mean=False.
 K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))  # benchmarks/presets.py: the half of the layers with 4-bit keys
 PINS = {
     "rotor-K4/3V3-full-keymean": (
@@ -74,14 +79,27 @@ PINS = {
         0.24,
     ),
     "default-uncalibrated": (RQConfig(), False, (2.0, 12.0), 0.076),
-    "default-prompt-calibrated": (RQConfig(), "prompt", (1.5, 8.0), 0.037),
-    "default-calibrated": (RQConfig(), True, (0.5, 5.0), 0.053),
-    "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (5.0, 20.0), 0.176),
-    "rotor-K3V3-full-prompt-calibrated": (RQConfig(backend="rotor", residual_window=0), "prompt", (5.0, 21.0), 0.245),
-    "default-rope-key-mean": (RQConfig(rope_key_mean=True), "prompt", (1.0, 8.0), 0.032),
-    "default-no-window-rope-key-mean": (RQConfig(residual_window=0, rope_key_mean=True), "prompt", (0.5, 9.0), 0.12),
+    # what the drop-in cache does given model_config: the pre-RoPE key mean removed too (session 15's default)
+    "default-prompt-calibrated": (RQConfig(), "prompt", (1.0, 8.0), 0.032),
+    "default-prompt-calibrated-post-rope-mean-only": (RQConfig(rope_key_mean=False), "prompt", (1.5, 8.0), 0.037),
+    # what rqcompile.apply carries by default: calibrate()'s key means (post- and pre-RoPE) on stdlib text
+    "default-stdlib-calibrated": (RQConfig(), "default", (2.0, 9.5), 0.034),
+    "default-calibrated-key-and-value-scales": (RQConfig(rope_key_mean=False), True, (0.5, 5.0), 0.053),
+    "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (0.5, 9.0), 0.12),
+    "default-no-window-post-rope-mean-only": (
+        RQConfig(residual_window=0, rope_key_mean=False),
+        "prompt",
+        (5.0, 20.0),
+        0.176,
+    ),
+    "rotor-K3V3-full-prompt-calibrated": (
+        RQConfig(backend="rotor", residual_window=0, rope_key_mean=False),
+        "prompt",
+        (5.0, 21.0),
+        0.245,
+    ),
     "iso-K3V3-block-uncalibrated": (RQConfig(**PRESET), False, (60.0, 165.0), 1.0),
-    "iso-K3V3-block-prompt-calibrated": (RQConfig(**PRESET), "prompt", (12.0, 44.0), 0.34),
+    "iso-K3V3-block-prompt-calibrated": (RQConfig(**PRESET, rope_key_mean=False), "prompt", (12.0, 44.0), 0.34),
     "planar-3": (
         RQConfig(backend="planar", bits=3, scale_search=(), rotation_stages=1, residual_window=0),
         False,
@@ -131,16 +149,21 @@ def ids(smollm2):
 
 @pytest.fixture(scope="module")
 def calibration(smollm2):
-    return calibrate(
-        smollm2[0], stdlib_corpus(smollm2[1], 2048), key_scale=True, value_scale=True, source="stdlib 2048"
-    )
+    """The presets' calibration (measured before the pre-RoPE key mean existed): key mean + K/V scales."""
+    text = stdlib_corpus(smollm2[1], 2048)
+    return calibrate(smollm2[0], text, key_scale=True, value_scale=True, rope_key_mean=False, source="stdlib 2048")
 
 
 @pytest.fixture(scope="module")
 def key_mean_calibration(smollm2):
-    return calibrate(
-        smollm2[0], stdlib_corpus(smollm2[1], 2048), key_scale=False, value_scale=False, source="stdlib 2048"
-    )
+    text = stdlib_corpus(smollm2[1], 2048)
+    return calibrate(smollm2[0], text, key_scale=False, value_scale=False, rope_key_mean=False, source="stdlib 2048")
+
+
+@pytest.fixture(scope="module")
+def default_calibration(smollm2):
+    """`calibrate(model, tokenizer=tok)` as a user calls it: 2048 stdlib tokens, the key means (post- and pre-RoPE)."""
+    return calibrate(smollm2[0], tokenizer=smollm2[1])
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +174,8 @@ def reference(smollm2, ids):
 def _measure(smollm2, ids, reference, config, calibration):
     caches: list[RQCache] = []
 
-    model_config = smollm2[0].config if config.rope_key_mean else None  # the RoPE the offset needs
-
-    def make():
-        caches.append(RQCache(config, calibration=calibration, model_config=model_config))
+    def make():  # given model_config, as the README builds the drop-in caches
+        caches.append(RQCache(config, calibration=calibration, model_config=smollm2[0].config))
         return caches[-1]
 
     result = decode_time_ppl(smollm2[0], ids, make, PREFILL, DECODE, chunk=DECODE)
@@ -167,6 +188,8 @@ def test_decode_time_quality_pin(name, smollm2, ids, calibration, reference, req
     config, calibrated, (low, high), kl_high = PINS[name]
     if calibrated == "key mean":
         cal = request.getfixturevalue("key_mean_calibration")
+    elif calibrated == "default":
+        cal = request.getfixturevalue("default_calibration")
     else:
         cal = {True: calibration, False: None}.get(calibrated, calibrated)
     delta, kl, cache = _measure(smollm2, ids, reference, config, cal)
@@ -192,9 +215,10 @@ def test_full_mixing_lowers_the_error_of_one_block_layer(smollm2, ids, reference
     """The default cache (prompt-calibrated, rotations mixing the whole norm group) against one block layer: clearly
     lower KL, and on this window lower than a Hadamard rotation's at the same bytes and calibration (across presets and
     windows the two are level, QUALITY.md "Staged rotations in the format")."""
-    _, kl_block, _ = _measure(smollm2, ids, reference, RQConfig(rotation_stages=1), "prompt")
-    _, kl_staged, _ = _measure(smollm2, ids, reference, RQConfig(), "prompt")
-    _, kl_hadamard, _ = _measure(smollm2, ids, reference, RQConfig(backend="hadamard"), "prompt")
+    plain = RQConfig(rope_key_mean=False)  # as measured in session 8, before the pre-RoPE key mean
+    _, kl_block, _ = _measure(smollm2, ids, reference, plain.replace(rotation_stages=1), "prompt")
+    _, kl_staged, _ = _measure(smollm2, ids, reference, plain, "prompt")
+    _, kl_hadamard, _ = _measure(smollm2, ids, reference, plain.replace(backend="hadamard"), "prompt")
     assert kl_staged < 0.75 * kl_block, f"KL staged {kl_staged:.4f} vs block-diagonal {kl_block:.4f}"
     assert kl_staged < kl_hadamard, f"KL staged {kl_staged:.4f} vs hadamard {kl_hadamard:.4f}"
 
@@ -202,7 +226,7 @@ def test_full_mixing_lowers_the_error_of_one_block_layer(smollm2, ids, reference
 def test_removing_the_pre_rope_key_mean_lowers_the_error(smollm2, ids, reference):
     """The default cache without its window, with and without `rope_key_mean` (both measured on the prompt): the
     positional offset removed before quantizing cuts KL by about a third (QUALITY.md "Session 13")."""
-    config = RQConfig(residual_window=0)
+    config = RQConfig(residual_window=0, rope_key_mean=False)
     _, kl_post, _ = _measure(smollm2, ids, reference, config, "prompt")
     _, kl_pre, _ = _measure(smollm2, ids, reference, config.replace(rope_key_mean=True), "prompt")
     assert kl_pre < 0.8 * kl_post, f"KL with the pre-RoPE mean {kl_pre:.4f} vs without {kl_post:.4f}"
@@ -239,10 +263,8 @@ def test_sink_token_costs_only_its_own_bytes(smollm2, ids, calibration):
     caches: list[RQCache] = []
     config = RQConfig(backend="iso", bits=3, sink_tokens=1, residual_window=0)
 
-    model_config = smollm2[0].config if config.rope_key_mean else None  # the RoPE the offset needs
-
     def make():
-        caches.append(RQCache(config, calibration=calibration, model_config=model_config))
+        caches.append(RQCache(config, calibration=calibration))
         return caches[-1]
 
     decode_time_ppl(smollm2[0], ids[:, :131], make, 128, 2, keep_logprobs=False)

@@ -147,7 +147,7 @@ def test_calibrate_measures_the_same_pre_rope_mean_as_the_prompt_calibration():
     assert torch.equal(prompt.layers[0].k_codes, given.layers[0].k_codes)
     assert calibration.get(1, "k", "rope_mean") is not None
     with pytest.raises(ValueError, match="measured for RQConfig\\(rope_key_mean=True\\)"):
-        model(ids, past_key_values=IsoQuantCache(bits=3, calibration=calibration), use_cache=True)
+        IsoQuantCache(bits=3, calibration=calibration, rope_key_mean=False)
 
 
 def test_generate_on_a_hybrid_model_with_a_zero_offset_is_the_plain_cache():
@@ -170,11 +170,67 @@ def test_generate_on_a_hybrid_model_with_a_zero_offset_is_the_plain_cache():
 def test_bad_uses_give_clear_errors():
     with pytest.raises(ValueError, match="model_config"):
         RQCache(RQConfig(rope_key_mean=True))
-    with pytest.raises(ValueError, match="rope_key_mean must be a bool"):
+    with pytest.raises(ValueError, match="rope_key_mean must be None \\(auto\\) or a bool"):
         RQConfig(rope_key_mean="yes")
     with pytest.raises(ValueError, match="dynamic|frequencies change"):
         rope_spec(_config(rope_type="dynamic", factor=2.0))
-    cache = RQCache(RQConfig(rope_key_mean=True), model_config=_config(), calibration=Calibration({}, "empty"))
+    with pytest.raises(ValueError, match="dynamic|frequencies change"):
+        RQCache(RQConfig(rope_key_mean=True), model_config=_config(rope_type="dynamic", factor=2.0))
+    with pytest.raises(ValueError, match="no pre-RoPE key mean"):
+        RQCache(RQConfig(rope_key_mean=True), model_config=_config(), calibration=Calibration({}, "empty"))
+    # a Calibration whose layer lacks the mean the others have
+    partial = Calibration({(1, "k", "rope_mean"): torch.zeros(HEADS, DIM)}, "layer 1 only")
+    cache = RQCache(RQConfig(rope_key_mean=True), model_config=_config(), calibration=partial)
     keys, values = _keys_with_a_pre_rope_offset(_config(), tokens=16)
     with pytest.raises(ValueError, match="rope_mean"):
         cache.update(keys, values, 0)
+
+
+# -- the default, rope_key_mean=None ("auto"): on wherever the RoPE and the mean are known ------------------------
+def test_by_default_a_prompt_calibrated_cache_removes_the_offset_when_it_knows_the_rope():
+    """`IsoQuantCache(bits=3, model_config=model.config)` is the best measured drop-in configuration (QUALITY.md
+    "Session 14"): it resolves to rope_key_mean=True and writes what the explicit option writes. Without the model's
+    RoPE (no model_config, or a RoPE whose frequencies change with the length) the default is the format without it."""
+    config = _config()
+    keys, values = _keys_with_a_pre_rope_offset(config)
+    default, explicit = RQCache(model_config=config), RQCache(RQConfig(rope_key_mean=True), model_config=config)
+    assert RQConfig().rope_key_mean is None and default.rq_config.rope_key_mean is True
+    for cache in (default, explicit):
+        cache.update(keys, values, 0)
+    assert torch.equal(default.layers[0].k_codes, explicit.layers[0].k_codes)
+    assert RQCache().rq_config.rope_key_mean is False
+    assert RQCache(model_config=_config(rope_type="dynamic", factor=2.0)).rq_config.rope_key_mean is False
+    assert RQCache(model_config=config, calibration=None).rq_config.rope_key_mean is False  # nothing measured
+
+
+def test_calibrate_measures_the_offset_by_default_and_carries_the_rope():
+    """`calibrate(model, ids)` measures the pre-RoPE key means for a model with a static RoPE and carries that RoPE,
+    so a drop-in cache given the Calibration removes the offset without `model_config`, as one given both does;
+    `rope_key_mean=False` measures the format without it. The RoPE survives `to_tensors` / `from_tensors`."""
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(3))
+    calibration = rqcompile.calibrate(model, ids, error_weights=False, chunk=64)
+    assert calibration.has_rope_mean
+    torch.testing.assert_close(calibration.rope.inv_freq, rope_spec(model.config).inv_freq, rtol=0, atol=0)
+    assert not rqcompile.calibrate(model, ids, error_weights=False, chunk=64, rope_key_mean=False).has_rope_mean
+    back = Calibration.from_tensors(calibration.to_tensors())
+    assert back.rope.scaling == calibration.rope.scaling and torch.equal(back.rope.inv_freq, calibration.rope.inv_freq)
+    caches = [
+        IsoQuantCache(bits=3, calibration=back),
+        IsoQuantCache(bits=3, calibration=calibration, model_config=model.config),
+    ]
+    for cache in caches:
+        assert cache.rq_config.rope_key_mean is True
+        model(ids, past_key_values=cache, use_cache=True)
+    assert torch.equal(caches[0].layers[1].k_codes, caches[1].layers[1].k_codes)
+
+
+def test_a_calibration_from_another_rope_is_refused():
+    """Pre-RoPE means only mean something under the RoPE they were measured with: a model whose RoPE differs (here
+    its base frequency) gets a clear error instead of offsets turned at the wrong angles."""
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(6))
+    calibration = rqcompile.calibrate(model, ids, error_weights=False, chunk=64)
+    other = _config(rope_theta=500000.0)
+    with pytest.raises(ValueError, match="another RoPE"):
+        IsoQuantCache(bits=3, calibration=calibration, model_config=other)

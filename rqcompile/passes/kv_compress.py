@@ -350,10 +350,17 @@ def compress_kv_cache(
     Raises `KVCompressError` naming what was looked for and what was found when nothing matches.
     """
     gm = to_graph_module(program)
+    if config.rope_key_mean is None:  # auto, as rqcompile.apply decides it: on when the Calibration carries it
+        config = config.replace(rope_key_mean=calibration is not None and calibration.has_rope_mean)
+    if not config.rope_key_mean and calibration is not None and calibration.has_rope_mean:
+        raise KVCompressError(
+            "kv_compress: this Calibration was measured for RQConfig(rope_key_mean=True) (its key statistics are those "
+            "of the keys without their pre-RoPE mean), but the config says rope_key_mean=False"
+        )
     if config.rope_key_mean and (rope is None or calibration is None):
         raise KVCompressError(
             "kv_compress: RQConfig(rope_key_mean=True) needs the model's RoPE (rope=rope_spec(model.config)) and a "
-            "Calibration measured with rope_key_mean=True (rqcompile.calibrate(model, ..., rope_key_mean=True))"
+            "Calibration measured with it (rqcompile.calibrate(model, ...) measures it by default)"
         )
     buffers = {} if buffers is None else buffers
     quant_states = {} if quant_states is None else quant_states

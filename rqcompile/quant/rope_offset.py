@@ -62,6 +62,31 @@ def rope_spec(model_config) -> RopeSpec:
     )
 
 
+def static_rope_spec(model_config) -> RopeSpec | None:
+    """`rope_spec`, or None where the offset cannot be used (no RoPE, a dynamic RoPE type): what
+    `RQConfig(rope_key_mean=None)` ("auto") turns the offset on by."""
+    try:
+        return rope_spec(model_config)
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None
+
+
+def check_same_rope(measured: RopeSpec, model: RopeSpec) -> None:
+    """A Calibration's RoPE against the model's: a pre-RoPE mean is only meaningful under the RoPE it was measured
+    with."""
+    same = (
+        measured.inv_freq.shape == model.inv_freq.shape
+        and torch.allclose(measured.inv_freq.float().cpu(), model.inv_freq.float().cpu(), rtol=1e-6, atol=0)
+        and abs(measured.scaling - model.scaling) <= 1e-6 * max(1.0, abs(model.scaling))
+    )
+    if not same:
+        raise ValueError(
+            f"this Calibration's pre-RoPE key means were measured under another RoPE ({measured.dims} rotary dims, "
+            f"scaling {measured.scaling:g}) than this model's ({model.dims} dims, scaling {model.scaling:g}): "
+            "calibrate on this model"
+        )
+
+
 def _cos_sin(positions: torch.Tensor, spec: RopeSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of theta_i * p, [B, 1, T, dims / 2] float32 (unscaled), for broadcasting over heads."""
     angles = positions.float()[:, None, :, None] * spec.inv_freq.to(positions.device)
