@@ -235,7 +235,7 @@ def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, ch
     return codes, norms
 
 
-def rq_dropin(model, context: int, steps: int, batch: int, config) -> dict:
+def rq_dropin(model, context: int, steps: int, batch: int, config, calibration=None) -> dict:
     from rqcompile import RQCache
     from rqcompile.cache import RQCacheLayer
 
@@ -243,7 +243,8 @@ def rq_dropin(model, context: int, steps: int, batch: int, config) -> dict:
     h, d = cfg.num_key_value_heads, cfg.head_dim
     torch.cuda.reset_peak_memory_stats()
     # uncalibrated, as BENCHMARKS.md recorded: the warm-up's all-zero ids are no prompt to calibrate on
-    cache = RQCache(config, model_config=cfg, calibration=None)
+    # (--rope-key-mean: the synthetic Calibration, whose pre-RoPE means the cache then removes and adds back)
+    cache = RQCache(config, model_config=cfg, calibration=calibration)
 
     def fill(layer) -> None:
         assert isinstance(layer, RQCacheLayer), type(layer)
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--rope-key-mean",
         action="store_true",
-        help="RQConfig(rope_key_mean=True) for apply, with a synthetic Calibration (the drop-in path: skip it)",
+        help="RQConfig(rope_key_mean=True) for apply and the drop-in cache, with a synthetic Calibration (without it: "
+        "rope_key_mean=False)",
     )
     p.add_argument(
         "--cap-apply", action="store_true", help="run the apply path under --cap-gib too (does it fit an 80 GB card?)"
@@ -505,10 +507,11 @@ def main(argv: list[str] | None = None) -> None:
                 args.steps,
                 args.batch,
                 rq_config(args),
+                synthetic_calibration(model, args),
                 out=out,
             )
             if r:
-                record(f"RQCache {args.backend} {args.bits}b (eager)", ctx, r, out)
+                record(f"RQCache {name} {args.bits}b (eager)", ctx, r, out)
     if "static" not in skip:
         guarded(
             "bf16 static compiled",

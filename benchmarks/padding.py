@@ -36,7 +36,7 @@ from rqcompile.cache import RQCache
 from rqcompile.calibrate import calibrate
 from rqcompile.config import RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus
-from rqcompile.eval.metrics import _cache_kwarg
+from rqcompile.eval.metrics import cache_kwarg
 
 # (license-corpus offset, prompt length): the longest row is unpadded, the others get 25% and 50% padding
 ROWS = ((0, 512), (8192, 384), (16384, 256))
@@ -60,7 +60,7 @@ def padded_batch(
     cache = make_cache()
     if tell and hasattr(cache, "set_attention_mask"):
         cache.set_attention_mask(mask[:, :longest])
-    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    kw = {cache_kwarg(model): cache, "use_cache": True}
     p = slice(0, longest)
     model(input_ids=batch[:, p], attention_mask=mask[:, p], position_ids=positions[:, p], logits_to_keep=1, **kw)
     d = slice(longest, longest + decode)

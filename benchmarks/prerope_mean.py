@@ -26,7 +26,7 @@ import time
 
 import torch
 import transformers.models.llama.modeling_llama as llama
-from presets import MIXED, WINDOWED_MIXED
+from presets import MIXED, V3_LAYERS, WINDOWED_MIXED
 
 from rqcompile import models
 from rqcompile.cache import RQCache
@@ -39,6 +39,10 @@ WIDTHS = {"K3V3": dict(bits=3), "K4V3": dict(key_bits=4, value_bits=3), "K3V2": 
 WIDTHS["K4V4"] = dict(bits=4)
 WIDTHS.update({k: MIXED[k] for k in ("K4/3 V3", "K3 V3/2", "K3/2 V2")})
 WIDTHS.update({k: WINDOWED_MIXED[k] for k in ("K4 V3/2 (11)", "K3 V3/2 (11)")})  # the 8K presets with the window
+# session 15: other ways to spend 3.5 bits/element (head_dim 64: 3.25 + 15 of the 60 layer K/V tensors one bit wider)
+WIDTHS["K4 V3/2"] = MIXED["K4 V3/2"]
+WIDTHS["K3 V4/3"] = dict(bits=3, layer_bits=tuple((i, 3, 4) for i in V3_LAYERS))
+WIDTHS["K4/3 V4/3"] = dict(bits=3, layer_bits=tuple((i, 4 if i >= 7 else 3, 4 if i < 7 else 3) for i in range(15)))
 
 
 def _keys_around_rope(model, ids: torch.Tensor, chunk: int, skip_first: int) -> list[list[tuple]]:

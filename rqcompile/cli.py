@@ -277,6 +277,7 @@ def cmd_bench(args) -> int:
     from transformers import DynamicCache
 
     from rqcompile.cache import RQCache
+    from rqcompile.eval.metrics import cache_kwarg
 
     if torch.cuda.is_available():
         print("CUDA is available: for kernel and decode-attention timings use  python benchmarks/gpu_bench.py")
@@ -292,14 +293,14 @@ def cmd_bench(args) -> int:
         ("uncompressed", lambda: DynamicCache(config=model.config)),
         (str(config), lambda: RQCache(config, model_config=model.config, calibration=calibration)),
     ):
-        cache = make()
+        kw = {cache_kwarg(model): make(), "use_cache": True}  # 'cache' where transformers renamed it
         with torch.no_grad():
-            model(input_ids=ids[:, : args.prefill], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, : args.prefill], **kw)
             times = []
             for i in tqdm(range(args.steps), desc=name[:30], leave=False):
                 pos = args.prefill + i
                 t0 = time.perf_counter()
-                model(input_ids=ids[:, pos : pos + 1], past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, pos : pos + 1], **kw)
                 times.append(time.perf_counter() - t0)
         times.sort()
         rows.append((name, 1000 * times[len(times) // 2]))

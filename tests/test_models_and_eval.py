@@ -183,12 +183,12 @@ def test_a_windowed_cache_fed_in_one_chunk_scores_as_if_fed_token_by_token(smoll
 
 def test_the_window_view_refuses_a_batch(smollm2):
     from rqcompile import RQCache, RQConfig
-    from rqcompile.eval.metrics import _cache_kwarg
+    from rqcompile.eval.metrics import cache_kwarg
     from rqcompile.eval.window_view import window_view
 
     cache = RQCache(RQConfig(bits=3, residual_window=4), calibration=None)
     with window_view(smollm2[0], cache) as views, pytest.raises(ValueError, match="one sequence"):
-        smollm2[0](input_ids=torch.ones(2, 8, dtype=torch.long), **{_cache_kwarg(smollm2[0]): views}, use_cache=True)
+        smollm2[0](input_ids=torch.ones(2, 8, dtype=torch.long), **{cache_kwarg(smollm2[0]): views}, use_cache=True)
     assert smollm2[0].config._attn_implementation != "rqcompile_window_view"
 
 

@@ -78,6 +78,27 @@ PINS = {
         (6.0, 24.0),
         0.24,
     ),
+    # QUALITY.md "Session 14": each width's best block preset with the offset (1K harness, prompt calibration, no
+    # window); at pin time on this window: iso K4/3 V3 +5.19% KL 0.0633, iso K3 V3/2 +7.18% KL 0.1397, rotor
+    # K3/2 V2 +38.64% KL 0.3122 (benchmarks/results/prerope_mean_s13_*.log / _s14_*.log)
+    "iso-K4/3V3-rope-prompt": (
+        RQConfig(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
+        "prompt",
+        (2.0, 6.5),
+        0.079,
+    ),
+    "iso-K3V3/2-rope-prompt": (
+        RQConfig(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0),
+        "prompt",
+        (3.0, 9.0),
+        0.175,
+    ),
+    "rotor-K3/2V2-rope-prompt": (
+        RQConfig(backend="rotor", bits=2, layer_bits=tuple((i, 3, 2) for i in K4_LAYERS), residual_window=0),
+        "prompt",
+        (20.0, 48.0),
+        0.39,
+    ),
     "default-uncalibrated": (RQConfig(), False, (2.0, 12.0), 0.076),
     # what the drop-in cache does given model_config: the pre-RoPE key mean removed too (session 15's default)
     "default-prompt-calibrated": (RQConfig(), "prompt", (1.0, 8.0), 0.032),

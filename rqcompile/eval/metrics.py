@@ -47,7 +47,7 @@ class DecodeResult:
         return self.token_nll.numel()
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5.2x renamed the forward argument `past_key_values` to `cache` (the old name warns, and goes
     in 5.40); 5.17 only knows `past_key_values`."""
     params = inspect.signature(model.forward).parameters
@@ -100,7 +100,7 @@ def decode_time_ppl(
 
 
 def _decode(model, ids, cache, prefill, decode, keep_logprobs, progress, chunk) -> DecodeResult:
-    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    kw = {cache_kwarg(model): cache, "use_cache": True}
     t0 = time.perf_counter()
     model(input_ids=ids[:, :prefill], logits_to_keep=1, **kw)
     nll = torch.empty(decode, dtype=torch.float64)
@@ -168,7 +168,7 @@ def greedy_tokens(
 ) -> torch.Tensor:
     """`n` greedy tokens after the prompt (no early stop at EOS), one step at a time through `make_cache()`."""
     ids = _check_ids(prompt_ids, 1).to(model.device)
-    kw = {_cache_kwarg(model): make_cache(), "use_cache": True}
+    kw = {cache_kwarg(model): make_cache(), "use_cache": True}
     logits = model(input_ids=ids, logits_to_keep=1, **kw).logits
     out = torch.empty(n, dtype=torch.long)
     for i in tqdm(range(n), desc="greedy", leave=False, disable=None if progress is None else not progress):
@@ -243,7 +243,7 @@ def forced_greedy_agreement(
     ids = _check_ids(prompt_ids, 1).to(model.device)
     reference = reference.to(model.device)
     n = reference.numel()
-    kw = {_cache_kwarg(model): make_cache(), "use_cache": True}
+    kw = {cache_kwarg(model): make_cache(), "use_cache": True}
     predictions = [model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1:].argmax(-1)]
     chunk = chunk or max(n - 1, 1)
     for start in range(0, n - 1, chunk):
