@@ -154,22 +154,28 @@ def test_calibration_measures_scales_only_where_they_help(backend, stages, scale
 
 
 def test_rope_key_mean_reaches_the_eager_cache_the_calibration_and_the_artifact(tmp_path, capsys):
-    """`--rope-key-mean` sets `RQConfig.rope_key_mean`; eval runs with it; export calibrates for it (the tiny random
-    model has no tokenizer: random ids), the artifact's manifest says so and generates like the programs it holds."""
+    """The pre-RoPE key offset is on by default (auto: export calibrates for it; the tiny random model has no
+    tokenizer, so random ids) and the artifact's manifest holds the resolved choice; `--no-rope-key-mean` gives the
+    format without it; `--rope-key-mean` insists. Eval runs with it, and the artifact generates."""
+    import rqcompile
     from rqcompile.cli import _rq_config, build_parser
 
-    assert _rq_config(build_parser().parse_args(["generate", *TINY, "--rope-key-mean"])).rope_key_mean
-    assert not _rq_config(build_parser().parse_args(["generate", *TINY])).rope_key_mean
+    def parsed(*flags):
+        return _rq_config(build_parser().parse_args(["generate", *TINY, *flags])).rope_key_mean
+
+    assert parsed() is None and parsed("--rope-key-mean") is True and parsed("--no-rope-key-mean") is False
     assert main(["eval", *TINY, "--prefill", "16", "--decode", "8", "--json", "--rope-key-mean"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["compressed_ppl"] > 0
-    out = tmp_path / "rope"
-    rope = ["--rope-key-mean", "--calibration-tokens", "64"]
-    assert main(["export", *TINY, *rope, "--target", "onnx", "--max-cache-len", "24", "-o", str(out)]) == 0
-    assert "calibrating on 64 tokens" in capsys.readouterr().err
-    assert main(["inspect", str(out)]) == 0
+    for flags, want in (([], True), (["--no-rope-key-mean"], False)):
+        out = tmp_path / f"rope-{want}"
+        export = ["export", *TINY, *flags, "--calibration-tokens", "64", "--target", "onnx", "--max-cache-len", "24"]
+        assert main([*export, "-o", str(out)]) == 0
+        assert "calibrating on 64 tokens" in capsys.readouterr().err
+        assert rqcompile.load(out).artifact.rq_config.rope_key_mean is want
+    assert main(["inspect", str(tmp_path / "rope-True")]) == 0
     assert "rope_key_mean" in capsys.readouterr().out
-    assert main(["generate", str(out), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5"]) == 0
+    assert main(["generate", str(tmp_path / "rope-True"), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "5"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 5
 
 

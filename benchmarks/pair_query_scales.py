@@ -1,0 +1,108 @@
+"""Research (session 15): key scales from the queries, averaged over RoPE pairs, on top of the pre-RoPE key offset.
+
+Session 12 (QUALITY.md "Tried in session 12 and dropped") measured per-channel key scales
+`s_c = (E[k_c^2] / E[q_c^2])^(1/4)` (the Cauchy-Schwarz optimum of a score error spread evenly over a mixed norm group):
+better at 1K tokens, broken at 8K, because post-RoPE per-channel statistics depend on the positions they were measured
+at. The same ratio averaged over each RoPE pair (i, i + d_rot/2) is position-invariant (RoPE turns a pair, keeping its
+energy), but then gave up most of the 1K gain. Since then the keys' pre-RoPE mean is removed (`rope_key_mean`), which
+took most of the slowly turning offset out of the key energy; this asks whether pair-averaged query scales help now.
+
+Everything comes from one `calibrate(..., key_scale=True, scale_power=1.0, rope_key_mean=True)` on stdlib text: its
+K scale is the per-channel RMS of the offset-free keys, its K error weight `var(k_c) E[q_c^2]`, so `E[q_c^2]` is
+weight / scale^2 (up to a constant per head). Harness: the presets' 1K harness (prefill 512, 256 teacher-forced steps
+in one chunk, license windows 0 / 8192 / 16384, no window of exact tokens), or `--prefill 7679 --decode 512 --offsets
+24576,32768,40960 --window 32` (8K).
+
+    .venv/bin/python benchmarks/pair_query_scales.py --configs "iso K3V3,planar K3V3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from presets import MIXED
+
+from rqcompile import models
+from rqcompile.cache import RQCache
+from rqcompile.calibrate import Calibration, calibrate
+from rqcompile.config import RQConfig
+from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
+
+WIDTHS = {"K3V3": dict(bits=3), "K4V3": dict(key_bits=4, value_bits=3), **MIXED}
+
+
+def query_scales(calib: Calibration, rotary_dims: int, paired: bool, power: float) -> dict:
+    """Per layer: K scales (E[k^2] / E[q^2])^power, pair-averaged over RoPE pairs when `paired`, mean 1 per head."""
+    out = {}
+    half = rotary_dims // 2
+    for layer in calib.layers:
+        scale, weight = calib.get(layer, "k", "scale"), calib.get(layer, "k", "weight")
+        if scale is None or weight is None:
+            continue
+        energy = scale.pow(2)  # the offset-free keys' per-channel variance (scale_power=1), up to a constant
+        queries = weight / energy.clamp_min(1e-12)  # E[q^2] up to a constant
+        if paired:
+            for x in (energy, queries):
+                pair = 0.5 * (x[:, :half] + x[:, half:rotary_dims])
+                x[:, :half], x[:, half:rotary_dims] = pair, pair
+        s = (energy / queries.clamp_min(1e-12)).pow(power)
+        out[layer] = s / s.mean(-1, keepdim=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="iso K3V3,planar K3V3,rotor K3V3,hadamard K3V3")
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=256)
+    p.add_argument("--offsets", default="0,8192,16384")
+    p.add_argument("--powers", default="0.25", help="exponents of the ratio to try, comma-separated")
+    p.add_argument("--only", default="", help="'|'-separated substrings of the variant names to run")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    model, tok = models.load_smollm2()
+    text = stdlib_corpus(tok, args.tokens)
+    full = calibrate(model, text, key_scale=True, scale_power=1.0, rope_key_mean=True, source="stdlib")
+    base = Calibration({k: v for k, v in full.stats.items() if k[2] in ("mean", "rope_mean")}, "stdlib", full.rope)
+    variants = {"rope_key_mean, stdlib key means (the default calibrate)": base}
+    for power in (float(x) for x in args.powers.split(",")):
+        for paired in (True, False):
+            scales = query_scales(full, full.rope.dims, paired, power)
+            stats = {**base.stats, **{(layer, "k", "scale"): s for layer, s in scales.items()}}
+            name = f"+ query key scales ^{power:g}, {'RoPE pairs' if paired else 'per channel'}"
+            variants[name] = Calibration(stats, name, full.rope)
+    windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=int(o)) for o in args.offsets.split(",")]
+    refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
+    print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}", flush=True)
+    for spec in args.configs.split(","):
+        backend, widths = spec.strip().split(" ", 1)
+        config = RQConfig(backend=backend, residual_window=args.window, **WIDTHS[widths])
+        for name, calibration in variants.items():
+            if args.only and not any(part in name for part in args.only.split("|")):
+                continue
+            t0, cells, kls = time.perf_counter(), [], []
+            for ids, ref in zip(windows, refs):
+                result = decode_time_ppl(
+                    model,
+                    ids,
+                    lambda c=config, cal=calibration: RQCache(c, calibration=cal),
+                    args.prefill,
+                    args.decode,
+                    chunk=args.decode,
+                )
+                kls.append(kl_divergence(ref, result).mean().item())
+                cells.append(f"{100 * (result.ppl / ref.ppl - 1):+.2f}%")
+            kl = " / ".join(f"{k:.4f}" for k in kls)
+            print(
+                f"{spec:14s} {name:56s} {' / '.join(cells)} (KL {kl}; mean {sum(kls) / len(kls):.4f}) "
+                f"{time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
