@@ -48,11 +48,11 @@ def main() -> None:
     text = stdlib_corpus(tok, args.tokens)
     if args.chunks:
         calibrations = {
-            f"key mean, {c}-token chunks": calibrate(model, text, chunk=int(c), rope_key_mean=False)
+            f"key mean, {c}-token chunks": calibrate(model, text, chunk=int(c), key_scale=False, rope_key_mean=False)
             for c in args.chunks.split(",")
         }
     else:
-        key_mean = calibrate(model, text, chunk=args.chunk, rope_key_mean=False)
+        key_mean = calibrate(model, text, chunk=args.chunk, key_scale=False, rope_key_mean=False)
         calibrations = {"key mean": key_mean}
         if not args.key_mean_only:
             centred = calibrate(

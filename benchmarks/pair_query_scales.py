@@ -33,12 +33,13 @@ from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdli
 WIDTHS = {"K3V3": dict(bits=3), "K4V3": dict(key_bits=4, value_bits=3), **MIXED}
 
 
-def query_scales(calib: Calibration, rotary_dims: int, paired: bool, power: float) -> dict:
-    """Per layer: K scales (E[k^2] / E[q^2])^power, pair-averaged over RoPE pairs when `paired`, mean 1 per head."""
+def query_scales(calib: Calibration, rotary_dims: int, paired: bool, power: float, kind: str = "k") -> dict:
+    """Per layer: K scales (E[k^2] / E[q^2])^power, pair-averaged over RoPE pairs when `paired`, mean 1 per head.
+    kind "v": V scales (E[v^2] / ||W_o[:, c]||^2)^power (the same optimum for a value error reaching the output)."""
     out = {}
     half = rotary_dims // 2
     for layer in calib.layers:
-        scale, weight = calib.get(layer, "k", "scale"), calib.get(layer, "k", "weight")
+        scale, weight = calib.get(layer, kind, "scale"), calib.get(layer, kind, "weight")
         if scale is None or weight is None:
             continue
         energy = scale.pow(2)  # the offset-free keys' per-channel variance (scale_power=1), up to a constant
@@ -66,7 +67,9 @@ def main() -> None:
     torch.set_num_threads(1)
     model, tok = models.load_smollm2()
     text = stdlib_corpus(tok, args.tokens)
-    full = calibrate(model, text, key_scale=True, scale_power=1.0, rope_key_mean=True, source="stdlib")
+    full = calibrate(
+        model, text, key_scale=True, value_scale=True, scale_power=1.0, rope_key_mean=True, source="stdlib"
+    )
     base = Calibration({k: v for k, v in full.stats.items() if k[2] in ("mean", "rope_mean")}, "stdlib", full.rope)
     variants = {"rope_key_mean, stdlib key means (the default calibrate)": base}
     for power in (float(x) for x in args.powers.split(",")):
@@ -75,6 +78,15 @@ def main() -> None:
             stats = {**base.stats, **{(layer, "k", "scale"): s for layer, s in scales.items()}}
             name = f"+ query key scales ^{power:g}, {'RoPE pairs' if paired else 'per channel'}"
             variants[name] = Calibration(stats, name, full.rope)
+    # the library's rule (calibrate(key_scale="query")): per channel for the pairs that turn by less than one radian
+    # within the model's context (max_position_embeddings), pair-averaged for the rest
+    lib = calibrate(model, text, key_scale="query", rope_key_mean=True, source="stdlib")
+    name = "+ query key scales ^0.25, calibrate(key_scale='query')"
+    variants[name] = Calibration({k: v for k, v in lib.stats.items() if k[2] != "weight"}, name, lib.rope)
+    value_scales = query_scales(full, 0, False, 0.25, kind="v")  # values: no RoPE, per channel
+    stats = {**variants[name].stats, **{(layer, "v", "scale"): s for layer, s in value_scales.items()}}
+    name = "+ query key scales (calibrate) + output value scales"
+    variants[name] = Calibration(stats, name, lib.rope)
     windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=int(o)) for o in args.offsets.split(",")]
     refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
     print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}", flush=True)

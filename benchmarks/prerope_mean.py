@@ -162,8 +162,12 @@ def main() -> None:
         energy_left(model, stdlib_corpus(tok, 2048))
         return
     means = prerope_key_means(model, stdlib_corpus(tok, args.tokens))
-    stdlib = calibrate(model, stdlib_corpus(tok, args.tokens), rope_key_mean=True)  # pre-RoPE and residual key means
-    stdlib_post = calibrate(model, stdlib_corpus(tok, args.tokens), rope_key_mean=False)  # the post-RoPE key mean
+    stdlib = calibrate(
+        model, stdlib_corpus(tok, args.tokens), key_scale=False, rope_key_mean=True
+    )  # pre-RoPE and residual key means
+    stdlib_post = calibrate(
+        model, stdlib_corpus(tok, args.tokens), key_scale=False, rope_key_mean=False
+    )  # the post-RoPE key mean
     rotary = model.model.rotary_emb
     prefill, decode = args.prefill, args.decode
     windows = [license_corpus(tok, prefill + decode + 1, offset=int(o)) for o in args.offsets.split(",")]

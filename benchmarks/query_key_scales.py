@@ -65,7 +65,9 @@ def main() -> None:
     ids = license_corpus(tok, PREFILL + DECODE + 1, offset=offset)
     ref = decode_time_ppl(model, ids, prefill=PREFILL, decode=DECODE, chunk=DECODE)
     text = stdlib_corpus(tok, 2048)
-    key_mean = calibrate(model, text, rope_key_mean=False)  # key mean + error weights (Var[k] E[q^2], centred)
+    key_mean = calibrate(
+        model, text, key_scale=False, rope_key_mean=False
+    )  # key mean + error weights (Var[k] E[q^2], centred)
     centred = calibrate(
         model, text, key_scale=True, scale_power=1.0, error_weights=False, rope_key_mean=False
     )  # ~ sqrt(Var[k])

@@ -113,6 +113,8 @@ MIN_PROMPT_TOKENS = 8
 # (ppl 219), at 0.08 none did (65). 80 real prompts of 9-64 tokens (license and stdlib text) never went below 0.097
 # and their results are unchanged; 2048 stdlib tokens stay above 0.22.
 MIN_PROMPT_SCALE = 0.08
+# `calibrate(key_scale=QUERY_SCALES)`: key scales from the keys' and the queries' energies (`query_key_scales`).
+QUERY_SCALES = "query"
 DEFAULT_CALIBRATION_TOKENS = 2048  # stdlib tokens; 4096 measured no better (QUALITY.md, "Tried ... and dropped")
 
 
@@ -123,7 +125,7 @@ def calibrate(
     tokenizer=None,
     num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     key_mean: bool = True,
-    key_scale: bool = False,
+    key_scale: bool | str = QUERY_SCALES,
     value_mean: bool = False,
     value_scale: bool = False,
     error_weights: bool = True,
@@ -137,13 +139,15 @@ def calibrate(
     `tokenizer` instead, on the first `num_tokens` tokens of the built-in calibration text (Python standard-library
     sources, which every Python install has; the quality measurements in QUALITY.md use it and evaluate on other text).
 
-    Scales are per-channel RMS (after removing the mean) raised to `scale_power` (1 equalizes the channels fully;
-    less keeps some of their spread), normalized to average 1 per head; only their ratios matter since every norm
-    group is renormalized. The default, the key mean only, is what the default rotation wants (rotations that mix
-    the whole norm group: scales measured on sample text hurt them, QUALITY.md "Staged rotations in the format" and
-    "Session 11"); `key_scale=True, value_scale=True` is the calibration of the one-block-layer presets
-    (`rotation_stages=1`; `RQConfig.calibrates_scales` says which a config wants). `value_mean` also measures V's
-    channel mean, which every decoder adds back (the format carries a mean for K and
+    `key_scale=True` / `value_scale=True`: per-channel RMS (after removing the mean) raised to `scale_power` (1
+    equalizes the channels fully; less keeps some of their spread), normalized to average 1 per head; only their
+    ratios matter since every norm group is renormalized. That is the calibration of the one-block-layer presets
+    (`rotation_stages=1`; `RQConfig.calibrates_scales` says which a config wants); RMS scales hurt rotations that mix
+    the whole norm group (QUALITY.md "Staged rotations in the format", "Session 11"). What those want instead is the
+    default, `key_scale="query"`: key scales from the keys' and the queries' energies (`query_key_scales`), which
+    make a score's error smallest once the group is mixed (QUALITY.md "Session 15": with the pre-RoPE offset, mean KL
+    -10% to -31% at 1K tokens, -26% at 8K for iso 3-bit); `key_scale=False` measures the key mean only.
+    `value_mean` also measures V's channel mean, which every decoder adds back (the format carries a mean for K and
     V; QUALITY.md "Tried in session 8": KL -9% / -22% on two windows with the default rotation, ppl mixed). The
     first `skip_first` tokens of each chunk are left out of the statistics: they are the attention sink, atypical,
     and kept uncompressed by `RQConfig.sink_tokens`. `error_weights` also measures each channel's error weight
@@ -157,6 +161,8 @@ def calibrate(
     """
     if scale_power <= 0:
         raise ValueError(f"scale_power must be > 0, got {scale_power}")
+    if key_scale not in (True, False, QUERY_SCALES):
+        raise ValueError(f"key_scale must be True, False or {QUERY_SCALES!r}, got {key_scale!r}")
     if (input_ids is None) == (tokenizer is None):
         raise ValueError("calibrate needs exactly one of input_ids (token ids) or tokenizer (built-in stdlib text)")
     if rope_key_mean is None:
@@ -183,10 +189,16 @@ def calibrate(
     if rope is not None:
         for layer_idx, pieces in sink.items():
             stats[(layer_idx, "k", "rope_mean")], sink[layer_idx] = _without_rope_mean(pieces, rope, skip_first)
+    turning = _turning_pairs(model.config, rope) if key_scale == QUERY_SCALES else None
     for layer_idx, pieces in sink.items():
         for kind, want_mean, want_scale in (("k", key_mean, key_scale), ("v", value_mean, value_scale)):
             x = torch.cat([p[0 if kind == "k" else 1][:, :, skip_first:] for p in pieces], dim=2)  # [B, H, T, d]
-            found = channel_stats(x, mean=want_mean, scale=want_scale, scale_power=scale_power)
+            by_query = kind == "k" and want_scale == QUERY_SCALES
+            found = channel_stats(x, mean=want_mean, scale=bool(want_scale) and not by_query, scale_power=scale_power)
+            if by_query:
+                queries = _importance("k", pieces, modules[layer_idx], x.shape[1])
+                found["scale"] = query_key_scales(x, queries, centred=want_mean, turning=turning)
+                want_scale = False  # the spread guard below is for RMS scales; these are tamed by the fourth root
             if want_scale and too_little_spread(found["scale"], scale_power):
                 raise ValueError(
                     f"the calibration text gives layer {layer_idx}'s {kind.upper()} channels with almost no spread "
@@ -202,6 +214,47 @@ def calibrate(
                 weight = variance * importance
                 stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
     return Calibration(stats, source, rope)
+
+
+def query_key_scales(
+    keys: torch.Tensor, queries: torch.Tensor, *, centred: bool, turning: torch.Tensor | None = None
+) -> torch.Tensor:
+    """K scales [H, d] `(E[k_c^2] / E[q_c^2])^(1/4)`, mean 1 per head (`calibrate(key_scale="query")`).
+
+    Why: once a rotation mixes the norm group, the quantization error spreads evenly over the group's coordinates, so
+    channel c's key error is set by its scale and moves a score by the query's channel c; the score error's variance,
+    `(sum_c E[q_c^2] s_c^2) (sum_c E[k_c^2] / s_c^2)`, is smallest for this `s` (Cauchy-Schwarz). Post-RoPE
+    statistics of a pair (c, c + h) that RoPE turns within the context depend on the positions they were measured at
+    (QUALITY.md "Tried in session 12"); its energy does not, so for the pairs `turning` marks ([h] bool, over the
+    first 2h coordinates) both energies are averaged over the pair; the rest keep their own. `keys` [B, H, T, d] as
+    quantized (centred: their mean removed), `queries` [H, d] the mean square of the queries reading each KV head."""
+    flat = keys.float().transpose(0, 1).flatten(1, 2)  # [H, N, d]
+    energy = (flat - flat.mean(1)[:, None] if centred else flat).pow(2).mean(1)
+    queries = queries.float().to(energy.device).clone()
+    if turning is not None and turning.any():
+        half = turning.numel()
+        idx = torch.nonzero(turning.to(energy.device)).flatten()
+        for x in (energy, queries):
+            pair = 0.5 * (x[:, idx] + x[:, idx + half])
+            x[:, idx], x[:, idx + half] = pair, pair
+    ratio = energy.clamp_min(1e-12) / queries.clamp_min(1e-12)
+    ratio = ratio / ratio.mean(-1, keepdim=True)
+    s = ratio.clamp(1e-6, 1e6).pow(0.25)
+    return s / s.mean(-1, keepdim=True)
+
+
+def _turning_pairs(model_config, rope: RopeSpec | None) -> torch.Tensor | None:
+    """[h] bool: the RoPE pairs that turn by more than one radian within the model's context
+    (`max_position_embeddings`; every pair when unknown), whose per-channel statistics do not hold at every position.
+    None without RoPE."""
+    spec = rope if rope is not None else static_rope_spec(model_config)
+    if spec is None:
+        return None
+    text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    context = getattr(text, "max_position_embeddings", None)
+    if not context:
+        return torch.ones(spec.inv_freq.numel(), dtype=torch.bool)
+    return spec.inv_freq.float() * float(context) > 1.0
 
 
 def _without_rope_mean(pieces: list, spec: RopeSpec, skip_first: int) -> tuple[torch.Tensor, list]:

@@ -97,7 +97,7 @@ def _calibration(args, config, model, tok):
         return None
     import torch
 
-    from rqcompile.calibrate import calibrate
+    from rqcompile.calibrate import QUERY_SCALES, calibrate
 
     count = args.calibration_tokens
     if tok is not None:
@@ -118,9 +118,14 @@ def _calibration(args, config, model, tok):
         _progress("no tokenizer to encode calibration text with: the cache is not calibrated (lower quality)")
         return None
     _progress(f"calibrating on {count} tokens ({source})")
-    scales = config.calibrates_scales
+    scales = config.calibrates_scales  # one block layer: RMS scales; mixed groups: key scales from the queries
     return calibrate(
-        model, ids, key_scale=scales, value_scale=scales, rope_key_mean=config.rope_key_mean, source=source
+        model,
+        ids,
+        key_scale=True if scales else QUERY_SCALES,
+        value_scale=scales,
+        rope_key_mean=config.rope_key_mean,
+        source=source,
     )
 
 

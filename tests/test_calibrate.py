@@ -127,3 +127,75 @@ def test_channel_stats_of_selected_tokens_are_the_stats_of_those_tokens_alone():
         channel_stats(x, mean=True, scale=True, tokens=tokens[:, 1:])
     with pytest.raises(ValueError, match="no token selected"):
         channel_stats(x, mean=True, scale=True, tokens=torch.zeros_like(tokens))
+
+
+# -- key scales from the queries (`calibrate(key_scale="query")`) -------------------------------------------------
+def _turned(pre: torch.Tensor, start: int) -> torch.Tensor:
+    """rotate_half RoPE (base 10000, every pair) of pre-RoPE keys [1, H, T, d] at positions start..start+T."""
+    from rqcompile.quant.rope_offset import RopeSpec, rope_offset
+
+    d = pre.shape[-1]
+    spec = RopeSpec(1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    positions = torch.arange(start, start + pre.shape[2])[None]
+    half = d // 2
+    out = torch.empty_like(pre)
+    # RoPE of each key: rope_offset turns one [H, d] vector per position, so go key by key through the batch dim
+    for t in range(pre.shape[2]):
+        out[:, :, t] = rope_offset(pre[0, :, t], positions[:, t : t + 1], spec)[0, :, 0]
+    assert out.shape[-1] == 2 * half
+    return out
+
+
+def test_query_key_scales_are_fine_where_queries_read_and_coarse_where_keys_are_large():
+    """s_c = (E[k_c^2] / E[q_c^2])^(1/4), mean 1 per head: the Cauchy-Schwarz optimum of a score error spread evenly
+    over a mixed norm group. More key energy or less query energy in a channel gives it a coarser step."""
+    from rqcompile.calibrate import query_key_scales
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 4000, 8, generator=g) * torch.tensor([1.0, 1, 1, 1, 4, 1, 1, 1])
+    queries = torch.ones(2, 8)
+    queries[:, 2] = 16.0
+    s = query_key_scales(keys, queries, centred=True)
+    torch.testing.assert_close(s.mean(-1), torch.ones(2))
+    assert torch.all(s[:, 4] > 1.8 * s[:, 0]) and torch.all(s[:, 2] < 0.6 * s[:, 0])
+    ratio = (s[:, 4] / s[:, 0]) ** 4  # energy 16x -> scale 2x
+    torch.testing.assert_close(ratio, torch.full((2,), 16.0), rtol=0.15, atol=0)
+
+
+def test_pair_averaged_query_scales_do_not_depend_on_the_positions_they_were_measured_at():
+    """A RoPE pair turned within the context keeps its energy, not the split between its two channels: averaged over
+    the pair, the scales measured at positions 0.. and 5000.. agree; kept per channel they need not."""
+    from rqcompile.calibrate import query_key_scales
+
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(1, 2, 512, 16, generator=g) * torch.linspace(0.5, 3.0, 16)  # channel energies differ in pairs
+    queries = torch.ones(2, 16)
+    turning = torch.ones(8, dtype=torch.bool)
+    early, late = _turned(pre, 0), _turned(pre, 5000)
+    torch.testing.assert_close(
+        query_key_scales(early, queries, centred=False, turning=turning),
+        query_key_scales(late, queries, centred=False, turning=turning),
+        rtol=0.03,
+        atol=0,
+    )
+    steady = torch.zeros(8, dtype=torch.bool)  # per channel: the slow pairs' split changes with the position
+    a = query_key_scales(early, queries, centred=False, turning=steady)
+    b = query_key_scales(late, queries, centred=False, turning=steady)
+    assert (a - b).abs().max() > 0.1
+
+
+def test_calibrate_measures_query_scales_and_a_cache_uses_them():
+    """`calibrate(key_scale="query")` stores K scales from the queries (mean 1 per head; the pairs RoPE turns within
+    the model's context averaged), V gets none; a cache given the Calibration quantizes with them; bad values are
+    refused."""
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 96), generator=torch.Generator().manual_seed(2))
+    calib = calibrate(model, ids, key_scale="query", chunk=48)
+    scale = calib.get(0, "k", "scale")
+    torch.testing.assert_close(scale.mean(-1), torch.ones(scale.shape[0]))
+    assert scale.std() > 0.01 and calib.get(0, "v", "scale") is None
+    cache = RQCache(calibration=calib)
+    model(ids, past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(cache.layers[0].k_state.scale, scale.to(cache.layers[0].k_state.scale.dtype))
+    with pytest.raises(ValueError, match="key_scale must be True, False or 'query'"):
+        calibrate(model, ids, key_scale="queries")

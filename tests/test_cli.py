@@ -138,8 +138,9 @@ def test_bit_allocation_needs_calibration_text_and_fractional_bits_need_it():
     "backend,stages,scales", [("iso", 1, True), ("iso", "full", False), ("iso", None, False), ("hadamard", None, False)]
 )
 def test_calibration_measures_scales_only_where_they_help(backend, stages, scales):
-    """QUALITY.md: per-channel scales measured on sample text help one-stage block rotations and hurt rotations that
-    mix a whole norm group (hadamard, staged); the key mean is measured for all."""
+    """QUALITY.md: per-channel RMS scales measured on sample text help one-stage block rotations and hurt rotations
+    that mix a whole norm group (hadamard, staged), which get key scales from the queries instead (session 15) and no
+    value scales; the key mean is measured for all."""
     import argparse
 
     import tiny_models
@@ -149,8 +150,8 @@ def test_calibration_measures_scales_only_where_they_help(backend, stages, scale
     args = argparse.Namespace(tiny_qwen3_5=True, calibration_tokens=32, no_calibration=False)
     config = RQConfig(backend=backend, rotation_stages=stages)
     calibration = _calibration(args, config, model=tiny_models.tiny_qwen3_5(), tok=None)
-    names = {name for _, _, name in calibration.stats}
-    assert "mean" in names and ("scale" in names) == scales
+    names = {(kind, name) for _, kind, name in calibration.stats}
+    assert ("k", "mean") in names and ("k", "scale") in names and (("v", "scale") in names) == scales
 
 
 def test_rope_key_mean_reaches_the_eager_cache_the_calibration_and_the_artifact(tmp_path, capsys):

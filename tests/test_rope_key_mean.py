@@ -135,7 +135,7 @@ def test_calibrate_measures_the_same_pre_rope_mean_as_the_prompt_calibration():
     later layers' keys depend on the compressed cache the earlier ones returned, which calibrate does not use."""
     model = tiny_llama()
     ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
-    calibration = rqcompile.calibrate(model, ids, rope_key_mean=True, error_weights=False, chunk=64)
+    calibration = rqcompile.calibrate(model, ids, key_scale=False, rope_key_mean=True, error_weights=False, chunk=64)
     prompt = IsoQuantCache(bits=3, model_config=model.config, rope_key_mean=True, residual_window=0)
     given = IsoQuantCache(
         bits=3, model_config=model.config, rope_key_mean=True, residual_window=0, calibration=calibration
