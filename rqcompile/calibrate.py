@@ -210,7 +210,7 @@ def calibrate(
                 flat = x.transpose(0, 1).flatten(1, 2)  # [H, B*T, d]
                 centred = flat - flat.mean(1)[:, None] if want_mean else flat  # what is quantized
                 variance = centred.pow(2).mean(1)
-                importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0])
+                importance = _importance(kind, pieces, modules[layer_idx], flat.shape[0]).to(variance.device)
                 weight = variance * importance
                 stats[(layer_idx, kind, "weight")] = weight / weight.mean(-1, keepdim=True).clamp_min(1e-30)
     return Calibration(stats, source, rope)
@@ -320,7 +320,7 @@ def _importance(kind: str, pieces: list, module: torch.nn.Module, kv_heads: int)
     if o_proj is None or not hasattr(o_proj, "weight"):
         return torch.ones(kv_heads, d)
     cols = o_proj.weight.detach().float().pow(2).sum(0)  # [Hq * d]
-    return cols.view(-1, d).unflatten(0, (kv_heads, -1)).mean(1).cpu()
+    return cols.view(-1, d).unflatten(0, (kv_heads, -1)).mean(1)
 
 
 __all__ = ["Calibration", "calibrate"]

@@ -560,6 +560,7 @@ def test_the_per_layer_compiled_step_replayed_from_one_cuda_graph_equals_the_eag
 # -- the pre-RoPE key offset (RQConfig.rope_key_mean): the same keys as the eager cache, on every path ----------------
 ROPE_WINDOW = RQConfig(rope_key_mean=True, residual_window=4)  # + the default sink token
 ROPE_PLAIN = RQConfig(rope_key_mean=True, sink_tokens=0, residual_window=0)
+DEFAULT_SHORT_WINDOW = RQConfig(residual_window=4)  # rope_key_mean left to "auto"
 
 
 def _rope_calibration(model) -> Calibration:
@@ -672,14 +673,18 @@ def test_by_default_apply_removes_the_offset_exactly_when_the_calibration_carrie
     vocab = model.config.get_text_config(decoder=True).vocab_size
     sample = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(2))
     calib = calibrate(model, sample, chunk=64)
-    lm = apply(model, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
+    config = DEFAULT_SHORT_WINDOW  # the defaults, with a window short enough for this sequence to be quantized
+    lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
     assert lm.config.rope_key_mean is True and "pre-RoPE" in lm.rewrite_report()
     ids = _ids()
+    got = _steps(lm, ids, PROMPT)
     torch.testing.assert_close(
-        _steps(lm, ids, PROMPT), _eager(model, RQCache(calibration=calib), ids, PROMPT), atol=1e-4, rtol=1e-4
+        got, _eager(model, RQCache(config, calibration=calib), ids, PROMPT), atol=1e-4, rtol=1e-4
     )
     without = calibrate(model, sample, chunk=64, rope_key_mean=False)
-    assert apply(model, max_cache_len=MAX_LEN, calibration=without).config.rope_key_mean is False
+    plain = apply(model, config=config, max_cache_len=MAX_LEN, calibration=without, prefill_logits="all")
+    assert plain.config.rope_key_mean is False
+    assert (_steps(plain, ids, PROMPT)[:, -1] - got[:, -1]).abs().max() > 1e-2  # the equality above is not vacuous
 
 
 def test_rope_key_mean_compiles_without_graph_breaks(models):
@@ -700,6 +705,31 @@ def test_rope_key_mean_onnx_round_trip(models, tmp_path):
     loaded = rqcompile.load(tmp_path / "onnx")
     assert loaded.artifact.rq_config.rope_key_mean
     assert torch.equal(loaded.generate(ids, 8, eos_token_id=[]), reference)
+
+
+@pytest.mark.gpu
+def test_the_default_calibration_on_the_gpu_equals_the_eager_cache(models):
+    """On CUDA: `apply` with `calibrate()`'s default Calibration (post- and pre-RoPE key means, key scales from the
+    queries) on the Triton kernels equals the eager cache given the same Calibration, far closer than the programs
+    without any calibration."""
+    import copy
+
+    model = copy.deepcopy(models["qwen3_5"]).cuda()
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    sample = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(2)).cuda()
+    calib = calibrate(model, sample, chunk=64)
+    assert calib.has_rope_mean and calib.get(next(iter(calib.layers)), "k", "scale") is not None
+    lm = apply(model, config=DEFAULT_SHORT_WINDOW, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
+    ids = _ids().cuda()
+    outs = [lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT, device="cuda"))]
+    for i in range(PROMPT, ids.shape[1]):
+        outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device="cuda")))
+    got = torch.cat(outs, dim=1)
+    ref = _eager(model, RQCache(DEFAULT_SHORT_WINDOW, calibration=calib), ids, PROMPT)
+    plain = _eager(model, RQCache(DEFAULT_SHORT_WINDOW, calibration=None), ids, PROMPT)
+    assert torch.isfinite(got).all()
+    err, effect = (got - ref).abs().max().item(), (plain - ref).abs().max().item()
+    assert err < 0.2 * effect and err < 2e-2, (err, effect)
 
 
 @pytest.mark.gpu
