@@ -61,9 +61,11 @@ def _eager(model, cache: RQCache, ids: torch.Tensor, prompt: int) -> torch.Tenso
 
 
 def _steps(lm: CompiledLM, ids: torch.Tensor, prompt: int) -> torch.Tensor:
-    outs = [lm.prefill(ids[:, :prompt], torch.arange(prompt))]
+    """Logits of the compiled programs: prefill `prompt` tokens, then one token at a time, on `ids`' device (each
+    step's logits copied: a CUDA-graphed step reuses its output buffer)."""
+    outs = [lm.prefill(ids[:, :prompt], torch.arange(prompt, device=ids.device))]
     for i in range(prompt, ids.shape[1]):
-        outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i])))
+        outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device=ids.device)).clone())
     return torch.cat(outs, dim=1)
 
 
@@ -334,16 +336,9 @@ def test_sink_and_window_on_the_gpu_equal_the_eager_cache(models, name):
     config = EXACT.replace(backend="iso", rotation_stages=None)
     lm = apply(model, config=config, max_cache_len=MAX_LEN, prefill_logits="all")
     ids = _ids().cuda()
-
-    def fused() -> torch.Tensor:
-        outs = [lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT, device="cuda"))]
-        for i in range(PROMPT, ids.shape[1]):
-            outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device="cuda")))
-        return torch.cat(outs, dim=1)
-
     ref = _eager(model, RQCache(config, model_config=model.config, calibration=None), ids, PROMPT)
     plain = _eager(model, RQCache(config.replace(residual_window=0), calibration=None), ids, PROMPT)
-    got = fused()
+    got = _steps(lm, ids, PROMPT)
     assert torch.isfinite(got).all()
     err, effect = (got - ref).abs().max().item(), (plain - ref).abs().max().item()
     assert err < 0.2 * effect and err < 2e-2, (err, effect)
@@ -541,13 +536,7 @@ def test_the_per_layer_compiled_step_replayed_from_one_cuda_graph_equals_the_eag
     graphed.compile(regional=True, prefill=False, cuda_graph=True)
     ids = _ids().cuda()
 
-    def run(lm) -> torch.Tensor:
-        outs = [lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT, device="cuda"))]
-        for i in range(PROMPT, ids.shape[1]):
-            outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device="cuda")).clone())
-        return torch.cat(outs, dim=1)
-
-    want, got = run(eager), run(graphed)
+    want, got = _steps(eager, ids, PROMPT), _steps(graphed, ids, PROMPT)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max().item() < 2e-2
     for name, a, b in zip(eager.cache_names, eager.cache_tensors(), graphed.cache_tensors(), strict=True):
@@ -721,10 +710,7 @@ def test_the_default_calibration_on_the_gpu_equals_the_eager_cache(models):
     assert calib.has_rope_mean and calib.get(next(iter(calib.layers)), "k", "scale") is not None
     lm = apply(model, config=DEFAULT_SHORT_WINDOW, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
     ids = _ids().cuda()
-    outs = [lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT, device="cuda"))]
-    for i in range(PROMPT, ids.shape[1]):
-        outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device="cuda")))
-    got = torch.cat(outs, dim=1)
+    got = _steps(lm, ids, PROMPT)
     ref = _eager(model, RQCache(DEFAULT_SHORT_WINDOW, calibration=calib), ids, PROMPT)
     plain = _eager(model, RQCache(DEFAULT_SHORT_WINDOW, calibration=None), ids, PROMPT)
     assert torch.isfinite(got).all()
@@ -742,10 +728,7 @@ def test_rope_key_mean_on_the_gpu_equals_the_eager_cache(models):
     calib = _rope_calibration(model)
     lm = apply(model, config=ROPE_WINDOW, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
     ids = _ids().cuda()
-    outs = [lm.prefill(ids[:, :PROMPT], torch.arange(PROMPT, device="cuda"))]
-    for i in range(PROMPT, ids.shape[1]):
-        outs.append(lm.decode(ids[:, i : i + 1], torch.tensor([i], device="cuda")))
-    got = torch.cat(outs, dim=1)
+    got = _steps(lm, ids, PROMPT)
     ref = _eager(model, RQCache(ROPE_WINDOW, model_config=model.config, calibration=calib), ids, PROMPT)
     plain = _eager(model, RQCache(ROPE_WINDOW.replace(rope_key_mean=False), calibration=None), ids, PROMPT)
     assert torch.isfinite(got).all()
