@@ -578,8 +578,11 @@ class RQCache(Cache):
     """A transformers `Cache` whose attention layers are compressed as `config` says.
 
     Pass the model config (`RQCache(cfg, model_config=model.config)`) to lay out hybrid and sliding-window layers up
-    front; without it, layers are created as the model first touches them: linear-attention layers when the model
-    asks for conv/recurrent state, compressed attention layers on `update`.
+    front, and to let the default prompt calibration remove the keys' pre-RoPE mean (`RQConfig.rope_key_mean`, on by
+    default wherever the RoPE is known: QUALITY.md "Session 15"); without it, layers are created as the model first
+    touches them (linear-attention layers when the model asks for conv/recurrent state, compressed attention layers
+    on `update`), and a prompt-calibrated cache keeps the post-RoPE key mean only. `rq_config` is the config with
+    `rope_key_mean` resolved.
 
     `calibration`:
 
@@ -596,7 +599,9 @@ class RQCache(Cache):
       `MIN_PROMPT_SCALE`). The rows of a batch share one measurement, pooled over all their real tokens, so a row's
       output in a batch is not exactly what it is alone. `reset()` forgets the measurement: the next prompt is measured
       afresh.
-    - a `rqcompile.Calibration` (`rqcompile.calibrate(model, tokenizer=tok)`): used for every sequence.
+    - a `rqcompile.Calibration` (`rqcompile.calibrate(model, tokenizer=tok)`): used for every sequence; by default
+      it also holds the pre-RoPE key means with their RoPE, and key scales from the queries, which a prompt
+      calibration cannot measure (at 8K tokens the better of the two for iso: QUALITY.md "Session 15").
     - None: uncalibrated (lower quality for the block backends: about 2x the KL above).
 
     The compiled path differs: `rqcompile.apply` refuses `"prompt"` (its programs carry the calibration as
