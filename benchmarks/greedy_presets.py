@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from presets import preset_calibrations
 
 from rqcompile.cache import RQCache
-from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
-from rqcompile.eval import forced_greedy_agreement, greedy_tokens, license_corpus, stdlib_corpus
+from rqcompile.eval import forced_greedy_agreement, greedy_tokens, license_corpus
 from rqcompile.models import load_smollm2
 
 ALLOCATION = (2, 3, 4, 5, 6)
@@ -55,16 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     model, tok = load_smollm2()
-    full = calibrate(
-        model,
-        stdlib_corpus(tok, 4096),
-        key_scale=True,
-        value_scale=True,
-        source="stdlib 4096 tokens",
-        rope_key_mean=False,
-    )
-    keep = [k for k in full.stats if (k[1] == "k" and k[2] == "mean") or k[2] == "weight"]
-    hadamard_calib = Calibration({k: full.stats[k] for k in keep}, full.source)
+    full, hadamard_calib = preset_calibrations(model, tok)
     offsets = [int(o) for o in args.offsets.split(",")]
     prompts = [license_corpus(tok, 513, offset=o)[:, :512] for o in offsets]
     references = [greedy_tokens(model, p, n=N, progress=False) for p in prompts]
