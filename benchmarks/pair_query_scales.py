@@ -19,20 +19,25 @@ in one chunk, license windows 0 / 8192 / 16384, no window of exact tokens), or `
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
 from presets import MIXED
 
 from rqcompile import models
-from rqcompile.cache import RQCache, RQCacheLayer
+from rqcompile.cache import RQCache
 from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 
 LIBRARY = "+ query key scales ^0.25, calibrate(key_scale='query')"
-WIDTHS = {"K3V3": dict(bits=3), "K4V3": dict(key_bits=4, value_bits=3), **MIXED}
+WIDTHS = {
+    "K4V4": dict(bits=4),
+    "K4V3": dict(key_bits=4, value_bits=3),
+    "K3V3": dict(bits=3),
+    "K3V2": dict(key_bits=3, value_bits=2),
+    **MIXED,
+}
 
 
 def query_scales(calib: Calibration, rotary_dims: int, paired: bool, power: float, kind: str = "k") -> dict:
@@ -53,28 +58,6 @@ def query_scales(calib: Calibration, rotary_dims: int, paired: bool, power: floa
         s = (energy / queries.clamp_min(1e-12)).pow(power)
         out[layer] = s / s.mean(-1, keepdim=True)
     return out
-
-
-@contextlib.contextmanager
-def _prompt_key_scales(scales: Calibration | None):
-    """While open, prompt-calibrated layers take their key scales from `scales` (a research patch of the class, so
-    that the window view's rebuilt cache has it too: the library cannot combine a prompt calibration with scales)."""
-    measured = RQCacheLayer._stats
-
-    def stats(self, k, v, tokens=None):
-        found = measured(self, k, v, tokens)
-        if self.calibration != "prompt":
-            return found
-        return lambda kind, name: (
-            scales.get(self.layer_idx, kind, name) if (kind, name) == ("k", "scale") else (found(kind, name))
-        )
-
-    if scales is not None:
-        RQCacheLayer._stats = stats
-    try:
-        yield
-    finally:
-        RQCacheLayer._stats = measured
 
 
 def main() -> None:
@@ -117,22 +100,23 @@ def main() -> None:
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)
         config = RQConfig(backend=backend, residual_window=args.window, **WIDTHS[widths])
-        prompt = {  # the drop-in default: the prompt's key means (the offset on: model_config), with or without
-            # the stdlib Calibration's query key scales (a research patch: the library cannot combine the two)
+        prompt = {  # the drop-in default: the prompt's key means (the offset on: model_config), alone or with
+            # the rest of the stdlib Calibration (its query key scales): RQCache(prompt_means=True), session 16
             "prompt + offset (the drop-in default with model_config)": None,
             "prompt + offset + stdlib query key scales": variants[LIBRARY],
         }
         for name, calibration in {**variants, **prompt}.items():
             if args.only and not any(part in name for part in args.only.split("|")):
                 continue
-            if name in prompt:
+            if name in prompt and calibration is None:
                 make = lambda c=config: RQCache(c, model_config=model.config)  # noqa: E731
+            elif name in prompt:
+                make = lambda c=config, cal=calibration: RQCache(c, calibration=cal, prompt_means=True)  # noqa: E731
             else:
                 make = lambda c=config, cal=calibration: RQCache(c, calibration=cal)  # noqa: E731
             t0, cells, kls = time.perf_counter(), [], []
             for ids, ref in zip(windows, refs):
-                with _prompt_key_scales(calibration if name in prompt else None):
-                    result = decode_time_ppl(model, ids, make, args.prefill, args.decode, chunk=args.decode)
+                result = decode_time_ppl(model, ids, make, args.prefill, args.decode, chunk=args.decode)
                 kls.append(kl_divergence(ref, result).mean().item())
                 cells.append(f"{100 * (result.ppl / ref.ppl - 1):+.2f}%")
             kl = " / ".join(f"{k:.4f}" for k in kls)

@@ -10,7 +10,7 @@ reorder and batch operations on the compressed store give the same results as on
 
 Calibration: by default each attention layer measures its key mean (and, for one layer of blocks, K/V scales) on its
 first K/V, the prompt (`calibration="prompt"`); `calibration=None` is uncalibrated, a `rqcompile.Calibration` is used
-as given (`RQCache` says more).
+as given, or with `prompt_means=True` with its key means measured on each prompt (`RQCache` says more).
 
 Left-padded batches (batched `generate`): the exact sink token of each row is its first real token and
 `calibration="prompt"` measures only real tokens. The cache learns the padding from the position ids the model passes
@@ -71,6 +71,15 @@ def _check_calibration(calibration: Any) -> None:
         raise ValueError(
             f"calibration={calibration!r}: pass a rqcompile.Calibration (rqcompile.calibrate(model, ...)), "
             f"{PROMPT!r} (measure it on each sequence's prompt) or None"
+        )
+
+
+def _check_prompt_means(prompt_means: bool, calibration: Any) -> None:
+    if prompt_means and not isinstance(calibration, Calibration):
+        raise ValueError(
+            "prompt_means=True measures a Calibration's key means afresh on each prompt and keeps the rest of it: "
+            "pass calibration=rqcompile.calibrate(model, tokenizer=tokenizer) with it "
+            f"(got calibration={calibration!r}; calibration='prompt' measures all of its statistics on the prompt)"
         )
 
 
@@ -159,8 +168,8 @@ def _prompt_sample(key_states: torch.Tensor, tokens: torch.Tensor | None) -> tup
 
 
 class RQCacheLayer(CacheLayerMixin):
-    """One attention layer's compressed K/V store. `calibration` as `RQCache`'s, but None (uncalibrated) by default:
-    `RQCache` passes each layer its own."""
+    """One attention layer's compressed K/V store. `calibration` and `prompt_means` as `RQCache`'s, but None
+    (uncalibrated) by default: `RQCache` passes each layer its own."""
 
     is_sliding = False
     is_compileable = False
@@ -172,10 +181,12 @@ class RQCacheLayer(CacheLayerMixin):
         layer_idx: int,
         calibration: Calibration | str | None = None,
         rope: RopeSpec | None = None,
+        prompt_means: bool = False,
         **kw: Any,
     ) -> None:
         super().__init__()
         _check_calibration(calibration)
+        _check_prompt_means(prompt_means, calibration)
         if config.rope_key_mean and rope is None:
             raise ValueError(
                 "RQConfig(rope_key_mean=True) needs the model's RoPE: build the cache with model_config=model.config"
@@ -183,9 +194,12 @@ class RQCacheLayer(CacheLayerMixin):
         self.config = config
         self.rope = rope if config.rope_key_mean else None
         self.k_rope_mean: torch.Tensor | None = None
-        self.calibration = PROMPT if calibration is _PROMPT_BY_DEFAULT else calibration
+        # prompt_means: the layer calibrates on the prompt, and `base` gives all the rest (and all of it for a prompt
+        # too short to measure)
+        self.base: Calibration | None = calibration if prompt_means else None
+        self.calibration = PROMPT if calibration is _PROMPT_BY_DEFAULT or prompt_means else calibration
         # a prompt too short to calibrate on warns only when calibration="prompt" was asked for explicitly
-        self.warn_short_prompt = calibration is not _PROMPT_BY_DEFAULT  # and on a degenerate prompt
+        self.warn_short_prompt = calibration is not _PROMPT_BY_DEFAULT and not prompt_means  # and a degenerate one
         self.layer_idx = layer_idx
         self.k_state: QuantState | None = None
         self.v_state: QuantState | None = None
@@ -209,6 +223,11 @@ class RQCacheLayer(CacheLayerMixin):
     ) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         _, heads, _, head_dim = key_states.shape
+        if self.base is not None and self.layer_idx not in self.base.layers:
+            raise ValueError(
+                f"layer {self.layer_idx}: the Calibration given with prompt_means=True has no statistics for this "
+                f"layer (it has layers {self.base.layers}): was it measured on another model?"
+            )
         if self.rope is not None:
             if tokens is not None:
                 self.row_start = _first_tokens(tokens, 1)[:, 0].clone()
@@ -259,8 +278,8 @@ class RQCacheLayer(CacheLayerMixin):
             return mean.float().to(self.device)
         count, measured = _prompt_sample(key_states, tokens)
         if count < MIN_PROMPT_TOKENS:  # _stats warns about the short prompt
-            return zeros
-        pre = unrotate(key_states, self._positions(0, key_states.shape[-2]), self.rope)
+            return zeros if self.base is None else self._base_rope_mean()
+        pre = unrotate(key_states.detach(), self._positions(0, key_states.shape[-2]), self.rope)
         if measured is None:
             return channel_stats(pre[:, :, 1:], mean=True, scale=False)["mean"]
         return channel_stats(pre, mean=True, scale=False, tokens=measured)["mean"]
@@ -274,12 +293,34 @@ class RQCacheLayer(CacheLayerMixin):
         if calib is None:
             return lambda kind, name: None
         if calib != PROMPT:
-            if self.rope is None and calib.get(self.layer_idx, "k", "rope_mean") is not None:
-                raise ValueError(
-                    f"layer {self.layer_idx}: this Calibration was measured for RQConfig(rope_key_mean=True) (its key "
-                    "statistics are those of the keys without their pre-RoPE mean); use it with rope_key_mean=True"
-                )
-            return lambda kind, name: calib.get(self.layer_idx, kind, name)
+            return self._calibration_stats(calib)
+        found = self._prompt_stats(key_states, value_states, tokens)
+        if self.base is None:
+            return (lambda kind, name: None) if found is None else (lambda kind, name: found[kind].get(name))
+        if found is None:  # a prompt too short (or too repetitive) to measure: the Calibration as it is
+            if self.rope is not None:  # its pre-RoPE mean too (no key is stored before this returns)
+                self.k_rope_mean = self._base_rope_mean()
+            return self._calibration_stats(self.base)
+        base = self._calibration_stats(self.base)
+        return lambda kind, name: found["k"]["mean"] if (kind, name) == ("k", "mean") else base(kind, name)
+
+    def _base_rope_mean(self) -> torch.Tensor:
+        mean = self.base.get(self.layer_idx, "k", "rope_mean")
+        if mean is None:
+            raise ValueError(f"layer {self.layer_idx}: the Calibration has pre-RoPE key means, but not for this layer")
+        return mean.float().to(self.device)
+
+    def _calibration_stats(self, calib: Calibration):
+        if self.rope is None and calib.get(self.layer_idx, "k", "rope_mean") is not None:
+            raise ValueError(
+                f"layer {self.layer_idx}: this Calibration was measured for RQConfig(rope_key_mean=True) (its key "
+                "statistics are those of the keys without their pre-RoPE mean); use it with rope_key_mean=True"
+            )
+        return lambda kind, name: calib.get(self.layer_idx, kind, name)
+
+    def _prompt_stats(self, key_states: torch.Tensor, value_states: torch.Tensor, tokens: torch.Tensor | None):
+        """kind -> {name: tensor} measured on the prompt, or None for a prompt too short or repetitive to measure."""
+        key_states, value_states = key_states.detach(), value_states.detach()  # statistics, not part of a graph
         count, measured = _prompt_sample(key_states, tokens)
         if count < MIN_PROMPT_TOKENS:
             if self.warn_short_prompt:  # the same text from every layer: Python's default filter shows it once
@@ -287,9 +328,9 @@ class RQCacheLayer(CacheLayerMixin):
                     f"rqcompile: calibration='prompt', but the prompt has {count} tokens after the sink token "
                     f"(< {MIN_PROMPT_TOKENS}): the cache stays uncalibrated for this sequence (until reset())",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
-            return lambda kind, name: None
+            return None
         if measured is None:
             found = {
                 kind: channel_stats(x[:, :, 1:], mean=kind == "k", scale=True)
@@ -306,12 +347,12 @@ class RQCacheLayer(CacheLayerMixin):
                     "rqcompile: calibration='prompt', but the prompt's K/V have channels with almost no spread (a "
                     "repetitive prompt?): layers where that is so stay uncalibrated for this sequence (until reset())",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
-            return lambda kind, name: None
+            return None
         if not self.config.calibrates_scales:  # mixed norm groups: the key mean only (the guard above still applies)
             found = {kind: {k: v for k, v in stats.items() if k != "scale"} for kind, stats in found.items()}
-        return lambda kind, name: found[kind].get(name)
+        return found
 
     def update(
         self,
@@ -543,9 +584,10 @@ class RQSlidingCacheLayer(RQCacheLayer):
         calibration: Calibration | str | None = None,
         sliding_window: int | None = None,
         rope: RopeSpec | None = None,
+        prompt_means: bool = False,
         **kw: Any,
     ) -> None:
-        super().__init__(config, layer_idx, calibration, rope)
+        super().__init__(config, layer_idx, calibration, rope, prompt_means)
         self.sliding_window = sliding_window
 
 
@@ -602,6 +644,13 @@ class RQCache(Cache):
     - a `rqcompile.Calibration` (`rqcompile.calibrate(model, tokenizer=tok)`): used for every sequence; by default
       it also holds the pre-RoPE key means with their RoPE, and key scales from the queries, which a prompt
       calibration cannot measure (at 8K tokens the better of the two for iso: QUALITY.md "Session 15").
+    - a Calibration with `prompt_means=True`: each sequence's key means (post- and pre-RoPE) are measured on its
+      prompt as `"prompt"` measures them, everything else (key scales from the queries, error weights, any value
+      statistics) comes from the Calibration, and a prompt too short or repetitive to measure uses the Calibration as
+      it is. The best calibration measured at 8K tokens for all three block backends (mean KL of three windows,
+      prompt / Calibration -> this: iso 0.1616 / 0.1331 -> 0.1025, planar 0.1047 / 0.1147 -> 0.1028, rotor 0.1362 /
+      0.1382 -> 0.1087) and at 1K without the window; mixed at 1K with it (QUALITY.md "Session 16"). Eager caches only: `apply`'s
+      programs carry their Calibration as constants.
     - None: uncalibrated (lower quality for the block backends: about 2x the KL above).
 
     The compiled path differs: `rqcompile.apply` refuses `"prompt"` (its programs carry the calibration as
@@ -621,11 +670,14 @@ class RQCache(Cache):
         *,
         model_config: Any = None,
         calibration: Calibration | str | None = _PROMPT_BY_DEFAULT,
+        prompt_means: bool = False,
         **overrides: Any,
     ) -> None:
         config = (config or RQConfig()).replace(**overrides) if overrides else (config or RQConfig())
         _check_calibration(calibration)
+        _check_prompt_means(prompt_means, calibration)
         self.calibration = PROMPT if calibration is _PROMPT_BY_DEFAULT else calibration
+        self.prompt_means = prompt_means
         config, self._rope = _resolve_rope(config, model_config, self.calibration)
         self.rq_config = config
         self._layer_calibration = calibration  # what each layer is given: the default stays silent on short prompts
@@ -645,10 +697,15 @@ class RQCache(Cache):
 
     def _make_layer(self, layer_type: str, idx: int, sliding_window: int | None):
         if layer_type == "full_attention":
-            return RQCacheLayer(self.rq_config, idx, self._layer_calibration, self._rope)
+            return RQCacheLayer(self.rq_config, idx, self._layer_calibration, self._rope, self.prompt_means)
         if layer_type in ("sliding_attention", "chunked_attention"):
             return RQSlidingCacheLayer(
-                self.rq_config, idx, self._layer_calibration, sliding_window=sliding_window, rope=self._rope
+                self.rq_config,
+                idx,
+                self._layer_calibration,
+                sliding_window=sliding_window,
+                rope=self._rope,
+                prompt_means=self.prompt_means,
             )
         if layer_type in _LINEAR_TYPES:
             return LinearAttentionLayer()
@@ -664,7 +721,9 @@ class RQCache(Cache):
             if idx == layer_idx and linear:
                 self.layers.append(LinearAttentionLayer())
             else:
-                self.layers.append(RQCacheLayer(self.rq_config, idx, self._layer_calibration, self._rope))
+                self.layers.append(
+                    RQCacheLayer(self.rq_config, idx, self._layer_calibration, self._rope, self.prompt_means)
+                )
 
     # -- padding ----------------------------------------------------------------------------------------------
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
@@ -705,7 +764,8 @@ class RQCache(Cache):
         else:
             tokens = _tokens_from_positions(positions, batch, length)
             self._tokens_memo = (positions, tokens)
-        if tokens is None and batch > 1 and (self.rq_config.sink_tokens > 0 or self.calibration == PROMPT):
+        measures_prompt = self.calibration == PROMPT or self.prompt_means
+        if tokens is None and batch > 1 and (self.rq_config.sink_tokens > 0 or measures_prompt):
             self._warn_unknown_padding(batch, positions is None)
         return tokens
 
@@ -783,8 +843,8 @@ class RQCache(Cache):
 
 class PlanarQuantCache(RQCache):
     """Compressed cache with 2D Givens rotations (the fastest encoder with `rotation_stages=1`; by default its
-    layers mix each norm group like the other backends'). `calibration` as `RQCache`'s: by default measured on the
-    prompt."""
+    layers mix each norm group like the other backends'). `calibration` and `prompt_means` as `RQCache`'s: by default
+    measured on the prompt."""
 
     def __init__(
         self,
@@ -792,16 +852,20 @@ class PlanarQuantCache(RQCache):
         *,
         model_config: Any = None,
         calibration: Calibration | str | None = _PROMPT_BY_DEFAULT,
+        prompt_means: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(
-            RQConfig(backend="planar", bits=bits, **options), model_config=model_config, calibration=calibration
+            RQConfig(backend="planar", bits=bits, **options),
+            model_config=model_config,
+            calibration=calibration,
+            prompt_means=prompt_means,
         )
 
 
 class IsoQuantCache(RQCache):
-    """Compressed cache with 4D quaternion rotations (`q_L v conj(q_R)`); the default backend. `calibration` as
-    `RQCache`'s: by default measured on the prompt."""
+    """Compressed cache with 4D quaternion rotations (`q_L v conj(q_R)`); the default backend. `calibration` and
+    `prompt_means` as `RQCache`'s: by default measured on the prompt."""
 
     def __init__(
         self,
@@ -809,16 +873,20 @@ class IsoQuantCache(RQCache):
         *,
         model_config: Any = None,
         calibration: Calibration | str | None = _PROMPT_BY_DEFAULT,
+        prompt_means: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(
-            RQConfig(backend="iso", bits=bits, **options), model_config=model_config, calibration=calibration
+            RQConfig(backend="iso", bits=bits, **options),
+            model_config=model_config,
+            calibration=calibration,
+            prompt_means=prompt_means,
         )
 
 
 class RotorQuantCache(RQCache):
-    """Compressed cache with 3D Clifford-algebra rotors. `calibration` as `RQCache`'s: by default measured on the
-    prompt."""
+    """Compressed cache with 3D Clifford-algebra rotors. `calibration` and `prompt_means` as `RQCache`'s: by default
+    measured on the prompt."""
 
     def __init__(
         self,
@@ -826,10 +894,14 @@ class RotorQuantCache(RQCache):
         *,
         model_config: Any = None,
         calibration: Calibration | str | None = _PROMPT_BY_DEFAULT,
+        prompt_means: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(
-            RQConfig(backend="rotor", bits=bits, **options), model_config=model_config, calibration=calibration
+            RQConfig(backend="rotor", bits=bits, **options),
+            model_config=model_config,
+            calibration=calibration,
+            prompt_means=prompt_means,
         )
 
 

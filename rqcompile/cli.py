@@ -129,6 +129,19 @@ def _calibration(args, config, model, tok):
     )
 
 
+def _eager_cache(args, config, model, calibration):
+    """The drop-in cache `generate` / `eval` / `bench` run: `--prompt-means` re-measures the calibration's key means
+    on each prompt (`RQCache(prompt_means=True)`)."""
+    from rqcompile.cache import RQCache
+
+    if args.prompt_means and calibration is None:
+        raise SystemExit(
+            "error: --prompt-means re-measures the calibration's key means on the prompt, and there is no "
+            "calibration (--no-calibration, backend none, or a model without a tokenizer)"
+        )
+    return RQCache(config, model_config=model.config, calibration=calibration, prompt_means=args.prompt_means)
+
+
 def _describe_bits(args) -> str:
     if not args.bit_allocation:
         return f"{args.bits} bits"
@@ -206,6 +219,11 @@ def cmd_generate(args) -> int:
     if args.artifact:
         from rqcompile.runtime.loaded import load
 
+        if args.prompt_means:
+            raise SystemExit(
+                "error: --prompt-means applies to the eager cache; an artifact carries its calibration as constants"
+            )
+
         lm = load(args.artifact)
         ids = _prompt_ids(args, lm.tokenizer, 0)
         room = lm.max_cache_len - ids.shape[1] + 1  # the last new token is never written to the cache
@@ -221,8 +239,6 @@ def cmd_generate(args) -> int:
         out = lm.generate(ids, new_tokens, sampling=sampling)
         tok = lm.tokenizer
     else:
-        from rqcompile.cache import RQCache
-
         model, tok, _ = _load_model(args)
         ids = _prompt_ids(args, tok, model.config.vocab_size)
         config = _rq_config(args)
@@ -233,7 +249,7 @@ def cmd_generate(args) -> int:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=args.max_new_tokens,
                 do_sample=sampling.do_sample,
-                past_key_values=RQCache(config, model_config=model.config, calibration=calibration),
+                past_key_values=_eager_cache(args, config, model, calibration),
                 pad_token_id=getattr(tok, "eos_token_id", None) if tok is not None else 0,
             )
     new = out[0, ids.shape[1] :]
@@ -245,7 +261,6 @@ def cmd_eval(args) -> int:
     import torch
     from transformers import DynamicCache
 
-    from rqcompile.cache import RQCache
     from rqcompile.eval import decode_time_ppl, license_corpus
 
     torch.manual_seed(0)
@@ -264,7 +279,7 @@ def cmd_eval(args) -> int:
     test = decode_time_ppl(
         model,
         ids,
-        lambda: RQCache(config, model_config=model.config, calibration=calibration),
+        lambda: _eager_cache(args, config, model, calibration),
         args.prefill,
         args.decode,
         progress=True,
@@ -281,7 +296,6 @@ def cmd_bench(args) -> int:
     import torch
     from transformers import DynamicCache
 
-    from rqcompile.cache import RQCache
     from rqcompile.eval.metrics import cache_kwarg
 
     if torch.cuda.is_available():
@@ -296,7 +310,7 @@ def cmd_bench(args) -> int:
 
     for name, make in (
         ("uncompressed", lambda: DynamicCache(config=model.config)),
-        (str(config), lambda: RQCache(config, model_config=model.config, calibration=calibration)),
+        (str(config), lambda: _eager_cache(args, config, model, calibration)),
     ):
         kw = {cache_kwarg(model): make(), "use_cache": True}  # 'cache' where transformers renamed it
         with torch.no_grad():
@@ -491,6 +505,16 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _eager_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prompt-means",
+        action="store_true",
+        help="measure the key means afresh on each prompt and keep the rest of the stdlib calibration (its key "
+        "scales from the queries): RQCache(prompt_means=True), the best calibration measured at 8K tokens "
+        "(QUALITY.md 'Session 16')",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rqcompile",
@@ -524,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, positional=False)
     _quant_args(p)
     _prompt_args(p)
+    _eager_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -536,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    _eager_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -547,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(p)
     p.add_argument("--prefill", type=int, default=64)
     p.add_argument("--steps", type=int, default=16)
+    _eager_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

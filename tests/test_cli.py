@@ -190,6 +190,26 @@ def test_eval_and_bench_on_the_tiny_model(capsys):
     assert "uncompressed" in text and "ms/step" in text
 
 
+def test_prompt_means_reaches_the_eager_cache_and_is_refused_where_it_cannot_apply(tmp_path, monkeypatch, capsys):
+    """`--prompt-means` builds `RQCache(prompt_means=True)` for generate / eval / bench; without a calibration, or
+    with an artifact (its calibration is compiled in), it is a clear error."""
+    import rqcompile.cli as cli
+
+    built = []
+    real = cli._eager_cache
+    monkeypatch.setattr(cli, "_eager_cache", lambda *a: built.append(real(*a)) or built[-1])
+    flags = ["--calibration-tokens", "32", "--prompt-means"]
+    assert main(["eval", *TINY, *flags, "--prefill", "16", "--decode", "8", "--json"]) == 0
+    assert built and built[-1].prompt_means and built[-1].rq_config.rope_key_mean is True
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["compressed_ppl"] > 0
+    assert main(["generate", *TINY, *flags, "--prompt-ids", "1,2,3,4,5,6,7,8,9,10,11,12", "--max-new-tokens", "3"]) == 0
+    assert built[-1].prompt_means
+    with pytest.raises(SystemExit, match="--prompt-means .* there is no calibration"):
+        main(["eval", *TINY, "--no-calibration", "--prompt-means", "--prefill", "16", "--decode", "4"])
+    with pytest.raises(SystemExit, match="--prompt-means applies to the eager cache"):
+        main(["generate", str(tmp_path), "--prompt-means", "--prompt-ids", "1,2"])
+
+
 def test_inspect_refuses_a_tampered_artifact(tmp_path):
     from rqcompile.export.artifact import ArtifactIntegrityError, write_artifact
 

@@ -35,6 +35,7 @@ class BothViewsCache(RQCache):
         super().__init__(
             cache.rq_config.replace(residual_window=0),
             calibration=cache._layer_calibration,
+            prompt_means=cache.prompt_means,
             model_config=cache._model_config,
         )
         self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
