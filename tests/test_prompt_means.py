@@ -151,3 +151,21 @@ def test_bad_uses_give_clear_errors(llama, calibration):
     cache = RQCache(RQConfig(), calibration=other_model, prompt_means=True)
     with pytest.raises(ValueError, match="layer 1: .* no statistics for this layer"):
         _prefill(llama, cache, _ids(llama, 24, seed=10))
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_it_measures_what_the_cpu_measures(llama, calibration):
+    """On CUDA (a Calibration measured there, the Triton kernels writing): the first layer's means are the CPU
+    cache's within float rounding, generate runs, and a short prompt falls back to the Calibration there too."""
+    import copy
+
+    model = copy.deepcopy(llama).cuda()
+    calib = rqcompile.calibrate(model, _ids(llama, 96, seed=11).cuda(), chunk=96)
+    ids = _ids(llama, 40, seed=12)
+    cpu = _prefill(llama, IsoQuantCache(bits=3, calibration=calibration, prompt_means=True), ids)
+    gpu = IsoQuantCache(bits=3, calibration=calib, prompt_means=True, residual_window=4)
+    out = model.generate(ids.cuda(), past_key_values=gpu, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 48) and gpu.layers[0].k_codes.is_cuda
+    torch.testing.assert_close(gpu.layers[0].k_rope_mean.cpu(), cpu.layers[0].k_rope_mean, rtol=1e-4, atol=1e-4)
+    short = _prefill(model, IsoQuantCache(bits=3, calibration=calib, prompt_means=True), ids[:, :6].cuda())
+    torch.testing.assert_close(short.layers[0].k_rope_mean, calib.get(0, "k", "rope_mean").cuda(), rtol=0, atol=0)
