@@ -60,6 +60,20 @@ def query_scales(calib: Calibration, rotary_dims: int, paired: bool, power: floa
     return out
 
 
+def _wide_scale_search(candidates: tuple[float, ...]) -> None:
+    """Research patch: the caches build 4-bit states with these scale candidates (the library has one set for all)."""
+    import rqcompile.cache as cache_module
+
+    build = cache_module.make_state
+
+    def make_state(config, *, layer_idx, kind, **kw):
+        if config.bits_for(layer_idx, kind) >= 4:
+            config = config.replace(scale_search=candidates)
+        return build(config, layer_idx=layer_idx, kind=kind, **kw)
+
+    cache_module.make_state = make_state
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="iso K3V3,planar K3V3,rotor K3V3,hadamard K3V3")
@@ -70,8 +84,16 @@ def main() -> None:
     p.add_argument("--offsets", default="0,8192,16384")
     p.add_argument("--powers", default="0.25", help="exponents of the ratio to try, comma-separated")
     p.add_argument("--only", default="", help="'|'-separated substrings of the variant names to run")
+    p.add_argument("--scale-search", default="", help="comma-separated scale candidates (default: the library's)")
+    p.add_argument(
+        "--wide-scale-search",
+        default="",
+        help="research: comma-separated scale candidates for 4-bit K/V states only (the rest keep --scale-search)",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.wide_scale_search:
+        _wide_scale_search(tuple(float(c) for c in args.wide_scale_search.split(",")))
     model, tok = models.load_smollm2()
     text = stdlib_corpus(tok, args.tokens)
     full = calibrate(
@@ -100,6 +122,8 @@ def main() -> None:
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)
         config = RQConfig(backend=backend, residual_window=args.window, **WIDTHS[widths])
+        if args.scale_search:
+            config = config.replace(scale_search=tuple(float(c) for c in args.scale_search.split(",")))
         prompt = {  # the drop-in default: the prompt's key means (the offset on: model_config), alone or with
             # the rest of the stdlib Calibration (its query key scales): RQCache(prompt_means=True), session 16
             "prompt + offset (the drop-in default with model_config)": None,

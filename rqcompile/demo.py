@@ -57,7 +57,7 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
     from rqcompile.config import RQConfig
 
     t0 = time.perf_counter()
-    calib = calibrate(model, tokenizer=tok)  # 2048 tokens of the built-in Python stdlib text: the key means
+    calib = calibrate(model, tokenizer=tok)  # 2048 tokens of stdlib text: key means, key scales from the queries
     print(f"calibrated on 2048 tokens of Python stdlib sources in {time.perf_counter() - t0:.0f}s")
     preset = RQConfig(backend="iso", key_bits=4, value_bits=3, sink_tokens=1)
     # the best measured 3.5 bits/element preset (QUALITY.md, "Session 3"): calibrated bit allocation
@@ -71,6 +71,9 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
             bits=bits, model_config=model.config
         ),
         f"iso {bits}-bit, stdlib calibration": lambda: IsoQuantCache(bits=bits, calibration=calib),
+        f"iso {bits}-bit, stdlib + the prompt's means": lambda: IsoQuantCache(
+            bits=bits, calibration=calib, prompt_means=True
+        ),
         "iso K4/V3 calibrated + sink": lambda: RQCache(preset, calibration=calib),
         "iso K3.5/V3 bit-allocated + sink": lambda: RQCache(allocated, calibration=calib),
     }
@@ -114,8 +117,9 @@ def smollm2_compiled_demo(bits: int, max_new_tokens: int) -> None:
     from rqcompile.models import load_smollm2
 
     model, tok = load_smollm2()
-    # the key means alone, post- and pre-RoPE (calibrate's default, and the CLI's for the default full mixing: scales
-    # measured on sample text hurt a mixed group, QUALITY.md "Staged rotations in the format")
+    # calibrate's default, and the CLI's for the default full mixing: the key means, post- and pre-RoPE, and key scales
+    # from the queries (RMS scales measured on sample text hurt a mixed group, QUALITY.md "Staged rotations in the
+    # format"; the query scales do not, "Session 15")
     calib = rqcompile.calibrate(model, tokenizer=tok)
     question = QUESTIONS[0]
     ids = tok.apply_chat_template(
