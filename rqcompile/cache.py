@@ -649,8 +649,9 @@ class RQCache(Cache):
       statistics) comes from the Calibration, and a prompt too short or repetitive to measure uses the Calibration as
       it is. The best calibration measured at 8K tokens for all three block backends (mean KL of three windows,
       prompt / Calibration -> this: iso 0.1616 / 0.1331 -> 0.1025, planar 0.1047 / 0.1147 -> 0.1028, rotor 0.1362 /
-      0.1382 -> 0.1087) and at 1K without the window; mixed at 1K with it (QUALITY.md "Session 16"). Eager caches only: `apply`'s
-      programs carry their Calibration as constants.
+      0.1382 -> 0.1087) and at 1K without the window; at 1K with the window better than the Calibration alone, mixed
+      against the prompt alone (QUALITY.md "Session 16"). Eager caches only: `apply`'s programs carry their
+      Calibration as constants.
     - None: uncalibrated (lower quality for the block backends: about 2x the KL above).
 
     The compiled path differs: `rqcompile.apply` refuses `"prompt"` (its programs carry the calibration as
