@@ -129,9 +129,9 @@ def _calibration(args, config, model, tok):
     )
 
 
-def _eager_cache(args, config, model, calibration):
-    """The drop-in cache `generate` / `eval` / `bench` run: `--prompt-means` re-measures the calibration's key means
-    on each prompt (`RQCache(prompt_means=True)`)."""
+def _eager_caches(args, config, model, calibration):
+    """A factory of the drop-in cache `generate` / `eval` / `bench` run (checked before any work):
+    `--prompt-means` re-measures the calibration's key means on each prompt (`RQCache(prompt_means=True)`)."""
     from rqcompile.cache import RQCache
 
     if args.prompt_means and calibration is None:
@@ -139,7 +139,7 @@ def _eager_cache(args, config, model, calibration):
             "error: --prompt-means re-measures the calibration's key means on the prompt, and there is no "
             "calibration (--no-calibration, backend none, or a model without a tokenizer)"
         )
-    return RQCache(config, model_config=model.config, calibration=calibration, prompt_means=args.prompt_means)
+    return lambda: RQCache(config, model_config=model.config, calibration=calibration, prompt_means=args.prompt_means)
 
 
 def _describe_bits(args) -> str:
@@ -242,14 +242,14 @@ def cmd_generate(args) -> int:
         model, tok, _ = _load_model(args)
         ids = _prompt_ids(args, tok, model.config.vocab_size)
         config = _rq_config(args)
-        calibration = _calibration(args, config, model, tok)
+        make_cache = _eager_caches(args, config, model, _calibration(args, config, model, tok))
         with torch.no_grad():
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=args.max_new_tokens,
                 do_sample=sampling.do_sample,
-                past_key_values=_eager_cache(args, config, model, calibration),
+                past_key_values=make_cache(),
                 pad_token_id=getattr(tok, "eos_token_id", None) if tok is not None else 0,
             )
     new = out[0, ids.shape[1] :]
@@ -271,7 +271,7 @@ def cmd_eval(args) -> int:
     else:
         ids = torch.randint(0, model.config.vocab_size, (1, need), generator=torch.Generator().manual_seed(0))
     config = _rq_config(args)
-    calibration = _calibration(args, config, model, tok)
+    make_cache = _eager_caches(args, config, model, _calibration(args, config, model, tok))
     _progress(f"decode-time perplexity: prefill {args.prefill}, decode {args.decode} tokens")
     ref = decode_time_ppl(
         model, ids, lambda: DynamicCache(config=model.config), args.prefill, args.decode, progress=True
@@ -279,7 +279,7 @@ def cmd_eval(args) -> int:
     test = decode_time_ppl(
         model,
         ids,
-        lambda: _eager_cache(args, config, model, calibration),
+        make_cache,
         args.prefill,
         args.decode,
         progress=True,
@@ -304,13 +304,13 @@ def cmd_bench(args) -> int:
     model, tok, _ = _load_model(args)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill + args.steps + 1))
     config = _rq_config(args)
-    calibration = _calibration(args, config, model, tok)
+    make_cache = _eager_caches(args, config, model, _calibration(args, config, model, tok))
     rows = []
     from tqdm.auto import tqdm
 
     for name, make in (
         ("uncompressed", lambda: DynamicCache(config=model.config)),
-        (str(config), lambda: _eager_cache(args, config, model, calibration)),
+        (str(config), make_cache),
     ):
         kw = {cache_kwarg(model): make(), "use_cache": True}  # 'cache' where transformers renamed it
         with torch.no_grad():

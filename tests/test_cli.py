@@ -196,8 +196,13 @@ def test_prompt_means_reaches_the_eager_cache_and_is_refused_where_it_cannot_app
     import rqcompile.cli as cli
 
     built = []
-    real = cli._eager_cache
-    monkeypatch.setattr(cli, "_eager_cache", lambda *a: built.append(real(*a)) or built[-1])
+    real = cli._eager_caches
+
+    def recording(*args):
+        make = real(*args)
+        return lambda: built.append(make()) or built[-1]
+
+    monkeypatch.setattr(cli, "_eager_caches", recording)
     flags = ["--calibration-tokens", "32", "--prompt-means"]
     assert main(["eval", *TINY, *flags, "--prefill", "16", "--decode", "8", "--json"]) == 0
     assert built and built[-1].prompt_means and built[-1].rq_config.rope_key_mean is True
