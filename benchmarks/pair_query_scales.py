@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--offsets", default="0,8192,16384")
     p.add_argument("--powers", default="0.25", help="exponents of the ratio to try, comma-separated")
     p.add_argument("--only", default="", help="'|'-separated substrings of the variant names to run")
+    p.add_argument("--seed", type=int, default=0, help="RQConfig.seed: the random rotations' seed")
     p.add_argument("--scale-search", default="", help="comma-separated scale candidates (default: the library's)")
     p.add_argument(
         "--wide-scale-search",
@@ -121,7 +122,7 @@ def main() -> None:
     print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}", flush=True)
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)
-        config = RQConfig(backend=backend, residual_window=args.window, **WIDTHS[widths])
+        config = RQConfig(backend=backend, residual_window=args.window, seed=args.seed, **WIDTHS[widths])
         if args.scale_search:
             config = config.replace(scale_search=tuple(float(c) for c in args.scale_search.split(",")))
         prompt = {  # the drop-in default: the prompt's key means (the offset on: model_config), alone or with
