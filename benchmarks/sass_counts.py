@@ -43,6 +43,8 @@ POINTERS = {
     "pm_ptr": "*fp32",
     "pl_ptr": "*fp32",
     "pacc_ptr": "*fp32",
+    "rope_ptr": "*fp32",
+    "rfreq_ptr": "*fp32",
 }
 DIVISIBLE = (*POINTERS, "sqb", "sqh", "sqt", "Tk", "span")
 SHARED_OPS = re.compile(r"(STS|LDS|LDSM|STSM|BAR|SHFL|HGMMA|HMMA)")
@@ -53,7 +55,7 @@ def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, 
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(POINTERS, qk_scale="fp32")
     const = dict(D=d, KBITS=kb, VBITS=vb, NGK=d // 128, NGV=d // 128, KRB=2, KNB=d // 2, MASK_KIND=mask)
-    const.update(MASK_ROW=False, HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1)
+    const.update(MASK_ROW=False, HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1, ROPE_K=0)
     if not mask:
         const.update(smb=0, smh=0, smt=0, smn=0)
     sig.update({name: "constexpr" for name in const})
