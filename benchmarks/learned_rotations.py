@@ -28,14 +28,12 @@ import time
 
 import torch
 from pair_query_scales import WIDTHS
+from quality_harness import Harness, add_arguments, row
 
 import rqcompile.cache as cache_module
 import rqcompile.quant.quantizer as quantizer_module
-from rqcompile import models
 from rqcompile.cache import RQCache
-from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
-from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 from rqcompile.eval.metrics import cache_kwarg
 from rqcompile.quant.quantizer import _run_table, _search_codes, codebook_size
 from rqcompile.quant.rotations import (
@@ -224,21 +222,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="iso K3V3")
     p.add_argument("--methods", default="random,butterfly,dense")
-    p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--fit-chunk", type=int, default=1024)
     p.add_argument("--sweeps", type=int, default=20)
     p.add_argument("--seeds", default="0", help="rotation seeds (the random rotations, and the fits' starts)")
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--decode", type=int, default=256)
-    p.add_argument("--offsets", default="0,8192,16384")
+    add_arguments(p)
     args = p.parse_args()
-    torch.set_num_threads(1)
-    model, tok = models.load_smollm2()
-    text = stdlib_corpus(tok, args.tokens)
-    lib = calibrate(model, text, key_scale="query", rope_key_mean=True, source="stdlib")
-    calib = Calibration({k: v for k, v in lib.stats.items() if k[2] != "weight"}, "stdlib", lib.rope)
-    windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=int(o)) for o in args.offsets.split(",")]
-    refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
+    harness = Harness.load(args)
+    model, text, calib = harness.model, harness.calibration_text, harness.query_scale_calibration()
     print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, fit on {args.tokens} stdlib tokens")
     for spec, seed in ((s, int(seed)) for s in args.configs.split(",") for seed in args.seeds.split(",")):
         backend, widths = spec.strip().split(" ", 1)
@@ -247,7 +237,7 @@ def main() -> None:
         patch_rotations(None)
         t0 = time.perf_counter()
         fit_inputs = capture_inputs(model, make, text.reshape(-1), args.fit_chunk)
-        held_inputs = capture_inputs(model, make, windows[0].reshape(-1)[: args.prefill], args.prefill)
+        held_inputs = capture_inputs(model, make, harness.windows[0].reshape(-1)[: args.prefill], args.prefill)
         print(f"captured in {time.perf_counter() - t0:.0f}s", flush=True)
         for method in args.methods.split(","):
             t0 = time.perf_counter()
@@ -256,16 +246,9 @@ def main() -> None:
             train = held_out_error(config, fit_inputs, rotations)
             held = held_out_error(config, held_inputs, rotations)
             patch_rotations(rotations)
-            cells, kls = [], []
-            for ids, ref in zip(windows, refs):
-                result = decode_time_ppl(model, ids, make, args.prefill, args.decode, chunk=args.decode)
-                kls.append(kl_divergence(ref, result).mean().item())
-                cells.append(f"{100 * (result.ppl / ref.ppl - 1):+.2f}%")
-            kl = " / ".join(f"{k:.4f}" for k in kls)
             print(
                 f"{spec:14s} seed {seed} {method:10s} rel. error fit {train:.4f} held-out {held:.4f}  "
-                f"{' / '.join(cells)} "
-                f"(KL {kl}; mean {sum(kls) / len(kls):.4f}) fit {fit_s:.0f}s",
+                f"{row(*harness.score(make))} fit {fit_s:.0f}s",
                 flush=True,
             )
         patch_rotations(None)

@@ -25,13 +25,11 @@ import time
 
 import torch
 from pair_query_scales import WIDTHS
+from quality_harness import Harness, add_arguments, row
 
 import rqcompile.cache as cache_module
-from rqcompile import models
 from rqcompile.cache import RQCache
-from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
-from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 from rqcompile.ops import dequantize_state, quantize_state
 from rqcompile.quant.quantizer import QuantState
 from rqcompile.quant.rotations import rotate
@@ -87,18 +85,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="iso K3V3,iso K4/3 V3,iso K3 V3/2")
     p.add_argument("--modes", default="quantizer,matched,rd,rd+norm")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--decode", type=int, default=256)
-    p.add_argument("--offsets", default="0,8192,16384")
+    add_arguments(p)
     args = p.parse_args()
-    torch.set_num_threads(1)
-    model, tok = models.load_smollm2()
-    text = stdlib_corpus(tok, args.tokens)
-    lib = calibrate(model, text, key_scale="query", rope_key_mean=True, source="stdlib")
-    calib = Calibration({k: v for k, v in lib.stats.items() if k[2] != "weight"}, "stdlib", lib.rope)
-    windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=int(o)) for o in args.offsets.split(",")]
-    refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
+    harness = Harness.load(args)
+    calib = harness.query_scale_calibration()
     print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, no window", flush=True)
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)
@@ -107,19 +97,11 @@ def main() -> None:
         for mode in args.modes.split(","):
             errors: list[float] = []
             patch(None if mode == "quantizer" else mode, torch.Generator().manual_seed(0), errors)
-            t0, cells, kls = time.perf_counter(), [], []
-            for ids, ref in zip(windows, refs):
-                result = decode_time_ppl(model, ids, make, args.prefill, args.decode, chunk=args.decode)
-                kls.append(kl_divergence(ref, result).mean().item())
-                cells.append(f"{100 * (result.ppl / ref.ppl - 1):+.2f}%")
+            t0 = time.perf_counter()
+            cells = row(*harness.score(make))
             patch(None, torch.Generator(), [])
             d = f"mean D {sum(errors) / len(errors):.4f}" if errors else "library quantizer"
-            kl = " / ".join(f"{k:.4f}" for k in kls)
-            print(
-                f"{spec:14s} {mode:9s} {d:18s} {' / '.join(cells)} (KL {kl}; mean {sum(kls) / len(kls):.4f}) "
-                f"{time.perf_counter() - t0:.0f}s",
-                flush=True,
-            )
+            print(f"{spec:14s} {mode:9s} {d:18s} {cells} {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from presets import MIXED
+from quality_harness import Harness, add_arguments, row
 
-from rqcompile import models
 from rqcompile.cache import RQCache
 from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
-from rqcompile.eval import decode_time_ppl, kl_divergence, license_corpus, stdlib_corpus
 
 LIBRARY = "+ query key scales ^0.25, calibrate(key_scale='query')"
 WIDTHS = {
@@ -78,10 +76,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="iso K3V3,planar K3V3,rotor K3V3,hadamard K3V3")
     p.add_argument("--window", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--decode", type=int, default=256)
-    p.add_argument("--offsets", default="0,8192,16384")
+    add_arguments(p)
     p.add_argument("--powers", default="0.25", help="exponents of the ratio to try, comma-separated")
     p.add_argument("--only", default="", help="'|'-separated substrings of the variant names to run")
     p.add_argument("--seed", type=int, default=0, help="RQConfig.seed: the random rotations' seed")
@@ -92,11 +87,10 @@ def main() -> None:
         help="research: comma-separated scale candidates for 4-bit K/V states only (the rest keep --scale-search)",
     )
     args = p.parse_args()
-    torch.set_num_threads(1)
     if args.wide_scale_search:
         _wide_scale_search(tuple(float(c) for c in args.wide_scale_search.split(",")))
-    model, tok = models.load_smollm2()
-    text = stdlib_corpus(tok, args.tokens)
+    harness = Harness.load(args)
+    model, text = harness.model, harness.calibration_text
     full = calibrate(
         model, text, key_scale=True, value_scale=True, scale_power=1.0, rope_key_mean=True, source="stdlib"
     )
@@ -117,8 +111,6 @@ def main() -> None:
     stats = {**variants[name].stats, **{(layer, "v", "scale"): s for layer, s in value_scales.items()}}
     name = "+ query key scales (calibrate) + output value scales"
     variants[name] = Calibration(stats, name, lib.rope)
-    windows = [license_corpus(tok, args.prefill + args.decode + 1, offset=int(o)) for o in args.offsets.split(",")]
-    refs = [decode_time_ppl(model, ids, prefill=args.prefill, decode=args.decode, chunk=args.decode) for ids in windows]
     print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}", flush=True)
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)
@@ -139,17 +131,9 @@ def main() -> None:
                 make = lambda c=config, cal=calibration: RQCache(c, calibration=cal, prompt_means=True)  # noqa: E731
             else:
                 make = lambda c=config, cal=calibration: RQCache(c, calibration=cal)  # noqa: E731
-            t0, cells, kls = time.perf_counter(), [], []
-            for ids, ref in zip(windows, refs):
-                result = decode_time_ppl(model, ids, make, args.prefill, args.decode, chunk=args.decode)
-                kls.append(kl_divergence(ref, result).mean().item())
-                cells.append(f"{100 * (result.ppl / ref.ppl - 1):+.2f}%")
-            kl = " / ".join(f"{k:.4f}" for k in kls)
-            print(
-                f"{spec:14s} {name:56s} {' / '.join(cells)} (KL {kl}; mean {sum(kls) / len(kls):.4f}) "
-                f"{time.perf_counter() - t0:.0f}s",
-                flush=True,
-            )
+            t0 = time.perf_counter()
+            cells = row(*harness.score(make))
+            print(f"{spec:14s} {name:56s} {cells} {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":
