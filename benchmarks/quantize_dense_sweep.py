@@ -1,0 +1,66 @@
+"""Bulk quantize with the default rotation (full mixing: one dense [128, 128] block per norm group) on [1, 4, 65536,
+256] bf16, 3 bits, scale search on: the v1 kernel's dense tile (`DEFAULTS["block_t_dense"]` rows per program) and
+warps swept, each against the measured device copy bandwidth, and the fraction of code bytes that differ from the
+default launch's (tiles of another size sum the rotation's dot in another order: float ties only).
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from triton.testing import do_bench
+
+from rqcompile.config import RQConfig
+from rqcompile.kernels import quantize as kq
+from rqcompile.quant import quantizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiles", default="64:4,16:4,32:4,128:4,32:8,64:8,128:8", help="rows:warps, the default first")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    x = torch.randn(1, 4, 65536, 256, device="cuda", dtype=torch.bfloat16)
+    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_bw = 4 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
+    src = dst = None
+    print(f"GPU {torch.cuda.get_device_name(0)}, copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
+    state = quantizer.make_state(RQConfig(residual_window=0), layer_idx=1, kind="k", num_heads=4, head_dim=256)
+    st = state.to("cuda")
+    call = (x, st.rotation, st.mean, st.scale, st.levels, 3, st.group)
+    defaults = dict(kq.DEFAULTS)
+    rows, first = [], None
+    for spec in args.tiles.split(","):
+        block_t, warps = (int(v) for v in spec.split(":"))
+        kq.DEFAULTS.update(block_t_dense=block_t, num_warps=warps)
+        t0 = time.time()
+        codes, norms = kq.launch_quantize(*call, variant="v1")
+        torch.cuda.synchronize()
+        build = time.time() - t0
+        ms = do_bench(lambda: kq.launch_quantize(*call, variant="v1"), return_mode="median")
+        nbytes = x.numel() * 2 + codes.numel() + norms.numel() * 2
+        first = codes if first is None else first
+        differing = (codes != first).float().mean().item()
+        row = {"block_t": block_t, "warps": warps, "ms": ms, "of_copy": nbytes / (ms * 1e-3) / copy_bw}
+        row.update(build_s=build, code_bytes_differing=differing, nan_norms=bool(torch.isnan(norms.float()).any()))
+        rows.append(row)
+        print(
+            f"rows {block_t:4d} warps {warps}: {ms:.3f} ms, {100 * row['of_copy']:.1f}% of copy bandwidth, "
+            f"{differing:.1e} of code bytes differ from the first, build {build:.0f} s",
+            flush=True,
+        )
+    kq.DEFAULTS.update(defaults)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quantize_dense_sweep.json"), "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(0), "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
