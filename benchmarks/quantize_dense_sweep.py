@@ -1,9 +1,12 @@
 """Bulk quantize with the default rotation (full mixing: one dense [128, 128] block per norm group) on [1, 4, 65536,
-256] bf16, 3 bits, scale search on: the v1 kernel's dense tile (`DEFAULTS["block_t_dense"]` rows per program) and
-warps swept, each against the measured device copy bandwidth, and the fraction of code bytes that differ from the
-default launch's (tiles of another size sum the rotation's dot in another order: float ties only).
+256] bf16, 3 bits, scale search on, each launch against the measured device copy bandwidth, with the fraction of
+code bytes that differ from the torch reference's (fp32 on the same GPU; the kernels' tf32x3 dots sum in another
+order: float ties only). Launches: `v1:ROWS:WARPS` (the v1 kernel's dense tile, `DEFAULTS["block_t_dense"]` rows per
+program) and `v2:TILE:WARPS` (the v2 kernel, `DEFAULTS["v2_tile"]` elements per slot tile).
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --out $OUT
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --out $OUT          # session 17, run 2
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py \
+        --tiles v1:64:4,v2:128:4,v2:256:4 --out $OUT                                                # run 3
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from rqcompile.quant import quantizer
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiles", default="64:4,16:4,32:4,128:4,32:8,64:8,128:8", help="rows:warps, the default first")
+    p.add_argument(
+        "--tiles", default="v1:64:4,v1:16:4,v1:32:4,v1:128:4,v1:32:8,v1:64:8,v1:128:8", help="kernel:tile:warps"
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     x = torch.randn(1, 4, 65536, 256, device="cuda", dtype=torch.bfloat16)
@@ -36,24 +41,29 @@ def main() -> None:
     st = state.to("cuda")
     call = (x, st.rotation, st.mean, st.scale, st.levels, 3, st.group)
     defaults = dict(kq.DEFAULTS)
-    rows, first = [], None
+    ref_codes, _ = quantizer.quantize(x, st.rotation, st.mean, st.scale, st.levels, st.widths, st.group)
+    rows = []
     for spec in args.tiles.split(","):
-        block_t, warps = (int(v) for v in spec.split(":"))
-        kq.DEFAULTS.update(block_t_dense=block_t, num_warps=warps)
+        variant, tile, warps = spec.split(":")
+        tile, warps = int(tile), int(warps)
+        if variant == "v1":
+            kq.DEFAULTS.update(defaults, block_t_dense=tile, num_warps=warps)
+        else:
+            kq.DEFAULTS.update(defaults, v2_tile=tile, v2_num_warps=warps)
         t0 = time.time()
-        codes, norms = kq.launch_quantize(*call, variant="v1")
+        codes, norms = kq.launch_quantize(*call, variant=variant)
         torch.cuda.synchronize()
         build = time.time() - t0
-        ms = do_bench(lambda: kq.launch_quantize(*call, variant="v1"), return_mode="median")
+        ms = do_bench(lambda v=variant: kq.launch_quantize(*call, variant=v), return_mode="median")
         nbytes = x.numel() * 2 + codes.numel() + norms.numel() * 2
-        first = codes if first is None else first
-        differing = (codes != first).float().mean().item()
-        row = {"block_t": block_t, "warps": warps, "ms": ms, "of_copy": nbytes / (ms * 1e-3) / copy_bw}
-        row.update(build_s=build, code_bytes_differing=differing, nan_norms=bool(torch.isnan(norms.float()).any()))
+        differing = (codes != ref_codes).float().mean().item()
+        row = {"variant": variant, "tile": tile, "warps": warps, "ms": ms, "of_copy": nbytes / (ms * 1e-3) / copy_bw}
+        row.update(build_s=build, code_bytes_differing_from_reference=differing)
+        row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
         print(
-            f"rows {block_t:4d} warps {warps}: {ms:.3f} ms, {100 * row['of_copy']:.1f}% of copy bandwidth, "
-            f"{differing:.1e} of code bytes differ from the first, build {build:.0f} s",
+            f"{variant} tile {tile:4d} warps {warps}: {ms:.3f} ms, {100 * row['of_copy']:.1f}% of copy bandwidth, "
+            f"{differing:.1e} of code bytes differ from the reference, build {build:.0f} s",
             flush=True,
         )
     kq.DEFAULTS.update(defaults)

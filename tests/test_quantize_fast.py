@@ -38,8 +38,9 @@ def _interpret_mode(monkeypatch):
         kquant = importlib.reload(kquant)
 
 
-def _inputs(backend, bits, dim, tokens, search, device="cpu", batch=2, heads=2, seed=0):
-    config = {} if search else {"scale_search": ()}
+def _inputs(backend, bits, dim, tokens, search, device="cpu", batch=2, heads=2, seed=0, **config):
+    if not search:
+        config["scale_search"] = ()
     st = tk._state(backend, bits, "k", heads, dim, device, seed=seed, **config)
     g = torch.Generator().manual_seed(seed + 3)
     x = (torch.randn(batch, tokens, heads, dim, generator=g) * 2).to(device).transpose(1, 2)  # strided, as K/V
@@ -76,6 +77,27 @@ def test_v2_codes_equal_v1_and_reference(backend, bits, dim, search):
         assert rel.max().item() < 1e-3
 
 
+DENSE_CASES = [  # the dense per-group rotations: full mixing (the default's) and hadamard; one dot per 1, 2, 4 slots
+    ("iso", 3, 256, True, {"rotation_stages": "full"}),  # g = 128: 8 words per slot, 2 slots per dot, two groups
+    ("planar", 4, 128, False, {"rotation_stages": "full"}),  # 4 bits: 16 words per slot, 1 slot per dot
+    ("hadamard", 2, 64, True, {}),  # g = 64: 4 words per slot, 4 slots per dot
+    ("rotor", 3, 64, False, {"rotation_stages": "full"}),
+]
+
+
+@pytest.mark.parametrize("backend,bits,dim,search,config", DENSE_CASES)
+def test_v2_dense_rotation_codes_match_v1_and_reference(backend, bits, dim, search, config):
+    """The dense rotation as tl.dot into the slot tiles: the same codes as v1 and the reference up to float ties
+    (the dot sums in another order than the reference's einsum), judged as tests/test_kernels.py judges v1."""
+    st, x, params = _inputs(backend, bits, dim, 19, search, **config)
+    assert st.rotation.shape[-1] == st.group and kquant.v2_applies(dim, st.group, bits, st.group)
+    c2, n2 = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
+    c1, n1 = kquant.launch_quantize(x, *params, bits, st.group, variant="v1")
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    tk._check_codes(c2, n2, rc, rn, x, st)
+    tk._check_codes(c2, n2, c1, n1, x, st)
+
+
 def test_v2_zero_and_nan_rows():
     st, x, params = _inputs("planar", 3, 64, 5, True)
     x = x.clone()
@@ -89,8 +111,9 @@ def test_v2_zero_and_nan_rows():
 
 
 def test_v2_falls_back_to_v1_where_it_does_not_apply():
-    """The dense (hadamard) rotation and calibrated layouts/perms take the v1 kernel under variant="v2"."""
-    st, x, params = _inputs("hadamard", 3, 64, 7, True)
+    """Dense rotations over fewer than 64 coordinates and calibrated layouts/perms take the v1 kernel under
+    variant="v2"."""
+    st, x, params = _inputs("hadamard", 3, 64, 7, True, norm_group=32)
     assert not kquant.v2_applies(64, st.rotation.shape[-1], 3, st.group)
     c1, n1 = kquant.launch_quantize(x, *params, 3, st.group, variant="v1")
     c2, n2 = kquant.launch_quantize(x, *params, 3, st.group, variant="v2")
@@ -221,6 +244,33 @@ def test_v2_gpu(backend, bits, search):
     for dim, tokens, batch, heads in ((256, 3000, 2, 4), (128, 1001, 3, 2)):
         st, x, params = _inputs(backend, bits, dim, tokens, search, "cuda", batch, heads, seed=dim + bits)
         x = x.to(torch.bfloat16)
+        tk._poison("cuda")
+        c2, n2 = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
+        torch.cuda.synchronize()
+        tk._poison("cuda")
+        c1, n1 = kquant.launch_quantize(x, *params, bits, st.group, variant="v1")
+        rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+        tk._check_codes(c2, n2, c1, n1, x, st)
+        tk._check_codes(c2, n2, rc, rn, x, st)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "backend,bits,search,config",
+    [
+        ("iso", 3, True, {"rotation_stages": "full"}),  # the default config's quantizer
+        ("planar", 2, True, {"rotation_stages": "full"}),
+        ("hadamard", 4, False, {}),
+    ],
+)
+def test_v2_dense_gpu(backend, bits, search, config):
+    """Real sizes, fresh random inputs, outputs poisoned first: v2 with a dense rotation (tf32x3 dots) against v1
+    and the reference."""
+    for dim, tokens, batch, heads in ((256, 3000, 2, 4), (64, 1001, 3, 2)):
+        st, x, params = _inputs(backend, bits, dim, tokens, search, "cuda", batch, heads, seed=dim + bits, **config)
+        x = x.to(torch.bfloat16)
+        assert kquant.v2_applies(dim, st.rotation.shape[-1], bits, st.group)
         tk._poison("cuda")
         c2, n2 = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
         torch.cuda.synchronize()

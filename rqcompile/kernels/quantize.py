@@ -426,6 +426,50 @@ def _slot_level(u, lev, thr, NL: tl.constexpr):
 
 
 @triton.jit
+def _dense_slots(
+    x_row,
+    t_ok,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    h,
+    g,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NB: tl.constexpr,
+    P: tl.constexpr,
+    J: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """The dense rotation (full mixing, hadamard: one [G, G] block per norm group) into v2's slot tiles: a tuple of P
+    [BLOCK_T, J] tiles (slot s holds rotated coordinates j * P + s) and the group's squared norm per (row, word).
+    The group is rotated as v1 rotates it (`_rotate_dense`, tl.dot over chunks of the input), then its [BLOCK_T, J, P]
+    columns are split into slots, one bit of s per `tl.split`."""
+    y = _rotate_dense(
+        x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, mean_ptr, h, g, D, G, NB, False, DOT_PREC, BLOCK_T
+    )  # perm_ptr unused (PERM=False)
+    LOG2P: tl.constexpr = 4 if P == 16 else 3
+    if P == 16:
+        parts = (tl.reshape(y, [BLOCK_T, J, 2, 2, 2, 2]),)
+    else:
+        parts = (tl.reshape(y, [BLOCK_T, J, 2, 2, 2]),)
+    for level in tl.static_range(LOG2P):  # split the lowest bit of s left: all the 0 halves, then all the 1 halves
+        zeros = ()
+        ones = ()
+        for i in tl.static_range(1 << level):
+            lo, hi = tl.split(parts[i])
+            zeros = zeros + (lo,)
+            ones = ones + (hi,)
+        parts = zeros + ones  # parts[s]: the bits of s split so far
+    ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+    for s in tl.static_range(P):
+        ss += parts[s] * parts[s]
+    return parts, ss
+
+
+@triton.jit
 def _quantize_v2_kernel(
     x_ptr,
     sxb,
@@ -451,6 +495,7 @@ def _quantize_v2_kernel(
     BLOCK_T: tl.constexpr,
     NA: tl.constexpr,
     FMA_DIV: tl.constexpr,
+    DOT_PREC: tl.constexpr = "ieee",
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -478,7 +523,11 @@ def _quantize_v2_kernel(
     for g in tl.static_range(NG):
         # x, mean, scale of each slot -> u (the rotation's input) per slot
         us = ()
-        if P % RB == 0:
+        if RB == G:
+            ys, ss = _dense_slots(
+                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, h, g, D, G, NB, P, J, DOT_PREC, BLOCK_T
+            )
+        elif P % RB == 0:
             for s in tl.static_range(P):
                 col = g * G + jj * P + s
                 xv = tl.load(x_row + col[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
@@ -487,9 +536,10 @@ def _quantize_v2_kernel(
                 rs = tl.load(rs_ptr + h * D + col)
                 us = us + (_div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV),)
         # rotation per slot; the group's squared norm
-        ys = ()
-        ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
-        for s in tl.static_range(P):
+        if RB != G:
+            ys = ()
+            ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+        for s in tl.static_range(P if RB != G else 0):
             col = g * G + jj * P + s
             blk = col // RB
             y = tl.zeros([BLOCK_T, J], dtype=tl.float32)
@@ -700,6 +750,10 @@ DEFAULTS = {"block_t": 8, "block_t_dense": 64, "lut": 0, "num_warps": 4, "reshap
 # `launch_quantize(variant=...)` default, and the "v2" kernel's launch: `v2_tile` elements per slot tile
 # ([BLOCK_T, G/P], BLOCK_T = v2_tile // (G/P)), `v2_num_warps` warps. "v1" until v2 is timed on the device.
 DEFAULTS.update({"quantize_variant": "v1", "v2_tile": 128, "v2_num_warps": 4})
+# A dense per-group rotation (full mixing, the default config's; hadamard) takes v2 where it applies: on the H200
+# (session 17, benchmarks/quantize_dense_sweep.py) a [1, 4, 65536, 256] bf16 write in 1.55 ms against v1's 3.23 ms,
+# codes off the fp32 reference's in 1.5e-5 of bytes against v1's 1.7e-5 (both sum the rotation in tf32x3 dots).
+DEFAULTS["quantize_variant_dense"] = "v2"
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -773,10 +827,12 @@ def _fma_exact() -> bool:
 
 
 def v2_applies(dim: int, rb: int, bits: int, group: int, layout: str = "", perm=None) -> bool:
-    """Whether the "v2" quantize kernel covers this call: one width in 2..4, a block rotation (b <= 4), no perm,
-    and at least one stored word per norm group (P = 16 codes for 2/3 bits, 8 for 4 bits); else v1 runs."""
+    """Whether the "v2" quantize kernel covers this call: one width in 2..4, a block rotation (b <= 4) or a dense
+    one per norm group (b = g >= 64: full mixing, hadamard), no perm, and at least one stored word per norm group
+    (P = 16 codes for 2/3 bits, 8 for 4 bits); else v1 runs."""
     slots = 8 if bits == 4 else 16
-    return layout == "" and perm is None and rb <= 4 and group % slots == 0 and dim % group == 0
+    rotation_ok = rb <= 4 or (rb == group and group >= 64 and group & (group - 1) == 0)
+    return layout == "" and perm is None and rotation_ok and group % slots == 0 and dim % group == 0
 
 
 def launch_quantize(
@@ -786,7 +842,8 @@ def launch_quantize(
 
     `widths` (one per stored coordinate) replaces `bits`, and `perm` [H, d] is the channel order the rotation
     reads (calibrated bit allocation). `variant`: "v1", "v2" or "rows" (None: "rows" for a call of at most
-    `DEFAULTS["rows_max_tokens"]` tokens, else `DEFAULTS["quantize_variant"]`); "v2" and "rows" run only where
+    `DEFAULTS["rows_max_tokens"]` tokens, else `DEFAULTS["quantize_variant_dense"]` for a dense rotation and
+    `DEFAULTS["quantize_variant"]` for blocks); "v2" and "rows" run only where
     `v2_applies` / `rows_apply` say, other calls take v1. All write the same codes and norms (up to float ties)."""
     import torch
 
@@ -803,7 +860,7 @@ def launch_quantize(
         return codes, norms
     if variant is None:
         few = isinstance(tokens, int) and tokens <= DEFAULTS["rows_max_tokens"]
-        variant = "rows" if few else DEFAULTS["quantize_variant"]
+        variant = "rows" if few else DEFAULTS["quantize_variant_dense" if dense else "quantize_variant"]
     if variant not in ("v1", "v2", "rows"):
         raise ValueError(f"unknown quantize variant {variant!r}")
     if variant == "rows":
@@ -815,6 +872,8 @@ def launch_quantize(
     if variant == "v2" and v2_applies(dim, rb, bits, group, layout, perm):
         slots = 8 if bits == 4 else 16
         bt = max(1, DEFAULTS["v2_tile"] // (group // slots))
+        if dense:
+            bt = max(bt, 16)  # the rotation's tl.dot needs 16 rows
         levels = levels.contiguous()
         na = levels.numel() - codebook
         scale = scale.contiguous()
@@ -857,6 +916,7 @@ def launch_quantize(
             BLOCK_T=bt,
             NA=na,
             FMA_DIV=_fma_exact(),
+            DOT_PREC=dot_precision(),
             num_warps=DEFAULTS["v2_num_warps"],
         )
         return codes, norms
