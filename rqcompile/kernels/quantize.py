@@ -1,8 +1,10 @@
 """Triton kernels for rq::quantize and rq::dequantize (docs/FORMAT.md), one pass over the K/V rows.
 
 Quantize: per program a tile of `BLOCK_T` tokens of one (batch, KV head); per norm group: rotate (block-diagonal
-b <= 4 as `b` gathered loads + FMAs; dense b == g, the hadamard backend, as one fp32 `tl.dot` per group), group
-norm, codes = number of decision boundaries exceeded (exactly the reference's rule), corrected norm, bit packing.
+b <= 4 as `b` gathered loads + FMAs; dense b == g, full mixing and the hadamard backend, as fp32 `tl.dot`s per
+group), group norm, codes = number of decision boundaries exceeded (exactly the reference's rule), corrected norm,
+bit packing. Three kernels: v1 (`_quantize_kernel`, every layout), v2 (slot tiles, below) and the decode step's rows
+kernel (quantize_rows.py); `launch_quantize` picks one.
 Dequantize: the inverse, used by the prefill path (dequantize + SDPA) and rq::dequantize on CUDA.
 
 Calibrated bit allocation (a `perm` and per-coordinate widths): the same kernels, specialized on the layout string
@@ -334,7 +336,7 @@ def _quantize_kernel(
             _pack_store(code, codes_ptr + out_tok[:, None] * CB, t_ok, g, G, D, BITS, BLOCK_T)
 
 
-# ---------------------------------------------------------------- variant "v2" (uniform widths, block rotations)
+# -------------------------------------------------------------- variant "v2" (uniform widths, block or dense rotations)
 #
 # The norm group is held as P "slot" tiles [BLOCK_T, G/P]: slot s holds the coordinates P*j + s of the group, so
 # the codes of one stored word (P = 16 codes of 2 bits in an int32, 16 bits of the 1-bit plane in an int16, 8
@@ -345,6 +347,8 @@ def _quantize_kernel(
 # division per element. _v2_prep_kernel computes them once per launch as vectors into a scratch tensor (an
 # unrolled per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per
 # channel for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient).
+# A dense per-group rotation (full mixing, hadamard) is v1's tf32x3 `tl.dot`, its output split into the slot tiles
+# (_dense_slots); the default for dense bulk writes since session 17 (DEFAULTS["quantize_variant_dense"]).
 
 
 @triton.jit
