@@ -266,9 +266,16 @@ def test_div_rcp_is_the_correctly_rounded_quotient():
 @pytest.mark.parametrize("search", [True, False])
 def test_v2_gpu(backend, bits, search):
     """Real sizes, fresh random inputs, outputs poisoned first: v2 against v1 and the reference."""
-    for dim, tokens, batch, heads in ((256, 3000, 2, 4), (128, 1001, 3, 2)):
-        st, x, params = _inputs(backend, bits, dim, tokens, search, "cuda", batch, heads, seed=dim + bits)
+    _v2_against_v1_and_reference_gpu(backend, bits, search, ((256, 3000, 2, 4), (128, 1001, 3, 2)))
+
+
+def _v2_against_v1_and_reference_gpu(backend, bits, search, shapes, **config):
+    """For each (head_dim, tokens, batch, heads): v2's codes and norms against v1's and the reference's, each kernel
+    writing into freshly poisoned memory."""
+    for dim, tokens, batch, heads in shapes:
+        st, x, params = _inputs(backend, bits, dim, tokens, search, "cuda", batch, heads, seed=dim + bits, **config)
         x = x.to(torch.bfloat16)
+        assert kquant.v2_applies(dim, st.rotation.shape[-1], bits, st.group)
         tk._poison("cuda")
         c2, n2 = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
         torch.cuda.synchronize()
@@ -292,15 +299,4 @@ def test_v2_gpu(backend, bits, search):
 def test_v2_dense_gpu(backend, bits, search, config):
     """Real sizes, fresh random inputs, outputs poisoned first: v2 with a dense rotation (tf32x3 dots) against v1
     and the reference."""
-    for dim, tokens, batch, heads in ((256, 3000, 2, 4), (64, 1001, 3, 2)):
-        st, x, params = _inputs(backend, bits, dim, tokens, search, "cuda", batch, heads, seed=dim + bits, **config)
-        x = x.to(torch.bfloat16)
-        assert kquant.v2_applies(dim, st.rotation.shape[-1], bits, st.group)
-        tk._poison("cuda")
-        c2, n2 = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
-        torch.cuda.synchronize()
-        tk._poison("cuda")
-        c1, n1 = kquant.launch_quantize(x, *params, bits, st.group, variant="v1")
-        rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
-        tk._check_codes(c2, n2, c1, n1, x, st)
-        tk._check_codes(c2, n2, rc, rn, x, st)
+    _v2_against_v1_and_reference_gpu(backend, bits, search, ((256, 3000, 2, 4), (64, 1001, 3, 2)), **config)
