@@ -10,7 +10,9 @@ pre-RoPE offset, the sink token. D is
   error acts like Gaussian noise of that size (a check of the model, not a bound);
 - `rd`: `2^(-2b)`, the distortion-rate function of a Gaussian source at b bits per coordinate, the least any
   quantizer of i.i.d. Gaussian coordinates can reach at that rate, however long its blocks;
-- `rd+norm`: `2^(-2(b + 16/g))`: the same with the fp16 norm's bits spent on the coordinates too.
+- `rd+norm`: `2^(-2(b + 16/g))`: the same with the fp16 norm's bits spent on the coordinates too;
+- `gain:X`: the matched D lowered by X dB, what a quantizer X dB better than the scalar codebook would reach by this
+  model (published granular gains: ~0.65 dB for the E8 lattice, ~1-1.5 dB for trellis-coded quantization).
 
 Harness: the presets' 1K harness (prefill 512, 256 teacher-forced steps in one chunk, license windows 0 / 8192 /
 16384, no window), `RQCache(config, calibration=calibrate(key_scale="query"), prompt_means=True)`.
@@ -53,9 +55,11 @@ def noisy(mode: str, generator: torch.Generator, errors: list[float]):
     def quantize(x: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, torch.Tensor]:
         bits = state.bits
         y = _groups(x, state)
-        if mode == "matched":
+        if mode == "matched" or mode.startswith("gain:"):
             real = _groups(dequantize_state(*quantize_state(x, state), state, torch.float32), state)
             d = float((real - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
+            if mode.startswith("gain:"):
+                d *= 10 ** (-float(mode.split(":")[1]) / 10)
         elif mode == "rd":
             d = 2.0 ** (-2 * bits)
         elif mode == "rd+norm":
