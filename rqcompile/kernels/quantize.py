@@ -430,6 +430,64 @@ def _slot_level(u, lev, thr, NL: tl.constexpr):
 
 
 @triton.jit
+def _block_slots(
+    x_row,
+    t_ok,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    rs_ptr,
+    h,
+    g,
+    jj,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    P: tl.constexpr,
+    J: tl.constexpr,
+    FMA_DIV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """A block rotation (b <= 4) into v2's slot tiles, as `_dense_slots` returns them: u per slot (x, mean, scale of
+    each slot), then each slot's rotated coordinate from the b slots of its block; blocks that straddle slots (rotor,
+    b = 3) gather their inputs instead."""
+    us = ()
+    if P % RB == 0:
+        for s in tl.static_range(P):
+            col = g * G + jj * P + s
+            xv = tl.load(x_row + col[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+            mu = tl.load(mean_ptr + h * D + col)
+            sc = tl.load(scale_ptr + h * D + col)
+            rs = tl.load(rs_ptr + h * D + col)
+            us = us + (_div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV),)
+    ys = ()
+    ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+    for s in tl.static_range(P):
+        col = g * G + jj * P + s
+        blk = col // RB
+        y = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+        for k in tl.static_range(RB):
+            if P % RB == 0:
+                coef = tl.load(rot_ptr + ((h * NB + blk) * RB + s % RB) * RB + k)
+                y += coef[None, :] * us[s - s % RB + k]
+            else:  # blocks straddle slots (rotor, b = 3): gathered loads of the block's inputs
+                coef = tl.load(rot_ptr + ((h * NB + blk) * RB + col % RB) * RB + k)
+                src = blk * RB + k
+                sv = src < D
+                xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
+                mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
+                sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
+                rs = tl.load(rs_ptr + h * D + src, mask=sv, other=1.0)
+                u = _div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV)
+                y += coef[None, :] * tl.where(sv[None, :], u, 0.0)
+        ys = ys + (y,)
+        ss += y * y
+    return ys, ss
+
+
+@triton.jit
 def _dense_slots(
     x_row,
     t_ok,
@@ -525,44 +583,15 @@ def _quantize_v2_kernel(
         for k in tl.static_range(NL - 1):
             thr = thr + (_float_up((lev[k] + lev[k + 1]) * 0.5),)
     for g in tl.static_range(NG):
-        # x, mean, scale of each slot -> u (the rotation's input) per slot
-        us = ()
+        # the group rotated into slot tiles, and its squared norm per (row, word)
         if RB == G:
             ys, ss = _dense_slots(
                 x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, h, g, D, G, NB, P, J, DOT_PREC, BLOCK_T
             )
-        elif P % RB == 0:
-            for s in tl.static_range(P):
-                col = g * G + jj * P + s
-                xv = tl.load(x_row + col[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
-                mu = tl.load(mean_ptr + h * D + col)
-                sc = tl.load(scale_ptr + h * D + col)
-                rs = tl.load(rs_ptr + h * D + col)
-                us = us + (_div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV),)
-        # rotation per slot; the group's squared norm
-        if RB != G:
-            ys = ()
-            ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
-        for s in tl.static_range(P if RB != G else 0):
-            col = g * G + jj * P + s
-            blk = col // RB
-            y = tl.zeros([BLOCK_T, J], dtype=tl.float32)
-            for k in tl.static_range(RB):
-                if P % RB == 0:
-                    coef = tl.load(rot_ptr + ((h * NB + blk) * RB + s % RB) * RB + k)
-                    y += coef[None, :] * us[s - s % RB + k]
-                else:  # blocks straddle slots (rotor, b = 3): gathered loads of the block's inputs
-                    coef = tl.load(rot_ptr + ((h * NB + blk) * RB + col % RB) * RB + k)
-                    src = blk * RB + k
-                    sv = src < D
-                    xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
-                    mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
-                    sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
-                    rs = tl.load(rs_ptr + h * D + src, mask=sv, other=1.0)
-                    u = _div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV)
-                    y += coef[None, :] * tl.where(sv[None, :], u, 0.0)
-            ys = ys + (y,)
-            ss += y * y
+        else:
+            ys, ss = _block_slots(
+                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, rs_ptr, h, g, jj, D, G, RB, NB, P, J, FMA_DIV, BLOCK_T
+            )
         n = tl.sqrt_rn(tl.sum(ss, axis=1))
         inv_ok = n[:, None] > 0
         nd = tl.maximum(n, TINY)[:, None]
