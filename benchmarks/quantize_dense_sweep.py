@@ -2,7 +2,7 @@
 256] bf16, 3 bits, scale search on, each launch against the measured device copy bandwidth, with the fraction of
 code bytes that differ from the torch reference's (fp32 on the same GPU; the kernels' tf32x3 dots sum in another
 order: float ties only). Launches: `v1:ROWS:WARPS` (the v1 kernel's dense tile, `DEFAULTS["block_t_dense"]` rows per
-program) and `v2:TILE:WARPS` (the v2 kernel, `DEFAULTS["v2_tile"]` elements per slot tile).
+program) and `v2:TILE:WARPS` (the v2 kernel, `DEFAULTS["v2_tile_dense"]` elements per slot tile, at most 64 rows).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --out $OUT          # session 17, run 2
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py \
@@ -49,7 +49,7 @@ def main() -> None:
         if variant == "v1":
             kq.DEFAULTS.update(defaults, block_t_dense=tile, num_warps=warps)
         else:
-            kq.DEFAULTS.update(defaults, v2_tile=tile, v2_num_warps=warps)
+            kq.DEFAULTS.update(defaults, v2_tile_dense=tile, v2_num_warps=warps)
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
         torch.cuda.synchronize()

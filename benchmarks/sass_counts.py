@@ -9,7 +9,8 @@ The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install 
     .venv/bin/python -m pip install --no-deps --target /tmp/t36 triton==3.6.0
     PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py "kb=3,vb=3" "kernel=split,kb=3,vb=3,maxnreg=128"
 
-Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), maxnreg, stages.
+Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), maxnreg, stages,
+ablate (keys-m's timing ablations, attention.ABLATIONS bits), kpre (keys-m's KPREFETCH).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ DIVISIBLE = (*POINTERS, "sqb", "sqh", "sqt", "Tk", "span")
 SHARED_OPS = re.compile(r"(STS|LDS|LDSM|STSM|BAR|SHFL|HGMMA|HMMA)")
 
 
-def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, d=256):
+def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, d=256, ablate=0, kpre=0):
     fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(POINTERS, qk_scale="fp32")
@@ -58,6 +59,8 @@ def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, 
     const.update(MASK_ROW=False, HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1, ROPE_K=0)
     if not mask:
         const.update(smb=0, smh=0, smt=0, smn=0)
+    if kernel == "keys-m":
+        const.update(ABLATE=ablate, KPREFETCH=bool(kpre))
     sig.update({name: "constexpr" for name in const})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if sig[n] != "constexpr"}
     options = {"num_warps": 4, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}

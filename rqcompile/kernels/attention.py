@@ -71,6 +71,7 @@ LOG2E = 1.4426950408889634
 # "keys-m" = _attn_keys_m_kernel (keys as the M side, K decoded straight into the mma's registers), taken where it
 # applies (keys_m_applies) and the split kernel elsewhere. keys-m is the default since it was timed on the H200
 # (benchmarks/NOTES.md v10: at batch 8 4-9% less time, 13-15% with kv_len as apply passes it; batch 1 within 3%)
+# k_prefetch: keys-m reads the K code words one tile ahead into registers (v12, session 18: -9 to -12% on the H200)
 DEFAULTS = {
     "block_n": 64,
     "num_warps": 4,
@@ -79,6 +80,7 @@ DEFAULTS = {
     "maxnreg": 128,
     "decode": 1,
     "variant": "keys-m",
+    "k_prefetch": True,
 }
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 VARIANTS = ("split", "keys-m")
@@ -216,6 +218,20 @@ PRMT_ASM4 = tl.constexpr(_prmt_steps.asm(4))
 PRMT_CON2 = tl.constexpr(_prmt_steps.constraints(2))
 PRMT_CON3 = tl.constexpr(_prmt_steps.constraints(3))
 PRMT_CON4 = tl.constexpr(_prmt_steps.constraints(4))
+
+# Timing ablations of the keys-m kernel (launch_attention(ablate=...), benchmarks/attn_profile.py): each bit replaces
+# one part of the loop by a no-op so that a device run can say what that part costs. Their outputs are wrong by
+# design. The decode ablations keep every load: the words' bits are handed on as fp16 values by register moves
+# (NOP_ASM*), so memory traffic, layouts and mmas stay as they are and only the table lookups go. The dot ablations
+# drop a dot and, with it, the loads that fed it; "v-loads" keeps V's dot and its trip through shared memory but
+# feeds it a tile made from the norms instead of the codes.
+ABLATIONS = {"k-decode": 1, "v-decode": 2, "v-dot": 4, "k-dot": 8, "v-loads": 16}
+NOP_ASM2 = tl.constexpr(" ".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, $16;" for i in range(8)))
+NOP_ASM3 = tl.constexpr(" ".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, ${16 + i % 2};" for i in range(8)))
+NOP_ASM4 = tl.constexpr(" ".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, $8;" for i in range(4)))
+NOP_CON2 = tl.constexpr(",".join(["=h"] * 16 + ["r"]))
+NOP_CON3 = tl.constexpr(",".join(["=h"] * 16 + ["r", "r"]))
+NOP_CON4 = tl.constexpr(",".join(["=h"] * 8 + ["r"]))
 
 
 @triton.jit
@@ -370,12 +386,26 @@ def _prmt_asm(w, hh, tab, BITS: tl.constexpr):
 
 
 @triton.jit
+def _nop_asm(w, hh, BITS: tl.constexpr):
+    """_prmt_asm's outputs without its work (DECODE 3, timing ablations only): the words' bits as fp16 values."""
+    if BITS == 2:
+        out = tl.inline_asm_elementwise(NOP_ASM2, NOP_CON2, [w], dtype=(tl.float16,) * 16, is_pure=True, pack=1)
+    elif BITS == 3:
+        out = tl.inline_asm_elementwise(NOP_ASM3, NOP_CON3, [w, hh], dtype=(tl.float16,) * 16, is_pure=True, pack=1)
+    else:
+        out = tl.inline_asm_elementwise(NOP_ASM4, NOP_CON4, [w], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
 def _decode_words(w, hh, tab, BITS: tl.constexpr, DECODE: tl.constexpr):
     """The prmt decode of every word of w (hh: 3 bits' high-plane halfwords), joined into w.shape + [2, ..., 2]:
     the first join makes the slowest new axis, so pairing element i with i + n/2 at every level leaves the
     values in output order, a plain reshape away from [.., words * values]."""
     if DECODE == 1:
         out = _prmt_asm(w, hh, tab, BITS)
+    elif DECODE == 3:
+        out = _nop_asm(w, hh, BITS)
     else:
         out = _prmt_emulated(w, hh, tab, BITS)
     if BITS == 4:
@@ -423,7 +453,7 @@ def _tile_prmt(
     else:
         hh = w
     tile = _spread_chunks(tl.reshape(_decode_words(w, hh, tab, BITS, DECODE), [BLOCK_N, D // PARTS]), BITS)
-    if DECODE == 1 and OPAQUE:
+    if (DECODE == 1 or DECODE == 3) and OPAQUE:
         tile = _opaque(tile)
     return tile
 
@@ -854,8 +884,9 @@ def _fragment_rows(x):
 
 
 @triton.jit
-def _key_fragment(krow, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: tl.constexpr, PART: tl.constexpr):
-    """fp16 [64, 128] decoded K values of coordinates PART * 128.. in the A fragment's layout (see above): `krow`
+def _key_words(krow, n_ok, D: tl.constexpr, BITS: tl.constexpr, PART: tl.constexpr):
+    """The code words _key_decode turns into the K fragment of coordinates PART * 128.., as loaded: [lane t, key,
+    word u] (and 3 bits' high-plane halfwords in the same layout; the low words again at 2 and 4 bits). `krow`
     points at each loaded key's words (keys in _fragment_rows' source order)."""
     if BITS == 4:
         PER: tl.constexpr = 8
@@ -865,11 +896,11 @@ def _key_fragment(krow, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: 
     NW: tl.constexpr = 128 // (4 * PER)  # words per thread and key
     # loaded as [lane t, key, word u]: Triton lays a load out by the contiguity of its offsets, fastest first, ties
     # in axis order, so this makes u the vector (registers), then 4 lanes along t, 8 along keys, warps along keys
-    # (the fragment's rows); [key, t, u] put 32 lanes along the keys. Permuted to [key, t, u] in registers.
+    # (the fragment's rows); [key, t, u] put 32 lanes along the keys. _key_decode permutes to [key, t, u].
     t = tl.arange(0, 4)
     u = tl.arange(0, NW)
     wi = PART * (128 // PER) + t[:, None, None] * NW + u[None, None, :]
-    w = tl.permute(tl.load(krow[None, :, None] + wi, mask=n_ok[None, :, None], other=0), (1, 0, 2))
+    w = tl.load(krow[None, :, None] + wi, mask=n_ok[None, :, None], other=0)
     if BITS == 3:  # the high-plane halfwords of words (t, u): halfword 2W + PART * 8 + NW * t + u, the same layout
         hrow = krow.to(tl.pointer_type(tl.int16))
         hi = tl.load(
@@ -877,11 +908,33 @@ def _key_fragment(krow, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: 
             mask=n_ok[None, :, None],
             other=0,
         )
+    else:
+        hi = w
+    return w, hi
+
+
+@triton.jit
+def _key_decode(w, hi, tab, BITS: tl.constexpr, DECODE: tl.constexpr):
+    """fp16 [64, 128] decoded K values in the A fragment's layout (see above) from _key_words' words."""
+    if BITS == 4:
+        PER: tl.constexpr = 8
+    else:
+        PER: tl.constexpr = 16
+    NW: tl.constexpr = 128 // (4 * PER)
+    w = tl.permute(w, (1, 0, 2))
+    if BITS == 3:
         hh = tl.permute(hi, (1, 0, 2)).to(tl.int32)
     else:
         hh = w
     tile = tl.reshape(_decode_words(w, hh, tab, BITS, DECODE), [64, 128])  # column (t * NW + u) * PER + value
     return _fragment_rows(_fragment_columns(tile, NW, PER))
+
+
+@triton.jit
+def _key_fragment(krow, n_ok, tab, D: tl.constexpr, BITS: tl.constexpr, DECODE: tl.constexpr, PART: tl.constexpr):
+    """fp16 [64, 128] decoded K values of coordinates PART * 128.. in the A fragment's layout (see above)."""
+    w, hi = _key_words(krow, n_ok, D, BITS, PART)
+    return _key_decode(w, hi, tab, BITS, DECODE)
 
 
 @triton.jit
@@ -964,8 +1017,13 @@ def _attn_keys_m_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr = 1,
+    ABLATE: tl.constexpr = 0,
+    KPREFETCH: tl.constexpr = False,
 ):
-    """_attn_split_kernel's contract (same arguments, same partial outputs) with keys as the mma's M side."""
+    """_attn_split_kernel's contract (same arguments, same partial outputs) with keys as the mma's M side.
+    ABLATE: timing ablations only (ABLATIONS), 0 in every real launch."""
+    KDECODE: tl.constexpr = 3 if ABLATE & 1 else DECODE
+    VDECODE: tl.constexpr = 3 if ABLATE & 2 else DECODE
     tl.static_assert(BLOCK_N == 64)
     tl.static_assert(D // NGK == 128 and D // NGV == 128)
     split, bh, b, h, rows, m_ok, hq, tq, qoff = _query_rows(sqb, sqh, sqt, H, REP, Tq, M, BLOCK_M)
@@ -1004,6 +1062,14 @@ def _attn_keys_m_kernel(
     # the norms are read one tile ahead: Triton's pipeliner stages only the loads that feed a dot, and these plain
     # loads, consumed in the same iteration, left every warp waiting on global memory (ncu, benchmarks/NOTES.md v10)
     nk0, nk1, nv0, nv1 = _tile_norms(knb, vnb, n_lo + i, n_hi, NGK, NGV)
+    # KPREFETCH: the K code words too, into registers by plain loads one tile ahead, instead of the pipeliner's
+    # asynchronous copies through shared memory (whose buffer, [t, key, u] in row-major order, puts the four t lanes
+    # of a key on one bank: 4-way conflicts on both the copy and the read; ncu, session 18)
+    nl = n_lo + load_order
+    kw0, kh0 = _key_words(kbase + nl.to(tl.int64) * CWK, nl < n_hi, D, KBITS, 0)
+    kw1, kh1 = kw0, kh0
+    if NGK == 2:
+        kw1, kh1 = _key_words(kbase + nl.to(tl.int64) * CWK, nl < n_hi, D, KBITS, 1)
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + i
         n_ok = n < n_hi
@@ -1013,9 +1079,22 @@ def _attn_keys_m_kernel(
         nk0_next, nk1_next, _, _ = _tile_norms(knb, vnb, n + BLOCK_N, n_hi, NGK, NGV)
         _, _, nv0, nv1 = _tile_norms(knb, vnb, n, n_hi, NGK, NGV)
         # ---- scores^T [keys, rows]: (codebook[code] . q) * norm per norm group
-        sc = tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 0), q0) * nk0[:, None]
-        if NGK == 2:
-            sc += tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, DECODE, 1), q1) * nk1[:, None]
+        if ABLATE & 8:
+            sc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32) + nk0[:, None] + nk1[:, None]
+        elif KPREFETCH:
+            nn = nl + BLOCK_N
+            krn = kbase + nn.to(tl.int64) * CWK
+            kw0n, kh0n = _key_words(krn, nn < n_hi, D, KBITS, 0)
+            sc = tl.dot(_key_decode(kw0, kh0, ktab, KBITS, KDECODE), q0) * nk0[:, None]
+            kw1n, kh1n = kw0n, kh0n
+            if NGK == 2:
+                kw1n, kh1n = _key_words(krn, nn < n_hi, D, KBITS, 1)
+                sc += tl.dot(_key_decode(kw1, kh1, ktab, KBITS, KDECODE), q1) * nk1[:, None]
+            kw0, kh0, kw1, kh1 = kw0n, kh0n, kw1n, kh1n
+        else:
+            sc = tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, KDECODE, 0), q0) * nk0[:, None]
+            if NGK == 2:
+                sc += tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, KDECODE, 1), q1) * nk1[:, None]
         if ROPE:
             sc = _rope_scores(sc, wa, wb, rfreq, n, True)
         sc = tl.where(n_ok[:, None], sc, float("-inf"))
@@ -1037,11 +1116,20 @@ def _attn_keys_m_kernel(
         m_i = m_new
         # ---- values^T [coordinates, rows] += V^T @ (p * norm)^T, one dot per norm group
         vrow = vbase + n64 * CWV
-        vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 0, NGV, False)
-        acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
-        if NGV == 2:
-            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, DECODE, BLOCK_N, 1, 2, False)
+        if ABLATE & 4:
+            acc0 = acc0 * alpha[None, :] + tl.sum(p * nv0[:, None], axis=0)[None, :]
+            acc1 = acc1 * alpha[None, :] + tl.sum(p * nv1[:, None], axis=0)[None, :]
+        elif ABLATE & 16:  # the V tiles' shared-memory store and mma kept, their loads and decode gone
+            vt = (tl.zeros([BLOCK_N, 128], dtype=tl.float32) + nv0[:, None]).to(tl.float16)
+            acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
+            vt = (tl.zeros([BLOCK_N, 128], dtype=tl.float32) + nv1[:, None]).to(tl.float16)
             acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv1[:, None]).to(tl.float16))
+        else:
+            vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, VDECODE, BLOCK_N, 0, NGV, False)
+            acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
+            if NGV == 2:
+                vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, VDECODE, BLOCK_N, 1, 2, False)
+                acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv1[:, None]).to(tl.float16))
         nk0, nk1 = nk0_next, nk1_next
 
     l_i = tl.sum(l_t, axis=0)
@@ -1739,6 +1827,8 @@ def launch_attention(
     with_lse: bool = False,
     decode: int | str | None = None,
     variant: str | None = None,
+    ablate: int = 0,
+    k_prefetch: bool | None = None,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B].
     `with_lse`: rq::attention_lse, returning (out, lse float32 [B, Hq, Tq]) (the combine step also writes the lse).
@@ -1748,7 +1838,9 @@ def launch_attention(
     `variant` (DEFAULTS, VARIANTS): "keys-m" runs _attn_keys_m_kernel where keys_m_applies (the interpreter
     runs it with the prmt steps in Triton ops), the split kernel elsewhere. `rope_ab` [B or 1, Hq or 1, Tq or 1, 2h]
     with `rope_inv_freq` [h]: the rope score term, taken by every kernel (split, keys-m and layout alike), so it
-    changes no kernel choice."""
+    changes no kernel choice. `ablate` (ABLATIONS, keys-m only): timing experiments whose outputs are wrong by
+    design; never set it to compute attention. `k_prefetch` (DEFAULTS): keys-m reads the K code words one tile
+    ahead into registers instead of through the pipeliner's shared-memory copies."""
     import torch
 
     wrap = _identity if wrap is None else wrap
@@ -1782,6 +1874,8 @@ def launch_attention(
         and layouts is None
         and keys_m_applies(dim, k_bits, v_bits, k_norms.shape[-1], v_norms.shape[-1], rows, decode)
     )
+    if ablate and (not keys_m or interpreting()):
+        raise ValueError("ablate: timing ablations run only in the compiled keys-m kernel")
     if keys_m:
         block_n, num_warps = 64, 4  # the kernel's fragment layout is built for these
     if interpreting():  # no inline asm: the split kernel takes the tree, keys-m the prmt steps in Triton ops
@@ -1864,6 +1958,8 @@ def launch_attention(
             KBITS=k_bits,
             VBITS=v_bits,
             DECODE=decode,
+            ABLATE=int(ablate),
+            KPREFETCH=bool(DEFAULTS["k_prefetch"] if k_prefetch is None else k_prefetch),
             **meta,
         )
     elif layouts is None:

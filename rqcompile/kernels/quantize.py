@@ -787,6 +787,10 @@ DEFAULTS.update({"quantize_variant": "v1", "v2_tile": 128, "v2_num_warps": 4})
 # (session 17, benchmarks/quantize_dense_sweep.py) a [1, 4, 65536, 256] bf16 write in 1.55 ms against v1's 3.23 ms,
 # codes off the fp32 reference's in 1.5e-5 of bytes against v1's 1.7e-5 (both sum the rotation in tf32x3 dots).
 DEFAULTS["quantize_variant_dense"] = "v2"
+# ... with 512-element slot tiles (64 rows at g = 128, 3 bits), at most 64 rows: 1.19 ms against 1.55 at 128
+# elements on the same write (session 17); codes equal to the 128-element tile's but for float ties (session 18,
+# benchmarks/quantize_tile_check.py --same-as 128).
+DEFAULTS["v2_tile_dense"] = 512
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -904,9 +908,9 @@ def launch_quantize(
             return codes, norms
     if variant == "v2" and v2_applies(dim, rb, bits, group, layout, perm):
         slots = 8 if bits == 4 else 16
-        bt = max(1, DEFAULTS["v2_tile"] // (group // slots))
+        bt = max(1, DEFAULTS["v2_tile_dense" if dense else "v2_tile"] // (group // slots))
         if dense:
-            bt = max(bt, 16)  # the rotation's tl.dot needs 16 rows
+            bt = min(max(bt, 16), 64)  # the rotation's tl.dot needs 16 rows; more than 64 was never measured
         levels = levels.contiguous()
         na = levels.numel() - codebook
         scale = scale.contiguous()
