@@ -701,8 +701,10 @@ def _decode_case(
     tq=1,
     decodes=None,
     variant=None,
+    **launch,
 ):
-    """The uniform kernel with each decode against the reference: (outputs by decode, reference)."""
+    """The uniform kernel with each decode against the reference: (outputs by decode, reference). `launch`: more
+    launch_attention keywords."""
     ks = _state(backend, kb, "k", heads, dim, device)
     vs = _state(backend, vb, "v", heads, dim, device, seed=1)
     k = torch.randn(batch, heads, tk, dim, device=device) * 2
@@ -725,7 +727,9 @@ def _decode_case(
     outs = {}
     for decode in decodes:
         _poison(device)
-        out = kattn.launch_attention(*args, mask, sm, kv_len, num_splits=splits, decode=decode, variant=variant)
+        out = kattn.launch_attention(
+            *args, mask, sm, kv_len, num_splits=splits, decode=decode, variant=variant, **launch
+        )
         assert out.shape == q.shape and not torch.isnan(out).any()
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         assert err < 3e-3, (decode, err)
@@ -750,7 +754,9 @@ def _decode_case(
 def test_attention_interpret_prmt_data_path(kb, vb, dim, kw):
     """DECODE=2 (the prmt steps as Triton integer ops, which the interpreter can run) through the whole kernel:
     tables, word loads, the join order, q's column permutation (K) and the accumulator's (V). Same values as the
-    tree decode, summed in another order."""
+    tree decode, summed in another order. Seeded: a rare draw flips enough fp16 roundings of p to pass the bound
+    (seen once, session 18, rel 8.5e-5 with inputs left by the tests before it)."""
+    torch.manual_seed(0)
     kw = {"batch": 2, "heads": 2, **kw}
     outs, _ = _decode_case(kb, vb, dim, "cpu", tk=70, rep=3, variant="split", **kw)
     _same_decoded_values(outs["prmt-emulated"], outs["tree"], kb, vb)
@@ -900,6 +906,31 @@ def test_keys_m_hands_other_shapes_to_the_split_kernel(monkeypatch, dim, rep, tq
     split = _spy_on(monkeypatch, "_attn_split_kernel")
     _decode_case(kb, 3, dim, "cpu", tk=40, batch=1, heads=1, rep=rep, tq=tq, decodes=("prmt",), variant="keys-m")
     assert (len(keys_m), len(split)) == (0, 1), why
+
+
+@cpu_only
+@pytest.mark.parametrize("k_prefetch", [True, False])
+def test_keys_m_reads_the_k_words_ahead_or_through_shared_memory_alike(monkeypatch, k_prefetch):
+    """Both ways keys-m reads K's code words (DEFAULTS["k_prefetch"]: one tile ahead into registers, the default, or
+    the pipeliner's copies through shared memory) give the reference's result. 300 keys in 2 splits of 3 and 2
+    tiles, with valid lengths: every tile but a split's first comes from the look-ahead, and the last one's reads
+    past the keys, masked."""
+    monkeypatch.setitem(kattn.DEFAULTS, "k_prefetch", k_prefetch)
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    kw = {"batch": 2, "heads": 2, "rep": 3, "splits": 2, "mask_kind": "kv_len"}
+    _decode_case(3, 3, 256, "cpu", tk=300, decodes=("prmt",), variant="keys-m", **kw)
+    assert len(seen) == 1 and seen[0]["KPREFETCH"] is k_prefetch and seen[0]["ABLATE"] == 0
+
+
+@cpu_only
+def test_timing_ablations_never_run_where_they_cannot_be_timed():
+    """`ablate` replaces parts of the keys-m kernel by no-ops (wrong outputs by design, for device timing only): the
+    interpreter and the split kernel refuse it rather than return garbage."""
+    kw = {"batch": 1, "heads": 1, "rep": 3, "decodes": ("prmt",), "ablate": kattn.ABLATIONS["v-decode"]}
+    with pytest.raises(ValueError, match="ablate"):
+        _decode_case(3, 3, 256, "cpu", tk=70, variant="keys-m", **kw)
+    with pytest.raises(ValueError, match="ablate"):
+        _decode_case(3, 3, 256, "cpu", tk=70, variant="split", **kw)
 
 
 def test_keys_m_variant_is_validated():
