@@ -51,7 +51,7 @@ DIVISIBLE = (*POINTERS, "sqb", "sqh", "sqt", "Tk", "span")
 SHARED_OPS = re.compile(r"(STS|LDS|LDSM|STSM|BAR|SHFL|HGMMA|HMMA)")
 
 
-def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, d=256, ablate=0, kpre=0):
+def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, d=256, ablate=0, kpre=0, vpre=0):
     fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(POINTERS, qk_scale="fp32")
@@ -60,7 +60,7 @@ def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, 
     if not mask:
         const.update(smb=0, smh=0, smt=0, smn=0)
     if kernel == "keys-m":
-        const.update(ABLATE=ablate, KPREFETCH=bool(kpre))
+        const.update(ABLATE=ablate, KPREFETCH=bool(kpre), VPREFETCH=bool(vpre))
     sig.update({name: "constexpr" for name in const})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if sig[n] != "constexpr"}
     options = {"num_warps": 4, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}

@@ -909,17 +909,19 @@ def test_keys_m_hands_other_shapes_to_the_split_kernel(monkeypatch, dim, rep, tq
 
 
 @cpu_only
-@pytest.mark.parametrize("k_prefetch", [True, False])
-def test_keys_m_reads_the_k_words_ahead_or_through_shared_memory_alike(monkeypatch, k_prefetch):
-    """Both ways keys-m reads K's code words (DEFAULTS["k_prefetch"]: one tile ahead into registers, the default, or
-    the pipeliner's copies through shared memory) give the reference's result. 300 keys in 2 splits of 3 and 2
-    tiles, with valid lengths: every tile but a split's first comes from the look-ahead, and the last one's reads
-    past the keys, masked."""
+@pytest.mark.parametrize("k_prefetch,v_prefetch", [(True, False), (False, False), (True, True)])
+def test_keys_m_reads_the_code_words_ahead_or_through_shared_memory_alike(monkeypatch, k_prefetch, v_prefetch):
+    """Both ways keys-m reads the code words (DEFAULTS["k_prefetch"] / ["v_prefetch"]: one tile ahead into
+    registers, or the pipeliner's copies through shared memory) give the reference's result. 300 keys in 2 splits of
+    3 and 2 tiles, with valid lengths: every tile but a split's first comes from the look-ahead, and the last one's
+    reads past the keys, masked."""
     monkeypatch.setitem(kattn.DEFAULTS, "k_prefetch", k_prefetch)
+    monkeypatch.setitem(kattn.DEFAULTS, "v_prefetch", v_prefetch)
     seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
     kw = {"batch": 2, "heads": 2, "rep": 3, "splits": 2, "mask_kind": "kv_len"}
     _decode_case(3, 3, 256, "cpu", tk=300, decodes=("prmt",), variant="keys-m", **kw)
-    assert len(seen) == 1 and seen[0]["KPREFETCH"] is k_prefetch and seen[0]["ABLATE"] == 0
+    assert len(seen) == 1 and seen[0]["ABLATE"] == 0
+    assert (seen[0]["KPREFETCH"], seen[0]["VPREFETCH"]) == (k_prefetch, v_prefetch)
 
 
 @cpu_only

@@ -71,7 +71,8 @@ LOG2E = 1.4426950408889634
 # "keys-m" = _attn_keys_m_kernel (keys as the M side, K decoded straight into the mma's registers), taken where it
 # applies (keys_m_applies) and the split kernel elsewhere. keys-m is the default since it was timed on the H200
 # (benchmarks/NOTES.md v10: at batch 8 4-9% less time, 13-15% with kv_len as apply passes it; batch 1 within 3%)
-# k_prefetch: keys-m reads the K code words one tile ahead into registers (v12, session 18: -9 to -12% on the H200)
+# k_prefetch: keys-m reads the K code words one tile ahead into registers (v12, session 18: -9 to -12% on the H200);
+# v_prefetch: the V code words too (built and checked under the interpreter in session 18, not timed: off)
 DEFAULTS = {
     "block_n": 64,
     "num_warps": 4,
@@ -81,6 +82,7 @@ DEFAULTS = {
     "decode": 1,
     "variant": "keys-m",
     "k_prefetch": True,
+    "v_prefetch": False,
 }
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 VARIANTS = ("split", "keys-m")
@@ -421,6 +423,44 @@ def _decode_words(w, hh, tab, BITS: tl.constexpr, DECODE: tl.constexpr):
 
 
 @triton.jit
+def _tile_words(row, n_ok, D: tl.constexpr, BITS: tl.constexpr, PART: tl.constexpr, PARTS: tl.constexpr):
+    """The code words of _tile_prmt's tile, as loaded: [rows, words] (and 3 bits' high-plane bits per word, as int32
+    whose low 16 bits the decode uses; the low words again at 2 and 4 bits)."""
+    if BITS == 4:
+        PER: tl.constexpr = 8
+    else:
+        PER: tl.constexpr = 16
+    W: tl.constexpr = D // PER
+    WP: tl.constexpr = W // PARTS
+    wi = PART * WP + tl.arange(0, WP)
+    w = tl.load(row[:, None] + wi[None, :], mask=n_ok[:, None], other=0)
+    if BITS == 3:
+        # this word's 16 high-plane bits: halfword 2W + wi, read as the int32 word W + wi // 2 (a 4-byte load the
+        # pipeliner copies asynchronously; 2-byte loads were issued one per element, unpipelined)
+        hj = PART * (WP // 2) + tl.arange(0, WP // 2)
+        hi = tl.load(row[:, None] + (W + hj)[None, :], mask=n_ok[:, None], other=0)
+        hh = tl.reshape(tl.join(hi, hi >> 16), [w.shape[0], WP])
+    else:
+        hh = w
+    return w, hh
+
+
+@triton.jit
+def _tile_decode(w, hh, tab, BITS: tl.constexpr, DECODE: tl.constexpr, OPAQUE: tl.constexpr = True):
+    """fp16 [rows, words * codes per word] codebook values of _tile_words' words (see _tile_prmt)."""
+    if BITS == 4:
+        PER: tl.constexpr = 8
+    else:
+        PER: tl.constexpr = 16
+    R: tl.constexpr = w.shape[0]
+    C: tl.constexpr = w.shape[1] * PER
+    tile = _spread_chunks(tl.reshape(_decode_words(w, hh, tab, BITS, DECODE), [R, C]), BITS)
+    if (DECODE == 1 or DECODE == 3) and OPAQUE:
+        tile = _opaque(tile)
+    return tile
+
+
+@triton.jit
 def _tile_prmt(
     row,
     n_ok,
@@ -435,27 +475,8 @@ def _tile_prmt(
 ):
     """fp16 [BLOCK_N, D // PARTS] codebook values of coordinates PART * D // PARTS.. by prmt table lookups, columns in
     prmt.COLUMNS order within each block of PER codes (`row`: each row's codes as int32 words, as for _levels)."""
-    if BITS == 4:
-        PER: tl.constexpr = 8
-    else:
-        PER: tl.constexpr = 16
-    W: tl.constexpr = D // PER
-    WP: tl.constexpr = W // PARTS
-    wi = PART * WP + tl.arange(0, WP)
-    w = tl.load(row[:, None] + wi[None, :], mask=n_ok[:, None], other=0)
-    if BITS == 3:
-        # this word's 16 high-plane bits: halfword 2W + wi, read as the int32 word W + wi // 2 (a 4-byte load the
-        # pipeliner copies asynchronously; 2-byte loads were issued one per element, unpipelined); the decode uses
-        # only the low 16 bits of hh
-        hj = PART * (WP // 2) + tl.arange(0, WP // 2)
-        hi = tl.load(row[:, None] + (W + hj)[None, :], mask=n_ok[:, None], other=0)
-        hh = tl.reshape(tl.join(hi, hi >> 16), [BLOCK_N, WP])
-    else:
-        hh = w
-    tile = _spread_chunks(tl.reshape(_decode_words(w, hh, tab, BITS, DECODE), [BLOCK_N, D // PARTS]), BITS)
-    if (DECODE == 1 or DECODE == 3) and OPAQUE:
-        tile = _opaque(tile)
-    return tile
+    w, hh = _tile_words(row, n_ok, D, BITS, PART, PARTS)
+    return _tile_decode(w, hh, tab, BITS, DECODE, OPAQUE)
 
 
 @triton.jit
@@ -1019,6 +1040,7 @@ def _attn_keys_m_kernel(
     DECODE: tl.constexpr = 1,
     ABLATE: tl.constexpr = 0,
     KPREFETCH: tl.constexpr = False,
+    VPREFETCH: tl.constexpr = False,
 ):
     """_attn_split_kernel's contract (same arguments, same partial outputs) with keys as the mma's M side.
     ABLATE: timing ablations only (ABLATIONS), 0 in every real launch."""
@@ -1070,6 +1092,13 @@ def _attn_keys_m_kernel(
     kw1, kh1 = kw0, kh0
     if NGK == 2:
         kw1, kh1 = _key_words(kbase + nl.to(tl.int64) * CWK, nl < n_hi, D, KBITS, 1)
+    # VPREFETCH: V's code words likewise (untimed; 166 registers at 3 bits, but 210 with kv_len and 215 at 4 bits:
+    # two programs per SM instead of three, or spills under a 168 cap)
+    n0 = n_lo + i
+    vw0, vh0 = _tile_words(vbase + n0.to(tl.int64) * CWV, n0 < n_hi, D, VBITS, 0, NGV)
+    vw1, vh1 = vw0, vh0
+    if NGV == 2:
+        vw1, vh1 = _tile_words(vbase + n0.to(tl.int64) * CWV, n0 < n_hi, D, VBITS, 1, 2)
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + i
         n_ok = n < n_hi
@@ -1124,6 +1153,18 @@ def _attn_keys_m_kernel(
             acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
             vt = (tl.zeros([BLOCK_N, 128], dtype=tl.float32) + nv1[:, None]).to(tl.float16)
             acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv1[:, None]).to(tl.float16))
+        elif VPREFETCH:
+            nn = n + BLOCK_N
+            vrn = vbase + nn.to(tl.int64) * CWV
+            vw0n, vh0n = _tile_words(vrn, nn < n_hi, D, VBITS, 0, NGV)
+            vt = _tile_decode(vw0, vh0, vtab, VBITS, VDECODE, False)
+            acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
+            vw1n, vh1n = vw0n, vh0n
+            if NGV == 2:
+                vw1n, vh1n = _tile_words(vrn, nn < n_hi, D, VBITS, 1, 2)
+                vt = _tile_decode(vw1, vh1, vtab, VBITS, VDECODE, False)
+                acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv1[:, None]).to(tl.float16))
+            vw0, vh0, vw1, vh1 = vw0n, vh0n, vw1n, vh1n
         else:
             vt = _tile_prmt(vrow, n_ok, vtab, D, VBITS, VDECODE, BLOCK_N, 0, NGV, False)
             acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
@@ -1829,6 +1870,7 @@ def launch_attention(
     variant: str | None = None,
     ablate: int = 0,
     k_prefetch: bool | None = None,
+    v_prefetch: bool | None = None,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B].
     `with_lse`: rq::attention_lse, returning (out, lse float32 [B, Hq, Tq]) (the combine step also writes the lse).
@@ -1839,8 +1881,8 @@ def launch_attention(
     runs it with the prmt steps in Triton ops), the split kernel elsewhere. `rope_ab` [B or 1, Hq or 1, Tq or 1, 2h]
     with `rope_inv_freq` [h]: the rope score term, taken by every kernel (split, keys-m and layout alike), so it
     changes no kernel choice. `ablate` (ABLATIONS, keys-m only): timing experiments whose outputs are wrong by
-    design; never set it to compute attention. `k_prefetch` (DEFAULTS): keys-m reads the K code words one tile
-    ahead into registers instead of through the pipeliner's shared-memory copies."""
+    design; never set it to compute attention. `k_prefetch` / `v_prefetch` (DEFAULTS): keys-m reads the K / V code
+    words one tile ahead into registers instead of through the pipeliner's shared-memory copies."""
     import torch
 
     wrap = _identity if wrap is None else wrap
@@ -1960,6 +2002,7 @@ def launch_attention(
             DECODE=decode,
             ABLATE=int(ablate),
             KPREFETCH=bool(DEFAULTS["k_prefetch"] if k_prefetch is None else k_prefetch),
+            VPREFETCH=bool(DEFAULTS["v_prefetch"] if v_prefetch is None else v_prefetch),
             **meta,
         )
     elif layouts is None:
