@@ -225,8 +225,8 @@ PRMT_CON4 = tl.constexpr(_prmt_steps.constraints(4))
 # one part of the loop by a no-op so that a device run can say what that part costs. Their outputs are wrong by
 # design. The decode ablations keep every load: the words' bits are handed on as fp16 values by register moves
 # (NOP_ASM*), so memory traffic, layouts and mmas stay as they are and only the table lookups go. The dot ablations
-# drop a dot and, with it, the loads that fed it; "v-loads" keeps V's dot and its trip through shared memory but
-# feeds it a tile made from the norms instead of the codes.
+# drop a dot and, with it, the loads that fed it; "v-loads" keeps V's dot but feeds it a tile made from the norms
+# (Triton then keeps that operand in registers: V's loads, decode and trip through shared memory all go).
 ABLATIONS = {"k-decode": 1, "v-decode": 2, "v-dot": 4, "k-dot": 8, "v-loads": 16}
 NOP_ASM2 = tl.constexpr(" ".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, $16;" for i in range(8)))
 NOP_ASM3 = tl.constexpr(" ".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, ${16 + i % 2};" for i in range(8)))
@@ -1148,7 +1148,7 @@ def _attn_keys_m_kernel(
         if ABLATE & 4:
             acc0 = acc0 * alpha[None, :] + tl.sum(p * nv0[:, None], axis=0)[None, :]
             acc1 = acc1 * alpha[None, :] + tl.sum(p * nv1[:, None], axis=0)[None, :]
-        elif ABLATE & 16:  # the V tiles' shared-memory store and mma kept, their loads and decode gone
+        elif ABLATE & 16:  # V's mma kept, its operand from the norms in registers: no loads, decode, shared memory
             vt = (tl.zeros([BLOCK_N, 128], dtype=tl.float32) + nv0[:, None]).to(tl.float16)
             acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
             vt = (tl.zeros([BLOCK_N, 128], dtype=tl.float32) + nv1[:, None]).to(tl.float16)
