@@ -609,10 +609,17 @@ class MemoryReport:
     def ratio(self) -> float:
         return self.bf16_bytes / self.compressed_bytes if self.compressed_bytes else float("nan")
 
+    def versus_bf16(self) -> str:
+        """The ratio in words: a short context, held mostly as exact sink and window tokens plus fixed metadata,
+        can take more bytes than bf16, and "0.78x smaller" would hide that."""
+        if self.ratio >= 1:
+            return f"{self.ratio:.2f}x smaller than bf16"
+        return f"{1 / self.ratio:.2f}x larger than bf16"
+
     def __str__(self) -> str:
         return (
             f"{len(self.layers)} compressed layers: {self.compressed_bytes:,} bytes held vs {self.bf16_bytes:,} "
-            f"for bf16 ({self.ratio:.2f}x smaller)"
+            f"for bf16 ({self.versus_bf16()})"
         )
 
 

@@ -211,6 +211,7 @@ def cmd_export(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from rqcompile.eval.metrics import cache_kwarg
     from rqcompile.runtime.generate import SamplingConfig
 
     sampling = SamplingConfig(
@@ -249,7 +250,7 @@ def cmd_generate(args) -> int:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=args.max_new_tokens,
                 do_sample=sampling.do_sample,
-                past_key_values=make_cache(),
+                **{cache_kwarg(model): make_cache()},
                 pad_token_id=getattr(tok, "eos_token_id", None) if tok is not None else 0,
             )
     new = out[0, ids.shape[1] :]

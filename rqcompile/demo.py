@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from rqcompile.cache import IsoQuantCache, PlanarQuantCache, RotorQuantCache, RQCache
+from rqcompile.eval.metrics import cache_kwarg
 
 QUESTIONS = ("What is the capital of France?", "Name three primary colors.")
 
@@ -29,7 +30,11 @@ def _chat(model, tok, question: str, cache, max_new_tokens: int) -> str:
     )["input_ids"]
     with torch.no_grad():
         out = model.generate(
-            ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
+            ids,
+            **{cache_kwarg(model): cache},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
         )
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
@@ -84,7 +89,7 @@ def smollm2_demo(bits: int, max_new_tokens: int) -> None:
             answer = _chat(model, tok, question, cache, max_new_tokens)
             if isinstance(cache, RQCache):
                 report = cache.memory_report()
-                held = f"{report.compressed_bytes:>8,} B held, {report.ratio:.2f}x smaller than bf16"
+                held = f"{report.compressed_bytes:>8,} B held, {report.versus_bf16()}"
             else:
                 fp32 = _dynamic_bytes(cache)
                 held = f"{fp32 // 2:>8,} B as bf16 ({fp32:,} B held in fp32)"
@@ -100,13 +105,13 @@ def _long_prompt(model, tok, bits: int) -> None:
     ids = license_corpus(tok, 2048)
     reference = model.generate(ids, max_new_tokens=16, do_sample=False)
     cache = IsoQuantCache(bits=bits, model_config=model.config)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+    out = model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=16, do_sample=False)
     agree = (out[0, 2048:] == reference[0, 2048:]).float().mean().item()
     report = cache.memory_report()
     print(
         f"\n2,048-token prompt (license text), IsoQuantCache(bits={bits}, model_config=model.config) (defaults): "
         f"{report.compressed_bytes:,} B "
-        f"held, {report.ratio:.2f}x smaller than bf16; greedy agreement with the uncompressed cache over 16 tokens "
+        f"held, {report.versus_bf16()}; greedy agreement with the uncompressed cache over 16 tokens "
         f"{agree:.0%}"
     )
 
@@ -142,7 +147,7 @@ def qwen3_5_demo(bits: int) -> None:
     print(f"\nsmall random Qwen3.5 (hybrid: {config.layer_types})")
     reference = model.generate(ids, max_new_tokens=16, do_sample=False)
     for name, cache in (("planar", PlanarQuantCache(bits=bits)), ("iso", IsoQuantCache(bits=bits))):
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=16, do_sample=False)
         agree = (out[0, 64:] == reference[0, 64:]).float().mean().item()
         print(f"  eager {name} {bits}-bit: {cache.memory_report()}; greedy agreement with uncompressed {agree:.0%}")
     import rqcompile
@@ -151,7 +156,7 @@ def qwen3_5_demo(bits: int) -> None:
     lm = rqcompile.apply(model, backend="iso", bits=bits, max_cache_len=96, calibration=calib)
     compiled = lm.generate(ids, max_new_tokens=16)
     eager_cache = IsoQuantCache(bits=bits, calibration=calib)
-    eager = model.generate(ids, past_key_values=eager_cache, max_new_tokens=16, do_sample=False)
+    eager = model.generate(ids, **{cache_kwarg(model): eager_cache}, max_new_tokens=16, do_sample=False)
     same = torch.equal(compiled[0, 64:], eager[0, 64:])
     print(f"  rqcompile.apply iso {bits}-bit: {lm.memory_report()}; tokens identical to the eager cache: {same}")
 

@@ -8,7 +8,7 @@ from tiny_models import tiny_llama, tiny_qwen3, tiny_qwen3_5
 from transformers import DynamicCache
 from transformers.cache_utils import LinearAttentionLayer
 
-from rqcompile.cache import IsoQuantCache, PlanarQuantCache, RotorQuantCache, RQCache, RQCacheLayer
+from rqcompile.cache import IsoQuantCache, MemoryReport, PlanarQuantCache, RotorQuantCache, RQCache, RQCacheLayer
 from rqcompile.calibrate import MIN_PROMPT_TOKENS, calibrate, channel_stats
 from rqcompile.config import RQConfig
 from rqcompile.ops import dequantize_state, quantize_state
@@ -162,6 +162,15 @@ def test_bytes_held_match_the_format_arithmetic(head_dim, expected_ratio):
     # Only codes and norms are held: no tensor of the cache has the model's float dtype.
     assert layer.k_codes.dtype == torch.uint8 and layer.k_norms.dtype == torch.float16
     assert layer.k_window is None and layer.keys is None and layer.values is None
+
+
+def test_a_memory_report_says_larger_when_a_short_context_outweighs_bf16():
+    """A short chat is held mostly as exact sink and window tokens plus fixed metadata and can take more bytes than
+    bf16: the report says "larger" there rather than "0.78x smaller"."""
+    long = MemoryReport({0: {"compressed_bytes": 100, "window_bytes": 0, "bf16_bytes": 431}})
+    short = MemoryReport({0: {"compressed_bytes": 1000, "window_bytes": 290, "bf16_bytes": 1000}})
+    assert long.versus_bf16() == "4.31x smaller than bf16" and "(4.31x smaller than bf16)" in str(long)
+    assert short.versus_bf16() == "1.29x larger than bf16" and "(1.29x larger than bf16)" in str(short)
 
 
 def test_separate_key_and_value_bits_are_stored_at_their_own_width():
