@@ -5,6 +5,7 @@ kernel module is imported, so the variable must be set before the first import o
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -27,3 +28,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _inputs_seeded_per_test(request):
+    """Each test draws its random inputs from a generator seeded by its own id: the same draw in any order, in any
+    worker and on a rerun, so a failure reproduces (unseeded, a test saw whatever the tests before it had left)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
