@@ -1087,18 +1087,20 @@ def _attn_keys_m_kernel(
     # KPREFETCH: the K code words too, into registers by plain loads one tile ahead, instead of the pipeliner's
     # asynchronous copies through shared memory (whose buffer, [t, key, u] in row-major order, puts the four t lanes
     # of a key on one bank: 4-way conflicts on both the copy and the read; ncu, session 18)
-    nl = n_lo + load_order
-    kw0, kh0 = _key_words(kbase + nl.to(tl.int64) * CWK, nl < n_hi, D, KBITS, 0)
-    kw1, kh1 = kw0, kh0
-    if NGK == 2:
-        kw1, kh1 = _key_words(kbase + nl.to(tl.int64) * CWK, nl < n_hi, D, KBITS, 1)
+    if KPREFETCH:
+        nl = n_lo + load_order
+        kw0, kh0 = _key_words(kbase + nl.to(tl.int64) * CWK, nl < n_hi, D, KBITS, 0)
+        kw1, kh1 = kw0, kh0
+        if NGK == 2:
+            kw1, kh1 = _key_words(kbase + nl.to(tl.int64) * CWK, nl < n_hi, D, KBITS, 1)
     # VPREFETCH: V's code words likewise (untimed; 166 registers at 3 bits, but 210 with kv_len and 215 at 4 bits:
     # two programs per SM instead of three, or spills under a 168 cap)
-    n0 = n_lo + i
-    vw0, vh0 = _tile_words(vbase + n0.to(tl.int64) * CWV, n0 < n_hi, D, VBITS, 0, NGV)
-    vw1, vh1 = vw0, vh0
-    if NGV == 2:
-        vw1, vh1 = _tile_words(vbase + n0.to(tl.int64) * CWV, n0 < n_hi, D, VBITS, 1, 2)
+    if VPREFETCH:
+        n0 = n_lo + i
+        vw0, vh0 = _tile_words(vbase + n0.to(tl.int64) * CWV, n0 < n_hi, D, VBITS, 0, NGV)
+        vw1, vh1 = vw0, vh0
+        if NGV == 2:
+            vw1, vh1 = _tile_words(vbase + n0.to(tl.int64) * CWV, n0 < n_hi, D, VBITS, 1, 2)
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + i
         n_ok = n < n_hi
