@@ -96,6 +96,9 @@ def host_overhead(*op_args) -> None:
     rows = {
         "torch.ops.rq.attention (dispatcher, launcher, 2 kernels)": lambda: torch.ops.rq.attention(*op_args, None, sm),
         "launch_attention (launcher, 2 kernels)": lambda: launch_attention(*op_args, None, sm),
+        "launch_attention, split_waves=8 (no build query for the split count)": lambda: launch_attention(
+            *op_args, None, sm, split_waves=8
+        ),
         "3 torch.empty (the launcher's buffers)": lambda: [torch.empty(64, device="cuda") for _ in range(3)],
         "q.float() (one small torch op)": lambda: q.float(),
     }

@@ -10,7 +10,8 @@ The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install 
     PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py "kb=3,vb=3" "kernel=split,kb=3,vb=3,maxnreg=128"
 
 Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), maxnreg, stages,
-ablate (keys-m's timing ablations, attention.ABLATIONS bits), kpre (keys-m's KPREFETCH).
+ablate (keys-m's timing ablations, attention.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope
+(ROPE_K: the rope score term's padded pair count, 0 = none).
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ DIVISIBLE = (*POINTERS, "sqb", "sqh", "sqt", "Tk", "span")
 SHARED_OPS = re.compile(r"(STS|LDS|LDSM|STSM|BAR|SHFL|HGMMA|HMMA)")
 
 
-def build(kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, d=256, ablate=0, kpre=0, vpre=0):
+def build(
+    kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, d=256, ablate=0, kpre=0, vpre=0, rope=0
+):
     fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(POINTERS, qk_scale="fp32")
     const = dict(D=d, KBITS=kb, VBITS=vb, NGK=d // 128, NGV=d // 128, KRB=2, KNB=d // 2, MASK_KIND=mask)
-    const.update(MASK_ROW=False, HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1, ROPE_K=0)
+    const.update(MASK_ROW=False, HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1, ROPE_K=rope)
     if not mask:
         const.update(smb=0, smh=0, smt=0, smn=0)
     if kernel == "keys-m":

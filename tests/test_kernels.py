@@ -797,17 +797,21 @@ def test_compiled_attention_writes_only_its_partial_results(opaque):
 
 
 def _spy_on(monkeypatch, name: str) -> list:
-    """Replace kernel `name` of kernels.attention by a spy that records each launch's keywords, then launches it."""
+    """Replace kernel `name` of kernels.attention by a spy that records each launch's keywords (and its grid, under
+    "grid"), then launches it; anything else (the launcher's warmup) goes to the kernel."""
     seen = []
     real = getattr(kattn, name)
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*a, **k):
-                seen.append(k)
+                seen.append({**k, "grid": grid})
                 return real[grid](*a, **k)
 
             return launch
+
+        def __getattr__(self, attr):
+            return getattr(real, attr)
 
     monkeypatch.setattr(kattn, name, Spy())
     return seen
@@ -962,8 +966,59 @@ def test_attention_keys_m_gpu(monkeypatch, kb, vb, dim, kw):
     keys_m, _ = _decode_case(kb, vb, dim, "cuda", tk=5000, decodes=("prmt",), variant="keys-m", **kw)
     assert len(seen) == 1 and seen[0]["DECODE"] == 1
     torch.manual_seed(0)  # _decode_case draws its inputs from the global generator: the same inputs again
+    # as many splits as keys-m took (its own count, splits.wave_splits): each split's running max sets p's fp16
+    # rounding, so other splits would differ by more than the summation order
+    kw.setdefault("splits", seen[0]["grid"][0])
     split, _ = _decode_case(kb, vb, dim, "cuda", tk=5000, decodes=("prmt",), variant="split", **kw)
     _same_decoded_values(keys_m["prmt"], split["prmt"], kb, vb, bitwise=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mask_kind", ["none", "kv_len", "row", "per_query", "rope"])
+@pytest.mark.parametrize("backend", ["iso", "planar"])
+def test_keys_m_splits_fill_whole_waves_of_the_programs_that_fit(monkeypatch, mask_kind, backend):
+    """A decode launch on CUDA takes splits.wave_splits' count for as many programs per SM as the build that runs
+    allows (registers and shared memory of the compiled kernel). keys_m_programs_per_sm, the launcher's first guess,
+    is right for the default's cases (no mask or a row-constant one, without the rope term), so those compile once."""
+    from rqcompile.kernels.common import sm_count
+    from rqcompile.kernels.splits import programs_per_sm, wave_splits
+
+    launches = []
+    real = kattn._attn_keys_m_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                launches.append((grid, k, real[grid](*a, **k)))
+
+            return launch
+
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+    monkeypatch.setattr(kattn, "_attn_keys_m_kernel", Spy())
+    batch, heads, rep, tk, dim = 8, 4, 6, 8192, 256
+    ks, vs = _state(backend, 3, "k", heads, dim, "cuda"), _state(backend, 3, "v", heads, dim, "cuda", seed=1)
+    k = torch.randn(batch, heads, tk, dim, device="cuda")
+    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
+    q = torch.randn(batch, heads * rep, 1, dim, device="cuda")
+    mask = kv_len = rope_ab = rope_freq = None
+    if mask_kind == "kv_len":
+        kv_len = torch.full((batch,), tk, device="cuda")
+    elif mask_kind == "row":
+        mask = torch.rand(batch, 1, 1, tk, device="cuda") > 0.1
+    elif mask_kind == "per_query":
+        mask = torch.randn(batch, heads * rep, 1, tk, device="cuda")
+    elif mask_kind == "rope":
+        rope_ab, rope_freq = torch.randn(batch, heads * rep, 1, 64, device="cuda"), torch.rand(32, device="cuda")
+    args = (q, kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3)
+    kattn.launch_attention(*args, mask, 1 / 16, kv_len=kv_len, rope_ab=rope_ab, rope_inv_freq=rope_freq)
+    ((grid, meta, compiled),) = launches
+    fits = programs_per_sm(compiled, 4, 0)
+    assert grid == (wave_splits(tk // 64, batch * heads, sm_count(0), fits), batch * heads, 1)
+    if mask_kind in ("none", "row"):
+        assert kattn.keys_m_programs_per_sm(meta["MASK_KIND"] != 0 and not meta["MASK_ROW"], False) == fits
 
 
 # ---------------------------------------------------------------- the rope_ab score term (rq::attention's rope_ab)

@@ -38,6 +38,7 @@ import math
 
 import triton
 import triton.language as tl
+from triton.runtime.jit import MockTensor
 
 from rqcompile.kernels import prmt as _prmt_steps
 from rqcompile.kernels.common import (
@@ -59,6 +60,7 @@ from rqcompile.kernels.common import (
     run_window,
     sm_count,
 )
+from rqcompile.kernels.splits import MAX_SPLITS, programs_per_sm, wave_splits
 
 LOG2E = 1.4426950408889634
 # launch defaults (the sweep winner on the H200 with the prmt decode, benchmarks/NOTES.md v6); num_stages: software
@@ -72,7 +74,10 @@ LOG2E = 1.4426950408889634
 # applies (keys_m_applies) and the split kernel elsewhere. keys-m is the default since it was timed on the H200
 # (benchmarks/NOTES.md v10: at batch 8 4-9% less time, 13-15% with kv_len as apply passes it; batch 1 within 3%)
 # k_prefetch: keys-m reads the K code words one tile ahead into registers (v12, session 18: -9 to -12% on the H200);
-# v_prefetch: the V code words too (built and checked under the interpreter in session 18, not timed: off)
+# v_prefetch: the V code words too (session 19 on the H200: +6% at batch 8 32K, +1% at 128K, -1% at batch 1: off)
+# split_waves: the split kernel's key splits, about this many programs per SM; keys-m decode launches on CUDA take
+# the count of splits.wave_splits instead (whole waves of resident programs; session 19: -4 to -15%), unless a caller
+# passes split_waves or num_splits
 DEFAULTS = {
     "block_n": 64,
     "num_warps": 4,
@@ -85,6 +90,15 @@ DEFAULTS = {
     "v_prefetch": False,
 }
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
+
+
+def keys_m_programs_per_sm(full_mask: bool, rope: bool) -> int:
+    """keys-m programs (4 warps each) resident on one H100/H200 SM, by registers (Triton 3.6, sm_90;
+    benchmarks/sass_counts.py): 155-168 per thread without a mask or the rope term, or with a row-constant mask,
+    i.e. three programs in 64K registers; a mask per query row (238-249) or the rope term (180-188): two."""
+    return 2 if full_mask or rope else 3
+
+
 VARIANTS = ("split", "keys-m")
 # The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
 # per load, BLOCK_D = COMBINE_TILE / splits (>= 16): independent loads, not a chain of dependent round trips
@@ -1836,6 +1850,29 @@ def _rotate(x, rotation, inverse=False):
     return rotate(x, rotation, inverse=inverse)
 
 
+_KEYS_M_FITS: dict[tuple, int] = {}
+
+
+def _specialization(arg) -> object:
+    """What Triton specializes a launch on for one argument: a tensor's dtype, an int's being 1 or a multiple of 16."""
+    if isinstance(arg, MockTensor):
+        return arg.dtype
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return (arg == 1, arg % 16 == 0)
+    return type(arg)
+
+
+def _keys_m_fits(args: list, meta: dict, device_index: int) -> int:
+    """keys-m programs resident per SM for the build these arguments select (tensors as MockTensor dtypes). Asking
+    Triton for that build costs ~180 us of host time (measured on the H200's host), so the answer is kept per
+    specialization."""
+    key = (device_index, tuple(meta.items()), tuple(_specialization(a) for a in args))
+    if key not in _KEYS_M_FITS:
+        compiled = _attn_keys_m_kernel.warmup(*args, grid=(1,), **meta)
+        _KEYS_M_FITS[key] = programs_per_sm(compiled, meta["num_warps"], device_index)
+    return _KEYS_M_FITS[key]
+
+
 def launch_attention(
     q,
     k_codes,
@@ -1884,7 +1921,9 @@ def launch_attention(
     with `rope_inv_freq` [h]: the rope score term, taken by every kernel (split, keys-m and layout alike), so it
     changes no kernel choice. `ablate` (ABLATIONS, keys-m only): timing experiments whose outputs are wrong by
     design; never set it to compute attention. `k_prefetch` / `v_prefetch` (DEFAULTS): keys-m reads the K / V code
-    words one tile ahead into registers instead of through the pipeliner's shared-memory copies."""
+    words one tile ahead into registers instead of through the pipeliner's shared-memory copies. `num_splits`: key
+    splits per row (at most MAX_SPLITS); by default keys-m on CUDA takes splits.wave_splits' count, everything else
+    about `split_waves` programs per SM."""
     import torch
 
     wrap = _identity if wrap is None else wrap
@@ -1893,6 +1932,7 @@ def launch_attention(
     maxnreg_given = maxnreg is not None
     maxnreg = DEFAULTS["maxnreg"] if maxnreg is None else maxnreg
     num_warps = DEFAULTS["num_warps"] if num_warps is None else num_warps
+    split_waves_given = split_waves is not None
     split_waves = DEFAULTS["split_waves"] if split_waves is None else split_waves
     decode = DEFAULTS["decode"] if decode is None else decode
     decode = DECODES[decode] if isinstance(decode, str) else int(decode)
@@ -1939,14 +1979,6 @@ def launch_attention(
         q_in = _rotate(_permute(qf, k_perm), k_rotation).unflatten(2, (rep, q_len)).flatten(1, 2)
         krb = 0
 
-    total_blocks = max(1, triton.cdiv(tk, block_n))
-    if num_splits is None:
-        target = split_waves * sm_count(device.index or 0) if device.type == "cuda" else 4
-        num_splits = triton.cdiv(target, batch * heads * m_tiles)
-    num_splits = max(1, min(int(num_splits), total_blocks, 128))
-    span = triton.cdiv(total_blocks, num_splits) * block_n
-    num_splits = max(1, triton.cdiv(tk, span))
-
     if attn_mask is None:
         mask_kind, mask, mstrides = 0, q, (0, 0, 0, 0)
     else:
@@ -1959,19 +1991,13 @@ def launch_attention(
         mask = mask.expand(batch, q_heads, q_len, tk)
         mstrides = tuple(mask.stride())
     kvl = kv_len.to(torch.int32) if kv_len is not None else q
-
-    pm = torch.empty((batch * heads, num_splits, rows), dtype=torch.float32, device=device)
-    pl = torch.empty((batch * heads, num_splits, rows), dtype=torch.float32, device=device)
-    pacc = torch.empty((batch * heads, num_splits, rows, dim), dtype=torch.float32, device=device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=device) if with_lse else None
     if batch * q_heads * q_len == 0:
         empty = torch.empty(q.shape, dtype=q.dtype, device=device)
         return (empty, lse) if with_lse else empty
-    grid = (num_splits, batch * heads, m_tiles)
+    mask_row = mask_kind != 0 and mstrides[1] == 0 and mstrides[2] == 0
     q_args = (q_in, q_in.stride(0), q_in.stride(1), q_in.stride(2), q_in.stride(3))
     rope_k, rope_args = _rope_args(rope_ab, rope_inv_freq, q)
-    tail_args = (mask, *mstrides, kvl, pm, pl, pacc, heads, rep, q_len, tk, rows, num_splits, span, qk_scale)
-    tail_args += rope_args
     meta = {
         "D": dim,
         "NGK": k_norms.shape[-1],
@@ -1979,7 +2005,7 @@ def launch_attention(
         "KRB": krb,
         "KNB": k_rotation.shape[1],
         "MASK_KIND": mask_kind,
-        "MASK_ROW": mask_kind != 0 and mstrides[1] == 0 and mstrides[2] == 0,
+        "MASK_ROW": mask_row,
         "HAS_KVLEN": kv_len is not None,
         "ROPE_K": rope_k,
         "BLOCK_M": block_m,
@@ -1987,8 +2013,9 @@ def launch_attention(
         "num_warps": num_warps,
         "num_stages": num_stages,
     }
-    if keys_m:
-        wrap(_attn_keys_m_kernel)[grid](
+    uniform_args = ()
+    if layouts is None:  # the split and keys-m kernels read the codes as int32 words
+        uniform_args = (
             *q_args,
             _words(k_codes),
             k_norms.contiguous(),
@@ -1998,26 +2025,56 @@ def launch_attention(
             k_scale.contiguous(),
             k_levels.contiguous(),
             v_levels.contiguous(),
-            *tail_args,
-            KBITS=k_bits,
-            VBITS=v_bits,
-            DECODE=decode,
-            ABLATE=int(ablate),
-            KPREFETCH=bool(DEFAULTS["k_prefetch"] if k_prefetch is None else k_prefetch),
-            VPREFETCH=bool(DEFAULTS["v_prefetch"] if v_prefetch is None else v_prefetch),
-            **meta,
         )
+    keys_m_meta = {
+        "KBITS": k_bits,
+        "VBITS": v_bits,
+        "DECODE": decode,
+        "ABLATE": int(ablate),
+        "KPREFETCH": bool(DEFAULTS["k_prefetch"] if k_prefetch is None else k_prefetch),
+        "VPREFETCH": bool(DEFAULTS["v_prefetch"] if v_prefetch is None else v_prefetch),
+        **meta,
+    }
+
+    def tail(pm, pl, pacc, splits: int, span: int) -> tuple:
+        return (mask, *mstrides, kvl, pm, pl, pacc, heads, rep, q_len, tk, rows, splits, span, qk_scale, *rope_args)
+
+    total_blocks = max(1, triton.cdiv(tk, block_n))
+
+    def split_plan(splits: int) -> tuple[int, int]:
+        """(splits, keys per split): equal spans of whole tiles."""
+        span = triton.cdiv(total_blocks, max(1, min(int(splits), total_blocks, MAX_SPLITS))) * block_n
+        return max(1, triton.cdiv(tk, span)), span
+
+    work_rows = batch * heads * m_tiles
+    static_shape = all(type(n) is int for n in (batch, heads, tk))  # not torch.SymInt (dynamic shapes)
+    if num_splits is None and keys_m and not split_waves_given and device.type == "cuda" and static_shape:
+        sms = sm_count(device.index or 0)
+        guess = keys_m_programs_per_sm(mask_kind != 0 and not mask_row, rope_ab is not None)
+        num_splits = wave_splits(total_blocks, work_rows, sms, guess)
+        # the build this launch will run (Triton's cache entry for these arguments; dtypes stand in for tensors, so
+        # this also works while torch.compile traces) says how many programs really fit
+        f32 = MockTensor(torch.float32)
+        args = (*uniform_args, *tail(f32, f32, f32, *split_plan(num_splits)))
+        args = [MockTensor(a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+        fits = _keys_m_fits(args, keys_m_meta, device.index or 0)
+        if fits != guess:
+            num_splits = wave_splits(total_blocks, work_rows, sms, fits)
+    elif num_splits is None:
+        target = split_waves * sm_count(device.index or 0) if device.type == "cuda" else 4
+        num_splits = triton.cdiv(target, work_rows)
+    num_splits, span = split_plan(num_splits)
+
+    pm = torch.empty((batch * heads, num_splits, rows), dtype=torch.float32, device=device)
+    pl = torch.empty((batch * heads, num_splits, rows), dtype=torch.float32, device=device)
+    pacc = torch.empty((batch * heads, num_splits, rows, dim), dtype=torch.float32, device=device)
+    grid = (num_splits, batch * heads, m_tiles)
+    tail_args = tail(pm, pl, pacc, num_splits, span)
+    if keys_m:
+        wrap(_attn_keys_m_kernel)[grid](*uniform_args, *tail_args, **keys_m_meta)
     elif layouts is None:
         wrap(_attn_split_kernel)[grid](
-            *q_args,
-            _words(k_codes),
-            k_norms.contiguous(),
-            _words(v_codes),
-            v_norms.contiguous(),
-            k_rotation.contiguous(),
-            k_scale.contiguous(),
-            k_levels.contiguous(),
-            v_levels.contiguous(),
+            *uniform_args,
             *tail_args,
             KBITS=k_bits,
             VBITS=v_bits,
