@@ -797,8 +797,8 @@ def test_compiled_attention_writes_only_its_partial_results(opaque):
 
 
 def _spy_on(monkeypatch, name: str) -> list:
-    """Replace kernel `name` of kernels.attention by a spy that records each launch's keywords (and its grid, under
-    "grid"), then launches it; anything else (the launcher's warmup) goes to the kernel."""
+    """Replace kernel `name` of kernels.attention by a spy that records each launch's keywords (with its grid and the
+    compiled kernel under "grid" and "compiled"); anything else (the launcher's warmup) goes to the kernel."""
     seen = []
     real = getattr(kattn, name)
 
@@ -806,7 +806,8 @@ def _spy_on(monkeypatch, name: str) -> list:
         def __getitem__(self, grid):
             def launch(*a, **k):
                 seen.append({**k, "grid": grid})
-                return real[grid](*a, **k)
+                seen[-1]["compiled"] = real[grid](*a, **k)
+                return seen[-1]["compiled"]
 
             return launch
 
@@ -1019,6 +1020,24 @@ def test_keys_m_splits_fill_whole_waves_of_the_programs_that_fit(monkeypatch, ma
     assert grid == (wave_splits(tk // 64, batch * heads, sm_count(0), fits), batch * heads, 1)
     if mask_kind in ("none", "row"):
         assert kattn.keys_m_programs_per_sm(meta["MASK_KIND"] != 0 and not meta["MASK_ROW"], False) == fits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_keys_m_takes_a_register_cap_when_asked(monkeypatch):
+    """launch_attention(maxnreg=...) reaches the keys-m build (eager launches; it used to be dropped), and the split
+    count is chosen for the capped build's programs per SM."""
+    from rqcompile.kernels.common import sm_count
+    from rqcompile.kernels.splits import programs_per_sm, wave_splits
+
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    torch.manual_seed(0)
+    _decode_case(3, 3, 256, "cuda", tk=5000, batch=8, heads=4, rep=6, decodes=("prmt",), maxnreg=128)
+    assert len(seen) == 1 and seen[0]["maxnreg"] == 128
+    compiled = seen[0]["compiled"]
+    compiled._init_handles()
+    assert compiled.n_regs <= 128 and programs_per_sm(compiled, 4, 0) == 4
+    assert seen[0]["grid"][0] == wave_splits(-(-5000 // 64), 8 * 4, sm_count(0), 4)
 
 
 # ---------------------------------------------------------------- the rope_ab score term (rq::attention's rope_ab)

@@ -2034,6 +2034,7 @@ def launch_attention(
         "KPREFETCH": bool(DEFAULTS["k_prefetch"] if k_prefetch is None else k_prefetch),
         "VPREFETCH": bool(DEFAULTS["v_prefetch"] if v_prefetch is None else v_prefetch),
         **meta,
+        **launch_opts,  # a register cap, where asked for (before session 19 keys-m launches dropped it)
     }
 
     def tail(pm, pl, pacc, splits: int, span: int) -> tuple:
