@@ -976,50 +976,37 @@ def test_attention_keys_m_gpu(monkeypatch, kb, vb, dim, kw):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("mask_kind", ["none", "kv_len", "row", "per_query", "rope"])
+@pytest.mark.parametrize("case", ["plain", "kv_len", "row_mask", "query_mask", "rope"])
 @pytest.mark.parametrize("backend", ["iso", "planar"])
-def test_keys_m_splits_fill_whole_waves_of_the_programs_that_fit(monkeypatch, mask_kind, backend):
+def test_keys_m_splits_fill_whole_waves_of_the_programs_that_fit(monkeypatch, case, backend):
     """A decode launch on CUDA takes splits.wave_splits' count for as many programs per SM as the build that runs
     allows (registers and shared memory of the compiled kernel). keys_m_programs_per_sm, the launcher's first guess,
     is right for the default's cases (no mask or a row-constant one, without the rope term), so those compile once."""
     from rqcompile.kernels.common import sm_count
     from rqcompile.kernels.splits import programs_per_sm, wave_splits
 
-    launches = []
-    real = kattn._attn_keys_m_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                launches.append((grid, k, real[grid](*a, **k)))
-
-            return launch
-
-        def __getattr__(self, attr):
-            return getattr(real, attr)
-
-    monkeypatch.setattr(kattn, "_attn_keys_m_kernel", Spy())
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
     batch, heads, rep, tk, dim = 8, 4, 6, 8192, 256
     ks, vs = _state(backend, 3, "k", heads, dim, "cuda"), _state(backend, 3, "v", heads, dim, "cuda", seed=1)
     k = torch.randn(batch, heads, tk, dim, device="cuda")
     kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
     q = torch.randn(batch, heads * rep, 1, dim, device="cuda")
     mask = kv_len = rope_ab = rope_freq = None
-    if mask_kind == "kv_len":
+    if case == "kv_len":
         kv_len = torch.full((batch,), tk, device="cuda")
-    elif mask_kind == "row":
+    elif case == "row_mask":
         mask = torch.rand(batch, 1, 1, tk, device="cuda") > 0.1
-    elif mask_kind == "per_query":
+    elif case == "query_mask":
         mask = torch.randn(batch, heads * rep, 1, tk, device="cuda")
-    elif mask_kind == "rope":
+    elif case == "rope":
         rope_ab, rope_freq = torch.randn(batch, heads * rep, 1, 64, device="cuda"), torch.rand(32, device="cuda")
     args = (q, kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3)
     kattn.launch_attention(*args, mask, 1 / 16, kv_len=kv_len, rope_ab=rope_ab, rope_inv_freq=rope_freq)
-    ((grid, meta, compiled),) = launches
-    fits = programs_per_sm(compiled, 4, 0)
-    assert grid == (wave_splits(tk // 64, batch * heads, sm_count(0), fits), batch * heads, 1)
-    if mask_kind in ("none", "row"):
-        assert kattn.keys_m_programs_per_sm(meta["MASK_KIND"] != 0 and not meta["MASK_ROW"], False) == fits
+    (launch,) = seen
+    fits = programs_per_sm(launch["compiled"], 4, 0)
+    assert launch["grid"] == (wave_splits(tk // 64, batch * heads, sm_count(0), fits), batch * heads, 1)
+    if case in ("plain", "row_mask"):
+        assert kattn.keys_m_programs_per_sm(launch["MASK_KIND"] != 0 and not launch["MASK_ROW"], False) == fits
 
 
 @pytest.mark.gpu

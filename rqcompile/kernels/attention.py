@@ -76,8 +76,8 @@ LOG2E = 1.4426950408889634
 # k_prefetch: keys-m reads the K code words one tile ahead into registers (v12, session 18: -9 to -12% on the H200);
 # v_prefetch: the V code words too (session 19 on the H200: +6% at batch 8 32K, +1% at 128K, -1% at batch 1: off)
 # split_waves: the split kernel's key splits, about this many programs per SM; keys-m decode launches on CUDA take
-# the count of splits.wave_splits instead (whole waves of resident programs; session 19: -4 to -15%), unless a caller
-# passes split_waves or num_splits
+# the count of splits.wave_splits instead (whole waves of resident programs; session 19: -1 to -36% at batch 8,
+# -10 to -17% at batch 1), unless a caller passes split_waves or num_splits
 DEFAULTS = {
     "block_n": 64,
     "num_warps": 4,
@@ -90,15 +90,6 @@ DEFAULTS = {
     "v_prefetch": False,
 }
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
-
-
-def keys_m_programs_per_sm(full_mask: bool, rope: bool) -> int:
-    """keys-m programs (4 warps each) resident on one H100/H200 SM, by registers (Triton 3.6, sm_90;
-    benchmarks/sass_counts.py): 155-168 per thread without a mask or the rope term, or with a row-constant mask,
-    i.e. three programs in 64K registers; a mask per query row (238-249) or the rope term (180-188): two."""
-    return 2 if full_mask or rope else 3
-
-
 VARIANTS = ("split", "keys-m")
 # The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
 # per load, BLOCK_D = COMBINE_TILE / splits (>= 16): independent loads, not a chain of dependent round trips
@@ -1848,6 +1839,14 @@ def _rotate(x, rotation, inverse=False):
     from rqcompile.quant.rotations import rotate
 
     return rotate(x, rotation, inverse=inverse)
+
+
+def keys_m_programs_per_sm(full_mask: bool, rope: bool) -> int:
+    """The launcher's first guess of keys-m programs (4 warps each) resident on one H100/H200 SM, by registers
+    (Triton 3.6, sm_90; benchmarks/sass_counts.py): 155-168 per thread without a mask or the rope term, or with a
+    row-constant mask, i.e. three programs in 64K registers; a mask per query row (238-249) or the rope term
+    (180-188): two. The launcher checks it against the build it runs (_keys_m_fits)."""
+    return 2 if full_mask or rope else 3
 
 
 _KEYS_M_FITS: dict[tuple, int] = {}
