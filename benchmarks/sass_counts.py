@@ -11,7 +11,7 @@ The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install 
 
 Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), maxnreg, stages,
 ablate (keys-m's timing ablations, attention.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope
-(ROPE_K: the rope score term's padded pair count, 0 = none).
+(ROPE_K: the rope score term's padded pair count, 0 = none), vkeys (keys-m's VKEYS prototype: V packed along keys).
 """
 
 from __future__ import annotations
@@ -53,7 +53,19 @@ SHARED_OPS = re.compile(r"(STS|LDS|LDSM|STSM|BAR|SHFL|HGMMA|HMMA)")
 
 
 def build(
-    kernel="keys-m", kb=3, vb=3, kvlen=0, mask=0, maxnreg=None, stages=3, d=256, ablate=0, kpre=0, vpre=0, rope=0
+    kernel="keys-m",
+    kb=3,
+    vb=3,
+    kvlen=0,
+    mask=0,
+    maxnreg=None,
+    stages=3,
+    d=256,
+    ablate=0,
+    kpre=0,
+    vpre=0,
+    rope=0,
+    vkeys=0,
 ):
     fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
     sig = {name: "i32" for name in fn.arg_names}
@@ -63,7 +75,7 @@ def build(
     if not mask:
         const.update(smb=0, smh=0, smt=0, smn=0)
     if kernel == "keys-m":
-        const.update(ABLATE=ablate, KPREFETCH=bool(kpre), VPREFETCH=bool(vpre))
+        const.update(ABLATE=ablate, KPREFETCH=bool(kpre), VPREFETCH=bool(vpre), VKEYS=bool(vkeys))
     sig.update({name: "constexpr" for name in const})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if sig[n] != "constexpr"}
     options = {"num_warps": 4, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}

@@ -30,7 +30,7 @@ from rqcompile.config import RQConfig  # noqa: E402
 from rqcompile.kernels import attention as kattn  # noqa: E402
 from rqcompile.kernels import quantize as kquant  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
-from rqcompile.quant.packing import runs, unpack  # noqa: E402
+from rqcompile.quant.packing import pack_along_keys, runs, unpack  # noqa: E402
 from rqcompile.quant.rotations import rotate  # noqa: E402
 
 if not HAS_CUDA:  # make sure the @triton.jit functions were built in interpreter mode
@@ -701,10 +701,11 @@ def _decode_case(
     tq=1,
     decodes=None,
     variant=None,
+    v_along_keys=False,
     **launch,
 ):
     """The uniform kernel with each decode against the reference: (outputs by decode, reference). `launch`: more
-    launch_attention keywords."""
+    launch_attention keywords; `v_along_keys`: the kernel reads V re-packed along keys (packing.pack_along_keys)."""
     ks = _state(backend, kb, "k", heads, dim, device)
     vs = _state(backend, vb, "v", heads, dim, device, seed=1)
     k = torch.randn(batch, heads, tk, dim, device=device) * 2
@@ -721,6 +722,9 @@ def _decode_case(
         mask = ref_mask = torch.rand(batch, 1, 1, tk, device=device) > 0.3
     sm = 1 / math.sqrt(dim)
     ref = quantizer.rotated_attention(q, kc, kn, vc, vn, ks, vs, ref_mask, sm)
+    if v_along_keys:
+        vc = pack_along_keys(vc, vb, dim)
+        launch["v_along_keys"] = True
     args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, kb, vb)
     if decodes is None:
         decodes = ("tree", "prmt-emulated") if device == "cpu" else ("tree", "prmt", "prmt-emulated")
@@ -936,6 +940,35 @@ def test_timing_ablations_never_run_where_they_cannot_be_timed():
         _decode_case(3, 3, 256, "cpu", tk=70, variant="keys-m", **kw)
     with pytest.raises(ValueError, match="ablate"):
         _decode_case(3, 3, 256, "cpu", tk=70, variant="split", **kw)
+
+
+@pytest.mark.parametrize(
+    "vb,dim,kw",
+    [
+        (3, 256, {"batch": 2, "heads": 2, "rep": 3, "splits": 2, "mask_kind": "kv_len"}),  # 2.5 tiles per split
+        (2, 128, {"batch": 1, "heads": 2, "rep": 6, "mask_kind": "bool"}),
+    ],
+)
+def test_keys_m_reads_v_packed_along_keys_as_the_same_values(monkeypatch, vb, dim, kw):
+    """The VKEYS prototype (V's codes re-packed along keys, decoded straight into V^T's mma operand, the tile's keys
+    in _vkeys_key's order on the scores' rows): the reference's result, and the standard layout's up to the order
+    of the sums. 320 keys: tiles that end inside a split, blocks of 16 past the valid lengths."""
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    device = "cuda" if HAS_CUDA else "cpu"
+    torch.manual_seed(0)
+    keys, _ = _decode_case(3, vb, dim, device, tk=320, decodes=("prmt",), variant="keys-m", v_along_keys=True, **kw)
+    assert seen[-1]["VKEYS"] and not seen[-1]["VPREFETCH"]
+    torch.manual_seed(0)
+    kw.setdefault("splits", seen[-1]["grid"][0])
+    plain, _ = _decode_case(3, vb, dim, device, tk=320, decodes=("prmt",), variant="keys-m", **kw)
+    assert not seen[-1]["VKEYS"]
+    _same_decoded_values(keys["prmt"], plain["prmt"], 3, vb, bitwise=False)
+
+
+def test_v_along_keys_is_refused_where_keys_m_cannot_read_it():
+    args = _tiny_attention_args()
+    with pytest.raises(ValueError, match="v_along_keys"):
+        kattn.launch_attention(*args, v_along_keys=True)  # head_dim 64: the split kernel runs
 
 
 def test_keys_m_variant_is_validated():

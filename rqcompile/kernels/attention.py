@@ -975,6 +975,61 @@ def _q_fragment(q, BITS: tl.constexpr):
 
 
 @triton.jit
+def _vkeys_key(x):
+    """VKEYS: the key (within a 64-key tile) at fragment column x of V^T's A operand, and so at row x of the scores
+    (see _vkeys_fragment): column 16j + 8e + 2t + f holds code COLUMNS[4j + 2e + f] of block t's words."""
+    j = x // 16
+    e = (x // 8) % 2
+    t = (x // 2) % 4
+    f = x % 2
+    return 16 * t + 8 * (j % 2) + 4 * e + 2 * f + j // 2
+
+
+@triton.jit
+def _vkeys_coord(r):
+    """VKEYS: the coordinate (within a norm group) of row r = 64m + 16w + 8h + g of V^T's A operand (and of the
+    accumulator): thread (w, g) holds coordinates 4 (8w + g) .. + 3, whose words sit side by side."""
+    m = r // 64
+    w = (r // 16) % 4
+    h = (r // 8) % 2
+    g = r % 8
+    return 4 * (8 * w + g) + 2 * m + h
+
+
+@triton.jit
+def _vkeys_words(vtile, n0, n_hi, CWV: tl.constexpr, BITS: tl.constexpr, PART: tl.constexpr):
+    """VKEYS: the words of one norm group of a 64-key tile of V codes packed along keys (`vtile`: the tile's first
+    block; a block of 16 keys holds D low-plane words, word c = coordinate c's codes of the 16 keys, then at 3 bits
+    D high-plane halfwords). Loaded as [block t, g, w, c4]: c4 the vector, lanes along t and g, warps along w (the
+    A fragment's lane = 4g + t); thread (w, g) reads coordinates 4 (8w + g) + c4. `n0`: the tile's first key."""
+    D: tl.constexpr = CWV * 32 // BITS
+    t = tl.arange(0, 4)[:, None, None, None]
+    g = tl.arange(0, 8)[None, :, None, None]
+    w = tl.arange(0, 4)[None, None, :, None]
+    c4 = tl.arange(0, 4)[None, None, None, :]
+    ok = n0 + 16 * t < n_hi
+    blk = vtile + t * (16 * CWV)
+    coord = PART * 128 + 4 * (8 * w + g)
+    lo = tl.load(blk + coord + c4, mask=ok, other=0)
+    if BITS == 3:
+        c2 = tl.arange(0, 2)[None, None, None, :]
+        hi = tl.load(blk + D + coord // 2 + c2, mask=ok, other=0)
+        hh = tl.reshape(tl.join(hi, hi >> 16), [4, 8, 4, 4])
+    else:
+        hh = lo
+    return lo, hh
+
+
+@triton.jit
+def _vkeys_fragment(lo, hh, tab, BITS: tl.constexpr, DECODE: tl.constexpr):
+    """VKEYS: fp16 [128 coordinates, 64 keys], V^T of one norm group in the wgmma A fragment's layout, decoded from
+    _vkeys_words' words with no trip through shared memory (rows: _vkeys_coord; columns: _vkeys_key)."""
+    v = tl.reshape(_decode_words(lo, hh, tab, BITS, DECODE), [4, 8, 4, 2, 2, 4, 2, 2])  # t g w m h j e f
+    v = tl.permute(v, (3, 2, 4, 1, 5, 6, 0, 7))  # m w h g j e t f
+    return tl.reshape(v, [128, 64])
+
+
+@triton.jit
 def _tile_norms(knb, vnb, n, n_hi, NGK: tl.constexpr, NGV: tl.constexpr):
     """fp32 K and V norms of keys n (one per norm group; a second group's are the first's where there is none)."""
     ok = n < n_hi
@@ -1046,9 +1101,12 @@ def _attn_keys_m_kernel(
     ABLATE: tl.constexpr = 0,
     KPREFETCH: tl.constexpr = False,
     VPREFETCH: tl.constexpr = False,
+    VKEYS: tl.constexpr = False,
 ):
     """_attn_split_kernel's contract (same arguments, same partial outputs) with keys as the mma's M side.
-    ABLATE: timing ablations only (ABLATIONS), 0 in every real launch."""
+    ABLATE: timing ablations only (ABLATIONS), 0 in every real launch. VKEYS (a prototype of a format change, see
+    launch_attention's `v_layout`): V's codes packed along keys, decoded straight into V^T's A fragment, read one
+    tile ahead; the tile's keys then sit in _vkeys_key's order on the scores' rows."""
     KDECODE: tl.constexpr = 3 if ABLATE & 1 else DECODE
     VDECODE: tl.constexpr = 3 if ABLATE & 2 else DECODE
     tl.static_assert(BLOCK_N == 64)
@@ -1065,7 +1123,11 @@ def _attn_keys_m_kernel(
     ktab = _tables(klev_ptr, KBITS)
     vtab = _tables(vlev_ptr, VBITS)
     # the accumulators' rows follow the V tiles' column order
-    vcol = _prmt_columns(_spread_source(tl.arange(0, 128), 128, VBITS), VBITS)
+    if VKEYS:
+        tl.static_assert(VBITS != 4 and not VPREFETCH)
+        vcol = _vkeys_coord(tl.arange(0, 128))
+    else:
+        vcol = _prmt_columns(_spread_source(tl.arange(0, 128), 128, VBITS), VBITS)
 
     ROPE: tl.constexpr = ROPE_K >= 16  # rope_ab's score term (section "the rope_ab score term")
     if ROPE:
@@ -1086,6 +1148,9 @@ def _attn_keys_m_kernel(
     mrow0 = mask_ptr + b.to(tl.int64) * smb
     i = tl.arange(0, BLOCK_N)
     load_order = ((i // 8) % 4) * 16 + (i // 32) * 8 + i % 8  # _fragment_rows' inverse: natural keys after it
+    if VKEYS:  # the scores' row r holds key _vkeys_key(r): the rows' keys (norms, masks) and K's loads follow
+        load_order = _vkeys_key(load_order)
+        i = _vkeys_key(i)
     # the norms are read one tile ahead: Triton's pipeliner stages only the loads that feed a dot, and these plain
     # loads, consumed in the same iteration, left every warp waiting on global memory (ncu, benchmarks/NOTES.md v10)
     nk0, nk1, nv0, nv1 = _tile_norms(knb, vnb, n_lo + i, n_hi, NGK, NGV)
@@ -1100,6 +1165,11 @@ def _attn_keys_m_kernel(
             kw1, kh1 = _key_words(kbase + nl.to(tl.int64) * CWK, nl < n_hi, D, KBITS, 1)
     # VPREFETCH: V's code words likewise (untimed; 166 registers at 3 bits, but 210 with kv_len and 215 at 4 bits:
     # two programs per SM instead of three, or spills under a 168 cap)
+    if VKEYS:
+        vk0, vkh0 = _vkeys_words(vbase + tl.cast(n_lo, tl.int64) * CWV, n_lo, n_hi, CWV, VBITS, 0)
+        vk1, vkh1 = vk0, vkh0
+        if NGV == 2:
+            vk1, vkh1 = _vkeys_words(vbase + tl.cast(n_lo, tl.int64) * CWV, n_lo, n_hi, CWV, VBITS, 1)
     if VPREFETCH:
         n0 = n_lo + i
         vw0, vh0 = _tile_words(vbase + n0.to(tl.int64) * CWV, n0 < n_hi, D, VBITS, 0, NGV)
@@ -1160,6 +1230,17 @@ def _attn_keys_m_kernel(
             acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv0[:, None]).to(tl.float16))
             vt = (tl.zeros([BLOCK_N, 128], dtype=tl.float32) + nv1[:, None]).to(tl.float16)
             acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(vt), (p * nv1[:, None]).to(tl.float16))
+        elif VKEYS:
+            vtn = vbase + tl.cast(start + BLOCK_N, tl.int64) * CWV
+            vk0n, vkh0n = _vkeys_words(vtn, start + BLOCK_N, n_hi, CWV, VBITS, 0)
+            vt = _vkeys_fragment(vk0, vkh0, vtab, VBITS, VDECODE)
+            acc0 = acc0 * alpha[None, :] + tl.dot(vt, (p * nv0[:, None]).to(tl.float16))
+            vk1n, vkh1n = vk0n, vkh0n
+            if NGV == 2:
+                vk1n, vkh1n = _vkeys_words(vtn, start + BLOCK_N, n_hi, CWV, VBITS, 1)
+                vt = _vkeys_fragment(vk1, vkh1, vtab, VBITS, VDECODE)
+                acc1 = acc1 * alpha[None, :] + tl.dot(vt, (p * nv1[:, None]).to(tl.float16))
+            vk0, vkh0, vk1, vkh1 = vk0n, vkh0n, vk1n, vkh1n
         elif VPREFETCH:
             nn = n + BLOCK_N
             vrn = vbase + nn.to(tl.int64) * CWV
@@ -1909,6 +1990,7 @@ def launch_attention(
     ablate: int = 0,
     k_prefetch: bool | None = None,
     v_prefetch: bool | None = None,
+    v_along_keys: bool = False,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B].
     `with_lse`: rq::attention_lse, returning (out, lse float32 [B, Hq, Tq]) (the combine step also writes the lse).
@@ -1922,7 +2004,8 @@ def launch_attention(
     design; never set it to compute attention. `k_prefetch` / `v_prefetch` (DEFAULTS): keys-m reads the K / V code
     words one tile ahead into registers instead of through the pipeliner's shared-memory copies. `num_splits`: key
     splits per row (at most MAX_SPLITS); by default keys-m on CUDA takes splits.wave_splits' count, everything else
-    about `split_waves` programs per SM."""
+    about `split_waves` programs per SM. `v_along_keys`: v_codes come re-packed by packing.pack_along_keys (a
+    prototype of a format change, for timing and tests: no cache writes that layout), read by keys-m only."""
     import torch
 
     wrap = _identity if wrap is None else wrap
@@ -1959,6 +2042,8 @@ def launch_attention(
     )
     if ablate and (not keys_m or interpreting()):
         raise ValueError("ablate: timing ablations run only in the compiled keys-m kernel")
+    if v_along_keys and not (keys_m and v_bits in (2, 3) and tk % 16 == 0 and not v_prefetch):
+        raise ValueError("v_along_keys: keys-m only, V at 2 or 3 bits, keys a multiple of 16, without v_prefetch")
     if keys_m:
         block_n, num_warps = 64, 4  # the kernel's fragment layout is built for these
     if interpreting():  # no inline asm: the split kernel takes the tree, keys-m the prmt steps in Triton ops
@@ -2031,7 +2116,8 @@ def launch_attention(
         "DECODE": decode,
         "ABLATE": int(ablate),
         "KPREFETCH": bool(DEFAULTS["k_prefetch"] if k_prefetch is None else k_prefetch),
-        "VPREFETCH": bool(DEFAULTS["v_prefetch"] if v_prefetch is None else v_prefetch),
+        "VPREFETCH": bool(DEFAULTS["v_prefetch"] if v_prefetch is None else v_prefetch) and not v_along_keys,
+        "VKEYS": bool(v_along_keys),
         **meta,
         **launch_opts,  # a register cap, where asked for (before session 19 keys-m launches dropped it)
     }

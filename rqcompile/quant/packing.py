@@ -123,3 +123,28 @@ def unpack(packed: torch.Tensor, bits: int | Sequence[int], dim: int) -> torch.T
         out.append(_unpack_run(data[..., offset : offset + nbytes], width, count))
         offset += nbytes
     return torch.cat(out, dim=-1)
+
+
+KEY_BLOCK = 16  # keys per word of a tensor packed along keys
+
+
+def pack_along_keys(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Re-pack codes [..., T, bytes] (this module's layout, T a multiple of KEY_BLOCK) along the key axis, as the
+    keys-m kernel's VKEYS prototype reads V (not a format of the cache): each block of 16 keys becomes `dim` 32-bit
+    words of the 2-bit plane (word c: coordinate c's codes of the 16 keys, key k at bits 2k) and, at 3 bits, `dim`
+    16-bit halfwords of the high plane (key k at bit k). Same shape and bytes per block; little-endian words."""
+    if bits not in (2, 3):
+        raise ValueError(f"packing along keys covers 2 and 3 bits, not {bits}")
+    *lead, keys, _ = packed.shape
+    if keys % KEY_BLOCK:
+        raise ValueError(f"{keys} keys: packing along keys needs a multiple of {KEY_BLOCK}")
+    codes = unpack(packed, bits, dim).unflatten(-2, (keys // KEY_BLOCK, KEY_BLOCK))  # [..., blocks, 16, dim]
+    k = torch.arange(KEY_BLOCK, device=packed.device)[:, None]
+    low = ((codes & 3) << (2 * k)).sum(-2)  # [..., blocks, dim] (int64: the 32-bit patterns)
+    words = [low.to(torch.int64).bitwise_and(0xFFFFFFFF).to(torch.int32)]
+    if bits == 3:
+        high = (((codes >> 2) & 1) << k).sum(-2)  # [..., blocks, dim] 16-bit patterns
+        pairs = high.unflatten(-1, (dim // 2, 2))
+        words.append((pairs[..., 0] | (pairs[..., 1] << 16)).bitwise_and(0xFFFFFFFF).to(torch.int32))
+    out = torch.cat(words, -1).contiguous().view(torch.uint8)  # [..., blocks, 16 * bytes]
+    return out.reshape(*lead, keys, packed.shape[-1])
