@@ -15,7 +15,7 @@ from rqcompile import ops
 from rqcompile.config import SCALE_SEARCH, RQConfig
 from rqcompile.quant import rotations
 from rqcompile.quant.codebook import codebook, lloyd_max_distortion, lloyd_max_normal
-from rqcompile.quant.packing import pack, packed_size, unpack
+from rqcompile.quant.packing import pack, pack_along_keys, packed_size, unpack
 from rqcompile.quant.quantizer import dequantize, make_state, quantize
 
 BACKENDS = ["planar", "iso", "rotor", "hadamard"]
@@ -518,3 +518,31 @@ def test_layer_bits_survive_the_config_dict_round_trip():
     config = RQConfig(backend="rotor", layer_bits=((7, 4, 3), (2, 4, 2)))
     assert config.layer_bits == ((2, 4, 2), (7, 4, 3))
     assert RQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_packing_along_keys_puts_key_k_of_a_block_at_bit_k_of_each_coordinates_word(bits):
+    """packing.pack_along_keys (the layout keys-m's VKEYS prototype reads): per block of 16 keys, word c holds
+    coordinate c's low plane with key k at bits 2k, then at 3 bits halfword c holds the high plane with key k at bit
+    k; little-endian, the same bytes per block."""
+    dim = 64
+    codes = torch.randint(0, 1 << bits, (2, 3, 48, dim))
+    along = pack_along_keys(pack(codes, bits), bits, dim)
+    assert along.shape == (2, 3, 48, dim * bits // 8) and along.dtype == torch.uint8
+    words = along.reshape(2, 3, 3, -1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [.., block, words]
+    k = torch.arange(16)
+    for blk in range(3):
+        block = codes[:, :, 16 * blk : 16 * blk + 16]  # [2, 3, 16, dim]
+        low = (words[:, :, blk, :dim, None] >> (2 * k)) & 3  # [2, 3, dim, 16]
+        got = low
+        if bits == 3:
+            half = (words[:, :, blk, dim:].repeat_interleave(2, -1) >> (16 * (torch.arange(dim) % 2))) & 0xFFFF
+            got = got | (((half[..., None] >> k) & 1) << 2)
+        assert torch.equal(got, block.transpose(-1, -2))
+
+
+def test_packing_along_keys_needs_whole_blocks_of_2_or_3_bit_codes():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack_along_keys(pack(torch.zeros(1, 20, 64, dtype=torch.int64), 3), 3, 64)
+    with pytest.raises(ValueError, match="2 and 3 bits"):
+        pack_along_keys(pack(torch.zeros(1, 16, 64, dtype=torch.int64), 4), 4, 64)
