@@ -5,6 +5,7 @@ needs Triton's compiler rather than its interpreter.
 
     python tests/kernel_writes_probe.py OPAQUE   # the split kernel; OPAQUE: 1 as the eager launch, 0 as compiled
     python tests/kernel_writes_probe.py keys-m   # the keys-m kernel (the same launch eager and compiled)
+    python tests/kernel_writes_probe.py keys-m-vkeys   # keys-m reading V packed along keys (the VKEYS prototype)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Sm90Driver:
         return GPUTarget("cuda", 90, 32)
 
 
-def written(opaque: bool, kernel=kattn._attn_split_kernel) -> list[str]:
+def written(opaque: bool, kernel=kattn._attn_split_kernel, vkeys: bool = False) -> list[str]:
     analyze = getattr(triton_kernel_wrap, "identify_accessed_tensors", None) or getattr(
         triton_kernel_wrap, "identify_mutated_tensors", None
     )
@@ -63,6 +64,12 @@ def written(opaque: bool, kernel=kattn._attn_split_kernel) -> list[str]:
         "BLOCK_N": 64,
         "DECODE": kattn.DECODES["prmt"],
         "OPAQUE": opaque,
+        # keys-m's switches as a default launch sets them (1 for all would ask for two V paths at once, which the
+        # kernel refuses at compile time, and a refused build reads to torch as "writes everything")
+        "ABLATE": 0,
+        "KPREFETCH": kattn.DEFAULTS["k_prefetch"],
+        "VPREFETCH": kattn.DEFAULTS["v_prefetch"],
+        "VKEYS": vkeys,
     }
     kwargs = {name: args.get(name, 1) for name in kernel.arg_names}  # the int sizes: 1
     triton.runtime.driver.set_active(Sm90Driver())
@@ -72,7 +79,7 @@ def written(opaque: bool, kernel=kattn._attn_split_kernel) -> list[str]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "keys-m":
-        print(json.dumps(written(False, kattn._attn_keys_m_kernel)))
+    if sys.argv[1] in ("keys-m", "keys-m-vkeys"):
+        print(json.dumps(written(False, kattn._attn_keys_m_kernel, vkeys=sys.argv[1] == "keys-m-vkeys")))
     else:
         print(json.dumps(written(bool(int(sys.argv[1])))))

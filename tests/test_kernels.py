@@ -777,7 +777,7 @@ def _same_decoded_values(out, tree, kb, vb, bitwise=True):
     assert (out - tree).abs().max().item() < 2e-3
 
 
-@pytest.mark.parametrize("opaque", [False, True, "keys-m"])
+@pytest.mark.parametrize("opaque", [False, True, "keys-m", "keys-m-vkeys"])
 def test_compiled_attention_writes_only_its_partial_results(opaque):
     """torch.compile must see the split kernel write only its partial results. An impure inline asm (the eager
     launch's `_opaque`) defeats torch's analysis, which then assumes every input written, and the compiled program
@@ -790,7 +790,7 @@ def test_compiled_attention_writes_only_its_partial_results(opaque):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     probe = os.path.join(os.path.dirname(__file__), "kernel_writes_probe.py")
-    which = opaque if isinstance(opaque, str) else str(int(opaque))  # "keys-m": that kernel, never opaque
+    which = opaque if isinstance(opaque, str) else str(int(opaque))  # "keys-m...": that kernel, never opaque
     run = subprocess.run([sys.executable, probe, which], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     written = set(json.loads(run.stdout.strip().splitlines()[-1]))
