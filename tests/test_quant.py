@@ -15,7 +15,7 @@ from rqcompile import ops
 from rqcompile.config import SCALE_SEARCH, RQConfig
 from rqcompile.quant import rotations
 from rqcompile.quant.codebook import codebook, lloyd_max_distortion, lloyd_max_normal
-from rqcompile.quant.packing import pack, pack_along_keys, packed_size, unpack
+from rqcompile.quant.packing import pack, pack_along_keys, packed_size, unpack, unpack_along_keys
 from rqcompile.quant.quantizer import dequantize, make_state, quantize
 
 BACKENDS = ["planar", "iso", "rotor", "hadamard"]
@@ -539,10 +539,13 @@ def test_packing_along_keys_puts_key_k_of_a_block_at_bit_k_of_each_coordinates_w
             half = (words[:, :, blk, dim:].repeat_interleave(2, -1) >> (16 * (torch.arange(dim) % 2))) & 0xFFFF
             got = got | (((half[..., None] >> k) & 1) << 2)
         assert torch.equal(got, block.transpose(-1, -2))
+    assert torch.equal(unpack_along_keys(along, bits, dim), codes)  # and back
 
 
-def test_packing_along_keys_needs_whole_blocks_of_2_or_3_bit_codes():
+def test_packing_along_keys_needs_whole_blocks_of_2_or_3_bit_codes():  # and so does unpacking
     with pytest.raises(ValueError, match="multiple of 16"):
         pack_along_keys(pack(torch.zeros(1, 20, 64, dtype=torch.int64), 3), 3, 64)
     with pytest.raises(ValueError, match="2 and 3 bits"):
         pack_along_keys(pack(torch.zeros(1, 16, 64, dtype=torch.int64), 4), 4, 64)
+    with pytest.raises(ValueError, match="multiple of 16 keys"):
+        unpack_along_keys(torch.zeros(1, 20, 24, dtype=torch.uint8), 3, 64)

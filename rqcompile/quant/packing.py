@@ -148,3 +148,19 @@ def pack_along_keys(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         words.append((pairs[..., 0] | (pairs[..., 1] << 16)).bitwise_and(0xFFFFFFFF).to(torch.int32))
     out = torch.cat(words, -1).contiguous().view(torch.uint8)  # [..., blocks, 16 * bytes]
     return out.reshape(*lead, keys, packed.shape[-1])
+
+
+def unpack_along_keys(along: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of `pack_along_keys`: codes packed along keys [..., T, bytes] -> int64 codes [..., T, dim]."""
+    if bits not in (2, 3):
+        raise ValueError(f"packing along keys covers 2 and 3 bits, not {bits}")
+    *lead, keys, nbytes = along.shape
+    if keys % KEY_BLOCK or nbytes != packed_size(dim, bits):
+        raise ValueError(f"expected [..., a multiple of {KEY_BLOCK} keys, {packed_size(dim, bits)} bytes]")
+    words = along.reshape(*lead, keys // KEY_BLOCK, -1).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    k = torch.arange(KEY_BLOCK, device=along.device)
+    codes = (words[..., :dim, None] >> (2 * k)) & 3  # [..., blocks, dim, 16]
+    if bits == 3:
+        halves = words[..., dim:].repeat_interleave(2, -1) >> (16 * (torch.arange(dim, device=along.device) % 2))
+        codes = codes | (((halves[..., None] >> k) & 1) << 2)
+    return codes.transpose(-1, -2).reshape(*lead, keys, dim)
