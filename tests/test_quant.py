@@ -542,7 +542,7 @@ def test_packing_along_keys_puts_key_k_of_a_block_at_bit_k_of_each_coordinates_w
     assert torch.equal(unpack_along_keys(along, bits, dim), codes)  # and back
 
 
-def test_packing_along_keys_needs_whole_blocks_of_2_or_3_bit_codes():  # and so does unpacking
+def test_packing_along_keys_needs_whole_blocks_of_2_or_3_bit_codes():
     with pytest.raises(ValueError, match="multiple of 16"):
         pack_along_keys(pack(torch.zeros(1, 20, 64, dtype=torch.int64), 3), 3, 64)
     with pytest.raises(ValueError, match="2 and 3 bits"):
