@@ -965,6 +965,33 @@ def test_keys_m_reads_v_packed_along_keys_as_the_same_values(monkeypatch, vb, di
     _same_decoded_values(keys["prmt"], plain["prmt"], 3, vb, bitwise=False)
 
 
+def test_keys_m_build_query_runs_once_per_specialization_on_dtypes_only(monkeypatch):
+    """The launcher's question "how many keys-m programs fit per SM" asks Triton for the build (~180 us of host time
+    on the H200) once per specialization: tensors' dtypes and ints' classes (1, multiples of 16), not their values.
+    Triton is handed dtype stand-ins, never the tensors (fake ones while torch.compile traces)."""
+    from triton.runtime.jit import MockTensor
+
+    asked = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **meta):
+            asked.append(args)
+            return "build"
+
+    monkeypatch.setattr(kattn, "_attn_keys_m_kernel", Kernel())
+    monkeypatch.setattr(kattn, "programs_per_sm", lambda compiled, warps, device: 3 if compiled == "build" else 0)
+    monkeypatch.setattr(kattn, "_KEYS_M_FITS", {})
+    meta = {"num_warps": 4, "VKEYS": False}
+    x16, x32 = torch.empty(2, dtype=torch.float16), torch.empty(3, dtype=torch.float32)
+    assert kattn._keys_m_fits((x16, 5, 32, 0.1), meta, 0) == 3
+    assert kattn._keys_m_fits((torch.empty(7, dtype=torch.float16), 9, 48, 0.2), meta, 0) == 3  # same classes
+    assert len(asked) == 1 and isinstance(asked[0][0], MockTensor) and asked[0][1:] == (5, 32, 0.1)
+    kattn._keys_m_fits((x32, 5, 32, 0.1), meta, 0)  # another dtype
+    kattn._keys_m_fits((x16, 1, 32, 0.1), meta, 0)  # an int of 1
+    kattn._keys_m_fits((x16, 5, 32, 0.1), {**meta, "VKEYS": True}, 0)  # another constexpr
+    assert len(asked) == 4
+
+
 def test_v_along_keys_is_refused_where_keys_m_cannot_read_it():
     args = _tiny_attention_args()
     with pytest.raises(ValueError, match="v_along_keys"):

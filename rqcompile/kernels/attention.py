@@ -1934,21 +1934,23 @@ _KEYS_M_FITS: dict[tuple, int] = {}
 
 
 def _specialization(arg) -> object:
-    """What Triton specializes a launch on for one argument: a tensor's dtype, an int's being 1 or a multiple of 16."""
-    if isinstance(arg, MockTensor):
+    """What Triton specializes a launch on for one argument: a tensor's dtype (alignment: torch's allocations are
+    16-byte aligned), an int's being 1 or a multiple of 16."""
+    if hasattr(arg, "data_ptr"):  # a tensor or a MockTensor
         return arg.dtype
     if isinstance(arg, int) and not isinstance(arg, bool):
         return (arg == 1, arg % 16 == 0)
     return type(arg)
 
 
-def _keys_m_fits(args: list, meta: dict, device_index: int) -> int:
-    """keys-m programs resident per SM for the build these arguments select (tensors as MockTensor dtypes). Asking
-    Triton for that build costs ~180 us of host time (measured on the H200's host), so the answer is kept per
-    specialization."""
+def _keys_m_fits(args: tuple, meta: dict, device_index: int) -> int:
+    """keys-m programs resident per SM for the build these arguments select. Asking Triton for that build (dtypes
+    standing in for the tensors, so that it works on fake tensors while torch.compile traces) costs ~180 us of host
+    time (measured on the H200's host), so the answer is kept per specialization."""
     key = (device_index, tuple(meta.items()), tuple(_specialization(a) for a in args))
     if key not in _KEYS_M_FITS:
-        compiled = _attn_keys_m_kernel.warmup(*args, grid=(1,), **meta)
+        mocks = [MockTensor(a.dtype) if hasattr(a, "data_ptr") else a for a in args]
+        compiled = _attn_keys_m_kernel.warmup(*mocks, grid=(1,), **meta)
         _KEYS_M_FITS[key] = programs_per_sm(compiled, meta["num_warps"], device_index)
     return _KEYS_M_FITS[key]
 
@@ -2138,11 +2140,9 @@ def launch_attention(
         sms = sm_count(device.index or 0)
         guess = keys_m_programs_per_sm(mask_kind != 0 and not mask_row, rope_ab is not None)
         num_splits = wave_splits(total_blocks, work_rows, sms, guess)
-        # the build this launch will run (Triton's cache entry for these arguments; dtypes stand in for tensors, so
-        # this also works while torch.compile traces) says how many programs really fit
-        f32 = MockTensor(torch.float32)
+        # the build this launch will run (Triton's cache entry for these arguments) says how many programs really fit
+        f32 = MockTensor(torch.float32)  # the partial results, not allocated yet
         args = (*uniform_args, *tail(f32, f32, f32, *split_plan(num_splits)))
-        args = [MockTensor(a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
         fits = _keys_m_fits(args, keys_m_meta, device.index or 0)
         if fits != guess:
             num_splits = wave_splits(total_blocks, work_rows, sms, fits)
