@@ -276,6 +276,57 @@ def test_attention_interpret_staged_rotations(lse):
     _attention_case("iso", 4, 3, 64, "cpu", tk=70, splits=2, lse=lse, rotation_stages=3)
 
 
+# what a launch may do in torch besides its kernels: allocate, view, and the interpreter's own copies of the buffers
+_MEMORY_OPS = {"empty", "new_empty", "set_", "copy_", "view", "detach"}
+
+
+@cpu_only
+@pytest.mark.parametrize("backend,stages", [("iso", "full"), ("hadamard", 1)])
+def test_a_dense_rotation_runs_inside_the_kernels_without_torch_arithmetic(backend, stages):
+    """The default's dense per-group rotation: q is rotated by its own kernel and the combine step un-rotates the
+    output, so an eager decode call launches no torch matmuls, casts or elementwise ops around the attention kernels
+    (each was a separate small launch, ~25 us of every call on the H200), and the result is the reference's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ks = _state(backend, 3, "k", 2, 128, "cpu", rotation_stages=stages)
+    vs = _state(backend, 3, "v", 2, 128, "cpu", seed=1, rotation_stages=stages)
+    assert ks.rotation.shape[-1] > 4 and vs.rotation.shape[-1] > 4  # dense blocks
+    k, v = torch.randn(2, 2, 48, 128) * 2, torch.randn(2, 2, 48, 128)
+    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, ks.widths, ks.group, ks.perm)
+    vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, vs.widths, vs.group, vs.perm)
+    q = torch.randn(2, 6, 1, 128).to(torch.bfloat16)
+    args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3)
+    with Record() as record:
+        out = kattn.launch_attention(*args, None, 128**-0.5, num_splits=2)
+    assert record.ops <= _MEMORY_OPS, record.ops - _MEMORY_OPS
+    ref = quantizer.rotated_attention(q.float(), kc, kn, vc, vn, ks, vs, None, 128**-0.5)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 output
+
+
+def test_a_dense_rotation_that_does_not_tile_head_dim_is_refused_by_the_launcher():
+    """Blocks the kernels cannot take (never produced for a supported call) get a clear error, not wrong numbers."""
+    rotation = torch.eye(24).expand(2, 3, 24, 24)  # 3 x 24 = 72 != 64, and 24 is not a power of two
+    q = torch.randn(1, 2, 1, 64)
+    codes = torch.zeros(1, 2, 16, 24, dtype=torch.uint8)
+    norms = torch.ones(1, 2, 16, 1)
+    ones = torch.ones(2, 64)
+    levels = torch.linspace(-1, 1, 8)
+    with pytest.raises(ValueError, match="dense rotation blocks"):
+        kattn.launch_attention(
+            q, codes, norms, codes, norms, rotation, ones, levels, rotation, ones * 0, ones, levels, 3, 3, None, 0.125
+        )
+
+
 def test_quantize_tiles_shrink_to_the_tokens_written():
     """A decode step quantizes one token per head: 1-row tiles (dense rotations then multiply without tl.dot),
     instead of 8 rows (block rotations) and 64 (dense); a few tokens with a dense rotation take tl.dot's 16."""
@@ -333,7 +384,7 @@ def test_attention_interpret(backend, kb, vb, kw):
         ("rotor", 2, 4, {"mask_kind": "float", "tq": 3}),
         ("iso", 3, 3, {"mask_kind": "causal", "tq": 4, "splits": 2}),
         ("planar", 3, 3, {"mask_kind": "kv_len", "splits": 3}),
-        ("hadamard", 3, 3, {}),  # dense V: out un-rotated on the host, lse from the combine kernel
+        ("hadamard", 3, 3, {}),  # dense V: the combine kernel un-rotates the output and writes the lse
     ],
 )
 def test_attention_lse_interpret(backend, kb, vb, kw):
@@ -378,7 +429,7 @@ LAYOUT_ATTENTION_CASES = [
     ("planar", 3.5, 3, {"mask_kind": "bool", "splits": 3}),
     ("iso", 3, 3.5, {"mask_kind": "float", "tq": 3}),
     ("rotor", 4, 3, {"mask_kind": "causal", "tq": 4, "splits": 2}),
-    ("hadamard", 3.5, 3, {}),  # K and V rotated on the host
+    ("hadamard", 3.5, 3, {}),  # dense K and V: q rotated by its own kernel, the output by the combine step
     ("none", 4, 2.5, {"mask_kind": "kv_len", "splits": 3}),
 ]
 
@@ -546,7 +597,7 @@ def test_quantize_staged_gpu(backend, stages):
     [
         ("planar", 3, 3, {}),
         ("iso", 4, 2, {"batch": 8}),
-        ("iso", 3, 3, {"rotation_stages": "full"}),  # dense per-group blocks: q and the output rotated on the host
+        ("iso", 3, 3, {"rotation_stages": "full"}),  # dense per-group blocks: q and the output rotated by kernels
         ("rotor", 2, 4, {}),
         ("hadamard", 3, 3, {}),
         ("planar", 3, 3, {"mask_kind": "bool"}),
@@ -884,7 +935,7 @@ def test_attention_prmt_decode_gpu(bits, batch, mask_kind):
         (2, 4, 256, {"mask_kind": "kv_len", "splits": 2}),
         (4, 3, 256, {"mask_kind": "bool", "tq": 2, "backend": "iso"}),  # 6 query rows x 2 positions: N = 12
         (4, 4, 128, {"backend": "rotor"}),
-        (3, 3, 256, {"backend": "hadamard", "mask_kind": "kv_len"}),  # q rotated on the host (dense rotation)
+        (3, 3, 256, {"backend": "hadamard", "mask_kind": "kv_len"}),  # q rotated by its own kernel (dense rotation)
     ],
 )
 def test_attention_interpret_keys_m(monkeypatch, kb, vb, dim, kw):
@@ -1099,7 +1150,7 @@ ROPE_CASES = [
     ("rotor", 2, 4, 64, 8, "split", {"mask_kind": "float", "tq": 3}),  # additive float mask per row
     # h not a power of two (ROPE_K 16, 4 padded pairs); a fully masked batch row (lse -inf, V's mean)
     ("planar", 3, 3, 64, 12, "split", {"mask_kind": "bool", "splits": 2, "lse": True}),
-    ("hadamard", 3, 3, 64, 1, "split", {}),  # one pair; q rotated on the host
+    ("hadamard", 3, 3, 64, 1, "split", {}),  # one pair; q rotated by its own kernel
     # Qwen3.5-27B's shape: head_dim 256 (two norm groups), 6 query heads per KV head, partial rotary h = 32, decode
     ("planar", 3, 3, 256, 32, "keys-m", {"batch": 1, "rep": 6, "mask_kind": "kv_len", "splits": 2, "lse": True}),
     # full rotary at head_dim 128 (ROPE_K 64), 2 positions x 3 query heads, a bool mask (batch row 0 fully masked)

@@ -17,9 +17,10 @@ steps in Triton integer ops (for the interpreter, which cannot run inline asm an
 Keys-m kernel (the default for decode shapes, `launch_attention(variant=...)`): the same contract with the scores
 computed transposed, keys as the M side of a Hopper wgmma, so the decoded K tile goes straight into the mma's
 registers (section "keys as the mma's M operand" below).
-Combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query row (block-diagonal gather),
-applies V's scale and mean and writes the output in q's dtype; for rq::attention_lse (constexpr WRITE_LSE) also each
-row's natural-log sum-exp from the merged max and sum.
+Combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query row (block-diagonal gather, or a
+dense block's matrix-vector product in chunks), applies V's scale and mean and writes the output in q's dtype; for
+rq::attention_lse (constexpr WRITE_LSE) also each row's natural-log sum-exp from the merged max and sum. A dense K
+rotation (kernels/dense_query.py) rotates q once before the split kernels.
 
 rq::attention's `rope_ab` term (a pre-RoPE key offset turned to each key's slot j): every kernel above adds it to
 the raw scores, sum_i A_i cos(j theta_i) + B_i sin(j theta_i) with the fp32 angle float32(j) * theta_i of
@@ -60,6 +61,7 @@ from rqcompile.kernels.common import (
     run_window,
     sm_count,
 )
+from rqcompile.kernels.dense_query import dense_query_applies, rotate_query
 from rqcompile.kernels.splits import MAX_SPLITS, programs_per_sm, wave_splits
 
 LOG2E = 1.4426950408889634
@@ -115,7 +117,7 @@ def _q_rot(
     """The rotated, K-scaled query rows times qk_scale, fp32 [BLOCK_M, DC] (columns C0.., natural order; DC 0: D)."""
     DQ: tl.constexpr = D if DC == 0 else DC
     c = C0 + tl.arange(0, DQ)
-    if RB == 0:  # q already rotated and K-scaled on the host (dense rotation)
+    if RB == 0:  # q already rotated and K-scaled (dense rotation: kernels/dense_query.py)
         qv = tl.load(qrow[:, None] + c[None, :] * sqd, mask=m_ok[:, None], other=0.0).to(tl.float32)
     else:
         blk = c // RB
@@ -1312,7 +1314,7 @@ def _run_q(
         P: tl.constexpr = run_window(L, r)
         c = S + tl.arange(0, P)
         c_ok = c < S + run_count(L, r)
-        if RB == 0:  # q already rotated (in perm order) and K-scaled on the host (dense rotation)
+        if RB == 0:  # q already rotated (in perm order) and K-scaled (dense rotation: kernels/dense_query.py)
             qv = tl.load(qrow[:, None] + c[None, :] * sqd, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             qv = qv.to(tl.float32)
         else:
@@ -1715,6 +1717,8 @@ def _attn_combine_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    VDENSE: tl.constexpr = False,
+    DENSE_K: tl.constexpr = 32,
 ):
     """One program per (query row, KV head, BLOCK_D output columns): the splits' max and sum first (NS floats),
     then the weighted sum of the partial accumulators, BLOCK_S splits at a time. A whole [NS, D] tile per program
@@ -1739,17 +1743,23 @@ def _attn_combine_kernel(
         total += tl.sum(w * tl.load(pl_ptr + rbase + s * M, mask=s_ok, other=0.0), axis=0)
     inv = tl.where(total > 0, 1.0 / tl.maximum(total, 1e-30), 0.0)
     c = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    if VRB == 0 or VRB == 1 or VRB == 2 or VRB == 4:
-        # the splits' accumulators of columns c in one contiguous load per step, then the block rotation in registers
+    if VDENSE:  # a dense block of VRB = BLOCK_D coordinates: out[k] = sum_i R[h, dt, i, k] a[i], DENSE_K inputs a step
+        out = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i0 in tl.static_range(0, BLOCK_D, DENSE_K):
+            i = i0 + tl.arange(0, DENSE_K)
+            a = _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, dt * BLOCK_D + i, i < BLOCK_D, D, BLOCK_S)
+            j = tl.arange(0, BLOCK_D)
+            rot = tl.load(vrot_ptr + ((h * VNB + dt) * BLOCK_D + i[:, None]).to(tl.int64) * BLOCK_D + j[None, :])
+            out += tl.sum(a[:, None] * rot, axis=0)
+    elif VRB == 1 or VRB == 2 or VRB == 4:
+        # the splits' accumulators of columns c in one contiguous load per step, then the block rotation in registers:
+        # out[blk, k] = sum_i R[h, blk, i, k] * a[blk, i] over this chunk's BLOCK_D / VRB blocks
         a = _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, c, c < D, D, BLOCK_S)
-        if VRB == 0:  # dense V rotation: the host un-rotates
-            out = a * inv
-        else:  # out[blk, k] = sum_i R[h, blk, i, k] * a[blk, i] over this chunk's BLOCK_D / VRB blocks
-            NBLK: tl.constexpr = BLOCK_D // VRB
-            blk = dt * NBLK + tl.arange(0, NBLK)
-            i = tl.arange(0, VRB)
-            rot = tl.load(vrot_ptr + ((h * VNB + blk)[:, None, None] * VRB + i[None, :, None]) * VRB + i[None, None, :])
-            out = tl.reshape(tl.sum(tl.reshape(a, [NBLK, VRB])[:, :, None] * rot, axis=1), [BLOCK_D])
+        NBLK: tl.constexpr = BLOCK_D // VRB
+        blk = dt * NBLK + tl.arange(0, NBLK)
+        i = tl.arange(0, VRB)
+        rot = tl.load(vrot_ptr + ((h * VNB + blk)[:, None, None] * VRB + i[None, :, None]) * VRB + i[None, None, :])
+        out = tl.reshape(tl.sum(tl.reshape(a, [NBLK, VRB])[:, :, None] * rot, axis=1), [BLOCK_D])
     else:  # blocks of 3 (rotor) straddle the chunks: each rotation input gathered from the accumulators
         blk = c // VRB
         kk = c % VRB
@@ -1759,9 +1769,8 @@ def _attn_combine_kernel(
             a = _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, src, src < D, D, BLOCK_S)
             coef = tl.load(vrot_ptr + ((h * VNB + blk) * VRB + i) * VRB + kk)
             out += coef * a
-    if VRB != 0:
-        c = channels(vperm_ptr, h, c, c < D, D, VPERM)  # un-rotated coordinate c is channel perm[h, c] of V
-        out = out * inv * tl.load(vscale_ptr + h * D + c) + tl.load(vmean_ptr + h * D + c)
+    c = channels(vperm_ptr, h, c, c < D, D, VPERM)  # un-rotated coordinate c is channel perm[h, c] of V
+    out = out * inv * tl.load(vscale_ptr + h * D + c) + tl.load(vmean_ptr + h * D + c)
     r = row // Tq
     t = row % Tq
     qrow = (b.to(tl.int64) * H * REP + h * REP + r) * Tq + t
@@ -1879,16 +1888,6 @@ def _halfwords(codes):
     return codes.view(torch.int16)
 
 
-def _permute(x, perm, inverse=False):
-    """x [B, H, T, d] with channels in `perm` order per head (`x[..., perm[h]]`), or the inverse scatter."""
-    if perm is None:
-        return x
-    index = perm[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1)
-    if inverse:
-        return x.new_empty(x.shape).scatter_(-1, index, x)
-    return x.gather(-1, index)
-
-
 def rope_width(rope_ab) -> int:
     """The kernels' ROPE_K for a rope_ab [.., 2h]: h padded to a power of two >= 16 (tl.dot's smallest K); 0 without
     the term."""
@@ -1914,12 +1913,6 @@ def _rope_args(rope_ab, rope_inv_freq, q):
 
 def _identity(kernel):
     return kernel
-
-
-def _rotate(x, rotation, inverse=False):
-    from rqcompile.quant.rotations import rotate
-
-    return rotate(x, rotation, inverse=inverse)
 
 
 def keys_m_programs_per_sm(full_mask: bool, rope: bool) -> int:
@@ -2060,9 +2053,14 @@ def launch_attention(
 
     krb = k_rotation.shape[-1]
     q_in = q
-    if krb > 4:  # dense (hadamard) K rotation: rotate q once on the host
-        qf = q.float().unflatten(1, (heads, rep)).flatten(2, 3) * k_scale[:, None, :]
-        q_in = _rotate(_permute(qf, k_perm), k_rotation).unflatten(2, (rep, q_len)).flatten(1, 2)
+    for rotation in (k_rotation, v_rotation):
+        if rotation.shape[-1] > 4 and not dense_query_applies(rotation, dim):
+            raise ValueError(
+                f"dense rotation blocks {tuple(rotation.shape)}: the kernels take powers of two >= 16 "
+                f"tiling head_dim {dim} (norm groups of a supported call always are)"
+            )
+    if krb > 4:  # dense K rotation: q rotated once, by its own kernel, before the attention kernels
+        q_in = rotate_query(q, k_rotation, k_scale, k_perm, heads, wrap)
         krb = 0
 
     if attn_mask is None:
@@ -2188,10 +2186,11 @@ def launch_attention(
             **meta,
         )
     vrb = v_rotation.shape[-1]
-    dense_v = vrb > 4
-    out = torch.empty((batch, q_heads, q_len, dim), dtype=torch.float32 if dense_v else q.dtype, device=device)
+    dense_v = vrb > 4  # the combine step un-rotates whole dense blocks
+    out = torch.empty((batch, q_heads, q_len, dim), dtype=q.dtype, device=device)
     block_s = min(COMBINE_BLOCK_S, max(2, triton.next_power_of_2(num_splits)))
-    block_d = min(dim, max(16, COMBINE_TILE // block_s))
+    block_d = vrb if dense_v else min(dim, max(16, COMBINE_TILE // block_s))
+    dense_k = min(32, vrb, max(16, COMBINE_TILE // block_s))  # a [dense_k, vrb] slice of R and [block_s, dense_k] loads
     wrap(_attn_combine_kernel)[(rows, batch * heads, dim // block_d)](
         pm,
         pl,
@@ -2208,19 +2207,16 @@ def launch_attention(
         rows,
         num_splits,
         D=dim,
-        VRB=0 if dense_v else vrb,
+        VRB=vrb,
         VNB=v_rotation.shape[1],
-        VPERM=v_perm is not None and not dense_v,
+        VPERM=v_perm is not None,
         BLOCK_S=block_s,
         BLOCK_D=block_d,
         WRITE_LSE=with_lse,
+        VDENSE=dense_v,
+        DENSE_K=dense_k,
         num_warps=4,
     )
-    if dense_v:
-        acc = out.unflatten(1, (heads, rep)).flatten(2, 3)
-        acc = _permute(_rotate(acc, v_rotation, inverse=True), v_perm, inverse=True)
-        acc = acc * v_scale[:, None, :] + v_mean[:, None, :]
-        out = acc.unflatten(2, (rep, q_len)).flatten(1, 2).to(q.dtype)
     return (out, lse) if with_lse else out
 
 
