@@ -23,6 +23,8 @@ SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 # the default None ("full" where blocks compose).
 # rope_key_mean came in session 13 as False; session 15 made the default None ("auto"), which manifests never hold.
 FORMAT_BEFORE_FIELD: dict[str, Any] = {"rotation_stages": 1, "rope_key_mean": False}
+VALUE_LAYOUTS = ("coordinates", "keys")
+KEY_LAYOUT_BITS = (2, 3)  # V widths value_layout="keys" packs (4 bits would need its own block order)
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
 
 
@@ -73,10 +75,11 @@ class RQConfig:
             rotation (the only choice for ``hadamard``, ``none`` and ``bit_allocation``). ``None`` (default):
             ``"full"`` for planar / iso / rotor without ``bit_allocation``, else 1 (``resolved_rotation_stages``).
             More than one layer is stored as one dense block per norm group (docs/FORMAT.md "Staged rotations"):
-            decoders read it like hadamard's (q and the output rotated once per step outside the attention
-            kernel), the encoder does ``g`` FMAs per coordinate. Why "full" is the default: KL of the drop-in cache
-            -53% / -42% (QUALITY.md), for a compiled decode step within -6% / +4% of one layer's on the H200
-            (BENCHMARKS.md, session 8); ``1`` keeps the block kernels (planar's encoder is then the fastest).
+            decoders read it like hadamard's (q rotated once per step by its own kernel, the output un-rotated in
+            the attention's combine step), the encoder does ``g`` FMAs per coordinate. Why "full" is the default:
+            KL of the drop-in cache -53% / -42% (QUALITY.md), for a compiled decode step within -6% / +4% of one
+            layer's on the H200 (BENCHMARKS.md, session 8); ``1`` keeps the block kernels (planar's encoder is then
+            the fastest).
         rope_key_mean: also remove each layer's *pre-RoPE* key mean, turned to each key's position, before quantizing
             (added back exactly after dequantizing; no bytes per token; ``rqcompile.quant.rope_offset``). Most of the
             keys' offset is constant before RoPE and turns with the position after it, so the post-RoPE key mean
@@ -87,6 +90,13 @@ class RQConfig:
             with a static RoPE) turns it on in the caches and in ``rqcompile.apply``, whose fused attention then adds
             its term to each score. ``True`` insists (a clear error where it cannot be done); ``False`` is the format
             without it. Caches and ``apply`` store the resolved bool, and artifacts carry it.
+        value_layout: how V's codes are laid out in memory. ``"coordinates"`` (default): each token's codes
+            together (docs/FORMAT.md "Bit packing"). ``"keys"`` (experimental, opt-in): each block of 16 tokens holds,
+            per coordinate, the 16 tokens' codes together (docs/FORMAT.md "V packed along keys"), the order the
+            decode kernel's tensor-core operand wants, so it decodes V without a trip through shared memory (-12 to
+            -14% attention time on the H200, BENCHMARKS.md "Session 19"). Same bytes. V at 2 or 3 bits without
+            ``bit_allocation``; read and written by ``rqcompile.apply``'s programs (not yet the eager caches or the
+            ONNX / TensorRT exports, which refuse it).
     """
 
     backend: str = "iso"
@@ -104,6 +114,7 @@ class RQConfig:
     bit_allocation: tuple[int, ...] = ()
     rotation_stages: int | str | None = None
     rope_key_mean: bool | None = None
+    value_layout: str = "coordinates"
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
@@ -145,6 +156,25 @@ class RQConfig:
             raise ValueError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.rope_key_mean is not None and not isinstance(self.rope_key_mean, bool):
             raise ValueError(f"rope_key_mean must be None (auto) or a bool, got {self.rope_key_mean!r}")
+        self._check_value_layout()
+
+    def packs_along_keys(self, kind: str) -> bool:
+        """Whether `kind`'s codes ("k" or "v") are packed along keys: V's, with value_layout="keys"."""
+        return kind == "v" and self.value_layout == "keys"
+
+    def _check_value_layout(self) -> None:
+        if self.value_layout not in VALUE_LAYOUTS:
+            raise ValueError(f"unknown value_layout {self.value_layout!r}; choose one of {VALUE_LAYOUTS}")
+        if self.value_layout == "coordinates":
+            return
+        if self.bit_allocation:
+            raise ValueError("value_layout='keys' packs uniform 2- or 3-bit codes; it cannot take bit_allocation")
+        widths = {self.v_bits} | {value_bits for _, _, value_bits in self.layer_bits}
+        if not widths <= set(KEY_LAYOUT_BITS):
+            raise ValueError(
+                f"value_layout='keys' packs V at {KEY_LAYOUT_BITS} bits; this config has V at {sorted(widths)} "
+                "(value_bits / layer_bits)"
+            )
 
     def _check_layer_bits(self) -> None:
         entries = self.layer_bits

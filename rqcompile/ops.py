@@ -4,7 +4,9 @@ keys, see `rqcompile.passes.exact_attention`).
 
 They are functional (no `mutates_args`): the cache write stays an ordinary `index_copy_` of their outputs, which
 torch.export, Inductor, AOTInductor and the ONNX exporter all understand (a mutating custom op reaches the ONNX
-exporter as `auto_functionalized_v2`, which it cannot translate). The default implementation is the plain-torch
+exporter as `auto_functionalized_v2`, which it cannot translate). The exception is rq::write_along_keys, the write
+of V's codes packed along keys (`RQConfig.value_layout="keys"`, which the ONNX export refuses): a 16-token block is
+read, modified and written back in place. The default implementation is the plain-torch
 reference from `rqcompile.quant.quantizer`; `rqcompile.kernels` registers Triton implementations for CUDA.
 """
 
@@ -15,7 +17,7 @@ import math
 import torch
 
 from rqcompile.quant import quantizer
-from rqcompile.quant.packing import layout_size
+from rqcompile.quant.packing import layout_size, pack, unpack_along_keys, write_along_keys_
 
 
 @torch.library.custom_op("rq::quantize", mutates_args=())
@@ -66,15 +68,49 @@ def dequantize(
     dtype: torch.dtype,
     perm: torch.Tensor | None = None,
     widths: list[int] | None = None,
+    along_keys: bool = False,
 ) -> torch.Tensor:
-    """(codes, norms) -> reconstructed K/V [B, H, T, head_dim] in `dtype`."""
+    """(codes, norms) -> reconstructed K/V [B, H, T, head_dim] in `dtype`. `along_keys`: the codes are packed
+    along keys (`RQConfig.value_layout="keys"`; T a multiple of 16)."""
+    return reference_dequantize(
+        codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm, widths, along_keys
+    )
+
+
+def reference_dequantize(
+    codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None, along_keys=False
+) -> torch.Tensor:
+    """rq::dequantize's torch implementation (any device), with the op's arguments."""
+    codes = coordinates_layout(codes, bits, head_dim, along_keys)
     layout = _layout(bits, widths)
     return quantizer.dequantize(codes, norms, rotation, mean, scale, levels, layout, head_dim, dtype, perm)
 
 
+def coordinates_layout(codes: torch.Tensor, bits: int, dim: int, along_keys: bool) -> torch.Tensor:
+    """Codes packed along keys re-packed per token (the layout the reference math and the non-keys-m kernels
+    read); other codes as they are. A whole copy of the codes: the fallback, not the fast path."""
+    if not along_keys:
+        return codes
+    return pack(unpack_along_keys(codes, bits, dim), bits)
+
+
 @dequantize.register_fake
-def _(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None):
+def _(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None, along_keys=False):
     return codes.new_empty((*codes.shape[:-1], head_dim), dtype=dtype)
+
+
+@torch.library.custom_op("rq::write_along_keys", mutates_args=("buffer",))
+def write_along_keys(buffer: torch.Tensor, codes: torch.Tensor, cache_position: torch.Tensor, bits: int) -> None:
+    """Write new tokens' codes (uint8 [B, H, t, bytes], packed per token as rq::quantize returns them) into a cache
+    buffer packed along keys (uint8 [B, H, L, bytes], L a multiple of 16) at `cache_position` (int64 [t], consecutive
+    positions, as transformers passes them): a read-modify-write of the 16-token blocks they touch; every other token's
+    bits are kept. The one rq op that mutates: a block holds 16 tokens, so a token's codes cannot be `index_copy_`'d."""
+    write_along_keys_(buffer, codes, cache_position, bits, buffer.shape[-1] * 8 // bits)
+
+
+@write_along_keys.register_fake
+def _(buffer, codes, cache_position, bits):
+    return None
 
 
 @torch.library.custom_op("rq::attention", mutates_args=())
@@ -102,6 +138,7 @@ def attention(
     v_widths: list[int] | None = None,
     rope_ab: torch.Tensor | None = None,
     rope_inv_freq: torch.Tensor | None = None,
+    v_along_keys: bool = False,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over the compressed cache, computed in the rotated space (GQA by head grouping).
 
@@ -114,10 +151,12 @@ def attention(
     slot j, added to q . k before `sm_scale`: sum_i rope_ab[..., i] cos(j theta_i) + rope_ab[..., h + i] sin(j theta_i),
     the angle computed as float32(j) * theta_i. It is q . RoPE_j(m) for a pre-RoPE key offset m
     (`RQConfig.rope_key_mean`; `rqcompile.quant.rope_offset.rope_score_weights` makes `rope_ab` from q and m).
+
+    `v_along_keys`: V's codes are packed along keys (`RQConfig.value_layout="keys"`).
     """
     args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
     args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
-    return reference_attention(*args, rope_ab, rope_inv_freq)
+    return reference_attention(*args, rope_ab, rope_inv_freq, v_along_keys)
 
 
 def reference_attention(
@@ -144,9 +183,11 @@ def reference_attention(
     v_widths=None,
     rope_ab=None,
     rope_inv_freq=None,
+    v_along_keys: bool = False,
     return_lse: bool = False,
 ):
     """rq::attention's (`return_lse`: rq::attention_lse's) torch implementation, any device, the op's arguments."""
+    v_codes = coordinates_layout(v_codes, v_bits, q.shape[-1], v_along_keys)
     attn_mask = mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2])
     if rope_ab is not None:
         attn_mask = _with_score_bias(attn_mask, sm_scale * rope_score_bias(rope_ab, rope_inv_freq, k_codes.shape[2]))
@@ -189,6 +230,7 @@ def attention_lse(
     v_widths: list[int] | None = None,
     rope_ab: torch.Tensor | None = None,
     rope_inv_freq: torch.Tensor | None = None,
+    v_along_keys: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rq::attention plus `lse` float32 [B, Hq, Tq]: the natural-log sum-exp of each query row's scaled, masked
     scores (-inf for a fully masked row, whose output is V's mean, as rq::attention's). Two attentions over disjoint
@@ -196,7 +238,7 @@ def attention_lse(
     it; a merge with other keys must add it); the `rope_ab` term, which does depend on the key, is included."""
     args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
     args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
-    return reference_attention_lse(*args, rope_ab, rope_inv_freq)
+    return reference_attention_lse(*args, rope_ab, rope_inv_freq, v_along_keys)
 
 
 def reference_attention_lse(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +304,18 @@ def dequantize_state(
     """rq::dequantize with one QuantState's parameters."""
     bits, perm, widths = layout_args(state)
     return torch.ops.rq.dequantize(
-        codes, norms, state.rotation, state.mean, state.scale, state.levels, bits, state.head_dim, dtype, perm, widths
+        codes,
+        norms,
+        state.rotation,
+        state.mean,
+        state.scale,
+        state.levels,
+        bits,
+        state.head_dim,
+        dtype,
+        perm,
+        widths,
+        state.along_keys,
     )
 
 
@@ -303,7 +356,8 @@ def attention_lse_state(
 
 
 def _state_args(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale, kv_len) -> tuple:
-    """The 21 arguments of rq::attention / rq::attention_lse, from two QuantStates (sm_scale None: 1/sqrt(d))."""
+    """rq::attention's / rq::attention_lse's arguments from two QuantStates (sm_scale None: 1/sqrt(d)); no rope
+    term."""
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     k_bits, k_perm, k_widths = layout_args(k)
     v_bits, v_perm, v_widths = layout_args(v)
@@ -329,6 +383,9 @@ def _state_args(q, k_codes, k_norms, v_codes, v_norms, k, v, attn_mask, sm_scale
         v_perm,
         k_widths,
         v_widths,
+        None,
+        None,
+        v.along_keys,
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from rqcompile.api import CompiledLM, apply
-from rqcompile.cache import RQCache
+from rqcompile.cache import RQCache, RQCacheLayer
 from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
 from rqcompile.passes.exact_attention import attention_with_exact_tokens
@@ -734,3 +734,124 @@ def test_rope_key_mean_on_the_gpu_equals_the_eager_cache(models):
     assert torch.isfinite(got).all()
     err, effect = (got - ref).abs().max().item(), (plain - ref).abs().max().item()
     assert err < 0.2 * effect and err < 2e-2, (err, effect)
+
+
+# -- V's codes packed along keys (RQConfig(value_layout="keys")): the same numbers in another byte order -------------
+
+ALONG_KEYS_LEN = 48  # a multiple of the 16-token block
+
+
+def _along_keys_pair(model, fuse: bool = True, **config) -> tuple[CompiledLM, CompiledLM]:
+    """The programs with V packed per token and along keys, otherwise the same config."""
+    base = RQConfig(backend="planar", bits=3, **config)
+    return tuple(
+        apply(
+            model,
+            config=base.replace(value_layout=layout),
+            max_cache_len=ALONG_KEYS_LEN,
+            prefill_logits="all",
+            fuse=fuse,
+        )
+        for layout in ("coordinates", "keys")
+    )
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_5"])
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize(
+    "exact", [{"sink_tokens": 0, "residual_window": 0}, {"residual_window": 5}], ids=["all-coded", "sink-and-window"]
+)
+def test_values_packed_along_keys_give_the_logits_of_values_packed_per_token(models, name, fuse, exact):
+    """Prompts that end inside a 16-token block and on its edge, decode steps across blocks: the codes are the same,
+    only their order in memory differs, so every logit is the same."""
+    per_token, along = _along_keys_pair(models[name], fuse, **exact)
+    ids = _ids(40, seed=6)
+    for prompt in (9, 16):
+        torch.testing.assert_close(_steps(along, ids, prompt), _steps(per_token, ids, prompt), atol=1e-5, rtol=1e-5)
+
+
+def test_values_packed_along_keys_are_written_by_block_and_read_in_place(models):
+    """The graph: V's codes are written by rq::write_along_keys (no index_copy_ on them), K's as before, and the
+    fused attention reads V along keys; the buffer holds the layout (pack_along_keys of the per-token codes)."""
+    from rqcompile.quant.packing import pack_along_keys
+
+    per_token, along = _along_keys_pair(models["llama"], residual_window=0)
+    write = torch.ops.rq.write_along_keys.default
+    for gm in (along.prefill_module, along.decode_module):
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        assert sum(n.target is write for n in calls) == len(along.sites)
+        copied = [n.args[0].target for n in calls if n.target is torch.ops.aten.index_copy_.default]
+        assert not any(t.startswith("v_codes") for t in copied) and sum(t.startswith("k_codes") for t in copied)
+        attention = [n for n in calls if n.target in (torch.ops.rq.attention.default, attention_with_exact_tokens)]
+        assert len(attention) == len(along.sites) and all(n.kwargs.get("v_along_keys") for n in attention)
+    ids = _ids(40, seed=6)
+    _steps(along, ids, 20), _steps(per_token, ids, 20)
+    layer = along.sites[0].layer_idx
+    stored = along.decode_module.get_buffer(f"v_codes_{layer}")
+    assert torch.equal(stored, pack_along_keys(per_token.decode_module.get_buffer(f"v_codes_{layer}"), 3, 64))
+
+
+def test_values_packed_along_keys_need_whole_blocks_and_the_programs(models):
+    with pytest.raises(KVCompressError, match="multiple of 16"):
+        apply(models["llama"], config=RQConfig(value_layout="keys"), max_cache_len=40)
+    with pytest.raises(ValueError, match="value_layout"):  # the eager caches dequantize; they gain nothing from it
+        RQCacheLayer(RQConfig(value_layout="keys"), layer_idx=0)
+
+
+def test_values_packed_along_keys_compile_without_graph_breaks(models):
+    per_token, along = _along_keys_pair(models["llama"])
+    ids = _ids(PROMPT, seed=4)
+    eager = along.generate(ids, 9)
+    along.compile()
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.equal(along.generate(ids, 9), eager) and torch.equal(per_token.generate(ids, 9), eager)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+def test_values_packed_along_keys_on_the_gpu_are_read_in_place_by_keys_m(monkeypatch, compiled):
+    """On CUDA at head_dim 128 (keys-m's shape): the decode steps' attention reads V along keys in place (the
+    kernel's VKEYS build, no per-token copy), the Triton write kernel fills the blocks, and the logits are the
+    per-token layout's (the same codes; the kernels' sums differ only in order)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rqcompile.kernels import attention as kattn
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tiny_models.VOCAB,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        initializer_range=tiny_models.INIT_RANGE,
+    )
+    model = LlamaForCausalLM(config).float().eval().cuda()
+    vkeys = []
+    real = kattn._attn_keys_m_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                vkeys.append(kwargs["VKEYS"])
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    if not compiled:  # wrap_triton takes the kernel itself
+        monkeypatch.setattr(kattn, "_attn_keys_m_kernel", Spy())
+    per_token, along = _along_keys_pair(model, residual_window=4)
+    ids = _ids(40, seed=6).cuda()
+    if compiled:
+        along.compile()
+    got, ref = _steps(along, ids, 9), _steps(per_token, ids, 9)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+    assert compiled or (True in vkeys and False in vkeys)  # eager: both layouts ran keys-m, one of them VKEYS

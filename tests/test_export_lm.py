@@ -375,3 +375,31 @@ def test_fused_exact_token_attention_exports_to_onnx_and_tensorrt_ready_onnx(tmp
         export_lm(fn, tmp_path / "trt", target="tensorrt", progress=False)
     for name in ("prefill.onnx", "decode.onnx"):
         assert check_tensorrt(tmp_path / "trt" / name).ok, check_tensorrt(tmp_path / "trt" / name).format()
+
+
+@pytest.mark.slow
+def test_aoti_round_trip_with_values_packed_along_keys(tmp_path):
+    """`RQConfig(value_layout="keys")`: the in-place block write (rq::write_along_keys) survives AOTInductor; the
+    artifact, loaded in a fresh process, generates the tokens of `CompiledLM.generate` (~60 s)."""
+    from rqcompile.api import apply
+    from rqcompile.config import RQConfig
+
+    torch.set_num_threads(1)
+    config = RQConfig(backend="planar", value_layout="keys", residual_window=4)
+    compiled = apply(tiny_qwen3_5(), config=config, max_cache_len=16)
+    prompts = [_prompt(10).tolist()[0], _prompt(3, seed=2).tolist()[0]]
+    reference = [compiled.generate(torch.tensor([p]), 4, eos_token_id=[]).tolist()[0] for p in prompts]
+    path = tmp_path / "aoti"
+    compiled.export(path, target="aoti", prefill_chunk=8, inductor_configs=FAST_AOTI, progress=False)
+    assert json.loads((path / "manifest.json").read_text())["rq_config"]["value_layout"] == "keys"
+    assert _load_in_subprocess(path, prompts, 4)["tokens"] == reference
+
+
+def test_onnx_export_of_values_packed_along_keys_is_refused_not_mistranslated(tmp_path):
+    from rqcompile.api import apply
+    from rqcompile.config import RQConfig
+
+    compiled = apply(tiny_llama(), config=RQConfig(backend="planar", value_layout="keys"), max_cache_len=16)
+    for target in ("onnx", "tensorrt"):
+        with pytest.raises(ValueError, match="value_layout='keys'"):
+            compiled.export(tmp_path / target, target=target, prefill_chunk=8, progress=False)

@@ -1043,10 +1043,23 @@ def test_keys_m_build_query_runs_once_per_specialization_on_dtypes_only(monkeypa
     assert len(asked) == 4
 
 
-def test_v_along_keys_is_refused_where_keys_m_cannot_read_it():
-    args = _tiny_attention_args()
-    with pytest.raises(ValueError, match="v_along_keys"):
-        kattn.launch_attention(*args, v_along_keys=True)  # head_dim 64: the split kernel runs
+@cpu_only
+def test_v_along_keys_where_keys_m_cannot_read_it_the_split_kernel_reads_a_per_token_copy(monkeypatch):
+    """head_dim 64 (keys-m wants 128 per norm group): the split kernel runs on V re-packed per token, with the
+    result of the per-token codes, bit for bit."""
+    seen = _spy_on(monkeypatch, "_attn_split_kernel")
+    ks, vs = _state("planar", 3, "k", 1, 64, "cpu"), _state("planar", 3, "v", 1, 64, "cpu", seed=1)
+    kc, kn = quantizer.quantize(torch.randn(1, 1, 32, 64), ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
+    vc, vn = quantizer.quantize(torch.randn(1, 1, 32, 64), vs.rotation, vs.mean, vs.scale, vs.levels, 3, vs.group)
+    args = (torch.randn(1, 2, 1, 64), kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels)
+    tail = (vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3, None, 0.125)
+    along = list(args)
+    along[3] = pack_along_keys(vc, 3, 64)
+    assert not torch.equal(along[3], vc)
+    expected = kattn.launch_attention(*args, *tail)
+    seen.clear()
+    out = kattn.launch_attention(*along, *tail, v_along_keys=True)
+    assert len(seen) == 1 and torch.equal(out, expected)
 
 
 def test_keys_m_variant_is_validated():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -357,6 +358,33 @@ def test_rotated_space_attention_equals_sdpa_over_the_dequantized_cache(backend,
     assert torch.allclose(got, expected, atol=2e-5)
 
 
+def test_values_packed_along_keys_are_only_the_value_states_of_that_layout():
+    config = RQConfig(value_layout="keys", key_bits=4, value_bits=2)
+    k, v = (make_state(config, layer_idx=0, kind=kind, num_heads=2, head_dim=64) for kind in "kv")
+    assert v.along_keys and not k.along_keys  # K keeps its per-token layout (its mma operand pairs coordinates)
+    assert not make_state(RQConfig(), layer_idx=0, kind="v", num_heads=2, head_dim=64).along_keys
+    assert RQConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_reference_reads_values_packed_along_keys_as_the_same_numbers():
+    """rq::dequantize and rq::attention on V packed along keys give the per-token layout's results exactly."""
+    k = make_state(RQConfig(), layer_idx=0, kind="k", num_heads=2, head_dim=64)
+    v = make_state(RQConfig(value_layout="keys"), layer_idx=0, kind="v", num_heads=2, head_dim=64)
+    per_token = replace(v, along_keys=False)
+    kc, kn = ops.quantize_state(torch.randn(1, 2, 32, 64), k)
+    vc, vn = ops.quantize_state(torch.randn(1, 2, 32, 64), v)
+    along = pack_along_keys(vc, 3, 64)
+    assert torch.equal(
+        ops.dequantize_state(along, vn, v, torch.float32), ops.dequantize_state(vc, vn, per_token, torch.float32)
+    )
+    q = torch.randn(1, 4, 1, 64)
+    assert torch.equal(
+        ops.attention_state(q, kc, kn, along, vn, k, v), ops.attention_state(q, kc, kn, vc, vn, k, per_token)
+    )
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ops.dequantize_state(along[:, :, :20], vn[:, :, :20], v, torch.float32)
+
+
 def test_ops_pass_the_torch_library_checks():
     state = make_state(RQConfig(), layer_idx=0, kind="k", num_heads=2, head_dim=64)
     x = torch.randn(1, 2, 4, 64)
@@ -375,6 +403,10 @@ def test_ops_pass_the_torch_library_checks():
         ({"bits": 3, "key_bits": 8}, "key_bits=8"),
         ({"iso_mode": "slow"}, "iso_mode"),
         ({"residual_window": -1}, "residual_window"),
+        ({"value_layout": "tokens"}, "unknown value_layout 'tokens'"),
+        ({"value_layout": "keys", "value_bits": 4}, r"packs V at \(2, 3\) bits; this config has V at \[4\]"),
+        ({"value_layout": "keys", "layer_bits": ((1, 3, 4),)}, r"V at \[3, 4\]"),
+        ({"value_layout": "keys", "bits": 3, "bit_allocation": (2, 3, 4)}, "cannot take bit_allocation"),
     ],
 )
 def test_bad_config_is_refused_with_a_clear_message(kwargs, message):

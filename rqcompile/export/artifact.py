@@ -227,6 +227,8 @@ def quant_states_to_tensors(states: QuantStates) -> tuple[dict[str, torch.Tensor
             else:
                 metadata[f"{prefix}.widths"] = format_widths(state.widths)
             metadata[f"{prefix}.group"] = str(state.group)
+            if state.along_keys:  # RQConfig(value_layout="keys"); absent: packed per token, as before it existed
+                metadata[f"{prefix}.along_keys"] = "1"
     metadata["format"] = f"rqcompile-quant-state-v{FORMAT_VERSION}"
     return tensors, metadata
 
@@ -276,7 +278,11 @@ def _rebuild_state(
         _check_perm(perm, tuple(tensors["mean"].shape), where)
     _check_levels(tensors["levels"], (widths,) * dim if isinstance(widths, int) else widths, where)
     try:
-        return QuantState(**tensors, widths=widths, group=int(metadata[f"{prefix}.group"]), perm=perm)
+        along_keys = metadata.get(f"{prefix}.along_keys", "0")
+        if along_keys not in ("0", "1"):
+            raise ValueError(f"along_keys must be '0' or '1', got {along_keys!r}")
+        group = int(metadata[f"{prefix}.group"])
+        return QuantState(**tensors, widths=widths, group=group, perm=perm, along_keys=along_keys == "1")
     except ValueError as exc:
         raise ArtifactError(f"{where}inconsistent quant state: {exc}") from None
 

@@ -214,6 +214,12 @@ def export_lm(
     fn = program if isinstance(program, FunctionalLM) else None
     if fn is None:
         fn = functional_programs(program, prefill=prefill, prefill_chunk=prefill_chunk, for_target=target)
+    layout = "coordinates" if fn.rq_config is None else fn.rq_config.value_layout
+    if target != "aoti" and layout != "coordinates":
+        raise ValueError(
+            f"export_lm(target={target!r}): RQConfig(value_layout={layout!r}) is not translated to "
+            "ONNX yet; export with value_layout='coordinates' or target='aoti'"
+        )
     eos = _eos(fn.model_config, eos_token_id)
     if target == "aoti":
         from rqcompile.export.aoti import write_aoti

@@ -394,13 +394,33 @@ def make_quantize(flavour: str = "standard") -> Callable[..., tuple[Any, Any]]:
     return rq_quantize
 
 
+def _refuse_along_keys(along_keys: bool) -> None:
+    if along_keys:
+        raise ValueError(
+            "the ONNX / TensorRT translations read codes packed per token; RQConfig(value_layout='keys') is not "
+            "translated yet (use value_layout='coordinates' for these exports, or the AOTInductor target)"
+        )
+
+
 def make_dequantize(flavour: str = "standard") -> Callable[..., Any]:
     """Translation of rq::dequantize: (codes, norms) -> x [B, H, T, head_dim] in `dtype`."""
     _check_flavour(flavour)
 
     def rq_dequantize(
-        codes, norms, rotation, mean, scale, levels, bits: int, head_dim: int, dtype, perm=None, widths=None
+        codes,
+        norms,
+        rotation,
+        mean,
+        scale,
+        levels,
+        bits: int,
+        head_dim: int,
+        dtype,
+        perm=None,
+        widths=None,
+        along_keys: bool = False,
     ):
+        _refuse_along_keys(along_keys)
         groups = _static(norms.shape[-1], "number of norm groups")
         heads = _static(mean.shape[0], "mean shape [H, d]")
         y = _dequantize_rotated(codes, norms, levels, bits, head_dim, groups, flavour, _runs(widths, head_dim))
@@ -443,7 +463,9 @@ def make_attention(flavour: str = "standard", *, with_lse: bool = False) -> Call
         v_widths=None,
         rope_ab=None,
         rope_inv_freq=None,
+        v_along_keys: bool = False,
     ):
+        _refuse_along_keys(v_along_keys)
         out, scores = _attention(
             flavour,
             q,

@@ -48,25 +48,42 @@ def _quantize_reference(x, rotation, mean, scale, levels, bits, group, perm=None
     return quantizer.quantize(x, rotation, mean, scale, levels, layout, group, perm)
 
 
-def _dequantize_ok(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None):
+def _dequantize_ok(
+    codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None, along_keys=False
+):
     from rqcompile.kernels.quantize import dequantize_supported
 
     return dequantize_supported(norms, rotation, head_dim, widths, levels)
 
 
 def _dequantize_launch(
-    codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None, wrap=_plain
+    codes,
+    norms,
+    rotation,
+    mean,
+    scale,
+    levels,
+    bits,
+    head_dim,
+    dtype,
+    perm=None,
+    widths=None,
+    along_keys=False,
+    wrap=_plain,
 ):
     from rqcompile.kernels.quantize import launch_dequantize
+    from rqcompile.ops import coordinates_layout
 
+    codes = coordinates_layout(codes, bits, head_dim, along_keys)  # the kernel reads codes packed per token
     return launch_dequantize(
         codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, wrap=wrap, perm=perm, widths=widths
     )
 
 
-def _dequantize_reference(codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm=None, widths=None):
-    layout = bits if widths is None else tuple(widths)
-    return quantizer.dequantize(codes, norms, rotation, mean, scale, levels, layout, head_dim, dtype, perm)
+def _dequantize_reference(*args, **kwargs):
+    from rqcompile.ops import reference_dequantize
+
+    return reference_dequantize(*args, **kwargs)
 
 
 # rq::attention's arguments in schema order; the trailing optional ones may come positionally or by name
@@ -94,6 +111,7 @@ _ATTENTION_ARGS = (
     "v_widths",
     "rope_ab",
     "rope_inv_freq",
+    "v_along_keys",
 )
 
 
@@ -103,6 +121,7 @@ def _attention_args(args, kwargs) -> dict:
     named.update(kwargs)
     for name in _ATTENTION_ARGS[16:]:
         named.setdefault(name, None)
+    named["v_along_keys"] = bool(named["v_along_keys"])
     return named
 
 
@@ -132,8 +151,9 @@ def _attention_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
     a = _attention_args(args, kwargs)
-    ordered = [a[name] for name in _ATTENTION_ARGS]
-    return launch_attention(*ordered, wrap=None if wrap is _plain else wrap)  # None: eager (may use maxnreg)
+    ordered = [a[name] for name in _ATTENTION_ARGS[:-1]]
+    wrap = None if wrap is _plain else wrap  # None: eager (may use maxnreg)
+    return launch_attention(*ordered, wrap=wrap, v_along_keys=a["v_along_keys"])
 
 
 def _attention_reference(*args, **kwargs):
@@ -146,8 +166,9 @@ def _attention_lse_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
     a = _attention_args(args, kwargs)
-    ordered = [a[name] for name in _ATTENTION_ARGS]
-    return launch_attention(*ordered, wrap=None if wrap is _plain else wrap, with_lse=True)
+    ordered = [a[name] for name in _ATTENTION_ARGS[:-1]]
+    wrap = None if wrap is _plain else wrap
+    return launch_attention(*ordered, wrap=wrap, with_lse=True, v_along_keys=a["v_along_keys"])
 
 
 def _attention_lse_reference(*args, **kwargs):
@@ -156,8 +177,25 @@ def _attention_lse_reference(*args, **kwargs):
     return reference_attention_lse(*args, **kwargs)
 
 
+def _write_ok(buffer, codes, cache_position, bits):
+    return True  # the launcher checks what the reference checks
+
+
+def _write_launch(buffer, codes, cache_position, bits, wrap=_plain):
+    from rqcompile.kernels.write_along_keys import launch_write_along_keys
+
+    launch_write_along_keys(buffer, codes, cache_position, bits, buffer.shape[-1] * 8 // bits, wrap=wrap)
+
+
+def _write_reference(buffer, codes, cache_position, bits):
+    from rqcompile.quant.packing import write_along_keys_
+
+    write_along_keys_(buffer, codes, cache_position, bits, buffer.shape[-1] * 8 // bits)
+
+
 # name -> (supported?, Triton launch, reference fallback)
 _IMPLS = {
+    "rq::write_along_keys": (_write_ok, _write_launch, _write_reference),
     "rq::quantize": (_quantize_ok, _quantize_launch, _quantize_reference),
     "rq::dequantize": (_dequantize_ok, _dequantize_launch, _dequantize_reference),
     "rq::attention": (_attention_ok, _attention_launch, _attention_reference),

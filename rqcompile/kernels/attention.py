@@ -1999,8 +1999,8 @@ def launch_attention(
     design; never set it to compute attention. `k_prefetch` / `v_prefetch` (DEFAULTS): keys-m reads the K / V code
     words one tile ahead into registers instead of through the pipeliner's shared-memory copies. `num_splits`: key
     splits per row (at most MAX_SPLITS); by default keys-m on CUDA takes splits.wave_splits' count, everything else
-    about `split_waves` programs per SM. `v_along_keys`: v_codes come re-packed by packing.pack_along_keys (a
-    prototype of a format change, for timing and tests: no cache writes that layout), read by keys-m only."""
+    about `split_waves` programs per SM. `v_along_keys`: v_codes are packed along keys (packing.pack_along_keys,
+    `RQConfig.value_layout="keys"`), read in place by keys-m; the other kernels get a copy re-packed per token."""
     import torch
 
     wrap = _identity if wrap is None else wrap
@@ -2038,7 +2038,10 @@ def launch_attention(
     if ablate and (not keys_m or interpreting()):
         raise ValueError("ablate: timing ablations run only in the compiled keys-m kernel")
     if v_along_keys and not (keys_m and v_bits in (2, 3) and tk % 16 == 0 and not v_prefetch):
-        raise ValueError("v_along_keys: keys-m only, V at 2 or 3 bits, keys a multiple of 16, without v_prefetch")
+        # the split and layout kernels read V per token: re-pack a copy (the fallback; prefill-sized calls)
+        from rqcompile.ops import coordinates_layout
+
+        v_codes, v_along_keys = coordinates_layout(v_codes, v_bits, dim, True), False
     if keys_m:
         block_n, num_warps = 64, 4  # the kernel's fragment layout is built for these
     if interpreting():  # no inline asm: the split kernel takes the tree, keys-m the prmt steps in Triton ops

@@ -116,6 +116,7 @@ def attention_with_exact_tokens(
     v_widths: list[int] | None = None,
     k_rope_mean: torch.Tensor | None = None,
     rope_inv_freq: torch.Tensor | None = None,
+    v_along_keys: bool = False,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over `exact_read(dequantize(codes), sink, window, cache_position)` (K and V), GQA by
     head grouping, in q's dtype. The compressed arguments are rq::attention's, plus `k_mean`: rq::attention_lse's
@@ -123,7 +124,7 @@ def attention_with_exact_tokens(
     compressed part's lse. `kv_len` (optional int [B]) only bounds the compressed keys read, as for rq::attention.
     `k_rope_mean` ([H, d], `offset_base`) with `rope_inv_freq` [h]: the codes hold the keys without their pre-RoPE
     offset (`RQConfig.rope_key_mean`), whose score term rq::attention_lse adds per key (`rope_ab`) and whose
-    unrotated coordinates join the key mean's term.
+    unrotated coordinates join the key mean's term. `v_along_keys`: V's codes are packed along keys.
     """
     sink = 0 if k_sink is None else k_sink.shape[2]
     window = 0 if k_window is None else k_window.shape[2]
@@ -156,6 +157,7 @@ def attention_with_exact_tokens(
         v_widths,
         rope_ab,
         rope_inv_freq,
+        v_along_keys,
     )
     rep = q.shape[1] // k_mean.shape[0]
     mean_term = (q.float() * k_mean.repeat_interleave(rep, dim=0)[:, None, :]).sum(-1)  # [B, Hq, Tq]

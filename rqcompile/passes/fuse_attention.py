@@ -90,11 +90,11 @@ def _chain_to_dequantize(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], 
 
 
 def _dequantize_args(node: fx.Node) -> tuple:
-    """rq::dequantize's eleven arguments (codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm,
-    widths), the optional layout ones filled with their None defaults."""
-    names = ("perm", "widths")
+    """rq::dequantize's twelve arguments (codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, perm,
+    widths, along_keys), the optional ones filled with their defaults."""
+    optional = (("perm", None), ("widths", None), ("along_keys", False))
     args = tuple(node.args)
-    return args + tuple(node.kwargs.get(n) for n in names[len(args) - 9 :]) if len(args) < 11 else args
+    return args + tuple(node.kwargs.get(n, default) for n, default in optional[len(args) - 9 :])
 
 
 def valid_kv_length(mask: torch.Tensor, batch: int) -> torch.Tensor:
@@ -140,8 +140,14 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
         if dropout or is_causal or gqa:
             skipped.append(f"{node.name}: dropout_p={dropout} is_causal={is_causal} enable_gqa={gqa}")
             continue
-        kc, kn, k_rot, k_mean, k_scale, k_levels, k_bits, head_dim, _, k_perm, k_widths = _dequantize_args(k_deq)
-        vc, vn, v_rot, v_mean, v_scale, v_levels, v_bits, _, _, v_perm, v_widths = _dequantize_args(v_deq)
+        kc, kn, k_rot, k_mean, k_scale, k_levels, k_bits, head_dim, _, k_perm, k_widths, k_along = _dequantize_args(
+            k_deq
+        )
+        vc, vn, v_rot, v_mean, v_scale, v_levels, v_bits, _, _, v_perm, v_widths, v_along = _dequantize_args(v_deq)
+        if k_along:
+            skipped.append(f"{node.name}: K's codes are packed along keys (rq::attention reads only V's so)")
+            continue
+        along = {"v_along_keys": True} if v_along else {}  # absent by default: graphs without it stay as they were
         layout = (k_perm, v_perm, k_widths, v_widths)
         sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
         kv_len = None
@@ -164,13 +170,13 @@ def fuse_attention(gm: fx.GraphModule) -> fx.GraphModule:
                     half = rope[1].meta["val"].numel()
                     weights = graph.call_function(rope_score_weights, (q, rope[0], half))
                     tail += (weights, rope[1])
-                attn = graph.call_function(ATTENTION, args + (mask, sm_scale, kv_len) + tail)
+                attn = graph.call_function(ATTENTION, args + (mask, sm_scale, kv_len) + tail, along)
             else:
                 _, k_sink, k_window, cache_position = k_exact.args
                 _, v_sink, v_window, _ = v_exact.args
                 args = (q, kc, kn, vc, vn, k_rot, k_mean, k_scale, k_levels, v_rot, v_mean, v_scale, v_levels)
                 args += (k_bits, v_bits, k_sink, v_sink, k_window, v_window, cache_position, mask, sm_scale, kv_len)
-                attn = graph.call_function(attention_with_exact_tokens, args + tail + rope)
+                attn = graph.call_function(attention_with_exact_tokens, args + tail + rope, along)
                 exact += 1
         attn.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
         node.replace_all_uses_with(attn)

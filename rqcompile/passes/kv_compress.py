@@ -22,6 +22,10 @@ and rewritten, per K and V of every matched site, to
     norms_all = aten.index_copy_.default(<get_attr {k|v}_norms_i>, 2, cache_position, norms)   # fp16  [B,H,L,d/g]
     written' = rq.dequantize(codes_all, norms_all, rotation, mean, scale, levels, bits, d, dtype)
 
+V's codes packed along keys (`RQConfig.value_layout="keys"`) cannot be `index_copy_`'d per token (a 16-token block
+shares its words): their write is `rq.write_along_keys(<get_attr v_codes_i>, codes, cache_position, bits)`, in place,
+and the dequantize reads the buffer with `along_keys=True` (trailing `perm=None, widths=None, True`).
+
 `written'` replaces `written` everywhere, so repeat_kv and SDPA are untouched (`fuse_attention` then removes the
 materialized cache). The old float cache buffers are deleted from the module. Quantizer parameters live in buffers
 `rq_{k|v}_{rotation|mean|scale|levels}_{i}`; `buffers=` lets two programs (prefill and decode) share one set of
@@ -77,6 +81,7 @@ import rqcompile.ops  # noqa: F401  (registers torch.ops.rq.*)
 from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
 from rqcompile.ops import layout_args
+from rqcompile.quant.packing import KEY_BLOCK
 from rqcompile.quant.quantizer import QuantState, make_state
 from rqcompile.quant.rope_offset import RopeSpec, offset_base, slot_offset
 
@@ -109,6 +114,7 @@ VIEW_OPS = {
 }
 SDPA = aten.scaled_dot_product_attention.default
 INDEX_COPY = aten.index_copy_.default
+WRITE_ALONG_KEYS = torch.ops.rq.write_along_keys.default
 
 
 class KVCompressError(ValueError):
@@ -440,7 +446,8 @@ def _site_state(
         params[field] = buffers[names[field]]
     if perm is not None:
         perm = buffers.setdefault(names["perm"], perm)
-    return QuantState(**params, widths=widths, group=config.group_for(head_dim), perm=perm)
+    group = config.group_for(head_dim)
+    return QuantState(**params, widths=widths, group=group, perm=perm, along_keys=config.packs_along_keys(kind))
 
 
 def _rope_buffers(
@@ -527,6 +534,11 @@ def _rewrite_write(
         state.num_groups,
     ):
         raise KVCompressError(f"kv_compress: shared buffers {codes_name}/{norms_name} have the wrong shape")
+    if state.along_keys and length % KEY_BLOCK:
+        raise KVCompressError(
+            f"kv_compress: RQConfig(value_layout='keys') packs V in blocks of {KEY_BLOCK} tokens; max_cache_len "
+            f"{length} is not a multiple of {KEY_BLOCK} (round it up)"
+        )
     exact = {}  # "sink" / "window" -> (buffer name, tensor): tokens held in the model dtype
     for part, count in (("sink", config.sink_tokens), ("window", config.residual_window)):
         size = min(count, length)
@@ -556,7 +568,14 @@ def _rewrite_write(
         )
         new_codes = graph.call_function(operator.getitem, (quant, 0))
         new_norms = graph.call_function(operator.getitem, (quant, 1))
-        codes_all = graph.call_function(INDEX_COPY, (_get_attr(graph, gm, codes_name, codes), dim, index, new_codes))
+        if state.along_keys:  # a read-modify-write of the 16-token blocks the new tokens fall in, in place
+            codes_all = _get_attr(graph, gm, codes_name, codes)
+            graph.call_function(WRITE_ALONG_KEYS, (codes_all, new_codes, index, bits))
+            layout = (None, None, True)  # rq::dequantize's perm, widths, along_keys
+        else:
+            codes_all = graph.call_function(
+                INDEX_COPY, (_get_attr(graph, gm, codes_name, codes), dim, index, new_codes)
+            )
         norms_all = graph.call_function(INDEX_COPY, (_get_attr(graph, gm, norms_name, norms), dim, index, new_norms))
         restored = graph.call_function(
             torch.ops.rq.dequantize.default,

@@ -164,3 +164,91 @@ def unpack_along_keys(along: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         halves = words[..., dim:].repeat_interleave(2, -1) >> (16 * (torch.arange(dim, device=along.device) % 2))
         codes = codes | (((halves[..., None] >> k) & 1) << 2)
     return codes.transpose(-1, -2).reshape(*lead, keys, dim)
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether `x` is a stand-in of torch.compile / torch.export tracing (fake or functional, no values to read)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or isinstance(x, (FakeTensor, FunctionalTensor))
+
+
+def check_write_along_keys(
+    buffer: torch.Tensor, codes: torch.Tensor, cache_position: torch.Tensor, bits: int, dim: int
+) -> None:
+    """The contract of `write_along_keys_` (also the Triton launcher's). The positions' values are checked only
+    where that costs no host synchronisation and no graph break: concrete CPU tensors outside tracing; elsewhere a
+    position past the buffer drops that token's write (the clamped window never touches other rows)."""
+    if bits not in (2, 3):
+        raise ValueError(f"packing along keys covers 2 and 3 bits, not {bits}")
+    if buffer.dim() != 4 or codes.dim() != 4:
+        raise ValueError(
+            f"buffer and codes must be [B, H, T, bytes], got {tuple(buffer.shape)} and {tuple(codes.shape)}"
+        )
+    if buffer.dtype != torch.uint8 or codes.dtype != torch.uint8:
+        raise ValueError(f"buffer and codes must be uint8, got {buffer.dtype} and {codes.dtype}")
+    batch, heads, keys, nbytes = buffer.shape
+    if keys % KEY_BLOCK:
+        raise ValueError(f"the buffer holds {keys} keys: packing along keys needs a multiple of {KEY_BLOCK}")
+    if nbytes != packed_size(dim, bits):
+        raise ValueError(
+            f"the buffer has {nbytes} bytes per key; {dim} codes of {bits} bits take {packed_size(dim, bits)}"
+        )
+    if buffer.stride(3) != 1 or buffer.stride(2) != nbytes:
+        raise ValueError(f"the buffer's keys of one head must be contiguous, got strides {buffer.stride()}")
+    if (codes.shape[0], codes.shape[1], codes.shape[3]) != (batch, heads, nbytes):
+        raise ValueError(f"codes {tuple(codes.shape)} do not match the buffer {tuple(buffer.shape)} in B, H or bytes")
+    if cache_position.dim() != 1 or cache_position.numel() != codes.shape[2]:
+        raise ValueError(
+            f"cache_position {tuple(cache_position.shape)} must list the {codes.shape[2]} new tokens' slots"
+        )
+    if cache_position.is_floating_point() or cache_position.is_complex() or cache_position.dtype == torch.bool:
+        raise ValueError(f"cache_position must hold integers, got {cache_position.dtype}")
+    if codes.device != buffer.device or cache_position.device != buffer.device:
+        raise ValueError(
+            f"buffer, codes and cache_position must share a device, got {buffer.device}, {codes.device} and "
+            f"{cache_position.device}"
+        )
+    tokens = cache_position.numel()
+    if tokens == 0 or cache_position.device.type != "cpu" or _traced(cache_position):
+        return
+    start = int(cache_position[0])
+    if not torch.equal(cache_position.to(torch.int64), start + torch.arange(tokens)):
+        raise ValueError(f"cache positions must be consecutive and increasing, got {cache_position.tolist()[:8]}...")
+    if start < 0:
+        raise ValueError(f"cache position {start} is negative")
+    if start + tokens > keys:
+        raise ValueError(f"cache position {start + tokens - 1} is past the cache length {keys} (slots 0..{keys - 1})")
+
+
+def write_along_keys_(
+    buffer: torch.Tensor, codes: torch.Tensor, cache_position: torch.Tensor, bits: int, dim: int
+) -> None:
+    """Write t tokens' `codes` [B, H, t, bytes] (standard layout, as the quantize kernels store them) at the
+    consecutive slots `cache_position` [t] into `buffer` [B, H, T, bytes] packed along keys, in place; every other
+    key keeps its bits (read-modify-write of the blocks of 16 keys the slots touch).
+
+    Static shapes and no host synchronisation (torch.export / torch.compile trace it; start is a tensor): a window of
+    min(ceil(t/16) + 1, T/16) consecutive blocks, which covers t slots from any offset in a block, is gathered from
+    start // 16, moved back so it stays inside the buffer (no block written twice), re-packed with the new rows and
+    scattered back."""
+    check_write_along_keys(buffer, codes, cache_position, bits, dim)
+    batch, heads, keys, nbytes = buffer.shape
+    tokens = codes.shape[2]
+    if tokens == 0:
+        return
+    blocks = keys // KEY_BLOCK
+    n = min(-(-tokens // KEY_BLOCK) + 1, blocks)
+    device = buffer.device
+    start = cache_position[:1].to(torch.int64)
+    first = (start // KEY_BLOCK).clamp(0, blocks - n)  # [1]
+    index = first + torch.arange(n, device=device)
+    view = buffer.view(batch, heads, blocks, KEY_BLOCK * nbytes)
+    window = view.index_select(2, index).reshape(batch, heads, n * KEY_BLOCK, nbytes)
+    row = first * KEY_BLOCK + torch.arange(n * KEY_BLOCK, device=device) - start  # which new token each key is
+    written = ((row >= 0) & (row < tokens))[:, None]
+    new = codes.index_select(2, row.clamp(0, tokens - 1))
+    old = pack(unpack_along_keys(window, bits, dim), bits)
+    merged = torch.where(written, new, old)
+    view.index_copy_(2, index, pack_along_keys(merged, bits, dim).reshape(batch, heads, n, KEY_BLOCK * nbytes))

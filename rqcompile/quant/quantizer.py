@@ -33,6 +33,7 @@ class QuantState:
     widths: Widths
     group: int
     perm: torch.Tensor | None = None  # [H, d] int64
+    along_keys: bool = False  # codes packed along keys (RQConfig.value_layout="keys", docs/FORMAT.md)
 
     def __post_init__(self) -> None:
         widths = _widths(self.widths, self.mean.shape[-1])
@@ -40,6 +41,8 @@ class QuantState:
         runs(widths)  # checks the layout
         if self.perm is not None and tuple(self.perm.shape) != tuple(self.mean.shape):
             raise ValueError(f"perm has shape {tuple(self.perm.shape)}, expected {tuple(self.mean.shape)}")
+        if self.along_keys and (self.perm is not None or len(set(widths)) != 1 or widths[0] not in (2, 3)):
+            raise ValueError("codes packed along keys are uniform 2- or 3-bit codes without a channel order (perm)")
 
     @property
     def uniform(self) -> bool:
@@ -180,6 +183,7 @@ def make_state(
         widths=widths,
         group=group,
         perm=perm,
+        along_keys=config.packs_along_keys(kind),
     )
 
 
