@@ -45,7 +45,9 @@ HEADS, Q_HEADS, DIM = 4, 24, 256
 
 def inputs(batch: int, ctx: int, backend: str, bits: int):
     """Packed K/V of random bf16 data and the op's positional arguments (attention mask None, 1/sqrt(d))."""
-    config = RQConfig(residual_window=0, rotation_stages=1, backend=backend, bits=bits)
+    backend, _, staged = backend.partition(":")  # "iso:sfull" (the default rotation), "iso:s3": gpu_bench's names
+    stages = 1 if not staged else ("full" if staged == "sfull" else int(staged[1:]))
+    config = RQConfig(residual_window=0, rotation_stages=stages, backend=backend, bits=bits)
     states = [
         quantizer.make_state(config, layer_idx=1, kind=kind, num_heads=HEADS, head_dim=DIM) for kind in ("k", "v")
     ]

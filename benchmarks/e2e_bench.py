@@ -366,6 +366,7 @@ def rq_config(args):
         residual_window=args.window,
         rotation_stages=args.stages,
         rope_key_mean=args.rope_key_mean,
+        value_layout=args.value_layout,
     )
 
 
@@ -398,6 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--sink", type=int, default=1, help="RQConfig.sink_tokens (default 1, the library default)")
     p.add_argument("--window", type=int, default=32, help="RQConfig.residual_window (default 32, the library default)")
+    p.add_argument(
+        "--value-layout",
+        default="coordinates",
+        help="RQConfig.value_layout: coordinates (the default) or keys (apply only; the drop-in cache refuses it)",
+    )
     p.add_argument("--cap-gib", type=float, default=79.0)
     p.add_argument(
         "--rope-key-mean",
@@ -481,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         "attn_variant": args.attn_variant,
         "rows_max_tokens": args.rows_max_tokens,
         "rope_key_mean": args.rope_key_mean,
+        "value_layout": args.value_layout,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.stages is not None and args.stages.isdigit():
@@ -488,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = rq_config(args).stage_count(256)  # Qwen3.5's head_dim
     name = args.backend + (f" s{stages}" if stages > 1 else "") + (f" w{args.window}" if args.window else "")
     name += " rope-mean" if args.rope_key_mean else ""
+    name += " v-along-keys" if args.value_layout == "keys" else ""
     model = build_model(args.layers, "cuda")
     log(
         f"model built in {time.perf_counter() - t0:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
