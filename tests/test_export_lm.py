@@ -395,11 +395,20 @@ def test_aoti_round_trip_with_values_packed_along_keys(tmp_path):
     assert _load_in_subprocess(path, prompts, 4)["tokens"] == reference
 
 
-def test_onnx_export_of_values_packed_along_keys_is_refused_not_mistranslated(tmp_path):
+def test_onnx_export_of_values_packed_along_keys_stores_them_per_token_and_generates_the_same_tokens(tmp_path):
+    """ONNX has no translation of the block write: the exported programs store V per token (the same codes, so the
+    same tokens), and the artifact says so; a FunctionalLM made for AOTInductor is refused by the ONNX writer."""
+    pytest.importorskip("onnxruntime")
+    import rqcompile
     from rqcompile.api import apply
     from rqcompile.config import RQConfig
 
     compiled = apply(tiny_llama(), config=RQConfig(backend="planar", value_layout="keys"), max_cache_len=16)
-    for target in ("onnx", "tensorrt"):
-        with pytest.raises(ValueError, match="value_layout='keys'"):
-            compiled.export(tmp_path / target, target=target, prefill_chunk=8, progress=False)
+    ids = _prompt(5)
+    reference = compiled.generate(ids, 6, eos_token_id=[])
+    compiled.export(tmp_path / "onnx", target="onnx", progress=False)
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["rq_config"]["value_layout"] == "coordinates"
+    assert torch.equal(rqcompile.load(tmp_path / "onnx").generate(ids, 6, eos_token_id=[]), reference)
+    with pytest.raises(ValueError, match="packed along keys"):
+        export_lm(functional_programs(compiled, for_target="aoti"), tmp_path / "refused", target="onnx")

@@ -23,7 +23,7 @@ and the remaining < chunk tokens through the decode program. ONNX keeps the dyna
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 
 from rqcompile.config import RQConfig
 from rqcompile.passes.functional import FunctionalStep, has_scan
+from rqcompile.passes.values_per_token import values_per_token
 
 __all__ = ["FunctionalLM", "FunctionalStep", "export_lm", "functional_programs", "mutated_buffers"]
 
@@ -109,9 +110,20 @@ def functional_programs(
     unless the target is AOTInductor and the prefill graph holds a scan (see the module docstring).
     """
     max_len, batch = int(program.max_cache_len), int(program.batch_size)
+    model_config, rq_config = _configs(program)
+    quant_states = getattr(program, "quant_states", None)
     if hasattr(program, "functional_step"):  # CompiledLM: rewritten GraphModules + its own functional form
         decode_step, prefill_step = program.functional_step("decode"), program.functional_step("prefill")
         names = list(program.cache_names)
+        if for_target != "aoti" and rq_config is not None and rq_config.value_layout == "keys":
+            # ONNX / TensorRT store V per token: the same codes, in the order their translations read and write
+            decode_step = FunctionalStep(values_per_token(program.decode_module), names)
+            prefill_step = FunctionalStep(values_per_token(program.prefill_module), names)
+            rq_config = rq_config.replace(value_layout="coordinates")
+            quant_states = {
+                layer: {kind: replace(state, along_keys=False) for kind, state in states.items()}
+                for layer, states in quant_states.items()
+            }
         live = program.cache_tensors() if callable(program.cache_tensors) else program.cache_tensors
         state_init = [torch.zeros_like(t) for t in live]
         scan = has_scan(prefill_step)
@@ -129,7 +141,6 @@ def functional_programs(
     prefill_len = None if prefill == "dynamic" else min(prefill_chunk or 64, max_len)
     if prefill_len is not None and prefill_len < 2:
         raise ValueError(f"prefill_chunk must be >= 2, got {prefill_len}")
-    model_config, rq_config = _configs(program)
     out = FunctionalLM(
         prefill=None,  # type: ignore[arg-type]
         decode=None,  # type: ignore[arg-type]
@@ -140,7 +151,7 @@ def functional_programs(
         prefill_len=prefill_len,
         model_config=model_config,
         rq_config=rq_config,
-        quant_states=getattr(program, "quant_states", None),
+        quant_states=quant_states,
     )
     n_state = len(names)
     with torch.no_grad():
@@ -215,10 +226,10 @@ def export_lm(
     if fn is None:
         fn = functional_programs(program, prefill=prefill, prefill_chunk=prefill_chunk, for_target=target)
     layout = "coordinates" if fn.rq_config is None else fn.rq_config.value_layout
-    if target != "aoti" and layout != "coordinates":
+    if target != "aoti" and layout != "coordinates":  # a FunctionalLM made for AOTInductor, handed to ONNX
         raise ValueError(
-            f"export_lm(target={target!r}): RQConfig(value_layout={layout!r}) is not translated to "
-            "ONNX yet; export with value_layout='coordinates' or target='aoti'"
+            f"export_lm(target={target!r}): these programs store V packed along keys (value_layout={layout!r}), "
+            f"which ONNX does not translate; make them with functional_programs(..., for_target={target!r})"
         )
     eos = _eos(fn.model_config, eos_token_id)
     if target == "aoti":
