@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from rqcompile.cache import MemoryReport
 from rqcompile.calibrate import Calibration
-from rqcompile.config import RQConfig
+from rqcompile.config import KEY_LAYOUT_BITS, RQConfig
 from rqcompile.passes.capture import AttentionSite, LinearAttentionState, capture
 from rqcompile.passes.functional import FunctionalStep, has_scan
 from rqcompile.passes.fuse_attention import fuse_attention
@@ -318,6 +318,31 @@ class CompiledLM:
 _CALIBRATED_BACKENDS = ("planar", "iso", "rotor")  # block rotations need the channel statistics (QUALITY.md)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def _value_layout(config: RQConfig, sites: list, device: torch.device, max_cache_len: int, fuse: bool) -> str:
+    """`RQConfig.value_layout` resolved for these programs. Auto (None): V packed along keys where the fused decode
+    kernel reads it in place, so it pays (CUDA; every site's decode shape keys-m's: norm groups of 128, <= 16 query
+    heads per KV head, V at 2 or 3 bits; whole 16-token blocks); per token elsewhere, where every reader would
+    re-pack a copy of the cache first."""
+    if config.value_layout is not None:
+        return config.value_layout
+    if device.type != "cuda" or not fuse or config.bit_allocation or max_cache_len % 16 or not sites:
+        return "coordinates"
+    from rqcompile.kernels.attention import keys_m_applies
+
+    for site in sites:
+        group = config.group_for(site.head_dim)
+        k_bits, v_bits = (int(config.bits_for(site.layer_idx, kind)) for kind in "kv")
+        rows = site.num_heads // site.num_kv_heads  # one query token per decode step
+        groups = site.head_dim // group
+        if v_bits not in KEY_LAYOUT_BITS or not keys_m_applies(site.head_dim, k_bits, v_bits, groups, groups, rows, 1):
+            return "coordinates"
+    return "keys"
+
+
 def _check_calibration(config: RQConfig, calibration: Calibration | None) -> None:
     """A calibrated bit allocation needs the calibration's error weights: say so before the (slow) capture."""
     if calibration is not None and not isinstance(calibration, Calibration):
@@ -393,7 +418,9 @@ def apply(
     best measured uniform preset (QUALITY.md "Defaults", "Session 11"). The programs also remove each layer's pre-RoPE
     key mean turned to the key's position (`RQConfig.rope_key_mean`, the best measured configuration, QUALITY.md
     "Session 14") exactly when the Calibration carries it, which `calibrate` measures by default; `rope_key_mean=True`
-    without such a Calibration, or False with one, is a `ValueError` before the capture.
+    without such a Calibration, or False with one, is a `ValueError` before the capture. On CUDA the fused programs
+    store V's codes packed along keys where the decode kernel reads them in place (`RQConfig.value_layout`, auto by
+    default: same codes and bytes, -13 to -15% attention time on the H200); `lm.config` holds the resolved layout.
     """
     if config is None:
         config = RQConfig(backend=backend, bits=bits, key_bits=key_bits, value_bits=value_bits, seed=seed)
@@ -411,6 +438,7 @@ def apply(
         prefill_logits=prefill_logits,
         materialize_cache=False,
     )
+    config = config.replace(value_layout=_value_layout(config, captured.sites, _device(model), max_cache_len, fuse))
     buffers: dict[str, torch.Tensor] = {}
     quant_states: dict[int, dict[str, QuantState]] = {}
     shared = {"buffers": buffers, "quant_states": quant_states, "rope": rope}

@@ -191,11 +191,11 @@ class RQCacheLayer(CacheLayerMixin):
             raise ValueError(
                 "RQConfig(rope_key_mean=True) needs the model's RoPE: build the cache with model_config=model.config"
             )
-        if config.value_layout != "coordinates":
+        if config.value_layout == "keys":
             raise ValueError(
-                f"RQConfig(value_layout={config.value_layout!r}) is read and written by rqcompile.apply's programs; "
-                "the eager caches store V per token (value_layout='coordinates'): they dequantize the whole history "
-                "for the model's attention, which gains nothing from the other layout"
+                "RQConfig(value_layout='keys') is read and written by rqcompile.apply's programs; the eager caches "
+                "store V per token (value_layout='coordinates' or None): they dequantize the whole history for the "
+                "model's attention, which gains nothing from the other layout"
             )
         self.config = config
         self.rope = rope if config.rope_key_mean else None

@@ -22,7 +22,8 @@ SCALE_SEARCH = (0.85, 1.0, 1.15, 1.3, 1.5)
 # rotation_stages came in session 7 with 1 as its default (manifests before it hold one block layer); session 8 made
 # the default None ("full" where blocks compose).
 # rope_key_mean came in session 13 as False; session 15 made the default None ("auto"), which manifests never hold.
-FORMAT_BEFORE_FIELD: dict[str, Any] = {"rotation_stages": 1, "rope_key_mean": False}
+# value_layout came in session 20 (V per token before it; None, "auto", is resolved before anything is stored).
+FORMAT_BEFORE_FIELD: dict[str, Any] = {"rotation_stages": 1, "rope_key_mean": False, "value_layout": "coordinates"}
 VALUE_LAYOUTS = ("coordinates", "keys")
 KEY_LAYOUT_BITS = (2, 3)  # V widths value_layout="keys" packs (4 bits would need its own block order)
 MAX_ROTATION_STAGES = 8  # iso mixes 4**s coordinates: 4 stages cover a 128-wide norm group; planar needs 7
@@ -90,13 +91,16 @@ class RQConfig:
             with a static RoPE) turns it on in the caches and in ``rqcompile.apply``, whose fused attention then adds
             its term to each score. ``True`` insists (a clear error where it cannot be done); ``False`` is the format
             without it. Caches and ``apply`` store the resolved bool, and artifacts carry it.
-        value_layout: how V's codes are laid out in memory. ``"coordinates"`` (default): each token's codes
-            together (docs/FORMAT.md "Bit packing"). ``"keys"`` (experimental, opt-in): each block of 16 tokens holds,
-            per coordinate, the 16 tokens' codes together (docs/FORMAT.md "V packed along keys"), the order the
-            decode kernel's tensor-core operand wants, so it decodes V without a trip through shared memory (-12 to
-            -14% attention time on the H200, BENCHMARKS.md "Session 19"). Same bytes. V at 2 or 3 bits without
-            ``bit_allocation``; read and written by ``rqcompile.apply``'s programs (not yet the eager caches or the
-            ONNX / TensorRT exports, which refuse it).
+        value_layout: how V's codes are laid out in memory (the same codes and bytes either way). ``"coordinates"``:
+            each token's codes together (docs/FORMAT.md "Bit packing"). ``"keys"``: each block of 16 tokens holds, per
+            coordinate, the 16 tokens' codes together (docs/FORMAT.md "V packed along keys"), the order the decode
+            kernel's tensor-core operand wants, so it decodes V without a trip through shared memory: -13 to -15%
+            attention time on the H200 (BENCHMARKS.md "Session 20"). V at 2 or 3 bits without ``bit_allocation``;
+            ``rqcompile.apply``'s programs and their AOTInductor exports only (the eager caches refuse it; the ONNX /
+            TensorRT exports store the same codes per token). ``None`` (default, "auto"): ``"keys"`` in ``apply``'s
+            fused programs on CUDA wherever the decode kernel reads it in place (norm groups of 128, <= 16 query
+            heads per KV head, ``max_cache_len`` a multiple of 16), ``"coordinates"`` everywhere else (eager caches,
+            CPU), where a reader would re-pack a copy first. ``apply`` stores the resolved value (``lm.config``).
     """
 
     backend: str = "iso"
@@ -114,7 +118,7 @@ class RQConfig:
     bit_allocation: tuple[int, ...] = ()
     rotation_stages: int | str | None = None
     rope_key_mean: bool | None = None
-    value_layout: str = "coordinates"
+    value_layout: str | None = None
 
     def __post_init__(self) -> None:
         self._check_layer_bits()
@@ -163,9 +167,11 @@ class RQConfig:
         return kind == "v" and self.value_layout == "keys"
 
     def _check_value_layout(self) -> None:
-        if self.value_layout not in VALUE_LAYOUTS:
-            raise ValueError(f"unknown value_layout {self.value_layout!r}; choose one of {VALUE_LAYOUTS}")
-        if self.value_layout == "coordinates":
+        if self.value_layout is not None and self.value_layout not in VALUE_LAYOUTS:
+            raise ValueError(
+                f"unknown value_layout {self.value_layout!r}; choose one of {VALUE_LAYOUTS} or None (auto)"
+            )
+        if self.value_layout != "keys":
             return
         if self.bit_allocation:
             raise ValueError("value_layout='keys' packs uniform 2- or 3-bit codes; it cannot take bit_allocation")

@@ -5,9 +5,10 @@ keys, see `rqcompile.passes.exact_attention`).
 They are functional (no `mutates_args`): the cache write stays an ordinary `index_copy_` of their outputs, which
 torch.export, Inductor, AOTInductor and the ONNX exporter all understand (a mutating custom op reaches the ONNX
 exporter as `auto_functionalized_v2`, which it cannot translate). The exception is rq::write_along_keys, the write
-of V's codes packed along keys (`RQConfig.value_layout="keys"`, which the ONNX export refuses): a 16-token block is
-read, modified and written back in place. The default implementation is the plain-torch
-reference from `rqcompile.quant.quantizer`; `rqcompile.kernels` registers Triton implementations for CUDA.
+of V's codes packed along keys (`RQConfig.value_layout="keys"`; the ONNX exports store V per token instead,
+`passes.values_per_token`): a 16-token block is read, modified and written back in place. The default
+implementation is the plain-torch reference from `rqcompile.quant.quantizer`; `rqcompile.kernels` registers Triton
+implementations for CUDA.
 """
 
 from __future__ import annotations

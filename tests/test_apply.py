@@ -855,3 +855,28 @@ def test_values_packed_along_keys_on_the_gpu_are_read_in_place_by_keys_m(monkeyp
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
     assert compiled or (True in vkeys and False in vkeys)  # eager: both layouts ran keys-m, one of them VKEYS
+
+
+def test_by_default_values_are_packed_along_keys_only_where_the_gpu_decode_kernel_reads_them_in_place(models):
+    """value_layout=None ("auto") resolves per program: on the CPU every reader would re-pack a copy, so V stays per
+    token; on CUDA, keys where every site's decode shape is the keys-m kernel's (norm groups of 128, <= 16 query
+    heads per KV head, V at 2-3 bits, whole 16-token blocks, fused attention)."""
+    from rqcompile.api import _value_layout
+    from rqcompile.passes.capture import AttentionSite
+
+    with pytest.warns(UserWarning):
+        assert apply(models["llama"], max_cache_len=48).config.value_layout == "coordinates"  # the CPU
+    cuda = torch.device("cuda")
+    site = AttentionSite(3, "k", "v", num_kv_heads=4, num_heads=24, head_dim=256, max_cache_len=4096)  # Qwen3.5-27B
+    auto = RQConfig()
+    assert _value_layout(auto, [site], cuda, 4096, fuse=True) == "keys"
+    assert _value_layout(auto, [site], torch.device("cpu"), 4096, fuse=True) == "coordinates"
+    assert _value_layout(auto, [site], cuda, 4096, fuse=False) == "coordinates"  # dequantize + SDPA: re-packs
+    assert _value_layout(auto, [site], cuda, 4100, fuse=True) == "coordinates"  # not whole blocks
+    assert _value_layout(auto.replace(value_bits=4), [site], cuda, 4096, fuse=True) == "coordinates"
+    assert _value_layout(auto.replace(layer_bits=((3, 3, 4),)), [site], cuda, 4096, fuse=True) == "coordinates"
+    small = AttentionSite(0, "k", "v", num_kv_heads=2, num_heads=4, head_dim=64, max_cache_len=4096)  # SmolLM2-like
+    assert _value_layout(auto, [site, small], cuda, 4096, fuse=True) == "coordinates"
+    wide = AttentionSite(0, "k", "v", num_kv_heads=1, num_heads=32, head_dim=128, max_cache_len=4096)  # 32 rows
+    assert _value_layout(auto, [wide], cuda, 4096, fuse=True) == "coordinates"
+    assert _value_layout(auto.replace(value_layout="keys"), [small], torch.device("cpu"), 48, fuse=True) == "keys"

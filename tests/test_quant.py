@@ -364,6 +364,8 @@ def test_values_packed_along_keys_are_only_the_value_states_of_that_layout():
     assert v.along_keys and not k.along_keys  # K keeps its per-token layout (its mma operand pairs coordinates)
     assert not make_state(RQConfig(), layer_idx=0, kind="v", num_heads=2, head_dim=64).along_keys
     assert RQConfig.from_dict(config.to_dict()) == config
+    assert RQConfig().value_layout is None  # auto: resolved by apply, per token in the eager caches
+    assert RQConfig.from_dict({"backend": "iso"}).value_layout == "coordinates"  # a manifest from before the field
 
 
 def test_the_reference_reads_values_packed_along_keys_as_the_same_numbers():

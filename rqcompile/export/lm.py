@@ -225,8 +225,8 @@ def export_lm(
     fn = program if isinstance(program, FunctionalLM) else None
     if fn is None:
         fn = functional_programs(program, prefill=prefill, prefill_chunk=prefill_chunk, for_target=target)
-    layout = "coordinates" if fn.rq_config is None else fn.rq_config.value_layout
-    if target != "aoti" and layout != "coordinates":  # a FunctionalLM made for AOTInductor, handed to ONNX
+    layout = None if fn.rq_config is None else fn.rq_config.value_layout
+    if target != "aoti" and layout == "keys":  # a FunctionalLM made for AOTInductor, handed to ONNX
         raise ValueError(
             f"export_lm(target={target!r}): these programs store V packed along keys (value_layout={layout!r}), "
             f"which ONNX does not translate; make them with functional_programs(..., for_target={target!r})"

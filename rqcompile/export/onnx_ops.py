@@ -397,8 +397,8 @@ def make_quantize(flavour: str = "standard") -> Callable[..., tuple[Any, Any]]:
 def _refuse_along_keys(along_keys: bool) -> None:
     if along_keys:
         raise ValueError(
-            "the ONNX / TensorRT translations read codes packed per token; RQConfig(value_layout='keys') is not "
-            "translated yet (use value_layout='coordinates' for these exports, or the AOTInductor target)"
+            "the ONNX / TensorRT translations read codes packed per token; programs storing V along keys are "
+            "exported through passes.values_per_token (export_lm does it), not translated as they are"
         )
 
 
