@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=32, help="RQConfig.residual_window (default 32, the library default)")
     p.add_argument(
         "--value-layout",
-        default="coordinates",
-        help="RQConfig.value_layout: coordinates (the default) or keys (apply only; the drop-in cache refuses it)",
+        default=None,
+        help="RQConfig.value_layout: coordinates or keys (apply only; the drop-in cache refuses it); default: the "
+        "library's (auto: keys in apply's programs on CUDA where the decode kernel reads it in place)",
     )
     p.add_argument("--cap-gib", type=float, default=79.0)
     p.add_argument(
@@ -552,9 +553,10 @@ def main(argv: list[str] | None = None) -> None:
             out=out,
         )
         RESULTS["apply_seconds"] = time.perf_counter() - t1
+        RESULTS["meta"]["resolved_value_layout"] = getattr(getattr(lm, "config", None), "value_layout", None)
         log(
             f"apply (capture + rewrite, max_cache_len {max(contexts) + 64}): {RESULTS['apply_seconds']:.0f} s, "
-            f"fused={getattr(lm, 'fused', None)}"
+            f"fused={getattr(lm, 'fused', None)}, V layout {RESULTS['meta']['resolved_value_layout']}"
         )
         if lm is not None:
             for ctx in contexts:
