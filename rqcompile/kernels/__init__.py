@@ -71,10 +71,11 @@ def _dequantize_launch(
     along_keys=False,
     wrap=_plain,
 ):
+    from rqcompile.kernels.along_keys_repack import launch_along_keys_to_tokens
     from rqcompile.kernels.quantize import launch_dequantize
-    from rqcompile.ops import coordinates_layout
 
-    codes = coordinates_layout(codes, bits, head_dim, along_keys)  # the kernel reads codes packed per token
+    if along_keys:  # the kernel reads codes packed per token: re-pack a copy (one pass over the codes)
+        codes = launch_along_keys_to_tokens(codes, bits, head_dim, wrap=None if wrap is _plain else wrap)
     return launch_dequantize(
         codes, norms, rotation, mean, scale, levels, bits, head_dim, dtype, wrap=wrap, perm=perm, widths=widths
     )

@@ -115,8 +115,10 @@ def _along_keys_to_tokens_kernel(
     g = r % GL
     c = 16 * g[:, None] + j[None, :]  # [R, 16] coordinate of the 2-bit plane word
     valid = blk < BLOCKS
+    if 16 * GL > D:  # padded groups (a constexpr test: no mask that varies along a row run keeps stores vectorized)
+        valid = valid & (16 * g < D)
     low = tl.load(src + blk[:, None] * WPB + c, mask=valid[:, None] & (c < D), other=0)
-    _store_plane(out_ptr, _transpose16(low, NB * GL), blk, g, valid & (16 * g < D), NBYTES, 0, D // 4, WORDS)
+    _store_plane(out_ptr, _transpose16(low, NB * GL), blk, g, valid, NBYTES, 0, D // 4, WORDS)
 
     if HIGH:
         r = tl.arange(0, NB * GH)
@@ -124,9 +126,11 @@ def _along_keys_to_tokens_kernel(
         g = r % GH
         m = 16 * g[:, None] + j[None, :]  # [R, 16] word of the high plane: coordinates 2m, 2m + 1
         valid = blk < BLOCKS
+        if 32 * GH > D:
+            valid = valid & (32 * g < D)
         high = tl.load(src + blk[:, None] * WPB + D + m, mask=valid[:, None] & (m < D // 2), other=0)
         high = _transpose16(_interleave_halves(high), NB * GH)
-        _store_plane(out_ptr, high, blk, g, valid & (32 * g < D), NBYTES, D // 4, D // 8, WORDS)
+        _store_plane(out_ptr, high, blk, g, valid, NBYTES, D // 4, D // 8, WORDS)
 
 
 def _check(along: torch.Tensor, bits: int, dim: int) -> int:

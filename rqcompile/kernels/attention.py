@@ -42,6 +42,7 @@ import triton.language as tl
 from triton.runtime.jit import MockTensor
 
 from rqcompile.kernels import prmt as _prmt_steps
+from rqcompile.kernels.along_keys_repack import launch_along_keys_to_tokens
 from rqcompile.kernels.common import (
     channels,
     has_run,
@@ -2038,10 +2039,9 @@ def launch_attention(
     if ablate and (not keys_m or interpreting()):
         raise ValueError("ablate: timing ablations run only in the compiled keys-m kernel")
     if v_along_keys and not (keys_m and v_bits in (2, 3) and tk % 16 == 0 and not v_prefetch):
-        # the split and layout kernels read V per token: re-pack a copy (the fallback; prefill-sized calls)
-        from rqcompile.ops import coordinates_layout
-
-        v_codes, v_along_keys = coordinates_layout(v_codes, v_bits, dim, True), False
+        # the split and layout kernels read V per token: re-pack a copy (prefill-sized calls; one pass over V's codes)
+        v_codes = launch_along_keys_to_tokens(v_codes, v_bits, dim, wrap=None if wrap is _identity else wrap)
+        v_along_keys = False
     if keys_m:
         block_n, num_warps = 64, 4  # the kernel's fragment layout is built for these
     if interpreting():  # no inline asm: the split kernel takes the tree, keys-m the prmt steps in Triton ops
