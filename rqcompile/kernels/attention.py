@@ -2077,7 +2077,9 @@ def launch_attention(
             mask_kind = 2
         mask = mask.expand(batch, q_heads, q_len, tk)
         mstrides = tuple(mask.stride())
-    kvl = kv_len.to(torch.int32) if kv_len is not None else q
+    # the kernels read kv_len[b] at offset b: an expanded [1] -> [B] (fuse_attention's valid_kv_length of a mask with
+    # batch dim 1) must become B real values, else rows b >= 1 read past its one element
+    kvl = kv_len.to(torch.int32).contiguous() if kv_len is not None else q
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=device) if with_lse else None
     if batch * q_heads * q_len == 0:
         empty = torch.empty(q.shape, dtype=q.dtype, device=device)
