@@ -1107,9 +1107,9 @@ def _attn_keys_m_kernel(
     VKEYS: tl.constexpr = False,
 ):
     """_attn_split_kernel's contract (same arguments, same partial outputs) with keys as the mma's M side.
-    ABLATE: timing ablations only (ABLATIONS), 0 in every real launch. VKEYS (a prototype of a format change, see
-    launch_attention's `v_layout`): V's codes packed along keys, decoded straight into V^T's A fragment, read one
-    tile ahead; the tile's keys then sit in _vkeys_key's order on the scores' rows."""
+    ABLATE: timing ablations only (ABLATIONS), 0 in every real launch. VKEYS (`RQConfig.value_layout="keys"`,
+    launch_attention's `v_along_keys`): V's codes packed along keys, decoded straight into V^T's A fragment, read
+    one tile ahead; the tile's keys then sit in _vkeys_key's order on the scores' rows."""
     KDECODE: tl.constexpr = 3 if ABLATE & 1 else DECODE
     VDECODE: tl.constexpr = 3 if ABLATE & 2 else DECODE
     tl.static_assert(BLOCK_N == 64)

@@ -129,10 +129,10 @@ KEY_BLOCK = 16  # keys per word of a tensor packed along keys
 
 
 def pack_along_keys(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Re-pack codes [..., T, bytes] (this module's layout, T a multiple of KEY_BLOCK) along the key axis, as the
-    keys-m kernel's VKEYS prototype reads V (not a format of the cache): each block of 16 keys becomes `dim` 32-bit
-    words of the 2-bit plane (word c: coordinate c's codes of the 16 keys, key k at bits 2k) and, at 3 bits, `dim`
-    16-bit halfwords of the high plane (key k at bit k). Same shape and bytes per block; little-endian words."""
+    """Re-pack codes [..., T, bytes] (this module's layout, T a multiple of KEY_BLOCK) along the key axis, the layout
+    of V with `RQConfig(value_layout="keys")` (docs/FORMAT.md "V packed along keys"): each block of 16 keys becomes
+    `dim` 32-bit words of the 2-bit plane (word c: coordinate c's codes of the 16 keys, key k at bits 2k) and, at 3
+    bits, `dim` 16-bit halfwords of the high plane (key k at bit k). Same shape and bytes per block; little-endian."""
     if bits not in (2, 3):
         raise ValueError(f"packing along keys covers 2 and 3 bits, not {bits}")
     *lead, keys, _ = packed.shape
