@@ -880,3 +880,33 @@ def test_by_default_values_are_packed_along_keys_only_where_the_gpu_decode_kerne
     wide = AttentionSite(0, "k", "v", num_kv_heads=1, num_heads=32, head_dim=128, max_cache_len=4096)  # 32 rows
     assert _value_layout(auto, [wide], cuda, 4096, fuse=True) == "coordinates"
     assert _value_layout(auto.replace(value_layout="keys"), [small], torch.device("cpu"), 48, fuse=True) == "keys"
+
+
+@pytest.mark.gpu
+def test_a_batch_on_the_gpu_attends_each_row_to_its_own_valid_keys():
+    """apply's programs at batch 2 on CUDA (the default layout: V along keys at head_dim 128) against the eager
+    cache: every row's logits, decode steps included. Session 20 found rows b >= 1 reading past an expanded kv_len
+    (the whole static cache, or too few keys); a batch-1 test cannot see that."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tiny_models.VOCAB,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        initializer_range=tiny_models.INIT_RANGE,
+    )
+    model = LlamaForCausalLM(config).float().eval().cuda()
+    with pytest.warns(UserWarning):
+        lm = apply(model, max_cache_len=ALONG_KEYS_LEN * 4, batch_size=2, prefill_logits="all")
+    assert lm.config.value_layout == "keys"
+    ids = torch.cat([_ids(40, seed=7), _ids(40, seed=8)]).cuda()
+    got = _steps(lm, ids, 9)
+    cache = RQCache(lm.config.replace(value_layout="coordinates"), model_config=config, calibration=None)
+    ref = _eager(model, cache, ids, 9)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
