@@ -9,9 +9,10 @@ The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install 
     .venv/bin/python -m pip install --no-deps --target /tmp/t36 triton==3.6.0
     PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py "kb=3,vb=3" "kernel=split,kb=3,vb=3,maxnreg=128"
 
-Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), maxnreg, stages,
-ablate (keys-m's timing ablations, attention.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope
-(ROPE_K: the rope score term's padded pair count, 0 = none), vkeys (keys-m's VKEYS prototype: V packed along keys).
+Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), mrow (1: the mask is
+one row per batch, as apply's decode steps pass it), maxnreg, stages, ablate (keys-m's timing ablations,
+attention.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope (ROPE_K: the rope score term's padded
+pair count, 0 = none), vkeys (keys-m's VKEYS: V packed along keys).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def build(
     vb=3,
     kvlen=0,
     mask=0,
+    mrow=0,
     maxnreg=None,
     stages=3,
     d=256,
@@ -71,9 +73,11 @@ def build(
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(POINTERS, qk_scale="fp32")
     const = dict(D=d, KBITS=kb, VBITS=vb, NGK=d // 128, NGV=d // 128, KRB=2, KNB=d // 2, MASK_KIND=mask)
-    const.update(MASK_ROW=False, HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1, ROPE_K=rope)
+    const.update(MASK_ROW=bool(mrow), HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1, ROPE_K=rope)
     if not mask:
         const.update(smb=0, smh=0, smt=0, smn=0)
+    else:  # a contiguous mask row: Triton specializes the unit stride
+        const.update(smn=1)
     if kernel == "keys-m":
         const.update(ABLATE=ablate, KPREFETCH=bool(kpre), VPREFETCH=bool(vpre), VKEYS=bool(vkeys))
     sig.update({name: "constexpr" for name in const})

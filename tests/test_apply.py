@@ -809,24 +809,6 @@ def test_values_packed_along_keys_compile_without_graph_breaks(models):
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2
 
 
-def _llama_head_dim_128_on_the_gpu():
-    """A tiny Llama with keys-m's decode shape (head_dim 128: one norm group of 128; 4 query heads per KV head)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tiny_models.VOCAB,
-        hidden_size=256,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=128,
-        initializer_range=tiny_models.INIT_RANGE,
-    )
-    return LlamaForCausalLM(config).float().eval().cuda()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
 def test_values_packed_along_keys_on_the_gpu_are_read_in_place_by_keys_m(monkeypatch, compiled):
@@ -835,7 +817,7 @@ def test_values_packed_along_keys_on_the_gpu_are_read_in_place_by_keys_m(monkeyp
     per-token layout's (the same codes; the kernels' sums differ only in order)."""
     from rqcompile.kernels import attention as kattn
 
-    model = _llama_head_dim_128_on_the_gpu()
+    model = tiny_models.tiny_llama_head_dim_128().cuda()
     vkeys = []
     real = kattn._attn_keys_m_kernel
 
@@ -892,7 +874,7 @@ def test_a_batch_on_the_gpu_attends_each_row_to_its_own_valid_keys():
     """apply's programs at batch 2 on CUDA (the default layout: V along keys at head_dim 128) against the eager
     cache: every row's logits, decode steps included. Session 20 found rows b >= 1 reading past an expanded kv_len
     (the whole static cache, or too few keys); a batch-1 test cannot see that."""
-    model = _llama_head_dim_128_on_the_gpu()
+    model = tiny_models.tiny_llama_head_dim_128().cuda()
     config = model.config
     with pytest.warns(UserWarning):
         lm = apply(model, max_cache_len=ALONG_KEYS_LEN * 4, batch_size=2, prefill_logits="all")

@@ -221,6 +221,71 @@ def test_aoti_weights_tampered_or_inconsistent_are_refused(compressed_aoti, tmp_
         rqcompile.load(inconsistent)
 
 
+def test_aoti_artifact_runs_only_on_the_device_type_it_was_compiled_for(compressed_aoti):
+    """The manifest records where the packages were compiled; `load` defaults to it and refuses another device type
+    with a clear error (a CPU package handed CUDA tensors would fail deep inside the runtime)."""
+    import rqcompile
+    from rqcompile.export.artifact import ArtifactError
+
+    path = compressed_aoti[0]
+    assert json.loads((path / "manifest.json").read_text())["program"]["device"] == "cpu"
+    assert rqcompile.load(path).device == torch.device("cpu")
+    with pytest.raises(ArtifactError, match="compiled for 'cpu' and cannot run on 'cuda:0'"):
+        rqcompile.load(path, device="cuda:0")
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(reason="aoti_load_package segfaults on the H200 sandbox for any package (README, 'AOTI on the GPU')")
+def test_aoti_on_the_gpu_serves_the_default_config_in_a_fresh_process(tmp_path):
+    """On CUDA at the GPU decode kernel's shape the default config packs V along keys: the Triton kernels (quantize,
+    the in-place block write, keys-m) are compiled into the packages, and the artifact, loaded in a fresh process on
+    the device it records, generates the tokens of `CompiledLM.generate`. Export and load run in child processes, so
+    that a crash inside torch's package loader fails this test instead of killing the test run."""
+    script = f"""
+import json, sys, warnings
+sys.path.insert(0, "tests")
+import torch
+from tiny_models import tiny_llama_head_dim_128
+from rqcompile.api import apply
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the uncalibrated-default notice
+    compiled = apply(tiny_llama_head_dim_128().cuda(), max_cache_len=48)
+prompts = [list(range(3, 23)), [7, 1, 9, 4, 2]]
+reference = [compiled.generate(torch.tensor([p]).cuda(), 8, eos_token_id=[]).tolist()[0] for p in prompts]
+compiled.export({str(tmp_path / "aoti")!r}, target="aoti", inductor_configs={FAST_AOTI!r}, progress=False)
+print(json.dumps({{"layout": compiled.config.value_layout, "prompts": prompts, "reference": reference}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, f"export exited with {done.returncode}: {done.stderr[-2000:]}"
+    built = json.loads(done.stdout.strip().splitlines()[-1])
+    manifest = json.loads((tmp_path / "aoti" / "manifest.json").read_text())
+    assert built["layout"] == manifest["rq_config"]["value_layout"] == "keys"
+    assert manifest["program"]["device"] == "cuda"
+    got = _load_in_subprocess(tmp_path / "aoti", built["prompts"], 8)
+    assert got["tokens"] == built["reference"] and got["backend"] == "aoti"
+
+
+def test_a_prefill_torch_export_cannot_keep_dynamic_falls_back_to_a_static_chunk(llama, monkeypatch):
+    """Where torch.export specializes the prompt length (seen on CUDA: the Triton launchers' contiguity checks),
+    prefill="auto" exports one static chunk instead and the notes say why; prefill="dynamic" is a clear error."""
+    real = torch.export.export
+
+    def no_dynamic_prompt(*args, dynamic_shapes=None, **kwargs):
+        if dynamic_shapes is not None:
+            raise torch._dynamo.exc.UserError(torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION, "specialized")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", no_dynamic_prompt)
+    fn = functional_programs(llama, prefill_chunk=8, for_target="onnx")
+    assert fn.prefill_len == 8
+    assert any("could not keep the prompt length dynamic" in note for note in fn.notes)
+    ids = _prompt(11)
+    assert torch.equal(generate(fn.runner(), ids, 4), generate(_Eager(llama), ids, 4))
+    with pytest.raises(ValueError, match="prefill='static'"):
+        functional_programs(llama, prefill="dynamic", for_target="onnx")
+
+
 def test_onnx_logits_match_and_generation_through_onnxruntime(llama, tmp_path):
     """ONNX graphs (cache as explicit inputs/outputs) reproduce the torch logits and generate through onnxruntime."""
     import rqcompile

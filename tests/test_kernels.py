@@ -950,6 +950,25 @@ def test_attention_interpret_keys_m(monkeypatch, kb, vb, dim, kw):
 
 @cpu_only
 @pytest.mark.parametrize(
+    "mask_kind,tq,row",
+    [
+        ("bool", 1, True),  # a decode step: [B, 1, 1, T], whose query dim expand leaves at stride T
+        ("causal", 4, False),  # each query position sees its own prefix
+        ("float", 3, False),  # an additive mask per head and position
+    ],
+)
+def test_a_mask_one_row_per_batch_takes_the_one_row_path(monkeypatch, mask_kind, tq, row):
+    """keys-m reads a mask that is the same for every query row of a program as one [BLOCK_N] row per tile
+    (MASK_ROW): a decode step's mask is such a row, whatever stride its size-1 dims have (session 21: apply's decode
+    steps ran the per-row build, 255 registers against 174 on sm_90). Masks that vary by row keep the per-row path;
+    all of them give the reference's result."""
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    _attention_case("planar", 3, 3, 128, "cpu", tk=90, rep=3, tq=tq, mask_kind=mask_kind, variant="keys-m", splits=2)
+    assert len(seen) == 1 and seen[0]["MASK_ROW"] == row
+
+
+@cpu_only
+@pytest.mark.parametrize(
     "dim,rep,tq,kb,why",
     [
         (64, 3, 1, 3, "64 coordinates per norm group"),

@@ -43,6 +43,24 @@ def tiny_llama() -> PreTrainedModel:
     return _finish(LlamaForCausalLM(config))
 
 
+def tiny_llama_head_dim_128() -> PreTrainedModel:
+    """Llama with the GPU decode kernel's shape (head_dim 128: one norm group of 128; 4 query heads per KV head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(SEED)
+    return _finish(LlamaForCausalLM(config))
+
+
 def tiny_qwen3() -> PreTrainedModel:
     """Qwen3: 2 layers, q/k RMS norms, 4 query heads / 2 KV heads of dim 64."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -17,7 +17,10 @@ Prefill length: prefill is exported with a dynamic prompt length, except when it
 gated-delta rule of hybrid models): Inductor (torch 2.13) fails on a scan over a symbolic number of chunks
 (`KeyError: s..` in `decompose_scan_to_while_loop`), so such models get a prefill program of one static length
 (`prefill_chunk`, default min(64, max_cache_len)); the loader runs whole chunks through it (at any start position)
-and the remaining < chunk tokens through the decode program. ONNX keeps the dynamic prefill.
+and the remaining < chunk tokens through the decode program. ONNX keeps the dynamic prefill. The same static
+program is the fallback where torch.export cannot keep the prompt length symbolic at all: on CUDA, the launch code
+of the rq Triton ops (traced with fake tensors) specializes it in contiguity checks (torch 2.11, session 21); the
+artifact's notes say which reason applied.
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ class FunctionalLM:
             for n, t in zip(self.state_names, self.state_init)
         ]
 
+    @property
+    def device_type(self) -> str:
+        """Where the programs were traced ("cpu", "cuda"): an AOTInductor package runs only there."""
+        return self.state_init[0].device.type if self.state_init else "cpu"
+
     def runner(self, eos: list[int] | None = None):
         """Run these ExportedPrograms in process through the same state threading as `rqcompile.load`."""
         from rqcompile.runtime.loaded import StateRunner
@@ -106,8 +114,9 @@ def functional_programs(
 ) -> FunctionalLM:
     """Re-export a captured (`CapturedLM`) or compiled (`CompiledLM`) LM's programs in functional form.
 
-    `prefill`: "dynamic" (symbolic prompt length), "static" (one length, `prefill_chunk`), or "auto" = dynamic
-    unless the target is AOTInductor and the prefill graph holds a scan (see the module docstring).
+    `prefill`: "dynamic" (symbolic prompt length; a ValueError where torch.export cannot keep it symbolic),
+    "static" (one length, `prefill_chunk`), or "auto" = dynamic unless the target is AOTInductor and the prefill
+    graph holds a scan, or the dynamic export fails (see the module docstring).
     """
     max_len, batch = int(program.max_cache_len), int(program.batch_size)
     model_config, rq_config = _configs(program)
@@ -134,13 +143,16 @@ def functional_programs(
         state_init = [torch.zeros_like(buffers[name]) for name in names]
         decode_step, prefill_step = FunctionalStep(program.decode, names), FunctionalStep(program.prefill, names)
         scan = has_scan(program.prefill.graph_module)
-    if prefill == "auto":
-        prefill = "static" if for_target == "aoti" and scan else "dynamic"
-    if prefill not in ("dynamic", "static"):
+    if prefill not in ("auto", "dynamic", "static"):
         raise ValueError(f"prefill must be 'auto', 'dynamic' or 'static', got {prefill!r}")
-    prefill_len = None if prefill == "dynamic" else min(prefill_chunk or 64, max_len)
-    if prefill_len is not None and prefill_len < 2:
-        raise ValueError(f"prefill_chunk must be >= 2, got {prefill_len}")
+    why_static = None
+    if prefill == "static":
+        why_static = "asked for"
+    elif prefill == "auto" and for_target == "aoti" and scan:
+        why_static = "the graph holds a scan"
+    prefill_len = None if why_static is None else min(prefill_chunk or 64, max_len)
+    if min(prefill_chunk or 64, max_len) < 2:
+        raise ValueError(f"prefill_chunk must be >= 2, got {min(prefill_chunk or 64, max_len)}")
     out = FunctionalLM(
         prefill=None,  # type: ignore[arg-type]
         decode=None,  # type: ignore[arg-type]
@@ -160,10 +172,20 @@ def functional_programs(
             dim = torch.export.Dim("prompt_len", min=2, max=max_len)
             shapes = ({1: dim}, {0: dim}, tuple([None] * n_state))
             example = out.example_inputs("prefill", min(max_len, 70))  # > one gated-delta chunk (see capture)
-            out.prefill = torch.export.export(prefill_step, example, dynamic_shapes=shapes, strict=False)
-        else:
+            try:
+                out.prefill = torch.export.export(prefill_step, example, dynamic_shapes=shapes, strict=False)
+            except torch._dynamo.exc.UserError as exc:  # the prompt length could not stay symbolic
+                if prefill == "dynamic":
+                    raise ValueError(
+                        f"the prefill program cannot be exported with a dynamic prompt length ({exc}); "
+                        "export it with prefill='static' (prompts run in fixed-size chunks)"
+                    ) from exc
+                # seen on CUDA: torch specializes the prompt length in the rq kernels' launch checks
+                why_static = "torch.export could not keep the prompt length dynamic"
+                out.prefill_len = prefill_len = min(prefill_chunk or 64, max_len)
+        if prefill_len is not None:
             out.prefill = torch.export.export(prefill_step, out.example_inputs("prefill"), strict=False)
-            out.notes.append(f"prefill exported at a static length of {prefill_len} tokens (graph holds a scan)")
+            out.notes.append(f"prefill exported at a static length of {prefill_len} tokens ({why_static})")
     logits_meta = out.decode.graph.output_node().args[0][0].meta.get("val")
     out.vocab_size = int(logits_meta.shape[-1]) if logits_meta is not None else None
     return out
@@ -191,6 +213,7 @@ def program_manifest(fn: FunctionalLM, files: dict[str, str], eos: list[int] | N
             "prefill_len": fn.prefill_len,
             "max_cache_len": fn.max_cache_len,
             "batch_size": fn.batch_size,
+            "device": fn.device_type,
             "vocab_size": fn.vocab_size,
             "eos_token_id": eos,
             "notes": fn.notes,

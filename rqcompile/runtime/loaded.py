@@ -172,9 +172,12 @@ def _onnx_steps(artifact: Artifact, providers: Sequence[str] | None) -> tuple[St
     return session(files["prefill"]), session(files["decode"]), ",".join(providers)
 
 
-def load(path: str | Path, *, device: str = "cpu", providers: Sequence[str] | None = None) -> LoadedLM:
+def load(path: str | Path, *, device: str | None = None, providers: Sequence[str] | None = None) -> LoadedLM:
     """Verify (sha256, versions) and load an exported LM artifact; AOTInductor or ONNX (onnxruntime: CUDA provider
-    if available, else CPU; `providers` overrides). A TensorRT artifact runs its checked ONNX through onnxruntime."""
+    if available, else CPU; `providers` overrides). A TensorRT artifact runs its checked ONNX through onnxruntime.
+
+    `device`: where an AOTInductor artifact runs (e.g. "cuda:1"); default: the device type it was compiled for,
+    which is also the only one it can run on."""
     artifact = read_artifact(path)
     spec: dict[str, Any] | None = artifact.manifest.get("program")
     if not spec or spec.get("kind") != "functional-step-v1":
@@ -183,6 +186,13 @@ def load(path: str | Path, *, device: str = "cpu", providers: Sequence[str] | No
             "`rqcompile export` or rqcompile.export.lm.export_lm"
         )
     if artifact.target == "aoti":
+        built_for = spec.get("device", "cpu")  # artifacts written before the field existed were CPU-only
+        device = device or built_for
+        if torch.device(device).type != built_for:
+            raise ArtifactError(
+                f"{artifact.path}: its AOTInductor packages were compiled for {built_for!r} and cannot run on "
+                f"{device!r}; load it with device={built_for!r}, or export the model again on {device!r}"
+            )
         prefill, decode, constants = _aoti_steps(artifact, device)
         lm = LoadedLM(artifact, prefill, decode, device=device, backend="aoti")
         lm.constants = constants  # the packages point into these tensors
