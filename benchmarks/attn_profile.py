@@ -148,6 +148,12 @@ def main() -> None:
     )
     ap.add_argument("--host", default="", help="batch,context: where an eager call spends its host time, nothing else")
     ap.add_argument("--kv-len", action="store_true", help="pass kv_len (all keys valid), as apply's programs do")
+    ap.add_argument(
+        "--decode-mask",
+        action="store_true",
+        help="pass a bool mask [1, 1, 1, T] as apply's decode steps do (the first token and the last 32 slots masked: "
+        "the exact sink and window)",
+    )
     args = ap.parse_args()
 
     if args.host:
@@ -186,17 +192,21 @@ def main() -> None:
             keys_args, default_out = None, None
             for name, settings in variants:
                 kv_len = torch.full((batch,), ctx, device="cuda") if args.kv_len else None
+                mask = None
+                if args.decode_mask:
+                    mask = torch.ones(1, 1, 1, ctx, dtype=torch.bool, device="cuda")
+                    mask[..., :1] = mask[..., -32:] = False
                 run_args, diff = op_args, None
                 if settings.get("v_along_keys"):
                     keys_args = along_keys(op_args, args.bits) if keys_args is None else keys_args
                     run_args = keys_args
                     if default_out is None:
-                        default_out = launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len).float()
-                    out = launch_attention(*run_args, None, 1 / math.sqrt(DIM), kv_len, **settings).float()
+                        default_out = launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len).float()
+                    out = launch_attention(*run_args, mask, 1 / math.sqrt(DIM), kv_len, **settings).float()
                     diff = ((out - default_out).norm() / default_out.norm()).item()
 
-                def fused(op_args=run_args, settings=settings, kv_len=kv_len):
-                    return launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len, **settings)
+                def fused(op_args=run_args, settings=settings, kv_len=kv_len, mask=mask):
+                    return launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **settings)
 
                 ms = do_bench_cudagraph(fused, rep=100, return_mode="median")
                 kernels = kernel_times(fused)
@@ -206,6 +216,7 @@ def main() -> None:
                     "backend": backend,
                     "variant": name,
                     "kv_len": args.kv_len,
+                    "decode_mask": args.decode_mask,
                     "settings": settings,
                     "graph_ms": ms,
                     "sdpa_graph_ms": sdpa_ms,
