@@ -234,6 +234,22 @@ def test_aoti_artifact_runs_only_on_the_device_type_it_was_compiled_for(compress
         rqcompile.load(path, device="cuda:0")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_a_cuda_aoti_artifact_on_a_machine_without_cuda_is_a_clear_error(compressed_aoti, tmp_path):
+    """Loading packages compiled for CUDA where no CUDA device is visible fails before torch's loader runs."""
+    import shutil
+
+    import rqcompile
+    from rqcompile.export.artifact import ArtifactError
+
+    moved = shutil.copytree(compressed_aoti[0], tmp_path / "cuda")
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["program"]["device"] = "cuda"  # as an export on a GPU machine writes it
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="compiled for CUDA and this process sees no CUDA device"):
+        rqcompile.load(moved)
+
+
 @pytest.mark.gpu
 @pytest.mark.xfail(reason="aoti_load_package segfaults on the H200 sandbox for any package (README, 'AOTI on the GPU')")
 def test_aoti_on_the_gpu_serves_the_default_config_in_a_fresh_process(tmp_path):

@@ -193,6 +193,11 @@ def load(path: str | Path, *, device: str | None = None, providers: Sequence[str
                 f"{artifact.path}: its AOTInductor packages were compiled for {built_for!r} and cannot run on "
                 f"{device!r}; load it with device={built_for!r}, or export the model again on {device!r}"
             )
+        if built_for == "cuda" and not torch.cuda.is_available():
+            raise ArtifactError(
+                f"{artifact.path}: its AOTInductor packages were compiled for CUDA and this process sees no CUDA "
+                "device; run it on a GPU machine, or export the model again on the CPU (or to ONNX)"
+            )
         prefill, decode, constants = _aoti_steps(artifact, device)
         lm = LoadedLM(artifact, prefill, decode, device=device, backend="aoti")
         lm.constants = constants  # the packages point into these tensors
