@@ -23,21 +23,25 @@ def _finish(model: PreTrainedModel) -> PreTrainedModel:
     return model.to(torch.float32).eval()
 
 
-def tiny_llama() -> PreTrainedModel:
-    """Llama: 2 layers, 4 query heads / 2 KV heads of dim 64 (SmolLM2 is this architecture)."""
+def tiny_llama(**overrides) -> PreTrainedModel:
+    """Llama: 2 layers, 4 query heads / 2 KV heads of dim 64 (SmolLM2 is this architecture); `overrides`: config
+    fields to change."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        initializer_range=INIT_RANGE,
-        tie_word_embeddings=False,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "max_position_embeddings": 512,
+            "initializer_range": INIT_RANGE,
+            "tie_word_embeddings": False,
+            **overrides,
+        }
     )
     torch.manual_seed(SEED)
     return _finish(LlamaForCausalLM(config))
@@ -45,20 +49,7 @@ def tiny_llama() -> PreTrainedModel:
 
 def tiny_llama_head_dim_128() -> PreTrainedModel:
     """Llama with the GPU decode kernel's shape (head_dim 128: one norm group of 128; 4 query heads per KV head)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=128,
-        initializer_range=INIT_RANGE,
-    )
-    torch.manual_seed(SEED)
-    return _finish(LlamaForCausalLM(config))
+    return tiny_llama(hidden_size=256, num_attention_heads=8, head_dim=128)
 
 
 def tiny_qwen3() -> PreTrainedModel:
