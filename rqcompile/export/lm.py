@@ -150,9 +150,10 @@ def functional_programs(
         why_static = "asked for"
     elif prefill == "auto" and for_target == "aoti" and scan:
         why_static = "the graph holds a scan"
-    prefill_len = None if why_static is None else min(prefill_chunk or 64, max_len)
-    if min(prefill_chunk or 64, max_len) < 2:
-        raise ValueError(f"prefill_chunk must be >= 2, got {min(prefill_chunk or 64, max_len)}")
+    chunk = min(prefill_chunk or 64, max_len)  # the static prefill's length, where there is one
+    if chunk < 2 and (why_static is not None or prefill_chunk is not None):
+        raise ValueError(f"prefill_chunk must be >= 2, got {chunk}")
+    prefill_len = None if why_static is None else chunk
     out = FunctionalLM(
         prefill=None,  # type: ignore[arg-type]
         decode=None,  # type: ignore[arg-type]
@@ -182,7 +183,7 @@ def functional_programs(
                     ) from exc
                 # seen on CUDA: torch specializes the prompt length in the rq kernels' launch checks
                 why_static = "torch.export could not keep the prompt length dynamic"
-                out.prefill_len = prefill_len = min(prefill_chunk or 64, max_len)
+                out.prefill_len = prefill_len = chunk
         if prefill_len is not None:
             out.prefill = torch.export.export(prefill_step, out.example_inputs("prefill"), strict=False)
             out.notes.append(f"prefill exported at a static length of {prefill_len} tokens ({why_static})")
