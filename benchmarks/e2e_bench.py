@@ -11,7 +11,10 @@ Paths, each timed over `--steps` greedy decode steps after 2 warm-up steps (CUDA
 - `apply (fused) + torch.compile`: the same programs through `CompiledLM.compile()` (`--regional`: one compiled
   program per decoder layer, `compile(regional=True)`, so that the whole 64-layer model compiles within one run;
   `--graph-step`: `compile(cuda_graph=True)`, the whole step replayed from one CUDA graph, and the bf16 StaticCache
-  baseline's compiled step replayed the same way).
+  baseline's compiled step replayed the same way);
+- `bf16 StaticCache (GQA packed) + torch.compile` (`--bf16-gqa-packed`): the compiled baseline with an attention
+  function that reads each KV head once (`gqa_packed_sdpa`) instead of transformers' copy of K/V expanded to the
+  query heads: what an efficient bf16 decode attention costs in the same step.
 
 Longest context: with the caching allocator capped at `--cap-gib` (79 GiB ~ the usable memory of an 80 GB H100),
 the largest bf16 DynamicCache context among a few candidates around the predicted limit, and the compressed
@@ -167,12 +170,54 @@ def bf16_dynamic(model, context: int, steps: int, batch: int) -> dict:
     return eager_decode(model, cache, fill, held, context, steps, batch)
 
 
-def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out, graph_step: bool = False) -> None:
+GQA_PACKED = "rq_bench_gqa_packed"
+
+
+def gqa_packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """A bf16 decode attention without transformers' GQA-expanded copy of K and V: a one-token query's heads of one
+    KV head become the query rows of a single SDPA over that KV head (transformers 5.24 does this in eager mode only,
+    `pack_gqa`; its compiled path still expands K/V every step). Anything else goes to transformers' SDPA."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    one_row_mask = attention_mask is None or attention_mask.shape[1] == attention_mask.shape[2] == 1
+    if q_len != 1 or q_heads == kv_heads or dropout or not one_row_mask:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def bf16_static_compiled(
+    model, contexts: list[int], steps: int, batch: int, out, graph_step: bool = False, gqa_packed: bool = False
+) -> None:
     """transformers' StaticCache (bf16, max_cache_len = largest context + 64) with `torch.compile(model.forward)`:
     the compiled baseline. Like every static cache it attends over all max_cache_len slots (masked) each step.
     `graph_step`: also time the same compiled step replayed from one CUDA graph (`GraphedStep`, as
     `apply(...).compile(cuda_graph=True)` does), so the comparison with the graphed compressed step is not one of
-    launch overheads."""
+    launch overheads. `gqa_packed`: attention by `gqa_packed_sdpa` instead of transformers' SDPA (restored after)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    before = model.config._attn_implementation
+    if gqa_packed:
+        AttentionInterface.register(GQA_PACKED, gqa_packed_sdpa)
+        AttentionMaskInterface.register(GQA_PACKED, sdpa_mask)  # else transformers builds no mask for it
+        model.set_attn_implementation(GQA_PACKED)
+        assert model.config._attn_implementation == GQA_PACKED, model.config._attn_implementation
+    try:
+        _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, " (GQA packed)" if gqa_packed else "")
+    finally:
+        if gqa_packed:
+            model.set_attn_implementation(before)
+            torch._dynamo.reset()  # the compiled forward read the packed attention
+
+
+def _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, label) -> None:
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
@@ -214,12 +259,13 @@ def bf16_static_compiled(model, contexts: list[int], steps: int, batch: int, out
             r = time_decode(step, ctx, steps, batch, device)
             r = {**r, "cache_bytes_allocated_for_max_len": held, "peak_bytes": torch.cuda.max_memory_allocated()}
             mode = f" ({COMPILE_OPTIONS['mode']})" if COMPILE_OPTIONS else ""
-            record(f"bf16 StaticCache + torch.compile{mode}", ctx, r, out, max_cache_len=max_len)
+            record(f"bf16 StaticCache{label} + torch.compile{mode}", ctx, r, out, max_cache_len=max_len)
             if graph_step:
                 r = guarded(f"bf16 static graphed {ctx}", time_decode, replay, ctx, steps, batch, device, out=out)
                 if r:
                     r = {**r, "peak_bytes": torch.cuda.max_memory_allocated()}
-                    record(f"bf16 StaticCache + torch.compile{mode} + CUDA graph", ctx, r, out, max_cache_len=max_len)
+                    path = f"bf16 StaticCache{label} + torch.compile{mode} + CUDA graph"
+                    record(path, ctx, r, out, max_cache_len=max_len)
 
 
 def fill_codes(state, batch: int, heads: int, context: int, dim: int, device, chunk: int = 16384):
@@ -416,6 +462,12 @@ def main(argv: list[str] | None = None) -> None:
         "--cap-apply", action="store_true", help="run the apply path under --cap-gib too (does it fit an 80 GB card?)"
     )
     p.add_argument("--skip", default="", help="comma list of: bf16,dropin,static,longest,apply,compile")
+    p.add_argument(
+        "--bf16-gqa-packed",
+        action="store_true",
+        help="the compiled bf16 StaticCache baseline attends without the GQA-expanded copy of K/V (gqa_packed_sdpa: "
+        "the query heads of a KV head as query rows of one SDPA) instead of transformers' SDPA",
+    )
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--profile", action="store_true", help="profile the timed steps (device time by kernel)")
@@ -531,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
             args.batch,
             out,
             args.graph_step,
+            args.bf16_gqa_packed,
             out=out,
         )
     if "longest" not in skip:
