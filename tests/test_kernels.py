@@ -1081,6 +1081,24 @@ def test_a_valid_length_expanded_over_the_batch_is_read_per_row(variant):
     assert ((out - ref).norm() / ref.norm()).item() < 3e-3
 
 
+@pytest.mark.parametrize("variant", ["split", "keys-m"])
+def test_valid_lengths_out_of_range_read_no_key_or_every_key(variant):
+    """A valid length below 0 means no key and one past the cache every key, as in the reference (the kernels clamp
+    it before telling the compiler the bounds are non-negative)."""
+    dim = 128 if variant == "keys-m" else 64
+    ks, vs = _state("planar", 3, "k", 1, dim, "cpu"), _state("planar", 3, "v", 1, dim, "cpu", seed=1)
+    k, v = torch.randn(3, 1, 64, dim), torch.randn(3, 1, 64, dim)
+    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
+    vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, 3, vs.group)
+    q = torch.randn(3, 2, 1, dim)
+    kv_len = torch.tensor([-5, 100, 40], dtype=torch.int32)
+    args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3)
+    out = kattn.launch_attention(*args, None, dim**-0.5, kv_len, num_splits=2, variant=variant)
+    ref = rqcompile.ops.reference_attention(*args, None, dim**-0.5, kv_len)
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-3
+
+
 @cpu_only
 def test_v_along_keys_where_keys_m_cannot_read_it_the_split_kernel_reads_a_per_token_copy(monkeypatch):
     """head_dim 64 (keys-m wants 128 per norm group): the split kernel runs on V re-packed per token, with the
