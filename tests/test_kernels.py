@@ -1063,21 +1063,26 @@ def test_keys_m_build_query_runs_once_per_specialization_on_dtypes_only(monkeypa
 
 
 @cpu_only
-@pytest.mark.parametrize("variant", ["split", "keys-m"])
-def test_a_valid_length_expanded_over_the_batch_is_read_per_row(variant):
-    """fuse_attention's kv_len for a mask with batch dim 1 is a [1] expanded to [B] (stride 0): every row must see
-    that length (the kernels index kv_len by row; before session 20 rows b >= 1 read past the one element: on the
-    H200 the whole static cache was read at batch 8, and a small stray value would have dropped valid keys)."""
-    dim = 128 if variant == "keys-m" else 64
+def _valid_length_case(variant: str, kv_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, reference) of one planar 3-bit decode over 64 keys, 3 rows, 2 query heads per KV head, with
+    valid lengths `kv_len` [3] (as given to the kernel; the reference gets a contiguous copy)."""
+    dim = 128 if variant == "keys-m" else 64  # keys-m wants 128 coordinates per norm group
     ks, vs = _state("planar", 3, "k", 1, dim, "cpu"), _state("planar", 3, "v", 1, dim, "cpu", seed=1)
     k, v = torch.randn(3, 1, 64, dim), torch.randn(3, 1, 64, dim)
     kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
     vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, 3, vs.group)
     q = torch.randn(3, 2, 1, dim)
-    kv_len = torch.tensor([37], dtype=torch.int32).expand(3)
     args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3)
     out = kattn.launch_attention(*args, None, dim**-0.5, kv_len, num_splits=2, variant=variant)
-    ref = rqcompile.ops.reference_attention(*args, None, dim**-0.5, kv_len.contiguous())
+    return out, rqcompile.ops.reference_attention(*args, None, dim**-0.5, kv_len.contiguous())
+
+
+@pytest.mark.parametrize("variant", ["split", "keys-m"])
+def test_a_valid_length_expanded_over_the_batch_is_read_per_row(variant):
+    """fuse_attention's kv_len for a mask with batch dim 1 is a [1] expanded to [B] (stride 0): every row must see
+    that length (the kernels index kv_len by row; before session 20 rows b >= 1 read past the one element: on the
+    H200 the whole static cache was read at batch 8, and a small stray value would have dropped valid keys)."""
+    out, ref = _valid_length_case(variant, torch.tensor([37], dtype=torch.int32).expand(3))
     assert ((out - ref).norm() / ref.norm()).item() < 3e-3
 
 
@@ -1085,16 +1090,7 @@ def test_a_valid_length_expanded_over_the_batch_is_read_per_row(variant):
 def test_valid_lengths_out_of_range_read_no_key_or_every_key(variant):
     """A valid length below 0 means no key and one past the cache every key, as in the reference (the kernels clamp
     it before telling the compiler the bounds are non-negative)."""
-    dim = 128 if variant == "keys-m" else 64
-    ks, vs = _state("planar", 3, "k", 1, dim, "cpu"), _state("planar", 3, "v", 1, dim, "cpu", seed=1)
-    k, v = torch.randn(3, 1, 64, dim), torch.randn(3, 1, 64, dim)
-    kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
-    vc, vn = quantizer.quantize(v, vs.rotation, vs.mean, vs.scale, vs.levels, 3, vs.group)
-    q = torch.randn(3, 2, 1, dim)
-    kv_len = torch.tensor([-5, 100, 40], dtype=torch.int32)
-    args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3)
-    out = kattn.launch_attention(*args, None, dim**-0.5, kv_len, num_splits=2, variant=variant)
-    ref = rqcompile.ops.reference_attention(*args, None, dim**-0.5, kv_len)
+    out, ref = _valid_length_case(variant, torch.tensor([-5, 100, 40], dtype=torch.int32))
     assert torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < 3e-3
 
