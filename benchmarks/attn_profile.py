@@ -154,6 +154,13 @@ def main() -> None:
         help="pass a bool mask [1, 1, 1, T] as apply's decode steps do (the first token and the last 32 slots masked: "
         "the exact sink and window)",
     )
+    ap.add_argument(
+        "--rope",
+        type=int,
+        default=0,
+        help="pass a rope_ab term over this many pairs (32: Qwen3.5-27B's partial rotary, the calibrated default's "
+        "pre-RoPE key mean) with Qwen3.5's inverse frequencies (theta 1e7); 0: none",
+    )
     args = ap.parse_args()
 
     if args.host:
@@ -190,6 +197,13 @@ def main() -> None:
 
             sdpa_ms = do_bench_cudagraph(sdpa, rep=100, return_mode="median")
             keys_args, default_out = None, None
+            rope = {}
+            if args.rope:
+                pairs = torch.arange(0, 2 * args.rope, 2, dtype=torch.float32, device="cuda")
+                rope = {
+                    "rope_ab": torch.randn(batch, Q_HEADS, 1, 2 * args.rope, device="cuda"),
+                    "rope_inv_freq": 1.0 / 1e7 ** (pairs / (2 * args.rope)),
+                }
             for name, settings in variants:
                 kv_len = torch.full((batch,), ctx, device="cuda") if args.kv_len else None
                 mask = None
@@ -200,13 +214,16 @@ def main() -> None:
                 if settings.get("v_along_keys"):
                     keys_args = along_keys(op_args, args.bits) if keys_args is None else keys_args
                     run_args = keys_args
-                    if default_out is None:
-                        default_out = launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len).float()
-                    out = launch_attention(*run_args, mask, 1 / math.sqrt(DIM), kv_len, **settings).float()
+                    # against V per token with the same settings (split count included), so the two layouts
+                    # sum the same keys in the same splits
+                    per_token = {k: v for k, v in settings.items() if k != "v_along_keys"}
+                    default_out = launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **per_token)
+                    out = launch_attention(*run_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings).float()
+                    default_out = default_out.float()
                     diff = ((out - default_out).norm() / default_out.norm()).item()
 
-                def fused(op_args=run_args, settings=settings, kv_len=kv_len, mask=mask):
-                    return launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **settings)
+                def fused(op_args=run_args, settings=settings, kv_len=kv_len, mask=mask, rope=rope):
+                    return launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings)
 
                 ms = do_bench_cudagraph(fused, rep=100, return_mode="median")
                 kernels = kernel_times(fused)
@@ -217,6 +234,7 @@ def main() -> None:
                     "variant": name,
                     "kv_len": args.kv_len,
                     "decode_mask": args.decode_mask,
+                    "rope_pairs": args.rope,
                     "settings": settings,
                     "graph_ms": ms,
                     "sdpa_graph_ms": sdpa_ms,
@@ -229,7 +247,7 @@ def main() -> None:
                 ks = "  ".join(f"{n.split('_kernel')[0][-24:]}={us:.1f}us" for n, us in kernels.items())
                 print(
                     f"B{batch} {ctx // 1024}K {backend:6s} {name:10s} {ms * 1e3:8.1f} us  SDPA {sdpa_ms * 1e3:7.1f} us "
-                    f"({sdpa_ms / ms:.2f}x)  | {ks}" + ("" if diff is None else f"  | vs default {diff:.1e}"),
+                    f"({sdpa_ms / ms:.2f}x)  | {ks}" + ("" if diff is None else f"  | vs V per token {diff:.1e}"),
                     flush=True,
                 )
             del k, v, op_args, keys_args, default_out

@@ -12,9 +12,13 @@ Paths, each timed over `--steps` greedy decode steps after 2 warm-up steps (CUDA
   program per decoder layer, `compile(regional=True)`, so that the whole 64-layer model compiles within one run;
   `--graph-step`: `compile(cuda_graph=True)`, the whole step replayed from one CUDA graph, and the bf16 StaticCache
   baseline's compiled step replayed the same way);
-- `bf16 StaticCache (GQA packed) + torch.compile` (`--bf16-gqa-packed`): the compiled baseline with an attention
-  function that reads each KV head once (`gqa_packed_sdpa`) instead of transformers' copy of K/V expanded to the
-  query heads: what an efficient bf16 decode attention costs in the same step.
+- `bf16 StaticCache (GQA packed) + torch.compile` (`--bf16-attention gqa-packed`): the compiled baseline with an
+  attention function that reads each KV head once (`gqa_packed_sdpa`) instead of transformers' copy of K/V expanded
+  to the query heads. Its masked SDPA runs one program per (batch, KV head) on the H200 (session 22: 18.9 ms a step
+  at batch 8 and 128K), so it is no efficient bf16 attention;
+- `bf16 StaticCache (flex decoding) + torch.compile` (`--bf16-attention flex`): the compiled baseline with PyTorch's
+  flex_attention (`flex_decode_attention`): the cache's valid keys as a block mask, GQA without a copy, split over
+  the keys (Inductor's flex-decoding kernel): the efficient bf16 decode attention to compare with.
 
 Longest context: with the caching allocator capped at `--cap-gib` (79 GiB ~ the usable memory of an 80 GB H100),
 the largest bf16 DynamicCache context among a few candidates around the predicted limit, and the compressed
@@ -192,27 +196,73 @@ def gqa_packed_sdpa(module, query, key, value, attention_mask, dropout: float = 
     return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
+FLEX_DECODE = "rq_bench_flex_decode"
+
+
+def flex_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """A bf16 decode attention by `flex_attention`: each row's valid static-cache slots (a prefix: the benchmark pads
+    nothing) as a block mask over their count (blocks of 128 slots past it are skipped), the query heads of a KV head
+    sharing its K/V (`enable_gqa`, no copy), and Inductor's flex-decoding kernel splitting the keys over the GPU.
+    Anything else (a prompt, a float mask) goes to transformers' SDPA. The count, not the bool row, is what the mask
+    reads: torch 2.11's flex-decoding template failed to compile a bool row indexed by batch (`XBLOCK` undefined,
+    H200, session 22)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, _, q_len, _ = query.shape
+    one_row_bool = (
+        attention_mask is not None
+        and attention_mask.dtype == torch.bool
+        and attention_mask.shape[1] == attention_mask.shape[2] == 1
+    )
+    if q_len != 1 or dropout or not one_row_bool:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    valid = attention_mask[:, 0, 0, :].sum(-1, dtype=torch.int32).expand(batch)  # valid slots per row
+    if not torch.compiler.is_compiling():  # eager: check the prefix assumption (a host sync; compiled steps trust it)
+        slots = torch.arange(attention_mask.shape[-1], device=query.device)
+        if not torch.equal(attention_mask[:, 0, 0, :].expand(batch, -1), slots[None, :] < valid[:, None]):
+            raise ValueError("flex_decode_attention: the valid slots are not a prefix (padding?)")
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < valid[b]
+
+    block_mask = create_block_mask(mask_mod, batch, None, 1, key.shape[2], device=query.device)
+    out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+BF16_ATTENTION = {  # --bf16-attention: (registered name, attention function, label)
+    "sdpa": (None, None, ""),
+    "gqa-packed": (GQA_PACKED, gqa_packed_sdpa, " (GQA packed)"),
+    "flex": (FLEX_DECODE, flex_decode_attention, " (flex decoding)"),
+}
+
+
 def bf16_static_compiled(
-    model, contexts: list[int], steps: int, batch: int, out, graph_step: bool = False, gqa_packed: bool = False
+    model, contexts: list[int], steps: int, batch: int, out, graph_step: bool = False, attention: str = "sdpa"
 ) -> None:
     """transformers' StaticCache (bf16, max_cache_len = largest context + 64) with `torch.compile(model.forward)`:
     the compiled baseline. Like every static cache it attends over all max_cache_len slots (masked) each step.
     `graph_step`: also time the same compiled step replayed from one CUDA graph (`GraphedStep`, as
     `apply(...).compile(cuda_graph=True)` does), so the comparison with the graphed compressed step is not one of
-    launch overheads. `gqa_packed`: attention by `gqa_packed_sdpa` instead of transformers' SDPA (restored after)."""
+    launch overheads. `attention`: a key of BF16_ATTENTION, the attention function in place of transformers' SDPA
+    (restored after)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     before = model.config._attn_implementation
-    if gqa_packed:
-        AttentionInterface.register(GQA_PACKED, gqa_packed_sdpa)
-        AttentionMaskInterface.register(GQA_PACKED, sdpa_mask)  # else transformers builds no mask for it
-        model.set_attn_implementation(GQA_PACKED)
-        assert model.config._attn_implementation == GQA_PACKED, model.config._attn_implementation
+    name, fn, label = BF16_ATTENTION[attention]
+    if name:
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)  # else transformers builds no mask for it
+        model.set_attn_implementation(name)
+        assert model.config._attn_implementation == name, model.config._attn_implementation
     try:
-        _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, " (GQA packed)" if gqa_packed else "")
+        _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, label)
     finally:
-        if gqa_packed:
+        if name:
             model.set_attn_implementation(before)
             torch._dynamo.reset()  # the compiled forward read the packed attention
 
@@ -463,10 +513,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--skip", default="", help="comma list of: bf16,dropin,static,longest,apply,compile")
     p.add_argument(
-        "--bf16-gqa-packed",
-        action="store_true",
-        help="the compiled bf16 StaticCache baseline attends without the GQA-expanded copy of K/V (gqa_packed_sdpa: "
-        "the query heads of a KV head as query rows of one SDPA) instead of transformers' SDPA",
+        "--bf16-attention",
+        choices=sorted(BF16_ATTENTION),
+        default="sdpa",
+        help="the compiled bf16 StaticCache baseline's attention: transformers' SDPA (K/V copied to the query heads), "
+        "gqa-packed (gqa_packed_sdpa: the query heads of a KV head as query rows of one masked SDPA) or flex "
+        "(flex_decode_attention: flex_attention over the valid keys' block mask, split over the keys)",
     )
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
     p.add_argument("--out", type=Path, default=None)
@@ -583,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
             args.batch,
             out,
             args.graph_step,
-            args.bf16_gqa_packed,
+            args.bf16_attention,
             out=out,
         )
     if "longest" not in skip:

@@ -1342,6 +1342,8 @@ print(json.dumps(probe.written(False, probe.kattn.{kernel})))
         ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8}),
         ("iso", 3, 3, 256, 32, "keys-m", {"batch": 4, "lse": True, "rotation_stages": "full"}),
         ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8, "mask_kind": "kv_len"}),  # launched directly
+        # a bool row per batch ([B, 1, 1, T], as apply's decode steps pass it): keys-m's one-row mask with the term
+        ("iso", 3, 3, 256, 32, "keys-m", {"batch": 4, "mask_kind": "bool", "rotation_stages": "full"}),
         ("planar", 4, 4, 256, 32, "split", {"batch": 2, "variant": "split", "lse": True}),  # the split kernel forced
         # prefill: 64 positions under a causal mask (split kernel, BLOCK_M 64)
         ("iso", 3, 3, 256, 32, "split", {"batch": 1, "mask_kind": "causal", "tq": 64, "lse": True}),

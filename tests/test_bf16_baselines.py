@@ -1,0 +1,71 @@
+"""benchmarks/e2e_bench.py's bf16 baselines compute transformers' attention: a faster baseline that attended to the
+wrong keys would make every speed-up against it a lie. Each is swapped in for transformers' SDPA on a tiny model
+with a StaticCache (batch 2, four decode steps) and must give SDPA's logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_qwen3_5
+
+
+def _load_e2e_bench():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "e2e_bench.py"
+    spec = importlib.util.spec_from_file_location("e2e_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["e2e_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+E2E = _load_e2e_bench()
+
+
+def _decode_logits(model, attention: str, device: str, compiled: bool) -> torch.Tensor:
+    """Logits of 4 greedy decode steps after an 8-token prompt, batch 2, StaticCache of 64 slots."""
+    from transformers import AttentionInterface, StaticCache
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    name, fn, _ = E2E.BF16_ATTENTION[attention]
+    if name:
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name or "sdpa")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    forward = torch.compile(model.forward) if compiled else model.forward
+    kw = {E2E.cache_kwarg(model): cache, "use_cache": True}
+    steps = []
+    with torch.no_grad():
+        model(input_ids=ids, cache_position=torch.arange(8, device=device), **kw)
+        tok = ids[:, -1:]
+        for pos in range(8, 12):
+            logits = forward(input_ids=tok, cache_position=torch.tensor([pos], device=device), **kw).logits
+            tok = logits[:, -1:].argmax(-1)
+            steps.append(logits.float())
+    torch._dynamo.reset()
+    return torch.cat(steps, 1)
+
+
+@pytest.mark.parametrize("attention", ["gqa-packed", "flex"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen3_5], ids=["llama", "qwen3_5"])
+def test_a_bf16_baseline_attention_gives_sdpa_logits(build, attention):
+    model = build().eval()
+    want = _decode_logits(model, "sdpa", "cpu", compiled=False)
+    got = _decode_logits(model, attention, "cpu", compiled=False)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["gqa-packed", "flex"])
+def test_a_compiled_bf16_baseline_attention_gives_sdpa_logits_on_the_gpu(attention):
+    model = tiny_qwen3_5().to("cuda").eval()
+    want = _decode_logits(model, "sdpa", "cuda", compiled=False)
+    got = _decode_logits(model, attention, "cuda", compiled=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
