@@ -18,7 +18,10 @@ Paths, each timed over `--steps` greedy decode steps after 2 warm-up steps (CUDA
   at batch 8 and 128K), so it is no efficient bf16 attention;
 - `bf16 StaticCache (flex decoding) + torch.compile` (`--bf16-attention flex`): the compiled baseline with PyTorch's
   flex_attention (`flex_decode_attention`): the cache's valid keys as a block mask, GQA without a copy, split over
-  the keys (Inductor's flex-decoding kernel): the efficient bf16 decode attention to compare with.
+  the keys (Inductor's flex-decoding kernel), meant as the efficient bf16 decode attention to compare with. It gives
+  SDPA's logits on a tiny model (CPU eager, H200 compiled: tests/test_bf16_baselines.py), but at Qwen3.5-27B's
+  shapes on the H200 (torch 2.11) its first compiled decode step dies with an illegal memory access, with the cache
+  at 131,136 slots or rounded up to 131,200 (session 22).
 
 Longest context: with the caching allocator capped at `--cap-gib` (79 GiB ~ the usable memory of an 80 GB H100),
 the largest bf16 DynamicCache context among a few candidates around the predicted limit, and the compressed
@@ -253,27 +256,28 @@ def bf16_static_compiled(
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     before = model.config._attn_implementation
-    name, fn, label = BF16_ATTENTION[attention]
+    name, fn, _ = BF16_ATTENTION[attention]
     if name:
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, sdpa_mask)  # else transformers builds no mask for it
         model.set_attn_implementation(name)
         assert model.config._attn_implementation == name, model.config._attn_implementation
     try:
-        _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, label)
+        _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, attention)
     finally:
         if name:
             model.set_attn_implementation(before)
             torch._dynamo.reset()  # the compiled forward read the packed attention
 
 
-def _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, label) -> None:
+def _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, attention) -> None:
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
     from rqcompile.runtime.cuda_graph import GraphedStep
 
     cfg = model.config
+    label = BF16_ATTENTION[attention][2]
     max_len = max(contexts) + 64
     device = model.device
     cache = StaticCache(config=cfg, max_cache_len=max_len)
@@ -518,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
         default="sdpa",
         help="the compiled bf16 StaticCache baseline's attention: transformers' SDPA (K/V copied to the query heads), "
         "gqa-packed (gqa_packed_sdpa: the query heads of a KV head as query rows of one masked SDPA) or flex "
-        "(flex_decode_attention: flex_attention over the valid keys' block mask, split over the keys)",
+        "(flex_decode_attention: flex_attention over the valid keys' block mask, split over the keys; on the H200 with "
+        "torch 2.11 it dies with an illegal memory access at Qwen3.5-27B's shapes, session 22)",
     )
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
     p.add_argument("--out", type=Path, default=None)
