@@ -21,7 +21,8 @@ Paths, each timed over `--steps` greedy decode steps after 2 warm-up steps (CUDA
   the keys (Inductor's flex-decoding kernel), meant as the efficient bf16 decode attention to compare with. It gives
   SDPA's logits on a tiny model (CPU eager, H200 compiled: tests/test_bf16_baselines.py), but at Qwen3.5-27B's
   shapes on the H200 (torch 2.11) its first compiled decode step dies with an illegal memory access, with the cache
-  at 131,136 slots or rounded up to 131,200 (session 22).
+  at 131,136 slots or rounded up to 131,200 (session 22; like pytorch/pytorch#174923, and its 6 query heads per KV
+  head are the case of #151359).
 
 Longest context: with the caching allocator capped at `--cap-gib` (79 GiB ~ the usable memory of an 80 GB H100),
 the largest bf16 DynamicCache context among a few candidates around the predicted limit, and the compressed
