@@ -23,6 +23,10 @@ Paths, each timed over `--steps` greedy decode steps after 2 warm-up steps (CUDA
   shapes on the H200 (torch 2.11) its first compiled decode step dies with an illegal memory access, with the cache
   at 131,136 slots or rounded up to 131,200 (session 22; like pytorch/pytorch#174923, and its 6 query heads per KV
   head are the case of #151359).
+- `bf16 StaticCache (unmasked SDPA, timing proxy) + torch.compile` (`--bf16-attention unmasked`): what an efficient
+  bf16 decode attention costs, measured without one: SDPA's fastest kernel over every slot of a cache sized to each
+  context (+ 64), no mask, GQA without a copy (`unmasked_sdpa`). It reads the bytes an attention that knew the valid
+  length would; its logits are wrong (it attends to the 64 spare slots too), so it times and proves nothing else.
 
 Longest context: with the caching allocator capped at `--cap-gib` (79 GiB ~ the usable memory of an 80 GB H100),
 the largest bf16 DynamicCache context among a few candidates around the predicted limit, and the compressed
@@ -237,10 +241,31 @@ def flex_decode_attention(module, query, key, value, attention_mask, dropout: fl
     return out.transpose(1, 2).contiguous(), None
 
 
+UNMASKED = "rq_bench_unmasked_sdpa"
+
+
+def unmasked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """A timing proxy for an efficient bf16 decode attention, not a correct one: a one-token query attends to every
+    slot of the static cache with SDPA's fastest kernel (no mask, GQA without a copy: `enable_gqa`), so it reads each
+    K/V byte of the cache once, as an attention that knew the valid length would at a full cache. The slots past the
+    valid keys (the cache is sized to the context + 64 for this proxy) are attended too, so its logits are not the
+    model's but for a full cache (tests/test_bf16_baselines.py). Anything else goes to transformers' SDPA."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or dropout:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 BF16_ATTENTION = {  # --bf16-attention: (registered name, attention function, label)
     "sdpa": (None, None, ""),
     "gqa-packed": (GQA_PACKED, gqa_packed_sdpa, " (GQA packed)"),
     "flex": (FLEX_DECODE, flex_decode_attention, " (flex decoding)"),
+    "unmasked": (UNMASKED, unmasked_sdpa, " (unmasked SDPA, timing proxy)"),
 }
 
 
@@ -263,8 +288,11 @@ def bf16_static_compiled(
         AttentionMaskInterface.register(name, sdpa_mask)  # else transformers builds no mask for it
         model.set_attn_implementation(name)
         assert model.config._attn_implementation == name, model.config._attn_implementation
+    # the timing proxy reads every slot: one cache per context, sized to it (+ 64), each compiled anew
+    groups = [[ctx] for ctx in contexts] if attention == "unmasked" else [contexts]
     try:
-        _bf16_static_compiled(model, contexts, steps, batch, out, graph_step, attention)
+        for group in groups:
+            _bf16_static_compiled(model, group, steps, batch, out, graph_step, attention)
     finally:
         if name:
             model.set_attn_implementation(before)
@@ -524,7 +552,8 @@ def main(argv: list[str] | None = None) -> None:
         help="the compiled bf16 StaticCache baseline's attention: transformers' SDPA (K/V copied to the query heads), "
         "gqa-packed (gqa_packed_sdpa: the query heads of a KV head as query rows of one masked SDPA) or flex "
         "(flex_decode_attention: flex_attention over the valid keys' block mask, split over the keys; on the H200 with "
-        "torch 2.11 it dies with an illegal memory access at Qwen3.5-27B's shapes, session 22)",
+        "torch 2.11 it dies with an illegal memory access at Qwen3.5-27B's shapes, session 22) or unmasked "
+        "(unmasked_sdpa: SDPA over every slot of a cache sized to each context, a timing proxy whose logits are wrong)",
     )
     p.add_argument("--budget-s", type=float, default=540, help="skip torch.compile when less time than this is left")
     p.add_argument("--out", type=Path, default=None)

@@ -61,6 +61,34 @@ def test_a_bf16_baseline_attention_gives_sdpa_logits(build, attention):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
+def _one_step_logits(model, attention: str, slots: int) -> torch.Tensor:
+    """Logits of one decode step after an 11-token prompt (batch 2) in a StaticCache of `slots` slots: 12 fills it."""
+    from transformers import AttentionInterface, StaticCache
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    name, fn, _ = E2E.BF16_ATTENTION[attention]
+    if name:
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name or "sdpa")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    kw = {E2E.cache_kwarg(model): StaticCache(config=model.config, max_cache_len=slots), "use_cache": True}
+    with torch.no_grad():
+        model(input_ids=ids[:, :11], cache_position=torch.arange(11), **kw)  # a prompt: transformers' SDPA
+        return model(input_ids=ids[:, 11:], cache_position=torch.tensor([11]), **kw).logits.float()
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen3_5], ids=["llama", "qwen3_5"])
+def test_the_unmasked_timing_proxy_is_exact_only_on_a_full_cache(build):
+    """`unmasked` attends to every slot: the step that fills the cache's last slot gives SDPA's logits; with empty
+    slots left it does not (it attends to them). So it reads what a full cache holds, and hides no mask."""
+    model = build().eval()
+    full = {a: _one_step_logits(model, a, slots=12) for a in ("sdpa", "unmasked")}
+    torch.testing.assert_close(full["unmasked"], full["sdpa"], atol=2e-5, rtol=0)
+    spare = {a: _one_step_logits(model, a, slots=16) for a in ("sdpa", "unmasked")}
+    assert (spare["unmasked"] - spare["sdpa"]).abs().max() > 1e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["gqa-packed", "flex"])
 def test_a_compiled_bf16_baseline_attention_gives_sdpa_logits_on_the_gpu(attention):
