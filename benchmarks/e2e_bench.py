@@ -291,7 +291,9 @@ def bf16_static_compiled(
     # the timing proxy reads every slot: one cache per context, sized to it (+ 64), each compiled anew
     groups = [[ctx] for ctx in contexts] if attention == "unmasked" else [contexts]
     try:
-        for group in groups:
+        for i, group in enumerate(groups):
+            if i:
+                torch._dynamo.reset()  # a new cache shape: compile afresh, not as a dynamic-shape recompile
             _bf16_static_compiled(model, group, steps, batch, out, graph_step, attention)
     finally:
         if name:
