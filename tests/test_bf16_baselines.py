@@ -4,25 +4,12 @@ with a StaticCache (batch 2, four decode steps) and must give SDPA's logits."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_modules import load_benchmark
 from tiny_models import tiny_llama, tiny_qwen3_5
 
-
-def _load_e2e_bench():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "e2e_bench.py"
-    spec = importlib.util.spec_from_file_location("e2e_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["e2e_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-E2E = _load_e2e_bench()
+E2E = load_benchmark("e2e_bench", "e2e_bench")
 
 
 def _decode_logits(model, attention: str, device: str, compiled: bool) -> torch.Tensor:

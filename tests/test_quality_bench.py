@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_modules import load_benchmark
 
 
 def _load_quality_module():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quality_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality", "quality_bench")
 
 
 @pytest.mark.slow
