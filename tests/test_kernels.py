@@ -161,10 +161,12 @@ def _attention_case(
     rope_h=None,
     variant=None,
     decode=None,
+    v_along_keys=False,
     **config,
 ):
     """The kernels against the reference; `lse`: rq::attention_lse, its lse checked too; `rope_h`: with a rope_ab
-    term over that many pairs (_rope_inputs); `variant`, `decode`: launch_attention's (CPU and direct launches)."""
+    term over that many pairs (_rope_inputs); `variant`, `decode`: launch_attention's (CPU and direct launches);
+    `v_along_keys`: V re-packed along keys (packing.pack_along_keys), launched directly."""
     ks = _state(backend, kb, "k", heads, dim, device, layout=layout, **config)
     vs = _state(backend, vb, "v", heads, dim, device, seed=1, layout=layout, **config)
     kb, k_perm, k_widths = rqcompile.ops.layout_args(ks)
@@ -201,8 +203,11 @@ def _attention_case(
         assert kattn.attention_supported(
             q, kc, vc, kb, vb, kn, vn, k_widths, v_widths, ks.levels, vs.levels, k_perm, v_perm, rope[0]
         )
+    if v_along_keys:
+        args = (*args[:3], pack_along_keys(vc, vb, dim), *args[4:])
     _poison(device)
-    if device == "cuda" and kv_len is None and splits is None and variant is None and decode is None:
+    direct = kv_len is not None or splits or variant or decode or v_along_keys
+    if device == "cuda" and not direct:
         op = torch.ops.rq.attention_lse if lse else torch.ops.rq.attention
         out = op(*args, mask, sm, None, *layout_args, *rope)
     else:
@@ -217,6 +222,7 @@ def _attention_case(
             with_lse=lse,
             variant=variant,
             decode=decode,
+            v_along_keys=v_along_keys,
         )
     if lse:
         out, got_lse = out
@@ -1218,6 +1224,8 @@ ROPE_CASES = [
     ("hadamard", 3, 3, 64, 1, "split", {}),  # one pair; q rotated by its own kernel
     # Qwen3.5-27B's shape: head_dim 256 (two norm groups), 6 query heads per KV head, partial rotary h = 32, decode
     ("planar", 3, 3, 256, 32, "keys-m", {"batch": 1, "rep": 6, "mask_kind": "kv_len", "splits": 2, "lse": True}),
+    # ... with V packed along keys (apply's GPU layout) and a bool row per batch
+    ("iso", 3, 3, 256, 32, "keys-m", {"rep": 6, "mask_kind": "bool", "v_along_keys": True, "tk": 304}),
     # full rotary at head_dim 128 (ROPE_K 64), 2 positions x 3 query heads, a bool mask (batch row 0 fully masked)
     ("iso", 4, 3, 128, 64, "keys-m", {"heads": 1, "tq": 2, "mask_kind": "bool"}),
     # 18 query rows per KV head: past keys-m's 16, the split kernel (BLOCK_M 32) takes the rope call
@@ -1236,9 +1244,10 @@ def test_attention_interpret_rope(monkeypatch, backend, kb, vb, dim, h, kernel, 
     (keys-m) runs: it takes the decode shapes and leaves the rest to the split kernel, rope or not."""
     seen = {name: _spy_on(monkeypatch, fn) for name, fn in ROPE_KERNELS.items()}
     kw = {"batch": 2, "heads": 2, "rep": 3, **kw}
-    _attention_case(backend, kb, vb, dim, "cpu", tk=300, rope_h=h, **kw)
+    _attention_case(backend, kb, vb, dim, "cpu", rope_h=h, **{"tk": 300, **kw})
     assert {name: len(calls) for name, calls in seen.items() if calls} == {kernel: 1}
     assert seen[kernel][0]["ROPE_K"] == max(16, triton.next_power_of_2(h))
+    assert seen[kernel][0].get("VKEYS", False) == kw.get("v_along_keys", False)
 
 
 @cpu_only
@@ -1344,6 +1353,16 @@ print(json.dumps(probe.written(False, probe.kattn.{kernel})))
         ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8, "mask_kind": "kv_len"}),  # launched directly
         # a bool row per batch ([B, 1, 1, T], as apply's decode steps pass it): keys-m's one-row mask with the term
         ("iso", 3, 3, 256, 32, "keys-m", {"batch": 4, "mask_kind": "bool", "rotation_stages": "full"}),
+        # ... and V packed along keys, as apply's GPU programs read it (what a calibrated Qwen3.5-27B decode runs)
+        (
+            "iso",
+            3,
+            3,
+            256,
+            32,
+            "keys-m",
+            {"batch": 4, "mask_kind": "bool", "rotation_stages": "full", "v_along_keys": True, "tk": 9008},
+        ),
         ("planar", 4, 4, 256, 32, "split", {"batch": 2, "variant": "split", "lse": True}),  # the split kernel forced
         # prefill: 64 positions under a causal mask (split kernel, BLOCK_M 64)
         ("iso", 3, 3, 256, 32, "split", {"batch": 1, "mask_kind": "causal", "tq": 64, "lse": True}),
@@ -1361,3 +1380,4 @@ def test_attention_rope_gpu(monkeypatch, backend, kb, vb, dim, h, kernel, kw):
     _attention_case(backend, kb, vb, dim, "cuda", rope_h=h, **kw)
     assert {name: len(calls) for name, calls in seen.items() if calls} == {kernel: 1}
     assert seen[kernel][0]["ROPE_K"] == max(16, triton.next_power_of_2(h))
+    assert seen[kernel][0].get("VKEYS", False) == kw.get("v_along_keys", False)
