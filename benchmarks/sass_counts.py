@@ -12,7 +12,8 @@ The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install 
 Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), mrow (1: the mask is
 one row per batch, as apply's decode steps pass it), maxnreg, stages, ablate (keys-m's timing ablations,
 attention.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope (ROPE_K: the rope score term's padded
-pair count, 0 = none), vkeys (keys-m's VKEYS: V packed along keys).
+pair count, 0 = none), vkeys (keys-m's VKEYS: V packed along keys), kvstart (rq::attention's kv_start: keys before
+it masked, as apply's decode steps without a mask pass it).
 """
 
 from __future__ import annotations
@@ -68,12 +69,14 @@ def build(
     vpre=0,
     rope=0,
     vkeys=0,
+    kvstart=0,
 ):
     fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(POINTERS, qk_scale="fp32")
     const = dict(D=d, KBITS=kb, VBITS=vb, NGK=d // 128, NGV=d // 128, KRB=2, KNB=d // 2, MASK_KIND=mask)
-    const.update(MASK_ROW=bool(mrow), HAS_KVLEN=bool(kvlen), BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1, ROPE_K=rope)
+    const.update(MASK_ROW=bool(mrow), HAS_KVLEN=bool(kvlen), KV_START=kvstart, ROPE_K=rope)
+    const.update(BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1)
     if not mask:
         const.update(smb=0, smh=0, smt=0, smn=0)
     else:  # a contiguous mask row: Triton specializes the unit stride

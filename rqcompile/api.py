@@ -28,6 +28,7 @@ from rqcompile.cache import MemoryReport
 from rqcompile.calibrate import Calibration
 from rqcompile.config import KEY_LAYOUT_BITS, RQConfig
 from rqcompile.passes.capture import AttentionSite, LinearAttentionState, capture
+from rqcompile.passes.decode_key_range import decode_key_range
 from rqcompile.passes.functional import FunctionalStep, has_scan
 from rqcompile.passes.fuse_attention import fuse_attention
 from rqcompile.passes.kv_compress import SiteRewrite, compress_kv_cache
@@ -294,6 +295,8 @@ class CompiledLM:
             )
             lines.append(f"keys: {offset} (rope_key_mean)")
         fused = "attention: fused into rq::attention (rq::attention_lse + exact tokens where sink/window are held)"
+        if self.fused and self.decode_module.meta.get("rq_decode_key_range"):
+            fused += "; decode steps read their keys as a range, without a mask"
         lines.append(fused if self.fused else "attention: not fused (dequantize + SDPA)")
         return "\n".join(lines)
 
@@ -446,7 +449,7 @@ def apply(
     decode = compress_kv_cache(captured.decode, captured.sites, config, calibration, **shared)
     if fuse:
         fuse_attention(prefill)
-        fuse_attention(decode)
+        decode_key_range(fuse_attention(decode))  # one token: its mask is a key range, read without a mask
     return CompiledLM(
         prefill=prefill,
         decode=decode,

@@ -140,13 +140,15 @@ def attention(
     rope_ab: torch.Tensor | None = None,
     rope_inv_freq: torch.Tensor | None = None,
     v_along_keys: bool = False,
+    kv_start: int = 0,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over the compressed cache, computed in the rotated space (GQA by head grouping).
 
-    `kv_len` (optional int [B]): keys at positions >= kv_len[b] are masked, on top of `attn_mask`. It says nothing
-    the mask does not, but it lets a kernel stop reading a static cache at the last valid key instead of streaming
-    (and masking) all of max_cache_len. `k_perm`/`v_perm`, `k_widths`/`v_widths`: a calibrated bit allocation's
-    layout (as for rq::quantize).
+    `kv_len` (optional int [B]): keys at positions >= kv_len[b] are masked, on top of `attn_mask`; `kv_start` (an
+    int): keys at positions < kv_start too. With a mask, kv_len lets a kernel stop reading a static cache at the last
+    valid key instead of streaming (and masking) all of max_cache_len; without one (a one-token decode step whose
+    mask is a key range: `passes.decode_key_range`) the two bounds are the whole mask, and a kernel reads no mask.
+    `k_perm`/`v_perm`, `k_widths`/`v_widths`: a calibrated bit allocation's layout (as for rq::quantize).
 
     `rope_ab` (float32 [B, Hq, Tq, 2h]) with `rope_inv_freq` (float32 [h]): a score term that turns with the key's
     slot j, added to q . k before `sm_scale`: sum_i rope_ab[..., i] cos(j theta_i) + rope_ab[..., h + i] sin(j theta_i),
@@ -157,7 +159,7 @@ def attention(
     """
     args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
     args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
-    return reference_attention(*args, rope_ab, rope_inv_freq, v_along_keys)
+    return reference_attention(*args, rope_ab, rope_inv_freq, v_along_keys, kv_start)
 
 
 def reference_attention(
@@ -185,11 +187,12 @@ def reference_attention(
     rope_ab=None,
     rope_inv_freq=None,
     v_along_keys: bool = False,
+    kv_start: int = 0,
     return_lse: bool = False,
 ):
     """rq::attention's (`return_lse`: rq::attention_lse's) torch implementation, any device, the op's arguments."""
     v_codes = coordinates_layout(v_codes, v_bits, q.shape[-1], v_along_keys)
-    attn_mask = mask_with_kv_len(attn_mask, kv_len, k_codes.shape[2])
+    attn_mask = mask_with_key_range(attn_mask, kv_len, k_codes.shape[2], kv_start, k_codes.device)
     if rope_ab is not None:
         attn_mask = _with_score_bias(attn_mask, sm_scale * rope_score_bias(rope_ab, rope_inv_freq, k_codes.shape[2]))
     group_k = q.shape[-1] // k_norms.shape[-1]
@@ -232,6 +235,7 @@ def attention_lse(
     rope_ab: torch.Tensor | None = None,
     rope_inv_freq: torch.Tensor | None = None,
     v_along_keys: bool = False,
+    kv_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rq::attention plus `lse` float32 [B, Hq, Tq]: the natural-log sum-exp of each query row's scaled, masked
     scores (-inf for a fully masked row, whose output is V's mean, as rq::attention's). Two attentions over disjoint
@@ -239,7 +243,7 @@ def attention_lse(
     it; a merge with other keys must add it); the `rope_ab` term, which does depend on the key, is included."""
     args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
     args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
-    return reference_attention_lse(*args, rope_ab, rope_inv_freq, v_along_keys)
+    return reference_attention_lse(*args, rope_ab, rope_inv_freq, v_along_keys, kv_start)
 
 
 def reference_attention_lse(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,16 +256,33 @@ def _(q, *args, **kwargs):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-def mask_with_kv_len(attn_mask: torch.Tensor | None, kv_len: torch.Tensor | None, tk: int) -> torch.Tensor | None:
-    """`attn_mask` (bool or additive float, SDPA-style) with keys >= kv_len[b] masked as well."""
-    if kv_len is None:
+def mask_with_key_range(
+    attn_mask: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    tk: int,
+    kv_start: int = 0,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """`attn_mask` (bool or additive float, SDPA-style) with keys >= kv_len[b] and keys < kv_start masked as well
+    (a bool [B or 1, 1, 1, tk] mask on `device` when `attn_mask` is None)."""
+    check_kv_start(kv_start)
+    if kv_len is None and not kv_start:
         return attn_mask
-    valid = (torch.arange(tk, device=kv_len.device) < kv_len[:, None])[:, None, None, :]
+    keys = torch.arange(tk, device=kv_len.device if kv_len is not None else device)
+    valid = (keys >= kv_start)[None, :]
+    if kv_len is not None:
+        valid = valid & (keys < kv_len[:, None])
+    valid = valid[:, None, None, :]
     if attn_mask is None:
         return valid
     if attn_mask.dtype == torch.bool:
         return attn_mask & valid
     return torch.where(valid, attn_mask, torch.tensor(float("-inf"), dtype=attn_mask.dtype, device=attn_mask.device))
+
+
+def check_kv_start(kv_start: int) -> None:
+    if not isinstance(kv_start, int) or isinstance(kv_start, bool) or kv_start < 0:
+        raise ValueError(f"kv_start must be an int >= 0 (the first key position attended), got {kv_start!r}")
 
 
 def rope_score_bias(rope_ab: torch.Tensor, rope_inv_freq: torch.Tensor, tk: int) -> torch.Tensor:

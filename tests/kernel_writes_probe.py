@@ -60,6 +60,7 @@ def written(opaque: bool, kernel=kattn._attn_split_kernel, vkeys: bool = False) 
         "MASK_KIND": 0,
         "MASK_ROW": False,
         "HAS_KVLEN": False,
+        "KV_START": 0,
         "BLOCK_M": 16,
         "BLOCK_N": 64,
         "DECODE": kattn.DECODES["prmt"],

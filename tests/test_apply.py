@@ -166,6 +166,9 @@ def test_the_rewrite_report_says_what_rotation_the_default_resolved_to(models):
     one = apply(models["llama"], config=RQConfig(backend="planar", rotation_stages=1), max_cache_len=16)
     assert "rotation: planar, one layer of 2x2 blocks" in one.rewrite_report()
     assert "pre-RoPE" not in report  # only with RQConfig(rope_key_mean=True)
+    assert "decode steps read their keys as a range" in report  # passes.decode_key_range
+    unfused = apply(models["llama"], fuse=False, max_cache_len=16).rewrite_report()
+    assert "not fused" in unfused and "as a range" not in unfused
 
 
 def test_apply_leaves_no_float_kv_cache_allocated(models):

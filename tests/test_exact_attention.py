@@ -135,7 +135,7 @@ def test_attention_lse_is_rq_attention_plus_the_logsumexp_of_the_dequantized_sco
     torch.testing.assert_close(out, ops.attention_state(q, kc, kn, vc, vn, k_state, v_state, mask, kv_len=kv_len))
     keys = ops.dequantize_state(kc, kn, k_state, torch.float32) - k_state.mean[:, None, :]  # lse leaves the mean out
     scores = q @ keys.repeat_interleave(3, dim=1).transpose(-1, -2) / math.sqrt(DIM)
-    full = ops.mask_with_kv_len(mask, kv_len, LENGTH)
+    full = ops.mask_with_key_range(mask, kv_len, LENGTH)
     if full is not None:
         scores = scores.masked_fill(~full, float("-inf")) if full.dtype == torch.bool else scores + full
     torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), atol=1e-4, rtol=1e-4)

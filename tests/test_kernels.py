@@ -162,11 +162,13 @@ def _attention_case(
     variant=None,
     decode=None,
     v_along_keys=False,
+    kv_start=0,
     **config,
 ):
     """The kernels against the reference; `lse`: rq::attention_lse, its lse checked too; `rope_h`: with a rope_ab
     term over that many pairs (_rope_inputs); `variant`, `decode`: launch_attention's (CPU and direct launches);
-    `v_along_keys`: V re-packed along keys (packing.pack_along_keys), launched directly."""
+    `v_along_keys`: V re-packed along keys (packing.pack_along_keys), launched directly. mask_kind "key_range": no
+    mask, keys kv_start <= j < kv_len[b] (a decode step's range, passes.decode_key_range), batch row 0's empty."""
     ks = _state(backend, kb, "k", heads, dim, device, layout=layout, **config)
     vs = _state(backend, vb, "v", heads, dim, device, seed=1, layout=layout, **config)
     kb, k_perm, k_widths = rqcompile.ops.layout_args(ks)
@@ -186,10 +188,14 @@ def _attention_case(
         mask = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
     elif mask_kind == "kv_len":
         kv_len = torch.randint(1, tk + 1, (batch,), device=device)
+    elif mask_kind == "key_range":
+        kv_len = torch.randint(kv_start + 1, tk + 1, (batch,), device=device)
+        kv_len[0] = kv_start - 2  # nothing compressed to read yet: a fully masked row
     sm = 1 / math.sqrt(dim)
     ref_mask = mask
     if kv_len is not None:
         ref_mask = torch.arange(tk, device=device)[None, None, None, :] < kv_len[:, None, None, None]
+        ref_mask = ref_mask & (torch.arange(tk, device=device) >= kv_start)
     ref = quantizer.rotated_attention(q, kc, kn, vc, vn, ks, vs, ref_mask, sm)
     args = (q, kc, kn, vc, vn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, kb, vb)
     layout_args = (k_perm, v_perm, k_widths, v_widths)
@@ -223,6 +229,7 @@ def _attention_case(
             variant=variant,
             decode=decode,
             v_along_keys=v_along_keys,
+            kv_start=kv_start,
         )
     if lse:
         out, got_lse = out
@@ -934,6 +941,46 @@ def test_attention_prmt_decode_gpu(bits, batch, mask_kind):
 
 @cpu_only
 @pytest.mark.parametrize(
+    "kernel,dim,kw",
+    [
+        ("_attn_keys_m_kernel", 256, {"lse": True}),
+        ("_attn_keys_m_kernel", 256, {"v_along_keys": True, "backend": "iso"}),
+        ("_attn_split_kernel", 64, {"lse": True, "splits": 3}),
+        ("_attn_split_layout_kernel", 64, {"layout": True, "backend": "none", "bits": 2.5}),
+    ],
+)
+def test_attention_interpret_reads_a_key_range_without_a_mask(monkeypatch, kernel, dim, kw):
+    """A decode step's keys as a range, kv_start <= key < kv_len[b] with no mask (what apply's decode program passes
+    since passes.decode_key_range): the kernels against the reference. kv_start 33 falls inside the first tile and
+    the splits' bounds follow kv_len; batch row 0 has nothing to read yet (lse -inf, V's mean, no NaN)."""
+    seen = _spy_on(monkeypatch, kernel)
+    kw = {"backend": "planar", "splits": 2, "bits": 3, **kw}
+    bits = kw.pop("bits")
+    _attention_case(kw.pop("backend"), bits, bits, dim, "cpu", tk=160, rep=3, mask_kind="key_range", kv_start=33, **kw)
+    assert len(seen) == 1 and seen[0]["KV_START"] == 33 and seen[0]["MASK_KIND"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend,kw", [("planar", {"lse": True}), ("iso", {"v_along_keys": True, "lse": True})])
+def test_attention_key_range_gpu(monkeypatch, backend, kw):
+    """apply's decode arguments since passes.decode_key_range at Qwen3.5-27B's shapes (batch 8, 24 query heads, 4 KV
+    heads, head_dim 256): keys-m with kv_start 33 and kv_len per batch row, no mask; row 0 has no keys yet."""
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    kw = {"batch": 8, "heads": 4, "rep": 6, "tk": 9008, "mask_kind": "key_range", "kv_start": 33, **kw}
+    _attention_case(backend, 3, 3, 256, "cuda", rotation_stages="full", **kw)
+    assert len(seen) == 1 and seen[0]["KV_START"] == 33 and seen[0]["MASK_KIND"] == 0
+
+
+def test_kv_start_must_be_a_non_negative_int():
+    with pytest.raises(ValueError, match="kv_start"):
+        kattn.launch_attention(*([None] * 16), kv_start=-1)
+    with pytest.raises(ValueError, match="kv_start"):
+        rqcompile.ops.mask_with_key_range(None, None, 8, kv_start=1.5)
+
+
+@cpu_only
+@pytest.mark.parametrize(
     "kb,vb,dim,kw",
     [
         (3, 3, 256, {"splits": 3}),
@@ -1226,6 +1273,16 @@ ROPE_CASES = [
     ("planar", 3, 3, 256, 32, "keys-m", {"batch": 1, "rep": 6, "mask_kind": "kv_len", "splits": 2, "lse": True}),
     # ... with V packed along keys (apply's GPU layout) and a bool row per batch
     ("iso", 3, 3, 256, 32, "keys-m", {"rep": 6, "mask_kind": "bool", "v_along_keys": True, "tk": 304}),
+    # ... and apply's decode arguments since passes.decode_key_range: no mask, keys [kv_start, kv_len[b])
+    (
+        "planar",
+        3,
+        3,
+        256,
+        32,
+        "keys-m",
+        {"rep": 6, "mask_kind": "key_range", "kv_start": 33, "v_along_keys": True, "tk": 304},
+    ),
     # full rotary at head_dim 128 (ROPE_K 64), 2 positions x 3 query heads, a bool mask (batch row 0 fully masked)
     ("iso", 4, 3, 128, 64, "keys-m", {"heads": 1, "tq": 2, "mask_kind": "bool"}),
     # 18 query rows per KV head: past keys-m's 16, the split kernel (BLOCK_M 32) takes the rope call
@@ -1363,6 +1420,8 @@ print(json.dumps(probe.written(False, probe.kattn.{kernel})))
             "keys-m",
             {"batch": 4, "mask_kind": "bool", "rotation_stages": "full", "v_along_keys": True, "tk": 9008},
         ),
+        # ... and as apply's decode step passes it since passes.decode_key_range: no mask, keys [33, kv_len[b])
+        ("iso", 3, 3, 256, 32, "keys-m", {"batch": 8, "mask_kind": "key_range", "kv_start": 33, "v_along_keys": True}),
         ("planar", 4, 4, 256, 32, "split", {"batch": 2, "variant": "split", "lse": True}),  # the split kernel forced
         # prefill: 64 positions under a causal mask (split kernel, BLOCK_M 64)
         ("iso", 3, 3, 256, 32, "split", {"batch": 1, "mask_kind": "causal", "tq": 64, "lse": True}),
@@ -1376,7 +1435,7 @@ def test_attention_rope_gpu(monkeypatch, backend, kb, vb, dim, h, kernel, kw):
     """The rope_ab term at real sizes (9000 key slots: angles up to 9e3 radians), each kernel against the op's
     reference; the expected kernel ran with the term."""
     seen = {name: _spy_on(monkeypatch, fn) for name, fn in ROPE_KERNELS.items()}
-    kw = {"heads": 4, "rep": 6, "tk": 9000, **kw}
+    kw = {"heads": 4, "rep": 6, "tk": 9008 if kw.get("v_along_keys") else 9000, **kw}
     _attention_case(backend, kb, vb, dim, "cuda", rope_h=h, **kw)
     assert {name: len(calls) for name, calls in seen.items() if calls} == {kernel: 1}
     assert seen[kernel][0]["ROPE_K"] == max(16, triton.next_power_of_2(h))

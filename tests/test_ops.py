@@ -31,7 +31,7 @@ def test_kv_len_equals_masking_the_keys_past_it(mask_kind):
         allowed[..., 0] = True
         mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     got = ops.attention_state(q, kc, kn, vc, vn, k, v, mask, kv_len=kv_len)
-    combined = ops.mask_with_kv_len(mask, kv_len, tk)
+    combined = ops.mask_with_key_range(mask, kv_len, tk)
     expected = ops.attention_state(q, kc, kn, vc, vn, k, v, combined)
     torch.testing.assert_close(got, expected)
     truncated = ops.attention_state(

@@ -1,4 +1,5 @@
-"""Specification of the graph passes `compress_kv_cache` and `fuse_attention` on captured tiny models.
+"""Specification of the graph passes `compress_kv_cache`, `fuse_attention` and `decode_key_range` on captured tiny
+models.
 
 Each model is captured once per module; every test rewrites fresh unlifted copies (`ep.module()`) of its programs.
 """
@@ -14,6 +15,7 @@ import torch
 from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
 from rqcompile.passes.capture import AttentionSite, capture
+from rqcompile.passes.decode_key_range import decode_key_range, decode_kv_len
 from rqcompile.passes.exact_attention import attention_with_exact_tokens
 from rqcompile.passes.fuse_attention import fuse_attention, valid_kv_length
 from rqcompile.passes.kv_compress import KVCompressError, compress_kv_cache, exact_read, exact_write
@@ -37,13 +39,19 @@ def _calls(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
 
 
-def _compressed(c, fuse: bool = False, cfg: RQConfig = CFG, calibration: Calibration | None = None):
+def _compressed(
+    c, fuse: bool = False, cfg: RQConfig = CFG, calibration: Calibration | None = None, key_range: bool = False
+):
+    """The prefill and decode programs rewritten (fused when asked; `key_range`: the decode program's mask then turned
+    into a key range by decode_key_range, as apply does), the shared buffers and quant states."""
     buffers: dict = {}
     states: dict = {}
     progs = []
     for ep in (c.prefill, c.decode):
         gm = compress_kv_cache(ep.module(), c.sites, cfg, calibration, buffers=buffers, quant_states=states)
         progs.append(fuse_attention(gm) if fuse else gm)
+    if key_range:
+        decode_key_range(progs[1])
     return progs, buffers, states
 
 
@@ -338,3 +346,63 @@ def test_window_longer_than_the_cache_is_clamped(captured):
     c = captured["llama"]
     (pre, _), buffers, _ = _compressed(c, cfg=RQConfig(sink_tokens=MAX_LEN + 3, residual_window=MAX_LEN + 1))
     assert buffers["k_sink_0"].shape[2] == MAX_LEN and buffers["v_window_1"].shape[2] == MAX_LEN
+
+
+# ---------------------------------------------------------------- decode_key_range
+
+
+def _mask_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (aten.le.Tensor, aten.arange.default)]
+
+
+@pytest.mark.parametrize("cfg", [CFG, EXACT_CFG], ids=["plain", "exact-tokens"])
+def test_decode_key_range_reads_the_decode_steps_keys_without_a_mask(captured, cfg):
+    """In the one-token program every fused site takes its keys from cache_position (kv_len, kv_start) instead of the
+    capture's mask, whose ops and valid-length reductions are gone; the prefill program (T > 1) keeps its mask."""
+    for c in captured.values():
+        n = len(c.sites)
+        (pre, dec), _, _ = _compressed(c, fuse=True, cfg=cfg)
+        assert decode_key_range(pre).meta["rq_decode_key_range"] == 0 and _mask_ops(pre)
+        assert decode_key_range(dec).meta["rq_decode_key_range"] == n
+        assert not _mask_ops(dec)
+        assert not [node for node in dec.graph.nodes if node.target is valid_kv_length]
+        position = next(node for node in dec.graph.nodes if node.name == "cache_position")
+        if cfg is CFG:
+            for call in _calls(dec, rq.attention.default):
+                assert call.args[14] is None  # attn_mask
+                assert call.args[16].target is decode_kv_len and call.args[16].args[0] is position
+        else:
+            for call in _calls(dec, attention_with_exact_tokens):
+                assert call.args[19] is position and call.args[20] is None and call.args[22] is None
+                assert call.kwargs["causal"] is True
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("cfg", [CFG, EXACT_CFG, RQConfig(backend="iso", sink_tokens=1, residual_window=0)])
+def test_decode_key_range_keeps_the_logits(captured, name, cfg):
+    """Decode steps from position 3 (the exact-token configs' compressed part still empty: kv_len <= kv_start) to
+    past the window: the same logits as the masked fused program."""
+    c = captured[name]
+    torch.manual_seed(3)
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 16))
+    (pre, dec), _, _ = _compressed(c, fuse=True, cfg=cfg)
+    masked = _run(pre, dec, ids, 3)
+    (pre, dec), _, _ = _compressed(c, fuse=True, cfg=cfg, key_range=True)
+    assert dec.meta["rq_decode_key_range"] == len(c.sites)
+    torch.testing.assert_close(_run(pre, dec, ids, 3), masked, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_key_range_leaves_any_other_mask_alone(captured):
+    """A mask that is not arange(L) <= position (here key < position instead) keeps its mask and valid length."""
+    (_, dec), _, _ = _compressed(captured["llama"], fuse=True)
+    compare = next(node for node in dec.graph.nodes if node.target is aten.le.Tensor)
+    compare.target = aten.lt.Tensor
+    dec.recompile()
+    assert decode_key_range(dec).meta["rq_decode_key_range"] == 0
+    assert all(call.args[14] is not None for call in _calls(dec, rq.attention.default))
+    assert [node for node in dec.graph.nodes if node.target is valid_kv_length]
+
+
+def test_decode_kv_len_is_one_past_the_position():
+    assert decode_kv_len(torch.tensor([9]), 3).tolist() == [10, 10, 10]
+    assert decode_kv_len(torch.tensor([0]), 1).dtype == torch.int32

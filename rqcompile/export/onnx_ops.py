@@ -464,6 +464,7 @@ def make_attention(flavour: str = "standard", *, with_lse: bool = False) -> Call
         rope_ab=None,
         rope_inv_freq=None,
         v_along_keys: bool = False,
+        kv_start: int = 0,
     ):
         _refuse_along_keys(v_along_keys)
         out, scores = _attention(
@@ -491,6 +492,7 @@ def make_attention(flavour: str = "standard", *, with_lse: bool = False) -> Call
             v_widths,
             rope_ab,
             rope_inv_freq,
+            kv_start,
         )
         return (out, _logsumexp(scores)) if with_lse else out
 
@@ -545,13 +547,14 @@ def _attention(
     v_bits: int,
     attn_mask,
     sm_scale: float,
-    kv_len=None,  # unused: it only lets kernels skip keys that attn_mask already masks
+    kv_len=None,
     k_perm=None,
     v_perm=None,
     k_widths=None,
     v_widths=None,
     rope_ab=None,
     rope_inv_freq=None,
+    kv_start: int = 0,
 ) -> tuple[Any, Any]:
     """rq::attention's output in q's dtype and its masked scores [B, Hq, Tq, Tk] (float32), the `rope_ab` term
     (`_rope_score_bias`) included when given."""
@@ -575,12 +578,29 @@ def _attention(
             scores = op.Where(attn_mask, scores, op.Constant(value_float=float("-inf")))
         else:
             scores = op.Add(scores, op.Cast(attn_mask, to=_FLOAT))
+    if kv_len is not None or kv_start:
+        scores = op.Where(_key_range(scores, kv_len, kv_start), scores, op.Constant(value_float=float("-inf")))
     probs = op.Softmax(scores, axis=-1)
     probs = op.Where(op.IsNaN(probs), op.Constant(value_float=0.0), probs)  # a fully masked row attends nothing
     acc = op.MatMul(op.Reshape(probs, _ints(0, kv_heads, -1, 0)), v_rot)  # [B, Hkv, rep*Tq, d]
     out = _permute(_rotate(acc, v_rotation, dim, inverse=True), v_perm, kv_heads, dim, inverse=True)
     out = op.Add(op.Mul(out, _per_head(v_scale)), _per_head(v_mean))
     return op.Cast(op.Reshape(out, _ints(0, q_heads, -1, dim)), to=_onnx_dtype(q.dtype)), scores
+
+
+def _key_range(scores: Any, kv_len: Any, kv_start: int) -> Any:
+    """bool [B or 1, 1, 1, Tk]: key slots j with kv_start <= j < kv_len[b] (`rqcompile.ops.mask_with_key_range`), the
+    slots from the scores' (dynamic) last dim by Range; int64 compares, valid in both flavours. With a mask, kv_len
+    only repeats what it says; without one (a decode step's key range) it is the mask."""
+    tk = op.Squeeze(op.Shape(scores, start=3, end=4), _ints(0))
+    slots = op.Range(op.Constant(value_int=0), tk, op.Constant(value_int=1))  # [Tk] int64
+    valid = op.GreaterOrEqual(slots, op.Constant(value_int=int(kv_start)))
+    if kv_len is not None:
+        below = op.Less(op.Unsqueeze(slots, _ints(0)), op.Unsqueeze(op.Cast(kv_len, to=_INT64), _ints(1)))
+        valid = op.And(valid, below)  # [B, Tk]
+    else:
+        valid = op.Unsqueeze(valid, _ints(0))
+    return op.Unsqueeze(valid, _ints(1, 2))
 
 
 def _check_flavour(flavour: str) -> None:

@@ -113,7 +113,9 @@ _ATTENTION_ARGS = (
     "rope_ab",
     "rope_inv_freq",
     "v_along_keys",
+    "kv_start",
 )
+_POSITIONAL = _ATTENTION_ARGS.index("v_along_keys")  # launch_attention's positional arguments; the rest by name
 
 
 def _attention_args(args, kwargs) -> dict:
@@ -123,6 +125,7 @@ def _attention_args(args, kwargs) -> dict:
     for name in _ATTENTION_ARGS[16:]:
         named.setdefault(name, None)
     named["v_along_keys"] = bool(named["v_along_keys"])
+    named["kv_start"] = int(named["kv_start"] or 0)
     return named
 
 
@@ -152,9 +155,9 @@ def _attention_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
     a = _attention_args(args, kwargs)
-    ordered = [a[name] for name in _ATTENTION_ARGS[:-1]]
+    ordered = [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]]
     wrap = None if wrap is _plain else wrap  # None: eager (may use maxnreg)
-    return launch_attention(*ordered, wrap=wrap, v_along_keys=a["v_along_keys"])
+    return launch_attention(*ordered, wrap=wrap, v_along_keys=a["v_along_keys"], kv_start=a["kv_start"])
 
 
 def _attention_reference(*args, **kwargs):
@@ -167,9 +170,9 @@ def _attention_lse_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
     a = _attention_args(args, kwargs)
-    ordered = [a[name] for name in _ATTENTION_ARGS[:-1]]
+    ordered = [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]]
     wrap = None if wrap is _plain else wrap
-    return launch_attention(*ordered, wrap=wrap, with_lse=True, v_along_keys=a["v_along_keys"])
+    return launch_attention(*ordered, wrap=wrap, with_lse=True, v_along_keys=a["v_along_keys"], kv_start=a["kv_start"])
 
 
 def _attention_lse_reference(*args, **kwargs):

@@ -586,6 +586,16 @@ def _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN: tl.constexpr, BLOCK
     return n_lo, n_hi
 
 
+@triton.jit
+def _key_ok(n, n_hi, KV_START: tl.constexpr):
+    """Which key slots n a tile reads: below the split's end, and from rq::attention's kv_start on (a constant: the
+    builds without it keep the single compare). keys-m with V along keys and kv_len: 172 registers with the bound,
+    168 without (sm_90, Triton 3.6; a branch on the tile's start instead: 174)."""
+    if KV_START > 0:
+        return (n < n_hi) & (n >= KV_START)
+    return n < n_hi
+
+
 # ---------------------------------------------------------------- the rope_ab score term (rq::attention's rope_ab)
 #
 # A score gains sum_i A_i cos(j theta_i) + B_i sin(j theta_i) for key slot j (rope_ab = [A | B] per query row, theta =
@@ -734,6 +744,7 @@ def _attn_split_kernel(
     MASK_KIND: tl.constexpr,
     MASK_ROW: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
+    KV_START: tl.constexpr,
     ROPE_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -803,7 +814,7 @@ def _attn_split_kernel(
     mrow0 = mask_ptr + b.to(tl.int64) * smb
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < n_hi
+        n_ok = _key_ok(n, n_hi, KV_START)
         n64 = n.to(tl.int64)
         # ---- scores: q . (codebook[code] * norm), norms after the dot
         krow = kbase + n64 * CWK
@@ -1103,6 +1114,7 @@ def _attn_keys_m_kernel(
     MASK_KIND: tl.constexpr,
     MASK_ROW: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
+    KV_START: tl.constexpr,
     ROPE_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -1187,7 +1199,7 @@ def _attn_keys_m_kernel(
             vw1, vh1 = _tile_words(vbase + n0.to(tl.int64) * CWV, n0 < n_hi, D, VBITS, 1, 2)
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + i
-        n_ok = n < n_hi
+        n_ok = _key_ok(n, n_hi, KV_START)
         n64 = n.to(tl.int64)
         nl = start + load_order
         krow = kbase + nl.to(tl.int64) * CWK
@@ -1582,6 +1594,7 @@ def _attn_split_layout_kernel(
     MASK_KIND: tl.constexpr,
     MASK_ROW: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
+    KV_START: tl.constexpr,
     ROPE_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -1628,7 +1641,7 @@ def _attn_split_layout_kernel(
     mrow0 = mask_ptr + b.to(tl.int64) * smb
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < n_hi
+        n_ok = _key_ok(n, n_hi, KV_START)
         n64 = n.to(tl.int64)
         # ---- scores: the sum over K's runs
         sc = _run_scores(q0, kbase, knb, n64, n_ok, klev_ptr, KL, 0, CHK, NGK, GK, BLOCK_N)
@@ -1993,8 +2006,10 @@ def launch_attention(
     k_prefetch: bool | None = None,
     v_prefetch: bool | None = None,
     v_along_keys: bool = False,
+    kv_start: int = 0,
 ):
-    """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B].
+    """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B]; kv_start: keys
+    before it are masked (a constant of the build: 0 compiles to the kernels without the bound).
     `with_lse`: rq::attention_lse, returning (out, lse float32 [B, Hq, Tq]) (the combine step also writes the lse).
     k_perm/v_perm ([H, d] int64) and k_widths/v_widths (per-coordinate widths, replacing the bits): a calibrated
     bit allocation's layout, run by the layout kernel. `decode`: the uniform kernel's code decode (DEFAULTS, DECODES:
@@ -2010,6 +2025,9 @@ def launch_attention(
     `RQConfig.value_layout="keys"`), read in place by keys-m; the other kernels get a copy re-packed per token."""
     import torch
 
+    from rqcompile.ops import check_kv_start
+
+    check_kv_start(kv_start)
     wrap = _identity if wrap is None else wrap
     block_n = DEFAULTS["block_n"] if block_n is None else block_n
     num_stages = DEFAULTS["num_stages"] if num_stages is None else num_stages
@@ -2105,6 +2123,7 @@ def launch_attention(
         "MASK_KIND": mask_kind,
         "MASK_ROW": mask_row,
         "HAS_KVLEN": kv_len is not None,
+        "KV_START": kv_start,
         "ROPE_K": rope_k,
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,

@@ -117,6 +117,7 @@ def attention_with_exact_tokens(
     k_rope_mean: torch.Tensor | None = None,
     rope_inv_freq: torch.Tensor | None = None,
     v_along_keys: bool = False,
+    causal: bool = False,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over `exact_read(dequantize(codes), sink, window, cache_position)` (K and V), GQA by
     head grouping, in q's dtype. The compressed arguments are rq::attention's, plus `k_mean`: rq::attention_lse's
@@ -125,10 +126,25 @@ def attention_with_exact_tokens(
     `k_rope_mean` ([H, d], `offset_base`) with `rope_inv_freq` [h]: the codes hold the keys without their pre-RoPE
     offset (`RQConfig.rope_key_mean`), whose score term rq::attention_lse adds per key (`rope_ab`) and whose
     unrotated coordinates join the key mean's term. `v_along_keys`: V's codes are packed along keys.
+
+    `causal` (with `attn_mask` and `kv_len` None; one query token): the query sees the keys at positions <=
+    cache_position, what the capture's decode mask says (`passes.decode_key_range`). The compressed keys it may read
+    are then one range, [sink, position - window + 1), given to rq::attention_lse as `kv_start` and `kv_len`: no
+    mask is built or read.
     """
     sink = 0 if k_sink is None else k_sink.shape[2]
     window = 0 if k_window is None else k_window.shape[2]
     covered, slot_pos, slot_ok = exact_positions(k_codes.shape[2], sink, window, cache_position)
+    kv_start = 0
+    if causal:
+        if attn_mask is not None or kv_len is not None or q.shape[2] != 1:
+            raise ValueError("causal=True takes one query token, no attn_mask and no kv_len (its position gives both)")
+        last = cache_position.amax(dim=0, keepdim=True)  # [1]
+        kv_len = (last - window + 1).to(torch.int32).expand(q.shape[0])  # <= 0 early on: no compressed keys yet
+        kv_start = sink
+        mask_c, mask_e = None, (slot_ok & (slot_pos <= last)).view(1, 1, 1, -1)
+    else:
+        mask_c, mask_e = _mask_columns(attn_mask, ~covered), _mask_columns(attn_mask, slot_ok, slot_pos)
     rope_ab, half = None, 0
     if k_rope_mean is not None:
         half = rope_inv_freq.shape[0]
@@ -148,7 +164,7 @@ def attention_with_exact_tokens(
         v_levels,
         k_bits,
         v_bits,
-        _mask_columns(attn_mask, ~covered),
+        mask_c,
         sm_scale,
         kv_len,
         k_perm,
@@ -158,6 +174,7 @@ def attention_with_exact_tokens(
         rope_ab,
         rope_inv_freq,
         v_along_keys,
+        kv_start,
     )
     rep = q.shape[1] // k_mean.shape[0]
     mean_term = (q.float() * k_mean.repeat_interleave(rep, dim=0)[:, None, :]).sum(-1)  # [B, Hq, Tq]
@@ -166,5 +183,5 @@ def attention_with_exact_tokens(
     mean_term = mean_term * sm_scale
     k_exact = torch.cat([t for t in (k_sink, k_window) if t is not None], dim=2)
     v_exact = torch.cat([t for t in (v_sink, v_window) if t is not None], dim=2)
-    out_e, lse_e = _exact_attention(q, k_exact, v_exact, _mask_columns(attn_mask, slot_ok, slot_pos), sm_scale)
+    out_e, lse_e = _exact_attention(q, k_exact, v_exact, mask_e, sm_scale)
     return _merge(out_c, lse_c + mean_term, out_e, lse_e).to(q.dtype)
