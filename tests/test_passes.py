@@ -368,9 +368,10 @@ def test_decode_key_range_reads_the_decode_steps_keys_without_a_mask(captured, c
         assert not [node for node in dec.graph.nodes if node.target is valid_kv_length]
         position = next(node for node in dec.graph.nodes if node.name == "cache_position")
         if cfg is CFG:
+            (kv_len,) = [node for node in dec.graph.nodes if node.target is decode_kv_len]  # one, shared
+            assert kv_len.args[0] is position
             for call in _calls(dec, rq.attention.default):
-                assert call.args[14] is None  # attn_mask
-                assert call.args[16].target is decode_kv_len and call.args[16].args[0] is position
+                assert call.args[14] is None and call.args[16] is kv_len  # attn_mask, kv_len
         else:
             for call in _calls(dec, attention_with_exact_tokens):
                 assert call.args[19] is position and call.args[20] is None and call.args[22] is None

@@ -104,6 +104,7 @@ def decode_key_range(gm: fx.GraphModule) -> fx.GraphModule:
     Returns `gm`; `gm.meta["rq_decode_key_range"]` counts the rewritten sites."""
     graph = gm.graph
     rewritten, masks, lens = 0, set(), set()
+    kv_lens: dict[tuple, fx.Node] = {}  # one decode_kv_len per (position, batch), shared by the sites
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (ATTENTION, attention_with_exact_tokens):
             continue
@@ -125,8 +126,11 @@ def decode_key_range(gm: fx.GraphModule) -> fx.GraphModule:
             args[len_at] = None
             node.kwargs = {**node.kwargs, "causal": True}
         else:
-            with graph.inserting_before(node):
-                args[len_at] = graph.call_function(decode_kv_len, (positions, q_shape[0]))
+            key = (positions, q_shape[0])
+            if key not in kv_lens:
+                with graph.inserting_after(positions):
+                    kv_lens[key] = graph.call_function(decode_kv_len, key)
+            args[len_at] = kv_lens[key]
         node.args = tuple(args)
         masks.add(mask)
         if isinstance(old_len, fx.Node) and old_len.target is valid_kv_length:
