@@ -1,0 +1,40 @@
+"""One launch of the decode attention kernel as a calibrated Qwen3.5-27B decode runs it (keys-m, the rope term over
+32 pairs, kv_len, V packed along keys unless `--per-token`), then its mean |output|: small enough for
+compute-sanitizer, which is how session 23 looked at the tiled rope patch (benchmarks/NOTES.md "Session 23": NaN with
+V along keys, memcheck clean).
+
+    PYTHONPATH=. CUDA_LAUNCH_BLOCKING=1 compute-sanitizer --tool memcheck python3 benchmarks/one_launch_probe.py 8:4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from attn_profile import DIM, Q_HEADS, along_keys, inputs
+
+from rqcompile.kernels.attention import launch_attention
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("shape", nargs="?", default="1:4096", help="batch:context")
+    p.add_argument("--per-token", action="store_true", help="V per token instead of packed along keys")
+    args = p.parse_args()
+    batch, ctx = (int(v) for v in args.shape.split(":"))
+    torch.manual_seed(0)
+    op_args, _ = inputs(batch, ctx, "iso:sfull", 3)
+    if not args.per_token:
+        op_args = along_keys(op_args, 3)
+    pairs = torch.arange(0, 64, 2, dtype=torch.float32, device="cuda")
+    rope = {"rope_ab": torch.randn(batch, Q_HEADS, 1, 64, device="cuda"), "rope_inv_freq": 1.0 / 1e7 ** (pairs / 64)}
+    kv_len = torch.full((batch,), ctx, device="cuda")
+    torch.cuda.synchronize()
+    out = launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len, **rope, v_along_keys=not args.per_token)
+    torch.cuda.synchronize()
+    print(f"B{batch} {ctx} {'per token' if args.per_token else 'V along keys'}: mean |out| {out.float().abs().mean()}")
+
+
+if __name__ == "__main__":
+    main()
