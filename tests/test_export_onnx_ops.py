@@ -367,6 +367,55 @@ def test_attention_lse_matches_the_reference(tmp_path, flavour, layout):
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4 * ref_out.abs().max().item())
 
 
+class KeyRangeAttentionLSE(CompressedAttention):
+    """rq::attention_lse over the keys kv_start <= j < kv_len[b], no mask: what a decode step passes since
+    passes.decode_key_range."""
+
+    kv_start = 2
+
+    def forward(self, q, k_codes, k_norms, v_codes, v_norms, kv_len):
+        args = (q, k_codes, k_norms, v_codes, v_norms, self.k_rotation, self.k_scale, self.k_levels, self.v_rotation)
+        args += (self.v_mean, self.v_scale, self.v_levels, self.k_bits, self.v_bits, None, self.sm_scale, kv_len)
+        return torch.ops.rq.attention_lse(*args, kv_start=self.kv_start)
+
+
+@pytest.mark.parametrize("flavour", ["standard", "tensorrt"])
+def test_attention_over_a_key_range_matches_the_reference(tmp_path, flavour):
+    """kv_len and kv_start are the whole mask when there is none (the translation used to ignore kv_len): keys outside
+    [kv_start, kv_len[b]) get no weight; a row whose range is empty gives lse -inf and V's mean."""
+    gen = torch.Generator().manual_seed(14)
+    k, v = _attention_states(False, gen)
+    module = KeyRangeAttentionLSE(k, v).eval()
+
+    def inputs(batch: int, k_len: int) -> dict[str, torch.Tensor]:
+        k_codes, k_norms = quantize_state(torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen), k)
+        v_codes, v_norms = quantize_state(torch.randn(batch, 2, k_len, HEAD_DIM, generator=gen), v)
+        kv_len = torch.randint(module.kv_start + 1, k_len + 1, (batch,), generator=gen, dtype=torch.int32)
+        kv_len[0] = module.kv_start - 1  # nothing to read yet
+        q = torch.randn(batch, 4, 1, HEAD_DIM, generator=gen)
+        return dict(q=q, k_codes=k_codes, k_norms=k_norms, v_codes=v_codes, v_norms=v_norms, kv_len=kv_len)
+
+    names = ["q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_len"]
+    batch, k_len = torch.export.Dim("batch"), torch.export.Dim("k_len")
+    shapes = [{0: batch}] + [{0: batch, 2: k_len}] * 4 + [{0: batch}]
+    example = inputs(2, 9)
+    path = _export(module, tuple(example[n] for n in names), tmp_path / "range.onnx", flavour, tuple(shapes))
+    if flavour == "tensorrt":
+        assert check_tensorrt(path).ok, check_tensorrt(path).format()
+
+    test = inputs(3, 23)
+    out, lse = _run(path, test)
+    ref_out, ref_lse = module(*(test[n] for n in names))
+    masked = torch.arange(23) >= module.kv_start
+    masked = (masked & (torch.arange(23) < test["kv_len"][:, None].long()))[:, None, None, :]
+    plain = CompressedAttentionLSE(k, v).eval()(*(test[n] for n in names[:5]), masked)  # the same as a bool mask
+    torch.testing.assert_close(ref_lse, plain[1])
+    torch.testing.assert_close(ref_out, plain[0])
+    assert (lse[0] == float("-inf")).all() and torch.isfinite(lse[1:]).all()
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4 * ref_out.abs().max().item())
+
+
 # -- rq::attention(_lse)'s rope_ab / rope_inv_freq: a score term turning with the key's cache slot --------------------
 
 
