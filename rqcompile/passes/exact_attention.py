@@ -28,17 +28,25 @@ def exact_positions(
     Returns (covered bool [length]: positions read from the sink or ring; slot_pos int64 [S + W]: the position each
     sink slot, then each ring slot, holds; slot_ok bool [S + W]: whether that slot is read, i.e. a ring slot whose
     position is negative (not yet written) or below S (the sink's, which wins in `exact_read`) is not)."""
-    last = cache_position.amax(dim=0, keepdim=True).to(torch.int64)  # [1]; amax without dim has no ONNX translation
+    slot_pos, slot_ok, last = _exact_slots(sink, window, cache_position)
     positions = torch.arange(length, device=cache_position.device, dtype=torch.int64)
     covered = positions < sink
+    if window:
+        covered = covered | ((positions > last - window) & (positions <= last))
+    return covered, slot_pos, slot_ok
+
+
+def _exact_slots(
+    sink: int, window: int, cache_position: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`exact_positions`' slot_pos and slot_ok, and the last position [1] (int64)."""
+    last = cache_position.amax(dim=0, keepdim=True).to(torch.int64)  # [1]; amax without dim has no ONNX translation
     sink_pos = torch.arange(sink, device=cache_position.device, dtype=torch.int64)
     ring = torch.arange(window, device=cache_position.device, dtype=torch.int64)
     ring_pos = last - torch.remainder(last - ring, window) if window else ring  # as `exact_write` fills the ring
-    if window:
-        covered = covered | ((positions > last - window) & (positions <= last))
     slot_pos = torch.cat([sink_pos, ring_pos])
     slot_ok = torch.cat([sink_pos >= 0, (ring_pos >= sink) & (ring_pos >= 0)])
-    return covered, slot_pos, slot_ok
+    return slot_pos, slot_ok, last
 
 
 def _mask_columns(attn_mask: torch.Tensor | None, keep: torch.Tensor, columns: torch.Tensor | None = None):
@@ -134,16 +142,16 @@ def attention_with_exact_tokens(
     """
     sink = 0 if k_sink is None else k_sink.shape[2]
     window = 0 if k_window is None else k_window.shape[2]
-    covered, slot_pos, slot_ok = exact_positions(k_codes.shape[2], sink, window, cache_position)
     kv_start = 0
-    if causal:
+    if causal:  # no [max_cache_len] mask at all: the compressed keys as a range, the exact slots up to the position
         if attn_mask is not None or kv_len is not None or q.shape[2] != 1:
             raise ValueError("causal=True takes one query token, no attn_mask and no kv_len (its position gives both)")
-        last = cache_position.amax(dim=0, keepdim=True)  # [1]
+        slot_pos, slot_ok, last = _exact_slots(sink, window, cache_position)
         kv_len = (last - window + 1).to(torch.int32).expand(q.shape[0])  # <= 0 early on: no compressed keys yet
         kv_start = sink
         mask_c, mask_e = None, (slot_ok & (slot_pos <= last)).view(1, 1, 1, -1)
     else:
+        covered, slot_pos, slot_ok = exact_positions(k_codes.shape[2], sink, window, cache_position)
         mask_c, mask_e = _mask_columns(attn_mask, ~covered), _mask_columns(attn_mask, slot_ok, slot_pos)
     rope_ab, half = None, 0
     if k_rope_mean is not None:
