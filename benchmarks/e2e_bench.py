@@ -39,6 +39,7 @@ decode, weights included; cache bytes are measured from the tensors held.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -46,6 +47,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -577,6 +579,12 @@ def main(argv: list[str] | None = None) -> None:
         " (instead of one call per compiled program)",
     )
     p.add_argument(
+        "--keep-decode-mask",
+        action="store_true",
+        help="apply's decode program keeps the capture's mask (passes.decode_key_range skipped): the attention reads a "
+        "one-row mask per tile as before session 23, for an A/B against the default on one machine",
+    )
+    p.add_argument(
         "--rows-max-tokens",
         type=int,
         default=None,
@@ -630,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows_max_tokens": args.rows_max_tokens,
         "rope_key_mean": args.rope_key_mean,
         "value_layout": args.value_layout,
+        "keep_decode_mask": args.keep_decode_mask,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.stages is not None and args.stages.isdigit():
@@ -638,6 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     name = args.backend + (f" s{stages}" if stages > 1 else "") + (f" w{args.window}" if args.window else "")
     name += " rope-mean" if args.rope_key_mean else ""
     name += " v-along-keys" if args.value_layout == "keys" else ""
+    name += " decode-mask" if args.keep_decode_mask else ""
     model = build_model(args.layers, "cuda")
     log(
         f"model built in {time.perf_counter() - t0:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
@@ -684,16 +694,18 @@ def main(argv: list[str] | None = None) -> None:
             RESULTS["meta"]["apply_cap_gib"] = args.cap_gib
             log(f"apply path under a {args.cap_gib} GiB allocator cap")
         t1 = time.perf_counter()
-        lm = guarded(
-            "apply",
-            rqcompile.apply,
-            model,
-            config=rq_config(args),
-            calibration=synthetic_calibration(model, args),
-            max_cache_len=max(contexts) + 64,
-            batch_size=args.batch,
-            out=out,
-        )
+        keep_mask = mock.patch.object(rqcompile.api, "decode_key_range", lambda gm: gm)
+        with keep_mask if args.keep_decode_mask else contextlib.nullcontext():
+            lm = guarded(
+                "apply",
+                rqcompile.apply,
+                model,
+                config=rq_config(args),
+                calibration=synthetic_calibration(model, args),
+                max_cache_len=max(contexts) + 64,
+                batch_size=args.batch,
+                out=out,
+            )
         RESULTS["apply_seconds"] = time.perf_counter() - t1
         RESULTS["meta"]["resolved_value_layout"] = getattr(getattr(lm, "config", None), "value_layout", None)
         log(
