@@ -69,7 +69,7 @@ def _is_key_positions(node, length: int) -> bool:
     return (start, end, step) == (0, length, 1) and (dtype is None or not dtype.is_floating_point)
 
 
-def one_token_positions(mask) -> fx.Node | None:
+def _one_token_positions(mask) -> fx.Node | None:
     """The positions node p ([1]) when `mask` is the capture's decode mask arange(L)[None] <= p[:, None], lifted to
     [1, 1, 1, L] by unsqueezes; None for any other mask."""
     shape = _val_shape(mask)
@@ -113,7 +113,7 @@ def decode_key_range(gm: fx.GraphModule) -> fx.GraphModule:
         if len(node.args) <= len_at:
             continue
         mask = node.args[mask_at]
-        positions = one_token_positions(mask)
+        positions = _one_token_positions(mask)
         q_shape = _val_shape(node)  # the output's: [B, Hq, T, d], as q's
         if positions is None or q_shape is None or q_shape[2] != 1:
             continue
