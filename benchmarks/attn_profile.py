@@ -72,6 +72,16 @@ def along_keys(op_args: tuple, bits: int) -> tuple:
     return (*op_args[:3], packed, *op_args[4:])
 
 
+def rope_inputs(batch: int, pairs: int) -> dict[str, torch.Tensor]:
+    """launch_attention's rope_ab (random weights, one decode query) and rope_inv_freq over `pairs` rotary pairs with
+    Qwen3.5's theta 1e7: the calibrated default's pre-RoPE key-mean term."""
+    index = torch.arange(0, 2 * pairs, 2, dtype=torch.float32, device="cuda")
+    return {
+        "rope_ab": torch.randn(batch, Q_HEADS, 1, 2 * pairs, device="cuda"),
+        "rope_inv_freq": 1.0 / 1e7 ** (index / (2 * pairs)),
+    }
+
+
 def kernel_times(fn, reps: int = 20) -> dict[str, float]:
     """Mean device microseconds per call of each kernel `fn` launches."""
     fn()
@@ -197,13 +207,7 @@ def main() -> None:
 
             sdpa_ms = do_bench_cudagraph(sdpa, rep=100, return_mode="median")
             keys_args, default_out = None, None
-            rope = {}
-            if args.rope:
-                pairs = torch.arange(0, 2 * args.rope, 2, dtype=torch.float32, device="cuda")
-                rope = {
-                    "rope_ab": torch.randn(batch, Q_HEADS, 1, 2 * args.rope, device="cuda"),
-                    "rope_inv_freq": 1.0 / 1e7 ** (pairs / (2 * args.rope)),
-                }
+            rope = rope_inputs(batch, args.rope) if args.rope else {}
             for name, settings in variants:
                 kv_len = torch.full((batch,), ctx, device="cuda") if args.kv_len else None
                 mask = None

@@ -187,20 +187,24 @@ def bf16_dynamic(model, context: int, steps: int, batch: int) -> dict:
 GQA_PACKED = "rq_bench_gqa_packed"
 
 
+def _transformers_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """transformers' own SDPA attention: where the bench's attention functions hand a call they do not cover."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
 def gqa_packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """A bf16 decode attention without transformers' GQA-expanded copy of K and V: a one-token query's heads of one
     KV head become the query rows of a single SDPA over that KV head (transformers 5.24 does this in eager mode only,
     `pack_gqa`; its compiled path still expands K/V every step). Anything else goes to transformers' SDPA."""
     import torch.nn.functional as F
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     one_row_mask = attention_mask is None or attention_mask.shape[1] == attention_mask.shape[2] == 1
     if q_len != 1 or q_heads == kv_heads or dropout or not one_row_mask:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return _transformers_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     rows = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
@@ -217,7 +221,6 @@ def flex_decode_attention(module, query, key, value, attention_mask, dropout: fl
     reads: torch 2.11's flex-decoding template failed to compile a bool row indexed by batch (`XBLOCK` undefined,
     H200, session 22)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, _, q_len, _ = query.shape
     one_row_bool = (
@@ -226,9 +229,7 @@ def flex_decode_attention(module, query, key, value, attention_mask, dropout: fl
         and attention_mask.shape[1] == attention_mask.shape[2] == 1
     )
     if q_len != 1 or dropout or not one_row_bool:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return _transformers_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     valid = attention_mask[:, 0, 0, :].sum(-1, dtype=torch.int32).expand(batch)  # valid slots per row
     if not torch.compiler.is_compiling():  # eager: check the prefix assumption (a host sync; compiled steps trust it)
         slots = torch.arange(attention_mask.shape[-1], device=query.device)
@@ -253,12 +254,9 @@ def unmasked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.
     valid keys (the cache is sized to the context + 64 for this proxy) are attended too, so its logits are not the
     model's but for a full cache (tests/test_bf16_baselines.py). Anything else goes to transformers' SDPA."""
     import torch.nn.functional as F
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.shape[2] != 1 or dropout:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return _transformers_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 

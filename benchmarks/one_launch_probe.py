@@ -12,7 +12,7 @@ import argparse
 import math
 
 import torch
-from attn_profile import DIM, Q_HEADS, along_keys, inputs
+from attn_profile import DIM, along_keys, inputs, rope_inputs
 
 from rqcompile.kernels.attention import launch_attention
 
@@ -27,8 +27,7 @@ def main() -> None:
     op_args, _ = inputs(batch, ctx, "iso:sfull", 3)
     if not args.per_token:
         op_args = along_keys(op_args, 3)
-    pairs = torch.arange(0, 64, 2, dtype=torch.float32, device="cuda")
-    rope = {"rope_ab": torch.randn(batch, Q_HEADS, 1, 64, device="cuda"), "rope_inv_freq": 1.0 / 1e7 ** (pairs / 64)}
+    rope = rope_inputs(batch, 32)
     kv_len = torch.full((batch,), ctx, device="cuda")
     torch.cuda.synchronize()
     out = launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len, **rope, v_along_keys=not args.per_token)
