@@ -21,16 +21,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shape", nargs="?", default="1:4096", help="batch:context")
     p.add_argument("--per-token", action="store_true", help="V per token instead of packed along keys")
+    p.add_argument("--no-rope", action="store_true", help="without the rope term (the uncalibrated decode launch)")
+    p.add_argument("--kv-start", type=int, default=0, help="keys before this are masked (apply's decode: the sink)")
     args = p.parse_args()
     batch, ctx = (int(v) for v in args.shape.split(":"))
     torch.manual_seed(0)
     op_args, _ = inputs(batch, ctx, "iso:sfull", 3)
     if not args.per_token:
         op_args = along_keys(op_args, 3)
-    rope = rope_inputs(batch, 32)
+    rope = {} if args.no_rope else rope_inputs(batch, 32)
     kv_len = torch.full((batch,), ctx, device="cuda")
     torch.cuda.synchronize()
-    out = launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len, **rope, v_along_keys=not args.per_token)
+    out = launch_attention(
+        *op_args,
+        None,
+        1 / math.sqrt(DIM),
+        kv_len,
+        **rope,
+        v_along_keys=not args.per_token,
+        kv_start=args.kv_start,
+    )
     torch.cuda.synchronize()
     print(f"B{batch} {ctx} {'per token' if args.per_token else 'V along keys'}: mean |out| {out.float().abs().mean()}")
 
