@@ -10,7 +10,7 @@ for Nsight Compute and one that breaks down the host time of an eager call.
 Options that change the launch (`--set block_n=128,split_waves=4`) apply to every shape, so variants can be compared
 in one device run (`--variants "a:block_n=64;b:split_waves=4"`). Any launch_attention keyword works there, among
 them keys-m's look-aheads (`k_prefetch=0`, `v_prefetch=1`) and its timing ablations (`ablate=N`, the bits of
-`attention.ABLATIONS`: parts of the loop replaced by no-ops, outputs wrong by design; session 18's table:
+`attention_keys_m.ABLATIONS`: parts of the loop replaced by no-ops, outputs wrong by design; session 18's table:
 `--variants "base:;noKV:ablate=3;vreg:ablate=16;noVdot:ablate=4;noKdot:ablate=8;skel:ablate=12"`).
 `v_along_keys=1` times V's codes packed along keys (`RQConfig.value_layout="keys"`, `packing.pack_along_keys`) on V
 re-packed that way, and reports its output's relative difference from the default launch's on the same data.

@@ -11,9 +11,9 @@ The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install 
 
 Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), mrow (1: the mask is
 one row per batch, as apply's decode steps pass it), maxnreg, stages, ablate (keys-m's timing ablations,
-attention.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope (ROPE_K: the rope score term's padded
-pair count, 0 = none), vkeys (keys-m's VKEYS: V packed along keys), kvstart (rq::attention's kv_start: keys before
-it masked, as apply's decode steps without a mask pass it).
+attention_keys_m.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope (ROPE_K: the rope score
+term's padded pair count, 0 = none), vkeys (keys-m's VKEYS: V packed along keys), kvstart (rq::attention's
+kv_start: keys before it masked, as apply's decode steps without a mask pass it).
 """
 
 from __future__ import annotations

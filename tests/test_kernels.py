@@ -1063,6 +1063,8 @@ def test_timing_ablations_never_run_where_they_cannot_be_timed():
         _decode_case(3, 3, 256, "cpu", tk=70, variant="keys-m", **kw)
     with pytest.raises(ValueError, match="ablate"):
         _decode_case(3, 3, 256, "cpu", tk=70, variant="split", **kw)
+    with pytest.raises(ValueError, match="not a sum of ABLATIONS"):
+        _decode_case(3, 3, 256, "cpu", tk=70, variant="keys-m", **{**kw, "ablate": 32})
 
 
 @pytest.mark.parametrize(
