@@ -23,6 +23,8 @@ def main() -> None:
     p.add_argument("--per-token", action="store_true", help="V per token instead of packed along keys")
     p.add_argument("--no-rope", action="store_true", help="without the rope term (the uncalibrated decode launch)")
     p.add_argument("--kv-start", type=int, default=0, help="keys before this are masked (apply's decode: the sink)")
+    p.add_argument("--rope-scale", type=float, default=1.0, help="multiplies the rope weights (0: a term of zeros)")
+    p.add_argument("--check-split", action="store_true", help="also run the split kernel, print the largest difference")
     args = p.parse_args()
     batch, ctx = (int(v) for v in args.shape.split(":"))
     torch.manual_seed(0)
@@ -30,19 +32,29 @@ def main() -> None:
     if not args.per_token:
         op_args = along_keys(op_args, 3)
     rope = {} if args.no_rope else rope_inputs(batch, 32)
+    if rope:
+        rope["rope_ab"] *= args.rope_scale
     kv_len = torch.full((batch,), ctx, device="cuda")
     torch.cuda.synchronize()
-    out = launch_attention(
-        *op_args,
-        None,
-        1 / math.sqrt(DIM),
-        kv_len,
-        **rope,
-        v_along_keys=not args.per_token,
-        kv_start=args.kv_start,
-    )
+
+    def launch(**kw):
+        return launch_attention(
+            *op_args,
+            None,
+            1 / math.sqrt(DIM),
+            kv_len,
+            **rope,
+            v_along_keys=not args.per_token,
+            kv_start=args.kv_start,
+            **kw,
+        )
+
+    out = launch()
     torch.cuda.synchronize()
     print(f"B{batch} {ctx} {'per token' if args.per_token else 'V along keys'}: mean |out| {out.float().abs().mean()}")
+    if args.check_split:
+        ref = launch(variant="split")
+        print(f"  split kernel: mean |out| {ref.float().abs().mean()}, max |keys-m - split| {(out - ref).abs().max()}")
 
 
 if __name__ == "__main__":
