@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from rqcompile.kernels.decode_grid import _key_ok, _key_range, _q_rot, _query_rows
-from rqcompile.kernels.rope_term import _rope_scores, _rope_setup
+from rqcompile.kernels.rope_term import _cos_sin, _rope_scores_turned, _rope_setup
 from rqcompile.kernels.tile_decode import (
     _decode_words,
     _prmt_columns,
@@ -309,6 +309,8 @@ def _attn_keys_m_kernel(
     if VKEYS:  # the scores' row r holds key _vkeys_key(r): the rows' keys (norms, masks) and K's loads follow
         load_order = _vkeys_key(load_order)
         i = _vkeys_key(i)
+    if ROPE:  # the cos / sin of the slots' offsets inside a tile, turned by each tile's start angle in the loop
+        cos_j, sin_j = _cos_sin(i.to(tl.float32)[:, None] * rfreq[None, :])
     # the norms are read one tile ahead: Triton's pipeliner stages only the loads that feed a dot, and these plain
     # loads, consumed in the same iteration, left every warp waiting on global memory (ncu, benchmarks/NOTES.md v10)
     nk0, nk1, nv0, nv1 = _tile_norms(knb, vnb, n_lo + i, n_hi, NGK, NGV)
@@ -360,7 +362,7 @@ def _attn_keys_m_kernel(
             if NGK == 2:
                 sc += tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, KDECODE, 1), q1) * nk1[:, None]
         if ROPE:
-            sc = _rope_scores(sc, wa, wb, rfreq, n, True)
+            sc = _rope_scores_turned(sc, wa, wb, rfreq, start, cos_j, sin_j)
         sc = tl.where(n_ok[:, None], sc, float("-inf"))
         if MASK_KIND != 0:
             if MASK_ROW:

@@ -383,7 +383,7 @@ def _attn_split_layout_kernel(
         sc = _more_scores(sc, q6, kbase, knb, n64, n_ok, klev_ptr, KL, 6, CHK, NGK, GK, BLOCK_N)
         sc = _more_scores(sc, q7, kbase, knb, n64, n_ok, klev_ptr, KL, 7, CHK, NGK, GK, BLOCK_N)
         if ROPE:
-            sc = _rope_scores(sc, wa, wb, rfreq, n, False)
+            sc = _rope_scores(sc, wa, wb, rfreq, n)
         sc = tl.where(n_ok[None, :], sc, float("-inf"))
         if MASK_KIND != 0:
             if MASK_ROW:  # the same mask row for every query row of this program: one [BLOCK_N] load

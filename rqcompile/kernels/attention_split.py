@@ -172,7 +172,7 @@ def _attn_split_kernel(
             else:
                 sc = tl.dot(q0, kt)
         if ROPE:
-            sc = _rope_scores(sc, wa, wb, rfreq, n, False)
+            sc = _rope_scores(sc, wa, wb, rfreq, n)
         sc = tl.where(n_ok[None, :], sc, float("-inf"))
         if MASK_KIND != 0:
             if MASK_ROW:  # the same mask row for every query row of this program: one [BLOCK_N] load

@@ -5,7 +5,9 @@ A score gains sum_i A_i cos(j theta_i) + B_i sin(j theta_i) for key slot j (rope
 rope_inv_freq, the angle the fp32 product float32(j) * theta_i as in ops.rope_score_bias). Each program loads its
 rows' A and B once (times qk_scale, as q), and per key tile computes the [ROPE_K, BLOCK_N] angles, their cos and
 sin, and two fp16 dots (K = ROPE_K) into the scores: the sincos work is shared by all the program's query rows (the
-KV head's query heads x Tq). h is padded with zero weights and zero frequencies to ROPE_K, a power of two >= 16
+KV head's query heads x Tq). keys-m, the decode kernel, computes the cos / sin of the slots' offsets inside a tile
+once and turns them by each tile's start angle (_rope_scores_turned; H200, session 24: -4 to -8% of its time with
+the term). h is padded with zero weights and zero frequencies to ROPE_K, a power of two >= 16
 (tl.dot's smallest K). ROPE_K 0: no term; the kernels test ROPE_K >= 16, so the rope-free build is the same code
 as before the term existed (and tests/kernel_writes_probe.py's placeholder 1 for an argument it does not know is
 rope-free too).
@@ -92,15 +94,26 @@ def _cos_sin(angle):
 
 
 @triton.jit
-def _rope_scores(sc, wa, wb, freq, n, TRANS: tl.constexpr):
-    """sc plus the rope term of key slots n: wa . cos(n theta) + wb . sin(n theta) (fp16 operands, fp32 sums into
-    sc, [BLOCK_M, BLOCK_N]; TRANS: sc^T [BLOCK_N, BLOCK_M] with wa, wb transposed)."""
-    if TRANS:
-        cos, sin = _cos_sin(n.to(tl.float32)[:, None] * freq[None, :])  # [BLOCK_N, ROPE_K]: float32(j) * theta_i
-        sc = tl.dot(cos.to(tl.float16), wa, sc)
-        sc = tl.dot(sin.to(tl.float16), wb, sc)
-    else:
-        cos, sin = _cos_sin(freq[:, None] * n.to(tl.float32)[None, :])  # [ROPE_K, BLOCK_N]
-        sc = tl.dot(wa, cos.to(tl.float16), sc)
-        sc = tl.dot(wb, sin.to(tl.float16), sc)
-    return sc
+def _rope_scores_turned(sc, wa, wb, freq, start, cos_j, sin_j):
+    """keys-m's sc^T [BLOCK_N, BLOCK_M] plus the rope term of key slots start + j: the loop-invariant fp32 [BLOCK_N,
+    ROPE_K] cos / sin of j t turned by the tile's start angle s t (cos((s + j) t) = cos(j t) cos(s t) - sin(j t)
+    sin(s t), sin likewise): four FMAs per entry instead of a range reduction and two SFU calls; the weights stay the
+    loop's constant B operands (sm_90, V along keys, kv_len + kv_start: 1,221 -> 1,098 loop instructions, 234 -> 254
+    registers, two programs per SM either way). The angle j t + s t differs from the reference's float32(s + j) * t
+    (the angle transformers' RoPE turned the key by) by the products' rounding: at most ~1 ulp of the angle, 2^-6 rad
+    at 2^17 slots for the fastest pair (t = 1), proportionally less for the others; a change of the term well under
+    the 3-bit keys' own error, but larger than fp16's rounding at long contexts."""
+    cs, ss = _cos_sin(tl.cast(start, tl.float32) * freq)
+    ct = cos_j * cs[None, :] - sin_j * ss[None, :]
+    st = sin_j * cs[None, :] + cos_j * ss[None, :]
+    sc = tl.dot(ct.to(tl.float16), wa, sc)
+    return tl.dot(st.to(tl.float16), wb, sc)
+
+
+@triton.jit
+def _rope_scores(sc, wa, wb, freq, n):
+    """sc [BLOCK_M, BLOCK_N] plus the rope term of key slots n: wa . cos(n theta) + wb . sin(n theta) (fp16 operands,
+    fp32 sums into sc; the split and layout kernels)."""
+    cos, sin = _cos_sin(freq[:, None] * n.to(tl.float32)[None, :])  # [ROPE_K, BLOCK_N]: float32(j) * theta_i
+    sc = tl.dot(wa, cos.to(tl.float16), sc)
+    return tl.dot(wb, sin.to(tl.float16), sc)
