@@ -23,6 +23,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from rqcompile.kernels import quantize as kquant  # noqa: E402
+from rqcompile.kernels import quantize_v2  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
 
 if not HAS_CUDA:
@@ -153,7 +154,7 @@ def test_v2_falls_back_to_v1_where_it_does_not_apply():
 @triton.jit
 def _threshold_kernel(b_ptr, c_ptr, t_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
-    tl.store(t_ptr + i, kquant._threshold(tl.load(b_ptr + i), tl.load(c_ptr + i)))
+    tl.store(t_ptr + i, quantize_v2._threshold(tl.load(b_ptr + i), tl.load(c_ptr + i)))
 
 
 def test_threshold_is_the_exact_division_boundary():
@@ -208,7 +209,7 @@ def test_threshold_scratch_is_the_exact_division_boundary(bits, cands):
     device = "cuda" if HAS_CUDA else "cpu"
     thr = torch.full((na * nl,), float("nan"), device=device)
     rs = torch.full((scale.numel(),), float("nan"), device=device)
-    kquant._v2_prep_kernel[(3,)](
+    quantize_v2._v2_prep_kernel[(3,)](
         levels.to(device),
         scale.to(device),
         thr,
@@ -232,7 +233,7 @@ def _div_rcp_kernel(a_ptr, b_ptr, q_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
     a = tl.load(a_ptr + i)
     b = tl.load(b_ptr + i)
-    tl.store(q_ptr + i, kquant._div_rcp(a, b, tl.math.div_rn(1.0, b), True))
+    tl.store(q_ptr + i, quantize_v2._div_rcp(a, b, tl.math.div_rn(1.0, b), True))
 
 
 @pytest.mark.skipif(not (HAS_CUDA or kquant._fma_exact()), reason="this interpreter's tl.fma rounds twice")

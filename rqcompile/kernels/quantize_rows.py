@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rqcompile.kernels.quantize import TINY, _codes, _lookup, _pack_store, _rotate_blocks
+from rqcompile.kernels.quantize_v1 import TINY, _codes, _lookup, _pack_store, _rotate_blocks
 
 
 @triton.jit

@@ -1,0 +1,325 @@
+"""The v2 quantize kernel ("slot tiles"; uniform widths, block or dense rotations).
+
+The norm group is held as P "slot" tiles [BLOCK_T, G/P]: slot s holds the coordinates P*j + s of the group, so
+the codes of one stored word (P = 16 codes of 2 bits in an int32, 16 bits of the 1-bit plane in an int16, 8
+codes of 4 bits in an int32) sit in the same thread at the same position of the P tiles and pack with shifts and
+ORs (no reshape, no shared memory). Row sums are elementwise adds across the tiles plus one reduction of G/P.
+The scale search compares `unit` against per-candidate thresholds, exact: the smallest float t with
+div_rn(t, c) > b (division by c > 0 is monotone), so `unit >= t` is the reference's `unit / c > b` without a
+division per element. _v2_prep_kernel computes them once per launch as vectors into a scratch tensor (an
+unrolled per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per
+channel for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient).
+A dense per-group rotation (full mixing, hadamard) is v1's tf32x3 `tl.dot`, its output split into the slot tiles
+(_dense_slots); the default for dense bulk writes since session 17 (DEFAULTS["quantize_variant_dense"]).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from rqcompile.kernels.quantize_v1 import TINY, _rotate_dense
+
+
+@triton.jit
+def _float_up(f):
+    """The next float above f (scalar; -0.0 and +0.0 go to the smallest positive subnormal)."""
+    i = f.to(tl.int32, bitcast=True)
+    i = tl.where(f == 0.0, 1, tl.where(i >= 0, i + 1, i - 1))
+    return i.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _threshold(b, c):
+    """The smallest float t with div_rn(t, c) > b, for c > 0: div_rn(u, c) > b <=> u >= t (+inf if none). Bisection
+    over the floats in order (int32 keys: the bits for t >= 0, minus the bits of -t below), 32 steps of a runtime
+    loop: exact for every b, c (a walk from b * c needs up to c / 2 steps when b = 0 and t is subnormal), with
+    one div_rn in the code. Elementwise: call it on vectors (_v2_prep_kernel)."""
+    lo = tl.zeros(b.shape, dtype=tl.int32) - 0x7F800000  # key of -inf: never above b
+    hi = tl.zeros(b.shape, dtype=tl.int32) + 0x7F800000  # key of +inf: above every finite b
+    for _ in range(32):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        t = tl.where(mid >= 0, mid, -mid).to(tl.float32, bitcast=True)
+        t = tl.where(mid >= 0, t, -t)
+        above = tl.math.div_rn(t, c) > b
+        hi = tl.where(above, mid, hi)
+        lo = tl.where(above, lo, mid)
+    t = tl.where(hi >= 0, hi, -hi).to(tl.float32, bitcast=True)
+    return tl.where(hi >= 0, t, -t)
+
+
+@triton.jit
+def _v2_prep_kernel(
+    lev_ptr,
+    scale_ptr,
+    thr_ptr,
+    rs_ptr,
+    HD,
+    NL: tl.constexpr,
+    NA: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Per launch, for the v2 kernel (the parameters stay on the device: no host sync): rs = div_rn(1, scale) per
+    channel (for _div_rcp; the programs split them) and, in program 0, thr[a * NL + k] = _threshold(boundary k,
+    candidate a) for a < NA, k < NL - 1 (k = NL - 1 is padding)."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(rs_ptr + r, tl.math.div_rn(1.0, tl.load(scale_ptr + r, mask=r < HD, other=1.0)), mask=r < HD)
+    if NA > 0:
+        if pid == 0:
+            i = tl.arange(0, BLOCK)
+            a = i // NL
+            k = i % NL
+            ok = (a < NA) & (k < NL - 1)
+            bnd = (tl.load(lev_ptr + k, mask=ok, other=0.0) + tl.load(lev_ptr + k + 1, mask=ok, other=0.0)) * 0.5
+            tl.store(thr_ptr + i, _threshold(bnd, tl.load(lev_ptr + NL + a, mask=ok, other=1.0)), mask=ok)
+
+
+@triton.jit
+def _div_rcp(a, b, r, FMA_DIV: tl.constexpr):
+    """div_rn(a, b) given r = div_rn(1, b), in 3 instructions instead of ~10: q = a r, then q + (a - b q) r with the
+    residual exact by FMA. With r the correctly rounded reciprocal one correction gives the correctly rounded
+    quotient (Markstein; 1.4e8 random/adversarial pairs checked) while nothing leaves the normal range: |a| >= 2^-100
+    or a == 0, |a / b| < 2^126, b <= 2^125. FMA_DIV=False (an interpreter whose fma rounds twice): plain div_rn."""
+    if FMA_DIV:
+        q = a * r
+        return tl.fma(-tl.fma(b, q, -a), r, q)  # the residual as -(b q - a): keeps the sign of a zero quotient
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _slot_level(u, lev, thr, NL: tl.constexpr):
+    """levels[code] for the code of `u` against ascending thresholds `thr` (tuples of the levels and thresholds;
+    code = thresholds reached)."""
+    lv = tl.zeros(u.shape, dtype=tl.float32) + lev[0]
+    for k in tl.static_range(NL - 1):
+        lv = tl.where(u >= thr[k], lev[k + 1], lv)
+    return lv
+
+
+@triton.jit
+def _block_slots(
+    x_row,
+    t_ok,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    rs_ptr,
+    h,
+    g,
+    jj,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    P: tl.constexpr,
+    J: tl.constexpr,
+    FMA_DIV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """A block rotation (b <= 4) into v2's slot tiles, as `_dense_slots` returns them: u per slot (x, mean, scale of
+    each slot), then each slot's rotated coordinate from the b slots of its block; blocks that straddle slots (rotor,
+    b = 3) gather their inputs instead."""
+    us = ()
+    if P % RB == 0:
+        for s in tl.static_range(P):
+            col = g * G + jj * P + s
+            xv = tl.load(x_row + col[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
+            mu = tl.load(mean_ptr + h * D + col)
+            sc = tl.load(scale_ptr + h * D + col)
+            rs = tl.load(rs_ptr + h * D + col)
+            us = us + (_div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV),)
+    ys = ()
+    ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+    for s in tl.static_range(P):
+        col = g * G + jj * P + s
+        blk = col // RB
+        y = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+        for k in tl.static_range(RB):
+            if P % RB == 0:
+                coef = tl.load(rot_ptr + ((h * NB + blk) * RB + s % RB) * RB + k)
+                y += coef[None, :] * us[s - s % RB + k]
+            else:  # blocks straddle slots (rotor, b = 3): gathered loads of the block's inputs
+                coef = tl.load(rot_ptr + ((h * NB + blk) * RB + col % RB) * RB + k)
+                src = blk * RB + k
+                sv = src < D
+                xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
+                mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
+                sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
+                rs = tl.load(rs_ptr + h * D + src, mask=sv, other=1.0)
+                u = _div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV)
+                y += coef[None, :] * tl.where(sv[None, :], u, 0.0)
+        ys = ys + (y,)
+        ss += y * y
+    return ys, ss
+
+
+@triton.jit
+def _dense_slots(
+    x_row,
+    t_ok,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    h,
+    g,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NB: tl.constexpr,
+    P: tl.constexpr,
+    J: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """The dense rotation (full mixing, hadamard: one [G, G] block per norm group) into v2's slot tiles: a tuple of P
+    [BLOCK_T, J] tiles (slot s holds rotated coordinates j * P + s) and the group's squared norm per (row, word).
+    The group is rotated as v1 rotates it (`_rotate_dense`, tl.dot over chunks of the input), then its [BLOCK_T, J, P]
+    columns are split into slots, one bit of s per `tl.split`."""
+    y = _rotate_dense(
+        x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, mean_ptr, h, g, D, G, NB, False, DOT_PREC, BLOCK_T
+    )  # perm_ptr unused (PERM=False)
+    LOG2P: tl.constexpr = 4 if P == 16 else 3
+    if P == 16:
+        parts = (tl.reshape(y, [BLOCK_T, J, 2, 2, 2, 2]),)
+    else:
+        parts = (tl.reshape(y, [BLOCK_T, J, 2, 2, 2]),)
+    for level in tl.static_range(LOG2P):  # split the lowest bit of s left: all the 0 halves, then all the 1 halves
+        zeros = ()
+        ones = ()
+        for i in tl.static_range(1 << level):
+            lo, hi = tl.split(parts[i])
+            zeros = zeros + (lo,)
+            ones = ones + (hi,)
+        parts = zeros + ones  # parts[s]: the bits of s split so far
+    ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+    for s in tl.static_range(P):
+        ss += parts[s] * parts[s]
+    return parts, ss
+
+
+@triton.jit
+def _quantize_v2_kernel(
+    x_ptr,
+    sxb,
+    sxh,
+    sxt,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    lev_ptr,
+    thr_ptr,
+    rs_ptr,
+    codes_ptr,
+    norms_ptr,
+    H,
+    T,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    NA: tl.constexpr,
+    FMA_DIV: tl.constexpr,
+    DOT_PREC: tl.constexpr = "ieee",
+):
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    CB: tl.constexpr = D * BITS // 8
+    NL: tl.constexpr = 1 << BITS
+    P: tl.constexpr = 8 if BITS == 4 else 16  # codes per stored word (slots)
+    J: tl.constexpr = G // P
+    LB: tl.constexpr = 2 if BITS == 3 else BITS  # width of the first plane
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = (t < T)[:, None]
+    x_row = x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64)[:, None] * sxt
+    out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
+    crow = codes_ptr + out_tok[:, None] * CB
+    jj = tl.arange(0, J)
+    # the levels, and the thresholds of the plain codes (u > b <=> u >= the next float above b)
+    lev = ()
+    for k in tl.static_range(NL):
+        lev = lev + (tl.load(lev_ptr + k),)
+    thr = ()
+    if NA == 0:
+        for k in tl.static_range(NL - 1):
+            thr = thr + (_float_up((lev[k] + lev[k + 1]) * 0.5),)
+    for g in tl.static_range(NG):
+        # the group rotated into slot tiles, and its squared norm per (row, word)
+        if RB == G:
+            ys, ss = _dense_slots(
+                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, h, g, D, G, NB, P, J, DOT_PREC, BLOCK_T
+            )
+        else:
+            ys, ss = _block_slots(
+                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, rs_ptr, h, g, jj, D, G, RB, NB, P, J, FMA_DIV, BLOCK_T
+            )
+        n = tl.sqrt_rn(tl.sum(ss, axis=1))
+        inv_ok = n[:, None] > 0
+        nd = tl.maximum(n, TINY)[:, None]
+        rn = tl.math.div_rn(1.0, nd)  # one division per row; the coordinates' by _div_rcp
+        units = ()
+        for s in tl.static_range(P):
+            units = units + (tl.where(inv_ok, _div_rcp(ys[s], nd, rn, FMA_DIV), 0.0),)
+        # the codes' thresholds per row (the kept candidate's) and the squared length of their reconstruction
+        if NA == 0:
+            row_thr = thr
+            den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+            for s in tl.static_range(P):
+                lv = _slot_level(units[s], lev, thr, NL)
+                den += lv * lv
+            cn2 = tl.sum(den, axis=1)
+        else:  # scale search: largest cosine <unit, L[codes]> / ||L[codes]||, the first candidate on ties
+            best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+            cn2 = tl.zeros([BLOCK_T], dtype=tl.float32)
+            kept = tl.zeros([BLOCK_T], dtype=tl.int32)
+            for a in range(NA):  # a runtime loop: one copy of the body (compile time, code size)
+                ta = ()
+                for k in tl.static_range(NL - 1):
+                    ta = ta + (tl.load(thr_ptr + a * NL + k),)
+                num = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+                den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+                for s in tl.static_range(P):
+                    lv = _slot_level(units[s], lev, ta, NL)
+                    num += units[s] * lv
+                    den += lv * lv
+                den_a = tl.sum(den, axis=1)
+                cos = tl.math.div_rn(tl.sum(num, axis=1), tl.maximum(tl.sqrt_rn(den_a), TINY))
+                better = cos > best
+                best = tl.where(better, cos, best)
+                cn2 = tl.where(better, den_a, cn2)
+                kept = tl.where(better, a, kept)
+            row_thr = ()
+            for k in tl.static_range(NL - 1):
+                row_thr = row_thr + (tl.load(thr_ptr + kept * NL + k),)
+        corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
+        tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
+        # codes against the row's thresholds, packed per stored word
+        lo = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+        for s in tl.static_range(P):
+            code = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+            for k in tl.static_range(NL - 1):
+                if NA == 0:
+                    code += (units[s] >= row_thr[k]).to(tl.int32)
+                else:
+                    code += (units[s] >= row_thr[k][:, None]).to(tl.int32)
+            if BITS == 4:
+                lo |= code << (4 * s)
+            else:
+                lo |= (code & 3) << (2 * s)
+                if BITS == 3:
+                    hi |= (code >> 2) << s
+        wl = crow + g * (G * LB // 8) + jj[None, :] * 4
+        tl.store(wl.to(tl.pointer_type(tl.int32)), lo, mask=t_ok)
+        if BITS == 3:
+            wh = crow + D // 4 + g * (G // 8) + jj[None, :] * 2
+            tl.store(wh.to(tl.pointer_type(tl.int16)), hi.to(tl.int16), mask=t_ok)
