@@ -236,10 +236,22 @@ def _div_rcp_kernel(a_ptr, b_ptr, q_ptr, N: tl.constexpr):
     tl.store(q_ptr + i, quantize_v2._div_rcp(a, b, tl.math.div_rn(1.0, b), True))
 
 
-@pytest.mark.skipif(not (HAS_CUDA or kquant._fma_exact()), reason="this interpreter's tl.fma rounds twice")
-def test_div_rcp_is_the_correctly_rounded_quotient():
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param(
+            "cpu",
+            marks=pytest.mark.skipif(
+                HAS_CUDA or not kquant._fma_exact(), reason="needs an interpreter whose tl.fma rounds once"
+            ),
+        ),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_div_rcp_is_the_correctly_rounded_quotient(device):
     """v2's divisions (x - mean) / scale and y / norm: a * rcp plus one FMA correction equals IEEE division, also for
-    numerators and divisors of extreme mantissas (all ones, just above a power of two) over a wide exponent range."""
+    numerators and divisors of extreme mantissas (all ones, just above a power of two) over a wide exponent range.
+    The claim is the device's (`pytest -m gpu` runs it there); an interpreter that emulates fma checks it too."""
     global _div_rcp_kernel
     _div_rcp_kernel = triton.jit(_div_rcp_kernel.fn)  # against the reloaded module (interpreter mode)
     n = 1 << 16
@@ -254,7 +266,6 @@ def test_div_rcp_is_the_correctly_rounded_quotient():
     a = (ma * np.where(rng.random(n) < 0.5, -1, 1) * 2.0 ** rng.integers(-90, 90, n)).astype(np.float32)
     b = (mb * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
     a[:4] = [0.0, -0.0, 1.0, -3.0]
-    device = "cuda" if HAS_CUDA else "cpu"
     q = torch.empty(n, device=device)
     _div_rcp_kernel[(1,)](torch.from_numpy(a).to(device), torch.from_numpy(b).to(device), q, N=n)
     assert np.array_equal(q.cpu().numpy().view(np.int32), (a / b).view(np.int32))
