@@ -186,8 +186,11 @@ def main() -> None:
     if args.ncu:  # the first variant's settings
         batch, ctx = (int(v) for v in args.ncu.split(","))
         op_args, _ = inputs(batch, ctx, args.backends.split(",")[0], args.bits)
+        if variants[0][1].get("v_along_keys"):
+            op_args = along_keys(op_args, args.bits)
+        kv_len = torch.full((batch,), ctx, device="cuda") if args.kv_len else None
         for _ in range(10):
-            launch_attention(*op_args, None, 1 / math.sqrt(DIM), **variants[0][1])
+            launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len, **variants[0][1])
         torch.cuda.synchronize()
         return
 

@@ -70,11 +70,12 @@ def build(
     rope=0,
     vkeys=0,
     kvstart=0,
+    krb=2,
 ):
     fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(POINTERS, qk_scale="fp32")
-    const = dict(D=d, KBITS=kb, VBITS=vb, NGK=d // 128, NGV=d // 128, KRB=2, KNB=d // 2, MASK_KIND=mask)
+    const = dict(D=d, KBITS=kb, VBITS=vb, NGK=d // 128, NGV=d // 128, KRB=krb, KNB=d // max(krb, 1), MASK_KIND=mask)
     const.update(MASK_ROW=bool(mrow), HAS_KVLEN=bool(kvlen), KV_START=kvstart, ROPE_K=rope)
     const.update(BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1)
     if not mask:

@@ -422,6 +422,13 @@ def test_attention_combine_walks_splits_and_columns_in_chunks(backend, monkeypat
 
 
 @cpu_only
+def test_a_dense_rotation_covers_every_query_row_of_a_prefill_chunk():
+    """A dense rotation with more query rows per KV head than a decode step has (3 query heads x 6 positions): q's
+    rotation and the combine step's un-rotation and lse cover every row."""
+    _attention_case("hadamard", 3, 3, 64, "cpu", tk=100, rep=3, tq=6, splits=2, lse=True, mask_kind="causal")
+
+
+@cpu_only
 def test_attention_interpret_head_dim_256():
     _attention_case("planar", 3, 3, 256, "cpu", tk=40, batch=1, heads=1, rep=2)
 
