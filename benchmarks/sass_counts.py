@@ -75,6 +75,8 @@ def build(
     fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(POINTERS, qk_scale="fp32")
+    if krb == 0:  # a dense K rotation: q comes rotated, in float32, from kernels/dense_query.py
+        sig.update(q_ptr="*fp32")
     const = dict(D=d, KBITS=kb, VBITS=vb, NGK=d // 128, NGV=d // 128, KRB=krb, KNB=d // max(krb, 1), MASK_KIND=mask)
     const.update(MASK_ROW=bool(mrow), HAS_KVLEN=bool(kvlen), KV_START=kvstart, ROPE_K=rope)
     const.update(BLOCK_M=16, BLOCK_N=64, DECODE=1, sqd=1, Tq=1)

@@ -81,10 +81,12 @@ def _div_rcp(a, b, r, FMA_DIV: tl.constexpr):
     """div_rn(a, b) given r = div_rn(1, b), in 3 instructions instead of ~10: q = a r, then q + (a - b q) r with the
     residual exact by FMA. With r the correctly rounded reciprocal one correction gives the correctly rounded
     quotient (Markstein; 1.4e8 random/adversarial pairs checked) while nothing leaves the normal range: |a| >= 2^-100
-    or a == 0, |a / b| < 2^126, b <= 2^125. FMA_DIV=False (an interpreter whose fma rounds twice): plain div_rn."""
+    or a == 0, |a / b| < 2^126, b <= 2^125. A zero quotient may come out +0 where IEEE gives -0 (a = -0): the GPU
+    build folds the residual's negation into its FMA (H200, session 25); the codes cannot tell, they come from
+    comparisons. FMA_DIV=False (an interpreter whose fma rounds twice): plain div_rn."""
     if FMA_DIV:
         q = a * r
-        return tl.fma(-tl.fma(b, q, -a), r, q)  # the residual as -(b q - a): keeps the sign of a zero quotient
+        return tl.fma(-tl.fma(b, q, -a), r, q)
     else:
         return tl.math.div_rn(a, b)
 
@@ -121,8 +123,12 @@ def _block_slots(
     BLOCK_T: tl.constexpr,
 ):
     """A block rotation (b <= 4) into v2's slot tiles, as `_dense_slots` returns them: u per slot (x, mean, scale of
-    each slot), then each slot's rotated coordinate from the b slots of its block; blocks that straddle slots (rotor,
-    b = 3) gather their inputs instead."""
+    each slot), then each slot's rotated coordinate from the b slots of its block. Blocks that straddle slots (rotor,
+    b = 3): coordinate col's block holds col - col % b + k (k < b), at slot offset k - col % b in -(b - 1)..b - 1,
+    so u is computed for the slots -(b - 1)..P + b - 2 (the neighbouring words' edge coordinates, masked outside
+    0..D - 1) and each input picked from them by col % b: the same values as one gathered load per (slot, k), with
+    P + 2 (b - 1) loads of x instead of P b (the TritonGPUCoalesce pass's time grows with the loads times the kernel's
+    size squared: minutes for rotor on Triton 3.6)."""
     us = ()
     if P % RB == 0:
         for s in tl.static_range(P):
@@ -132,6 +138,16 @@ def _block_slots(
             sc = tl.load(scale_ptr + h * D + col)
             rs = tl.load(rs_ptr + h * D + col)
             us = us + (_div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV),)
+    else:  # us[o]: coordinate g G + jj P + o - (RB - 1), 0 outside the head
+        for o in tl.static_range(P + 2 * (RB - 1)):
+            src = g * G + jj * P + (o - (RB - 1))
+            sv = (src >= 0) & (src < D)
+            xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
+            mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
+            sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
+            rs = tl.load(rs_ptr + h * D + src, mask=sv, other=1.0)
+            u = _div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV)
+            us = us + (tl.where(sv[None, :], u, 0.0),)
     ys = ()
     ss = tl.zeros([BLOCK_T, J], dtype=tl.float32)
     for s in tl.static_range(P):
@@ -142,16 +158,12 @@ def _block_slots(
             if P % RB == 0:
                 coef = tl.load(rot_ptr + ((h * NB + blk) * RB + s % RB) * RB + k)
                 y += coef[None, :] * us[s - s % RB + k]
-            else:  # blocks straddle slots (rotor, b = 3): gathered loads of the block's inputs
+            else:  # blocks straddle slots (rotor, b = 3): input k of col's block is us[s + k - col % RB + RB - 1]
                 coef = tl.load(rot_ptr + ((h * NB + blk) * RB + col % RB) * RB + k)
-                src = blk * RB + k
-                sv = src < D
-                xv = tl.load(x_row + src[None, :] * sxd, mask=t_ok & sv[None, :], other=0.0).to(tl.float32)
-                mu = tl.load(mean_ptr + h * D + src, mask=sv, other=0.0)
-                sc = tl.load(scale_ptr + h * D + src, mask=sv, other=1.0)
-                rs = tl.load(rs_ptr + h * D + src, mask=sv, other=1.0)
-                u = _div_rcp(xv - mu[None, :], sc[None, :], rs[None, :], FMA_DIV)
-                y += coef[None, :] * tl.where(sv[None, :], u, 0.0)
+                u = us[s + k]  # col % RB == RB - 1
+                for r in tl.static_range(1, RB):
+                    u = tl.where((col % RB == RB - 1 - r)[None, :], us[s + k + r], u)
+                y += coef[None, :] * u
         ys = ys + (y,)
         ss += y * y
     return ys, ss
@@ -202,6 +214,113 @@ def _dense_slots(
 
 
 @triton.jit
+def _v2_group(
+    x_row,
+    t_ok,
+    t,
+    sxd,
+    rot_ptr,
+    mean_ptr,
+    scale_ptr,
+    thr_ptr,
+    rs_ptr,
+    norms_ptr,
+    h,
+    g,
+    jj,
+    out_tok,
+    T,
+    crow,
+    lev,
+    thr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    RB: tl.constexpr,
+    NB: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    NA: tl.constexpr,
+    FMA_DIV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Norm group g of the rows (_quantize_v2_kernel's): rotated into slot tiles, normalized, coded (the scale
+    search's candidate kept), its corrected norm and packed codes stored."""
+    NL: tl.constexpr = 1 << BITS
+    P: tl.constexpr = 8 if BITS == 4 else 16  # codes per stored word (slots)
+    J: tl.constexpr = G // P
+    LB: tl.constexpr = 2 if BITS == 3 else BITS  # width of the first plane
+    # the group rotated into slot tiles, and its squared norm per (row, word)
+    if RB == G:
+        ys, ss = _dense_slots(x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, h, g, D, G, NB, P, J, DOT_PREC, BLOCK_T)
+    else:
+        ys, ss = _block_slots(
+            x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, rs_ptr, h, g, jj, D, G, RB, NB, P, J, FMA_DIV, BLOCK_T
+        )
+    n = tl.sqrt_rn(tl.sum(ss, axis=1))
+    inv_ok = n[:, None] > 0
+    nd = tl.maximum(n, TINY)[:, None]
+    rn = tl.math.div_rn(1.0, nd)  # one division per row; the coordinates' by _div_rcp
+    units = ()
+    for s in tl.static_range(P):
+        units = units + (tl.where(inv_ok, _div_rcp(ys[s], nd, rn, FMA_DIV), 0.0),)
+    # the codes' thresholds per row (the kept candidate's) and the squared length of their reconstruction
+    if NA == 0:
+        row_thr = thr
+        den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+        for s in tl.static_range(P):
+            lv = _slot_level(units[s], lev, thr, NL)
+            den += lv * lv
+        cn2 = tl.sum(den, axis=1)
+    else:  # scale search: largest cosine <unit, L[codes]> / ||L[codes]||, the first candidate on ties
+        best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+        cn2 = tl.zeros([BLOCK_T], dtype=tl.float32)
+        kept = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for a in range(NA):  # a runtime loop: one copy of the body (compile time, code size)
+            ta = ()
+            for k in tl.static_range(NL - 1):
+                ta = ta + (tl.load(thr_ptr + a * NL + k),)
+            num = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+            den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
+            for s in tl.static_range(P):
+                lv = _slot_level(units[s], lev, ta, NL)
+                num += units[s] * lv
+                den += lv * lv
+            den_a = tl.sum(den, axis=1)
+            cos = tl.math.div_rn(tl.sum(num, axis=1), tl.maximum(tl.sqrt_rn(den_a), TINY))
+            better = cos > best
+            best = tl.where(better, cos, best)
+            cn2 = tl.where(better, den_a, cn2)
+            kept = tl.where(better, a, kept)
+        row_thr = ()
+        for k in tl.static_range(NL - 1):
+            row_thr = row_thr + (tl.load(thr_ptr + kept * NL + k),)
+    corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
+    tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
+    # codes against the row's thresholds, packed per stored word
+    lo = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+    hi = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+    for s in tl.static_range(P):
+        code = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+        for k in tl.static_range(NL - 1):
+            if NA == 0:
+                code += (units[s] >= row_thr[k]).to(tl.int32)
+            else:
+                code += (units[s] >= row_thr[k][:, None]).to(tl.int32)
+        if BITS == 4:
+            lo |= code << (4 * s)
+        else:
+            lo |= (code & 3) << (2 * s)
+            if BITS == 3:
+                hi |= (code >> 2) << s
+    wl = crow + g * (G * LB // 8) + jj[None, :] * 4
+    tl.store(wl.to(tl.pointer_type(tl.int32)), lo, mask=t_ok)
+    if BITS == 3:
+        wh = crow + D // 4 + g * (G // 8) + jj[None, :] * 2
+        tl.store(wh.to(tl.pointer_type(tl.int16)), hi.to(tl.int16), mask=t_ok)
+
+
+@triton.jit
 def _quantize_v2_kernel(
     x_ptr,
     sxb,
@@ -237,7 +356,6 @@ def _quantize_v2_kernel(
     NL: tl.constexpr = 1 << BITS
     P: tl.constexpr = 8 if BITS == 4 else 16  # codes per stored word (slots)
     J: tl.constexpr = G // P
-    LB: tl.constexpr = 2 if BITS == 3 else BITS  # width of the first plane
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = (t < T)[:, None]
     x_row = x_ptr + b.to(tl.int64) * sxb + h * sxh + t.to(tl.int64)[:, None] * sxt
@@ -252,74 +370,68 @@ def _quantize_v2_kernel(
     if NA == 0:
         for k in tl.static_range(NL - 1):
             thr = thr + (_float_up((lev[k] + lev[k + 1]) * 0.5),)
-    for g in tl.static_range(NG):
-        # the group rotated into slot tiles, and its squared norm per (row, word)
-        if RB == G:
-            ys, ss = _dense_slots(
-                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, h, g, D, G, NB, P, J, DOT_PREC, BLOCK_T
+    if RB == G or P % RB == 0:
+        for g in tl.static_range(NG):
+            _v2_group(
+                x_row,
+                t_ok,
+                t,
+                sxd,
+                rot_ptr,
+                mean_ptr,
+                scale_ptr,
+                thr_ptr,
+                rs_ptr,
+                norms_ptr,
+                h,
+                g,
+                jj,
+                out_tok,
+                T,
+                crow,
+                lev,
+                thr,
+                D,
+                G,
+                NG,
+                RB,
+                NB,
+                BITS,
+                BLOCK_T,
+                NA,
+                FMA_DIV,
+                DOT_PREC,
             )
-        else:
-            ys, ss = _block_slots(
-                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, rs_ptr, h, g, jj, D, G, RB, NB, P, J, FMA_DIV, BLOCK_T
+    else:  # blocks straddle slots (rotor): a runtime loop, one copy of the group's code (Triton 3.6's coalesce pass
+        # took minutes over the unrolled groups)
+        for g in range(NG):
+            _v2_group(
+                x_row,
+                t_ok,
+                t,
+                sxd,
+                rot_ptr,
+                mean_ptr,
+                scale_ptr,
+                thr_ptr,
+                rs_ptr,
+                norms_ptr,
+                h,
+                g,
+                jj,
+                out_tok,
+                T,
+                crow,
+                lev,
+                thr,
+                D,
+                G,
+                NG,
+                RB,
+                NB,
+                BITS,
+                BLOCK_T,
+                NA,
+                FMA_DIV,
+                DOT_PREC,
             )
-        n = tl.sqrt_rn(tl.sum(ss, axis=1))
-        inv_ok = n[:, None] > 0
-        nd = tl.maximum(n, TINY)[:, None]
-        rn = tl.math.div_rn(1.0, nd)  # one division per row; the coordinates' by _div_rcp
-        units = ()
-        for s in tl.static_range(P):
-            units = units + (tl.where(inv_ok, _div_rcp(ys[s], nd, rn, FMA_DIV), 0.0),)
-        # the codes' thresholds per row (the kept candidate's) and the squared length of their reconstruction
-        if NA == 0:
-            row_thr = thr
-            den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
-            for s in tl.static_range(P):
-                lv = _slot_level(units[s], lev, thr, NL)
-                den += lv * lv
-            cn2 = tl.sum(den, axis=1)
-        else:  # scale search: largest cosine <unit, L[codes]> / ||L[codes]||, the first candidate on ties
-            best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-            cn2 = tl.zeros([BLOCK_T], dtype=tl.float32)
-            kept = tl.zeros([BLOCK_T], dtype=tl.int32)
-            for a in range(NA):  # a runtime loop: one copy of the body (compile time, code size)
-                ta = ()
-                for k in tl.static_range(NL - 1):
-                    ta = ta + (tl.load(thr_ptr + a * NL + k),)
-                num = tl.zeros([BLOCK_T, J], dtype=tl.float32)
-                den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
-                for s in tl.static_range(P):
-                    lv = _slot_level(units[s], lev, ta, NL)
-                    num += units[s] * lv
-                    den += lv * lv
-                den_a = tl.sum(den, axis=1)
-                cos = tl.math.div_rn(tl.sum(num, axis=1), tl.maximum(tl.sqrt_rn(den_a), TINY))
-                better = cos > best
-                best = tl.where(better, cos, best)
-                cn2 = tl.where(better, den_a, cn2)
-                kept = tl.where(better, a, kept)
-            row_thr = ()
-            for k in tl.static_range(NL - 1):
-                row_thr = row_thr + (tl.load(thr_ptr + kept * NL + k),)
-        corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
-        tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
-        # codes against the row's thresholds, packed per stored word
-        lo = tl.zeros([BLOCK_T, J], dtype=tl.int32)
-        hi = tl.zeros([BLOCK_T, J], dtype=tl.int32)
-        for s in tl.static_range(P):
-            code = tl.zeros([BLOCK_T, J], dtype=tl.int32)
-            for k in tl.static_range(NL - 1):
-                if NA == 0:
-                    code += (units[s] >= row_thr[k]).to(tl.int32)
-                else:
-                    code += (units[s] >= row_thr[k][:, None]).to(tl.int32)
-            if BITS == 4:
-                lo |= code << (4 * s)
-            else:
-                lo |= (code & 3) << (2 * s)
-                if BITS == 3:
-                    hi |= (code >> 2) << s
-        wl = crow + g * (G * LB // 8) + jj[None, :] * 4
-        tl.store(wl.to(tl.pointer_type(tl.int32)), lo, mask=t_ok)
-        if BITS == 3:
-            wh = crow + D // 4 + g * (G // 8) + jj[None, :] * 2
-            tl.store(wh.to(tl.pointer_type(tl.int16)), hi.to(tl.int16), mask=t_ok)
