@@ -206,9 +206,11 @@ def _identity(kernel):
 
 def keys_m_programs_per_sm(full_mask: bool, rope: bool) -> int:
     """The launcher's first guess of keys-m programs (4 warps each) resident on one H100/H200 SM, by registers
-    (Triton 3.6, sm_90; benchmarks/sass_counts.py): 155-168 per thread without a mask or the rope term, or with a
-    row-constant mask, i.e. three programs in 64K registers; a mask per query row (238-255) or the rope term
-    (178-238): two. The launcher checks it against the build it runs (_keys_m_fits)."""
+    (Triton 3.6, sm_90; benchmarks/sass_counts.py): 155-172 per thread without a mask or the rope term, or with a
+    row-constant mask, where q is rotated in the kernel (block rotations), i.e. three programs in 64K registers at
+    <= 168; a mask per query row (238-255) or the rope term (178-255): two. The default's dense rotation (q rotated
+    before, KRB 0) builds with 203 (session 25): two. The launcher checks the guess against the build it runs
+    (_keys_m_fits)."""
     return 2 if full_mask or rope else 3
 
 

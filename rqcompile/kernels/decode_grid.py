@@ -64,8 +64,9 @@ def _query_rows(sqb, sqh, sqt, H, REP, Tq, M, BLOCK_M: tl.constexpr):
 def _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN: tl.constexpr, BLOCK_N: tl.constexpr):
     """[n_lo, n_hi): this split's keys. With kv_len the splits share the valid keys only (a short context in a long
     static cache keeps every split busy), in whole tiles. The bounds are told to be >= 0: without that the compiler
-    keeps signed index arithmetic in the loop (keys-m with kv_len and V along keys: 171 registers and 941 loop
-    instructions per tile against 168 and 871 with it; sm_90, Triton 3.6, benchmarks/sass_counts.py)."""
+    keeps signed index arithmetic in the loop (keys-m with kv_len and V along keys, q rotated by 2 x 2 blocks in the
+    kernel: 171 registers and 941 loop instructions per tile against 168 and 871 with it; sm_90, Triton 3.6,
+    benchmarks/sass_counts.py)."""
     if HAS_KVLEN:
         kvl = tl.maximum(tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk), 0)  # < 0: no keys, as the reference
         tl.assume(kvl >= 0)
@@ -84,8 +85,9 @@ def _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN: tl.constexpr, BLOCK
 @triton.jit
 def _key_ok(n, n_hi, KV_START: tl.constexpr):
     """Which key slots n a tile reads: below the split's end, and from rq::attention's kv_start on (a constant: the
-    builds without it keep the single compare). keys-m with V along keys and kv_len: 172 registers with the bound,
-    168 without (sm_90, Triton 3.6; a branch on the tile's start instead: 174)."""
+    builds without it keep the single compare). keys-m with V along keys and kv_len, q rotated by 2 x 2 blocks in the
+    kernel: 172 registers with the bound, 168 without (sm_90, Triton 3.6; a branch on the tile's start instead: 174;
+    the default's dense rotation builds with 203 either way, session 25)."""
     if KV_START > 0:
         return (n < n_hi) & (n >= KV_START)
     return n < n_hi
