@@ -13,7 +13,10 @@ Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1)
 one row per batch, as apply's decode steps pass it), maxnreg, stages, ablate (keys-m's timing ablations,
 attention_keys_m.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope (ROPE_K: the rope score
 term's padded pair count, 0 = none), vkeys (keys-m's VKEYS: V packed along keys), kvstart (rq::attention's
-kv_start: keys before it masked, as apply's decode steps without a mask pass it).
+kv_start: keys before it masked, as apply's decode steps without a mask pass it), krb (K's rotation blocks as the
+kernel sees them: 2, the default here, rotates q in the kernel by 2 x 2 blocks, as planar does; 0 takes q rotated
+before, in float32, as the default full mixing launches it. The two allocate differently: session 25 found the
+production decode build, "kb=3,vb=3,kvlen=1,vkeys=1,kpre=1,kvstart=1,krb=0", at 203 registers where krb=2 gives 172).
 """
 
 from __future__ import annotations
