@@ -370,41 +370,13 @@ def _quantize_v2_kernel(
     if NA == 0:
         for k in tl.static_range(NL - 1):
             thr = thr + (_float_up((lev[k] + lev[k + 1]) * 0.5),)
-    if RB == G or P % RB == 0:
-        for g in tl.static_range(NG):
-            _v2_group(
-                x_row,
-                t_ok,
-                t,
-                sxd,
-                rot_ptr,
-                mean_ptr,
-                scale_ptr,
-                thr_ptr,
-                rs_ptr,
-                norms_ptr,
-                h,
-                g,
-                jj,
-                out_tok,
-                T,
-                crow,
-                lev,
-                thr,
-                D,
-                G,
-                NG,
-                RB,
-                NB,
-                BITS,
-                BLOCK_T,
-                NA,
-                FMA_DIV,
-                DOT_PREC,
-            )
-    else:  # blocks straddle slots (rotor): a runtime loop, one copy of the group's code (Triton 3.6's coalesce pass
-        # took minutes over the unrolled groups)
-        for g in range(NG):
+    # the groups unrolled, except where blocks straddle slots (rotor): there a runtime loop keeps one copy of the
+    # group's code (Triton 3.6's coalesce pass took minutes over the unrolled groups). One of the two loops has a
+    # single trip, which the compiler drops.
+    UNROLL: tl.constexpr = RB == G or P % RB == 0
+    for g0 in tl.static_range(NG if UNROLL else 1):
+        for g1 in range(1 if UNROLL else NG):
+            g = g0 + g1
             _v2_group(
                 x_row,
                 t_ok,
