@@ -413,12 +413,21 @@ def test_attention_lse_interpret_layout(mask_kind):
 
 @cpu_only
 @pytest.mark.parametrize("backend", ["planar", "rotor", "hadamard"])
-def test_attention_combine_walks_splits_and_columns_in_chunks(backend, monkeypatch):
-    """The combine step reduces the splits BLOCK_S at a time over BLOCK_D output columns per program: more splits
-    than one chunk and rotation blocks across column chunks (rotor: blocks of 3 in chunks of 16) still add up."""
-    monkeypatch.setattr(kattn, "COMBINE_BLOCK_S", 2)
+def test_attention_combine_splits_columns_over_programs(backend, monkeypatch):
+    """The combine step reads all splits of a row in one load, BLOCK_D output columns per program: rotation blocks
+    across column chunks (rotor: blocks of 3 in chunks of 16) and a dense block whose outputs are shared by four
+    programs (hadamard, 64 x 64, 16 columns each) still add up."""
     monkeypatch.setattr(kattn, "COMBINE_TILE", 32)  # 16 columns per program
+    monkeypatch.setattr(kattn, "COMBINE_DENSE_COLS", 16)
     _attention_case(backend, 3, 3, 64, "cpu", tk=400, splits=5, lse=True, mask_kind="kv_len")  # 4 splits
+
+
+@cpu_only
+def test_more_splits_than_the_combine_step_reads_is_an_error(monkeypatch):
+    """Splits past what one load of the combine step holds would be dropped from the output: refused instead."""
+    monkeypatch.setattr(kattn, "COMBINE_BLOCK_S", 2)
+    with pytest.raises(RuntimeError, match="at most 2"):
+        _attention_case("planar", 3, 3, 64, "cpu", tk=400, splits=5)
 
 
 @cpu_only

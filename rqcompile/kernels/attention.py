@@ -64,9 +64,10 @@ DEFAULTS = {
 }
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 VARIANTS = ("split", "keys-m")
-# The combine kernel reads up to COMBINE_BLOCK_S splits (all of them: the launcher makes at most 128) x BLOCK_D columns
-# per load, BLOCK_D = COMBINE_TILE / splits (>= 16): independent loads, not a chain of dependent round trips
-COMBINE_BLOCK_S, COMBINE_TILE = 128, 4096
+# The combine kernel reads all splits of a row (the launcher makes at most MAX_SPLITS = COMBINE_BLOCK_S) x BLOCK_D
+# columns in one load, BLOCK_D = COMBINE_TILE / splits (>= 16), or COMBINE_DENSE_COLS output columns of a dense block
+# (whose programs each read all the block's inputs): independent loads, not a chain of dependent round trips
+COMBINE_BLOCK_S, COMBINE_TILE, COMBINE_DENSE_COLS = MAX_SPLITS, 4096, 32
 
 
 def keys_m_applies(dim: int, k_bits: int, v_bits: int, k_groups: int, v_groups: int, rows: int, decode: int) -> bool:
@@ -494,9 +495,12 @@ def launch_attention(
     vrb = v_rotation.shape[-1]
     dense_v = vrb > 4  # the combine step un-rotates whole dense blocks
     out = torch.empty((batch, q_heads, q_len, dim), dtype=q.dtype, device=device)
-    block_s = min(COMBINE_BLOCK_S, max(2, triton.next_power_of_2(num_splits)))
-    block_d = vrb if dense_v else min(dim, max(16, COMBINE_TILE // block_s))
-    dense_k = min(32, vrb, max(16, COMBINE_TILE // block_s))  # a [dense_k, vrb] slice of R and [block_s, dense_k] loads
+    block_s = max(2, triton.next_power_of_2(num_splits)) if type(num_splits) is int else COMBINE_BLOCK_S
+    if block_s > COMBINE_BLOCK_S:
+        raise RuntimeError(f"{num_splits} splits: the combine step reads at most {COMBINE_BLOCK_S}")
+    block_d = min(COMBINE_DENSE_COLS, vrb) if dense_v else min(dim, max(16, COMBINE_TILE // block_s))
+    # <= 64 floats of the partial accumulators per thread: a dense block's programs each load [block_s, vrb]
+    combine_warps = min(16, max(4, block_s * (vrb if dense_v else block_d) // (64 * 32)))
     wrap(_attn_combine_kernel)[(rows, batch * heads, dim // block_d)](
         pm,
         pl,
@@ -520,8 +524,7 @@ def launch_attention(
         BLOCK_D=block_d,
         WRITE_LSE=with_lse,
         VDENSE=dense_v,
-        DENSE_K=dense_k,
-        num_warps=4,
+        num_warps=combine_warps,
     )
     return (out, lse) if with_lse else out
 

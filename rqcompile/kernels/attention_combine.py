@@ -1,6 +1,13 @@
 """The combine kernel: merges the splits' (max, sum, acc), un-rotates V once per query row (block-diagonal gather,
-or a dense block's matrix-vector product in chunks), applies V's scale and mean and writes the output in q's dtype;
-for rq::attention_lse (constexpr WRITE_LSE) also each row's natural-log sum-exp from the merged max and sum.
+or a dense block's matrix-vector product), applies V's scale and mean and writes the output in q's dtype; for
+rq::attention_lse (constexpr WRITE_LSE) also each row's natural-log sum-exp from the merged max and sum.
+
+A latency-bound launch of a few us. All splits of a row fit one load (the launcher makes at most
+`splits.MAX_SPLITS` <= BLOCK_S of them), so a program has no loop and issues its loads at once (session 26: from a
+chain of one round trip per loop, H200, dense block 6.5 -> 4.2 us at batch 1 32K, planar 3.2 -> 2.7 at batch 8).
+A dense block's cost at batch 8 (8.8 us) is its L2 reads: every query row's programs read the block's rotation,
+~25 MB a call. Several rows per program would cut that, but the [rows, inputs, columns] products compiled to 3-5x
+the instructions and 6-10x the barriers (sm_90 SASS, not timed; benchmarks/NOTES.md "Session 26").
 """
 
 from __future__ import annotations
@@ -14,23 +21,10 @@ from rqcompile.kernels.common import (
 
 
 @triton.jit
-def _split_weights(pm_ptr, off, s_ok, muse):
-    """exp2(m_split - m_max) of the splits at offsets `off` (0 where masked): each split's share of the row's sum."""
-    ms = tl.load(pm_ptr + off, mask=s_ok, other=float("-inf"))
-    return tl.where(s_ok, tl.exp2(ms - muse), 0.0)
-
-
-@triton.jit
-def _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, cols, col_ok, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """sum over the splits of weight(split) * partial accumulator[split, cols]: one [BLOCK_S, cols] load per step."""
-    a = tl.zeros(cols.shape, dtype=tl.float32)
-    for s0 in range(0, NS, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < NS
-        w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
-        arow = pacc_ptr + (rbase + s.to(tl.int64) * M)[:, None] * D
-        a += tl.sum(w[:, None] * tl.load(arow + cols[None, :], mask=s_ok[:, None] & col_ok[None, :], other=0.0), 0)
-    return a
+def _split_sum(pacc_ptr, srow, s_ok, w, cols, col_ok, D: tl.constexpr):
+    """sum over the splits of w[split] * partial accumulator[split, cols]: one [BLOCK_S, cols] load."""
+    acc = tl.load(pacc_ptr + srow[:, None] * D + cols[None, :], mask=s_ok[:, None] & col_ok[None, :], other=0.0)
+    return tl.sum(w[:, None] * acc, 0)
 
 
 @triton.jit
@@ -57,47 +51,39 @@ def _attn_combine_kernel(
     BLOCK_D: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     VDENSE: tl.constexpr = False,
-    DENSE_K: tl.constexpr = 32,
 ):
-    """One program per (query row, KV head, BLOCK_D output columns): the splits' max and sum first (NS floats),
-    then the weighted sum of the partial accumulators, BLOCK_S splits at a time. A whole [NS, D] tile per program
-    spilled (59 us at batch 1, 32K, planar, for 3 MB); chunks of 32 splits x 64 columns took 15 us, a chain of
-    dependent loads; now all splits x BLOCK_D columns per rotation input come in one load each."""
+    """One program per (query row, KV head, BLOCK_D output columns). NS <= BLOCK_S splits. A dense block (VDENSE,
+    VRB >= BLOCK_D) needs all VRB of its inputs for any output column: each of its programs sums them all."""
     row = tl.program_id(0)
     bh = tl.program_id(1)
     dt = tl.program_id(2)
     b = bh // H
     h = bh % H
-    rbase = bh.to(tl.int64) * NS * M + row  # + split * M
-    mmax = float("-inf")
-    for s0 in range(0, NS, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mmax = tl.maximum(mmax, tl.max(tl.load(pm_ptr + rbase + s * M, mask=s < NS, other=float("-inf")), axis=0))
-    muse = tl.where(mmax == float("-inf"), 0.0, mmax)
-    total = 0.0
-    for s0 in range(0, NS, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < NS
-        w = _split_weights(pm_ptr, rbase + s * M, s_ok, muse)
-        total += tl.sum(w * tl.load(pl_ptr + rbase + s * M, mask=s_ok, other=0.0), axis=0)
-    inv = tl.where(total > 0, 1.0 / tl.maximum(total, 1e-30), 0.0)
     c = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    if VDENSE:  # a dense block of VRB = BLOCK_D coordinates: out[k] = sum_i R[h, dt, i, k] a[i], DENSE_K inputs a step
-        out = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for i0 in tl.static_range(0, BLOCK_D, DENSE_K):
-            i = i0 + tl.arange(0, DENSE_K)
-            a = _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, dt * BLOCK_D + i, i < BLOCK_D, D, BLOCK_S)
-            j = tl.arange(0, BLOCK_D)
-            rot = tl.load(vrot_ptr + ((h * VNB + dt) * BLOCK_D + i[:, None]).to(tl.int64) * BLOCK_D + j[None, :])
-            out += tl.sum(a[:, None] * rot, axis=0)
-    elif VRB == 1 or VRB == 2 or VRB == 4:
-        # the splits' accumulators of columns c in one contiguous load per step, then the block rotation in registers:
-        # out[blk, k] = sum_i R[h, blk, i, k] * a[blk, i] over this chunk's BLOCK_D / VRB blocks
-        a = _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, c, c < D, D, BLOCK_S)
+    if VDENSE:  # out[k] = sum_i R[h, blk, i, k] a[i] over the block's VRB inputs
+        blk = (dt * BLOCK_D) // VRB
+        i = tl.arange(0, VRB)
+        rot = tl.load(vrot_ptr + ((h * VNB + blk) * VRB + i[:, None]).to(tl.int64) * VRB + (c % VRB)[None, :])
+    elif VRB == 1 or VRB == 2 or VRB == 4:  # out[blk, k] = sum_i R[h, blk, i, k] a[blk, i], in registers
         NBLK: tl.constexpr = BLOCK_D // VRB
         blk = dt * NBLK + tl.arange(0, NBLK)
         i = tl.arange(0, VRB)
         rot = tl.load(vrot_ptr + ((h * VNB + blk)[:, None, None] * VRB + i[None, :, None]) * VRB + i[None, None, :])
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < NS
+    srow = bh.to(tl.int64) * NS * M + row + s * M  # (bh, split, row) of the partial results
+    ms = tl.load(pm_ptr + srow, mask=s_ok, other=float("-inf"))
+    ls = tl.load(pl_ptr + srow, mask=s_ok, other=0.0)
+    mmax = tl.max(ms, axis=0)
+    muse = tl.where(mmax == float("-inf"), 0.0, mmax)
+    w = tl.where(s_ok, tl.exp2(ms - muse), 0.0)  # each split's share of the row's sum
+    total = tl.sum(w * ls, axis=0)
+    inv = tl.where(total > 0, 1.0 / tl.maximum(total, 1e-30), 0.0)
+    if VDENSE:
+        a = _split_sum(pacc_ptr, srow, s_ok, w, blk * VRB + i, i < VRB, D)
+        out = tl.sum(a[:, None] * rot, axis=0)
+    elif VRB == 1 or VRB == 2 or VRB == 4:
+        a = _split_sum(pacc_ptr, srow, s_ok, w, c, c < D, D)
         out = tl.reshape(tl.sum(tl.reshape(a, [NBLK, VRB])[:, :, None] * rot, axis=1), [BLOCK_D])
     else:  # blocks of 3 (rotor) straddle the chunks: each rotation input gathered from the accumulators
         blk = c // VRB
@@ -105,7 +91,7 @@ def _attn_combine_kernel(
         out = tl.zeros([BLOCK_D], dtype=tl.float32)
         for i in tl.static_range(VRB):
             src = blk * VRB + i
-            a = _split_sum(pm_ptr, pacc_ptr, rbase, M, NS, muse, src, src < D, D, BLOCK_S)
+            a = _split_sum(pacc_ptr, srow, s_ok, w, src, src < D, D)
             coef = tl.load(vrot_ptr + ((h * VNB + blk) * VRB + i) * VRB + kk)
             out += coef * a
     c = channels(vperm_ptr, h, c, c < D, D, VPERM)  # un-rotated coordinate c is channel perm[h, c] of V
