@@ -24,12 +24,36 @@ def _q_rot(
     C0: tl.constexpr = 0,
     DC: tl.constexpr = 0,
 ):
-    """The rotated, K-scaled query rows times qk_scale, fp32 [BLOCK_M, DC] (columns C0.., natural order; DC 0: D)."""
+    """The rotated, K-scaled query rows times qk_scale, fp32 [BLOCK_M, DC] (columns C0.., natural order; DC 0: D).
+    Blocks of 2 and 4 take q in one contiguous load and pull the blocks' coordinates apart in registers (split /
+    join): gathering them coordinate by coordinate compiled to 16-bit loads with a layout conversion through shared
+    memory after each (sm_90: keys-m's prologue 999 -> 766 instructions, ~20 -> 4 barriers, session 26)."""
     DQ: tl.constexpr = D if DC == 0 else DC
     c = C0 + tl.arange(0, DQ)
     if RB == 0:  # q already rotated and K-scaled (dense rotation: kernels/dense_query.py)
         qv = tl.load(qrow[:, None] + c[None, :] * sqd, mask=m_ok[:, None], other=0.0).to(tl.float32)
-    else:
+    elif RB == 2 or RB == 4:
+        cv = c < D
+        x = tl.load(qrow[:, None] + c[None, :] * sqd, mask=m_ok[:, None] & cv[None, :], other=0.0).to(tl.float32)
+        x = x * tl.load(ks_ptr + h * D + c, mask=cv, other=0.0)[None, :]
+        blk = C0 // RB + tl.arange(0, DQ // RB)
+        rb = rot_ptr + (h * NB + blk) * (RB * RB)  # R[h, blk, i, k] at rb + i * RB + k: out_i = sum_k R_ik x_k
+        b_ok = blk < NB
+        if RB == 2:
+            x0, x1 = tl.split(tl.reshape(x, [BM, DQ // 2, 2]))
+            y0 = _block_row(rb, b_ok, 0, x0, x1, x0, x1, 2)
+            y1 = _block_row(rb, b_ok, 2, x0, x1, x0, x1, 2)
+            qv = tl.reshape(tl.join(y0, y1), [BM, DQ])
+        else:
+            xa, xb = tl.split(tl.reshape(x, [BM, DQ // 4, 2, 2]))  # coordinates 4j + 2p + q: xa q = 0, xb q = 1
+            x0, x2 = tl.split(xa)
+            x1, x3 = tl.split(xb)
+            y0 = _block_row(rb, b_ok, 0, x0, x1, x2, x3, 4)
+            y1 = _block_row(rb, b_ok, 4, x0, x1, x2, x3, 4)
+            y2 = _block_row(rb, b_ok, 8, x0, x1, x2, x3, 4)
+            y3 = _block_row(rb, b_ok, 12, x0, x1, x2, x3, 4)
+            qv = tl.reshape(tl.join(tl.join(y0, y2), tl.join(y1, y3)), [BM, DQ])
+    else:  # blocks of 3 (rotor) straddle power-of-two chunks: each coordinate gathered
         blk = c // RB
         ii = c % RB
         qv = tl.zeros([BM, DQ], dtype=tl.float32)
@@ -41,6 +65,19 @@ def _q_rot(
             coef = tl.load(rot_ptr + ((h * NB + blk) * RB + ii) * RB + k)
             qv += coef[None, :] * (x.to(tl.float32) * ksc[None, :])
     return qv * qk_scale
+
+
+@triton.jit
+def _block_row(rb, b_ok, row, x0, x1, x2, x3, RB: tl.constexpr):
+    """One output coordinate of every block: sum_k R[blk, i, k] x_k, R's row i at rb + row (RB = 2: x2, x3 unused)."""
+    y = (
+        tl.load(rb + row, mask=b_ok, other=0.0)[None, :] * x0
+        + tl.load(rb + row + 1, mask=b_ok, other=0.0)[None, :] * x1
+    )
+    if RB == 4:
+        y += tl.load(rb + row + 2, mask=b_ok, other=0.0)[None, :] * x2
+        y += tl.load(rb + row + 3, mask=b_ok, other=0.0)[None, :] * x3
+    return y
 
 
 @triton.jit
