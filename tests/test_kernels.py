@@ -1158,10 +1158,12 @@ def test_a_valid_length_expanded_over_the_batch_is_read_per_row(variant):
 
 
 @pytest.mark.parametrize("variant", ["split", "keys-m"])
-def test_valid_lengths_out_of_range_read_no_key_or_every_key(variant):
+@pytest.mark.parametrize("dtype,past", [(torch.int32, 100), (torch.int64, 2**32 + 10)])
+def test_valid_lengths_out_of_range_read_no_key_or_every_key(variant, dtype, past):
     """A valid length below 0 means no key and one past the cache every key, as in the reference (the kernels clamp
-    it before telling the compiler the bounds are non-negative)."""
-    out, ref = _valid_length_case(variant, torch.tensor([-5, 100, 40], dtype=torch.int32))
+    it before telling the compiler the bounds are non-negative). int64 lengths are read as they are, clamped before
+    narrowing: 2**32 + 10 is every key, not 10."""
+    out, ref = _valid_length_case(variant, torch.tensor([-5, past, 40], dtype=dtype))
     assert torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < 3e-3
 

@@ -380,7 +380,10 @@ def launch_attention(
         mstrides = tuple(0 if size == 1 else stride for size, stride in zip(mask.shape, mask.stride()))
     # the kernels read kv_len[b] at offset b: an expanded [1] -> [B] (fuse_attention's valid_kv_length of a mask with
     # batch dim 1) must become B real values, else rows b >= 1 read past its one element
-    kvl = kv_len.to(torch.int32).contiguous() if kv_len is not None else q
+    # (int32 and int64 are read as they are: a conversion was a ~1 us launch of its own per call)
+    kvl = q
+    if kv_len is not None:
+        kvl = (kv_len if kv_len.dtype in (torch.int32, torch.int64) else kv_len.to(torch.int32)).contiguous()
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=device) if with_lse else None
     if batch * q_heads * q_len == 0:
         empty = torch.empty(q.shape, dtype=q.dtype, device=device)

@@ -105,7 +105,8 @@ def _key_range(kvlen_ptr, b, split, NS, span, Tk, HAS_KVLEN: tl.constexpr, BLOCK
     kernel: 171 registers and 941 loop instructions per tile against 168 and 871 with it; sm_90, Triton 3.6,
     benchmarks/sass_counts.py)."""
     if HAS_KVLEN:
-        kvl = tl.maximum(tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Tk), 0)  # < 0: no keys, as the reference
+        # int32 or int64, clamped before narrowing; < 0: no keys, as the reference
+        kvl = tl.maximum(tl.minimum(tl.load(kvlen_ptr + b), Tk), 0).to(tl.int32)
         tl.assume(kvl >= 0)
         span_b = (((kvl + NS - 1) // NS + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
         n_lo = split * span_b
