@@ -5,9 +5,10 @@ rq::attention_lse (constexpr WRITE_LSE) also each row's natural-log sum-exp from
 A latency-bound launch of a few us. All splits of a row fit one load (the launcher makes at most
 `splits.MAX_SPLITS` <= BLOCK_S of them), so a program has no loop and issues its loads at once (session 26: from a
 chain of one round trip per loop, H200, dense block 6.5 -> 4.2 us at batch 1 32K, planar 3.2 -> 2.7 at batch 8).
-A dense block's cost at batch 8 (8.8 us) is its L2 reads: every query row's programs read the block's rotation,
-~25 MB a call. Several rows per program would cut that, but the [rows, inputs, columns] products compiled to 3-5x
-the instructions and 6-10x the barriers (sm_90 SASS, not timed; benchmarks/NOTES.md "Session 26").
+A dense block at batch 8 still takes 8.8 us (planar's 2.7): ncu puts it at 82% of L1 throughput, the
+shared-memory reductions of 1,536 small programs, each over its [VRB, BLOCK_D] slice of the rotation. Several rows per
+program would share a slice, but the [rows, inputs, columns] products compiled to 3-5x the instructions and 6-10x the
+barriers (sm_90 SASS, not timed; benchmarks/NOTES.md "Session 26").
 """
 
 from __future__ import annotations
