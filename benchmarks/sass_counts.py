@@ -8,6 +8,7 @@ The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install 
 
     .venv/bin/python -m pip install --no-deps --target /tmp/t36 triton==3.6.0
     PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py "kb=3,vb=3" "kernel=split,kb=3,vb=3,maxnreg=128"
+    PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py --prologue "kb=3,vb=3,krb=4"   # + the prologue
 
 Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), mrow (1: the mask is
 one row per batch, as apply's decode steps pass it), maxnreg, stages, ablate (keys-m's timing ablations,
@@ -95,13 +96,18 @@ def build(
     return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def loop_instructions(sass: str) -> list[str]:
-    """The opcodes of the largest backward branch's body: the key loop."""
+def _rows(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of each SASS instruction (a predicate guard dropped)."""
     rows = []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
         if m:
             rows.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return rows
+
+
+def _loop_span(rows: list[tuple[int, str, str]]) -> tuple[int, int] | None:
+    """[first, last] address of the largest backward branch's body: the key loop."""
     best = None
     for addr, op, rest in rows:
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
@@ -109,11 +115,36 @@ def loop_instructions(sass: str) -> list[str]:
             span = (int(target.group(1), 16), addr)
             if best is None or span[1] - span[0] > best[1] - best[0]:
                 best = span
+    return best
+
+
+def loop_instructions(sass: str) -> list[str]:
+    """The opcodes of the largest backward branch's body: the key loop."""
+    rows = _rows(sass)
+    best = _loop_span(rows)
     return [op for addr, op, _ in rows if best and best[0] <= addr <= best[1]]
 
 
+def prologue(sass: str) -> tuple[int, str]:
+    """The instructions before the key loop: their count, and the order of their global loads, shared-memory
+    accesses and barriers, run-length encoded ("LDG.E.128x6 BARx1 ..."). Loads issued after a barrier wait for
+    everything before it (session 26: planar's q rotation held the first tile's loads back by ~1 us)."""
+    rows = _rows(sass)
+    best = _loop_span(rows)
+    ops = [op for addr, op, _ in rows if best and addr < best[0]]
+    seq = [op if op.startswith("LDG") else op.split(".")[0] for op in ops if re.match(r"(LDG|STS|LDS|BAR|MEMBAR)", op)]
+    runs: list[list] = []
+    for op in seq:
+        if runs and runs[-1][0] == op:
+            runs[-1][1] += 1
+        else:
+            runs.append([op, 1])
+    return len(ops), " ".join(f"{op}x{n}" for op, n in runs)
+
+
 def main() -> None:
-    for spec in sys.argv[1:] or ["kb=3,vb=3", "kernel=split,kb=3,vb=3"]:
+    specs = [a for a in sys.argv[1:] if a != "--prologue"]
+    for spec in specs or ["kb=3,vb=3", "kernel=split,kb=3,vb=3"]:
         kw = {}
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
@@ -128,6 +159,9 @@ def main() -> None:
         shared = {op: n for op, n in sorted(collections.Counter(loop).items()) if SHARED_OPS.match(op)}
         usage = " ".join(re.findall(r"REG:\d+|STACK:\d+", res))
         print(f"{spec}: {usage} shared {compiled.metadata.shared} B, loop {len(loop)} instructions; {shared}")
+        if "--prologue" in sys.argv:
+            count, order = prologue(sass)
+            print(f"  prologue: {count} instructions; {order}")
 
 
 if __name__ == "__main__":
