@@ -191,6 +191,7 @@ def reference_attention(
     return_lse: bool = False,
 ):
     """rq::attention's (`return_lse`: rq::attention_lse's) torch implementation, any device, the op's arguments."""
+    check_kv_len(kv_len, q.shape[0])
     v_codes = coordinates_layout(v_codes, v_bits, q.shape[-1], v_along_keys)
     attn_mask = mask_with_key_range(attn_mask, kv_len, k_codes.shape[2], kv_start, k_codes.device)
     if rope_ab is not None:
@@ -278,6 +279,19 @@ def mask_with_key_range(
     if attn_mask.dtype == torch.bool:
         return attn_mask & valid
     return torch.where(valid, attn_mask, torch.tensor(float("-inf"), dtype=attn_mask.dtype, device=attn_mask.device))
+
+
+def check_kv_len(kv_len: torch.Tensor | None, batch: int) -> None:
+    """kv_len: None, or an integer tensor [B] (or [1]: one length for every batch row). A float length would be
+    truncated by the kernels where the reference compares with it; a 2-D one or the wrong B would be read past."""
+    if kv_len is None:
+        return
+    integer = not (kv_len.dtype.is_floating_point or kv_len.dtype.is_complex or kv_len.dtype == torch.bool)
+    if not integer or kv_len.dim() != 1 or kv_len.shape[0] not in (1, batch):
+        raise ValueError(
+            f"kv_len must be an integer tensor [B] or [1] (valid keys per batch row, B = {batch}), got "
+            f"{kv_len.dtype} {tuple(kv_len.shape)}"
+        )
 
 
 def check_kv_start(kv_start: int) -> None:

@@ -1133,6 +1133,22 @@ def test_keys_m_build_query_runs_once_per_specialization_on_dtypes_only(monkeypa
     assert len(asked) == 4
 
 
+@pytest.mark.parametrize(
+    "kv_len",
+    [torch.tensor([37.5, 20.0, 10.0]), torch.tensor([[37, 20, 10]]), torch.tensor([37, 20]), torch.tensor([True] * 3)],
+    ids=["float", "2-D", "wrong batch", "bool"],
+)
+def test_a_valid_length_that_is_not_integers_per_batch_row_is_refused(kv_len):
+    """A float length would be truncated by the kernels where the reference compares with it (37.5 lets key 37
+    through); a 2-D one or one of the wrong batch size would be read past its end. Both paths refuse them."""
+    args = _tiny_attention_args()
+    q = torch.randn(3, *args[0].shape[1:])
+    with pytest.raises(ValueError, match="kv_len must be an integer tensor"):
+        kattn.launch_attention(q, *args[1:14], None, 0.125, kv_len)
+    with pytest.raises(ValueError, match="kv_len must be an integer tensor"):
+        rqcompile.ops.reference_attention(q, *args[1:14], None, 0.125, kv_len)
+
+
 @cpu_only
 def _valid_length_case(variant: str, kv_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, reference) of one planar 3-bit decode over 64 keys, 3 rows, 2 query heads per KV head, with
@@ -1155,6 +1171,18 @@ def test_a_valid_length_expanded_over_the_batch_is_read_per_row(variant):
     H200 the whole static cache was read at batch 8, and a small stray value would have dropped valid keys)."""
     out, ref = _valid_length_case(variant, torch.tensor([37], dtype=torch.int32).expand(3))
     assert ((out - ref).norm() / ref.norm()).item() < 3e-3
+
+
+@pytest.mark.parametrize("variant", ["split", "keys-m"])
+def test_a_single_valid_length_holds_for_every_batch_row(variant):
+    """kv_len [1] with 3 batch rows: the reference broadcasts it, and the kernels read it for every row (they index
+    kv_len by row, so it is expanded to the batch first, not read past its one element)."""
+    torch.manual_seed(0)
+    out, ref = _valid_length_case(variant, torch.tensor([37]))
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-3
+    torch.manual_seed(0)  # the same inputs, a length per row
+    rows, _ = _valid_length_case(variant, torch.tensor([37, 37, 37]))
+    assert torch.equal(out, rows)
 
 
 @pytest.mark.parametrize("variant", ["split", "keys-m"])

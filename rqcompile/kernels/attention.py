@@ -297,9 +297,10 @@ def launch_attention(
     `RQConfig.value_layout="keys"`), read in place by keys-m; the other kernels get a copy re-packed per token."""
     import torch
 
-    from rqcompile.ops import check_kv_start
+    from rqcompile.ops import check_kv_len, check_kv_start
 
     check_kv_start(kv_start)
+    check_kv_len(kv_len, q.shape[0])
     wrap = _identity if wrap is None else wrap
     block_n = DEFAULTS["block_n"] if block_n is None else block_n
     num_stages = DEFAULTS["num_stages"] if num_stages is None else num_stages
@@ -378,12 +379,13 @@ def launch_attention(
         # expand keeps the query dim's stride T) takes the one-row path (session 21: apply's decode steps ran the
         # per-query-row mask build, 255 registers and 1,081 loop instructions against 174 and 894)
         mstrides = tuple(0 if size == 1 else stride for size, stride in zip(mask.shape, mask.stride()))
-    # the kernels read kv_len[b] at offset b: an expanded [1] -> [B] (fuse_attention's valid_kv_length of a mask with
-    # batch dim 1) must become B real values, else rows b >= 1 read past its one element
-    # (int32 and int64 are read as they are: a conversion was a ~1 us launch of its own per call)
+    # the kernels read kv_len[b] at offset b: a [1] (one length for every row) or one expanded to [B]
+    # (fuse_attention's valid_kv_length of a mask with batch dim 1) must become B real values, else rows b >= 1
+    # read past its one element; int32 and int64 are read as they are (a conversion was a ~1 us launch per call)
     kvl = q
     if kv_len is not None:
-        kvl = (kv_len if kv_len.dtype in (torch.int32, torch.int64) else kv_len.to(torch.int32)).contiguous()
+        kvl = kv_len if kv_len.dtype in (torch.int32, torch.int64) else kv_len.to(torch.int32)
+        kvl = kvl.expand(batch).contiguous()
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=device) if with_lse else None
     if batch * q_heads * q_len == 0:
         empty = torch.empty(q.shape, dtype=q.dtype, device=device)
