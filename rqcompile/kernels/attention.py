@@ -300,7 +300,6 @@ def launch_attention(
     from rqcompile.ops import check_kv_len, check_kv_start
 
     check_kv_start(kv_start)
-    check_kv_len(kv_len, q.shape[0])
     wrap = _identity if wrap is None else wrap
     block_n = DEFAULTS["block_n"] if block_n is None else block_n
     num_stages = DEFAULTS["num_stages"] if num_stages is None else num_stages
@@ -317,6 +316,7 @@ def launch_attention(
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
     batch, q_heads, q_len, dim = q.shape
+    check_kv_len(kv_len, batch)
     heads = k_codes.shape[1]
     tk = k_codes.shape[2]
     rep = q_heads // heads
