@@ -100,7 +100,7 @@ def _rows(sass: str) -> list[tuple[int, str, str]]:
     """(address, opcode, operands) of each SASS instruction (a predicate guard dropped)."""
     rows = []
     for line in sass.splitlines():
-        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
         if m:
             rows.append((int(m.group(1), 16), m.group(2), m.group(3)))
     return rows
