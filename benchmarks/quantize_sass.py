@@ -1,0 +1,127 @@
+"""Static SASS of the bulk quantize kernels for sm_90, built here without a GPU, and the time their instruction
+count alone needs on an H200: the issue floor that bounds "quantize >= 80% of copy bandwidth" (issue 4).
+
+Each build is the kernel `launch_quantize` runs for a contiguous x [B, H, T, 256] bf16 write of many tokens, with
+the constants and divisibility a real launch specializes. The count is per warp and program: the straight-line
+instructions plus the body of each runtime loop times its trip count (the scale search's candidate loop runs NA
+times; `for _ in range(n)` loops are the only backward branches these kernels have). Every warp of a program runs
+the same stream, so a launch issues programs x warps x that many warp-instructions, and an H200 issues at most one
+per scheduler and cycle: 132 SMs x 4 schedulers x 1.98 GHz. That floor ignores memory, latency and the pipes that
+issue at half rate or less (MUFU, conversions), so the real time is above it. A dense rotation's `tl.dot` runs on
+the tensor cores (HGMMA, asynchronous to the issue of the rest): their floor is the multiply-adds its HGMMA
+instructions name (M x N x K each, once per warpgroup) at the H200's dense rate (TF32 494.7, BF16 989.4 TFLOPS).
+
+    .venv/bin/python -m pip install --no-deps --target /tmp/t36 triton==3.6.0   # the device's Triton
+    PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/quantize_sass.py             # the default config, planar
+    PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/quantize_sass.py "kernel=v1,rb=2,na=5" "kernel=v2,rb=2,na=0"
+
+Each argument is one build: kernel (v1 | v2), rb (rotation block: 2 planar, 4 iso with one layer, 128 the default
+full mixing), bits, na (scale candidates: 5 is the default `RQConfig.scale_search`, 0 none), tokens (T).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from benchmarks.sass_counts import BIN, _rows
+from rqcompile.kernels import quantize as kq
+
+SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # H200 SXM at its maximum clock
+TENSOR_FLOPS = {"TF32": 494.7e12, "BF16": 989.4e12, "F16": 989.4e12}  # H200 SXM, dense
+COPY_GBS = 4250  # the H200's device copy bandwidth as measured in sessions 3-17 (BENCHMARKS.md)
+POINTERS = dict(x_ptr="*bf16", rot_ptr="*fp32", mean_ptr="*fp32", scale_ptr="*fp32", lev_ptr="*fp32")
+POINTERS.update(thr_ptr="*fp32", rs_ptr="*fp32", codes_ptr="*u8", norms_ptr="*fp16", perm_ptr="*fp32")
+
+
+def build(kernel: str = "v2", rb: int = 128, bits: int = 3, na: int = 5, d: int = 256, g: int = 128, tokens=65536):
+    """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write."""
+    fn = kq._quantize_v2_kernel if kernel == "v2" else kq._quantize_kernel
+    dense = rb > 4
+    nb = d // g if dense else d // rb
+    const = dict(D=d, G=g, NG=d // g, RB=rb, NB=nb, BITS=bits, NA=na, sxd=1)
+    if kernel == "v2":
+        slots = 8 if bits == 4 else 16
+        bt = max(1, kq.DEFAULTS["v2_tile_dense" if dense else "v2_tile"] // (g // slots))
+        bt = min(max(bt, 16), 64) if dense else bt
+        const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32x3")
+        warps = kq.DEFAULTS["v2_num_warps"]
+    else:
+        bt = kq._block_t(d, dense, tokens)
+        const.update(BLOCK_T=bt, DENSE=dense, DOT_PREC="tf32x3", LUT=kq.DEFAULTS["lut"], PERM=False, LAYOUT="")
+        const.update(RESHAPE=kq.DEFAULTS["reshape"] and rb in (1, 2, 4))
+        warps = kq.DEFAULTS["num_warps"]
+    sig = {name: "i32" for name in fn.arg_names}
+    sig.update({k: v for k, v in POINTERS.items() if k in sig})
+    sig.update({name: "constexpr" for name in const})
+    divisible = [n for n in (*POINTERS, "sxb", "sxh", "sxt", "T") if sig.get(n, "constexpr") != "constexpr"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    target = GPUTarget("cuda", 90, 32)
+    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=target, options={"num_warps": warps})
+    return compiled, bt, warps
+
+
+def dynamic_count(sass: str, trips: int) -> tuple[int, int, int]:
+    """(instructions run per warp, static instructions, backward branches), each loop body counted `trips` times."""
+    rows = _rows(sass)
+    total = len(rows)
+    loops = []
+    for addr, op, rest in rows:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    body = sum(sum(1 for a, _, _ in rows if lo <= a <= hi) for lo, hi in loops)
+    return total + (trips - 1) * body, total, len(loops)
+
+
+def tensor_flops(sass: str) -> dict[str, int]:
+    """Floating-point operations (2 per multiply-add) of one program's HGMMA instructions, by input type."""
+    flops: dict[str, int] = {}
+    for m, n, k, kind in re.findall(r"HGMMA\.(\d+)x(\d+)x(\d+)\.\w+\.(\w+)", sass):
+        flops[kind] = flops.get(kind, 0) + 2 * int(m) * int(n) * int(k)
+    return flops
+
+
+def report(spec: str) -> None:
+    kw = {}
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=")
+        kw[key] = value if key == "kernel" else int(value)
+    compiled, bt, warps = build(**kw)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+    na, d, tokens = kw.get("na", 5), kw.get("d", 256), kw.get("tokens", 65536)
+    run, static, loops = dynamic_count(sass, max(na, 1))
+    heads, batch = 4, 1
+    programs = -(-tokens // bt) * batch * heads
+    floor_us = programs * warps * run / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6
+    tensor_us = sum(programs * f / TENSOR_FLOPS[kind] for kind, f in tensor_flops(sass).items()) * 1e6
+    elements = batch * heads * tokens * d
+    bytes_moved = elements * 2 + elements * kw.get("bits", 3) // 8 + elements // kw.get("g", 128) * 2
+    copy_us = bytes_moved / (COPY_GBS * 1e9) * 1e6
+    usage = " ".join(re.findall(r"REG:\d+|STACK:\d+", res))
+    print(
+        f"{spec or 'default'}: {usage}, BLOCK_T {bt}, {warps} warps; {static} static instructions, {loops} loop(s); "
+        f"{run} run per warp = {run * warps * 32 / (bt * d):.0f} thread-instructions per element; "
+        f"x [{batch}, {heads}, {tokens}, {d}]: issue floor {floor_us:.0f} us, tensor-core floor {tensor_us:.0f} us, "
+        f"copy of its bytes {copy_us:.0f} us (the larger floor alone is {copy_us / max(floor_us, tensor_us):.1%} of "
+        "copy bandwidth)"
+    )
+
+
+def main() -> None:
+    for spec in sys.argv[1:] or ["kernel=v2,rb=128,na=5", "kernel=v1,rb=2,na=5", "kernel=v2,rb=2,na=5"]:
+        report(spec)
+
+
+if __name__ == "__main__":
+    main()
