@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
@@ -855,68 +855,48 @@ class RQCache(Cache):
         return f"{type(self).__name__}({self.rq_config}, layers={len(self.layers)} {sorted(kinds)})"
 
 
-class PlanarQuantCache(RQCache):
+class _BackendCache(RQCache):
+    """An RQCache whose config is `RQConfig(backend=<the class's>, bits=bits, **options)`."""
+
+    backend: ClassVar[str]
+
+    def __init__(
+        self,
+        bits: int = 3,
+        *,
+        model_config: Any = None,
+        calibration: Calibration | str | None = _PROMPT_BY_DEFAULT,
+        prompt_means: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            RQConfig(backend=self.backend, bits=bits, **options),
+            model_config=model_config,
+            calibration=calibration,
+            prompt_means=prompt_means,
+        )
+
+
+class PlanarQuantCache(_BackendCache):
     """Compressed cache with 2D Givens rotations (the fastest encoder with `rotation_stages=1`; by default its
     layers mix each norm group like the other backends'). `calibration` and `prompt_means` as `RQCache`'s: by default
     measured on the prompt."""
 
-    def __init__(
-        self,
-        bits: int = 3,
-        *,
-        model_config: Any = None,
-        calibration: Calibration | str | None = _PROMPT_BY_DEFAULT,
-        prompt_means: bool = False,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            RQConfig(backend="planar", bits=bits, **options),
-            model_config=model_config,
-            calibration=calibration,
-            prompt_means=prompt_means,
-        )
+    backend = "planar"
 
 
-class IsoQuantCache(RQCache):
+class IsoQuantCache(_BackendCache):
     """Compressed cache with 4D quaternion rotations (`q_L v conj(q_R)`); the default backend. `calibration` and
     `prompt_means` as `RQCache`'s: by default measured on the prompt."""
 
-    def __init__(
-        self,
-        bits: int = 3,
-        *,
-        model_config: Any = None,
-        calibration: Calibration | str | None = _PROMPT_BY_DEFAULT,
-        prompt_means: bool = False,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            RQConfig(backend="iso", bits=bits, **options),
-            model_config=model_config,
-            calibration=calibration,
-            prompt_means=prompt_means,
-        )
+    backend = "iso"
 
 
-class RotorQuantCache(RQCache):
+class RotorQuantCache(_BackendCache):
     """Compressed cache with 3D Clifford-algebra rotors. `calibration` and `prompt_means` as `RQCache`'s: by default
     measured on the prompt."""
 
-    def __init__(
-        self,
-        bits: int = 3,
-        *,
-        model_config: Any = None,
-        calibration: Calibration | str | None = _PROMPT_BY_DEFAULT,
-        prompt_means: bool = False,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            RQConfig(backend="rotor", bits=bits, **options),
-            model_config=model_config,
-            calibration=calibration,
-            prompt_means=prompt_means,
-        )
+    backend = "rotor"
 
 
 __all__ = [

@@ -84,6 +84,16 @@ def _prompt(model, batch=2, length=12, seed=0):
     return torch.randint(3, model.config.vocab_size, (batch, length), generator=gen)
 
 
+@pytest.mark.parametrize(
+    "cache_cls,backend", [(PlanarQuantCache, "planar"), (IsoQuantCache, "iso"), (RotorQuantCache, "rotor")]
+)
+def test_each_named_cache_is_an_rq_cache_of_its_backend(cache_cls, backend):
+    """`XQuantCache(bits, **options)` is `RQCache(RQConfig(backend=x, bits=bits, **options))`."""
+    cache = cache_cls(bits=4, residual_window=8)
+    assert isinstance(cache, RQCache)
+    assert cache.rq_config == RQCache(RQConfig(backend=backend, bits=4, residual_window=8)).rq_config
+
+
 @pytest.mark.parametrize("cache_cls", [PlanarQuantCache, IsoQuantCache, RotorQuantCache])
 @pytest.mark.parametrize("calibration", ["default", None])
 def test_quickstart_generate_matches_a_cache_of_dequantized_values(model, cache_cls, calibration):
