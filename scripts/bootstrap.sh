@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 step="${1:-demo}"
 shift || true
 if [ ! -x .venv/bin/python ]; then
+  # torch's Linux wheels bring their CUDA libraries: a new .venv takes ~6 GB. Say so before pip fails half-way.
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((7 * 1024 * 1024)) ] 2>/dev/null; then
+    echo "bootstrap: warning: $((${free_kb:-0} / 1024 / 1024)) GB free here; a new .venv needs ~6 GB" >&2
+  fi
   "${PYTHON:-python3}" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
