@@ -30,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from benchmarks.sass_counts import BIN, _rows
+from benchmarks.sass_counts import BIN, backward_branches, sass_rows
 from rqcompile.kernels import quantize as kq
 
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # H200 SXM at its maximum clock
@@ -69,15 +69,10 @@ def build(kernel: str = "v2", rb: int = 128, bits: int = 3, na: int = 5, d: int 
 
 def dynamic_count(sass: str, trips: int) -> tuple[int, int, int]:
     """(instructions run per warp, static instructions, backward branches), each loop body counted `trips` times."""
-    rows = _rows(sass)
-    total = len(rows)
-    loops = []
-    for addr, op, rest in rows:
-        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
-        if target and int(target.group(1), 16) < addr:
-            loops.append((int(target.group(1), 16), addr))
+    rows = sass_rows(sass)
+    loops = backward_branches(rows)
     body = sum(sum(1 for a, _, _ in rows if lo <= a <= hi) for lo, hi in loops)
-    return total + (trips - 1) * body, total, len(loops)
+    return len(rows) + (trips - 1) * body, len(rows), len(loops)
 
 
 def tensor_flops(sass: str) -> dict[str, int]:

@@ -96,7 +96,7 @@ def build(
     return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _rows(sass: str) -> list[tuple[int, str, str]]:
+def sass_rows(sass: str) -> list[tuple[int, str, str]]:
     """(address, opcode, operands) of each SASS instruction (a predicate guard dropped)."""
     rows = []
     for line in sass.splitlines():
@@ -106,21 +106,24 @@ def _rows(sass: str) -> list[tuple[int, str, str]]:
     return rows
 
 
-def _loop_span(rows: list[tuple[int, str, str]]) -> tuple[int, int] | None:
-    """[first, last] address of the largest backward branch's body: the key loop."""
-    best = None
+def backward_branches(rows: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """[first, last] address of each backward branch's body: the loops."""
+    spans = []
     for addr, op, rest in rows:
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if target and int(target.group(1), 16) < addr:
-            span = (int(target.group(1), 16), addr)
-            if best is None or span[1] - span[0] > best[1] - best[0]:
-                best = span
-    return best
+            spans.append((int(target.group(1), 16), addr))
+    return spans
+
+
+def _loop_span(rows: list[tuple[int, str, str]]) -> tuple[int, int] | None:
+    """[first, last] address of the largest backward branch's body: the key loop."""
+    return max(backward_branches(rows), key=lambda span: span[1] - span[0], default=None)
 
 
 def loop_instructions(sass: str) -> list[str]:
     """The opcodes of the largest backward branch's body: the key loop."""
-    rows = _rows(sass)
+    rows = sass_rows(sass)
     best = _loop_span(rows)
     return [op for addr, op, _ in rows if best and best[0] <= addr <= best[1]]
 
@@ -129,7 +132,7 @@ def prologue(sass: str) -> tuple[int, str]:
     """The instructions before the key loop: their count, and the order of their global loads, shared-memory
     accesses and barriers, run-length encoded ("LDG.E.128x6 BARx1 ..."). Loads issued after a barrier wait for
     everything before it (session 26: planar's q rotation held the first tile's loads back by ~1 us)."""
-    rows = _rows(sass)
+    rows = sass_rows(sass)
     best = _loop_span(rows)
     ops = [op for addr, op, _ in rows if best and addr < best[0]]
     seq = [op if op.startswith("LDG") else op.split(".")[0] for op in ops if re.match(r"(LDG|STS|LDS|BAR|MEMBAR)", op)]

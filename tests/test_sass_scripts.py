@@ -1,0 +1,46 @@
+"""The SASS readers behind benchmarks/sass_counts.py and benchmarks/quantize_sass.py, on hand-made cuobjdump text:
+the static counts in BENCHMARKS.md are only as right as these."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts import each other as `benchmarks.*`
+
+from benchmarks import quantize_sass, sass_counts  # noqa: E402
+
+
+def _sass(*rows: tuple[int, str]) -> str:
+    """cuobjdump -sass lines for (address, instruction text)."""
+    return "\n".join(f"        /*{addr:04x}*/    {text} ;   /* 0x0000000000007918 */" for addr, text in rows)
+
+
+def test_every_instruction_is_read_whatever_the_width_of_its_address():
+    """Kernels longer than 0x10000 bytes have 5-digit addresses (session 27: a 4-digit pattern dropped them all)."""
+    sass = _sass((0x0, "LDC R1, c[0x0][0x28]"), (0xFFF0, "@!P0 FFMA R2, R3, R4, R5"), (0x10000, "EXIT"))
+    assert sass_counts.sass_rows(sass) == [
+        (0x0, "LDC", " R1, c[0x0][0x28] ;   /* 0x0000000000007918 */"),
+        (0xFFF0, "FFMA", " R2, R3, R4, R5 ;   /* 0x0000000000007918 */"),
+        (0x10000, "EXIT", " ;   /* 0x0000000000007918 */"),
+    ]
+
+
+def test_a_loop_body_runs_once_per_trip_and_forward_branches_are_no_loops():
+    body = [(0x20 + 0x10 * i, "FADD R1, R1, R2") for i in range(4)]
+    sass = _sass(
+        (0x0, "MOV R1, RZ"),
+        (0x10, "BRA 0x80"),  # forward: no loop
+        *body,
+        (0x60, "BRA 0x20"),  # back to the body's start: a loop of 5 instructions with its branch
+        (0x70, "STG.E [R2], R1"),
+        (0x80, "EXIT"),
+    )
+    assert sass_counts.backward_branches(sass_counts.sass_rows(sass)) == [(0x20, 0x60)]
+    assert quantize_sass.dynamic_count(sass, trips=5) == (9 + 4 * 5, 9, 1)
+    assert quantize_sass.dynamic_count(sass, trips=1) == (9, 9, 1)
+
+
+def test_tensor_core_work_is_the_multiply_adds_each_hgmma_names():
+    sass = _sass((0x0, "HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24"), (0x10, "HGMMA.64x64x16.F32.BF16 R0, R2, R0"))
+    assert quantize_sass.tensor_flops(sass) == {"TF32": 2 * 64 * 128 * 8, "BF16": 2 * 64 * 64 * 16}
