@@ -12,6 +12,9 @@ in one device run (`--variants "a:block_n=64;b:split_waves=4"`). Any launch_atte
 them keys-m's look-aheads (`k_prefetch=0`, `v_prefetch=1`) and its timing ablations (`ablate=N`, the bits of
 `attention_keys_m.ABLATIONS`: parts of the loop replaced by no-ops, outputs wrong by design; session 18's table:
 `--variants "base:;noKV:ablate=3;vreg:ablate=16;noVdot:ablate=4;noKdot:ablate=8;skel:ablate=12"`).
+A setting named `kattn.NAME` sets the module constant `rqcompile.kernels.attention.NAME` for that variant only
+(restored after it), e.g. the combine step's output columns per program of a dense block:
+`--variants "c32:;c64:kattn.COMBINE_DENSE_COLS=64;c128:kattn.COMBINE_DENSE_COLS=128"`.
 `v_along_keys=1` times V's codes packed along keys (`RQConfig.value_layout="keys"`, `packing.pack_along_keys`) on V
 re-packed that way, and reports its output's relative difference from the default launch's on the same data.
 """
@@ -19,6 +22,7 @@ re-packed that way, and reports its output's relative difference from the defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -146,6 +150,24 @@ def parse_settings(text: str) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def module_constants(settings: dict):
+    """Apply a variant's `kattn.NAME=value` settings to the attention module while it runs; yields the rest (the
+    launch keywords). An unknown NAME is an error, not a silent no-op."""
+    constants = {k.removeprefix("kattn."): v for k, v in settings.items() if k.startswith("kattn.")}
+    unknown = [name for name in constants if not hasattr(kattn, name)]
+    if unknown:
+        raise ValueError(f"rqcompile.kernels.attention has no {unknown}")
+    saved = {name: getattr(kattn, name) for name in constants}
+    for name, value in constants.items():
+        setattr(kattn, name, value)
+    try:
+        yield {k: v for k, v in settings.items() if not k.startswith("kattn.")}
+    finally:
+        for name, value in saved.items():
+            setattr(kattn, name, value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -189,8 +211,9 @@ def main() -> None:
         if variants[0][1].get("v_along_keys"):
             op_args = along_keys(op_args, args.bits)
         kv_len = torch.full((batch,), ctx, device="cuda") if args.kv_len else None
-        for _ in range(10):
-            launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len, **variants[0][1])
+        with module_constants(variants[0][1]) as settings:
+            for _ in range(10):
+                launch_attention(*op_args, None, 1 / math.sqrt(DIM), kv_len, **settings)
         torch.cuda.synchronize()
         return
 
@@ -211,52 +234,54 @@ def main() -> None:
             sdpa_ms = do_bench_cudagraph(sdpa, rep=100, return_mode="median")
             keys_args, default_out = None, None
             rope = rope_inputs(batch, args.rope) if args.rope else {}
-            for name, settings in variants:
-                kv_len = torch.full((batch,), ctx, device="cuda") if args.kv_len else None
-                mask = None
-                if args.decode_mask:
-                    mask = torch.ones(1, 1, 1, ctx, dtype=torch.bool, device="cuda")
-                    mask[..., :1] = mask[..., -32:] = False
-                run_args, diff = op_args, None
-                if settings.get("v_along_keys"):
-                    keys_args = along_keys(op_args, args.bits) if keys_args is None else keys_args
-                    run_args = keys_args
-                    # against V per token with the same settings (split count included), so the two layouts
-                    # sum the same keys in the same splits
-                    per_token = {k: v for k, v in settings.items() if k != "v_along_keys"}
-                    default_out = launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **per_token)
-                    out = launch_attention(*run_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings).float()
-                    default_out = default_out.float()
-                    diff = ((out - default_out).norm() / default_out.norm()).item()
+            for name, variant_settings in variants:
+                with module_constants(variant_settings) as settings:
+                    kv_len = torch.full((batch,), ctx, device="cuda") if args.kv_len else None
+                    mask = None
+                    if args.decode_mask:
+                        mask = torch.ones(1, 1, 1, ctx, dtype=torch.bool, device="cuda")
+                        mask[..., :1] = mask[..., -32:] = False
+                    run_args, diff = op_args, None
+                    if settings.get("v_along_keys"):
+                        keys_args = along_keys(op_args, args.bits) if keys_args is None else keys_args
+                        run_args = keys_args
+                        # against V per token with the same settings (split count included), so the two layouts
+                        # sum the same keys in the same splits
+                        per_token = {k: v for k, v in settings.items() if k != "v_along_keys"}
+                        default_out = launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **per_token)
+                        out = launch_attention(*run_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings).float()
+                        default_out = default_out.float()
+                        diff = ((out - default_out).norm() / default_out.norm()).item()
 
-                def fused(op_args=run_args, settings=settings, kv_len=kv_len, mask=mask, rope=rope):
-                    return launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings)
+                    def fused(op_args=run_args, settings=settings, kv_len=kv_len, mask=mask, rope=rope):
+                        return launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings)
 
-                ms = do_bench_cudagraph(fused, rep=100, return_mode="median")
-                kernels = kernel_times(fused)
-                row = {
-                    "batch": batch,
-                    "ctx": ctx,
-                    "backend": backend,
-                    "variant": name,
-                    "kv_len": args.kv_len,
-                    "decode_mask": args.decode_mask,
-                    "rope_pairs": args.rope,
-                    "settings": settings,
-                    "graph_ms": ms,
-                    "sdpa_graph_ms": sdpa_ms,
-                    "vs_sdpa": sdpa_ms / ms,
-                    "packed_MB": nbytes / 1e6,
-                    "kernels_us": kernels,
-                    "rel_diff_vs_default": diff,
-                }
-                rows.append(row)
-                ks = "  ".join(f"{n.split('_kernel')[0][-24:]}={us:.1f}us" for n, us in kernels.items())
-                print(
-                    f"B{batch} {ctx // 1024}K {backend:6s} {name:10s} {ms * 1e3:8.1f} us  SDPA {sdpa_ms * 1e3:7.1f} us "
-                    f"({sdpa_ms / ms:.2f}x)  | {ks}" + ("" if diff is None else f"  | vs V per token {diff:.1e}"),
-                    flush=True,
-                )
+                    ms = do_bench_cudagraph(fused, rep=100, return_mode="median")
+                    kernels = kernel_times(fused)
+                    row = {
+                        "batch": batch,
+                        "ctx": ctx,
+                        "backend": backend,
+                        "variant": name,
+                        "kv_len": args.kv_len,
+                        "decode_mask": args.decode_mask,
+                        "rope_pairs": args.rope,
+                        "settings": variant_settings,
+                        "graph_ms": ms,
+                        "sdpa_graph_ms": sdpa_ms,
+                        "vs_sdpa": sdpa_ms / ms,
+                        "packed_MB": nbytes / 1e6,
+                        "kernels_us": kernels,
+                        "rel_diff_vs_default": diff,
+                    }
+                    rows.append(row)
+                    ks = "  ".join(f"{n.split('_kernel')[0][-24:]}={us:.1f}us" for n, us in kernels.items())
+                    print(
+                        f"B{batch} {ctx // 1024}K {backend:6s} {name:10s} {ms * 1e3:8.1f} us  "
+                        f"SDPA {sdpa_ms * 1e3:7.1f} us "
+                        f"({sdpa_ms / ms:.2f}x)  | {ks}" + ("" if diff is None else f"  | vs V per token {diff:.1e}"),
+                        flush=True,
+                    )
             del k, v, op_args, keys_args, default_out
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)

@@ -423,6 +423,14 @@ def test_attention_combine_splits_columns_over_programs(backend, monkeypatch):
 
 
 @cpu_only
+def test_the_combine_step_unrotates_a_whole_dense_block_in_one_program(monkeypatch):
+    """More output columns per program than a dense block has (the sweep of COMBINE_DENSE_COLS goes up to 128,
+    the default's block): one program per 64 x 64 block, its outputs and lse as the reference's."""
+    monkeypatch.setattr(kattn, "COMBINE_DENSE_COLS", 128)
+    _attention_case("hadamard", 3, 3, 64, "cpu", tk=400, splits=5, lse=True, mask_kind="kv_len")
+
+
+@cpu_only
 def test_more_splits_than_the_combine_step_reads_is_an_error(monkeypatch):
     """Splits past what one load of the combine step holds would be dropped from the output: refused instead."""
     monkeypatch.setattr(kattn, "COMBINE_BLOCK_S", 2)
