@@ -12,9 +12,10 @@ in one device run (`--variants "a:block_n=64;b:split_waves=4"`). Any launch_atte
 them keys-m's look-aheads (`k_prefetch=0`, `v_prefetch=1`) and its timing ablations (`ablate=N`, the bits of
 `attention_keys_m.ABLATIONS`: parts of the loop replaced by no-ops, outputs wrong by design; session 18's table:
 `--variants "base:;noKV:ablate=3;vreg:ablate=16;noVdot:ablate=4;noKdot:ablate=8;skel:ablate=12"`).
-A setting named `kattn.NAME` sets the module constant `rqcompile.kernels.attention.NAME` for that variant only
-(restored after it), e.g. the combine step's output columns per program of a dense block:
-`--variants "c32:;c64:kattn.COMBINE_DENSE_COLS=64;c128:kattn.COMBINE_DENSE_COLS=128"`.
+A setting named `kattn.NAME` (or `dense_query.NAME`) sets the module constant NAME of
+`rqcompile.kernels.attention` (`rqcompile.kernels.dense_query`) for that variant only (restored after it), e.g. the
+combine step's output columns per program of a dense block, or the kernel that rotates q by a dense rotation:
+`--variants "c32:;c64:kattn.COMBINE_DENSE_COLS=64;qt:dense_query.VARIANT=tiles"`.
 `v_along_keys=1` times V's codes packed along keys (`RQConfig.value_layout="keys"`, `packing.pack_along_keys`) on V
 re-packed that way, and reports its output's relative difference from the default launch's on the same data.
 """
@@ -39,12 +40,14 @@ from triton.testing import do_bench_cudagraph
 import rqcompile.ops  # noqa: F401  (registers the rq ops and their CUDA kernels)
 from rqcompile.config import RQConfig
 from rqcompile.kernels import attention as kattn
+from rqcompile.kernels import dense_query
 from rqcompile.kernels.attention import launch_attention
 from rqcompile.kernels.quantize import launch_quantize
 from rqcompile.quant import quantizer
 from rqcompile.quant.packing import pack_along_keys
 
 HEADS, Q_HEADS, DIM = 4, 24, 256
+MODULES = {"kattn": kattn, "dense_query": dense_query}  # whose constants a variant may set
 
 
 def inputs(batch: int, ctx: int, backend: str, bits: int):
@@ -152,20 +155,25 @@ def parse_settings(text: str) -> dict:
 
 @contextlib.contextmanager
 def module_constants(settings: dict):
-    """Apply a variant's `kattn.NAME=value` settings to the attention module while it runs; yields the rest (the
+    """Apply a variant's `module.NAME=value` settings (module: a key of MODULES) while it runs; yields the rest (the
     launch keywords). An unknown NAME is an error, not a silent no-op."""
-    constants = {k.removeprefix("kattn."): v for k, v in settings.items() if k.startswith("kattn.")}
-    unknown = [name for name in constants if not hasattr(kattn, name)]
-    if unknown:
-        raise ValueError(f"rqcompile.kernels.attention has no {unknown}")
-    saved = {name: getattr(kattn, name) for name in constants}
-    for name, value in constants.items():
-        setattr(kattn, name, value)
+    constants, launch = [], {}
+    for key, value in settings.items():
+        module, _, name = key.partition(".")
+        if not name:
+            launch[key] = value
+        elif module not in MODULES or not hasattr(MODULES[module], name):
+            raise ValueError(f"{key}: not a constant of {sorted(MODULES)}")
+        else:
+            constants.append((MODULES[module], name, value))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in constants]
+    for module, name, value in constants:
+        setattr(module, name, value)
     try:
-        yield {k: v for k, v in settings.items() if not k.startswith("kattn.")}
+        yield launch
     finally:
-        for name, value in saved.items():
-            setattr(kattn, name, value)
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def main() -> None:

@@ -6,21 +6,23 @@ import pytest
 from benchmark_modules import load_benchmark
 
 from rqcompile.kernels import attention as kattn
+from rqcompile.kernels import dense_query
 
 PROFILE = load_benchmark("attn_profile", "attn_profile")
 
 
-def test_a_variant_sets_attention_constants_only_while_it_runs():
-    settings = PROFILE.parse_settings("kattn.COMBINE_DENSE_COLS=64,block_n=128")
-    before = kattn.COMBINE_DENSE_COLS
+def test_a_variant_sets_kernel_constants_only_while_it_runs():
+    settings = PROFILE.parse_settings("kattn.COMBINE_DENSE_COLS=64,block_n=128,dense_query.VARIANT=tiles")
+    before = kattn.COMBINE_DENSE_COLS, dense_query.VARIANT
     with PROFILE.module_constants(settings) as launch_settings:
-        assert kattn.COMBINE_DENSE_COLS == 64
+        assert (kattn.COMBINE_DENSE_COLS, dense_query.VARIANT) == (64, "tiles")
         assert launch_settings == {"block_n": 128}  # what launch_attention gets
-    assert kattn.COMBINE_DENSE_COLS == before
+    assert (kattn.COMBINE_DENSE_COLS, dense_query.VARIANT) == before
 
 
 def test_a_constant_the_attention_module_lacks_is_an_error():
     """A misspelt name would otherwise time the default under the variant's name."""
-    with pytest.raises(ValueError, match="COMBINE_DENSE_COL"):
-        with PROFILE.module_constants({"kattn.COMBINE_DENSE_COL": 64}):
-            pass
+    for key in ("kattn.COMBINE_DENSE_COL", "attention.COMBINE_DENSE_COLS"):
+        with pytest.raises(ValueError, match=key):
+            with PROFILE.module_constants({key: 64}):
+                pass
