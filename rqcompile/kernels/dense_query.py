@@ -119,7 +119,7 @@ def _rotate_query_tiles_kernel(
         x = tl.load(q_ptr + qrow[:, None] + c[None, :] * sqd, mask=m_ok[:, None], other=0.0).to(tl.float32)
         x = x * tl.load(scale_ptr + h * D + c)[None, :]
         rt = tl.load(rot_ptr + ((h * NB + blk) * G + i[None, :]).to(tl.int64) * G + k[:, None])  # R[i, k] at [k, i]
-        out = tl.dot(x, rt, out, input_precision="ieee")  # fp32 FMAs: a broadcast product summed over k shuffled
+        out = tl.dot(x, rt, out, input_precision="ieee")  # fp32 FMAs (a summed broadcast product crossed lanes)
     orow = ((b.to(tl.int64) * H + h) * REP + r) * Tq + t
     tl.store(out_ptr + orow[:, None] * D + blk * G + i[None, :], out, mask=m_ok[:, None])
 
