@@ -88,10 +88,10 @@ def _rotate_query_tiles_kernel(
     perm_ptr,
     rot_ptr,
     out_ptr,
-    M,
     H,
     REP,
     Tq,
+    M,
     D: tl.constexpr,
     G: tl.constexpr,
     NB: tl.constexpr,
@@ -136,51 +136,14 @@ def rotate_query(q, rotation, scale, perm, heads: int, wrap) -> torch.Tensor:
         return out
     if VARIANT not in VARIANTS:
         raise ValueError(f"unknown rotate_query variant {VARIANT!r}; expected one of {VARIANTS}")
+    args = (q, *q.stride(), scale.contiguous(), scale if perm is None else perm.contiguous(), rotation.contiguous())
+    args += (out, heads, rep, q_len)
+    meta = dict(D=dim, G=g, NB=nb, PERM=perm is not None, CHUNK=min(_CHUNK, g), num_warps=4)
     if VARIANT == "tiles":
         rows = batch * rep * q_len
         block_o = min(_TILE_OUTS, g)
-        wrap(_rotate_query_tiles_kernel)[(triton.cdiv(rows, _TILE_ROWS), heads * nb, g // block_o)](
-            q,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            q.stride(3),
-            scale.contiguous(),
-            scale if perm is None else perm.contiguous(),
-            rotation.contiguous(),
-            out,
-            rows,
-            heads,
-            rep,
-            q_len,
-            D=dim,
-            G=g,
-            NB=nb,
-            PERM=perm is not None,
-            CHUNK=min(_CHUNK, g),
-            BLOCK_R=_TILE_ROWS,
-            BLOCK_O=block_o,
-            num_warps=4,
-        )
-        return out
-    wrap(_rotate_query_kernel)[(rep * q_len, batch * heads, nb)](
-        q,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        q.stride(3),
-        scale.contiguous(),
-        scale if perm is None else perm.contiguous(),
-        rotation.contiguous(),
-        out,
-        heads,
-        rep,
-        q_len,
-        D=dim,
-        G=g,
-        NB=nb,
-        PERM=perm is not None,
-        CHUNK=min(_CHUNK, g),
-        num_warps=4,
-    )
+        grid = (triton.cdiv(rows, _TILE_ROWS), heads * nb, g // block_o)
+        wrap(_rotate_query_tiles_kernel)[grid](*args, rows, BLOCK_R=_TILE_ROWS, BLOCK_O=block_o, **meta)
+    else:
+        wrap(_rotate_query_kernel)[(rep * q_len, batch * heads, nb)](*args, **meta)
     return out
