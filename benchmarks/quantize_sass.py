@@ -30,10 +30,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from benchmarks.sass_counts import BIN, backward_branches, sass_rows
+from benchmarks.sass_counts import BIN, CLOCK_HZ, SCHEDULERS, SMS, backward_branches, sass_rows
 from rqcompile.kernels import quantize as kq
 
-SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # H200 SXM at its maximum clock
 TENSOR_FLOPS = {"TF32": 494.7e12, "BF16": 989.4e12, "F16": 989.4e12}  # H200 SXM, dense
 COPY_GBS = 4250  # the H200's device copy bandwidth as measured in sessions 3-17 (BENCHMARKS.md)
 POINTERS = dict(x_ptr="*bf16", rot_ptr="*fp32", mean_ptr="*fp32", scale_ptr="*fp32", lev_ptr="*fp32")

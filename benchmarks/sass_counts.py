@@ -10,6 +10,15 @@ The device machine runs Triton 3.6 (torch 2.11); to count what it runs, install 
     PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py "kb=3,vb=3" "kernel=split,kb=3,vb=3,maxnreg=128"
     PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py --prologue "kb=3,vb=3,krb=4"   # + the prologue
 
+`--floor=B:CTX[,B:CTX...]` adds, per build and shape (Qwen3.5-27B: 4 KV heads, head_dim 256), the time the
+kernel's instructions alone need on an H200 at one warp-instruction per scheduler and cycle (132 SMs x 4 x 1.98
+GHz): the loop per 64-key tile, the rest once per program, with the split count launch_attention takes on CUDA
+(`splits.wave_splits` for the programs per SM that the build's registers allow); and the byte floor of its codes and
+norms at the copy bandwidth measured in session 26 (4275 GB/s):
+
+    PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/sass_counts.py --floor=8:32768,8:131072,1:32768 \
+        "kb=3,vb=3,kvlen=1,vkeys=1,kpre=1,kvstart=1,krb=0"
+
 Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), mrow (1: the mask is
 one row per batch, as apply's decode steps pass it), maxnreg, stages, ablate (keys-m's timing ablations,
 attention_keys_m.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope (ROPE_K: the rope score
@@ -34,8 +43,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from rqcompile.kernels import attention as kattn
+from rqcompile.kernels.splits import wave_splits
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SMS, SCHEDULERS, CLOCK_HZ, REGS_PER_SM = 132, 4, 1.98e9, 65536  # H200 SXM at its maximum clock
+KV_HEADS, COPY_GBS = 4, 4275
 POINTERS = {
     "q_ptr": "*bf16",
     "kc_ptr": "*i32",
@@ -145,8 +157,23 @@ def prologue(sass: str) -> tuple[int, str]:
     return len(ops), " ".join(f"{op}x{n}" for op, n in runs)
 
 
+def decode_floors(sass: str, regs: int, batch: int, ctx: int, kb: int, vb: int, d: int = 256, warps: int = 4):
+    """(issue floor us, byte floor us, splits) of one decode call of this keys-m build at `batch` x `ctx` keys."""
+    rows = sass_rows(sass)
+    lo, hi = _loop_span(rows)
+    loop = sum(1 for a, _, _ in rows if lo <= a <= hi)
+    slots = REGS_PER_SM // (-(-regs * 32 // 256) * 256 * warps)
+    tiles, pairs = ctx // 64, batch * KV_HEADS
+    splits = wave_splits(tiles, pairs, SMS, max(slots, 1))
+    warp_instructions = warps * (pairs * splits * (len(rows) - loop) + pairs * tiles * loop)
+    issue_us = warp_instructions / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6
+    per_key = d * (kb + vb) // 8 + 2 * 2 * (d // 128)  # codes of K and V, one fp16 norm per 128 coordinates each
+    return issue_us, pairs * ctx * per_key / (COPY_GBS * 1e9) * 1e6, splits
+
+
 def main() -> None:
-    specs = [a for a in sys.argv[1:] if a != "--prologue"]
+    floors = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--floor=")]
+    specs = [a for a in sys.argv[1:] if a != "--prologue" and not a.startswith("--floor=")]
     for spec in specs or ["kb=3,vb=3", "kernel=split,kb=3,vb=3"]:
         kw = {}
         for item in filter(None, spec.split(",")):
@@ -165,6 +192,11 @@ def main() -> None:
         if "--prologue" in sys.argv:
             count, order = prologue(sass)
             print(f"  prologue: {count} instructions; {order}")
+        regs = int(re.search(r"REG:(\d+)", res).group(1))
+        for shape in ",".join(floors).split(",") if floors else []:
+            batch, ctx = (int(v) for v in shape.split(":"))
+            issue, byte, splits = decode_floors(sass, regs, batch, ctx, kw.get("kb", 3), kw.get("vb", 3))
+            print(f"  B{batch} {ctx // 1024}K: {splits} splits, issue floor {issue:.0f} us, byte floor {byte:.0f} us")
 
 
 if __name__ == "__main__":

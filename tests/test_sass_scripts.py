@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts import each other as `benchmarks.*`
 
 from benchmarks import quantize_sass, sass_counts  # noqa: E402
@@ -44,3 +46,21 @@ def test_a_loop_body_runs_once_per_trip_and_forward_branches_are_no_loops():
 def test_tensor_core_work_is_the_multiply_adds_each_hgmma_names():
     sass = _sass((0x0, "HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24"), (0x10, "HGMMA.64x64x16.F32.BF16 R0, R2, R0"))
     assert quantize_sass.tensor_flops(sass) == {"TF32": 2 * 64 * 128 * 8, "BF16": 2 * 64 * 64 * 16}
+
+
+def test_the_decode_issue_floor_runs_the_loop_per_tile_and_the_rest_once_per_program():
+    """3 instructions before the loop, a loop of 5 (its branch included), 2 after: per program 5 once and 5 per
+    64-key tile. Batch 1 x 4 KV heads x 128 keys = 2 tiles per pair; 128 registers leave 4 programs per SM, and the
+    wave model then splits each pair's 2 tiles over 2 programs: 4 warps x (8 programs x 5 + 8 tiles x 5) = 320
+    warp-instructions at 132 x 4 per 1.98 GHz cycle."""
+    sass = _sass(
+        *[(0x10 * i, "MOV R1, RZ") for i in range(3)],
+        *[(0x30 + 0x10 * i, "FADD R1, R1, R2") for i in range(4)],
+        (0x70, "BRA 0x30"),
+        (0x80, "STG.E [R2], R1"),
+        (0x90, "EXIT"),
+    )
+    issue_us, byte_us, splits = sass_counts.decode_floors(sass, regs=128, batch=1, ctx=128, kb=3, vb=3)
+    assert splits == 2
+    assert issue_us == pytest.approx(320 / (132 * 4 * 1.98e9) * 1e6)
+    assert byte_us == pytest.approx(4 * 128 * (256 * 6 // 8 + 8) / 4275e9 * 1e6)  # codes + 4 fp16 norms per key
