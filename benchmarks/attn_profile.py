@@ -14,8 +14,8 @@ them keys-m's look-aheads (`k_prefetch=0`, `v_prefetch=1`) and its timing ablati
 `--variants "base:;noKV:ablate=3;vreg:ablate=16;noVdot:ablate=4;noKdot:ablate=8;skel:ablate=12"`).
 A setting named `kattn.NAME` (or `dense_query.NAME`) sets the module constant NAME of
 `rqcompile.kernels.attention` (`rqcompile.kernels.dense_query`) for that variant only (restored after it), e.g. the
-combine step's output columns per program of a dense block, or the kernel that rotates q by a dense rotation:
-`--variants "c32:;c64:kattn.COMBINE_DENSE_COLS=64;qt:dense_query.VARIANT=tiles"`.
+combine step's output columns per program of a dense block (session 28 timed 32 / 64 / 128):
+`--variants "c32:kattn.COMBINE_DENSE_COLS=32;c64:kattn.COMBINE_DENSE_COLS=64;c128:"`.
 `v_along_keys=1` times V's codes packed along keys (`RQConfig.value_layout="keys"`, `packing.pack_along_keys`) on V
 re-packed that way, and reports its output's relative difference from the default launch's on the same data.
 """

@@ -12,12 +12,12 @@ PROFILE = load_benchmark("attn_profile", "attn_profile")
 
 
 def test_a_variant_sets_kernel_constants_only_while_it_runs():
-    settings = PROFILE.parse_settings("kattn.COMBINE_DENSE_COLS=64,block_n=128,dense_query.VARIANT=tiles")
-    before = kattn.COMBINE_DENSE_COLS, dense_query.VARIANT
+    settings = PROFILE.parse_settings("kattn.COMBINE_DENSE_COLS=64,block_n=128,dense_query._CHUNK=16")
+    before = kattn.COMBINE_DENSE_COLS, dense_query._CHUNK
     with PROFILE.module_constants(settings) as launch_settings:
-        assert (kattn.COMBINE_DENSE_COLS, dense_query.VARIANT) == (64, "tiles")
+        assert (kattn.COMBINE_DENSE_COLS, dense_query._CHUNK) == (64, 16)
         assert launch_settings == {"block_n": 128}  # what launch_attention gets
-    assert (kattn.COMBINE_DENSE_COLS, dense_query.VARIANT) == before
+    assert (kattn.COMBINE_DENSE_COLS, dense_query._CHUNK) == before
 
 
 def test_a_constant_the_attention_module_lacks_is_an_error():

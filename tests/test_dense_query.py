@@ -1,4 +1,4 @@
-"""q's rotation by a dense K rotation (kernels/dense_query.py), both variants against the torch math: x = q * k_scale
+"""q's rotation by a dense K rotation (kernels/dense_query.py) against the torch math: x = q * k_scale
 in the stored coordinate order (k_perm), each block of G coordinates times R[h, blk]. In Triton's interpreter on the
 CPU machine; at Qwen3.5-27B's shapes on a GPU (`-m gpu`)."""
 
@@ -29,8 +29,7 @@ def _expected(q, rotation, scale, perm, heads):
     return out.reshape(batch, q_heads, q_len, dim)
 
 
-def _case(variant, device, batch, heads, rep, q_len, dim, g, permuted, monkeypatch):
-    monkeypatch.setattr(dense_query, "VARIANT", variant)
+def _case(device, batch, heads, rep, q_len, dim, g, permuted):
     q = torch.randn(batch, heads * rep, q_len, dim, device=device, dtype=torch.bfloat16)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided, as a model's q after its transpose
     rotation = torch.linalg.qr(torch.randn(heads, dim // g, g, g, device=device, dtype=torch.float64))[0].float()
@@ -44,28 +43,16 @@ def _case(variant, device, batch, heads, rep, q_len, dim, g, permuted, monkeypat
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run where there is no GPU")
-@pytest.mark.parametrize("variant", dense_query.VARIANTS)
 @pytest.mark.parametrize("permuted", [False, True])
 @pytest.mark.parametrize("g", [16, 32])
-def test_rotate_query_interpret(variant, permuted, g, monkeypatch):
-    """3 batch rows x 2 KV heads x 3 query heads each x 2 positions: 18 rows per KV head, so the "tiles" variant has
-    a partial second row tile; 64 coordinates in blocks of 16 or 32 (several output tiles per block)."""
-    _case(variant, "cpu", batch=3, heads=2, rep=3, q_len=2, dim=64, g=g, permuted=permuted, monkeypatch=monkeypatch)
+def test_rotate_query_interpret(permuted, g):
+    """3 batch rows x 2 KV heads x 3 query heads each x 2 positions; 64 coordinates in blocks of 16 or 32."""
+    _case("cpu", batch=3, heads=2, rep=3, q_len=2, dim=64, g=g, permuted=permuted)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("variant", dense_query.VARIANTS)
 @pytest.mark.parametrize("batch", [1, 8])
-def test_rotate_query_gpu(variant, batch, monkeypatch):
+def test_rotate_query_gpu(batch):
     """Qwen3.5-27B's decode shape: 24 query heads over 4 KV heads, head_dim 256 in two 128-blocks."""
-    _case(
-        variant, "cuda", batch=batch, heads=4, rep=6, q_len=1, dim=256, g=128, permuted=False, monkeypatch=monkeypatch
-    )
-
-
-def test_an_unknown_variant_is_an_error(monkeypatch):
-    monkeypatch.setattr(dense_query, "VARIANT", "tile")
-    q = torch.randn(1, 2, 1, 32)
-    with pytest.raises(ValueError, match="unknown rotate_query variant 'tile'"):
-        dense_query.rotate_query(q, torch.eye(16).expand(1, 2, 16, 16), torch.ones(1, 32), None, 1, lambda k: k)
+    _case("cuda", batch=batch, heads=4, rep=6, q_len=1, dim=256, g=128, permuted=False)

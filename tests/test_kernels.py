@@ -424,8 +424,8 @@ def test_attention_combine_splits_columns_over_programs(backend, monkeypatch):
 
 @cpu_only
 def test_the_combine_step_unrotates_a_whole_dense_block_in_one_program(monkeypatch):
-    """More output columns per program than a dense block has (the sweep of COMBINE_DENSE_COLS goes up to 128,
-    the default's block): one program per 64 x 64 block, its outputs and lse as the reference's."""
+    """More output columns per program than a dense block has (COMBINE_DENSE_COLS is 128, the default rotation's
+    block): one program per 64 x 64 block, its outputs and lse as the reference's."""
     monkeypatch.setattr(kattn, "COMBINE_DENSE_COLS", 128)
     _attention_case("hadamard", 3, 3, 64, "cpu", tk=400, splits=5, lse=True, mask_kind="kv_len")
 
