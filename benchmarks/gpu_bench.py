@@ -615,6 +615,34 @@ def attention_checks_one():
     guarded(check_attention, "iso", 3, 3, batch=2, tq=16, mask_kind="causal")
 
 
+def quantize_section(copy_bw, variants):
+    """Quantize checks against the reference, one-token (decode) and bulk timings, for each quantize variant."""
+    for variant in variants:  # launch_quantize's default for the checks and timing
+        kquant.DEFAULTS["quantize_variant"] = variant
+        for backend in ("planar", "iso", "rotor", "hadamard", "iso:sfull"):
+            guarded(check_quantize, backend, 3)
+        for backend in ("planar", "iso", "hadamard", "iso:sfull"):
+            for batch in (1, 8):
+                guarded(bench_quantize_decode, backend, batch)
+        for backend, bits, search in (
+            ("planar", 3, None),
+            ("planar", 3, ()),
+            ("iso", 3, None),
+            ("iso:sfull", 3, None),
+            ("hadamard", 3, None),
+            ("planar", 4, None),
+        ):
+            guarded(bench_quantize, copy_bw, backend, bits, scale_search=search)
+
+
+def write_results(out, t0):
+    RESULTS["defaults"] = {"attention": dict(kattn.DEFAULTS)}
+    RESULTS["wall_s"] = time.time() - t0
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
 def attn_only(args):
     """`--attn-only`: environment, copy bandwidth, attention correctness, launch sweep, then fused vs bf16 SDPA for
     every (batch, context, bits) asked for (planar), in one process; JSON under --out."""
@@ -627,22 +655,10 @@ def attn_only(args):
             guarded(bench_layout_attention, copy_bw, 8, ctx, 3.5, 3, "iso")
             guarded(bench_attention, copy_bw, 8, ctx, bits=3, backend="iso", with_deq=False)
     if args.quantize:
-        for variant in args.quantize_variant.split(","):  # launch_quantize's default for the checks and timing
-            kquant.DEFAULTS["quantize_variant"] = variant
-            for backend in ("planar", "iso", "rotor", "hadamard", "iso:sfull"):
-                guarded(check_quantize, backend, 3)
-            for backend in ("planar", "iso", "hadamard", "iso:sfull"):
-                for batch in (1, 8):
-                    guarded(bench_quantize_decode, backend, batch)
-            for backend, bits, search in (
-                ("planar", 3, None),
-                ("planar", 3, ()),
-                ("iso", 3, None),
-                ("iso:sfull", 3, None),
-                ("hadamard", 3, None),
-                ("planar", 4, None),
-            ):
-                guarded(bench_quantize, copy_bw, backend, bits, scale_search=search)
+        quantize_section(copy_bw, args.quantize_variant.split(","))
+        if args.quantize_only:
+            write_results(args.out, t0)
+            return
     decodes = tuple(args.decode.split(","))
     attention_checks(decodes)
     log(f"checks done at {time.time() - t0:.0f}s")
@@ -665,11 +681,7 @@ def attn_only(args):
                         rope=args.rope,
                     )
     log(f"attention bench done at {time.time() - t0:.0f}s")
-    RESULTS["defaults"] = {"attention": dict(kattn.DEFAULTS)}
-    RESULTS["wall_s"] = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
+    write_results(args.out, t0)
     table(copy_bw)
 
 
@@ -686,6 +698,7 @@ def main():
         "--backends", default="planar", help="with --attn-only: attention backends to time (staged: iso:s4, iso:sfull)"
     )
     ap.add_argument("--quantize", action="store_true", help="with --attn-only: quantize checks and bench too")
+    ap.add_argument("--quantize-only", action="store_true", help="with --attn-only --quantize: stop after quantize")
     ap.add_argument("--layout", action="store_true", help="with --attn-only: bit-allocation layout attention too")
     ap.add_argument("--no-deq", action="store_true", help="skip the dequantize-then-SDPA baseline")
     ap.add_argument("--rope", action="store_true", help="with --attn-only: also time the rope_ab score term")

@@ -18,6 +18,7 @@ import argparse
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def ran_before(logdir: Path) -> dict[str, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shards", type=int)
-    p.add_argument("--timeout", type=float, default=470.0, help="seconds per shard")
+    p.add_argument("--timeout", type=float, default=470.0, help="seconds for all shards (they run at once)")
     p.add_argument("--logdir", type=Path, default=Path("gpu_test_logs"))
     p.add_argument("--skip-ran", type=Path, action="append", default=[], help="an earlier --logdir (repeatable)")
     p.add_argument("paths", nargs="*", help="test files or directories to collect from (default: the whole suite)")
@@ -81,9 +82,10 @@ def main() -> int:
         log = open(args.logdir / f"shard{i}.log", "w")
         procs.append((i, log, subprocess.Popen([*cmd, *shard], stdout=log, stderr=subprocess.STDOUT)))
     failed = False
+    deadline = time.monotonic() + args.timeout  # one limit for all: waiting on each in turn would add them up
     for i, log, proc in procs:
         try:
-            rc = proc.wait(timeout=args.timeout)
+            rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
