@@ -192,7 +192,7 @@ def bench_quantize(copy_bw, backend, bits, dim=256, heads=4, tokens=65536, batch
     bw = nbytes / (ms * 1e-3)
     n_search = len(st.scale_candidates)
     r = {"backend": backend, "bits": bits, "shape": [batch, heads, tokens, dim], "ms": ms, "GBps": bw / 1e9}
-    r["variant"] = kquant.DEFAULTS["quantize_variant"]
+    r["variant"] = kquant.DEFAULTS["quantize_variant_dense" if st.rotation.shape[-1] > 4 else "quantize_variant"]
     r["frac_copy_bw"] = bw / copy_bw
     r["scale_candidates"] = n_search
     RESULTS["quantize"].append(r)

@@ -4,7 +4,8 @@ count alone needs on an H200: the issue floor that bounds "quantize >= 80% of co
 Each build is the kernel `launch_quantize` runs for a contiguous x [B, H, T, 256] bf16 write of many tokens, with
 the constants and divisibility a real launch specializes. The count is per warp and program: the straight-line
 instructions plus the body of each runtime loop times its trip count (the scale search's candidate loop runs NA
-times; `for _ in range(n)` loops are the only backward branches these kernels have). Every warp of a program runs
+times, and for blocks of 3 or 4 a loop over the D / G norm groups runs around it; `for _ in range(n)` loops are the
+only backward branches these kernels have). Every warp of a program runs
 the same stream, so a launch issues programs x warps x that many warp-instructions, and an H200 issues at most one
 per scheduler and cycle: 132 SMs x 4 schedulers x 1.98 GHz. That floor ignores memory, latency and the pipes that
 issue at half rate or less (MUFU, conversions), so the real time is above it. A dense rotation's `tl.dot` runs on
@@ -66,12 +67,21 @@ def build(kernel: str = "v2", rb: int = 128, bits: int = 3, na: int = 5, d: int 
     return compiled, bt, warps
 
 
-def dynamic_count(sass: str, trips: int) -> tuple[int, int, int]:
-    """(instructions run per warp, static instructions, backward branches), each loop body counted `trips` times."""
+def dynamic_count(sass: str, trips: int, outer_trips: int = 1) -> tuple[int, int, int]:
+    """(instructions run per warp, static instructions, backward branches). An innermost loop's body runs `trips`
+    times, a loop around another loop (the norm groups' runtime loop around the scale search's) `outer_trips` times;
+    an instruction inside several loops runs their product."""
     rows = sass_rows(sass)
     loops = backward_branches(rows)
-    body = sum(sum(1 for a, _, _ in rows if lo <= a <= hi) for lo, hi in loops)
-    return len(rows) + (trips - 1) * body, len(rows), len(loops)
+    outer = {(lo, hi) for lo, hi in loops if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)}
+    run = 0
+    for addr, _, _ in rows:
+        n = 1
+        for lo, hi in loops:
+            if lo <= addr <= hi:
+                n *= outer_trips if (lo, hi) in outer else trips
+        run += n
+    return run, len(rows), len(loops)
 
 
 def tensor_flops(sass: str) -> dict[str, int]:
@@ -94,7 +104,10 @@ def report(spec: str) -> None:
         sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
         res = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
     na, d, tokens = kw.get("na", 5), kw.get("d", 256), kw.get("tokens", 65536)
-    run, static, loops = dynamic_count(sass, max(na, 1))
+    # the only loops: the scale search's over its NA candidates and, where the groups are not unrolled (blocks of 3
+    # or 4, quantize_v2's UNROLL), one over the D / G norm groups around it (alone when NA = 0)
+    groups = d // kw.get("g", 128)
+    run, static, loops = dynamic_count(sass, na, groups) if na else dynamic_count(sass, groups)
     heads, batch = 4, 1
     programs = -(-tokens // bt) * batch * heads
     floor_us = programs * warps * run / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6

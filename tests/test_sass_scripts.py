@@ -43,6 +43,20 @@ def test_a_loop_body_runs_once_per_trip_and_forward_branches_are_no_loops():
     assert quantize_sass.dynamic_count(sass, trips=1) == (9, 9, 1)
 
 
+def test_a_loop_inside_a_loop_runs_the_product_of_their_trips():
+    """The norm groups' runtime loop (2 trips) around the scale search's (5 candidates)."""
+    sass = _sass(
+        (0x0, "MOV R1, RZ"),
+        (0x10, "FADD R1, R1, R2"),  # group loop only
+        (0x20, "FMUL R1, R1, R2"),  # search loop: 0x20-0x30
+        (0x30, "BRA 0x20"),
+        (0x40, "BRA 0x10"),  # group loop: 0x10-0x40
+        (0x50, "EXIT"),
+    )
+    assert quantize_sass.dynamic_count(sass, trips=5, outer_trips=2) == (1 + 2 * (2 + 2 * 5) + 1, 6, 2)
+    assert quantize_sass.dynamic_count(sass, trips=5) == (1 + 2 + 2 * 5 + 1, 6, 2)
+
+
 def test_tensor_core_work_is_the_multiply_adds_each_hgmma_names():
     sass = _sass((0x0, "HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24"), (0x10, "HGMMA.64x64x16.F32.BF16 R0, R2, R0"))
     assert quantize_sass.tensor_flops(sass) == {"TF32": 2 * 64 * 128 * 8, "BF16": 2 * 64 * 64 * 16}

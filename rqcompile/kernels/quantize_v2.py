@@ -10,7 +10,8 @@ division per element. _v2_prep_kernel computes them once per launch as vectors i
 unrolled per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per
 channel for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient).
 A dense per-group rotation (full mixing, hadamard) is v1's tf32x3 `tl.dot`, its output split into the slot tiles
-(_dense_slots); the default for dense bulk writes since session 17 (DEFAULTS["quantize_variant_dense"]).
+(_dense_slots). The default for dense bulk writes since session 17 (DEFAULTS["quantize_variant_dense"]), for
+block rotations since session 28 (DEFAULTS["quantize_variant"]).
 """
 
 from __future__ import annotations
@@ -370,10 +371,11 @@ def _quantize_v2_kernel(
     if NA == 0:
         for k in tl.static_range(NL - 1):
             thr = thr + (_float_up((lev[k] + lev[k + 1]) * 0.5),)
-    # the groups unrolled, except where blocks straddle slots (rotor): there a runtime loop keeps one copy of the
-    # group's code (Triton 3.6's coalesce pass took minutes over the unrolled groups). One of the two loops has a
-    # single trip, which the compiler drops.
-    UNROLL: tl.constexpr = RB == G or P % RB == 0
+    # the groups unrolled for planar and dense rotations; blocks of 3 or 4 (rotor, iso) run them in a runtime loop
+    # that keeps one copy of the group's code: Triton 3.6's coalesce pass took minutes over the unrolled groups
+    # (rotor, session 25; iso at 3 bits, session 28: 42 s of a 47 s build here, and on the device a check's builds
+    # did not finish in 150 s; 16 s as a loop). One of the two loops has a single trip, which the compiler drops.
+    UNROLL: tl.constexpr = RB == G or RB <= 2
     for g0 in tl.static_range(NG if UNROLL else 1):
         for g1 in range(1 if UNROLL else NG):
             g = g0 + g1
