@@ -80,10 +80,10 @@ def main() -> int:
         (args.logdir / f"shard{i}.txt").write_text("\n".join(shard) + "\n")
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider"]
         log = open(args.logdir / f"shard{i}.log", "w")
-        procs.append((i, log, subprocess.Popen([*cmd, *shard], stdout=log, stderr=subprocess.STDOUT)))
+        procs.append((i, len(shard), log, subprocess.Popen([*cmd, *shard], stdout=log, stderr=subprocess.STDOUT)))
     failed = False
     deadline = time.monotonic() + args.timeout  # one limit for all: waiting on each in turn would add them up
-    for i, log, proc in procs:
+    for i, n, log, proc in procs:
         try:
             rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -94,7 +94,6 @@ def main() -> int:
         text = (args.logdir / f"shard{i}.log").read_text(errors="replace")
         done = outcomes(text)
         lines = text.splitlines()
-        n = len((args.logdir / f"shard{i}.txt").read_text().split())
         print(f"shard {i}: rc {rc}; {len(done)} of {n} finished; {lines[-1] if lines else 'no output'}")
         for node, outcome in done.items():
             if outcome in ("FAILED", "ERROR"):
