@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from rqcompile.kernels.common import (
+    _div_rcp,
     channels,
     codebook_levels,
     num_planes,
@@ -152,6 +153,7 @@ def _rotate_dense(
     rot_ptr,
     mean_ptr,
     scale_ptr,
+    rs_ptr,
     perm_ptr,
     h,
     g,
@@ -159,6 +161,7 @@ def _rotate_dense(
     G: tl.constexpr,
     NB: tl.constexpr,
     PERM: tl.constexpr,
+    FMA_DIV: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -174,7 +177,9 @@ def _rotate_dense(
         chk = channels(perm_ptr, h, g * G + kk, g * G + kk < D, D, PERM)
         xv = tl.load(x_row + chk[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
         mu = tl.load(mean_ptr + h * D + chk)[None, :]
-        u = tl.math.div_rn(xv - mu, tl.load(scale_ptr + h * D + chk)[None, :])
+        sc = tl.load(scale_ptr + h * D + chk)[None, :]
+        rs = tl.load(rs_ptr + h * D + chk)[None, :] if FMA_DIV else sc  # 1 / scale (v2's prep kernel writes it)
+        u = _div_rcp(xv - mu, sc, rs, FMA_DIV)
         if BLOCK_T >= 16:
             rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + kk[:, None])  # R_g[i, k] at [k, i]
             y = tl.dot(u, rt, y, input_precision=DOT_PREC)
@@ -269,8 +274,24 @@ def _quantize_kernel(
         c = g * G + tl.arange(0, G)
         ch = channels(perm_ptr, h, c, c < D, D, PERM)  # input channels (c itself without a perm)
         if DENSE:
-            y = _rotate_dense(
-                x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, perm_ptr, h, g, D, G, NB, PERM, DOT_PREC, BLOCK_T
+            y = _rotate_dense(  # div_rn: v1 has no 1 / scale (scale_ptr stands in for it)
+                x_row,
+                t_ok,
+                sxd,
+                rot_ptr,
+                mean_ptr,
+                scale_ptr,
+                scale_ptr,
+                perm_ptr,
+                h,
+                g,
+                D,
+                G,
+                NB,
+                PERM,
+                False,
+                DOT_PREC,
+                BLOCK_T,
             )
         elif RESHAPE:  # RB in (1, 2, 4): one contiguous load (a gather with a perm), rotate in registers
             xv = tl.load(x_row + ch[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from rqcompile.kernels.common import _div_rcp
 from rqcompile.kernels.quantize_v1 import TINY, _rotate_dense
 
 
@@ -75,21 +76,6 @@ def _v2_prep_kernel(
             ok = (a < NA) & (k < NL - 1)
             bnd = (tl.load(lev_ptr + k, mask=ok, other=0.0) + tl.load(lev_ptr + k + 1, mask=ok, other=0.0)) * 0.5
             tl.store(thr_ptr + i, _threshold(bnd, tl.load(lev_ptr + NL + a, mask=ok, other=1.0)), mask=ok)
-
-
-@triton.jit
-def _div_rcp(a, b, r, FMA_DIV: tl.constexpr):
-    """div_rn(a, b) given r = div_rn(1, b), in 3 instructions instead of ~10: q = a r, then q + (a - b q) r with the
-    residual exact by FMA. With r the correctly rounded reciprocal one correction gives the correctly rounded
-    quotient (Markstein; 1.4e8 random/adversarial pairs checked) while nothing leaves the normal range: |a| >= 2^-100
-    or a == 0, |a / b| < 2^126, b <= 2^125. A zero quotient may come out +0 where IEEE gives -0 (a = -0): the GPU
-    build folds the residual's negation into its FMA (H200, session 25); the codes cannot tell, they come from
-    comparisons. FMA_DIV=False (an interpreter whose fma rounds twice): plain div_rn."""
-    if FMA_DIV:
-        q = a * r
-        return tl.fma(-tl.fma(b, q, -a), r, q)
-    else:
-        return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -178,6 +164,7 @@ def _dense_slots(
     rot_ptr,
     mean_ptr,
     scale_ptr,
+    rs_ptr,
     h,
     g,
     D: tl.constexpr,
@@ -185,6 +172,7 @@ def _dense_slots(
     NB: tl.constexpr,
     P: tl.constexpr,
     J: tl.constexpr,
+    FMA_DIV: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -192,9 +180,26 @@ def _dense_slots(
     [BLOCK_T, J] tiles (slot s holds rotated coordinates j * P + s) and the group's squared norm per (row, word).
     The group is rotated as v1 rotates it (`_rotate_dense`, tl.dot over chunks of the input), then its [BLOCK_T, J, P]
     columns are split into slots, one bit of s per `tl.split`."""
+    perm_ptr = mean_ptr  # unused (PERM=False)
     y = _rotate_dense(
-        x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, mean_ptr, h, g, D, G, NB, False, DOT_PREC, BLOCK_T
-    )  # perm_ptr unused (PERM=False)
+        x_row,
+        t_ok,
+        sxd,
+        rot_ptr,
+        mean_ptr,
+        scale_ptr,
+        rs_ptr,
+        perm_ptr,
+        h,
+        g,
+        D,
+        G,
+        NB,
+        False,
+        FMA_DIV,
+        DOT_PREC,
+        BLOCK_T,
+    )
     LOG2P: tl.constexpr = 4 if P == 16 else 3
     if P == 16:
         parts = (tl.reshape(y, [BLOCK_T, J, 2, 2, 2, 2]),)
@@ -253,7 +258,9 @@ def _v2_group(
     LB: tl.constexpr = 2 if BITS == 3 else BITS  # width of the first plane
     # the group rotated into slot tiles, and its squared norm per (row, word)
     if RB == G:
-        ys, ss = _dense_slots(x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, h, g, D, G, NB, P, J, DOT_PREC, BLOCK_T)
+        ys, ss = _dense_slots(
+            x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, rs_ptr, h, g, D, G, NB, P, J, FMA_DIV, DOT_PREC, BLOCK_T
+        )
     else:
         ys, ss = _block_slots(
             x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, rs_ptr, h, g, jj, D, G, RB, NB, P, J, FMA_DIV, BLOCK_T
