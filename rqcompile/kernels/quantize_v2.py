@@ -9,9 +9,9 @@ div_rn(t, c) > b (division by c > 0 is monotone), so `unit >= t` is the referenc
 division per element. _v2_prep_kernel computes them once per launch as vectors into a scratch tensor (an
 unrolled per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per
 channel for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient).
-A dense per-group rotation (full mixing, hadamard) is v1's tf32x3 `tl.dot`, its output split into the slot tiles
-(_dense_slots). The default for dense bulk writes since session 17 (DEFAULTS["quantize_variant_dense"]), for
-block rotations since session 28 (DEFAULTS["quantize_variant"]).
+A dense per-group rotation (full mixing, hadamard) is v1's tf32x3 `tl.dot` (its input divided by _div_rcp here,
+by div_rn in v1), the output split into the slot tiles (_dense_slots). The default for dense bulk writes since
+session 17 (DEFAULTS["quantize_variant_dense"]), for block rotations since session 28 (DEFAULTS["quantize_variant"]).
 """
 
 from __future__ import annotations
@@ -178,8 +178,9 @@ def _dense_slots(
 ):
     """The dense rotation (full mixing, hadamard: one [G, G] block per norm group) into v2's slot tiles: a tuple of P
     [BLOCK_T, J] tiles (slot s holds rotated coordinates j * P + s) and the group's squared norm per (row, word).
-    The group is rotated as v1 rotates it (`_rotate_dense`, tl.dot over chunks of the input), then its [BLOCK_T, J, P]
-    columns are split into slots, one bit of s per `tl.split`."""
+    The group is rotated as v1 rotates it (`_rotate_dense`, tl.dot over chunks of the input, but (x - mean) / scale
+    by _div_rcp: -10% on the H200, session 29), then its [BLOCK_T, J, P] columns are split into slots, one bit of s
+    per `tl.split`."""
     perm_ptr = mean_ptr  # unused (PERM=False)
     y = _rotate_dense(
         x_row,
