@@ -17,7 +17,8 @@ instructions name (M x N x K each, once per warpgroup) at the H200's dense rate 
     PYTHONPATH=/tmp/t36:. .venv/bin/python benchmarks/quantize_sass.py "kernel=v1,rb=2,na=5" "kernel=v2,rb=2,na=0"
 
 Each argument is one build: kernel (v1 | v2), rb (rotation block: 2 planar, 4 iso with one layer, 128 the default
-full mixing), bits, na (scale candidates: 5 is the default `RQConfig.scale_search`, 0 none), tokens (T).
+full mixing), bits, na (scale candidates: 5 is the default `RQConfig.scale_search`, 0 none), tokens (T), kc (v2's
+dense rotation: input coordinates per tl.dot step, `DEFAULTS["v2_dense_chunk"]`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ POINTERS = dict(x_ptr="*bf16", rot_ptr="*fp32", mean_ptr="*fp32", scale_ptr="*fp
 POINTERS.update(thr_ptr="*fp32", rs_ptr="*fp32", codes_ptr="*u8", norms_ptr="*fp16", perm_ptr="*fp32")
 
 
-def build(kernel: str = "v2", rb: int = 128, bits: int = 3, na: int = 5, d: int = 256, g: int = 128, tokens=65536):
-    """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write."""
+def build(
+    kernel: str = "v2", rb: int = 128, bits: int = 3, na: int = 5, d: int = 256, g: int = 128, tokens=65536, kc=None
+):
+    """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write (kc: v2's dense rotation
+    chunk, default `DEFAULTS["v2_dense_chunk"]`)."""
     fn = kq._quantize_v2_kernel if kernel == "v2" else kq._quantize_kernel
     dense = rb > 4
     nb = d // g if dense else d // rb
@@ -50,7 +54,7 @@ def build(kernel: str = "v2", rb: int = 128, bits: int = 3, na: int = 5, d: int 
         slots = 8 if bits == 4 else 16
         bt = max(1, kq.DEFAULTS["v2_tile_dense" if dense else "v2_tile"] // (g // slots))
         bt = min(max(bt, 16), 64) if dense else bt
-        const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32x3")
+        const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32x3", KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
         warps = kq.DEFAULTS["v2_num_warps"]
     else:
         bt = kq._block_t(d, dense, tokens)
@@ -67,28 +71,39 @@ def build(kernel: str = "v2", rb: int = 128, bits: int = 3, na: int = 5, d: int 
     return compiled, bt, warps
 
 
-def dynamic_count(sass: str, trips: int, outer_trips: int = 1) -> tuple[int, int, int]:
-    """(instructions run per warp, static instructions, backward branches). An innermost loop's body runs `trips`
-    times, a loop around another loop (the norm groups' runtime loop around the scale search's) `outer_trips` times;
-    an instruction inside several loops runs their product."""
+def _runs(sass: str, trips: int, outer_trips: int) -> tuple[list[tuple[int, str, str]], list[int], int]:
+    """(rows, how many times each row runs per warp, loops). An innermost loop's body runs `trips` times, a loop
+    around another loop (the norm groups' runtime loop around the scale search's) `outer_trips` times; an
+    instruction inside several loops runs their product."""
     rows = sass_rows(sass)
     loops = backward_branches(rows)
     outer = {(lo, hi) for lo, hi in loops if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)}
-    run = 0
+    counts = []
     for addr, _, _ in rows:
         n = 1
         for lo, hi in loops:
             if lo <= addr <= hi:
                 n *= outer_trips if (lo, hi) in outer else trips
-        run += n
-    return run, len(rows), len(loops)
+        counts.append(n)
+    return rows, counts, len(loops)
 
 
-def tensor_flops(sass: str) -> dict[str, int]:
-    """Floating-point operations (2 per multiply-add) of one program's HGMMA instructions, by input type."""
+def dynamic_count(sass: str, trips: int, outer_trips: int = 1) -> tuple[int, int, int]:
+    """(instructions run per warp, static instructions, backward branches), loops counted as `_runs` does."""
+    rows, counts, loops = _runs(sass, trips, outer_trips)
+    return sum(counts), len(rows), loops
+
+
+def tensor_flops(sass: str, trips: int = 1, outer_trips: int = 1) -> dict[str, int]:
+    """Floating-point operations (2 per multiply-add) of one program's HGMMA instructions, by input type, an HGMMA
+    inside a loop counted once per trip (a dense rotation inside the norm groups' runtime loop)."""
     flops: dict[str, int] = {}
-    for m, n, k, kind in re.findall(r"HGMMA\.(\d+)x(\d+)x(\d+)\.\w+\.(\w+)", sass):
-        flops[kind] = flops.get(kind, 0) + 2 * int(m) * int(n) * int(k)
+    rows, counts, _ = _runs(sass, trips, outer_trips)
+    for (_, op, rest), n in zip(rows, counts, strict=True):
+        m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)\.\w+\.(\w+)", op + rest)
+        if m:
+            kind = m.group(4)
+            flops[kind] = flops.get(kind, 0) + n * 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
     return flops
 
 
@@ -107,11 +122,12 @@ def report(spec: str) -> None:
     # the only loops: the scale search's over its NA candidates and, where the groups are not unrolled (blocks of 3
     # or 4, quantize_v2's UNROLL), one over the D / G norm groups around it (alone when NA = 0)
     groups = d // kw.get("g", 128)
-    run, static, loops = dynamic_count(sass, na, groups) if na else dynamic_count(sass, groups)
+    trips = (na, groups) if na else (groups, 1)
+    run, static, loops = dynamic_count(sass, *trips)
     heads, batch = 4, 1
     programs = -(-tokens // bt) * batch * heads
     floor_us = programs * warps * run / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6
-    tensor_us = sum(programs * f / TENSOR_FLOPS[kind] for kind, f in tensor_flops(sass).items()) * 1e6
+    tensor_us = sum(programs * f / TENSOR_FLOPS[kind] for kind, f in tensor_flops(sass, *trips).items()) * 1e6
     elements = batch * heads * tokens * d
     bytes_moved = elements * 2 + elements * kw.get("bits", 3) // 8 + elements // kw.get("g", 128) * 2
     copy_us = bytes_moved / (COPY_GBS * 1e9) * 1e6

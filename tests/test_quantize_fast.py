@@ -99,6 +99,25 @@ def test_v2_dense_rotation_codes_match_v1_and_reference(backend, bits, dim, sear
     tk._check_codes(c2, n2, c1, n1, x, st)
 
 
+@pytest.mark.parametrize("chunk", [16, 64, 128])
+def test_the_dense_rotation_chunk_changes_the_dot_steps_not_the_codes(monkeypatch, chunk):
+    """`DEFAULTS["v2_dense_chunk"]` input coordinates per tl.dot step (a register / stack trade, session 29): the
+    launch takes it (capped at the group), and the codes stay the reference's up to float ties."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_chunk", chunk)
+    real, steps = kquant._quantize_v2_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: steps.append(k["KC"]) or real[grid](*a, **k)
+
+    monkeypatch.setattr(kquant, "_quantize_v2_kernel", Spy())
+    st, x, params = _inputs("iso", 3, 256, 19, True, rotation_stages="full")
+    codes, norms = kquant.launch_quantize(x, *params, 3, st.group, variant="v2")
+    assert steps == [min(chunk, st.group)]
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    tk._check_codes(codes, norms, rc, rn, x, st)
+
+
 def test_a_bulk_write_takes_v2_where_it_applies_and_v1_elsewhere(monkeypatch):
     """Past a decode step's rows kernel, the default is v2 for a dense per-group rotation (full mixing, the default
     config's) and for block rotations (2.5-2.8x faster than v1 on the H200, session 28); v1 covers what v2 does not,
@@ -316,3 +335,12 @@ def test_v2_dense_gpu(backend, bits, search, config):
     """Real sizes, fresh random inputs, outputs poisoned first: v2 with a dense rotation (tf32x3 dots) against v1
     and the reference."""
     _v2_against_v1_and_reference_gpu(backend, bits, search, ((256, 3000, 2, 4), (64, 1001, 3, 2)), **config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_v2_dense_chunk_gpu(monkeypatch, chunk):
+    """The default config's quantizer with wider tl.dot steps (session 29's untimed candidate), at real sizes."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_chunk", chunk)
+    _v2_against_v1_and_reference_gpu("iso", 3, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")

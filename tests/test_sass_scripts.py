@@ -62,6 +62,20 @@ def test_tensor_core_work_is_the_multiply_adds_each_hgmma_names():
     assert quantize_sass.tensor_flops(sass) == {"TF32": 2 * 64 * 128 * 8, "BF16": 2 * 64 * 64 * 16}
 
 
+def test_an_hgmma_inside_a_loop_counts_once_per_trip():
+    """A dense rotation in the norm groups' runtime loop (2 trips) multiplies once per group, not once in all."""
+    sass = _sass(
+        (0x0, "MOV R1, RZ"),
+        (0x10, "HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24"),  # group loop: 0x10-0x30
+        (0x20, "FADD R1, R1, R2"),
+        (0x30, "BRA 0x10"),
+        (0x40, "HGMMA.64x64x16.F32.BF16 R0, R2, R0"),  # after the loop: once
+        (0x50, "EXIT"),
+    )
+    assert quantize_sass.tensor_flops(sass, trips=2) == {"TF32": 2 * 2 * 64 * 128 * 8, "BF16": 2 * 64 * 64 * 16}
+    assert quantize_sass.tensor_flops(sass) == {"TF32": 2 * 64 * 128 * 8, "BF16": 2 * 64 * 64 * 16}
+
+
 def test_the_decode_issue_floor_runs_the_loop_per_tile_and_the_rest_once_per_program():
     """3 instructions before the loop, a loop of 5 (its branch included), 2 after: per program 5 once and 5 per
     64-key tile. Batch 1 x 4 KV heads x 128 keys = 2 tiles per pair; 128 registers leave 4 programs per SM, and the

@@ -43,6 +43,10 @@ DEFAULTS["quantize_variant_dense"] = "v2"
 # elements on the same write (session 17); codes equal to the 128-element tile's but for float ties (session 18,
 # benchmarks/quantize_tile_check.py --same-as 128).
 DEFAULTS["v2_tile_dense"] = 512
+# ... rotating each group by tl.dot steps over this many input coordinates (v1: 32). The step trades registers
+# against steps: at 64 the default build has 96 B of stack per thread against 360 B at 32 and 165 instructions per
+# element against 177 (sm_90 SASS, benchmarks/quantize_sass.py; session 29), not yet timed on a GPU.
+DEFAULTS["v2_dense_chunk"] = 32
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -206,6 +210,7 @@ def launch_quantize(
             NA=na,
             FMA_DIV=_fma_exact(),
             DOT_PREC=dot_precision(),
+            KC=min(DEFAULTS["v2_dense_chunk"], group),
             num_warps=DEFAULTS["v2_num_warps"],
         )
         return codes, norms

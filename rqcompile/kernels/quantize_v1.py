@@ -164,12 +164,12 @@ def _rotate_dense(
     FMA_DIV: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    KC: tl.constexpr,
 ):
-    """y [BLOCK_T, G] = u @ R_g^T for norm group g, u = (x - mean) / scale, over chunks of KC input coordinates (a
-    whole [G, G] fp32 block in registers spilled: 255 registers + 1.3 KB of stack per thread at G = 128). tl.dot needs
-    16 rows; a tile of fewer rows (a decode step's token) multiplies and sums in registers instead of padding the tile
-    with empty rows."""
-    KC: tl.constexpr = 32 if G > 32 else G
+    """y [BLOCK_T, G] = u @ R_g^T for norm group g, u = (x - mean) / scale, over chunks of KC input coordinates (KC
+    divides G; the chunk trades registers for dot steps: a whole [G, G] fp32 block in registers spilled in v1, 255
+    registers + 1.3 KB of stack per thread at G = 128). tl.dot needs 16 rows; a tile of fewer rows (a decode step's
+    token) multiplies and sums in registers instead of padding the tile with empty rows."""
     ri = tl.arange(0, G)
     y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
     for kc in tl.static_range(G // KC):
@@ -292,6 +292,7 @@ def _quantize_kernel(
                 False,
                 DOT_PREC,
                 BLOCK_T,
+                32 if G > 32 else G,
             )
         elif RESHAPE:  # RB in (1, 2, 4): one contiguous load (a gather with a perm), rotate in registers
             xv = tl.load(x_row + ch[None, :] * sxd, mask=t_ok, other=0.0).to(tl.float32)
