@@ -274,7 +274,8 @@ def _quantize_kernel(
         c = g * G + tl.arange(0, G)
         ch = channels(perm_ptr, h, c, c < D, D, PERM)  # input channels (c itself without a perm)
         if DENSE:
-            y = _rotate_dense(  # div_rn: v1 has no 1 / scale (scale_ptr stands in for it)
+            # div_rn (FMA_DIV False: v1 has no 1 / scale, scale_ptr stands in for it), 32 coordinates per dot step
+            y = _rotate_dense(
                 x_row,
                 t_ok,
                 sxd,
