@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument(
         "--tiles", default="v1:64:4,v1:16:4,v1:32:4,v1:128:4,v1:32:8,v1:64:8,v1:128:8", help="kernel:tile:warps"
     )
+    p.add_argument("--bits", default="3", help="comma-separated code widths, each timed over every launch in --tiles")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     x = torch.randn(1, 4, 65536, 256, device="cuda", dtype=torch.bfloat16)
@@ -40,13 +41,25 @@ def main() -> None:
     copy_bw = 4 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
     src = dst = None
     print(f"GPU {torch.cuda.get_device_name(0)}, copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
-    state = quantizer.make_state(RQConfig(residual_window=0), layer_idx=1, kind="k", num_heads=4, head_dim=256)
-    st = state.to("cuda")
-    call = (x, st.rotation, st.mean, st.scale, st.levels, 3, st.group)
     defaults = dict(kq.DEFAULTS)
+    rows = []
+    for bits in (int(b) for b in args.bits.split(",")):
+        rows += _sweep(x, bits, args.tiles.split(","), defaults, copy_bw)
+    kq.DEFAULTS.update(defaults)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quantize_dense_sweep.json"), "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(0), "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
+
+
+def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw: float) -> list[dict]:
+    """Time each launch spec on one `bits`-wide write of `x`, restoring `defaults` after each."""
+    cfg = RQConfig(residual_window=0, bits=bits)
+    state = quantizer.make_state(cfg, layer_idx=1, kind="k", num_heads=4, head_dim=256)
+    st = state.to("cuda")
+    call = (x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
     ref_codes, _ = quantizer.quantize(x, st.rotation, st.mean, st.scale, st.levels, st.widths, st.group)
     rows = []
-    for spec in args.tiles.split(","):
+    for spec in specs:
         variant, tile, warps, *chunk = spec.split(":")
         tile, warps = int(tile), int(warps)
         chunk = int(chunk[0]) if chunk else defaults["v2_dense_chunk"]
@@ -61,21 +74,25 @@ def main() -> None:
         ms = do_bench(lambda v=variant: kq.launch_quantize(*call, variant=v), return_mode="median")
         nbytes = x.numel() * 2 + codes.numel() + norms.numel() * 2
         differing = (codes != ref_codes).float().mean().item()
-        row = {"variant": variant, "tile": tile, "warps": warps, "chunk": chunk if variant == "v2" else None}
+        row = {
+            "bits": bits,
+            "variant": variant,
+            "tile": tile,
+            "warps": warps,
+            "chunk": chunk if variant == "v2" else None,
+        }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw)
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
         row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
         print(
-            f"{variant} tile {tile:4d} warps {warps} chunk {row['chunk']}: {ms:.3f} ms, "
+            f"{bits} bits {variant} tile {tile:4d} warps {warps} chunk {row['chunk']}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, {differing:.1e} of code bytes differ from the reference, "
             f"build {build:.0f} s",
             flush=True,
         )
     kq.DEFAULTS.update(defaults)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "quantize_dense_sweep.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(0), "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

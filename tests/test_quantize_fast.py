@@ -99,7 +99,7 @@ def test_v2_dense_rotation_codes_match_v1_and_reference(backend, bits, dim, sear
     tk._check_codes(c2, n2, c1, n1, x, st)
 
 
-@pytest.mark.parametrize("chunk", [16, 64, 128])
+@pytest.mark.parametrize("chunk", [16, 32, 128])
 def test_the_dense_rotation_chunk_changes_the_dot_steps_not_the_codes(monkeypatch, chunk):
     """`DEFAULTS["v2_dense_chunk"]` input coordinates per tl.dot step (a register / stack trade, session 29): the
     launch takes it (capped at the group), and the codes stay the reference's up to float ties."""
@@ -339,8 +339,8 @@ def test_v2_dense_gpu(backend, bits, search, config):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("chunk", [64, 128])
+@pytest.mark.parametrize("chunk", [32, 128])
 def test_v2_dense_chunk_gpu(monkeypatch, chunk):
-    """The default config's quantizer with wider tl.dot steps (session 29's untimed candidate), at real sizes."""
+    """The default config's quantizer with other tl.dot steps than the default's 64 (session 30), at real sizes."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_chunk", chunk)
     _v2_against_v1_and_reference_gpu("iso", 3, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")

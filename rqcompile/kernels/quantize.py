@@ -41,12 +41,16 @@ DEFAULTS.update({"quantize_variant": "v2", "v2_tile": 128, "v2_num_warps": 4})
 DEFAULTS["quantize_variant_dense"] = "v2"
 # ... with 512-element slot tiles (64 rows at g = 128, 3 bits), at most 64 rows: 1.19 ms against 1.55 at 128
 # elements on the same write (session 17); codes equal to the 128-element tile's but for float ties (session 18,
-# benchmarks/quantize_tile_check.py --same-as 128).
-DEFAULTS["v2_tile_dense"] = 512
+# benchmarks/quantize_tile_check.py --same-as 128). 1024 since session 30: the same 64 rows at 2-3 bits (the cap),
+# and 64 rows instead of 32 at 4 bits (8 codes per word): 1.660 against 1.949 ms on that write at 4 bits, H200
+# (with the 64-coordinate dot steps below; 16 rows 1.772, 64 rows on 8 warps 2.303).
+DEFAULTS["v2_tile_dense"] = 1024
 # ... rotating each group by tl.dot steps over this many input coordinates (v1: 32). The step trades registers
-# against steps: at 64 the default build has 96 B of stack per thread against 360 B at 32 and 165 instructions per
-# element against 177 (sm_90 SASS, benchmarks/quantize_sass.py; session 29), not yet timed on a GPU.
-DEFAULTS["v2_dense_chunk"] = 32
+# against steps: at 64 the 3-bit build has 96 B of stack per thread against 360 B at 32 (sm_90 SASS,
+# benchmarks/quantize_sass.py; session 29). H200, session 30 (benchmarks/quantize_dense_sweep.py, the write above):
+# 64 against 32 / 128: 0.985 against 1.109 / 1.713 ms at 3 bits, 0.672 against 0.857 / 1.063 at 2 bits, 1.945
+# against 2.031 / 3.549 at 4 bits; codes off the fp32 reference's in 0.8-1.6e-5 of bytes, as at 32 (float ties).
+DEFAULTS["v2_dense_chunk"] = 64
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
