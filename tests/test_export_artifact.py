@@ -317,14 +317,23 @@ def test_bit_allocation_digest_covers_perm_and_widths(tmp_path):
         assert quant_state_digest({1: {"k": replace(k, widths=shifted)}}) != quant_state_digest({1: {"k": k}})
 
 
+def _one_ulp_up(levels: torch.Tensor, index: int) -> torch.Tensor:
+    """levels with one value moved to the next float up: still ascending, no longer exactly symmetric (the v2
+    encoder's search reads magnitudes from the upper half, so it must be exact)."""
+    out = levels.clone()
+    out[index] = torch.nextafter(out[index], torch.tensor(float("inf")))
+    return out
+
+
 @pytest.mark.parametrize(
     "corrupt,message",
     [
         (lambda s: replace(s, perm=torch.zeros_like(s.perm)), "perm of heads \\[0, 1\\] is not a permutation"),
         (lambda s: replace(s, perm=s.perm.to(torch.int32)), "perm is torch.int32 .* expected int64"),
         (lambda s: replace(s, levels=s.levels[:10]), "levels has 10 values, but the widths .* need"),
+        (lambda s: replace(s, levels=_one_ulp_up(s.levels, 0)), "levels\\[0:.*\\] is not a .*-bit codebook"),
     ],
-    ids=["not-a-permutation", "wrong-dtype", "levels-too-short"],
+    ids=["not-a-permutation", "wrong-dtype", "levels-too-short", "codebook-one-ulp-off-symmetric"],
 )
 def test_artifact_with_an_inconsistent_layout_is_refused(tmp_path, corrupt, message):
     states = _allocated_states()

@@ -41,6 +41,16 @@ def test_lloyd_max_levels_match_the_published_tables(bits):
     assert lloyd_max_distortion(bits) == pytest.approx(PUBLISHED_DISTORTION[bits], rel=3e-3)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_codebooks_are_exactly_symmetric_in_float32(bits):
+    """levels[k] == -levels[-1 - k] bit for bit at every norm group size: the v2 encoder's scale search relies on it
+    (it codes magnitudes from the upper half), and the artifact loader refuses levels that are not."""
+    for group in (8, 16, 32, 64, 96, 128, 256, 512):
+        levels = codebook(bits, group)
+        assert torch.equal(levels, -levels.flip(0)), (bits, group)
+        assert torch.equal(levels, (torch.tensor(lloyd_max_normal(bits), dtype=torch.float64) / math.sqrt(group)).float())
+
+
 def test_codebook_is_scaled_for_a_unit_vector_in_the_norm_group():
     assert codebook(3, 128) * math.sqrt(128) == pytest.approx(torch.tensor(lloyd_max_normal(3)).float(), abs=1e-6)
 

@@ -247,6 +247,74 @@ def test_threshold_scratch_is_the_exact_division_boundary(bits, cands):
 
 
 @triton.jit
+def _magnitude_kernel(u_ptr, lev_ptr, thr_ptr, level_ptr, mag_ptr, a, N: tl.constexpr, NL: tl.constexpr):
+    H: tl.constexpr = NL // 2
+    i = tl.arange(0, N)
+    u = tl.load(u_ptr + i)
+    lev = ()
+    for k in tl.static_range(NL):
+        lev = lev + (tl.load(lev_ptr + k),)
+    ta = ()
+    for k in tl.static_range(NL - 1):
+        ta = ta + (tl.load(thr_ptr + a * NL + k),)
+    above = ()
+    below = ()
+    for j in tl.static_range(H - 1):
+        above = above + (tl.load(thr_ptr + a * NL + H + j),)
+        below = below + (tl.load(thr_ptr + a * NL + H - 2 - j),)
+    tl.store(level_ptr + i, quantize_v2._slot_level(u, lev, ta, NL))
+    tl.store(mag_ptr + i, quantize_v2._slot_magnitude(u, lev, above, below, H))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_search_codes_magnitudes_exactly_as_the_signed_levels(bits, device):
+    """The scale search scores each candidate by sum(u * levels[code]) and sum(levels[code]^2), and reads
+    |levels[code]| from the codebook's upper half (_slot_magnitude: one compare pair per boundary above 0, not one
+    compare per boundary). Spec: for every candidate and every u -- each threshold and its float neighbours, where
+    the reference's strict `u / c > b` decides (ties exist: c = 1 divides exactly), +-0, subnormals, random units --
+    the magnitude equals |_slot_level| bit for bit, and so u * level == |u| * magnitude wherever u / c is not 0.
+    On the GPU the pair runs as one inline-PTX predicate OR."""
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs CUDA")
+    if device == "cpu" and HAS_CUDA:
+        pytest.skip("the interpreter's path runs on CPU machines")
+    global _magnitude_kernel
+    _magnitude_kernel = triton.jit(_magnitude_kernel.fn)  # against the reloaded module (interpreter mode)
+    st = tk._state("planar", bits, "k", 2, 64, "cpu", seed=1)
+    nl = 2**bits
+    levels = torch.cat([st.levels[:nl], torch.tensor([0.85, 1.0, 1.15, 1.3, 0.75000006])])
+    na = levels.numel() - nl
+    thr = torch.empty(na * nl, device=device)
+    rs = torch.empty(1, device=device)
+    quantize_v2._v2_prep_kernel[(1,)](
+        levels.to(device),
+        torch.ones(1, device=device),
+        thr,
+        rs,
+        1,
+        NL=nl,
+        NA=na,
+        BLOCK=triton.next_power_of_2(na * nl),
+        BLOCK_R=16,
+    )
+    t = thr.cpu().view(na, nl)[:, : nl - 1].flatten()
+    inf = torch.full_like(t, float("inf"))
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 10.0, -10.0])
+    g = torch.Generator().manual_seed(bits)
+    u = torch.cat([t, torch.nextafter(t, inf), torch.nextafter(t, -inf), special, torch.randn(4000, generator=g) / 8])
+    n = triton.next_power_of_2(u.numel())
+    u = torch.cat([u, torch.randn(n - u.numel(), generator=g) / 8]).to(device)
+    for a in range(na):
+        level, mag = torch.empty_like(u), torch.empty_like(u)
+        _magnitude_kernel[(1,)](u, levels.to(device), thr, level, mag, a, N=n, NL=nl)
+        assert torch.equal(mag, level.abs()), a
+        nonzero = (u / levels[nl + a].item()) != 0
+        assert torch.equal((u * level)[nonzero], (u.abs() * mag)[nonzero]), a
+    assert torch.equal(levels[nl + 1], torch.tensor(1.0))  # the candidate whose thresholds are ties
+
+
+@triton.jit
 def _div_rcp_kernel(a_ptr, b_ptr, q_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
     a = tl.load(a_ptr + i)

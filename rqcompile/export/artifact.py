@@ -299,9 +299,10 @@ def _check_perm(perm: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
 
 
 def _check_levels(levels: torch.Tensor, widths: tuple[int, ...], where: str) -> None:
-    """`levels` must be one Lloyd-Max codebook per run of the widths (2**w levels, ascending, symmetric about 0),
-    then only positive scale candidates: so widths that claim more or fewer (or other) codebooks than were stored
-    are caught by content, without knowing how many candidates there are."""
+    """`levels` must be one Lloyd-Max codebook per run of the widths (2**w levels, ascending, exactly symmetric
+    about 0: the v2 encoder codes magnitudes from the upper half), then only positive scale candidates: so widths
+    that claim more or fewer (or other) codebooks than were stored are caught by content, without knowing how many
+    candidates there are."""
     try:
         need = codebook_size(widths)
     except ValueError as exc:
@@ -314,11 +315,7 @@ def _check_levels(levels: torch.Tensor, widths: tuple[int, ...], where: str) -> 
     start = 0
     for width, _, _ in runs(widths):
         codebook = levels[start : start + 2**width].float()
-        tolerance = 1e-6 * float(codebook.abs().max())
-        if (
-            not bool((codebook[1:] > codebook[:-1]).all())
-            or float((codebook + codebook.flip(0)).abs().max()) > tolerance
-        ):
+        if not bool((codebook[1:] > codebook[:-1]).all()) or not torch.equal(codebook, -codebook.flip(0)):
             raise ArtifactError(
                 f"{where}levels[{start}:{start + 2**width}] is not a {width}-bit codebook (ascending, symmetric): the "
                 f"widths ({layout}) do not match levels"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rqcompile.kernels.common import _div_rcp
+from rqcompile.kernels.common import _div_rcp, interpreting
 from rqcompile.kernels.quantize_v1 import TINY, _rotate_dense
 
 
@@ -85,6 +85,35 @@ def _slot_level(u, lev, thr, NL: tl.constexpr):
     lv = tl.zeros(u.shape, dtype=tl.float32) + lev[0]
     for k in tl.static_range(NL - 1):
         lv = tl.where(u >= thr[k], lev[k + 1], lv)
+    return lv
+
+
+# `(u >= a) | (u < b) ? x : y` as one compare, one compare ORed into its predicate and one select: LLVM turns the
+# `tl.where` of an OR into two selects (sm_90 SASS: 2 FSETP + 2 FSEL per boundary); the interpreter runs tl.where.
+_SELECT_ASM = tl.constexpr(
+    "{ .reg .pred p, q; setp.lt.f32 q, $1, $3; setp.ge.or.f32 p, $1, $2, q; selp.f32 $0, $4, $5, p; }"
+)
+_PTX_SELECT = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def _slot_magnitude(u, lev, above, below, H: tl.constexpr):
+    """|levels[code]| for the code of `u`, from the codebook's upper half: the levels are symmetric (levels[H + j] =
+    -levels[H - 1 - j], H = NL / 2: codebook.py builds them so), so |levels[code]| = levels[H + m] where m counts
+    the boundaries above 0 that u crosses, upward (u >= above[j], the threshold of boundary H + j) or downward
+    (u < below[j], that of its mirror H - 2 - j: u's code stops below it). Exactly the same level magnitude as
+    _slot_level's from the same thresholds, for half its selects."""
+    lv = tl.zeros(u.shape, dtype=tl.float32) + lev[H]
+    for j in tl.static_range(H - 1):
+        if _PTX_SELECT:
+            hi = tl.zeros(u.shape, dtype=tl.float32) + lev[H + 1 + j]
+            a = tl.zeros(u.shape, dtype=tl.float32) + above[j]
+            b = tl.zeros(u.shape, dtype=tl.float32) + below[j]
+            lv = tl.inline_asm_elementwise(
+                _SELECT_ASM, "=f,f,f,f,f,f", [u, a, b, hi, lv], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            lv = tl.where((u >= above[j]) | (u < below[j]), lev[H + 1 + j], lv)
     return lv
 
 
@@ -288,15 +317,19 @@ def _v2_group(
         best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
         cn2 = tl.zeros([BLOCK_T], dtype=tl.float32)
         kept = tl.zeros([BLOCK_T], dtype=tl.int32)
+        H: tl.constexpr = NL // 2
         for a in range(NA):  # a runtime loop: one copy of the body (compile time, code size)
-            ta = ()
-            for k in tl.static_range(NL - 1):
-                ta = ta + (tl.load(thr_ptr + a * NL + k),)
+            above = ()
+            below = ()
+            for j in tl.static_range(H - 1):
+                above = above + (tl.load(thr_ptr + a * NL + H + j),)
+                below = below + (tl.load(thr_ptr + a * NL + H - 2 - j),)
             num = tl.zeros([BLOCK_T, J], dtype=tl.float32)
             den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
             for s in tl.static_range(P):
-                lv = _slot_level(units[s], lev, ta, NL)
-                num += units[s] * lv
+                # u * levels[code] = |u| * |levels[code]| (the level has u's sign; u = +-0 adds a zero either way)
+                lv = _slot_magnitude(units[s], lev, above, below, H)
+                num += tl.abs(units[s]) * lv
                 den += lv * lv
             den_a = tl.sum(den, axis=1)
             cos = tl.math.div_rn(tl.sum(num, axis=1), tl.maximum(tl.sqrt_rn(den_a), TINY))
