@@ -6,9 +6,11 @@ codes of 4 bits in an int32) sit in the same thread at the same position of the 
 ORs (no reshape, no shared memory). Row sums are elementwise adds across the tiles plus one reduction of G/P.
 The scale search compares `unit` against per-candidate thresholds, exact: the smallest float t with
 div_rn(t, c) > b (division by c > 0 is monotone), so `unit >= t` is the reference's `unit / c > b` without a
-division per element. _v2_prep_kernel computes them once per launch as vectors into a scratch tensor (an
-unrolled per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per
-channel for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient).
+division per element. _v2_prep_kernel computes them once per launch as vectors into a scratch tensor (an unrolled
+per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per channel
+for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient). The search
+scores each candidate with level magnitudes read from the symmetric codebook's upper half (_slot_magnitude: -6 to
+-18% on the H200, session 30); the codes of the kept candidate are then counted against all its thresholds.
 A dense per-group rotation (full mixing, hadamard) is v1's tf32x3 `tl.dot` (its input divided by _div_rcp here,
 by div_rn in v1), the output split into the slot tiles (_dense_slots). The default for dense bulk writes since
 session 17 (DEFAULTS["quantize_variant_dense"]), for block rotations since session 28 (DEFAULTS["quantize_variant"]).
