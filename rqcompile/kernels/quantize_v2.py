@@ -10,7 +10,8 @@ division per element. _v2_prep_kernel computes them once per launch as vectors i
 per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per channel
 for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient). The search
 scores each candidate with level magnitudes read from the symmetric codebook's upper half (_slot_magnitude: -6 to
--18% on the H200, session 30); the codes of the kept candidate are then counted against all its thresholds.
+-18% on the H200, session 30); the code of the kept candidate is then found bit by bit by binary search over its
+thresholds (_code_bits: -9 to -11%, session 30).
 A dense per-group rotation (full mixing, hadamard) is v1's tf32x3 `tl.dot` (its input divided by _div_rcp here,
 by div_rn in v1), the output split into the slot tiles (_dense_slots). The default for dense bulk writes since
 session 17 (DEFAULTS["quantize_variant_dense"]), for block rotations since session 28 (DEFAULTS["quantize_variant"]).
@@ -78,6 +79,28 @@ def _v2_prep_kernel(
             ok = (a < NA) & (k < NL - 1)
             bnd = (tl.load(lev_ptr + k, mask=ok, other=0.0) + tl.load(lev_ptr + k + 1, mask=ok, other=0.0)) * 0.5
             tl.store(thr_ptr + i, _threshold(bnd, tl.load(lev_ptr + NL + a, mask=ok, other=1.0)), mask=ok)
+
+
+@triton.jit
+def _code_bits(u, thr, BITS: tl.constexpr):
+    """The bits of u's code (the count of ascending thresholds `thr` that u reaches), most significant first, by
+    binary search: bit d compares u with the middle threshold of the 2**(BITS - d) codes the higher bits left,
+    picked by a mux tree over those bits. BITS compares and 2**BITS - 1 - BITS selects per code, against 2**BITS - 1
+    compares and as many adds for the count (the same code: the thresholds are sorted)."""
+    bits = ()
+    for d in tl.static_range(BITS):
+        # the middle threshold of each prefix p of the d bits found so far: index (2p + 1) 2^(BITS-1-d) - 1
+        cands = ()
+        for p in tl.static_range(1 << d):
+            cands = cands + (thr[(2 * p + 1) * (1 << (BITS - 1 - d)) - 1],)
+        for e in tl.static_range(d):  # fold by the prefix's bits, least significant first
+            bit = bits[d - 1 - e]
+            folded = ()
+            for i in tl.static_range(len(cands) // 2):
+                folded = folded + (tl.where(bit, cands[2 * i + 1], cands[2 * i]),)
+            cands = folded
+        bits = bits + (u >= cands[0],)
+    return bits
 
 
 @triton.jit
@@ -345,21 +368,21 @@ def _v2_group(
     corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
     tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
     # codes against the row's thresholds, packed per stored word
+    if NA > 0:
+        rt = ()
+        for k in tl.static_range(NL - 1):
+            rt = rt + (row_thr[k][:, None],)
+        row_thr = rt
     lo = tl.zeros([BLOCK_T, J], dtype=tl.int32)
     hi = tl.zeros([BLOCK_T, J], dtype=tl.int32)
     for s in tl.static_range(P):
-        code = tl.zeros([BLOCK_T, J], dtype=tl.int32)
-        for k in tl.static_range(NL - 1):
-            if NA == 0:
-                code += (units[s] >= row_thr[k]).to(tl.int32)
+        bits = _code_bits(units[s], row_thr, BITS)  # most significant first
+        for i in tl.static_range(BITS):
+            b = bits[i].to(tl.int32)
+            if BITS == 3 and i == 0:
+                hi |= b << s  # the 1-bit plane
             else:
-                code += (units[s] >= row_thr[k][:, None]).to(tl.int32)
-        if BITS == 4:
-            lo |= code << (4 * s)
-        else:
-            lo |= (code & 3) << (2 * s)
-            if BITS == 3:
-                hi |= (code >> 2) << s
+                lo |= b << (LB * s + BITS - 1 - i)
     wl = crow + g * (G * LB // 8) + jj[None, :] * 4
     tl.store(wl.to(tl.pointer_type(tl.int32)), lo, mask=t_ok)
     if BITS == 3:
