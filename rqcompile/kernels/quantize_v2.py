@@ -368,7 +368,7 @@ def _v2_group(
     corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
     tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
     # codes against the row's thresholds, packed per stored word
-    if NA > 0:
+    if NA > 0:  # broadcast here, not at the loads above: 129 against 132 instructions per element (sm_90, s30)
         rt = ()
         for k in tl.static_range(NL - 1):
             rt = rt + (row_thr[k][:, None],)
