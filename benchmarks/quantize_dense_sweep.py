@@ -3,13 +3,16 @@
 code bytes that differ from the torch reference's (fp32 on the same GPU; the kernels' tf32x3 dots sum in another
 order: float ties only). Launches: `v1:ROWS:WARPS` (the v1 kernel's dense tile, `DEFAULTS["block_t_dense"]` rows per
 program) and `v2:TILE:WARPS[:CHUNK]` (the v2 kernel, `DEFAULTS["v2_tile_dense"]` elements per slot tile, at most 64
-rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of the rotation).
+rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of the rotation;
+`v2:TILE:WARPS:CHUNK:split` also sets `DEFAULTS["v2_dense_split"]`, the rotation pre-split into tf32 halves).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --out $OUT          # session 17, run 2
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py \
         --tiles v1:64:4,v2:128:4,v2:256:4 --out $OUT                                                # run 3
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py \
         --tiles v2:512:4:32,v2:512:4:64,v2:512:4:128,v2:512:4:32 --out $OUT                       # session 29's lead
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
+        --tiles v2:1024:4:64,v2:1024:4:64:split,v2:1024:4:64 --out $OUT                            # session 30's lead
 """
 
 from __future__ import annotations
@@ -60,13 +63,15 @@ def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw
     ref_codes, _ = quantizer.quantize(x, st.rotation, st.mean, st.scale, st.levels, st.widths, st.group)
     rows = []
     for spec in specs:
-        variant, tile, warps, *chunk = spec.split(":")
+        variant, tile, warps, *rest = spec.split(":")
         tile, warps = int(tile), int(warps)
-        chunk = int(chunk[0]) if chunk else defaults["v2_dense_chunk"]
+        chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
+        split = rest[1:] == ["split"]
         if variant == "v1":
             kq.DEFAULTS.update(defaults, block_t_dense=tile, num_warps=warps)
         else:
             kq.DEFAULTS.update(defaults, v2_tile_dense=tile, v2_num_warps=warps, v2_dense_chunk=chunk)
+            kq.DEFAULTS["v2_dense_split"] = split
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
         torch.cuda.synchronize()
@@ -80,13 +85,14 @@ def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw
             "tile": tile,
             "warps": warps,
             "chunk": chunk if variant == "v2" else None,
+            "split": split,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw)
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
         row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
         print(
-            f"{bits} bits {variant} tile {tile:4d} warps {warps} chunk {row['chunk']}: {ms:.3f} ms, "
+            f"{bits} bits {variant} tile {tile:4d} warps {warps} chunk {row['chunk']}{' split' * split}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, {differing:.1e} of code bytes differ from the reference, "
             f"build {build:.0f} s",
             flush=True,

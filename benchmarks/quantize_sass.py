@@ -18,7 +18,8 @@ instructions name (M x N x K each, once per warpgroup) at the H200's dense rate 
 
 Each argument is one build: kernel (v1 | v2), rb (rotation block: 2 planar, 4 iso with one layer, 128 the default
 full mixing), bits, na (scale candidates: 5 is the default `RQConfig.scale_search`, 0 none), tokens (T), kc (v2's
-dense rotation: input coordinates per tl.dot step, `DEFAULTS["v2_dense_chunk"]`).
+dense rotation: input coordinates per tl.dot step, `DEFAULTS["v2_dense_chunk"]`), split (1: the dense rotation
+pre-split into tf32 halves, `DEFAULTS["v2_dense_split"]`).
 """
 
 from __future__ import annotations
@@ -38,14 +39,22 @@ from rqcompile.kernels import quantize as kq
 TENSOR_FLOPS = {"TF32": 494.7e12, "BF16": 989.4e12, "F16": 989.4e12}  # H200 SXM, dense
 COPY_GBS = 4250  # the H200's device copy bandwidth as measured in sessions 3-17 (BENCHMARKS.md)
 POINTERS = dict(x_ptr="*bf16", rot_ptr="*fp32", mean_ptr="*fp32", scale_ptr="*fp32", lev_ptr="*fp32")
-POINTERS.update(thr_ptr="*fp32", rs_ptr="*fp32", codes_ptr="*u8", norms_ptr="*fp16", perm_ptr="*fp32")
+POINTERS.update(thr_ptr="*fp32", rs_ptr="*fp32", rlo_ptr="*fp32", codes_ptr="*u8", norms_ptr="*fp16", perm_ptr="*fp32")
 
 
 def build(
-    kernel: str = "v2", rb: int = 128, bits: int = 3, na: int = 5, d: int = 256, g: int = 128, tokens=65536, kc=None
+    kernel: str = "v2",
+    rb: int = 128,
+    bits: int = 3,
+    na: int = 5,
+    d: int = 256,
+    g: int = 128,
+    tokens=65536,
+    kc=None,
+    split=None,
 ):
     """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write (kc: v2's dense rotation
-    chunk, default `DEFAULTS["v2_dense_chunk"]`)."""
+    chunk, default `DEFAULTS["v2_dense_chunk"]`; split: its pre-split rotation, `DEFAULTS["v2_dense_split"]`)."""
     fn = kq._quantize_v2_kernel if kernel == "v2" else kq._quantize_kernel
     dense = rb > 4
     nb = d // g if dense else d // rb
@@ -54,7 +63,9 @@ def build(
         slots = 8 if bits == 4 else 16
         bt = max(1, kq.DEFAULTS["v2_tile_dense" if dense else "v2_tile"] // (g // slots))
         bt = min(max(bt, 16), 64) if dense else bt
-        const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32x3", KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
+        split = bool(kq.DEFAULTS["v2_dense_split"] if split is None else split) and dense
+        const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split)
+        const.update(KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
         warps = kq.DEFAULTS["v2_num_warps"]
     else:
         bt = kq._block_t(d, dense, tokens)

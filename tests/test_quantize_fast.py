@@ -25,6 +25,7 @@ import triton.language as tl  # noqa: E402
 from rqcompile.kernels import quantize as kquant  # noqa: E402
 from rqcompile.kernels import quantize_v2  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
+from rqcompile.quant.rotations import rotate  # noqa: E402
 
 if not HAS_CUDA:
     kquant = importlib.reload(kquant)
@@ -114,6 +115,90 @@ def test_the_dense_rotation_chunk_changes_the_dot_steps_not_the_codes(monkeypatc
     st, x, params = _inputs("iso", 3, 256, 19, True, rotation_stages="full")
     codes, norms = kquant.launch_quantize(x, *params, 3, st.group, variant="v2")
     assert steps == [min(chunk, st.group)]
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    tk._check_codes(codes, norms, rc, rn, x, st)
+
+
+def test_split_tf32_halves_are_exact_in_tf32_and_sum_to_the_rotation():
+    """The pre-split rotation's halves: each has 10 mantissa bits (the tensor cores read no more of a tf32 operand),
+    and hi + lo is within 2^-22 of each entry of R, tf32x3's own accuracy."""
+    st, _, _ = _inputs("iso", 3, 256, 4, True, rotation_stages="full")
+    r = st.rotation.contiguous()
+    hi, lo = kquant._split_tf32(r)
+    for half in (hi, lo):
+        assert not (half.view(torch.int32) & 0x1FFF).any()
+    assert ((r.double() - hi.double() - lo.double()).abs() <= r.double().abs() * 2.0**-22).all()
+    assert (lo.abs() <= r.abs() * 2.0**-11).all()
+
+
+@triton.jit
+def _rotate_split_kernel(x_ptr, rot_ptr, rlo_ptr, mean_ptr, scale_ptr, y_ptr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    t = tl.arange(0, 16)
+    x_row = x_ptr + t[:, None] * 128
+    y = quantize_v2._rotate_dense(
+        x_row,
+        (t < 16)[:, None],
+        1,
+        rot_ptr,
+        mean_ptr,
+        scale_ptr,
+        scale_ptr,
+        mean_ptr,
+        0,
+        0,
+        128,
+        128,
+        1,
+        False,
+        False,
+        PREC,
+        16,
+        64,
+        rlo_ptr,
+        SPLIT,
+    )
+    tl.store(y_ptr + t[:, None] * 128 + tl.arange(0, 128)[None, :], y)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_pre_split_rotation_is_as_accurate_as_tf32x3(device):
+    """The three dots over the split halves rotate to within ~2^-21 of the float64 product, as tl.dot's tf32x3 does
+    (on the GPU; the interpreter's dots are fp32): dropping any of the three dots costs 2^-12 or more."""
+    if (device == "cuda") != HAS_CUDA:
+        pytest.skip("the other machine's path")
+    global _rotate_split_kernel
+    _rotate_split_kernel = triton.jit(_rotate_split_kernel.fn)  # against the reloaded module (interpreter mode)
+    g = torch.Generator().manual_seed(0)
+    r = torch.linalg.qr(torch.randn(128, 128, generator=g, dtype=torch.float64))[0].float().contiguous()
+    x = torch.randn(16, 128, generator=g)
+    mean, scale = torch.zeros(128), torch.ones(128)
+    want = rotate(x.double()[None, None], r.double()[None, None])[0, 0]  # the reference's orientation
+    hi, lo = kquant._split_tf32(r)
+    args = [t.to(device) for t in (x, hi, lo, mean, scale)]
+    y = torch.empty(16, 128, device=device)
+    _rotate_split_kernel[(1,)](*args, y, SPLIT=True, PREC="ieee" if device == "cpu" else "tf32")
+    err = (y.cpu().double() - want).abs().max().item() / want.abs().max().item()
+    assert err < 2.0**-20, err
+    if device == "cuda":  # tl.dot's own tf32x3 on the same inputs, for scale
+        _rotate_split_kernel[(1,)](args[0], r.to(device), r.to(device), *args[3:], y, SPLIT=False, PREC="tf32x3")
+        assert (y.cpu().double() - want).abs().max().item() / want.abs().max().item() < 2.0**-20
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits):
+    """`DEFAULTS["v2_dense_split"]`: R split into tf32 halves once per launch and the three dots of tf32x3 written
+    out (session 30, untimed): the codes stay the reference's up to float ties."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", True)
+    real, splits = kquant._quantize_v2_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: splits.append(k["SPLIT"]) or real[grid](*a, **k)
+
+    monkeypatch.setattr(kquant, "_quantize_v2_kernel", Spy())
+    st, x, params = _inputs("iso", bits, 256, 19, True, rotation_stages="full")
+    codes, norms = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
+    assert splits == [True]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     tk._check_codes(codes, norms, rc, rn, x, st)
 
@@ -403,6 +488,15 @@ def test_v2_dense_gpu(backend, bits, search, config):
     """Real sizes, fresh random inputs, outputs poisoned first: v2 with a dense rotation (tf32x3 dots) against v1
     and the reference."""
     _v2_against_v1_and_reference_gpu(backend, bits, search, ((256, 3000, 2, 4), (64, 1001, 3, 2)), **config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_v2_dense_split_gpu(monkeypatch, bits):
+    """The pre-split rotation's three tf32 dots (session 30's untimed candidate), at real sizes."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", True)
+    _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
 
 
 @pytest.mark.gpu

@@ -13,12 +13,14 @@ packed as its own bit planes; norm groups and the scale search are over stored c
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import triton
 
 from rqcompile.kernels.common import (
     codebook_levels,
     dot_precision,
+    interpreting,
     layout_string,
     row_bytes,
     supported_dim,
@@ -26,6 +28,9 @@ from rqcompile.kernels.common import (
 from rqcompile.kernels.dequantize import _dequantize_kernel
 from rqcompile.kernels.quantize_v1 import _quantize_kernel
 from rqcompile.kernels.quantize_v2 import _quantize_v2_kernel, _v2_prep_kernel
+
+if TYPE_CHECKING:
+    import torch
 
 # launch defaults (tuned on the device, see benchmarks/NOTES.md)
 DEFAULTS = {"block_t": 8, "block_t_dense": 64, "lut": 0, "num_warps": 4, "reshape": True}
@@ -52,6 +57,13 @@ DEFAULTS["v2_tile_dense"] = 1024
 # 64 against 32 / 128: 0.985 against 1.109 / 1.713 ms at 3 bits, 0.672 against 0.857 / 1.063 at 2 bits, 1.945
 # against 2.031 / 3.549 at 4 bits; codes off the fp32 reference's in 0.8-1.6e-5 of bytes, as at 32 (float ties).
 DEFAULTS["v2_dense_chunk"] = 64
+# ... with R split into tf32 halves once per launch (`_split_tf32`) and the three tf32 dots written out, instead of
+# tl.dot's tf32x3 converting R in every program and masking NaNs between its dots: sm_90 SASS 129 -> 114
+# instructions per element at 3 bits (89 -> 74 at 2, 217 -> 201 at 4; session 30), for twice the rotation's reads
+# (hi and lo: 1 GB instead of 512 MB of L2 reads on the [1, 4, 65536, 256] write). H200 (session 31, against tf32x3
+# in the same process): 0.836 -> 0.685 ms at 3 bits, 1.234 -> 1.162 at 4, 0.494 -> 0.497 at 2 (kept on at every
+# width: one kernel build to test); codes off the fp32 reference's in 0.9-2.2e-5 of bytes, as with tf32x3.
+DEFAULTS["v2_dense_split"] = True
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -112,6 +124,20 @@ def quantize_supported(x, rotation, bits: int, group: int, widths=None, levels=N
         and (rb <= 4 or (rb == group and rotation.shape[1] == dim // group))
         and _layout_ok(widths, dim, levels)
     )
+
+
+def _round_tf32(r: torch.Tensor) -> torch.Tensor:
+    """r rounded to tf32 (10 mantissa bits; halves away from zero), as fp32."""
+    import torch
+
+    return ((r.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _split_tf32(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo), both exact in tf32, with r - hi - lo below 2^-22 |r|: the operand halves of the three tf32 dots that
+    stand in for one fp32 dot (tf32x3), computed once per launch instead of in every program."""
+    hi = _round_tf32(r)
+    return hi, _round_tf32(r - hi)
 
 
 def _fma_exact() -> bool:
@@ -188,6 +214,10 @@ def launch_quantize(
             BLOCK=triton.next_power_of_2(max(na, 1) * codebook),
             BLOCK_R=1024,
         )
+        rot, rlo = rotation.contiguous(), None
+        split = dense and DEFAULTS["v2_dense_split"]
+        if split:
+            rot, rlo = _split_tf32(rot)
         grid = (triton.cdiv(tokens, bt), batch * heads)
         wrap(_quantize_v2_kernel)[grid](
             x,
@@ -195,7 +225,7 @@ def launch_quantize(
             x.stride(1),
             x.stride(2),
             x.stride(3),
-            rotation.contiguous(),
+            rot,
             mean.contiguous(),
             scale,
             levels,
@@ -214,8 +244,10 @@ def launch_quantize(
             BLOCK_T=bt,
             NA=na,
             FMA_DIV=_fma_exact(),
-            DOT_PREC=dot_precision(),
+            DOT_PREC="tf32" if split and not interpreting() else dot_precision(),
             KC=min(DEFAULTS["v2_dense_chunk"], group),
+            rlo_ptr=rlo,
+            SPLIT=split,
             num_warps=DEFAULTS["v2_num_warps"],
         )
         return codes, norms

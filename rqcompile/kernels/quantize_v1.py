@@ -165,11 +165,16 @@ def _rotate_dense(
     DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     KC: tl.constexpr,
+    rlo_ptr=None,
+    SPLIT: tl.constexpr = False,
 ):
     """y [BLOCK_T, G] = u @ R_g^T for norm group g, u = (x - mean) / scale, over chunks of KC input coordinates (KC
     divides G; the chunk trades registers for dot steps: a whole [G, G] fp32 block in registers spilled in v1, 255
     registers + 1.3 KB of stack per thread at G = 128). tl.dot needs 16 rows; a tile of fewer rows (a decode step's
-    token) multiplies and sums in registers instead of padding the tile with empty rows."""
+    token) multiplies and sums in registers instead of padding the tile with empty rows. SPLIT: rot_ptr / rlo_ptr
+    hold R split into tf32 halves (R ~ hi + lo, both exact in tf32, `quantize._split_tf32`), so the three tf32 dots of
+    tf32x3 run without converting R in every program: u = u_hi + u_lo (u_hi rounded to tf32 here, u_lo exact),
+    y = u_lo hi + u_hi lo + u_hi hi (DOT_PREC the tf32 dot's: "tf32" on the GPU)."""
     ri = tl.arange(0, G)
     y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
     for kc in tl.static_range(G // KC):
@@ -180,7 +185,14 @@ def _rotate_dense(
         sc = tl.load(scale_ptr + h * D + chk)[None, :]
         rs = tl.load(rs_ptr + h * D + chk)[None, :] if FMA_DIV else sc  # 1 / scale (v2's prep kernel writes it)
         u = _div_rcp(xv - mu, sc, rs, FMA_DIV)
-        if BLOCK_T >= 16:
+        if BLOCK_T >= 16 and SPLIT:
+            at = ((h * NB + g) * G + ri[None, :]) * G + kk[:, None]  # R_g[i, k] at [k, i]
+            rt = tl.load(rot_ptr + at)
+            u_hi = ((u.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+            y = tl.dot(u - u_hi, rt, y, input_precision=DOT_PREC)
+            y = tl.dot(u_hi, tl.load(rlo_ptr + at), y, input_precision=DOT_PREC)
+            y = tl.dot(u_hi, rt, y, input_precision=DOT_PREC)
+        elif BLOCK_T >= 16:
             rt = tl.load(rot_ptr + ((h * NB + g) * G + ri[None, :]) * G + kk[:, None])  # R_g[i, k] at [k, i]
             y = tl.dot(u, rt, y, input_precision=DOT_PREC)
         else:

@@ -230,6 +230,8 @@ def _dense_slots(
     DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     KC: tl.constexpr,
+    rlo_ptr,
+    SPLIT: tl.constexpr,
 ):
     """The dense rotation (full mixing, hadamard: one [G, G] block per norm group) into v2's slot tiles: a tuple of P
     [BLOCK_T, J] tiles (slot s holds rotated coordinates j * P + s) and the group's squared norm per (row, word).
@@ -256,6 +258,8 @@ def _dense_slots(
         DOT_PREC,
         BLOCK_T,
         KC,
+        rlo_ptr,
+        SPLIT,
     )
     LOG2P: tl.constexpr = 4 if P == 16 else 3
     if P == 16:
@@ -307,6 +311,8 @@ def _v2_group(
     FMA_DIV: tl.constexpr,
     DOT_PREC: tl.constexpr,
     KC: tl.constexpr,
+    rlo_ptr,
+    SPLIT: tl.constexpr,
 ):
     """Norm group g of the rows (_quantize_v2_kernel's): rotated into slot tiles, normalized, coded (the scale
     search's candidate kept), its corrected norm and packed codes stored."""
@@ -317,7 +323,26 @@ def _v2_group(
     # the group rotated into slot tiles, and its squared norm per (row, word)
     if RB == G:
         ys, ss = _dense_slots(
-            x_row, t_ok, sxd, rot_ptr, mean_ptr, scale_ptr, rs_ptr, h, g, D, G, NB, P, J, FMA_DIV, DOT_PREC, BLOCK_T, KC
+            x_row,
+            t_ok,
+            sxd,
+            rot_ptr,
+            mean_ptr,
+            scale_ptr,
+            rs_ptr,
+            h,
+            g,
+            D,
+            G,
+            NB,
+            P,
+            J,
+            FMA_DIV,
+            DOT_PREC,
+            BLOCK_T,
+            KC,
+            rlo_ptr,
+            SPLIT,
         )
     else:
         ys, ss = _block_slots(
@@ -418,6 +443,8 @@ def _quantize_v2_kernel(
     FMA_DIV: tl.constexpr,
     DOT_PREC: tl.constexpr = "ieee",
     KC: tl.constexpr = 32,
+    rlo_ptr=None,
+    SPLIT: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -479,4 +506,6 @@ def _quantize_v2_kernel(
                 FMA_DIV,
                 DOT_PREC,
                 KC,
+                rlo_ptr,
+                SPLIT,
             )
