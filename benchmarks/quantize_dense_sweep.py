@@ -4,7 +4,8 @@ code bytes that differ from the torch reference's (fp32 on the same GPU; the ker
 order: float ties only). Launches: `v1:ROWS:WARPS` (the v1 kernel's dense tile, `DEFAULTS["block_t_dense"]` rows per
 program) and `v2:TILE:WARPS[:CHUNK]` (the v2 kernel, `DEFAULTS["v2_tile_dense"]` elements per slot tile, at most 64
 rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of the rotation;
-`v2:TILE:WARPS:CHUNK:split` also sets `DEFAULTS["v2_dense_split"]`, the rotation pre-split into tf32 halves).
+`v2:TILE:WARPS:CHUNK:split` / `...:tf32x3` sets `DEFAULTS["v2_dense_split"]`, the rotation pre-split into tf32 halves
+once per launch or split by tl.dot in every program; without that field, the default: split since session 31).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --out $OUT          # session 17, run 2
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py \
@@ -12,7 +13,7 @@ rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py \
         --tiles v2:512:4:32,v2:512:4:64,v2:512:4:128,v2:512:4:32 --out $OUT                       # session 29's lead
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
-        --tiles v2:1024:4:64,v2:1024:4:64:split,v2:1024:4:64 --out $OUT                            # session 30's lead
+        --tiles v2:1024:4:64:tf32x3,v2:1024:4:64:split,v2:1024:4:64:tf32x3 --out $OUT              # session 30's lead
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw
         variant, tile, warps, *rest = spec.split(":")
         tile, warps = int(tile), int(warps)
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
-        split = rest[1:] == ["split"]
+        split = {"split": True, "tf32x3": False}[rest[1]] if len(rest) > 1 else defaults["v2_dense_split"]
         if variant == "v1":
             kq.DEFAULTS.update(defaults, block_t_dense=tile, num_warps=warps)
         else:
@@ -92,7 +93,8 @@ def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw
         row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
         print(
-            f"{bits} bits {variant} tile {tile:4d} warps {warps} chunk {row['chunk']}{' split' * split}: {ms:.3f} ms, "
+            f"{bits} bits {variant} tile {tile:4d} warps {warps} chunk {row['chunk']} "
+            f"{'split' if split else 'tf32x3'}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, {differing:.1e} of code bytes differ from the reference, "
             f"build {build:.0f} s",
             flush=True,
