@@ -6,6 +6,8 @@ program) and `v2:TILE:WARPS[:CHUNK]` (the v2 kernel, `DEFAULTS["v2_tile_dense"]`
 rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of the rotation;
 `v2:TILE:WARPS:CHUNK:split` / `...:tf32x3` sets `DEFAULTS["v2_dense_split"]`, the rotation pre-split into tf32 halves
 once per launch or split by tl.dot in every program; without that field, the default: split since session 31).
+`--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
+(the slot tile of the block path) and CHUNK / the precision field do not apply.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --out $OUT          # session 17, run 2
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py \
@@ -14,6 +16,8 @@ once per launch or split by tl.dot in every program; without that field, the def
         --tiles v2:512:4:32,v2:512:4:64,v2:512:4:128,v2:512:4:32 --out $OUT                       # session 29's lead
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
         --tiles v2:1024:4:64:tf32x3,v2:1024:4:64:split,v2:1024:4:64:tf32x3 --out $OUT              # session 30's lead
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
+        --backends planar,iso,rotor --tiles v2:128:4,v2:256:4,v2:512:4,v2:128:4 --out $OUT          # session 31
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def main() -> None:
         "--tiles", default="v1:64:4,v1:16:4,v1:32:4,v1:128:4,v1:32:8,v1:64:8,v1:128:8", help="kernel:tile:warps"
     )
     p.add_argument("--bits", default="3", help="comma-separated code widths, each timed over every launch in --tiles")
+    p.add_argument("--backends", default="", help="block rotations to time instead of the dense default")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     x = torch.randn(1, 4, 65536, 256, device="cuda", dtype=torch.bfloat16)
@@ -47,17 +52,23 @@ def main() -> None:
     print(f"GPU {torch.cuda.get_device_name(0)}, copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
     defaults = dict(kq.DEFAULTS)
     rows = []
-    for bits in (int(b) for b in args.bits.split(",")):
-        rows += _sweep(x, bits, args.tiles.split(","), defaults, copy_bw)
+    for backend in args.backends.split(",") if args.backends else [None]:
+        for bits in (int(b) for b in args.bits.split(",")):
+            rows += _sweep(x, bits, args.tiles.split(","), defaults, copy_bw, backend)
     kq.DEFAULTS.update(defaults)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quantize_dense_sweep.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
 
 
-def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw: float) -> list[dict]:
-    """Time each launch spec on one `bits`-wide write of `x`, restoring `defaults` after each."""
+def _sweep(
+    x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw: float, backend: str | None = None
+) -> list[dict]:
+    """Time each launch spec on one `bits`-wide write of `x` (the default config's dense rotation, or one layer of
+    `backend`'s blocks), restoring `defaults` after each."""
     cfg = RQConfig(residual_window=0, bits=bits)
+    if backend:
+        cfg = cfg.replace(backend=backend, rotation_stages=1)
     state = quantizer.make_state(cfg, layer_idx=1, kind="k", num_heads=4, head_dim=256)
     st = state.to("cuda")
     call = (x, st.rotation, st.mean, st.scale, st.levels, bits, st.group)
@@ -71,8 +82,9 @@ def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw
         if variant == "v1":
             kq.DEFAULTS.update(defaults, block_t_dense=tile, num_warps=warps)
         else:
-            kq.DEFAULTS.update(defaults, v2_tile_dense=tile, v2_num_warps=warps, v2_dense_chunk=chunk)
-            kq.DEFAULTS["v2_dense_split"] = split
+            tile_key = "v2_tile" if backend else "v2_tile_dense"
+            kq.DEFAULTS.update(defaults, v2_num_warps=warps, v2_dense_chunk=chunk, v2_dense_split=split)
+            kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
         torch.cuda.synchronize()
@@ -81,6 +93,7 @@ def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw
         nbytes = x.numel() * 2 + codes.numel() + norms.numel() * 2
         differing = (codes != ref_codes).float().mean().item()
         row = {
+            "backend": backend or "default (dense)",
             "bits": bits,
             "variant": variant,
             "tile": tile,
@@ -92,9 +105,9 @@ def _sweep(x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
         row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
+        launch = f"chunk {row['chunk']} {'split' if split else 'tf32x3'}" if not backend else f"{backend} blocks"
         print(
-            f"{bits} bits {variant} tile {tile:4d} warps {warps} chunk {row['chunk']} "
-            f"{'split' if split else 'tf32x3'}: {ms:.3f} ms, "
+            f"{bits} bits {variant} tile {tile:4d} warps {warps} {launch}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, {differing:.1e} of code bytes differ from the reference, "
             f"build {build:.0f} s",
             flush=True,
