@@ -184,11 +184,13 @@ def test_the_pre_split_rotation_is_as_accurate_as_tf32x3(device):
         assert (y.cpu().double() - want).abs().max().item() / want.abs().max().item() < 2.0**-20
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split", "tf32x3"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits):
+def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, split):
     """`DEFAULTS["v2_dense_split"]`: R split into tf32 halves once per launch and the three dots of tf32x3 written
-    out (session 30, untimed): the codes stay the reference's up to float ties."""
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", True)
+    out (the default since session 31), or tl.dot's own tf32x3: either way the codes are the reference's up to float
+    ties, and the launch passes the setting through."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", split)
     real, splits = kquant._quantize_v2_kernel, []
 
     class Spy:
@@ -198,7 +200,7 @@ def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits):
     monkeypatch.setattr(kquant, "_quantize_v2_kernel", Spy())
     st, x, params = _inputs("iso", bits, 256, 19, True, rotation_stages="full")
     codes, norms = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
-    assert splits == [True]
+    assert splits == [split]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     tk._check_codes(codes, norms, rc, rn, x, st)
 
@@ -485,17 +487,19 @@ def _v2_against_v1_and_reference_gpu(backend, bits, search, shapes, **config):
     ],
 )
 def test_v2_dense_gpu(backend, bits, search, config):
-    """Real sizes, fresh random inputs, outputs poisoned first: v2 with a dense rotation (tf32x3 dots) against v1
-    and the reference."""
+    """Real sizes, fresh random inputs, outputs poisoned first: v2 with a dense rotation (the default's pre-split
+    tf32 dots) against v1 (tl.dot's tf32x3) and the reference."""
     _v2_against_v1_and_reference_gpu(backend, bits, search, ((256, 3000, 2, 4), (64, 1001, 3, 2)), **config)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("split", [True, False], ids=["split", "tf32x3"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_v2_dense_split_gpu(monkeypatch, bits):
-    """The pre-split rotation's three tf32 dots (session 30's untimed candidate), at real sizes."""
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", True)
+def test_v2_dense_split_gpu(monkeypatch, bits, split):
+    """Either rotation precision at real sizes: the pre-split halves' three tf32 dots (the default since session 31)
+    and tl.dot's tf32x3 (the default before; kept as the fallback setting)."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", split)
     _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
 
 

@@ -12,8 +12,10 @@ for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, stil
 scores each candidate with level magnitudes read from the symmetric codebook's upper half (_slot_magnitude: -6 to
 -18% on the H200, session 30); the code of the kept candidate is then found bit by bit by binary search over its
 thresholds (_code_bits: -9 to -11%, session 30).
-A dense per-group rotation (full mixing, hadamard) is v1's tf32x3 `tl.dot` (its input divided by _div_rcp here,
-by div_rn in v1), the output split into the slot tiles (_dense_slots). The default for dense bulk writes since
+A dense per-group rotation (full mixing, hadamard) is v1's `tl.dot` (its input divided by _div_rcp here, by div_rn
+in v1), the output split into the slot tiles (_dense_slots): by default the three tf32 dots of tf32x3 written out over
+R split into tf32 halves once per launch (DEFAULTS["v2_dense_split"]: -18% at 3 bits on the H200, session 31),
+else tl.dot's own tf32x3, which re-splits R in every program. The default for dense bulk writes since
 session 17 (DEFAULTS["quantize_variant_dense"]), for block rotations since session 28 (DEFAULTS["quantize_variant"]).
 """
 
