@@ -40,10 +40,10 @@ DEFAULTS = {"block_t": 8, "block_t_dense": 64, "lut": 0, "num_warps": 4, "reshap
 # against 1.456 (iso), H200, one process; codes off the fp32 reference's in 2-4e-6 of codes (v1: 0, the row sums
 # in another order), as the dense default has had since session 17. Session 30's search on level magnitudes:
 # 0.437 / 0.463 ms; 0.448 / 0.464 after its binary code search (session 31). Session 31's re-sweep
-# (benchmarks/quantize_dense_sweep.py --backends) keeps 128 elements on 4 warps: 256 / 512 are 4-44% slower at every
-# width and backend but iso 4 bits (-3% at 256) although they count 14-21% fewer instructions per element (85 -> 157
-# / 255 registers: fewer programs per SM); 64 on 2 warps is -7% / -5% at 3 bits and planar 2 bits -8%, but iso
-# 4 bits +11%.
+# (benchmarks/quantize_dense_sweep.py --backends) keeps 128 elements on 4 warps: 256 / 512 are 23-50% slower at 2-3
+# bits for every backend (at 4 bits 256 is level for planar, -3% for iso; 512 +23-30%) although they count 14-21%
+# fewer instructions per element (85 -> 157 / 255 registers: fewer programs per SM); 64 on 2 warps is -7% / -5% at
+# 3 bits and planar 2 bits -8%, but iso 4 bits +11%.
 DEFAULTS.update({"quantize_variant": "v2", "v2_tile": 128, "v2_num_warps": 4})
 # A dense per-group rotation (full mixing, the default config's; hadamard) takes v2 where it applies: on the H200
 # (session 17, benchmarks/quantize_dense_sweep.py) a [1, 4, 65536, 256] bf16 write in 1.55 ms against v1's 3.23 ms,
