@@ -100,20 +100,27 @@ def test_v2_dense_rotation_codes_match_v1_and_reference(backend, bits, dim, sear
     tk._check_codes(c2, n2, c1, n1, x, st)
 
 
+def _dense_v2_launch(monkeypatch, arg: str, bits: int):
+    """One v2 launch of a dense (full mixing) write of 19 tokens, recording the kernel argument `arg` of each launch:
+    (the recorded values, codes, norms, state, x, the launch's parameters)."""
+    real, seen = kquant._quantize_v2_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(k[arg]) or real[grid](*a, **k)
+
+    monkeypatch.setattr(kquant, "_quantize_v2_kernel", Spy())
+    st, x, params = _inputs("iso", bits, 256, 19, True, rotation_stages="full")
+    codes, norms = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
+    return seen, codes, norms, st, x, params
+
+
 @pytest.mark.parametrize("chunk", [16, 32, 128])
 def test_the_dense_rotation_chunk_changes_the_dot_steps_not_the_codes(monkeypatch, chunk):
     """`DEFAULTS["v2_dense_chunk"]` input coordinates per tl.dot step (a register / stack trade, session 29): the
     launch takes it (capped at the group), and the codes stay the reference's up to float ties."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_chunk", chunk)
-    real, steps = kquant._quantize_v2_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: steps.append(k["KC"]) or real[grid](*a, **k)
-
-    monkeypatch.setattr(kquant, "_quantize_v2_kernel", Spy())
-    st, x, params = _inputs("iso", 3, 256, 19, True, rotation_stages="full")
-    codes, norms = kquant.launch_quantize(x, *params, 3, st.group, variant="v2")
+    steps, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, "KC", 3)
     assert steps == [min(chunk, st.group)]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     tk._check_codes(codes, norms, rc, rn, x, st)
@@ -191,15 +198,7 @@ def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, spl
     out (the default since session 31), or tl.dot's own tf32x3: either way the codes are the reference's up to float
     ties, and the launch passes the setting through."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", split)
-    real, splits = kquant._quantize_v2_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: splits.append(k["SPLIT"]) or real[grid](*a, **k)
-
-    monkeypatch.setattr(kquant, "_quantize_v2_kernel", Spy())
-    st, x, params = _inputs("iso", bits, 256, 19, True, rotation_stages="full")
-    codes, norms = kquant.launch_quantize(x, *params, bits, st.group, variant="v2")
+    splits, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, "SPLIT", bits)
     assert splits == [split]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     tk._check_codes(codes, norms, rc, rn, x, st)
