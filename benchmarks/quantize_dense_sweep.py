@@ -5,7 +5,8 @@ order: float ties only). Launches: `v1:ROWS:WARPS` (the v1 kernel's dense tile, 
 program) and `v2:TILE:WARPS[:CHUNK]` (the v2 kernel, `DEFAULTS["v2_tile_dense"]` elements per slot tile, at most 64
 rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of the rotation;
 `v2:TILE:WARPS:CHUNK:split` / `...:tf32x3` sets `DEFAULTS["v2_dense_split"]`, the rotation pre-split into tf32 halves
-once per launch or split by tl.dot in every program; without that field, the default: split since session 31).
+once per launch or split by tl.dot in every program; `...:fold` sets `DEFAULTS["v2_dense_fold"]`, (x - mean) / scale
+folded into the rotation's three bf16 parts; without that field, the defaults: split since session 31).
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -18,6 +19,8 @@ once per launch or split by tl.dot in every program; without that field, the def
         --tiles v2:1024:4:64:tf32x3,v2:1024:4:64:split,v2:1024:4:64:tf32x3 --out $OUT              # session 30's lead
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
         --backends planar,iso,rotor --tiles v2:128:4,v2:256:4,v2:512:4,v2:128:4 --out $OUT          # session 31
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
+        --tiles v2:1024:4:64:split,v2:1024:4:64:fold,v2:1024:4:64:split --out $OUT                  # session 31's lead
 """
 
 from __future__ import annotations
@@ -78,12 +81,15 @@ def _sweep(
         variant, tile, warps, *rest = spec.split(":")
         tile, warps = int(tile), int(warps)
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
-        split = {"split": True, "tf32x3": False}[rest[1]] if len(rest) > 1 else defaults["v2_dense_split"]
+        prec = rest[1] if len(rest) > 1 else None
+        split = {"split": True, "tf32x3": False, "fold": False, None: defaults["v2_dense_split"]}[prec]
+        fold = {"fold": True, None: defaults["v2_dense_fold"]}.get(prec, False)
         if variant == "v1":
             kq.DEFAULTS.update(defaults, block_t_dense=tile, num_warps=warps)
         else:
             tile_key = "v2_tile" if backend else "v2_tile_dense"
             kq.DEFAULTS.update(defaults, v2_num_warps=warps, v2_dense_chunk=chunk, v2_dense_split=split)
+            kq.DEFAULTS["v2_dense_fold"] = fold
             kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
@@ -100,12 +106,14 @@ def _sweep(
             "warps": warps,
             "chunk": chunk if variant == "v2" else None,
             "split": split,
+            "fold": fold,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw)
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
         row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
-        launch = f"chunk {row['chunk']} {'split' if split else 'tf32x3'}" if not backend else f"{backend} blocks"
+        prec = "fold" if fold else "split" if split else "tf32x3"
+        launch = f"chunk {row['chunk']} {prec}" if not backend else f"{backend} blocks"
         print(
             f"{bits} bits {variant} tile {tile:4d} warps {warps} {launch}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, {differing:.1e} of code bytes differ from the reference, "

@@ -19,7 +19,8 @@ instructions name (M x N x K each, once per warpgroup) at the H200's dense rate 
 Each argument is one build: kernel (v1 | v2), rb (rotation block: 2 planar, 4 iso with one layer, 128 the default
 full mixing), bits, na (scale candidates: 5 is the default `RQConfig.scale_search`, 0 none), tokens (T), kc (v2's
 dense rotation: input coordinates per tl.dot step, `DEFAULTS["v2_dense_chunk"]`), split (1: the dense rotation
-pre-split into tf32 halves, `DEFAULTS["v2_dense_split"]`).
+pre-split into tf32 halves, `DEFAULTS["v2_dense_split"]`), fold (1: (x - mean) / scale folded into the rotation's
+three bf16 parts, `DEFAULTS["v2_dense_fold"]`).
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ def build(
     tokens=65536,
     kc=None,
     split=None,
+    fold=None,
 ):
     """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write (kc: v2's dense rotation
-    chunk, default `DEFAULTS["v2_dense_chunk"]`; split: its pre-split rotation, `DEFAULTS["v2_dense_split"]`)."""
+    chunk, default `DEFAULTS["v2_dense_chunk"]`; split: its pre-split rotation, `DEFAULTS["v2_dense_split"]`; fold:
+    its folded bf16 rotation, `DEFAULTS["v2_dense_fold"]`)."""
     fn = kq._quantize_v2_kernel if kernel == "v2" else kq._quantize_kernel
     dense = rb > 4
     nb = d // g if dense else d // rb
@@ -63,8 +66,9 @@ def build(
         slots = 8 if bits == 4 else 16
         bt = max(1, kq.DEFAULTS["v2_tile_dense" if dense else "v2_tile"] // (g // slots))
         bt = min(max(bt, 16), 64) if dense else bt
-        split = bool(kq.DEFAULTS["v2_dense_split"] if split is None else split) and dense
-        const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split)
+        fold = bool(kq.DEFAULTS["v2_dense_fold"] if fold is None else fold) and dense
+        split = bool(kq.DEFAULTS["v2_dense_split"] if split is None else split) and dense and not fold
+        const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split, FOLD=fold)
         const.update(KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
         warps = kq.DEFAULTS["v2_num_warps"]
     else:
@@ -74,6 +78,8 @@ def build(
         warps = kq.DEFAULTS["num_warps"]
     sig = {name: "i32" for name in fn.arg_names}
     sig.update({k: v for k, v in POINTERS.items() if k in sig})
+    if kernel == "v2" and fold:
+        sig["rot_ptr"] = "*bf16"  # the folded rotation's three bf16 parts
     sig.update({name: "constexpr" for name in const})
     divisible = [n for n in (*POINTERS, "sxb", "sxh", "sxt", "T") if sig.get(n, "constexpr") != "constexpr"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}

@@ -100,14 +100,14 @@ def test_v2_dense_rotation_codes_match_v1_and_reference(backend, bits, dim, sear
     tk._check_codes(c2, n2, c1, n1, x, st)
 
 
-def _dense_v2_launch(monkeypatch, arg: str, bits: int):
-    """One v2 launch of a dense (full mixing) write of 19 tokens, recording the kernel argument `arg` of each launch:
-    (the recorded values, codes, norms, state, x, the launch's parameters)."""
+def _dense_v2_launch(monkeypatch, bits: int):
+    """One v2 launch of a dense (full mixing) write of 19 tokens, recording each launch's keyword arguments:
+    (the recorded keywords, codes, norms, state, x, the launch's parameters)."""
     real, seen = kquant._quantize_v2_kernel, []
 
     class Spy:
         def __getitem__(self, grid):
-            return lambda *a, **k: seen.append(k[arg]) or real[grid](*a, **k)
+            return lambda *a, **k: seen.append(k) or real[grid](*a, **k)
 
     monkeypatch.setattr(kquant, "_quantize_v2_kernel", Spy())
     st, x, params = _inputs("iso", bits, 256, 19, True, rotation_stages="full")
@@ -120,8 +120,8 @@ def test_the_dense_rotation_chunk_changes_the_dot_steps_not_the_codes(monkeypatc
     """`DEFAULTS["v2_dense_chunk"]` input coordinates per tl.dot step (a register / stack trade, session 29): the
     launch takes it (capped at the group), and the codes stay the reference's up to float ties."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_chunk", chunk)
-    steps, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, "KC", 3)
-    assert steps == [min(chunk, st.group)]
+    launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, 3)
+    assert [k["KC"] for k in launches] == [min(chunk, st.group)]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     tk._check_codes(codes, norms, rc, rn, x, st)
 
@@ -136,6 +136,23 @@ def test_split_tf32_halves_are_exact_in_tf32_and_sum_to_the_rotation():
         assert not (half.view(torch.int32) & 0x1FFF).any()
     assert ((r.double() - hi.double() - lo.double()).abs() <= r.double().abs() * 2.0**-22).all()
     assert (lo.abs() <= r.abs() * 2.0**-11).all()
+
+
+def test_the_folded_rotation_is_exact_in_three_bf16_parts_and_its_offset_is_the_folded_mean():
+    """`_fold_rotation`: R' = R diag(1 / scale) in fp32 is exactly hi + mid + lo, three bf16 parts (a bf16 dot of bf16
+    x against each part multiplies exactly), and c = R' mean, so x R'^T - c is the rotation of (x - mean) / scale."""
+    st, x, _ = _inputs("iso", 3, 256, 5, True, rotation_stages="full")
+    parts, c = kquant._fold_rotation(st.rotation.contiguous(), st.mean, st.scale)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (2, 2, 3, 128, 128)
+    folded = (st.rotation.double() / st.scale.double().view(2, 2, 1, 128)).float()
+    assert torch.equal(parts.double().sum(2), folded.double())  # exact: 3 x 8 significant bits = fp32's 24
+    xb = x.to(torch.bfloat16).double()
+    for g in range(2):
+        grp = slice(g * 128, (g + 1) * 128)
+        u = (xb[..., grp] - st.mean[None, :, None, grp].double()) / st.scale[None, :, None, grp].double()
+        want = u @ st.rotation[:, g].double().transpose(-1, -2)
+        got = xb[..., grp] @ parts[:, g].double().sum(1).transpose(-1, -2) - c[None, :, None, grp].double()
+        assert (got - want).abs().max() <= 2.0**-20 * want.abs().max()
 
 
 @triton.jit
@@ -191,15 +208,52 @@ def test_the_pre_split_rotation_is_as_accurate_as_tf32x3(device):
         assert (y.cpu().double() - want).abs().max().item() / want.abs().max().item() < 2.0**-20
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split", "tf32x3"])
+@triton.jit
+def _rotate_fold_kernel(x_ptr, parts_ptr, c_ptr, y_ptr, PREC: tl.constexpr):
+    t = tl.arange(0, 16)
+    y = quantize_v2._rotate_folded(
+        x_ptr + t[:, None] * 128, (t < 16)[:, None], 1, parts_ptr, c_ptr, 0, 0, 128, 128, 1, 16, 64, PREC
+    )
+    tl.store(y_ptr + t[:, None] * 128 + tl.arange(0, 128)[None, :], y)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_folded_rotation_is_as_accurate_as_tf32x3(device):
+    """bf16 x through three bf16 dots against the folded parts, minus c, rotates (x - mean) / scale to within 2^-20
+    of the float64 result, tf32x3's bound above, with a mean of 8 standard deviations in some channels (c cancels
+    against x R'^T there); dropping the smallest part costs ~2^-17."""
+    if (device == "cuda") != HAS_CUDA:
+        pytest.skip("the other machine's path")
+    global _rotate_fold_kernel
+    _rotate_fold_kernel = triton.jit(_rotate_fold_kernel.fn)  # against the reloaded module (interpreter mode)
+    g = torch.Generator().manual_seed(0)
+    r = torch.linalg.qr(torch.randn(128, 128, generator=g, dtype=torch.float64))[0].float()
+    mean = torch.randn(128, generator=g) * 0.3
+    mean[::16] = 8.0
+    scale = torch.rand(128, generator=g) + 0.5
+    x = (mean + torch.randn(16, 128, generator=g) * scale).to(torch.bfloat16)
+    u = (x.double() - mean.double()) / scale.double()
+    want = rotate(u[None, None], r.double()[None, None])[0, 0]  # the reference's orientation
+    parts, c = kquant._fold_rotation(r.view(1, 1, 128, 128), mean.view(1, 128), scale.view(1, 128))
+    y = torch.empty(16, 128, device=device)
+    _rotate_fold_kernel[(1,)](
+        x.to(device), parts.to(device), c.to(device), y, PREC="ieee" if device == "cpu" else "tf32x3"
+    )
+    err = (y.cpu().double() - want).abs().max().item() / want.abs().max().item()
+    assert err < 2.0**-20, err
+
+
+@pytest.mark.parametrize("precision", ["split", "tf32x3", "fold"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, split):
+def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, precision):
     """`DEFAULTS["v2_dense_split"]`: R split into tf32 halves once per launch and the three dots of tf32x3 written
-    out (the default since session 31), or tl.dot's own tf32x3: either way the codes are the reference's up to float
-    ties, and the launch passes the setting through."""
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", split)
-    splits, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, "SPLIT", bits)
-    assert splits == [split]
+    out (the default since session 31), tl.dot's own tf32x3, or `DEFAULTS["v2_dense_fold"]` ((x - mean) / scale
+    folded into the rotation, three bf16 dots): each way the codes are the reference's up to float ties (the
+    calibrated state's mean and scale are not trivial), and the launch passes the setting through."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", precision == "split")
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_fold", precision == "fold")
+    launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, bits)
+    assert [(k["SPLIT"], k["FOLD"]) for k in launches] == [(precision == "split", precision == "fold")]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     tk._check_codes(codes, norms, rc, rn, x, st)
 
@@ -493,12 +547,13 @@ def test_v2_dense_gpu(backend, bits, search, config):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("split", [True, False], ids=["split", "tf32x3"])
+@pytest.mark.parametrize("precision", ["split", "tf32x3", "fold"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_v2_dense_split_gpu(monkeypatch, bits, split):
-    """Either rotation precision at real sizes: the pre-split halves' three tf32 dots (the default since session 31)
-    and tl.dot's tf32x3 (the default before; kept as the fallback setting)."""
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", split)
+def test_v2_dense_split_gpu(monkeypatch, bits, precision):
+    """Each rotation precision at real sizes: the pre-split halves' three tf32 dots (the default since session 31),
+    tl.dot's tf32x3 (the default before; kept as the fallback setting), and the folded rotation's bf16 dots."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", precision == "split")
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_fold", precision == "fold")
     _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
 
 

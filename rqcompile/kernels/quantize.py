@@ -68,6 +68,11 @@ DEFAULTS["v2_dense_chunk"] = 64
 # in the same process): 0.836 -> 0.685 ms at 3 bits, 1.234 -> 1.162 at 4, 0.494 -> 0.497 at 2 (kept on at every
 # width: one kernel build to test); codes off the fp32 reference's in 0.9-2.2e-5 of bytes, as with tf32x3.
 DEFAULTS["v2_dense_split"] = True
+# ... or (x - mean) / scale folded into the rotation, stored as three bf16 parts, and x fed to three bf16 dots as
+# loaded (`_fold_rotation`; session 31). H200, session 32 (quantize_dense_sweep.py, against split in one process):
+# 0.684 -> 0.584 ms at 3 bits, 0.495 -> 0.451 at 2, 1.156 -> 0.994 at 4; codes off the fp32 reference in 0.6-2.4e-5
+# of bytes. Off until its GPU tests pass. Takes precedence over v2_dense_split when on.
+DEFAULTS["v2_dense_fold"] = False
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -142,6 +147,25 @@ def _split_tf32(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     stand in for one fp32 dot (tf32x3), computed once per launch instead of in every program."""
     hi = _round_tf32(r)
     return hi, _round_tf32(r - hi)
+
+
+def _fold_rotation(
+    rotation: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parts bf16 [H, NB, 3, G, G], c fp32 [H, D]) for a dense rotation [H, NB, G, G]: R' = R diag(1 / scale) per
+    norm group, rounded once to fp32 and split into bf16 parts hi + mid + lo that sum to it exactly (8 significant
+    bits each), and c = R' mean (summed in float64), so that y = x R'^T - c is the rotation of (x - mean) / scale
+    with x itself as the dots' operand. Not the reference's rounding: u = (x - mean) / scale is not rounded first,
+    and c cancels against x R'^T where the mean is large against the spread."""
+    import torch
+
+    h, nb, g, _ = rotation.shape
+    folded = rotation / scale.view(h, nb, 1, g)  # fp32 / fp32: R / scale correctly rounded, as in float64 then fp32
+    hi = folded.to(torch.bfloat16)
+    mid = (folded - hi.float()).to(torch.bfloat16)
+    lo = (folded - hi.float() - mid.float()).to(torch.bfloat16)
+    c = (folded.double() @ mean.double().view(h, nb, g, 1)).view(h, nb * g).float()
+    return torch.stack((hi, mid, lo), dim=2).contiguous(), c.contiguous()
 
 
 def _fma_exact() -> bool:
@@ -219,8 +243,11 @@ def launch_quantize(
             BLOCK_R=1024,
         )
         rot, rlo = rotation.contiguous(), None
-        split = dense and DEFAULTS["v2_dense_split"]
-        if split:
+        fold = dense and DEFAULTS["v2_dense_fold"]
+        split = dense and DEFAULTS["v2_dense_split"] and not fold
+        if fold:
+            rot, rlo = _fold_rotation(rot, mean.reshape(heads, dim), scale.reshape(heads, dim))
+        elif split:
             rot, rlo = _split_tf32(rot)
         grid = (triton.cdiv(tokens, bt), batch * heads)
         wrap(_quantize_v2_kernel)[grid](
@@ -252,6 +279,7 @@ def launch_quantize(
             KC=min(DEFAULTS["v2_dense_chunk"], group),
             rlo_ptr=rlo,
             SPLIT=split,
+            FOLD=fold,
             num_warps=DEFAULTS["v2_num_warps"],
         )
         return codes, norms

@@ -213,6 +213,41 @@ def _block_slots(
 
 
 @triton.jit
+def _rotate_folded(
+    x_row,
+    t_ok,
+    sxd,
+    rot_ptr,
+    bias_ptr,
+    h,
+    g,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    KC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """y [BLOCK_T, G] = x @ R'_g^T - c_g with (x - mean) / scale folded into the rotation: R' = R diag(1 / scale),
+    c = R' mean (`quantize._fold_rotation`). R' is stored as three bf16 parts (hi + mid + lo = the fp32 R' exactly),
+    and bf16 x is exact in a bf16 dot, so three bf16 dots (twice the tf32 rate) give R' x with fp32 sums, and x goes
+    to the tensor cores as it was loaded: no (x - mean) / scale per element, no tf32 split of u."""
+    ri = tl.arange(0, G)
+    y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+    for kc in tl.static_range(G // KC):
+        kk = kc * KC + tl.arange(0, KC)
+        xv = tl.load(x_row + (g * G + kk)[None, :] * sxd, mask=t_ok, other=0.0)
+        base = rot_ptr + (h * NB + g) * 3 * G * G + ri[None, :] * G + kk[:, None]  # R'_g[i, k] at [k, i]
+        for p in tl.static_range(2, -1, -1):  # the smallest part first
+            part = tl.load(base + p * G * G)
+            if DOT_PREC == "ieee":  # the interpreter: its bf16 dot is wrong (Triton 3.8); the same products in fp32
+                y = tl.dot(xv.to(tl.float32), part.to(tl.float32), y, input_precision="ieee")
+            else:
+                y = tl.dot(xv, part, y)
+    return y - tl.load(bias_ptr + h * D + g * G + ri)[None, :]
+
+
+@triton.jit
 def _dense_slots(
     x_row,
     t_ok,
@@ -234,6 +269,7 @@ def _dense_slots(
     KC: tl.constexpr,
     rlo_ptr,
     SPLIT: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """The dense rotation (full mixing, hadamard: one [G, G] block per norm group) into v2's slot tiles: a tuple of P
     [BLOCK_T, J] tiles (slot s holds rotated coordinates j * P + s) and the group's squared norm per (row, word).
@@ -241,28 +277,31 @@ def _dense_slots(
     by _div_rcp: -10% on the H200, session 29), then its [BLOCK_T, J, P] columns are split into slots, one bit of s
     per `tl.split`."""
     perm_ptr = mean_ptr  # unused (PERM=False)
-    y = _rotate_dense(
-        x_row,
-        t_ok,
-        sxd,
-        rot_ptr,
-        mean_ptr,
-        scale_ptr,
-        rs_ptr,
-        perm_ptr,
-        h,
-        g,
-        D,
-        G,
-        NB,
-        False,
-        FMA_DIV,
-        DOT_PREC,
-        BLOCK_T,
-        KC,
-        rlo_ptr,
-        SPLIT,
-    )
+    if FOLD:
+        y = _rotate_folded(x_row, t_ok, sxd, rot_ptr, rlo_ptr, h, g, D, G, NB, BLOCK_T, KC, DOT_PREC)
+    else:
+        y = _rotate_dense(
+            x_row,
+            t_ok,
+            sxd,
+            rot_ptr,
+            mean_ptr,
+            scale_ptr,
+            rs_ptr,
+            perm_ptr,
+            h,
+            g,
+            D,
+            G,
+            NB,
+            False,
+            FMA_DIV,
+            DOT_PREC,
+            BLOCK_T,
+            KC,
+            rlo_ptr,
+            SPLIT,
+        )
     LOG2P: tl.constexpr = 4 if P == 16 else 3
     if P == 16:
         parts = (tl.reshape(y, [BLOCK_T, J, 2, 2, 2, 2]),)
@@ -315,6 +354,7 @@ def _v2_group(
     KC: tl.constexpr,
     rlo_ptr,
     SPLIT: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """Norm group g of the rows (_quantize_v2_kernel's): rotated into slot tiles, normalized, coded (the scale
     search's candidate kept), its corrected norm and packed codes stored."""
@@ -345,6 +385,7 @@ def _v2_group(
             KC,
             rlo_ptr,
             SPLIT,
+            FOLD,
         )
     else:
         ys, ss = _block_slots(
@@ -447,6 +488,7 @@ def _quantize_v2_kernel(
     KC: tl.constexpr = 32,
     rlo_ptr=None,
     SPLIT: tl.constexpr = False,
+    FOLD: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -510,4 +552,5 @@ def _quantize_v2_kernel(
                 KC,
                 rlo_ptr,
                 SPLIT,
+                FOLD,
             )
