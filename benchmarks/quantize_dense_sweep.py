@@ -6,7 +6,10 @@ program) and `v2:TILE:WARPS[:CHUNK]` (the v2 kernel, `DEFAULTS["v2_tile_dense"]`
 rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of the rotation;
 `v2:TILE:WARPS:CHUNK:split` / `...:tf32x3` sets `DEFAULTS["v2_dense_split"]`, the rotation pre-split into tf32 halves
 once per launch or split by tl.dot in every program; `...:fold` sets `DEFAULTS["v2_dense_fold"]`, (x - mean) / scale
-folded into the rotation's three bf16 parts; without that field, the defaults: split since session 31).
+folded into the rotation's three bf16 parts; without that field, the defaults: split since session 31, fold since
+session 32). Each launch is timed twice: by do_bench (L2 flushed before each call; the call's host work counts where
+the host is slower than the flush, as in session 32's call 2), and as a CUDA graph's replay (no host work; L2 not
+flushed, but x is 128 MiB against the H200's 50 MB).
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -21,6 +24,8 @@ folded into the rotation's three bf16 parts; without that field, the defaults: s
         --backends planar,iso,rotor --tiles v2:128:4,v2:256:4,v2:512:4,v2:128:4 --out $OUT          # session 31
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
         --tiles v2:1024:4:64:split,v2:1024:4:64:fold,v2:1024:4:64:split --out $OUT                  # session 31's lead
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
+        --tiles v2:1024:4:64:fold,v2:1024:4:64:split,v2:1024:4:64:fold --out $OUT                   # session 32
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import os
 import time
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from rqcompile.config import RQConfig
 from rqcompile.kernels import quantize as kq
@@ -96,6 +101,7 @@ def _sweep(
         torch.cuda.synchronize()
         build = time.time() - t0
         ms = do_bench(lambda v=variant: kq.launch_quantize(*call, variant=v), return_mode="median")
+        graph_ms = do_bench_cudagraph(lambda v=variant: kq.launch_quantize(*call, variant=v), return_mode="median")
         nbytes = x.numel() * 2 + codes.numel() + norms.numel() * 2
         differing = (codes != ref_codes).float().mean().item()
         row = {
@@ -108,7 +114,7 @@ def _sweep(
             "split": split,
             "fold": fold,
         }
-        row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw)
+        row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw, graph_ms=graph_ms)
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
         row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
@@ -116,7 +122,8 @@ def _sweep(
         launch = f"chunk {row['chunk']} {prec}" if not backend else f"{backend} blocks"
         print(
             f"{bits} bits {variant} tile {tile:4d} warps {warps} {launch}: {ms:.3f} ms, "
-            f"{100 * row['of_copy']:.1f}% of copy bandwidth, {differing:.1e} of code bytes differ from the reference, "
+            f"{100 * row['of_copy']:.1f}% of copy bandwidth, as a CUDA graph {graph_ms:.3f} ms, "
+            f"{differing:.1e} of code bytes differ from the reference, "
             f"build {build:.0f} s",
             flush=True,
         )

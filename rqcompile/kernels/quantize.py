@@ -27,7 +27,7 @@ from rqcompile.kernels.common import (
 )
 from rqcompile.kernels.dequantize import _dequantize_kernel
 from rqcompile.kernels.quantize_v1 import _quantize_kernel
-from rqcompile.kernels.quantize_v2 import _quantize_v2_kernel, _v2_prep_kernel
+from rqcompile.kernels.quantize_v2 import _fold_prep_kernel, _quantize_v2_kernel, _v2_prep_kernel
 
 if TYPE_CHECKING:
     import torch
@@ -69,10 +69,13 @@ DEFAULTS["v2_dense_chunk"] = 64
 # width: one kernel build to test); codes off the fp32 reference's in 0.9-2.2e-5 of bytes, as with tf32x3.
 DEFAULTS["v2_dense_split"] = True
 # ... or (x - mean) / scale folded into the rotation, stored as three bf16 parts, and x fed to three bf16 dots as
-# loaded (`_fold_rotation`; session 31). H200, session 32 (quantize_dense_sweep.py, against split in one process):
-# 0.684 -> 0.584 ms at 3 bits, 0.495 -> 0.451 at 2, 1.156 -> 0.994 at 4; codes off the fp32 reference in 0.6-2.4e-5
-# of bytes. Off until its GPU tests pass. Takes precedence over v2_dense_split when on.
-DEFAULTS["v2_dense_fold"] = False
+# loaded (`_fold_rotation`, one Triton launch of prep: _fold_prep_kernel). sm_90 SASS 114 -> 98 instructions per
+# element at 3 bits, tensor-core floor 104 -> 52 us (session 31). H200, session 32 (quantize_dense_sweep.py, against
+# split in one process; CUDA-graph replay in brackets): 0.687 -> 0.539 ms at 3 bits (0.671 -> 0.535), 0.498 -> 0.365
+# at 2, 1.163 -> 0.955 at 4; codes off the fp32 reference in 0.8-2.8e-5 of bytes, as with split. The default since
+# session 32; it takes precedence over v2_dense_split, for bf16 x only (fp16 / fp32 x is not exact as a bf16
+# operand: those writes take the split).
+DEFAULTS["v2_dense_fold"] = True
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -150,22 +153,23 @@ def _split_tf32(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fold_rotation(
-    rotation: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor
+    rotation: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, wrap=lambda k: k
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(parts bf16 [H, NB, 3, G, G], c fp32 [H, D]) for a dense rotation [H, NB, G, G]: R' = R diag(1 / scale) per
-    norm group, rounded once to fp32 and split into bf16 parts hi + mid + lo that sum to it exactly (8 significant
-    bits each), and c = R' mean (summed in float64), so that y = x R'^T - c is the rotation of (x - mean) / scale
-    with x itself as the dots' operand. Not the reference's rounding: u = (x - mean) / scale is not rounded first,
-    and c cancels against x R'^T where the mean is large against the spread."""
+    """(parts bf16 [H, NB, 3, G, G], c fp32 [H, D]) for a dense rotation [H, NB, G, G] (_fold_prep_kernel): R' = R
+    diag(1 / scale) per norm group, correctly rounded to fp32 and split into bf16 parts hi + mid + lo that sum to it
+    exactly, and c = R' mean (summed in float64), so that y = x R'^T - c is the rotation of (x - mean) / scale with x
+    itself as the dots' operand. Not the reference's rounding: u = (x - mean) / scale is not rounded first, and c
+    cancels against x R'^T where the mean is large against the spread."""
     import torch
 
     h, nb, g, _ = rotation.shape
-    folded = rotation / scale.view(h, nb, 1, g)  # fp32 / fp32: R / scale correctly rounded, as in float64 then fp32
-    hi = folded.to(torch.bfloat16)
-    mid = (folded - hi.float()).to(torch.bfloat16)
-    lo = (folded - hi.float() - mid.float()).to(torch.bfloat16)
-    c = (folded.double() @ mean.double().view(h, nb, g, 1)).view(h, nb * g).float()
-    return torch.stack((hi, mid, lo), dim=2).contiguous(), c.contiguous()
+    parts = torch.empty((h, nb, 3, g, g), dtype=torch.bfloat16, device=rotation.device)
+    c = torch.empty((h, nb * g), dtype=torch.float32, device=rotation.device)
+    rows = min(16, g)
+    wrap(_fold_prep_kernel)[(h * nb, g // rows)](
+        rotation.contiguous(), mean.contiguous(), scale.contiguous(), parts, c, nb * g, G=g, NB=nb, ROWS=rows
+    )
+    return parts, c
 
 
 def _fma_exact() -> bool:
@@ -243,10 +247,10 @@ def launch_quantize(
             BLOCK_R=1024,
         )
         rot, rlo = rotation.contiguous(), None
-        fold = dense and DEFAULTS["v2_dense_fold"]
+        fold = dense and DEFAULTS["v2_dense_fold"] and x.dtype == torch.bfloat16  # exact operands of bf16 dots
         split = dense and DEFAULTS["v2_dense_split"] and not fold
         if fold:
-            rot, rlo = _fold_rotation(rot, mean.reshape(heads, dim), scale.reshape(heads, dim))
+            rot, rlo = _fold_rotation(rot, mean.reshape(heads, dim), scale.reshape(heads, dim), wrap)
         elif split:
             rot, rlo = _split_tf32(rot)
         grid = (triton.cdiv(tokens, bt), batch * heads)

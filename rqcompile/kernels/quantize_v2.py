@@ -12,11 +12,14 @@ for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, stil
 scores each candidate with level magnitudes read from the symmetric codebook's upper half (_slot_magnitude: -6 to
 -18% on the H200, session 30); the code of the kept candidate is then found bit by bit by binary search over its
 thresholds (_code_bits: -9 to -11%, session 30).
-A dense per-group rotation (full mixing, hadamard) is v1's `tl.dot` (its input divided by _div_rcp here, by div_rn
-in v1), the output split into the slot tiles (_dense_slots): by default the three tf32 dots of tf32x3 written out over
-R split into tf32 halves once per launch (DEFAULTS["v2_dense_split"]: -18% at 3 bits on the H200, session 31),
-else tl.dot's own tf32x3, which re-splits R in every program. The default for dense bulk writes since
-session 17 (DEFAULTS["quantize_variant_dense"]), for block rotations since session 28 (DEFAULTS["quantize_variant"]).
+A dense per-group rotation (full mixing, hadamard) is a `tl.dot`, the output split into the slot tiles
+(_dense_slots). For bf16 x, by default, (x - mean) / scale is folded into the rotation (_rotate_folded, prep
+_fold_prep_kernel; DEFAULTS["v2_dense_fold"]: -22% at 3 bits on the H200, session 32): x goes to three bf16 dots as
+loaded. Otherwise u = (x - mean) / scale (_div_rcp) goes to the three tf32 dots of tf32x3 written out over R split
+into tf32 halves once per launch (DEFAULTS["v2_dense_split"]: -18% at 3 bits, session 31), else to tl.dot's own
+tf32x3, which re-splits R in every program.
+v2 is the default for dense bulk writes since session 17 (DEFAULTS["quantize_variant_dense"]), for block rotations
+since session 28 (DEFAULTS["quantize_variant"]).
 """
 
 from __future__ import annotations
@@ -84,6 +87,34 @@ def _v2_prep_kernel(
 
 
 @triton.jit
+def _fold_prep_kernel(
+    rot_ptr, mean_ptr, scale_ptr, parts_ptr, bias_ptr, D, G: tl.constexpr, NB: tl.constexpr, ROWS: tl.constexpr
+):
+    """Per launch, for the folded dense rotation (`quantize._fold_rotation`): rows i of R' = R_g diag(1 / scale_g)
+    (div_rn: the correctly rounded quotient), split into bf16 parts hi + mid + lo that sum to it exactly (each the
+    rounding of what the parts before it left: 3 x 8 significant bits hold fp32's 24), and c_g[i] = sum_k R'[i, k]
+    mean_g[k] in float64. One launch: the torch form took ~10 small kernels and their host time per write."""
+    hg = tl.program_id(0)  # h * NB + g
+    h = hg // NB
+    g = hg % NB
+    i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    k = tl.arange(0, G)
+    r = tl.load(rot_ptr + hg * G * G + i[:, None] * G + k[None, :])
+    ch = h * D + g * G
+    folded = tl.math.div_rn(r, tl.load(scale_ptr + ch + k)[None, :])
+    hi = folded.to(tl.bfloat16)
+    rest = folded - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    out = parts_ptr + hg * 3 * G * G + i[:, None] * G + k[None, :]
+    tl.store(out, hi)
+    tl.store(out + G * G, mid)
+    tl.store(out + 2 * G * G, lo)
+    m = tl.load(mean_ptr + ch + k).to(tl.float64)
+    tl.store(bias_ptr + ch + i, tl.sum(folded.to(tl.float64) * m[None, :], axis=1).to(tl.float32))
+
+
+@triton.jit
 def _code_bits(u, thr, BITS: tl.constexpr):
     """The bits of u's code (the count of ascending thresholds `thr` that u reaches), most significant first, by
     binary search: bit d compares u with the middle threshold of the 2**(BITS - d) codes the higher bits left,
@@ -129,7 +160,10 @@ def _slot_magnitude(u, lev, above, below, H: tl.constexpr):
     -levels[H - 1 - j], H = NL / 2: codebook.py builds them so), so |levels[code]| = levels[H + m] where m counts
     the boundaries above 0 that u crosses, upward (u >= above[j], the threshold of boundary H + j) or downward
     (u < below[j], that of its mirror H - 2 - j: u's code stops below it). Exactly the same level magnitude as
-    _slot_level's from the same thresholds, for half its selects."""
+    _slot_level's from the same thresholds, for half its selects. Exact matters: the kept candidate's magnitudes
+    give the group's corrected norm, and |u| against `above` alone (one compare less, session 32) put negative ties
+    (u / c exactly a boundary) on the wrong side: a few per million elements at real sizes, each a group's norm
+    0.3-1.3% off with the right codes."""
     lv = tl.zeros(u.shape, dtype=tl.float32) + lev[H]
     for j in tl.static_range(H - 1):
         if _PTX_SELECT:
