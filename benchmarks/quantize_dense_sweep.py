@@ -9,7 +9,8 @@ once per launch or split by tl.dot in every program; `...:fold` sets `DEFAULTS["
 folded into the rotation's three bf16 parts; without that field, the defaults: split since session 31, fold since
 session 32). Each launch is timed twice: by do_bench (L2 flushed before each call; the call's host work counts where
 the host is slower than the flush, as in session 32's call 2), and as a CUDA graph's replay (no host work; L2 not
-flushed, but x is 128 MiB against the H200's 50 MB).
+flushed, but x is 128 MiB against the H200's 50 MB). A field `rN` anywhere after WARPS caps v2's dense launch at N
+registers per thread (`DEFAULTS["v2_dense_maxnreg"]`), e.g. `v2:1024:4:64:fold:r168`.
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -26,6 +27,8 @@ flushed, but x is 128 MiB against the H200's 50 MB).
         --tiles v2:1024:4:64:split,v2:1024:4:64:fold,v2:1024:4:64:split --out $OUT                  # session 31's lead
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
         --tiles v2:1024:4:64:fold,v2:1024:4:64:split,v2:1024:4:64:fold --out $OUT                   # session 32
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
+        --tiles v2:1024:4:64:fold,v2:1024:4:64:fold:r168,v2:1024:4:64:fold:r128,v2:1024:4:64:fold --out $OUT  # lead
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def _sweep(
     for spec in specs:
         variant, tile, warps, *rest = spec.split(":")
         tile, warps = int(tile), int(warps)
+        caps = [int(f[1:]) for f in rest if f[:1] == "r" and f[1:].isdigit()]  # `rN`: a register cap of N
+        rest = [f for f in rest if not (f[:1] == "r" and f[1:].isdigit())]
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
         prec = rest[1] if len(rest) > 1 else None
         split = {"split": True, "tf32x3": False, "fold": False, None: defaults["v2_dense_split"]}[prec]
@@ -95,6 +100,7 @@ def _sweep(
             tile_key = "v2_tile" if backend else "v2_tile_dense"
             kq.DEFAULTS.update(defaults, v2_num_warps=warps, v2_dense_chunk=chunk, v2_dense_split=split)
             kq.DEFAULTS["v2_dense_fold"] = fold
+            kq.DEFAULTS["v2_dense_maxnreg"] = caps[0] if caps else defaults["v2_dense_maxnreg"]
             kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
@@ -113,6 +119,7 @@ def _sweep(
             "chunk": chunk if variant == "v2" else None,
             "split": split,
             "fold": fold,
+            "maxnreg": kq.DEFAULTS["v2_dense_maxnreg"] if variant == "v2" and not backend else None,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw, graph_ms=graph_ms)
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
@@ -120,6 +127,7 @@ def _sweep(
         rows.append(row)
         prec = "fold" if fold else "split" if split else "tf32x3"
         launch = f"chunk {row['chunk']} {prec}" if not backend else f"{backend} blocks"
+        launch += f" maxnreg {row['maxnreg']}" if row["maxnreg"] else ""
         print(
             f"{bits} bits {variant} tile {tile:4d} warps {warps} {launch}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, as a CUDA graph {graph_ms:.3f} ms, "

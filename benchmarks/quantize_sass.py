@@ -20,7 +20,7 @@ Each argument is one build: kernel (v1 | v2), rb (rotation block: 2 planar, 4 is
 full mixing), bits, na (scale candidates: 5 is the default `RQConfig.scale_search`, 0 none), tokens (T), kc (v2's
 dense rotation: input coordinates per tl.dot step, `DEFAULTS["v2_dense_chunk"]`), split (1: the dense rotation
 pre-split into tf32 halves, `DEFAULTS["v2_dense_split"]`), fold (1: (x - mean) / scale folded into the rotation's
-three bf16 parts, `DEFAULTS["v2_dense_fold"]`).
+three bf16 parts, `DEFAULTS["v2_dense_fold"]`), maxnreg (Triton's register cap per thread: the stack it costs).
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def build(
     kc=None,
     split=None,
     fold=None,
+    maxnreg=None,
 ):
     """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write (kc: v2's dense rotation
     chunk, default `DEFAULTS["v2_dense_chunk"]`; split: its pre-split rotation, `DEFAULTS["v2_dense_split"]`; fold:
-    its folded bf16 rotation, `DEFAULTS["v2_dense_fold"]`)."""
+    its folded bf16 rotation, `DEFAULTS["v2_dense_fold"]`; maxnreg: Triton's register cap per thread)."""
     fn = kq._quantize_v2_kernel if kernel == "v2" else kq._quantize_kernel
     dense = rb > 4
     nb = d // g if dense else d // rb
@@ -84,7 +85,9 @@ def build(
     divisible = [n for n in (*POINTERS, "sxb", "sxh", "sxt", "T") if sig.get(n, "constexpr") != "constexpr"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     target = GPUTarget("cuda", 90, 32)
-    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=target, options={"num_warps": warps})
+    maxnreg = kq.DEFAULTS["v2_dense_maxnreg"] if maxnreg is None and kernel == "v2" and dense else maxnreg
+    options = {"num_warps": warps} if maxnreg is None else {"num_warps": warps, "maxnreg": maxnreg}
+    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=target, options=options)
     return compiled, bt, warps
 
 

@@ -262,6 +262,17 @@ def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, pre
     tk._check_codes(codes, norms, rc, rn, x, st)
 
 
+@pytest.mark.parametrize("cap", [None, 168])
+def test_a_register_cap_reaches_the_dense_launch_only_when_set(monkeypatch, cap):
+    """`DEFAULTS["v2_dense_maxnreg"]` (None by default: the launch names no cap, as torch.compile's and AOTI's
+    wrappers see it) becomes the dense launch's `maxnreg`, and the codes stay the reference's."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", cap)
+    launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, 3)
+    assert [k.get("maxnreg") for k in launches] == [cap]
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    tk._check_codes(codes, norms, rc, rn, x, st)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_folded_rotation_is_for_bf16_writes_only(monkeypatch, dtype):
     """The folded rotation feeds x to bf16 dots as loaded, exact only for bf16 x: an fp32 or fp16 write takes the
@@ -570,6 +581,16 @@ def test_v2_dense_split_gpu(monkeypatch, bits, precision):
     for bf16 writes since session 32)."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", precision == "split")
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_fold", precision == "fold")
+    _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_v2_dense_maxnreg_gpu(monkeypatch, bits):
+    """The default config's quantizer (the folded rotation) under a register cap of 168 (`DEFAULTS
+    ["v2_dense_maxnreg"]`, session 32's lead: it spills 8-576 B of stack), at real sizes."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", 168)
     _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
 
 

@@ -76,6 +76,12 @@ DEFAULTS["v2_dense_split"] = True
 # session 32; it takes precedence over v2_dense_split, for bf16 x only (fp16 / fp32 x is not exact as a bf16
 # operand: those writes take the split).
 DEFAULTS["v2_dense_fold"] = True
+# A register cap for v2's dense launches (Triton's `maxnreg`; None: none, the default). The fold build holds 255
+# registers, so 2 programs of 4 warps per SM; 168 lets 3 in (its 24.6 KB of shared memory would allow 9) at 72 B of
+# stack at 3 bits, 8 B at 2, 576 B at 4 (sm_90 counts, session 32: 98 -> 101 instructions per element at 3 bits).
+# Session 31's cap on the tf32x3 build spilled 640 B and lost 21%. Not timed on the fold build yet: a sweep field
+# (quantize_dense_sweep.py `...:fold:r168`).
+DEFAULTS["v2_dense_maxnreg"] = None
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -285,6 +291,7 @@ def launch_quantize(
             SPLIT=split,
             FOLD=fold,
             num_warps=DEFAULTS["v2_num_warps"],
+            **({"maxnreg": DEFAULTS["v2_dense_maxnreg"]} if dense and DEFAULTS["v2_dense_maxnreg"] else {}),
         )
         return codes, norms
     bt = _block_t(dim, dense, tokens)
