@@ -77,7 +77,7 @@ DEFAULTS["v2_dense_split"] = True
 # operand: those writes take the split).
 DEFAULTS["v2_dense_fold"] = True
 # A register cap for v2's dense launches (Triton's `maxnreg`; None: none, the default). The fold build holds 255
-# registers, so 2 programs of 4 warps per SM; 168 lets 3 in (its 24.6 KB of shared memory would allow 9) at 72 B of
+# registers, so 2 programs of 4 warps per SM; 168 lets 3 in (its 24.6 KB of shared memory would allow ~8) at 72 B of
 # stack at 3 bits, 8 B at 2, 576 B at 4 (sm_90 counts, session 32: 98 -> 101 instructions per element at 3 bits).
 # Session 31's cap on the tf32x3 build spilled 640 B and lost 21%. Not timed on the fold build yet: a sweep field
 # (quantize_dense_sweep.py `...:fold:r168`).
