@@ -80,7 +80,8 @@ DEFAULTS["v2_dense_fold"] = True
 # registers, so 2 programs of 4 warps per SM; 168 lets 3 in (its 24.6 KB of shared memory would allow ~8) at 72 B of
 # stack at 3 bits, 8 B at 2, 576 B at 4 (sm_90 counts, session 32: 98 -> 101 instructions per element at 3 bits).
 # Session 31's cap on the tf32x3 build spilled 640 B and lost 21%. Not timed on the fold build yet: a sweep field
-# (quantize_dense_sweep.py `...:fold:r168`).
+# (quantize_dense_sweep.py `...:fold:r168`). Eager launches only: torch.compile's Triton wrapper passes `maxnreg` on
+# to the kernel as an argument (benchmarks/NOTES.md "Session 32" has the route through a one-config autotuner).
 DEFAULTS["v2_dense_maxnreg"] = None
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
