@@ -480,6 +480,23 @@ def test_the_search_codes_magnitudes_exactly_as_the_signed_levels(bits, device):
     assert torch.equal(levels[nl + 1], torch.tensor(1.0))  # the candidate whose thresholds are ties
 
 
+def test_a_negative_tie_in_the_search_keeps_the_norm_exact():
+    """A real tie from session 32's GPU tests (test_v2_gpu[True-planar-3]'s input: batch 1, head 3, token 1342,
+    coordinate 61 sits exactly on a negative boundary at candidate 1.5), in a 16-token slice: the search's exact
+    compare pair reads its level as the reference does, so the group's corrected norm is the reference's. Reading
+    |u| against the upper thresholds alone put this group's norm ~1% off with the right codes (checked: it fails
+    here)."""
+    st, x, params = _inputs("planar", 3, 256, 3000, True, "cpu", 2, 4, seed=259)
+    x = x.to(torch.bfloat16)[:, :, 1336:1352]
+    y = rotate((x.float() - st.mean[:, None]) / st.scale[:, None], st.rotation)[1, 3, 6, :128]
+    u = y[61] / y.norm()  # the reference's unit coordinate
+    boundary = (st.levels[1:8] + st.levels[:7]) / 2
+    assert u < 0 and torch.isin(u / st.levels[8 + 4], boundary)  # the tie is in the slice
+    codes, norms = kquant.launch_quantize(x, *params, 3, st.group, variant="v2")
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    tk._check_codes(codes, norms, rc, rn, x, st)
+
+
 @triton.jit
 def _div_rcp_kernel(a_ptr, b_ptr, q_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
