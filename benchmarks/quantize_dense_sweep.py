@@ -72,6 +72,11 @@ def main() -> None:
         json.dump({"gpu": torch.cuda.get_device_name(0), "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
 
 
+def _is_cap(field: str) -> bool:
+    """A spec field `rN`: a register cap of N per thread."""
+    return field[:1] == "r" and field[1:].isdigit()
+
+
 def _sweep(
     x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw: float, backend: str | None = None
 ) -> list[dict]:
@@ -88,8 +93,8 @@ def _sweep(
     for spec in specs:
         variant, tile, warps, *rest = spec.split(":")
         tile, warps = int(tile), int(warps)
-        caps = [int(f[1:]) for f in rest if f[:1] == "r" and f[1:].isdigit()]  # `rN`: a register cap of N
-        rest = [f for f in rest if not (f[:1] == "r" and f[1:].isdigit())]
+        caps = [int(f[1:]) for f in rest if _is_cap(f)]
+        rest = [f for f in rest if not _is_cap(f)]
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
         prec = rest[1] if len(rest) > 1 else None
         split = {"split": True, "tf32x3": False, "fold": False, None: defaults["v2_dense_split"]}[prec]

@@ -251,9 +251,10 @@ def test_the_folded_rotation_is_as_accurate_as_tf32x3(device):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, precision):
     """`DEFAULTS["v2_dense_split"]`: R split into tf32 halves once per launch and the three dots of tf32x3 written
-    out (the default since session 31), tl.dot's own tf32x3, or `DEFAULTS["v2_dense_fold"]` ((x - mean) / scale
-    folded into the rotation, three bf16 dots): each way the codes are the reference's up to float ties (the
-    calibrated state's mean and scale are not trivial), and the launch passes the setting through."""
+    out (session 31's default), tl.dot's own tf32x3, or `DEFAULTS["v2_dense_fold"]` ((x - mean) / scale folded into
+    the rotation, three bf16 dots; the default for bf16 writes since session 32): each way the codes are the
+    reference's up to float ties (the calibrated state's mean and scale are not trivial), and the launch passes the
+    setting through."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_split", precision == "split")
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_fold", precision == "fold")
     launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, bits)
