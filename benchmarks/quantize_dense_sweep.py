@@ -10,7 +10,8 @@ folded into the rotation's three bf16 parts; without that field, the defaults: s
 session 32). Each launch is timed twice: by do_bench (L2 flushed before each call; the call's host work counts where
 the host is slower than the flush, as in session 32's call 2), and as a CUDA graph's replay (no host work; L2 not
 flushed, but x is 128 MiB against the H200's 50 MB). A field `rN` anywhere after WARPS caps v2's dense launch at N
-registers per thread (`DEFAULTS["v2_dense_maxnreg"]`), e.g. `v2:1024:4:64:fold:r168`.
+registers per thread (`DEFAULTS["v2_dense_maxnreg"]`), e.g. `v2:1024:4:64:fold:r168`; a field `mN` lets a dense
+program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8:64:fold:m128`.
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -28,7 +29,8 @@ registers per thread (`DEFAULTS["v2_dense_maxnreg"]`), e.g. `v2:1024:4:64:fold:r
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
         --tiles v2:1024:4:64:fold,v2:1024:4:64:split,v2:1024:4:64:fold --out $OUT                   # session 32
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
-        --tiles v2:1024:4:64:fold,v2:1024:4:64:fold:r168,v2:1024:4:64:fold:r128,v2:1024:4:64:fold --out $OUT  # lead
+        --tiles v2:1024:4:64:fold,v2:1024:4:64:fold:r168,v2:1024:8:64:fold:r128,v2:1024:4:64:fold:r128,\
+v2:1024:8:64:fold:m128,v2:1024:4:64:fold --out $OUT                                                # session 33
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ def main() -> None:
         json.dump({"gpu": torch.cuda.get_device_name(0), "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
 
 
-def _is_cap(field: str) -> bool:
-    """A spec field `rN`: a register cap of N per thread."""
-    return field[:1] == "r" and field[1:].isdigit()
+def _is_cap(field: str, letter: str = "r") -> bool:
+    """A spec field `rN` (a register cap of N per thread) or `mN` (at most N rows per dense program)."""
+    return field[:1] == letter and field[1:].isdigit()
 
 
 def _sweep(
@@ -94,7 +96,8 @@ def _sweep(
         variant, tile, warps, *rest = spec.split(":")
         tile, warps = int(tile), int(warps)
         caps = [int(f[1:]) for f in rest if _is_cap(f)]
-        rest = [f for f in rest if not _is_cap(f)]
+        max_rows = [int(f[1:]) for f in rest if _is_cap(f, "m")]
+        rest = [f for f in rest if not (_is_cap(f) or _is_cap(f, "m"))]
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
         prec = rest[1] if len(rest) > 1 else None
         split = {"split": True, "tf32x3": False, "fold": False, None: defaults["v2_dense_split"]}[prec]
@@ -106,6 +109,7 @@ def _sweep(
             kq.DEFAULTS.update(defaults, v2_num_warps=warps, v2_dense_chunk=chunk, v2_dense_split=split)
             kq.DEFAULTS["v2_dense_fold"] = fold
             kq.DEFAULTS["v2_dense_maxnreg"] = caps[0] if caps else defaults["v2_dense_maxnreg"]
+            kq.DEFAULTS["v2_dense_max_rows"] = max_rows[0] if max_rows else defaults["v2_dense_max_rows"]
             kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
@@ -125,6 +129,7 @@ def _sweep(
             "split": split,
             "fold": fold,
             "maxnreg": kq.DEFAULTS["v2_dense_maxnreg"] if variant == "v2" and not backend else None,
+            "max_rows": kq.DEFAULTS["v2_dense_max_rows"] if variant == "v2" and not backend else None,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw, graph_ms=graph_ms)
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
@@ -133,6 +138,7 @@ def _sweep(
         prec = "fold" if fold else "split" if split else "tf32x3"
         launch = f"chunk {row['chunk']} {prec}" if not backend else f"{backend} blocks"
         launch += f" maxnreg {row['maxnreg']}" if row["maxnreg"] else ""
+        launch += f" max_rows {row['max_rows']}" if row["max_rows"] and row["max_rows"] != 64 else ""
         print(
             f"{bits} bits {variant} tile {tile:4d} warps {warps} {launch}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, as a CUDA graph {graph_ms:.3f} ms, "

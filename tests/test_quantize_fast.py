@@ -274,6 +274,17 @@ def test_a_register_cap_reaches_the_dense_launch_only_when_set(monkeypatch, cap)
     tk._check_codes(codes, norms, rc, rn, x, st)
 
 
+@pytest.mark.parametrize("max_rows", [16, 64, 128])
+def test_a_dense_program_takes_at_most_the_row_cap(monkeypatch, max_rows):
+    """`DEFAULTS["v2_dense_max_rows"]` (64 by default) caps the rows of a dense program, whose 1024-element slot
+    tile holds 128 rows at 3 bits; the codes stay the reference's at any cap."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_max_rows", max_rows)
+    launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, 3)
+    assert [k["BLOCK_T"] for k in launches] == [min(max_rows, kquant.DEFAULTS["v2_tile_dense"] // (st.group // 16))]
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    tk._check_codes(codes, norms, rc, rn, x, st)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_folded_rotation_is_for_bf16_writes_only(monkeypatch, dtype):
     """The folded rotation feeds x to bf16 dots as loaded, exact only for bf16 x: an fp32 or fp16 write takes the
@@ -609,6 +620,17 @@ def test_v2_dense_maxnreg_gpu(monkeypatch, bits):
     """The default config's quantizer (the folded rotation) under a register cap of 168 (`DEFAULTS
     ["v2_dense_maxnreg"]`, session 32's lead: it spills 8-576 B of stack), at real sizes."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", 168)
+    _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3])
+def test_v2_dense_128_rows_on_8_warps_gpu(monkeypatch, bits):
+    """The default config's quantizer with 128-row dense programs on 8 warps (`DEFAULTS["v2_dense_max_rows"]`,
+    session 32's fourth lead), at real sizes."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_max_rows", 128)
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_num_warps", 8)
     _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
 
 

@@ -83,6 +83,11 @@ DEFAULTS["v2_dense_fold"] = True
 # (quantize_dense_sweep.py `...:fold:r168`). Eager launches only: torch.compile's Triton wrapper passes `maxnreg` on
 # to the kernel as an argument (benchmarks/NOTES.md "Session 32" has the route through a one-config autotuner).
 DEFAULTS["v2_dense_maxnreg"] = None
+# The most rows a dense v2 program takes (the rotation's tl.dot needs at least 16). 64 is the only cap timed; 128 on
+# 8 warps stages the rotation's parts through shared memory once per 128 rows instead of 64 (12 B of stores per
+# element at 64 rows, benchmarks/NOTES.md "Session 32") for the same per-thread state (sm_90: 255 registers, 97
+# instructions per element against 98). A sweep field (quantize_dense_sweep.py `...:m128`).
+DEFAULTS["v2_dense_max_rows"] = 64
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -236,7 +241,7 @@ def launch_quantize(
         slots = 8 if bits == 4 else 16
         bt = max(1, DEFAULTS["v2_tile_dense" if dense else "v2_tile"] // (group // slots))
         if dense:
-            bt = min(max(bt, 16), 64)  # the rotation's tl.dot needs 16 rows; more than 64 was never measured
+            bt = min(max(bt, 16), DEFAULTS["v2_dense_max_rows"])  # the rotation's tl.dot needs 16 rows
         levels = levels.contiguous()
         na = levels.numel() - codebook
         scale = scale.contiguous()
