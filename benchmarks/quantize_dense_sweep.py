@@ -10,8 +10,9 @@ folded into the rotation's three bf16 parts; without that field, the defaults: s
 session 32). Each launch is timed twice: by do_bench (L2 flushed before each call; the call's host work counts where
 the host is slower than the flush, as in session 32's call 2), and as a CUDA graph's replay (no host work; L2 not
 flushed, but x is 128 MiB against the H200's 50 MB). A field `rN` anywhere after WARPS caps v2's dense launch at N
-registers per thread (`DEFAULTS["v2_dense_maxnreg"]`), e.g. `v2:1024:4:64:fold:r168`; a field `mN` lets a dense
-program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8:64:fold:m128`.
+registers per thread (`DEFAULTS["v2_dense_maxnreg"]`, per code width), e.g. `v2:1024:4:64:fold:r168`, `r0` for
+none; a field `mN` lets a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g.
+`v2:1024:8:64:fold:m128`.
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -29,8 +30,10 @@ program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
         --tiles v2:1024:4:64:fold,v2:1024:4:64:split,v2:1024:4:64:fold --out $OUT                   # session 32
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
-        --tiles v2:1024:4:64:fold,v2:1024:4:64:fold:r168,v2:1024:8:64:fold:r128,v2:1024:4:64:fold:r128,\
-v2:1024:8:64:fold:m128,v2:1024:4:64:fold --out $OUT                                                # session 33
+        --tiles v2:1024:4:64:fold:r0,v2:1024:4:64:fold:r168,v2:1024:8:64:fold:r128,v2:1024:4:64:fold:r128,\
+v2:1024:8:64:fold:m128:r0,v2:1024:4:64:fold:r200,v2:1024:4:64:fold:r0 --out $OUT                  # session 33
+(session 33 ran it before the caps became the default, with no `r0`; since then a spec without `rN` takes the
+default caps.)
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def _sweep(
             tile_key = "v2_tile" if backend else "v2_tile_dense"
             kq.DEFAULTS.update(defaults, v2_num_warps=warps, v2_dense_chunk=chunk, v2_dense_split=split)
             kq.DEFAULTS["v2_dense_fold"] = fold
-            kq.DEFAULTS["v2_dense_maxnreg"] = caps[0] if caps else defaults["v2_dense_maxnreg"]
+            kq.DEFAULTS["v2_dense_maxnreg"] = {bits: caps[0]} if caps else defaults["v2_dense_maxnreg"]
             kq.DEFAULTS["v2_dense_max_rows"] = max_rows[0] if max_rows else defaults["v2_dense_max_rows"]
             kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
@@ -128,7 +131,7 @@ def _sweep(
             "chunk": chunk if variant == "v2" else None,
             "split": split,
             "fold": fold,
-            "maxnreg": kq.DEFAULTS["v2_dense_maxnreg"] if variant == "v2" and not backend else None,
+            "maxnreg": kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if variant == "v2" and not backend else None,
             "max_rows": kq.DEFAULTS["v2_dense_max_rows"] if variant == "v2" and not backend else None,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw, graph_ms=graph_ms)

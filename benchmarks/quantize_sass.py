@@ -85,7 +85,8 @@ def build(
     divisible = [n for n in (*POINTERS, "sxb", "sxh", "sxt", "T") if sig.get(n, "constexpr") != "constexpr"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     target = GPUTarget("cuda", 90, 32)
-    maxnreg = kq.DEFAULTS["v2_dense_maxnreg"] if maxnreg is None and kernel == "v2" and dense else maxnreg
+    maxnreg = kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if maxnreg is None and kernel == "v2" and dense else maxnreg
+    maxnreg = maxnreg or None  # maxnreg=0: no cap
     options = {"num_warps": warps} if maxnreg is None else {"num_warps": warps, "maxnreg": maxnreg}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=target, options=options)
     return compiled, bt, warps

@@ -76,17 +76,19 @@ DEFAULTS["v2_dense_split"] = True
 # session 32; it takes precedence over v2_dense_split, for bf16 x only (fp16 / fp32 x is not exact as a bf16
 # operand: those writes take the split).
 DEFAULTS["v2_dense_fold"] = True
-# A register cap for v2's dense launches (Triton's `maxnreg`; None: none, the default). The fold build holds 255
-# registers, so 2 programs of 4 warps per SM; 168 lets 3 in (its 24.6 KB of shared memory would allow ~8) at 72 B of
-# stack at 3 bits, 8 B at 2, 576 B at 4 (sm_90 counts, session 32: 98 -> 101 instructions per element at 3 bits).
-# Session 31's cap on the tf32x3 build spilled 640 B and lost 21%. Not timed on the fold build yet: a sweep field
-# (quantize_dense_sweep.py `...:fold:r168`). Eager launches only: torch.compile's Triton wrapper passes `maxnreg` on
-# to the kernel as an argument (benchmarks/NOTES.md "Session 32" has the route through a one-config autotuner).
-DEFAULTS["v2_dense_maxnreg"] = None
-# The most rows a dense v2 program takes (the rotation's tl.dot needs at least 16). 64 is the only cap timed; 128 on
-# 8 warps stages the rotation's parts through shared memory once per 128 rows instead of 64 (12 B of stores per
-# element at 64 rows, benchmarks/NOTES.md "Session 32") for the same per-thread state (sm_90: 255 registers, 97
-# instructions per element against 98). A sweep field (quantize_dense_sweep.py `...:m128`).
+# A register cap per code width for v2's dense launches (Triton's `maxnreg`; a width not named: no cap). The fold
+# build holds 255 registers, so 2 programs of 4 warps per SM; 168 lets 3 in at 72 B of stack at 3 bits, 8 B at 2,
+# 576 B at 4 (sm_90 counts, session 32). H200, session 33 (quantize_dense_sweep.py, one process; CUDA-graph replay in
+# brackets): 0.540 -> 0.490 ms at 3 bits (0.534 -> 0.486), 0.366 -> 0.314 at 2 (0.359 -> 0.309); at 4 bits 168 is
+# slower (0.973 -> 1.116) and 200 too (1.079): 4 bits keeps no cap. 128 on 4 warps times like 168 (0.498 / 0.315).
+# Eager launches only: torch.compile's Triton wrapper would pass `maxnreg` on to the kernel as an argument, and
+# Inductor's code for user kernels (torch 2.14's `config_to_dict`) drops a config's `maxnreg`, so a compiled graph
+# runs the uncapped build (benchmarks/NOTES.md "Session 33").
+DEFAULTS["v2_dense_maxnreg"] = {2: 168, 3: 168}
+# The most rows a dense v2 program takes (the rotation's tl.dot needs at least 16). 128 on 8 warps stages the
+# rotation's parts once per 128 rows instead of 64 for the same per-thread state (sm_90: 255 registers, 97
+# instructions per element against 98), but holds 1 program per SM: slower on the H200 (session 33, against 64 rows
+# on 4 warps, uncapped, one process): 0.607 against 0.540 ms at 3 bits, 0.392 / 0.366 at 2, 1.158 / 0.973 at 4.
 DEFAULTS["v2_dense_max_rows"] = 64
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
@@ -266,7 +268,9 @@ def launch_quantize(
         elif split:
             rot, rlo = _split_tf32(rot)
         grid = (triton.cdiv(tokens, bt), batch * heads)
-        wrap(_quantize_v2_kernel)[grid](
+        kernel = wrap(_quantize_v2_kernel)
+        cap = DEFAULTS["v2_dense_maxnreg"].get(bits) if dense and kernel is _quantize_v2_kernel else None
+        kernel[grid](
             x,
             x.stride(0),
             x.stride(1),
@@ -297,7 +301,7 @@ def launch_quantize(
             SPLIT=split,
             FOLD=fold,
             num_warps=DEFAULTS["v2_num_warps"],
-            **({"maxnreg": DEFAULTS["v2_dense_maxnreg"]} if dense and DEFAULTS["v2_dense_maxnreg"] else {}),
+            **({"maxnreg": cap} if cap else {}),  # eager: `wrap` returned the kernel itself
         )
         return codes, norms
     bt = _block_t(dim, dense, tokens)
