@@ -20,7 +20,8 @@ Each argument is one build: kernel (v1 | v2), rb (rotation block: 2 planar, 4 is
 full mixing), bits, na (scale candidates: 5 is the default `RQConfig.scale_search`, 0 none), tokens (T), kc (v2's
 dense rotation: input coordinates per tl.dot step, `DEFAULTS["v2_dense_chunk"]`), split (1: the dense rotation
 pre-split into tf32 halves, `DEFAULTS["v2_dense_split"]`), fold (1: (x - mean) / scale folded into the rotation's
-three bf16 parts, `DEFAULTS["v2_dense_fold"]`), maxnreg (Triton's register cap per thread: the stack it costs).
+three bf16 parts, `DEFAULTS["v2_dense_fold"]`), maxnreg (Triton's register cap per thread: the stack it costs; 0 for
+none; the default caps per width), warps and rows (v2's warps and the most rows of a dense program).
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def build(
     split=None,
     fold=None,
     maxnreg=None,
+    warps=None,
+    rows=None,
 ):
     """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write (kc: v2's dense rotation
     chunk, default `DEFAULTS["v2_dense_chunk"]`; split: its pre-split rotation, `DEFAULTS["v2_dense_split"]`; fold:
-    its folded bf16 rotation, `DEFAULTS["v2_dense_fold"]`; maxnreg: Triton's register cap per thread)."""
+    its folded bf16 rotation, `DEFAULTS["v2_dense_fold"]`; maxnreg: Triton's register cap per thread, 0 for none,
+    default `DEFAULTS["v2_dense_maxnreg"]`; warps: v2's, default `DEFAULTS["v2_num_warps"]`; rows: the most rows of a
+    dense program, default `DEFAULTS["v2_dense_max_rows"]`)."""
     fn = kq._quantize_v2_kernel if kernel == "v2" else kq._quantize_kernel
     dense = rb > 4
     nb = d // g if dense else d // rb
@@ -66,12 +71,12 @@ def build(
     if kernel == "v2":
         slots = 8 if bits == 4 else 16
         bt = max(1, kq.DEFAULTS["v2_tile_dense" if dense else "v2_tile"] // (g // slots))
-        bt = min(max(bt, 16), 64) if dense else bt
+        bt = min(max(bt, 16), rows or kq.DEFAULTS["v2_dense_max_rows"]) if dense else bt
         fold = bool(kq.DEFAULTS["v2_dense_fold"] if fold is None else fold) and dense
         split = bool(kq.DEFAULTS["v2_dense_split"] if split is None else split) and dense and not fold
         const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split, FOLD=fold)
         const.update(KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
-        warps = kq.DEFAULTS["v2_num_warps"]
+        warps = warps or kq.DEFAULTS["v2_num_warps"]
     else:
         bt = kq._block_t(d, dense, tokens)
         const.update(BLOCK_T=bt, DENSE=dense, DOT_PREC="tf32x3", LUT=kq.DEFAULTS["lut"], PERM=False, LAYOUT="")
