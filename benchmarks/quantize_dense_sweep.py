@@ -1,18 +1,17 @@
 """Bulk quantize with the default rotation (full mixing: one dense [128, 128] block per norm group) on [1, 4, 65536,
-256] bf16, 3 bits, scale search on, each launch against the measured device copy bandwidth, with the fraction of
-code bytes that differ from the torch reference's (fp32 on the same GPU; the kernels' tf32x3 dots sum in another
-order: float ties only). Launches: `v1:ROWS:WARPS` (the v1 kernel's dense tile, `DEFAULTS["block_t_dense"]` rows per
-program) and `v2:TILE:WARPS[:CHUNK]` (the v2 kernel, `DEFAULTS["v2_tile_dense"]` elements per slot tile, at most 64
-rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of the rotation;
-`v2:TILE:WARPS:CHUNK:split` / `...:tf32x3` sets `DEFAULTS["v2_dense_split"]`, the rotation pre-split into tf32 halves
-once per launch or split by tl.dot in every program; `...:fold` sets `DEFAULTS["v2_dense_fold"]`, (x - mean) / scale
-folded into the rotation's three bf16 parts; without that field, the defaults: split since session 31, fold since
-session 32). Each launch is timed twice: by do_bench (L2 flushed before each call; the call's host work counts where
-the host is slower than the flush, as in session 32's call 2), and as a CUDA graph's replay (no host work; L2 not
-flushed, but x is 128 MiB against the H200's 50 MB). A field `rN` anywhere after WARPS caps v2's dense launch at N
-registers per thread (`DEFAULTS["v2_dense_maxnreg"]`, per code width), e.g. `v2:1024:4:64:fold:r168`, `r0` for
-none; a field `mN` lets a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g.
-`v2:1024:8:64:fold:m128`.
+256] bf16, 3 bits, scale search on (`--search off`: none), each launch against the measured device copy bandwidth, with
+the fraction of code bytes that differ from the torch reference's (fp32 on the same GPU; the kernels' tf32x3 dots sum in
+another order: float ties only). Launches: `v1:ROWS:WARPS` (the v1 kernel's dense tile, `DEFAULTS["block_t_dense"]` rows
+per program) and `v2:TILE:WARPS[:CHUNK]` (the v2 kernel, `DEFAULTS["v2_tile_dense"]` elements per slot tile, at most
+`DEFAULTS["v2_dense_max_rows"]` rows; CHUNK: `DEFAULTS["v2_dense_chunk"]`, input coordinates per tl.dot step of the
+rotation; `v2:TILE:WARPS:CHUNK:split` / `...:tf32x3` sets `DEFAULTS["v2_dense_split"]`, the rotation pre-split into tf32
+halves once per launch or split by tl.dot in every program; `...:fold` sets `DEFAULTS["v2_dense_fold"]`, (x - mean) /
+scale folded into the rotation's three bf16 parts; without that field, the defaults: split since session 31, fold since
+session 32). Each launch is timed twice: by do_bench (L2 flushed before each call; the call's host work counts where the
+host is slower than the flush, as in session 32's call 2), and as a CUDA graph's replay (no host work; L2 not flushed,
+but x is 128 MiB against the H200's 50 MB). A field `rN` anywhere after WARPS caps v2's dense launch at N registers per
+thread (`DEFAULTS["v2_dense_maxnreg"]`, per code width), e.g. `v2:1024:4:64:fold:r168`, `r0` for none; a field `mN` lets
+a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8:64:fold:m128`.
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -58,6 +57,11 @@ def main() -> None:
     )
     p.add_argument("--bits", default="3", help="comma-separated code widths, each timed over every launch in --tiles")
     p.add_argument("--backends", default="", help="block rotations to time instead of the dense default")
+    p.add_argument(
+        "--search",
+        default="on",
+        help="comma-separated: on (the default config's scale search) and / or off (`scale_search=()`), each timed",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     x = torch.randn(1, 4, 65536, 256, device="cuda", dtype=torch.bfloat16)
@@ -69,8 +73,9 @@ def main() -> None:
     defaults = dict(kq.DEFAULTS)
     rows = []
     for backend in args.backends.split(",") if args.backends else [None]:
-        for bits in (int(b) for b in args.bits.split(",")):
-            rows += _sweep(x, bits, args.tiles.split(","), defaults, copy_bw, backend)
+        for search in args.search.split(","):
+            for bits in (int(b) for b in args.bits.split(",")):
+                rows += _sweep(x, bits, args.tiles.split(","), defaults, copy_bw, backend, search == "on")
     kq.DEFAULTS.update(defaults)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quantize_dense_sweep.json"), "w") as f:
@@ -83,11 +88,17 @@ def _is_cap(field: str, letter: str = "r") -> bool:
 
 
 def _sweep(
-    x: torch.Tensor, bits: int, specs: list[str], defaults: dict, copy_bw: float, backend: str | None = None
+    x: torch.Tensor,
+    bits: int,
+    specs: list[str],
+    defaults: dict,
+    copy_bw: float,
+    backend: str | None = None,
+    search: bool = True,
 ) -> list[dict]:
     """Time each launch spec on one `bits`-wide write of `x` (the default config's dense rotation, or one layer of
-    `backend`'s blocks), restoring `defaults` after each."""
-    cfg = RQConfig(residual_window=0, bits=bits)
+    `backend`'s blocks; with the default's scale search or none), restoring `defaults` after each."""
+    cfg = RQConfig(residual_window=0, bits=bits) if search else RQConfig(residual_window=0, bits=bits, scale_search=())
     if backend:
         cfg = cfg.replace(backend=backend, rotation_stages=1)
     state = quantizer.make_state(cfg, layer_idx=1, kind="k", num_heads=4, head_dim=256)
@@ -124,6 +135,7 @@ def _sweep(
         differing = (codes != ref_codes).float().mean().item()
         row = {
             "backend": backend or "default (dense)",
+            "scale_search": search,
             "bits": bits,
             "variant": variant,
             "tile": tile,
@@ -140,6 +152,7 @@ def _sweep(
         rows.append(row)
         prec = "fold" if fold else "split" if split else "tf32x3"
         launch = f"chunk {row['chunk']} {prec}" if not backend else f"{backend} blocks"
+        launch += "" if search else " no search"
         launch += f" maxnreg {row['maxnreg']}" if row["maxnreg"] else ""
         launch += f" max_rows {row['max_rows']}" if row["max_rows"] and row["max_rows"] != 64 else ""
         print(
