@@ -11,7 +11,9 @@ session 32). Each launch is timed twice: by do_bench (L2 flushed before each cal
 host is slower than the flush, as in session 32's call 2), and as a CUDA graph's replay (no host work; L2 not flushed,
 but x is 128 MiB against the H200's 50 MB). A field `rN` anywhere after WARPS caps v2's dense launch at N registers per
 thread (`DEFAULTS["v2_dense_maxnreg"]`, per code width), e.g. `v2:1024:4:64:fold:r168`, `r0` for none; a field `mN` lets
-a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8:64:fold:m128`.
+a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8:64:fold:m128`; a field
+`pipe` runs the folded rotation's dots as one pipelined loop (`DEFAULTS["v2_dense_pipeline"]`), `sN` with N stages
+(`DEFAULTS["v2_dense_stages"]`), e.g. `v2:1024:4:64:fold:pipe:s2`.
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -111,7 +113,9 @@ def _sweep(
         tile, warps = int(tile), int(warps)
         caps = [int(f[1:]) for f in rest if _is_cap(f)]
         max_rows = [int(f[1:]) for f in rest if _is_cap(f, "m")]
-        rest = [f for f in rest if not (_is_cap(f) or _is_cap(f, "m"))]
+        stages = [int(f[1:]) for f in rest if _is_cap(f, "s")]
+        pipe = "pipe" in rest
+        rest = [f for f in rest if not (_is_cap(f) or _is_cap(f, "m") or _is_cap(f, "s") or f == "pipe")]
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
         prec = rest[1] if len(rest) > 1 else None
         split = {"split": True, "tf32x3": False, "fold": False, None: defaults["v2_dense_split"]}[prec]
@@ -124,6 +128,8 @@ def _sweep(
             kq.DEFAULTS["v2_dense_fold"] = fold
             kq.DEFAULTS["v2_dense_maxnreg"] = {bits: caps[0]} if caps else defaults["v2_dense_maxnreg"]
             kq.DEFAULTS["v2_dense_max_rows"] = max_rows[0] if max_rows else defaults["v2_dense_max_rows"]
+            kq.DEFAULTS["v2_dense_pipeline"] = pipe or defaults["v2_dense_pipeline"]
+            kq.DEFAULTS["v2_dense_stages"] = stages[0] if stages else defaults["v2_dense_stages"]
             kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
@@ -145,6 +151,8 @@ def _sweep(
             "fold": fold,
             "maxnreg": kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if variant == "v2" and not backend else None,
             "max_rows": kq.DEFAULTS["v2_dense_max_rows"] if variant == "v2" and not backend else None,
+            "pipeline": bool(kq.DEFAULTS["v2_dense_pipeline"] and fold and variant == "v2" and not backend),
+            "stages": kq.DEFAULTS["v2_dense_stages"] if variant == "v2" and not backend else None,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw, graph_ms=graph_ms)
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
@@ -155,6 +163,8 @@ def _sweep(
         launch += "" if search else " no search"
         launch += f" maxnreg {row['maxnreg']}" if row["maxnreg"] else ""
         launch += f" max_rows {row['max_rows']}" if row["max_rows"] and row["max_rows"] != 64 else ""
+        launch += " pipelined" if row["pipeline"] else ""
+        launch += f" stages {row['stages']}" if row["stages"] else ""
         print(
             f"{bits} bits {variant} tile {tile:4d} warps {warps} {launch}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, as a CUDA graph {graph_ms:.3f} ms, "

@@ -58,6 +58,7 @@ def build(
     maxnreg=None,
     warps=None,
     rows=None,
+    pipe=None,
 ):
     """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write (kc: v2's dense rotation
     chunk, default `DEFAULTS["v2_dense_chunk"]`; split: its pre-split rotation, `DEFAULTS["v2_dense_split"]`; fold:
@@ -75,6 +76,7 @@ def build(
         fold = bool(kq.DEFAULTS["v2_dense_fold"] if fold is None else fold) and dense
         split = bool(kq.DEFAULTS["v2_dense_split"] if split is None else split) and dense and not fold
         const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split, FOLD=fold)
+        const.update(PIPE=fold and bool(kq.DEFAULTS["v2_dense_pipeline"] if pipe is None else pipe))
         const.update(KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
         warps = warps or kq.DEFAULTS["v2_num_warps"]
     else:

@@ -305,6 +305,17 @@ def test_a_dense_program_takes_at_most_the_row_cap(monkeypatch, max_rows):
     tk._check_codes(codes, norms, rc, rn, x, st)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_pipelined_rotation_gives_the_reference_codes(monkeypatch, bits):
+    """`DEFAULTS["v2_dense_pipeline"]`: the folded rotation's dots as one runtime loop (Triton pipelines its loads):
+    the launch asks for it, and the codes are the reference's up to float ties."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", True)
+    launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, bits)
+    assert [(k["FOLD"], k["PIPE"]) for k in launches] == [(True, True)]
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    tk._check_codes(codes, norms, rc, rn, x, st)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_folded_rotation_is_for_bf16_writes_only(monkeypatch, dtype):
     """The folded rotation feeds x to bf16 dots as loaded, exact only for bf16 x: an fp32 or fp16 write takes the
@@ -652,6 +663,29 @@ def test_v2_dense_128_rows_on_8_warps_gpu(monkeypatch, bits):
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_max_rows", 128)
     monkeypatch.setitem(kquant.DEFAULTS, "v2_num_warps", 8)
     _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("stages", [None, 2])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_v2_dense_pipeline_gpu(monkeypatch, bits, stages):
+    """The pipelined folded rotation (`DEFAULTS["v2_dense_pipeline"]`, with Triton's default stages or 2) at real
+    sizes: against v1 and the reference, and bit for bit the unrolled dots' codes and norms (the same dots in the
+    same order)."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_stages", stages)
+    for pipe in (True, False):
+        monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", pipe)
+        _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4),), rotation_stages="full")
+    st, x, params = _inputs("iso", bits, 256, 3000, True, "cuda", 2, 4, seed=7, rotation_stages="full")
+    x = x.to(torch.bfloat16)
+    out = []
+    for pipe in (True, False):
+        monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", pipe)
+        tk._poison("cuda")
+        out.append(kquant.launch_quantize(x, *params, bits, st.group, variant="v2"))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=0, equal_nan=False)
 
 
 @pytest.mark.gpu

@@ -90,6 +90,13 @@ DEFAULTS["v2_dense_maxnreg"] = {2: 168, 3: 168}
 # instructions per element against 98), but holds 1 program per SM: slower on the H200 (session 33, against 64 rows
 # on 4 warps, uncapped, one process): 0.607 against 0.540 ms at 3 bits, 0.392 / 0.366 at 2, 1.158 / 0.973 at 4.
 DEFAULTS["v2_dense_max_rows"] = 64
+# The folded rotation's dots as one runtime loop over (chunk, part) that Triton's pipeliner feeds by asynchronous
+# copies (quantize_v2._rotate_folded's PIPE), instead of unrolled: each part through registers and shared memory in
+# series. Not timed yet (session 33).
+DEFAULTS["v2_dense_pipeline"] = False
+# ... with this many pipeline stages (Triton's num_stages; None: Triton's default, 3): each stage holds a [64, 64] x
+# chunk and a [64, 128] part, 24 KB of shared memory.
+DEFAULTS["v2_dense_stages"] = None
 # Calls of at most this many tokens (a decode step's) take the "rows" kernel (quantize_rows.py) where it applies.
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
@@ -300,7 +307,9 @@ def launch_quantize(
             rlo_ptr=rlo,
             SPLIT=split,
             FOLD=fold,
+            PIPE=fold and DEFAULTS["v2_dense_pipeline"],
             num_warps=DEFAULTS["v2_num_warps"],
+            **({"num_stages": DEFAULTS["v2_dense_stages"]} if dense and DEFAULTS["v2_dense_stages"] else {}),
             **({"maxnreg": cap} if cap else {}),  # eager: `wrap` returned the kernel itself
         )
         return codes, norms

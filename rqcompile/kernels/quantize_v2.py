@@ -261,23 +261,39 @@ def _rotate_folded(
     BLOCK_T: tl.constexpr,
     KC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PIPE: tl.constexpr = False,
 ):
     """y [BLOCK_T, G] = x @ R'_g^T - c_g with (x - mean) / scale folded into the rotation: R' = R diag(1 / scale),
     c = R' mean (`quantize._fold_rotation`). R' is stored as three bf16 parts (hi + mid + lo = the fp32 R' exactly),
     and bf16 x is exact in a bf16 dot, so three bf16 dots (twice the tf32 rate) give R' x with fp32 sums, and x goes
-    to the tensor cores as it was loaded: no (x - mean) / scale per element, no tf32 split of u."""
+    to the tensor cores as it was loaded: no (x - mean) / scale per element, no tf32 split of u.
+
+    PIPE: the same dots in the same order as one runtime loop over (chunk, part), which Triton's software pipeliner
+    turns into asynchronous copies of the next part into shared memory under this one's dot. Unrolled (PIPE off),
+    each part goes global -> registers -> shared -> dot -> wait in series: half of the stall samples of the write
+    without the scale search (ncu, session 33)."""
     ri = tl.arange(0, G)
     y = tl.zeros([BLOCK_T, G], dtype=tl.float32)
-    for kc in tl.static_range(G // KC):
-        kk = kc * KC + tl.arange(0, KC)
-        xv = tl.load(x_row + (g * G + kk)[None, :] * sxd, mask=t_ok, other=0.0)
-        base = rot_ptr + (h * NB + g) * 3 * G * G + ri[None, :] * G + kk[:, None]  # R'_g[i, k] at [k, i]
-        for p in tl.static_range(2, -1, -1):  # the smallest part first
-            part = tl.load(base + p * G * G)
+    group_rot = rot_ptr + (h * NB + g) * 3 * G * G + ri[None, :] * G  # R'_g[i, k] at [k, i]
+    if PIPE:
+        for i in range(3 * (G // KC)):
+            kk = (i // 3) * KC + tl.arange(0, KC)
+            xv = tl.load(x_row + (g * G + kk)[None, :] * sxd, mask=t_ok, other=0.0)
+            part = tl.load(group_rot + (2 - i % 3) * G * G + kk[:, None])  # the smallest part first
             if DOT_PREC == "ieee":  # the interpreter: its bf16 dot is wrong (Triton 3.8); the same products in fp32
                 y = tl.dot(xv.to(tl.float32), part.to(tl.float32), y, input_precision="ieee")
             else:
                 y = tl.dot(xv, part, y)
+    else:
+        for kc in tl.static_range(G // KC):
+            kk = kc * KC + tl.arange(0, KC)
+            xv = tl.load(x_row + (g * G + kk)[None, :] * sxd, mask=t_ok, other=0.0)
+            for p in tl.static_range(2, -1, -1):  # the smallest part first
+                part = tl.load(group_rot + p * G * G + kk[:, None])
+                if DOT_PREC == "ieee":  # the interpreter's bf16 dot is wrong (Triton 3.8): fp32 products
+                    y = tl.dot(xv.to(tl.float32), part.to(tl.float32), y, input_precision="ieee")
+                else:
+                    y = tl.dot(xv, part, y)
     return y - tl.load(bias_ptr + h * D + g * G + ri)[None, :]
 
 
@@ -304,6 +320,7 @@ def _dense_slots(
     rlo_ptr,
     SPLIT: tl.constexpr,
     FOLD: tl.constexpr,
+    PIPE: tl.constexpr,
 ):
     """The dense rotation (full mixing, hadamard: one [G, G] block per norm group) into v2's slot tiles: a tuple of P
     [BLOCK_T, J] tiles (slot s holds rotated coordinates j * P + s) and the group's squared norm per (row, word).
@@ -312,7 +329,7 @@ def _dense_slots(
     per `tl.split`."""
     perm_ptr = mean_ptr  # unused (PERM=False)
     if FOLD:
-        y = _rotate_folded(x_row, t_ok, sxd, rot_ptr, rlo_ptr, h, g, D, G, NB, BLOCK_T, KC, DOT_PREC)
+        y = _rotate_folded(x_row, t_ok, sxd, rot_ptr, rlo_ptr, h, g, D, G, NB, BLOCK_T, KC, DOT_PREC, PIPE)
     else:
         y = _rotate_dense(
             x_row,
@@ -389,6 +406,7 @@ def _v2_group(
     rlo_ptr,
     SPLIT: tl.constexpr,
     FOLD: tl.constexpr,
+    PIPE: tl.constexpr,
 ):
     """Norm group g of the rows (_quantize_v2_kernel's): rotated into slot tiles, normalized, coded (the scale
     search's candidate kept), its corrected norm and packed codes stored."""
@@ -420,6 +438,7 @@ def _v2_group(
             rlo_ptr,
             SPLIT,
             FOLD,
+            PIPE,
         )
     else:
         ys, ss = _block_slots(
@@ -523,6 +542,7 @@ def _quantize_v2_kernel(
     rlo_ptr=None,
     SPLIT: tl.constexpr = False,
     FOLD: tl.constexpr = False,
+    PIPE: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -587,4 +607,5 @@ def _quantize_v2_kernel(
                 rlo_ptr,
                 SPLIT,
                 FOLD,
+                PIPE,
             )
