@@ -12,8 +12,8 @@ host is slower than the flush, as in session 32's call 2), and as a CUDA graph's
 but x is 128 MiB against the H200's 50 MB). A field `rN` anywhere after WARPS caps v2's dense launch at N registers per
 thread (`DEFAULTS["v2_dense_maxnreg"]`, per code width), e.g. `v2:1024:4:64:fold:r168`, `r0` for none; a field `mN` lets
 a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8:64:fold:m128`; a field
-`pipe` runs the folded rotation's dots as one pipelined loop (`DEFAULTS["v2_dense_pipeline"]`), `sN` with N stages
-(`DEFAULTS["v2_dense_stages"]`), e.g. `v2:1024:4:64:fold:pipe:s2`.
+`pipe` / `nopipe` runs the folded rotation's dots as one pipelined loop or unrolled (`DEFAULTS["v2_dense_pipeline"]`,
+per code width), `sN` with N stages (`DEFAULTS["v2_dense_stages"]`), e.g. `v2:1024:4:64:fold:pipe:s2`.
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -31,10 +31,17 @@ a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
         --tiles v2:1024:4:64:fold,v2:1024:4:64:split,v2:1024:4:64:fold --out $OUT                   # session 32
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
-        --tiles v2:1024:4:64:fold:r0,v2:1024:4:64:fold:r168,v2:1024:8:64:fold:r128,v2:1024:4:64:fold:r128,\
-v2:1024:8:64:fold:m128:r0,v2:1024:4:64:fold:r200,v2:1024:4:64:fold:r0 --out $OUT                  # session 33
-(session 33 ran it before the caps became the default, with no `r0`; since then a spec without `rN` takes the
-default caps.)
+        --tiles v2:1024:4:64:fold:r0:nopipe,v2:1024:4:64:fold:r168:nopipe,v2:1024:8:64:fold:r128:nopipe,\
+v2:1024:4:64:fold:r128:nopipe,v2:1024:8:64:fold:m128:r0:nopipe,v2:1024:4:64:fold:r200:nopipe,\
+v2:1024:4:64:fold:r0:nopipe --out $OUT                                                             # session 33
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --search on,off --bits 3,2,4 \
+        --tiles v2:1024:4:64:fold:nopipe,v2:1024:4:64:fold:r0:nopipe --out $OUT                      # session 33
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/quantize_dense_sweep.py --bits 3,2,4 \
+        --tiles v2:1024:4:64:fold:nopipe,v2:1024:4:64:fold:pipe,v2:1024:4:64:fold:pipe:s2,\
+v2:1024:4:64:fold:r0:pipe,v2:1024:4:64:fold:nopipe --out $OUT                                      # session 33
+(session 33 ran the first of these before the register caps became the default, without `r0`, and all three before
+the pipeline did, without `nopipe`: as written they time what it timed. A spec without `rN` / `pipe` / `nopipe`
+takes the defaults.)
 """
 
 from __future__ import annotations
@@ -114,8 +121,8 @@ def _sweep(
         caps = [int(f[1:]) for f in rest if _is_cap(f)]
         max_rows = [int(f[1:]) for f in rest if _is_cap(f, "m")]
         stages = [int(f[1:]) for f in rest if _is_cap(f, "s")]
-        pipe = "pipe" in rest
-        rest = [f for f in rest if not (_is_cap(f) or _is_cap(f, "m") or _is_cap(f, "s") or f == "pipe")]
+        pipe = (bits,) if "pipe" in rest else () if "nopipe" in rest else None
+        rest = [f for f in rest if not (_is_cap(f) or _is_cap(f, "m") or _is_cap(f, "s") or f in ("pipe", "nopipe"))]
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
         prec = rest[1] if len(rest) > 1 else None
         split = {"split": True, "tf32x3": False, "fold": False, None: defaults["v2_dense_split"]}[prec]
@@ -128,7 +135,7 @@ def _sweep(
             kq.DEFAULTS["v2_dense_fold"] = fold
             kq.DEFAULTS["v2_dense_maxnreg"] = {bits: caps[0]} if caps else defaults["v2_dense_maxnreg"]
             kq.DEFAULTS["v2_dense_max_rows"] = max_rows[0] if max_rows else defaults["v2_dense_max_rows"]
-            kq.DEFAULTS["v2_dense_pipeline"] = pipe or defaults["v2_dense_pipeline"]
+            kq.DEFAULTS["v2_dense_pipeline"] = defaults["v2_dense_pipeline"] if pipe is None else pipe
             kq.DEFAULTS["v2_dense_stages"] = stages[0] if stages else defaults["v2_dense_stages"]
             kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
@@ -151,7 +158,7 @@ def _sweep(
             "fold": fold,
             "maxnreg": kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if variant == "v2" and not backend else None,
             "max_rows": kq.DEFAULTS["v2_dense_max_rows"] if variant == "v2" and not backend else None,
-            "pipeline": bool(kq.DEFAULTS["v2_dense_pipeline"] and fold and variant == "v2" and not backend),
+            "pipeline": bits in kq.DEFAULTS["v2_dense_pipeline"] and fold and variant == "v2" and not backend,
             "stages": kq.DEFAULTS["v2_dense_stages"] if variant == "v2" and not backend else None,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw, graph_ms=graph_ms)

@@ -21,7 +21,8 @@ full mixing), bits, na (scale candidates: 5 is the default `RQConfig.scale_searc
 dense rotation: input coordinates per tl.dot step, `DEFAULTS["v2_dense_chunk"]`), split (1: the dense rotation
 pre-split into tf32 halves, `DEFAULTS["v2_dense_split"]`), fold (1: (x - mean) / scale folded into the rotation's
 three bf16 parts, `DEFAULTS["v2_dense_fold"]`), maxnreg (Triton's register cap per thread: the stack it costs; 0 for
-none; the default caps per width), warps and rows (v2's warps and the most rows of a dense program).
+none; the default caps per width), warps and rows (v2's warps and the most rows of a dense program), pipe (1 / 0: the
+folded rotation's dots pipelined or unrolled; default `DEFAULTS["v2_dense_pipeline"]`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def build(
         fold = bool(kq.DEFAULTS["v2_dense_fold"] if fold is None else fold) and dense
         split = bool(kq.DEFAULTS["v2_dense_split"] if split is None else split) and dense and not fold
         const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split, FOLD=fold)
-        const.update(PIPE=fold and bool(kq.DEFAULTS["v2_dense_pipeline"] if pipe is None else pipe))
+        const.update(PIPE=fold and bool(bits in kq.DEFAULTS["v2_dense_pipeline"] if pipe is None else pipe))
         const.update(KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
         warps = warps or kq.DEFAULTS["v2_num_warps"]
     else:

@@ -306,12 +306,14 @@ def test_a_dense_program_takes_at_most_the_row_cap(monkeypatch, max_rows):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_the_pipelined_rotation_gives_the_reference_codes(monkeypatch, bits):
-    """`DEFAULTS["v2_dense_pipeline"]`: the folded rotation's dots as one runtime loop (Triton pipelines its loads):
-    the launch asks for it, and the codes are the reference's up to float ties."""
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", True)
+@pytest.mark.parametrize("widths", [(), (2, 3), (2, 3, 4)])
+def test_the_pipelined_rotation_runs_at_its_widths_with_the_reference_codes(monkeypatch, bits, widths):
+    """`DEFAULTS["v2_dense_pipeline"]` (today 2 and 3 bits): the folded rotation's dots as one runtime loop (Triton
+    pipelines its loads) at the widths it names, unrolled at the others; the codes are the reference's up to float
+    ties either way."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", widths)
     launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, bits)
-    assert [(k["FOLD"], k["PIPE"]) for k in launches] == [(True, True)]
+    assert [(k["FOLD"], k["PIPE"]) for k in launches] == [(True, bits in widths)]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     tk._check_codes(codes, norms, rc, rn, x, st)
 
@@ -674,13 +676,13 @@ def test_v2_dense_pipeline_gpu(monkeypatch, bits, stages):
     sizes: against v1 and the reference, and bit for bit the unrolled dots' codes and norms (the same dots in the
     same order)."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_stages", stages)
-    for pipe in (True, False):
+    for pipe in ((bits,), ()):
         monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", pipe)
         _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4),), rotation_stages="full")
     st, x, params = _inputs("iso", bits, 256, 3000, True, "cuda", 2, 4, seed=7, rotation_stages="full")
     x = x.to(torch.bfloat16)
     out = []
-    for pipe in (True, False):
+    for pipe in ((bits,), ()):
         monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", pipe)
         tk._poison("cuda")
         out.append(kquant.launch_quantize(x, *params, bits, st.group, variant="v2"))

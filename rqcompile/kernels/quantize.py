@@ -90,10 +90,14 @@ DEFAULTS["v2_dense_maxnreg"] = {2: 168, 3: 168}
 # instructions per element against 98), but holds 1 program per SM: slower on the H200 (session 33, against 64 rows
 # on 4 warps, uncapped, one process): 0.607 against 0.540 ms at 3 bits, 0.392 / 0.366 at 2, 1.158 / 0.973 at 4.
 DEFAULTS["v2_dense_max_rows"] = 64
-# The folded rotation's dots as one runtime loop over (chunk, part) that Triton's pipeliner feeds by asynchronous
-# copies (quantize_v2._rotate_folded's PIPE), instead of unrolled: each part through registers and shared memory in
-# series. Not timed yet (session 33).
-DEFAULTS["v2_dense_pipeline"] = False
+# The code widths whose folded rotation runs its dots as one runtime loop over (chunk, part) that Triton's pipeliner
+# feeds by asynchronous copies (quantize_v2._rotate_folded's PIPE), instead of unrolled: each part through registers
+# and shared memory in series, half of the stall samples without the scale search (ncu, session 33). H200, session
+# 33 (quantize_dense_sweep.py, one process; CUDA graph in brackets), with the register caps above: 0.491 -> 0.486 ms
+# at 3 bits (0.484 -> 0.479), 0.314 -> 0.296 at 2 (0.309 -> 0.290); without the caps (what compiled graphs run)
+# 0.54 -> 0.510 and 0.365 -> 0.332; 4 bits 0.957 -> 0.979, so not at 4. Codes and norms bit for bit the unrolled
+# dots' (the same dots in the same order; test_v2_dense_pipeline_gpu). Stages: Triton's default, 3 (2: within 1%).
+DEFAULTS["v2_dense_pipeline"] = (2, 3)
 # ... with this many pipeline stages (Triton's num_stages; None: Triton's default, 3): each stage holds a [64, 64] x
 # chunk and a [64, 128] part, 24 KB of shared memory.
 DEFAULTS["v2_dense_stages"] = None
@@ -307,7 +311,7 @@ def launch_quantize(
             rlo_ptr=rlo,
             SPLIT=split,
             FOLD=fold,
-            PIPE=fold and DEFAULTS["v2_dense_pipeline"],
+            PIPE=fold and bits in DEFAULTS["v2_dense_pipeline"],
             num_warps=DEFAULTS["v2_num_warps"],
             **({"num_stages": DEFAULTS["v2_dense_stages"]} if dense and DEFAULTS["v2_dense_stages"] else {}),
             **({"maxnreg": cap} if cap else {}),  # eager: `wrap` returned the kernel itself
