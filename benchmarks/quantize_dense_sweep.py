@@ -10,7 +10,9 @@ scale folded into the rotation's three bf16 parts; without that field, the defau
 session 32). Each launch is timed twice: by do_bench (L2 flushed before each call; the call's host work counts where the
 host is slower than the flush, as in session 32's call 2), and as a CUDA graph's replay (no host work; L2 not flushed,
 but x is 128 MiB against the H200's 50 MB). A field `rN` anywhere after WARPS caps v2's dense launch at N registers per
-thread (`DEFAULTS["v2_dense_maxnreg"]`, per code width), e.g. `v2:1024:4:64:fold:r168`, `r0` for none; a field `mN` lets
+thread (`DEFAULTS["v2_dense_maxnreg"]`, per code width) on WARPS, e.g. `v2:1024:4:64:fold:r168`, `r0` for none (a
+spec without it takes the default caps, and their warps where `DEFAULTS["v2_dense_capped_warps"]` names them: 8 at 4
+bits); a field `mN` lets
 a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8:64:fold:m128`; a field
 `pipe` / `nopipe` runs the folded rotation's dots as one pipelined loop or unrolled (`DEFAULTS["v2_dense_pipeline"]`,
 per code width), `sN` with N stages (`DEFAULTS["v2_dense_stages"]`), e.g. `v2:1024:4:64:fold:pipe:s2`.
@@ -96,6 +98,12 @@ def _is_cap(field: str, letter: str = "r") -> bool:
     return field[:1] == letter and field[1:].isdigit()
 
 
+def _launch_warps(bits: int, warps: int) -> int:
+    """The warps a dense v2 launch runs on: a capped one takes `DEFAULTS["v2_dense_capped_warps"]` where named."""
+    capped = kq.DEFAULTS["v2_dense_maxnreg"].get(bits)
+    return kq.DEFAULTS["v2_dense_capped_warps"].get(bits, warps) if capped else warps
+
+
 def _sweep(
     x: torch.Tensor,
     bits: int,
@@ -134,6 +142,7 @@ def _sweep(
             kq.DEFAULTS.update(defaults, v2_num_warps=warps, v2_dense_chunk=chunk, v2_dense_split=split)
             kq.DEFAULTS["v2_dense_fold"] = fold
             kq.DEFAULTS["v2_dense_maxnreg"] = {bits: caps[0]} if caps else defaults["v2_dense_maxnreg"]
+            kq.DEFAULTS["v2_dense_capped_warps"] = {} if caps else defaults["v2_dense_capped_warps"]  # rN: WARPS
             kq.DEFAULTS["v2_dense_max_rows"] = max_rows[0] if max_rows else defaults["v2_dense_max_rows"]
             kq.DEFAULTS["v2_dense_pipeline"] = defaults["v2_dense_pipeline"] if pipe is None else pipe
             kq.DEFAULTS["v2_dense_stages"] = stages[0] if stages else defaults["v2_dense_stages"]
@@ -152,7 +161,7 @@ def _sweep(
             "bits": bits,
             "variant": variant,
             "tile": tile,
-            "warps": warps,
+            "warps": _launch_warps(bits, warps) if variant == "v2" and not backend else warps,
             "chunk": chunk if variant == "v2" else None,
             "split": split,
             "fold": fold,
@@ -166,6 +175,7 @@ def _sweep(
         row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
         prec = "fold" if fold else "split" if split else "tf32x3"
+        warps = row["warps"]
         launch = f"chunk {row['chunk']} {prec}" if not backend else f"{backend} blocks"
         launch += "" if search else " no search"
         launch += f" maxnreg {row['maxnreg']}" if row["maxnreg"] else ""

@@ -79,6 +79,8 @@ def build(
         const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split, FOLD=fold)
         const.update(PIPE=fold and bool(bits in kq.DEFAULTS["v2_dense_pipeline"] if pipe is None else pipe))
         const.update(KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
+        cap = kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if dense and maxnreg is None else maxnreg
+        warps = warps or (kq.DEFAULTS["v2_dense_capped_warps"].get(bits, kq.DEFAULTS["v2_num_warps"]) if cap else None)
         warps = warps or kq.DEFAULTS["v2_num_warps"]
     else:
         bt = kq._block_t(d, dense, tokens)

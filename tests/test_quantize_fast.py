@@ -266,19 +266,25 @@ def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, pre
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("caps", [{}, {2: 168, 3: 168}, {4: 200}])
 def test_a_register_cap_reaches_an_eager_dense_launch_at_its_width(monkeypatch, bits, caps):
-    """`DEFAULTS["v2_dense_maxnreg"]` (per code width; today 168 at 2 and 3 bits) becomes an eager dense launch's
-    `maxnreg` at the widths it names, and no other width's; the codes stay the reference's."""
+    """`DEFAULTS["v2_dense_maxnreg"]` (per code width; today 168 at 2 and 3 bits, 128 at 4) becomes an eager dense
+    launch's `maxnreg` at the widths it names, and no other width's; a capped launch runs on the warps
+    `DEFAULTS["v2_dense_capped_warps"]` names for its width (today 8 at 4 bits), others on `v2_num_warps`; the codes
+    stay the reference's."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", caps)
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_capped_warps", {4: 8})
     launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, bits)
-    assert [k.get("maxnreg") for k in launches] == [caps.get(bits)]
+    warps = 8 if bits in caps and bits == 4 else kquant.DEFAULTS["v2_num_warps"]
+    assert [(k.get("maxnreg"), k["num_warps"]) for k in launches] == [(caps.get(bits), warps)]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
     tk._check_codes(codes, norms, rc, rn, x, st)
 
 
 def test_a_wrapped_launch_names_no_register_cap(monkeypatch):
     """Under torch.compile the launch goes through a wrapper (`wrap_triton`) that would pass `maxnreg` to the kernel
-    as an argument: a launch whose `wrap` returns anything but the kernel itself names no cap."""
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", {3: 168})
+    as an argument: a launch whose `wrap` returns anything but the kernel itself names no cap, and keeps the
+    uncapped warps."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", {4: 128})
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_capped_warps", {4: 8})
     seen = []
 
     class Wrapped:
@@ -288,10 +294,11 @@ def test_a_wrapped_launch_names_no_register_cap(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: seen.append(k) or self.kernel[grid](*a, **k)
 
-    st, x, params = _inputs("iso", 3, 256, 19, True, rotation_stages="full")
-    codes, norms = kquant.launch_quantize(x.bfloat16(), *params, 3, st.group, wrap=Wrapped, variant="v2")
+    st, x, params = _inputs("iso", 4, 256, 19, True, rotation_stages="full")
+    codes, norms = kquant.launch_quantize(x.bfloat16(), *params, 4, st.group, wrap=Wrapped, variant="v2")
     dense = [k for k in seen if "FOLD" in k]
     assert len(dense) == 1 and "maxnreg" not in dense[0]
+    assert dense[0]["num_warps"] == kquant.DEFAULTS["v2_num_warps"]  # the capped launch's 8 warps need the cap
 
 
 @pytest.mark.parametrize("max_rows", [16, 64, 128])
@@ -650,9 +657,11 @@ def test_v2_dense_split_gpu(monkeypatch, bits, precision):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_v2_dense_maxnreg_gpu(monkeypatch, bits):
-    """The default config's quantizer (the folded rotation) under a register cap of 168 at every width (`DEFAULTS
-    ["v2_dense_maxnreg"]`; the default caps 2 and 3 bits since session 33; 4 bits spills 576 B), at real sizes."""
+    """The default config's quantizer (the folded rotation) under a register cap of 168 on 4 warps at every width
+    (`DEFAULTS["v2_dense_maxnreg"]`; the default caps 2 and 3 bits so since session 33; 4 bits spills 576 B), at real
+    sizes."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", {2: 168, 3: 168, 4: 168})
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_capped_warps", {})
     _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
 
 
