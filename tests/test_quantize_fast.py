@@ -266,10 +266,10 @@ def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, pre
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("caps", [{}, {2: 168, 3: 168}, {4: 200}])
 def test_a_register_cap_reaches_an_eager_dense_launch_at_its_width(monkeypatch, bits, caps):
-    """`DEFAULTS["v2_dense_maxnreg"]` (per code width; today 168 at 2 and 3 bits, 128 at 4) becomes an eager dense
-    launch's `maxnreg` at the widths it names, and no other width's; a capped launch runs on the warps
-    `DEFAULTS["v2_dense_capped_warps"]` names for its width (today 8 at 4 bits), others on `v2_num_warps`; the codes
-    stay the reference's."""
+    """`DEFAULTS["v2_dense_maxnreg"]` (per code width; today 168 at 2 and 3 bits) becomes an eager dense launch's
+    `maxnreg` at the widths it names, and no other width's; a capped launch runs on the warps
+    `DEFAULTS["v2_dense_capped_warps"]` names for its width (8 at 4 bits, for a cap of 128 there), others on
+    `v2_num_warps`; the codes stay the reference's."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", caps)
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_capped_warps", {4: 8})
     launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, bits)

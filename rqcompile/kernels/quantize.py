@@ -76,17 +76,18 @@ DEFAULTS["v2_dense_split"] = True
 # session 32; it takes precedence over v2_dense_split, for bf16 x only (fp16 / fp32 x is not exact as a bf16
 # operand: those writes take the split).
 DEFAULTS["v2_dense_fold"] = True
-# A register cap per code width for v2's dense launches (Triton's `maxnreg`; a width not named: no cap), and the
-# warps of a capped launch where they differ from `v2_num_warps`. The fold build holds 255 registers, so 2 programs
-# of 4 warps per SM; 168 lets 3 in at 72 B of stack at 3 bits, 8 B at 2 (sm_90 counts, session 32). H200, session 33
-# (quantize_dense_sweep.py, one process; CUDA-graph replay in brackets): 0.540 -> 0.490 ms at 3 bits (0.534 ->
-# 0.486), 0.366 -> 0.314 at 2 (0.359 -> 0.309). At 4 bits 168 spills 576 B and is slower (0.973 -> 1.116); 8 warps
-# capped at 128 (2 programs of 8 warps per SM, 24 B of stack) is 0.928 unrolled and 0.861 with the pipelined dots
-# below, against 0.957 uncapped on 4 warps. Eager launches only: torch.compile's Triton wrapper would pass `maxnreg`
-# on to the kernel as an argument, and Inductor's code for user kernels (torch 2.14's `config_to_dict`) drops a
-# config's `maxnreg`, so a compiled graph runs the uncapped build on `v2_num_warps` (benchmarks/NOTES.md "Session
-# 33").
-DEFAULTS["v2_dense_maxnreg"] = {2: 168, 3: 168, 4: 128}
+# A register cap per code width for v2's dense launches (Triton's `maxnreg`; a width not named: no cap), and the warps
+# of a capped launch where they differ from `v2_num_warps`. The fold build holds 255 registers, so 2 programs of 4
+# warps per SM; 168 lets 3 in at 72 B of stack at 3 bits, 8 B at 2 (sm_90 counts, session 32). H200, session 33
+# (quantize_dense_sweep.py, one process; CUDA-graph replay in brackets): 0.540 -> 0.490 ms at 3 bits (0.534 -> 0.486),
+# 0.366 -> 0.314 at 2 (0.359 -> 0.309). At 4 bits 168 spills 576 B and is slower (0.973 -> 1.116); 8 warps capped at
+# 128 (2 programs of 8 warps per SM, 24 B of stack) is 0.928 unrolled and 0.861 with the pipelined dots below, against
+# 0.957 uncapped on 4 warps: not the default yet, because the device time ran out before its GPU tests (the sweep's
+# codes matched the reference as closely as the default's: 3.4e-5 of bytes). Eager launches only: torch.compile's
+# Triton wrapper would pass `maxnreg` on to the kernel as an argument, and Inductor's code for user kernels (torch
+# 2.14's `config_to_dict`) drops a config's `maxnreg`, so a compiled graph runs the uncapped build on `v2_num_warps`
+# (benchmarks/NOTES.md "Session 33").
+DEFAULTS["v2_dense_maxnreg"] = {2: 168, 3: 168}  # next: 4: 128, with 4 in v2_dense_pipeline
 DEFAULTS["v2_dense_capped_warps"] = {4: 8}
 # The most rows a dense v2 program takes (the rotation's tl.dot needs at least 16). 128 on 8 warps stages the
 # rotation's parts once per 128 rows instead of 64 for the same per-thread state (sm_90: 255 registers, 97
@@ -101,7 +102,7 @@ DEFAULTS["v2_dense_max_rows"] = 64
 # the caps (what compiled graphs run) 0.54 -> 0.510 and 0.365 -> 0.332, but 0.957 -> 0.979 at 4 bits (4 warps).
 # Codes and norms bit for bit the unrolled dots' (the same dots in the same order; test_v2_dense_pipeline_gpu).
 # Stages: Triton's default, 3 (2: within 1%). 32-coordinate steps: slower (0.494 / 0.314 at 3 / 2 bits).
-DEFAULTS["v2_dense_pipeline"] = (2, 3, 4)
+DEFAULTS["v2_dense_pipeline"] = (2, 3)
 # ... with this many pipeline stages (Triton's num_stages; None: Triton's default, 3): each stage holds a [64, 64] x
 # chunk and a [64, 128] part, 24 KB of shared memory.
 DEFAULTS["v2_dense_stages"] = None
