@@ -247,6 +247,15 @@ def _block_slots(
 
 
 @triton.jit
+def _bf16_dot(xv, part, y, DOT_PREC: tl.constexpr):
+    """y + xv @ part for bf16 operands; in the interpreter (DOT_PREC "ieee") the same products in fp32, because its
+    bf16 dot is wrong (Triton 3.8)."""
+    if DOT_PREC == "ieee":
+        return tl.dot(xv.to(tl.float32), part.to(tl.float32), y, input_precision="ieee")
+    return tl.dot(xv, part, y)
+
+
+@triton.jit
 def _rotate_folded(
     x_row,
     t_ok,
@@ -280,20 +289,13 @@ def _rotate_folded(
             kk = (i // 3) * KC + tl.arange(0, KC)
             xv = tl.load(x_row + (g * G + kk)[None, :] * sxd, mask=t_ok, other=0.0)
             part = tl.load(group_rot + (2 - i % 3) * G * G + kk[:, None])  # the smallest part first
-            if DOT_PREC == "ieee":  # the interpreter: its bf16 dot is wrong (Triton 3.8); the same products in fp32
-                y = tl.dot(xv.to(tl.float32), part.to(tl.float32), y, input_precision="ieee")
-            else:
-                y = tl.dot(xv, part, y)
+            y = _bf16_dot(xv, part, y, DOT_PREC)
     else:
         for kc in tl.static_range(G // KC):
             kk = kc * KC + tl.arange(0, KC)
             xv = tl.load(x_row + (g * G + kk)[None, :] * sxd, mask=t_ok, other=0.0)
             for p in tl.static_range(2, -1, -1):  # the smallest part first
-                part = tl.load(group_rot + p * G * G + kk[:, None])
-                if DOT_PREC == "ieee":  # the interpreter's bf16 dot is wrong (Triton 3.8): fp32 products
-                    y = tl.dot(xv.to(tl.float32), part.to(tl.float32), y, input_precision="ieee")
-                else:
-                    y = tl.dot(xv, part, y)
+                y = _bf16_dot(xv, tl.load(group_rot + p * G * G + kk[:, None]), y, DOT_PREC)
     return y - tl.load(bias_ptr + h * D + g * G + ri)[None, :]
 
 
