@@ -79,9 +79,10 @@ def build(
         const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split, FOLD=fold)
         const.update(PIPE=fold and bool(bits in kq.DEFAULTS["v2_dense_pipeline"] if pipe is None else pipe))
         const.update(KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
-        cap = kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if dense and maxnreg is None else maxnreg
-        warps = warps or (kq.DEFAULTS["v2_dense_capped_warps"].get(bits, kq.DEFAULTS["v2_num_warps"]) if cap else None)
-        warps = warps or kq.DEFAULTS["v2_num_warps"]
+        maxnreg = (kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if dense and maxnreg is None else maxnreg) or None
+        if not warps:  # as launch_quantize picks them
+            warps = kq.DEFAULTS["v2_num_warps"]
+            warps = kq.DEFAULTS["v2_dense_capped_warps"].get(bits, warps) if maxnreg else warps
     else:
         bt = kq._block_t(d, dense, tokens)
         const.update(BLOCK_T=bt, DENSE=dense, DOT_PREC="tf32x3", LUT=kq.DEFAULTS["lut"], PERM=False, LAYOUT="")
@@ -95,7 +96,6 @@ def build(
     divisible = [n for n in (*POINTERS, "sxb", "sxh", "sxt", "T") if sig.get(n, "constexpr") != "constexpr"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     target = GPUTarget("cuda", 90, 32)
-    maxnreg = kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if maxnreg is None and kernel == "v2" and dense else maxnreg
     maxnreg = maxnreg or None  # maxnreg=0: no cap
     options = {"num_warps": warps} if maxnreg is None else {"num_warps": warps, "maxnreg": maxnreg}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=target, options=options)

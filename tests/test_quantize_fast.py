@@ -658,8 +658,8 @@ def test_v2_dense_split_gpu(monkeypatch, bits, precision):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_v2_dense_maxnreg_gpu(monkeypatch, bits):
     """The default config's quantizer (the folded rotation) under a register cap of 168 on 4 warps at every width
-    (`DEFAULTS["v2_dense_maxnreg"]`; the default caps 2 and 3 bits so since session 33; 4 bits spills 576 B), at real
-    sizes."""
+    (`DEFAULTS["v2_dense_maxnreg"]`: the default has capped 2 and 3 bits so since session 33; at 4 bits it spills
+    576 B), at real sizes."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", {2: 168, 3: 168, 4: 168})
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_capped_warps", {})
     _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")
