@@ -93,9 +93,10 @@ def main() -> None:
         json.dump({"gpu": torch.cuda.get_device_name(0), "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
 
 
-def _is_cap(field: str, letter: str = "r") -> bool:
-    """A spec field `rN` (a register cap of N per thread) or `mN` (at most N rows per dense program)."""
-    return field[:1] == letter and field[1:].isdigit()
+def _numbered(field: str) -> bool:
+    """A spec field `rN` (a register cap of N per thread), `mN` (at most N rows per dense program) or `sN` (N
+    pipeline stages)."""
+    return field[:1] in ("r", "m", "s") and field[1:].isdigit()
 
 
 def _launch_warps(bits: int, warps: int) -> int:
@@ -126,11 +127,9 @@ def _sweep(
     for spec in specs:
         variant, tile, warps, *rest = spec.split(":")
         tile, warps = int(tile), int(warps)
-        caps = [int(f[1:]) for f in rest if _is_cap(f)]
-        max_rows = [int(f[1:]) for f in rest if _is_cap(f, "m")]
-        stages = [int(f[1:]) for f in rest if _is_cap(f, "s")]
+        numbered = {f[0]: int(f[1:]) for f in rest if _numbered(f)}
         pipe = (bits,) if "pipe" in rest else () if "nopipe" in rest else None
-        rest = [f for f in rest if not (_is_cap(f) or _is_cap(f, "m") or _is_cap(f, "s") or f in ("pipe", "nopipe"))]
+        rest = [f for f in rest if not _numbered(f) and f not in ("pipe", "nopipe")]
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
         prec = rest[1] if len(rest) > 1 else None
         split = {"split": True, "tf32x3": False, "fold": False, None: defaults["v2_dense_split"]}[prec]
@@ -141,11 +140,12 @@ def _sweep(
             tile_key = "v2_tile" if backend else "v2_tile_dense"
             kq.DEFAULTS.update(defaults, v2_num_warps=warps, v2_dense_chunk=chunk, v2_dense_split=split)
             kq.DEFAULTS["v2_dense_fold"] = fold
-            kq.DEFAULTS["v2_dense_maxnreg"] = {bits: caps[0]} if caps else defaults["v2_dense_maxnreg"]
-            kq.DEFAULTS["v2_dense_capped_warps"] = {} if caps else defaults["v2_dense_capped_warps"]  # rN: WARPS
-            kq.DEFAULTS["v2_dense_max_rows"] = max_rows[0] if max_rows else defaults["v2_dense_max_rows"]
+            capped = "r" in numbered
+            kq.DEFAULTS["v2_dense_maxnreg"] = {bits: numbered["r"]} if capped else defaults["v2_dense_maxnreg"]
+            kq.DEFAULTS["v2_dense_capped_warps"] = {} if capped else defaults["v2_dense_capped_warps"]  # rN: WARPS
+            kq.DEFAULTS["v2_dense_max_rows"] = numbered.get("m", defaults["v2_dense_max_rows"])
             kq.DEFAULTS["v2_dense_pipeline"] = defaults["v2_dense_pipeline"] if pipe is None else pipe
-            kq.DEFAULTS["v2_dense_stages"] = stages[0] if stages else defaults["v2_dense_stages"]
+            kq.DEFAULTS["v2_dense_stages"] = numbered.get("s", defaults["v2_dense_stages"])
             kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
@@ -175,7 +175,6 @@ def _sweep(
         row["nan_norms"] = bool(torch.isnan(norms.float()).any())
         rows.append(row)
         prec = "fold" if fold else "split" if split else "tf32x3"
-        warps = row["warps"]
         launch = f"chunk {row['chunk']} {prec}" if not backend else f"{backend} blocks"
         launch += "" if search else " no search"
         launch += f" maxnreg {row['maxnreg']}" if row["maxnreg"] else ""
@@ -183,7 +182,7 @@ def _sweep(
         launch += " pipelined" if row["pipeline"] else ""
         launch += f" stages {row['stages']}" if row["stages"] else ""
         print(
-            f"{bits} bits {variant} tile {tile:4d} warps {warps} {launch}: {ms:.3f} ms, "
+            f"{bits} bits {variant} tile {tile:4d} warps {row['warps']} {launch}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, as a CUDA graph {graph_ms:.3f} ms, "
             f"{differing:.1e} of code bytes differ from the reference, "
             f"build {build:.0f} s",
