@@ -99,12 +99,6 @@ def _numbered(field: str) -> bool:
     return field[:1] in ("r", "m", "s") and field[1:].isdigit()
 
 
-def _launch_warps(bits: int, warps: int) -> int:
-    """The warps a dense v2 launch runs on: a capped one takes `DEFAULTS["v2_dense_capped_warps"]` where named."""
-    capped = kq.DEFAULTS["v2_dense_maxnreg"].get(bits)
-    return kq.DEFAULTS["v2_dense_capped_warps"].get(bits, warps) if capped else warps
-
-
 def _sweep(
     x: torch.Tensor,
     bits: int,
@@ -145,6 +139,7 @@ def _sweep(
             kq.DEFAULTS["v2_dense_capped_warps"] = {} if capped else defaults["v2_dense_capped_warps"]  # rN: WARPS
             kq.DEFAULTS["v2_dense_max_rows"] = numbered.get("m", defaults["v2_dense_max_rows"])
             kq.DEFAULTS["v2_dense_pipeline"] = defaults["v2_dense_pipeline"] if pipe is None else pipe
+            kq.DEFAULTS["v2_dense_pipeline_needs_cap"] = defaults["v2_dense_pipeline_needs_cap"] if pipe is None else ()
             kq.DEFAULTS["v2_dense_stages"] = numbered.get("s", defaults["v2_dense_stages"])
             kq.DEFAULTS[tile_key] = tile
         t0 = time.time()
@@ -155,19 +150,20 @@ def _sweep(
         graph_ms = do_bench_cudagraph(lambda v=variant: kq.launch_quantize(*call, variant=v), return_mode="median")
         nbytes = x.numel() * 2 + codes.numel() + norms.numel() * 2
         differing = (codes != ref_codes).float().mean().item()
+        _, launch_warps, launch_pipe = kq._dense_launch(bits, eager=True)
         row = {
             "backend": backend or "default (dense)",
             "scale_search": search,
             "bits": bits,
             "variant": variant,
             "tile": tile,
-            "warps": _launch_warps(bits, warps) if variant == "v2" and not backend else warps,
+            "warps": launch_warps if variant == "v2" and not backend else warps,
             "chunk": chunk if variant == "v2" else None,
             "split": split,
             "fold": fold,
             "maxnreg": kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if variant == "v2" and not backend else None,
             "max_rows": kq.DEFAULTS["v2_dense_max_rows"] if variant == "v2" and not backend else None,
-            "pipeline": bits in kq.DEFAULTS["v2_dense_pipeline"] and fold and variant == "v2" and not backend,
+            "pipeline": launch_pipe and fold and variant == "v2" and not backend,
             "stages": kq.DEFAULTS["v2_dense_stages"] if variant == "v2" and not backend else None,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw, graph_ms=graph_ms)

@@ -77,9 +77,11 @@ def build(
         fold = bool(kq.DEFAULTS["v2_dense_fold"] if fold is None else fold) and dense
         split = bool(kq.DEFAULTS["v2_dense_split"] if split is None else split) and dense and not fold
         const.update(BLOCK_T=bt, FMA_DIV=True, DOT_PREC="tf32" if split else "tf32x3", SPLIT=split, FOLD=fold)
-        const.update(PIPE=fold and bool(bits in kq.DEFAULTS["v2_dense_pipeline"] if pipe is None else pipe))
         const.update(KC=min(kc or kq.DEFAULTS["v2_dense_chunk"], g))
         maxnreg = (kq.DEFAULTS["v2_dense_maxnreg"].get(bits) if dense and maxnreg is None else maxnreg) or None
+        needs_cap = bits in kq.DEFAULTS["v2_dense_pipeline_needs_cap"] and not maxnreg
+        pipe = bits in kq.DEFAULTS["v2_dense_pipeline"] and not needs_cap if pipe is None else pipe
+        const.update(PIPE=fold and bool(pipe))
         if not warps:  # as launch_quantize picks them
             warps = kq.DEFAULTS["v2_num_warps"]
             warps = kq.DEFAULTS["v2_dense_capped_warps"].get(bits, warps) if maxnreg else warps

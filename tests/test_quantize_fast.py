@@ -266,8 +266,8 @@ def test_the_pre_split_rotation_gives_the_reference_codes(monkeypatch, bits, pre
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("caps", [{}, {2: 168, 3: 168}, {4: 200}])
 def test_a_register_cap_reaches_an_eager_dense_launch_at_its_width(monkeypatch, bits, caps):
-    """`DEFAULTS["v2_dense_maxnreg"]` (per code width; today 168 at 2 and 3 bits) becomes an eager dense launch's
-    `maxnreg` at the widths it names, and no other width's; a capped launch runs on the warps
+    """`DEFAULTS["v2_dense_maxnreg"]` (per code width; today 168 at 2 and 3 bits, 128 at 4) becomes an eager dense
+    launch's `maxnreg` at the widths it names, and no other width's; a capped launch runs on the warps
     `DEFAULTS["v2_dense_capped_warps"]` names for its width (8 at 4 bits, for a cap of 128 there), others on
     `v2_num_warps`; the codes stay the reference's."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", caps)
@@ -281,10 +281,12 @@ def test_a_register_cap_reaches_an_eager_dense_launch_at_its_width(monkeypatch, 
 
 def test_a_wrapped_launch_names_no_register_cap(monkeypatch):
     """Under torch.compile the launch goes through a wrapper (`wrap_triton`) that would pass `maxnreg` to the kernel
-    as an argument: a launch whose `wrap` returns anything but the kernel itself names no cap, and keeps the
-    uncapped warps."""
+    as an argument: a launch whose `wrap` returns anything but the kernel itself names no cap, keeps the uncapped
+    warps, and runs the rotation unrolled at a width whose pipeline needs the cap."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", {4: 128})
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_capped_warps", {4: 8})
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", (4,))
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline_needs_cap", (4,))
     seen = []
 
     class Wrapped:
@@ -299,6 +301,22 @@ def test_a_wrapped_launch_names_no_register_cap(monkeypatch):
     dense = [k for k in seen if "FOLD" in k]
     assert len(dense) == 1 and "maxnreg" not in dense[0]
     assert dense[0]["num_warps"] == kquant.DEFAULTS["v2_num_warps"]  # the capped launch's 8 warps need the cap
+    assert dense[0]["PIPE"] is False
+
+
+@pytest.mark.parametrize("needs_cap", [(), (4,)])
+@pytest.mark.parametrize("caps", [{}, {4: 0}, {4: 128}])
+def test_a_width_whose_pipeline_needs_the_cap_pipelines_only_under_it(monkeypatch, caps, needs_cap):
+    """`DEFAULTS["v2_dense_pipeline_needs_cap"]` (today 4 bits, where the pipeline was slower uncapped): such a width
+    pipelines only in a capped launch (a cap of 0 is none); others pipeline with or without a cap."""
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", caps)
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", (4,))
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline_needs_cap", needs_cap)
+    launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, 4)
+    cap = caps.get(4) or None
+    assert [(k.get("maxnreg"), k["PIPE"]) for k in launches] == [(cap, bool(cap) or not needs_cap)]
+    rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
+    tk._check_codes(codes, norms, rc, rn, x, st)
 
 
 @pytest.mark.parametrize("max_rows", [16, 64, 128])
@@ -315,10 +333,11 @@ def test_a_dense_program_takes_at_most_the_row_cap(monkeypatch, max_rows):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("widths", [(), (2, 3), (2, 3, 4)])
 def test_the_pipelined_rotation_runs_at_its_widths_with_the_reference_codes(monkeypatch, bits, widths):
-    """`DEFAULTS["v2_dense_pipeline"]` (today 2 and 3 bits): the folded rotation's dots as one runtime loop (Triton
-    pipelines its loads) at the widths it names, unrolled at the others; the codes are the reference's up to float
-    ties either way."""
+    """`DEFAULTS["v2_dense_pipeline"]` (today 2, 3 and 4 bits): the folded rotation's dots as one runtime loop
+    (Triton pipelines its loads) at the widths it names, unrolled at the others; the codes are the reference's up to
+    float ties either way."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline", widths)
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_pipeline_needs_cap", ())
     launches, codes, norms, st, x, params = _dense_v2_launch(monkeypatch, bits)
     assert [(k["FOLD"], k["PIPE"]) for k in launches] == [(True, bits in widths)]
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
@@ -635,8 +654,9 @@ def _v2_against_v1_and_reference_gpu(backend, bits, search, shapes, **config):
     ],
 )
 def test_v2_dense_gpu(backend, bits, search, config):
-    """Real sizes, fresh random inputs, outputs poisoned first: v2 with a dense rotation (the default's pre-split
-    tf32 dots) against v1 (tl.dot's tf32x3) and the reference."""
+    """Real sizes, fresh random inputs, outputs poisoned first: v2 with a dense rotation, launched as by default (bf16
+    x: the folded rotation; each width's register cap, warps and pipeline) against v1 (tl.dot's tf32x3) and the
+    reference."""
     _v2_against_v1_and_reference_gpu(backend, bits, search, ((256, 3000, 2, 4), (64, 1001, 3, 2)), **config)
 
 
@@ -659,7 +679,7 @@ def test_v2_dense_split_gpu(monkeypatch, bits, precision):
 def test_v2_dense_maxnreg_gpu(monkeypatch, bits):
     """The default config's quantizer (the folded rotation) under a register cap of 168 on 4 warps at every width
     (`DEFAULTS["v2_dense_maxnreg"]`: the default has capped 2 and 3 bits so since session 33; at 4 bits it spills
-    576 B), at real sizes."""
+    576 B, and the default there is 128 on 8 warps: test_v2_dense_gpu), at real sizes."""
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_maxnreg", {2: 168, 3: 168, 4: 168})
     monkeypatch.setitem(kquant.DEFAULTS, "v2_dense_capped_warps", {})
     _v2_against_v1_and_reference_gpu("iso", bits, True, ((256, 3000, 2, 4), (64, 1001, 3, 2)), rotation_stages="full")

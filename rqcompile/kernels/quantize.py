@@ -82,12 +82,12 @@ DEFAULTS["v2_dense_fold"] = True
 # (quantize_dense_sweep.py, one process; CUDA-graph replay in brackets): 0.540 -> 0.490 ms at 3 bits (0.534 -> 0.486),
 # 0.366 -> 0.314 at 2 (0.359 -> 0.309). At 4 bits 168 spills 576 B and is slower (0.973 -> 1.116); 8 warps capped at
 # 128 (2 programs of 8 warps per SM, 24 B of stack) is 0.928 unrolled and 0.861 with the pipelined dots below, against
-# 0.957 uncapped on 4 warps: not the default yet, because the device time ran out before its GPU tests (the sweep's
-# codes matched the reference as closely as the default's: 3.4e-5 of bytes). Eager launches only: torch.compile's
+# 0.957 uncapped on 4 warps (the sweep's codes as close to the reference as the default's: 3.4e-5 of bytes); the
+# default since session 34, after its GPU tests. Eager launches only: torch.compile's
 # Triton wrapper would pass `maxnreg` on to the kernel as an argument, and Inductor's code for user kernels (torch
 # 2.14's `config_to_dict`) drops a config's `maxnreg`, so a compiled graph runs the uncapped build on `v2_num_warps`
 # (benchmarks/NOTES.md "Session 33").
-DEFAULTS["v2_dense_maxnreg"] = {2: 168, 3: 168}  # next: 4: 128, with 4 in v2_dense_pipeline
+DEFAULTS["v2_dense_maxnreg"] = {2: 168, 3: 168, 4: 128}
 DEFAULTS["v2_dense_capped_warps"] = {4: 8}
 # The most rows a dense v2 program takes (the rotation's tl.dot needs at least 16). 128 on 8 warps stages the
 # rotation's parts once per 128 rows instead of 64 for the same per-thread state (sm_90: 255 registers, 97
@@ -102,7 +102,9 @@ DEFAULTS["v2_dense_max_rows"] = 64
 # the caps (what compiled graphs run) 0.54 -> 0.510 and 0.365 -> 0.332, but 0.957 -> 0.979 at 4 bits (4 warps).
 # Codes and norms bit for bit the unrolled dots' (the same dots in the same order; test_v2_dense_pipeline_gpu).
 # Stages: Triton's default, 3 (2: within 1%). 32-coordinate steps: slower (0.494 / 0.314 at 3 / 2 bits).
-DEFAULTS["v2_dense_pipeline"] = (2, 3)
+DEFAULTS["v2_dense_pipeline"] = (2, 3, 4)
+# ... of which these pipeline only in a capped launch (eager): uncapped, at 4 warps, the 4-bit pipeline was slower.
+DEFAULTS["v2_dense_pipeline_needs_cap"] = (4,)
 # ... with this many pipeline stages (Triton's num_stages; None: Triton's default, 3): each stage holds a [64, 64] x
 # chunk and a [64, 128] part, 24 KB of shared memory.
 DEFAULTS["v2_dense_stages"] = None
@@ -110,6 +112,18 @@ DEFAULTS["v2_dense_stages"] = None
 # H200 (session 13, benchmarks/quantize_decode.py): rows 5.6-6.4 us vs the tiled kernel's 16.5-86 us at 1-4 tokens
 # (dense rotation), 5.9 / 14.4 us vs 50 / 51 us at 16 tokens and batch 1 / 8.
 DEFAULTS["rows_max_tokens"] = 16
+
+
+def _dense_launch(bits: int, eager: bool) -> tuple[int | None, int, bool]:
+    """A dense v2 launch's register cap, warps and pipelined rotation at `bits`. Only an eager launch takes a cap
+    (`wrap_triton` would hand `maxnreg` to the kernel as an argument), and a width in `v2_dense_pipeline_needs_cap`
+    pipelines only under one: the settings were measured together."""
+    cap = (DEFAULTS["v2_dense_maxnreg"].get(bits) or None) if eager else None  # 0: no cap
+    warps = DEFAULTS["v2_num_warps"]
+    warps = DEFAULTS["v2_dense_capped_warps"].get(bits, warps) if cap else warps
+    needs_cap = bits in DEFAULTS["v2_dense_pipeline_needs_cap"]
+    pipe = bits in DEFAULTS["v2_dense_pipeline"] and (cap is not None or not needs_cap)
+    return cap, warps, pipe
 
 
 def _block_t(dim: int, dense: bool, tokens: int | None = None) -> int:
@@ -285,9 +299,8 @@ def launch_quantize(
             rot, rlo = _split_tf32(rot)
         grid = (triton.cdiv(tokens, bt), batch * heads)
         kernel = wrap(_quantize_v2_kernel)
-        cap = DEFAULTS["v2_dense_maxnreg"].get(bits) if dense and kernel is _quantize_v2_kernel else None
-        warps = DEFAULTS["v2_num_warps"]
-        warps = DEFAULTS["v2_dense_capped_warps"].get(bits, warps) if cap else warps
+        cap, warps, pipe = _dense_launch(bits, eager=kernel is _quantize_v2_kernel) if dense else (None, None, False)
+        warps = warps or DEFAULTS["v2_num_warps"]
         kernel[grid](
             x,
             x.stride(0),
@@ -318,7 +331,7 @@ def launch_quantize(
             rlo_ptr=rlo,
             SPLIT=split,
             FOLD=fold,
-            PIPE=fold and bits in DEFAULTS["v2_dense_pipeline"],
+            PIPE=fold and pipe,
             num_warps=warps,
             **({"num_stages": DEFAULTS["v2_dense_stages"]} if dense and DEFAULTS["v2_dense_stages"] else {}),
             **({"maxnreg": cap} if cap else {}),  # eager: `wrap` returned the kernel itself
