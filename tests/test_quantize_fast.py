@@ -344,6 +344,67 @@ def test_the_pipelined_rotation_runs_at_its_widths_with_the_reference_codes(monk
     tk._check_codes(codes, norms, rc, rn, x, st)
 
 
+def _tie_write(bits: int, tokens: int = 8, seed: int = 0):
+    """A dense v2 write whose units sit exactly on decision boundaries: an identity rotation, mean 0, scale 1, a
+    symmetric codebook with magnitudes (2k + 1) / (2n) (boundaries k / n, exact midpoints) and candidates 1 and 2,
+    and rows of integers -H..H with squared sum n^2 (so the norm is n, and u = x / n is 0, a boundary exactly, or
+    above the top one)
+    Returns (x, the launch's parameters, group)."""
+    nl = 1 << bits
+    h = nl // 2
+    n = 8 if bits < 4 else 16
+    parts = list(range(1, h + 1))  # each boundary at least once, and above the top one; then the largest that fit
+    left = n * n - sum(k * k for k in parts)
+    for k in range(h, 0, -1):
+        parts += [k] * (left // (k * k))
+        left %= k * k
+    assert left == 0 and len(parts) <= 128
+    g = torch.Generator().manual_seed(seed)
+    heads, dim, group = 2, 256, 128
+    x = torch.zeros(1, heads, tokens, dim)
+    for hh in range(heads):
+        for t in range(tokens):
+            for grp in range(dim // group):
+                where = torch.randperm(group, generator=g)[: len(parts)] + grp * group
+                signs = torch.randint(0, 2, (len(parts),), generator=g) * 2 - 1
+                x[0, hh, t, where] = torch.tensor(parts, dtype=torch.float32) * signs
+    mags = [(2 * k + 1) / (2 * n) for k in range(h)]
+    levels = torch.tensor([-m for m in reversed(mags)] + mags + [1.0, 2.0])
+    rotation = torch.eye(group).expand(heads, dim // group, group, group).contiguous()
+    params = (rotation, torch.zeros(heads, dim), torch.ones(heads, dim), levels)
+    return x.to(torch.bfloat16), params, group
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_symmetric_tie_rule_mirrors_the_codes_of_negated_input_where_the_reference_does_not(monkeypatch, bits):
+    """`DEFAULTS["v2_symmetric_ties"]`: on input exactly at decision boundaries, the v2 write under the sign-symmetric
+    tie rule codes -x as the mirror of x (code -> 2**bits - 1 - code; zeros take the code just below 0 either way)
+    with equal norms. The reference rule (`u / c > b`) does not (ties round toward zero above 0 and away below),
+    and v2 without the symmetric rule reproduces the reference exactly there."""
+    x, params, group = _tie_write(bits)
+    nl, widths, dim = 1 << bits, bits, x.shape[-1]
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_symmetric_ties", True)
+    (cp, np_), (cn, nn) = (kquant.launch_quantize(v, *params, bits, group, variant="v2") for v in (x, -x))
+    up, un = tk.unpack(cp, widths, dim), tk.unpack(cn, widths, dim)
+    nonzero = x.float() != 0
+    assert nonzero.any() and (~nonzero).any()
+    assert torch.equal(un[nonzero], nl - 1 - up[nonzero])
+    assert (up[~nonzero] == nl // 2 - 1).all() and (un[~nonzero] == nl // 2 - 1).all()
+    torch.testing.assert_close(nn, np_, rtol=0, atol=0)
+    levels = params[3][:nl].double()
+    n = x.double().unflatten(-1, (-1, group)).norm(dim=-1)
+    want = n / levels[up.long()].unflatten(-1, (-1, group)).pow(2).sum(-1).sqrt()  # the norm the kept codes need
+    torch.testing.assert_close(np_.double(), want, rtol=1e-3, atol=0)
+    rc, rn = quantizer.quantize(x, *params, bits, group)
+    rcn, _ = quantizer.quantize(-x, *params, bits, group)
+    ref_up, ref_un = tk.unpack(rc, widths, dim), tk.unpack(rcn, widths, dim)
+    assert not torch.equal(ref_un[nonzero], nl - 1 - ref_up[nonzero])  # the input holds ties the rules split
+    monkeypatch.setitem(kquant.DEFAULTS, "v2_symmetric_ties", False)
+    codes, norms = kquant.launch_quantize(x, *params, bits, group, variant="v2")
+    assert torch.equal(codes, rc)
+    torch.testing.assert_close(norms, rn, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_folded_rotation_is_for_bf16_writes_only(monkeypatch, dtype):
     """The folded rotation feeds x to bf16 dots as loaded, exact only for bf16 x: an fp32 or fp16 write takes the

@@ -11,7 +11,10 @@ per-program prologue cost ~50 instructions per element and minutes of compile ti
 for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient). The search
 scores each candidate with level magnitudes read from the symmetric codebook's upper half (_slot_magnitude: -6 to
 -18% on the H200, session 30); the code of the kept candidate is then found bit by bit by binary search over its
-thresholds (_code_bits: -9 to -11%, session 30).
+thresholds (_code_bits: -9 to -11%, session 30). By default (DEFAULTS["v2_symmetric_ties"], session 34) a unit
+exactly on a boundary takes the smaller magnitude on either side of 0, so the search compares |unit| once per
+boundary (_magnitude_of_abs) and the kept code is the sign plus |unit|'s binary search: -15% at 3 bits, -24% at 4
+on the H200; the reference rule (smaller magnitude above 0, larger below) costs a second compare per boundary.
 A dense per-group rotation (full mixing, hadamard) is a `tl.dot`, the output split into the slot tiles
 (_dense_slots). For bf16 x, by default, (x - mean) / scale is folded into the rotation (_rotate_folded, prep
 _fold_prep_kernel; DEFAULTS["v2_dense_fold"]: -22% at 3 bits on the H200, session 32): x goes to three bf16 dots as
@@ -175,6 +178,17 @@ def _slot_magnitude(u, lev, above, below, H: tl.constexpr):
             )
         else:
             lv = tl.where((u >= above[j]) | (u < below[j]), lev[H + 1 + j], lv)
+    return lv
+
+
+@triton.jit
+def _magnitude_of_abs(m, lev, above, H: tl.constexpr):
+    """|levels[code]| for |u| = m under the sign-symmetric tie rule (`DEFAULTS["v2_symmetric_ties"]`): the upward
+    boundaries m reaches, one compare each (_slot_magnitude needs two: the reference's rule is not symmetric at
+    ties, where u / c is a boundary exactly)."""
+    lv = tl.zeros(m.shape, dtype=tl.float32) + lev[H]
+    for j in tl.static_range(H - 1):
+        lv = tl.where(m >= above[j], lev[H + 1 + j], lv)
     return lv
 
 
@@ -409,6 +423,7 @@ def _v2_group(
     SPLIT: tl.constexpr,
     FOLD: tl.constexpr,
     PIPE: tl.constexpr,
+    SYM: tl.constexpr,
 ):
     """Norm group g of the rows (_quantize_v2_kernel's): rotated into slot tiles, normalized, coded (the scale
     search's candidate kept), its corrected norm and packed codes stored."""
@@ -466,18 +481,27 @@ def _v2_group(
         cn2 = tl.zeros([BLOCK_T], dtype=tl.float32)
         kept = tl.zeros([BLOCK_T], dtype=tl.int32)
         H: tl.constexpr = NL // 2
+        if SYM:
+            mags = ()
+            for s in tl.static_range(P):
+                mags = mags + (tl.abs(units[s]),)
         for a in range(NA):  # a runtime loop: one copy of the body (compile time, code size)
             above = ()
             below = ()
             for j in tl.static_range(H - 1):
                 above = above + (tl.load(thr_ptr + a * NL + H + j),)
-                below = below + (tl.load(thr_ptr + a * NL + H - 2 - j),)
+                if not SYM:
+                    below = below + (tl.load(thr_ptr + a * NL + H - 2 - j),)
             num = tl.zeros([BLOCK_T, J], dtype=tl.float32)
             den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
             for s in tl.static_range(P):
                 # u * levels[code] = |u| * |levels[code]| (the level has u's sign; u = +-0 adds a zero either way)
-                lv = _slot_magnitude(units[s], lev, above, below, H)
-                num += tl.abs(units[s]) * lv
+                if SYM:
+                    lv = _magnitude_of_abs(mags[s], lev, above, H)
+                    num += mags[s] * lv
+                else:
+                    lv = _slot_magnitude(units[s], lev, above, below, H)
+                    num += tl.abs(units[s]) * lv
                 den += lv * lv
             den_a = tl.sum(den, axis=1)
             cos = tl.math.div_rn(tl.sum(num, axis=1), tl.maximum(tl.sqrt_rn(den_a), TINY))
@@ -486,26 +510,43 @@ def _v2_group(
             cn2 = tl.where(better, den_a, cn2)
             kept = tl.where(better, a, kept)
         row_thr = ()
-        for k in tl.static_range(NL - 1):
-            row_thr = row_thr + (tl.load(thr_ptr + kept * NL + k),)
+        if SYM:  # the upward thresholds only: codes from |u| and the sign
+            for j in tl.static_range(H - 1):
+                row_thr = row_thr + (tl.load(thr_ptr + kept * NL + H + j),)
+        else:
+            for k in tl.static_range(NL - 1):
+                row_thr = row_thr + (tl.load(thr_ptr + kept * NL + k),)
     corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
     tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
     # codes against the row's thresholds, packed per stored word
     if NA > 0:  # broadcast here, not at the loads above: 129 against 132 instructions per element (sm_90, s30)
         rt = ()
-        for k in tl.static_range(NL - 1):
+        for k in tl.static_range(len(row_thr)):
             rt = rt + (row_thr[k][:, None],)
         row_thr = rt
     lo = tl.zeros([BLOCK_T, J], dtype=tl.int32)
     hi = tl.zeros([BLOCK_T, J], dtype=tl.int32)
     for s in tl.static_range(P):
-        bits = _code_bits(units[s], row_thr, BITS)  # most significant first
-        for i in tl.static_range(BITS):
-            b = bits[i].to(tl.int32)
-            if BITS == 3 and i == 0:
-                hi |= b << s  # the 1-bit plane
+        if SYM and NA > 0:  # code = H + m above 0, H - 1 - m at or below: the sign, then m's bits flipped below
+            up = (units[s] > 0).to(tl.int32)
+            mbits = _code_bits(tl.abs(units[s]), row_thr, BITS - 1)
+            m = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+            for i in tl.static_range(BITS - 1):
+                m |= mbits[i].to(tl.int32) << (BITS - 2 - i)
+            low = m ^ ((up - 1) & (H - 1))
+            if BITS == 3:
+                hi |= up << s  # the 1-bit plane
+                lo |= low << (LB * s)
             else:
-                lo |= b << (LB * s + BITS - 1 - i)
+                lo |= ((up << (BITS - 1)) | low) << (LB * s)
+        else:
+            bits = _code_bits(units[s], row_thr, BITS)  # most significant first
+            for i in tl.static_range(BITS):
+                b = bits[i].to(tl.int32)
+                if BITS == 3 and i == 0:
+                    hi |= b << s  # the 1-bit plane
+                else:
+                    lo |= b << (LB * s + BITS - 1 - i)
     wl = crow + g * (G * LB // 8) + jj[None, :] * 4
     tl.store(wl.to(tl.pointer_type(tl.int32)), lo, mask=t_ok)
     if BITS == 3:
@@ -545,6 +586,7 @@ def _quantize_v2_kernel(
     SPLIT: tl.constexpr = False,
     FOLD: tl.constexpr = False,
     PIPE: tl.constexpr = False,
+    SYM: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -610,4 +652,5 @@ def _quantize_v2_kernel(
                 SPLIT,
                 FOLD,
                 PIPE,
+                SYM,
             )
