@@ -348,8 +348,7 @@ def _tie_write(bits: int, tokens: int = 8, seed: int = 0):
     """A dense v2 write whose units sit exactly on decision boundaries: an identity rotation, mean 0, scale 1, a
     symmetric codebook with magnitudes (2k + 1) / (2n) (boundaries k / n, exact midpoints) and candidates 1 and 2,
     and rows of integers -H..H with squared sum n^2 (so the norm is n, and u = x / n is 0, a boundary exactly, or
-    above the top one)
-    Returns (x, the launch's parameters, group)."""
+    above the top one). Returns (x, the launch's parameters, group)."""
     nl = 1 << bits
     h = nl // 2
     n = 8 if bits < 4 else 16
@@ -384,17 +383,19 @@ def test_the_symmetric_tie_rule_mirrors_the_codes_of_negated_input_where_the_ref
     x, params, group = _tie_write(bits)
     nl, widths, dim = 1 << bits, bits, x.shape[-1]
     monkeypatch.setitem(kquant.DEFAULTS, "v2_symmetric_ties", True)
-    (cp, np_), (cn, nn) = (kquant.launch_quantize(v, *params, bits, group, variant="v2") for v in (x, -x))
-    up, un = tk.unpack(cp, widths, dim), tk.unpack(cn, widths, dim)
+    (codes_x, norms_x), (codes_neg, norms_neg) = (
+        kquant.launch_quantize(v, *params, bits, group, variant="v2") for v in (x, -x)
+    )
+    up, un = tk.unpack(codes_x, widths, dim), tk.unpack(codes_neg, widths, dim)
     nonzero = x.float() != 0
     assert nonzero.any() and (~nonzero).any()
     assert torch.equal(un[nonzero], nl - 1 - up[nonzero])
     assert (up[~nonzero] == nl // 2 - 1).all() and (un[~nonzero] == nl // 2 - 1).all()
-    torch.testing.assert_close(nn, np_, rtol=0, atol=0)
+    torch.testing.assert_close(norms_neg, norms_x, rtol=0, atol=0)
     levels = params[3][:nl].double()
     n = x.double().unflatten(-1, (-1, group)).norm(dim=-1)
     want = n / levels[up.long()].unflatten(-1, (-1, group)).pow(2).sum(-1).sqrt()  # the norm the kept codes need
-    torch.testing.assert_close(np_.double(), want, rtol=1e-3, atol=0)
+    torch.testing.assert_close(norms_x.double(), want, rtol=1e-3, atol=0)
     rc, rn = quantizer.quantize(x, *params, bits, group)
     rcn, _ = quantizer.quantize(-x, *params, bits, group)
     ref_up, ref_un = tk.unpack(rc, widths, dim), tk.unpack(rcn, widths, dim)
