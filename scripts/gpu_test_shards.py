@@ -2,8 +2,9 @@
 
 The GPU tests spend most of their time compiling Triton kernels on the CPU, one at a time per process; on the
 device machine (16 cores) six processes ran the 147 tests in about a third of the time of one (session 24). Each
-shard's output goes to <logdir>/shard<i>.log, one line per test (`pytest -v`); the summary lines are printed at the
-end, and the exit status is non-zero if any shard failed or timed out.
+shard's output goes to <logdir>/shard<i>.log, one line per test (`pytest -v`, with pytest's summary); each shard's
+outcome counts and the total are printed at the end, and the exit status is non-zero if any shard failed or timed
+out.
 
 The whole suite takes more than one device call (10 minutes each), so `--skip-ran DIR` leaves out the tests whose
 outcome an earlier call's logs already hold (their PASSED / FAILED / ... lines), and the next call runs the rest:
@@ -41,6 +42,12 @@ def outcomes(log_text: str) -> dict[str, str]:
         if m:
             found[m.group(1)] = m.group(2)
     return found
+
+
+def tally(done: dict[str, str]) -> str:
+    """Outcomes by count ("11 PASSED, 1 XFAIL"): the runner's own summary, not pytest's last line, whose "N warnings"
+    a `grep -v warn` over the output would drop with the counts (sessions 28 and 34)."""
+    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(Counter(done.values()).items())) or "none finished"
 
 
 def ran_before(logdir: Path) -> dict[str, str]:
@@ -82,6 +89,7 @@ def main() -> int:
         log = open(args.logdir / f"shard{i}.log", "w")
         procs.append((i, len(shard), log, subprocess.Popen([*cmd, *shard], stdout=log, stderr=subprocess.STDOUT)))
     failed = False
+    finished: dict[str, str] = {}
     deadline = time.monotonic() + args.timeout  # one limit for all: waiting on each in turn would add them up
     for i, n, log, proc in procs:
         try:
@@ -93,13 +101,13 @@ def main() -> int:
         log.close()
         text = (args.logdir / f"shard{i}.log").read_text(errors="replace")
         done = outcomes(text)
-        lines = text.splitlines()
-        print(f"shard {i}: rc {rc}; {len(done)} of {n} finished; {lines[-1] if lines else 'no output'}")
+        finished.update(done)
+        print(f"shard {i}: rc {rc}; {len(done)} of {n} finished: {tally(done)}")
         for node, outcome in done.items():
             if outcome in ("FAILED", "ERROR"):
                 print(f"  {outcome} {node}")
         failed |= rc != 0
-    print(f"{len(ids)} GPU tests in {len(procs)} shards; logs in {args.logdir}")
+    print(f"{len(ids)} GPU tests in {len(procs)} shards: {tally(finished)}; logs in {args.logdir}")
     return 1 if failed else 0
 
 

@@ -47,3 +47,12 @@ def test_an_earlier_run_is_read_from_all_its_shard_logs(tmp_path: Path):
 def test_a_missing_earlier_run_is_an_error_not_an_empty_one(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         shards.ran_before(tmp_path / "nope")
+
+
+def test_the_printed_summary_counts_each_outcome_and_never_says_warn():
+    """The runner prints its own outcome counts per shard and in total: pytest's last line ("11 passed, 2 warnings")
+    would vanish, counts and all, under the `grep -v warn` device scripts put on the output."""
+    line = shards.tally(shards.outcomes(_LOG))
+    assert line == "1 FAILED, 1 PASSED, 1 XFAIL"
+    assert "warn" not in shards.tally(shards.outcomes(_LOG + "==== 1 passed, 3 warnings in 2.00s ====\n")).lower()
+    assert shards.tally({}) == "none finished"
