@@ -529,7 +529,7 @@ def _v2_group(
     for s in tl.static_range(P):
         if SYM and NA > 0:  # code = H + m above 0, H - 1 - m at or below: the sign, then m's bits flipped below
             up = (units[s] > 0).to(tl.int32)
-            mbits = _code_bits(tl.abs(units[s]), row_thr, BITS - 1)
+            mbits = _code_bits(mags[s], row_thr, BITS - 1)  # |u|, from the search
             m = tl.zeros([BLOCK_T, J], dtype=tl.int32)
             for i in tl.static_range(BITS - 1):
                 m |= mbits[i].to(tl.int32) << (BITS - 2 - i)
