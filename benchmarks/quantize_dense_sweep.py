@@ -15,8 +15,7 @@ spec without it takes the default caps, and their warps where `DEFAULTS["v2_dens
 bits); a field `mN` lets
 a dense program take up to N rows (`DEFAULTS["v2_dense_max_rows"]`, 64), e.g. `v2:1024:8:64:fold:m128`; a field
 `pipe` / `nopipe` runs the folded rotation's dots as one pipelined loop or unrolled (`DEFAULTS["v2_dense_pipeline"]`,
-per code width), `sN` with N stages (`DEFAULTS["v2_dense_stages"]`), e.g. `v2:1024:4:64:fold:pipe:s2`; `sym` / `nosym`
-runs the scale search under the sign-symmetric tie rule or the reference's (`DEFAULTS["v2_symmetric_ties"]`).
+per code width), `sN` with N stages (`DEFAULTS["v2_dense_stages"]`), e.g. `v2:1024:4:64:fold:pipe:s2`.
 `--backends planar,iso,rotor` times those block rotations (one layer) instead: then TILE is `DEFAULTS["v2_tile"]`
 (the slot tile of the block path) and CHUNK / the precision field do not apply.
 
@@ -124,8 +123,7 @@ def _sweep(
         tile, warps = int(tile), int(warps)
         numbered = {f[0]: int(f[1:]) for f in rest if _numbered(f)}
         pipe = (bits,) if "pipe" in rest else () if "nopipe" in rest else None
-        sym = True if "sym" in rest else False if "nosym" in rest else None
-        rest = [f for f in rest if not _numbered(f) and f not in ("pipe", "nopipe", "sym", "nosym")]
+        rest = [f for f in rest if not _numbered(f) and f not in ("pipe", "nopipe")]
         chunk = int(rest[0]) if rest else defaults["v2_dense_chunk"]
         prec = rest[1] if len(rest) > 1 else None
         split = {"split": True, "tf32x3": False, "fold": False, None: defaults["v2_dense_split"]}[prec]
@@ -144,7 +142,6 @@ def _sweep(
             kq.DEFAULTS["v2_dense_pipeline_needs_cap"] = defaults["v2_dense_pipeline_needs_cap"] if pipe is None else ()
             kq.DEFAULTS["v2_dense_stages"] = numbered.get("s", defaults["v2_dense_stages"])
             kq.DEFAULTS[tile_key] = tile
-        kq.DEFAULTS["v2_symmetric_ties"] = defaults["v2_symmetric_ties"] if sym is None else sym
         t0 = time.time()
         codes, norms = kq.launch_quantize(*call, variant=variant)
         torch.cuda.synchronize()
@@ -168,7 +165,6 @@ def _sweep(
             "max_rows": kq.DEFAULTS["v2_dense_max_rows"] if variant == "v2" and not backend else None,
             "pipeline": launch_pipe and fold and variant == "v2" and not backend,
             "stages": kq.DEFAULTS["v2_dense_stages"] if variant == "v2" and not backend else None,
-            "symmetric_ties": kq.DEFAULTS["v2_symmetric_ties"] if variant == "v2" and search else None,
         }
         row.update(ms=ms, of_copy=nbytes / (ms * 1e-3) / copy_bw, graph_ms=graph_ms)
         row.update(build_s=build, code_bytes_differing_from_reference=differing)
@@ -181,7 +177,6 @@ def _sweep(
         launch += f" max_rows {row['max_rows']}" if row["max_rows"] and row["max_rows"] != 64 else ""
         launch += " pipelined" if row["pipeline"] else ""
         launch += f" stages {row['stages']}" if row["stages"] else ""
-        launch += " symmetric ties" if row["symmetric_ties"] else ""
         print(
             f"{bits} bits {variant} tile {tile:4d} warps {row['warps']} {launch}: {ms:.3f} ms, "
             f"{100 * row['of_copy']:.1f}% of copy bandwidth, as a CUDA graph {graph_ms:.3f} ms, "

@@ -60,7 +60,6 @@ def build(
     warps=None,
     rows=None,
     pipe=None,
-    sym=None,
 ):
     """(compiled kernel, BLOCK_T, num_warps) as launch_quantize builds it for this write (kc: v2's dense rotation
     chunk, default `DEFAULTS["v2_dense_chunk"]`; split: its pre-split rotation, `DEFAULTS["v2_dense_split"]`; fold:
@@ -83,7 +82,6 @@ def build(
         needs_cap = bits in kq.DEFAULTS["v2_dense_pipeline_needs_cap"] and not maxnreg
         pipe = bits in kq.DEFAULTS["v2_dense_pipeline"] and not needs_cap if pipe is None else pipe
         const.update(PIPE=fold and bool(pipe))
-        const.update(SYM=bool(kq.DEFAULTS["v2_symmetric_ties"] if sym is None else sym))
         if not warps:  # as launch_quantize picks them
             warps = kq.DEFAULTS["v2_num_warps"]
             warps = kq.DEFAULTS["v2_dense_capped_warps"].get(bits, warps) if maxnreg else warps

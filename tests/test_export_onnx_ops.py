@@ -17,6 +17,8 @@ import torch
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
+import ties  # noqa: E402  (tests/ is on sys.path)
+
 from rqcompile import ops  # noqa: E402,F401
 from rqcompile.config import SCALE_SEARCH, RQConfig  # noqa: E402
 from rqcompile.export.onnx_ops import export_onnx  # noqa: E402
@@ -163,6 +165,28 @@ def test_quantize_dequantize_match_the_reference(tmp_path, flavour, backend, bit
     assert recon.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(recon.float(), expected.float(), rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("flavour,bits,search", [("standard", 3, True), ("tensorrt", 4, True), ("standard", 2, False)])
+def test_quantize_codes_exact_ties_as_the_reference(tmp_path, flavour, bits, search):
+    """The format's tie rule (a unit exactly on a boundary rounds toward zero) in the exported encoder: on input whose
+    units sit on every decision boundary, the ONNX codes are the reference's bit for bit (no tie budget here), and the
+    input holds ties that the rule before session 35 (`u > b` on both sides of 0) codes otherwise."""
+    rotation, mean, scale, levels = ties.tie_params(bits, heads=2, dim=HEAD_DIM, group=HEAD_DIM, search=search)
+    state = QuantState(rotation, mean, scale, levels, bits, HEAD_DIM)
+    module = QuantizeDequantize(state).eval()
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("tokens")}
+    path = _export(module, (torch.randn(2, 2, 5, HEAD_DIM),), tmp_path / "qd.onnx", flavour, (dims,))
+    x = ties.tie_input(bits, tokens=6, heads=2, dim=HEAD_DIM, group=HEAD_DIM)
+    x = torch.cat([x, -x])
+    codes, norms, _ = _run(path, {"x": x})
+    ref_codes, ref_norms = quantize(x, rotation, mean, scale, levels, bits, HEAD_DIM)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(norms, ref_norms, rtol=0, atol=0)
+    unit = x / x.norm(dim=-1, keepdim=True)
+    nl = 2**bits
+    strict = ties.strict_codes(unit, levels[:nl])
+    assert not torch.equal(unpack(ref_codes, bits, HEAD_DIM), strict)
 
 
 @pytest.mark.parametrize(

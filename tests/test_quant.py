@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from rqcompile import ops
 from rqcompile.config import SCALE_SEARCH, RQConfig
 from rqcompile.quant import rotations
-from rqcompile.quant.codebook import codebook, lloyd_max_distortion, lloyd_max_normal
+from rqcompile.quant.codebook import boundaries, codebook, lloyd_max_distortion, lloyd_max_normal
 from rqcompile.quant.packing import pack, pack_along_keys, packed_size, unpack, unpack_along_keys
-from rqcompile.quant.quantizer import dequantize, make_state, quantize
+from rqcompile.quant.quantizer import boundary_codes, dequantize, make_state, quantize
 
 BACKENDS = ["planar", "iso", "rotor", "hadamard"]
 HEAD_DIMS = [64, 128, 256]
@@ -52,6 +52,30 @@ def test_codebooks_are_exactly_symmetric_in_float32(bits):
         assert torch.equal(
             levels, (torch.tensor(lloyd_max_normal(bits), dtype=torch.float64) / math.sqrt(group)).float()
         )
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_a_unit_exactly_on_a_boundary_rounds_toward_zero(bits):
+    """The format's tie rule (docs/FORMAT.md "Ties"): off the boundaries a code counts the boundaries below u; on one
+    it takes the level nearer zero (below 0 the boundary counts, at or above 0 it does not), so -u codes as the
+    mirror of u and 0 / -0 take the code just below 0."""
+    levels = codebook(bits, 128)
+    bounds = boundaries(levels)
+    nl = 2**bits
+    on = torch.cat([bounds, -bounds])
+    off = torch.cat([torch.nextafter(on, on + 1), torch.nextafter(on, on - 1), torch.randn(1000) / 8])
+    u = torch.cat([on, off, torch.tensor([0.0, -0.0])])
+    codes = boundary_codes(u, bounds)
+    n_off = off.numel()
+    assert torch.equal(codes[on.numel() : on.numel() + n_off], (off[:, None] > bounds).sum(-1))
+    k = torch.arange(nl - 1).repeat(2)  # the boundary each `on` value sits on (bounds are symmetric: -b_k = b_j)
+    k[nl - 1 :] = nl - 2 - k[nl - 1 :]
+    pair = torch.stack([levels[k], levels[k + 1]], -1).abs()
+    assert torch.isin(codes[: on.numel()] - k, torch.tensor([0, 1])).all()
+    assert torch.equal(levels[codes[: on.numel()]].abs(), pair.min(-1).values)  # the nearer-zero of its two levels
+    nonzero = u != 0
+    assert torch.equal(boundary_codes(-u, bounds)[nonzero], nl - 1 - codes[nonzero])
+    assert (codes[~nonzero] == nl // 2 - 1).all()
 
 
 def test_codebook_is_scaled_for_a_unit_vector_in_the_norm_group():

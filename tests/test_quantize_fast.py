@@ -19,6 +19,7 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py, before any kernel module is imported
 
 import test_kernels as tk  # noqa: E402  (tests/ is on sys.path: rootdir-style test modules)
+import ties  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -344,73 +345,38 @@ def test_the_pipelined_rotation_runs_at_its_widths_with_the_reference_codes(monk
     tk._check_codes(codes, norms, rc, rn, x, st)
 
 
-def _tie_write(bits: int, tokens: int = 8, seed: int = 0):
-    """A dense v2 write whose units sit exactly on decision boundaries: an identity rotation, mean 0, scale 1, a
-    symmetric codebook with magnitudes (2k + 1) / (2n) (boundaries k / n, exact midpoints) and candidates 1 and 2,
-    and rows of integers -H..H with squared sum n^2 (so the norm is n, and u = x / n is 0, a boundary exactly, or
-    above the top one). Returns (x, the launch's parameters, group)."""
-    nl = 1 << bits
-    h = nl // 2
-    n = 8 if bits < 4 else 16
-    parts = list(range(1, h + 1))  # each boundary at least once, and above the top one; then the largest that fit
-    left = n * n - sum(k * k for k in parts)
-    for k in range(h, 0, -1):
-        parts += [k] * (left // (k * k))
-        left %= k * k
-    assert left == 0 and len(parts) <= 128
-    g = torch.Generator().manual_seed(seed)
-    heads, dim, group = 2, 256, 128
-    x = torch.zeros(1, heads, tokens, dim)
-    for hh in range(heads):
-        for t in range(tokens):
-            for grp in range(dim // group):
-                where = torch.randperm(group, generator=g)[: len(parts)] + grp * group
-                signs = torch.randint(0, 2, (len(parts),), generator=g) * 2 - 1
-                x[0, hh, t, where] = torch.tensor(parts, dtype=torch.float32) * signs
-    mags = [(2 * k + 1) / (2 * n) for k in range(h)]
-    levels = torch.tensor([-m for m in reversed(mags)] + mags + [1.0, 2.0])
-    rotation = torch.eye(group).expand(heads, dim // group, group, group).contiguous()
-    params = (rotation, torch.zeros(heads, dim), torch.ones(heads, dim), levels)
-    return x.to(torch.bfloat16), params, group
-
-
+@pytest.mark.parametrize("variant", ["v2", "v1", "rows"])
+@pytest.mark.parametrize("search", [True, False])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_the_symmetric_tie_rule_mirrors_the_codes_of_negated_input_where_the_reference_does_not(
-    monkeypatch, bits, device
-):
-    """`DEFAULTS["v2_symmetric_ties"]`: on input exactly at decision boundaries, the v2 write under the sign-symmetric
-    tie rule codes -x as the mirror of x (code -> 2**bits - 1 - code; zeros take the code just below 0 either way)
-    with equal norms. The reference rule (`u / c > b`) does not (ties round toward zero above 0 and away below),
-    and v2 without the symmetric rule reproduces the reference exactly there (on the GPU: its inline-PTX compare
-    pair)."""
+def test_every_kernel_codes_exact_ties_as_the_reference_and_negated_input_as_the_mirror(variant, search, bits, device):
+    """The format's tie rule (docs/FORMAT.md "Ties": a unit exactly on a boundary rounds toward zero): on input
+    whose units sit on every boundary, each quantize kernel (the v2 bulk write, v1, the decode-step "rows" kernel;
+    with and without the scale search) writes the reference's codes bit for bit and its norms, and codes -x as the
+    mirror of x (code -> 2**bits - 1 - code; zeros take the code just below 0 either way) with equal norms. The
+    input holds ties the format's rule before session 35 (`u > b` on both sides) split, so a kernel that kept that
+    rule fails here."""
     if (device == "cuda") != HAS_CUDA:
         pytest.skip("the other machine's path")
-    x, params, group = _tie_write(bits)
+    x = ties.tie_input(bits, tokens=8).to(torch.bfloat16)
+    params = ties.tie_params(bits, search=search)
     x, params = x.to(device), tuple(p.to(device) for p in params)
-    nl, widths, dim = 1 << bits, bits, x.shape[-1]
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_symmetric_ties", True)
+    nl, dim, group = 1 << bits, x.shape[-1], 128
+    levels = params[3][:nl]
+    unit = x.float() / x.float().unflatten(-1, (-1, group)).norm(dim=-1).repeat_interleave(group, -1)
+    assert not torch.equal(ties.strict_codes(-unit, levels), nl - 1 - ties.strict_codes(unit, levels))
     (codes_x, norms_x), (codes_neg, norms_neg) = (
-        kquant.launch_quantize(v, *params, bits, group, variant="v2") for v in (x, -x)
+        kquant.launch_quantize(v, *params, bits, group, variant=variant) for v in (x, -x)
     )
-    up, un = tk.unpack(codes_x, widths, dim), tk.unpack(codes_neg, widths, dim)
+    for v, codes, norms in ((x, codes_x, norms_x), (-x, codes_neg, norms_neg)):
+        rc, rn = quantizer.quantize(v, *params, bits, group)
+        assert torch.equal(codes, rc)
+        torch.testing.assert_close(norms, rn, rtol=1e-3, atol=0)  # the squared levels summed in another order
+    up, un = tk.unpack(codes_x, bits, dim), tk.unpack(codes_neg, bits, dim)
     nonzero = x.float() != 0
-    assert nonzero.any() and (~nonzero).any()
     assert torch.equal(un[nonzero], nl - 1 - up[nonzero])
     assert (up[~nonzero] == nl // 2 - 1).all() and (un[~nonzero] == nl // 2 - 1).all()
     torch.testing.assert_close(norms_neg, norms_x, rtol=0, atol=0)
-    levels = params[3][:nl].double()
-    n = x.double().unflatten(-1, (-1, group)).norm(dim=-1)
-    want = n / levels[up.long()].unflatten(-1, (-1, group)).pow(2).sum(-1).sqrt()  # the norm the kept codes need
-    torch.testing.assert_close(norms_x.double(), want, rtol=1e-3, atol=0)
-    rc, rn = quantizer.quantize(x, *params, bits, group)
-    rcn, _ = quantizer.quantize(-x, *params, bits, group)
-    ref_up, ref_un = tk.unpack(rc, widths, dim), tk.unpack(rcn, widths, dim)
-    assert not torch.equal(ref_un[nonzero], nl - 1 - ref_up[nonzero])  # the input holds ties the rules split
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_symmetric_ties", False)
-    codes, norms = kquant.launch_quantize(x, *params, bits, group, variant="v2")
-    assert torch.equal(codes, rc)
-    torch.testing.assert_close(norms, rn, rtol=1e-3, atol=0)  # the squared levels summed in another order
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -553,34 +519,28 @@ def test_threshold_scratch_is_the_exact_division_boundary(bits, cands):
 
 
 @triton.jit
-def _magnitude_kernel(u_ptr, lev_ptr, thr_ptr, level_ptr, mag_ptr, a, N: tl.constexpr, NL: tl.constexpr):
+def _magnitude_kernel(u_ptr, lev_ptr, thr_ptr, mag_ptr, a, N: tl.constexpr, NL: tl.constexpr):
     H: tl.constexpr = NL // 2
     i = tl.arange(0, N)
     u = tl.load(u_ptr + i)
     lev = ()
     for k in tl.static_range(NL):
         lev = lev + (tl.load(lev_ptr + k),)
-    ta = ()
-    for k in tl.static_range(NL - 1):
-        ta = ta + (tl.load(thr_ptr + a * NL + k),)
     above = ()
-    below = ()
     for j in tl.static_range(H - 1):
         above = above + (tl.load(thr_ptr + a * NL + H + j),)
-        below = below + (tl.load(thr_ptr + a * NL + H - 2 - j),)
-    tl.store(level_ptr + i, quantize_v2._slot_level(u, lev, ta, NL))
-    tl.store(mag_ptr + i, quantize_v2._slot_magnitude(u, lev, above, below, H))
+    tl.store(mag_ptr + i, quantize_v2._magnitude_of_abs(tl.abs(u), lev, above, H))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_the_search_codes_magnitudes_exactly_as_the_signed_levels(bits, device):
-    """The scale search scores each candidate by sum(u * levels[code]) and sum(levels[code]^2), and reads
-    |levels[code]| from the codebook's upper half (_slot_magnitude: one compare pair per boundary above 0, not one
-    compare per boundary). Spec: for every candidate and every u -- each threshold and its float neighbours, where
-    the reference's strict `u / c > b` decides (ties exist: c = 1 divides exactly), +-0, subnormals, random units --
-    the magnitude equals |_slot_level| bit for bit, and so u * level == |u| * magnitude wherever u / c is not 0.
-    On the GPU the pair runs as one inline-PTX predicate OR."""
+def test_the_search_reads_the_magnitude_of_the_reference_code_from_abs_u(bits, device):
+    """The scale search scores each candidate by sum(|u| * |levels[code]|) and sum(levels[code]^2), reading
+    |levels[code]| from |u| against the upward thresholds alone (_magnitude_of_abs: one compare per boundary above
+    0). Spec: for every candidate and every u -- each threshold and its float neighbours, where a tie decides
+    (c = 1 divides exactly), +-0, subnormals, random units -- the magnitude equals |levels[code]| of the
+    reference's code of u / c (quantizer.boundary_codes: ties toward zero) bit for bit, so u * level ==
+    |u| * magnitude wherever u / c is not 0."""
     if device == "cuda" and not HAS_CUDA:
         pytest.skip("needs CUDA")
     if device == "cpu" and HAS_CUDA:
@@ -610,25 +570,24 @@ def test_the_search_codes_magnitudes_exactly_as_the_signed_levels(bits, device):
     g = torch.Generator().manual_seed(bits)
     u = torch.cat([t, torch.nextafter(t, inf), torch.nextafter(t, -inf), special, torch.randn(4000, generator=g) / 8])
     n = triton.next_power_of_2(u.numel())
-    u = torch.cat([u, torch.randn(n - u.numel(), generator=g) / 8]).to(device)
+    u = torch.cat([u, torch.randn(n - u.numel(), generator=g) / 8])
+    bounds = (levels[1:nl] + levels[: nl - 1]) * 0.5
     for a in range(na):
-        level, mag = torch.empty_like(u), torch.empty_like(u)
-        _magnitude_kernel[(1,)](u, levels.to(device), thr, level, mag, a, N=n, NL=nl)
-        assert torch.equal(mag, level.abs()), a
-        nonzero = (u / levels[nl + a].item()) != 0
-        assert torch.equal((u * level)[nonzero], (u.abs() * mag)[nonzero]), a
+        mag = torch.empty(n, device=device)
+        _magnitude_kernel[(1,)](u.to(device), levels.to(device), thr, mag, a, N=n, NL=nl)
+        level = levels[:nl][quantizer.boundary_codes(u / levels[nl + a], bounds)]
+        assert torch.equal(mag.cpu(), level.abs()), a
+        nonzero = (u / levels[nl + a]) != 0
+        assert torch.equal((u * level)[nonzero], (u.abs() * mag.cpu())[nonzero]), a
     assert torch.equal(levels[nl + 1], torch.tensor(1.0))  # the candidate whose thresholds are ties
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_a_negative_tie_in_the_search_keeps_the_norm_exact(monkeypatch, symmetric):
+def test_a_negative_tie_in_the_search_is_coded_as_the_reference_codes_it():
     """A real tie from session 32's GPU tests (test_v2_gpu[True-planar-3]'s input: batch 1, head 3, token 1342,
-    coordinate 61 sits exactly on a negative boundary at candidate 1.5), in a 16-token slice. Under the reference's
-    rule the search's exact compare pair reads its level as the reference does, so the group's corrected norm is the
-    reference's (reading |u| against the upper thresholds alone for the search only put it ~1% off with the right
-    codes: session 32). Under the symmetric rule (`DEFAULTS["v2_symmetric_ties"]`) that coordinate, and only it, takes
-    the smaller magnitude, and the stored norm is the one the written codes need."""
-    monkeypatch.setitem(kquant.DEFAULTS, "v2_symmetric_ties", symmetric)
+    coordinate 61 sits exactly on a negative boundary at candidate 1.5), in a 16-token slice. The v2 write codes it
+    as the reference does (toward zero: one code above the pre-session-35 strict rule's), and the group's corrected
+    norm is the one those codes need (reading |u| against the upper thresholds for the search but coding the tie
+    away from zero put it ~1% off: session 32)."""
     st, x, params = _inputs("planar", 3, 256, 3000, True, "cpu", 2, 4, seed=259)
     x = x.to(torch.bfloat16)[:, :, 1336:1352]
     y = rotate((x.float() - st.mean[:, None]) / st.scale[:, None], st.rotation)[1, 3, 6, :128]
@@ -637,18 +596,12 @@ def test_a_negative_tie_in_the_search_keeps_the_norm_exact(monkeypatch, symmetri
     assert u < 0 and torch.isin(u / st.levels[8 + 4], boundary)  # the tie is in the slice
     codes, norms = kquant.launch_quantize(x, *params, 3, st.group, variant="v2")
     rc, rn = quantizer.quantize(x, *params, st.widths, st.group, st.perm)
-    if not symmetric:
-        tk._check_codes(codes, norms, rc, rn, x, st)
-        return
     got, want = tk.unpack(codes, st.widths, 256), tk.unpack(rc, st.widths, 256)
-    differs = (got != want).nonzero().tolist()
-    assert differs == [[1, 3, 6, 61]]  # the candidate with the tie is kept here either way
-    assert got[1, 3, 6, 61] == want[1, 3, 6, 61] + 1  # a negative tie: the smaller magnitude, one code up
+    strict = ties.strict_codes(u / st.levels[8 + 4], st.levels[:8])
+    assert got[1, 3, 6, 61] == want[1, 3, 6, 61] == strict + 1
     level = st.levels[:8][got[1, 3, 6, :128].long()]
     torch.testing.assert_close(norms[1, 3, 6, 0].float(), y.norm() / level.norm(), rtol=1e-3, atol=0)
-    unflipped = torch.ones_like(rn, dtype=torch.bool)
-    unflipped[1, 3, 6, 0] = False
-    torch.testing.assert_close(norms[unflipped].float(), rn[unflipped].float(), rtol=2e-3, atol=0)
+    tk._check_codes(codes, norms, rc, rn, x, st)
 
 
 @triton.jit

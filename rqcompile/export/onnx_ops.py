@@ -250,8 +250,7 @@ def _run_codes(flat: Any, levels: Any, layout: Runs) -> Any:
     parts, level = [], 0
     for width, start, count in layout:
         piece = op.Slice(flat, _ints(start), _ints(start + count), _ints(-1))
-        above = op.Greater(op.Unsqueeze(piece, _ints(-1)), _boundaries(levels, 2**width, level))
-        parts.append(op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0))
+        parts.append(_boundary_codes(piece, _boundaries(levels, 2**width, level)))
         level += 2**width
     return op.Concat(*parts, axis=-1)
 
@@ -318,14 +317,22 @@ def _boundaries(levels: Any, count: int, start: int = 0) -> Any:
     return op.Mul(op.Add(upper, lower), op.Constant(value_float=0.5))
 
 
+def _boundary_codes(u: Any, bounds: Any) -> Any:
+    """Float codes of u [...] against the boundaries [L - 1], `rqcompile.quant.quantizer.boundary_codes`: the count
+    of boundaries exceeded, a u exactly on one rounding toward zero (below 0 it counts the boundary)."""
+    u = op.Unsqueeze(u, _ints(-1))
+    on_below_zero = op.And(op.Less(u, op.Constant(value_float=0.0)), op.Equal(u, bounds))  # (no bool Where in ORT)
+    above = op.Or(op.Greater(u, bounds), on_below_zero)
+    return op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0)
+
+
 def _search_codes(unit: Any, levels: Any, count: int, searched: int, index_type: int) -> Any:
     """Scale search (docs/FORMAT.md), as `rqcompile.quant.quantizer._search_codes`: the codes of `unit / c` for the
     candidate c with the largest cosine to `unit`, the first one on ties. Float codes [B, H, T, G, g]; no ArgMax
     (its int64 output): the first maximum is found by weighting ties with decreasing constants."""
     candidates = op.Reshape(op.Slice(levels, _ints(count), _ints(count + searched), _ints(0)), _ints(searched, 1))
     scaled = op.Div(op.Unsqueeze(unit, _ints(-2)), candidates)  # [B, H, T, G, A, g]
-    above = op.Greater(op.Unsqueeze(scaled, _ints(-1)), _boundaries(levels, count))
-    codes = op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0)  # [B, H, T, G, A, g]
+    codes = _boundary_codes(scaled, _boundaries(levels, count))  # [B, H, T, G, A, g]
     chosen = op.Gather(levels, op.Cast(codes, to=index_type), axis=0)
     dot = op.ReduceSum(op.Mul(op.Unsqueeze(unit, _ints(-2)), chosen), _ints(-1), keepdims=0)  # [B, H, T, G, A]
     length = op.Sqrt(op.ReduceSum(op.Mul(chosen, chosen), _ints(-1), keepdims=0))
@@ -378,8 +385,7 @@ def make_quantize(flavour: str = "standard") -> Callable[..., tuple[Any, Any]]:
             codes = _search_codes(unit, levels, count, searched, index_type)
             index = op.Cast(codes, to=index_type)
         else:
-            above = op.Greater(op.Unsqueeze(unit, _ints(-1)), _boundaries(levels, count))  # [B, H, T, G, g, L-1]
-            codes = op.ReduceSum(op.Cast(above, to=_FLOAT), _ints(-1), keepdims=0)  # float codes [B, H, T, G, g]
+            codes = _boundary_codes(unit, _boundaries(levels, count))  # float codes [B, H, T, G, g]
             index = op.Cast(codes, to=index_type)
         chosen = op.Gather(levels, index, axis=0)
         chosen_norm = op.Sqrt(op.ReduceSum(op.Mul(chosen, chosen), _ints(-1), keepdims=0))

@@ -104,18 +104,16 @@ DEFAULTS["v2_dense_max_rows"] = 64
 # Stages: Triton's default, 3 (2: within 1%). 32-coordinate steps: slower (0.494 / 0.314 at 3 / 2 bits).
 DEFAULTS["v2_dense_pipeline"] = (2, 3, 4)
 # ... of which these pipeline only in a capped launch (eager): uncapped, at 4 warps, the 4-bit pipeline was slower
-# (0.957 -> 0.979 ms; with the symmetric ties below 0.718 -> 0.750, session 34).
+# (0.957 -> 0.979 ms; with the tie rule below 0.718 -> 0.750, session 34).
 DEFAULTS["v2_dense_pipeline_needs_cap"] = (4,)
-# The scale search's codes under a sign-symmetric tie rule: a unit whose u / c is a decision boundary exactly takes
-# the smaller magnitude on both sides of 0 (the reference's `u / c > b` gives it the smaller above 0 and the larger
-# below), so each candidate compares |u| once per boundary instead of u twice (quantize_v2._magnitude_of_abs), and
-# the kept codes come from |u| and the sign. Only exact ties differ from the reference (codes off it in 0.8-2.5e-5
-# of bytes with either rule, H200 writes below: float ties of the sums). sm_90 SASS per element (quantize_sass.py):
-# 104 -> 88 at 3 bits, 63 -> 56 at 2, 206 -> 150 at 4. H200, session 34 (quantize_dense_sweep.py, one process; the
-# default launch, then uncapped as compiled graphs run): 0.483 -> 0.409 ms at 3 bits (0.508 -> 0.442), 0.294 ->
-# 0.272 at 2 (0.330 -> 0.309), 0.858 -> 0.656 at 4 (0.955 -> 0.717); planar / iso blocks at 3 bits 0.446 -> 0.388,
-# 0.464 -> 0.414. The v1 and decode-step ("rows") kernels and the torch / ONNX encoders keep the reference's rule.
-DEFAULTS["v2_symmetric_ties"] = True
+# The codes under the format's tie rule (a unit whose u / c is a decision boundary exactly rounds toward zero, so
+# -u codes as the mirror of u; docs/FORMAT.md "Ties"): each candidate compares |u| once per upward boundary
+# (quantize_v2._magnitude_of_abs), and the kept codes come from |u| and the sign. Before session 35 the format's
+# rule was `u / c > b` (ties toward zero above 0 only), which costs a second compare per boundary: sm_90 SASS per
+# element (quantize_sass.py) 104 -> 88 at 3 bits, 63 -> 56 at 2, 206 -> 150 at 4; H200, session 34
+# (quantize_dense_sweep.py, one process; the default launch, then uncapped as compiled graphs run): 0.483 -> 0.409
+# ms at 3 bits (0.508 -> 0.442), 0.294 -> 0.272 at 2 (0.330 -> 0.309), 0.858 -> 0.656 at 4 (0.955 -> 0.717);
+# planar / iso blocks at 3 bits 0.446 -> 0.388, 0.464 -> 0.414.
 # ... with this many pipeline stages (Triton's num_stages; None: Triton's default, 3): each stage holds a [64, 64] x
 # chunk and a [64, 128] part, 24 KB of shared memory.
 DEFAULTS["v2_dense_stages"] = None
@@ -343,7 +341,6 @@ def launch_quantize(
             SPLIT=split,
             FOLD=fold,
             PIPE=fold and pipe,
-            SYM=DEFAULTS["v2_symmetric_ties"],
             num_warps=warps,
             **({"num_stages": DEFAULTS["v2_dense_stages"]} if dense and DEFAULTS["v2_dense_stages"] else {}),
             **({"maxnreg": cap} if cap else {}),  # eager: `wrap` returned the kernel itself

@@ -2,7 +2,8 @@
 
 Per program a tile of `BLOCK_T` tokens of one (batch, KV head); per norm group: rotate (block-diagonal b <= 4 as `b`
 gathered loads + FMAs; dense b == g, full mixing and the hadamard backend, as fp32 `tl.dot`s per group), group norm,
-codes = number of decision boundaries exceeded (exactly the reference's rule), corrected norm, bit packing.
+codes = number of decision boundaries exceeded (exactly the reference's rule, ties toward zero), corrected norm,
+bit packing.
 """
 
 from __future__ import annotations
@@ -53,12 +54,18 @@ def _pack_store(code, out_row, t_ok, g, G: tl.constexpr, D: tl.constexpr, BITS: 
 
 @triton.jit
 def _codes(unit, lev_ptr, NL: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr):
-    """Code of each coordinate: how many decision boundaries (midpoints of adjacent levels) it exceeds."""
-    code = tl.zeros([BLOCK_T, G], dtype=tl.int32)
-    for k in tl.static_range(NL - 1):
+    """Code of each coordinate: how many decision boundaries (midpoints of adjacent levels) it exceeds, a
+    coordinate exactly on one rounding toward zero (quantizer.boundary_codes). The codebook is symmetric (the
+    format's codebooks are; artifacts with others are refused), so that is the sign and the count m of boundaries
+    above 0 that |u| exceeds: H + m above 0, H - 1 - m at or below (H = NL / 2), half the compares of a count over
+    all boundaries."""
+    H: tl.constexpr = NL // 2
+    mag = tl.abs(unit)
+    m = tl.zeros([BLOCK_T, G], dtype=tl.int32)
+    for k in tl.static_range(H, NL - 1):
         bnd = (tl.load(lev_ptr + k) + tl.load(lev_ptr + k + 1)) * 0.5
-        code += (unit > bnd).to(tl.int32)
-    return code
+        m += (mag > bnd).to(tl.int32)
+    return tl.where(unit > 0, H + m, H - 1 - m)
 
 
 @triton.jit

@@ -4,17 +4,16 @@ The norm group is held as P "slot" tiles [BLOCK_T, G/P]: slot s holds the coordi
 the codes of one stored word (P = 16 codes of 2 bits in an int32, 16 bits of the 1-bit plane in an int16, 8
 codes of 4 bits in an int32) sit in the same thread at the same position of the P tiles and pack with shifts and
 ORs (no reshape, no shared memory). Row sums are elementwise adds across the tiles plus one reduction of G/P.
-The scale search compares `unit` against per-candidate thresholds, exact: the smallest float t with
-div_rn(t, c) > b (division by c > 0 is monotone), so `unit >= t` is the reference's `unit / c > b` without a
+The scale search compares `|unit|` against per-candidate thresholds, exact: the smallest float t with
+div_rn(t, c) > b (division by c > 0 is monotone), so `|unit| >= t` is the reference's `|unit| / c > b` without a
 division per element. _v2_prep_kernel computes them once per launch as vectors into a scratch tensor (an unrolled
 per-program prologue cost ~50 instructions per element and minutes of compile time), with 1 / scale per channel
-for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient). The search
-scores each candidate with level magnitudes read from the symmetric codebook's upper half (_slot_magnitude: -6 to
--18% on the H200, session 30); the code of the kept candidate is then found bit by bit by binary search over its
-thresholds (_code_bits: -9 to -11%, session 30). By default (DEFAULTS["v2_symmetric_ties"], session 34) a unit
-exactly on a boundary takes the smaller magnitude on either side of 0, so the search compares |unit| once per
-boundary (_magnitude_of_abs) and the kept code is the sign plus |unit|'s binary search: -15% at 3 bits, -24% at 4
-on the H200; the reference rule (smaller magnitude above 0, larger below) costs a second compare per boundary.
+for the remaining divisions (_div_rcp: a reciprocal and one FMA correction, still the IEEE quotient). A tie (unit /
+c exactly a boundary) rounds toward zero, so with the symmetric codebook -u codes as the mirror of u: the search
+scores each candidate by |unit| against the upward thresholds, one compare each (_magnitude_of_abs; reading
+magnitudes from the codebook's upper half was -6 to -18% on the H200 in session 30, one compare instead of the
+strict rule's two -15% at 3 bits and -24% at 4 in session 34), and the kept code is the sign plus |unit|'s level
+found bit by bit by binary search over the kept candidate's thresholds (_code_bits: -9 to -11%, session 30).
 A dense per-group rotation (full mixing, hadamard) is a `tl.dot`, the output split into the slot tiles
 (_dense_slots). For bf16 x, by default, (x - mean) / scale is folded into the rotation (_rotate_folded, prep
 _fold_prep_kernel; DEFAULTS["v2_dense_fold"]: -22% at 3 bits on the H200, session 32): x goes to three bf16 dots as
@@ -30,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rqcompile.kernels.common import _div_rcp, interpreting
+from rqcompile.kernels.common import _div_rcp
 from rqcompile.kernels.quantize_v1 import TINY, _rotate_dense
 
 
@@ -140,52 +139,10 @@ def _code_bits(u, thr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _slot_level(u, lev, thr, NL: tl.constexpr):
-    """levels[code] for the code of `u` against ascending thresholds `thr` (tuples of the levels and thresholds;
-    code = thresholds reached)."""
-    lv = tl.zeros(u.shape, dtype=tl.float32) + lev[0]
-    for k in tl.static_range(NL - 1):
-        lv = tl.where(u >= thr[k], lev[k + 1], lv)
-    return lv
-
-
-# `(u >= a) | (u < b) ? x : y` as one compare, one compare ORed into its predicate and one select: LLVM turns the
-# `tl.where` of an OR into two selects (sm_90 SASS: 2 FSETP + 2 FSEL per boundary); the interpreter runs tl.where.
-_SELECT_ASM = tl.constexpr(
-    "{ .reg .pred p, q; setp.lt.f32 q, $1, $3; setp.ge.or.f32 p, $1, $2, q; selp.f32 $0, $4, $5, p; }"
-)
-_PTX_SELECT = tl.constexpr(not interpreting())
-
-
-@triton.jit
-def _slot_magnitude(u, lev, above, below, H: tl.constexpr):
-    """|levels[code]| for the code of `u`, from the codebook's upper half: the levels are symmetric (levels[H + j] =
-    -levels[H - 1 - j], H = NL / 2: codebook.py builds them so), so |levels[code]| = levels[H + m] where m counts
-    the boundaries above 0 that u crosses, upward (u >= above[j], the threshold of boundary H + j) or downward
-    (u < below[j], that of its mirror H - 2 - j: u's code stops below it). Exactly the same level magnitude as
-    _slot_level's from the same thresholds, for half its selects. Exact matters: the kept candidate's magnitudes
-    give the group's corrected norm, and |u| against `above` alone (one compare less, session 32) put negative ties
-    (u / c exactly a boundary) on the wrong side: 9 GPU test cases of ~6M elements each met one, and each puts
-    a group's norm 0.3-1.3% off with the right codes."""
-    lv = tl.zeros(u.shape, dtype=tl.float32) + lev[H]
-    for j in tl.static_range(H - 1):
-        if _PTX_SELECT:
-            hi = tl.zeros(u.shape, dtype=tl.float32) + lev[H + 1 + j]
-            a = tl.zeros(u.shape, dtype=tl.float32) + above[j]
-            b = tl.zeros(u.shape, dtype=tl.float32) + below[j]
-            lv = tl.inline_asm_elementwise(
-                _SELECT_ASM, "=f,f,f,f,f,f", [u, a, b, hi, lv], dtype=tl.float32, is_pure=True, pack=1
-            )
-        else:
-            lv = tl.where((u >= above[j]) | (u < below[j]), lev[H + 1 + j], lv)
-    return lv
-
-
-@triton.jit
 def _magnitude_of_abs(m, lev, above, H: tl.constexpr):
-    """|levels[code]| for |u| = m under the sign-symmetric tie rule (`DEFAULTS["v2_symmetric_ties"]`): the upward
-    boundaries m reaches, one compare each (_slot_magnitude needs two: the reference's rule is not symmetric at
-    ties, where u / c is a boundary exactly)."""
+    """|levels[code]| for |u| = m: the upward boundaries m reaches (`above`: their thresholds), one compare each.
+    The levels are symmetric (levels[H + j] = -levels[H - 1 - j], H = NL / 2: codebook.py builds them so) and a
+    tie rounds toward zero (quantizer.boundary_codes), so u and -u take mirrored codes of this magnitude."""
     lv = tl.zeros(m.shape, dtype=tl.float32) + lev[H]
     for j in tl.static_range(H - 1):
         lv = tl.where(m >= above[j], lev[H + 1 + j], lv)
@@ -423,7 +380,6 @@ def _v2_group(
     SPLIT: tl.constexpr,
     FOLD: tl.constexpr,
     PIPE: tl.constexpr,
-    SYM: tl.constexpr,
 ):
     """Norm group g of the rows (_quantize_v2_kernel's): rotated into slot tiles, normalized, coded (the scale
     search's candidate kept), its corrected norm and packed codes stored."""
@@ -468,40 +424,34 @@ def _v2_group(
     units = ()
     for s in tl.static_range(P):
         units = units + (tl.where(inv_ok, _div_rcp(ys[s], nd, rn, FMA_DIV), 0.0),)
-    # the codes' thresholds per row (the kept candidate's) and the squared length of their reconstruction
+    # codes from the sign and |u| (ties toward zero: a symmetric codebook codes -u as the mirror of u), so the
+    # magnitudes are searched against the upward thresholds only; the kept candidate's thresholds per row and the
+    # squared length of the codes' reconstruction
+    H: tl.constexpr = NL // 2
+    mags = ()
+    for s in tl.static_range(P):
+        mags = mags + (tl.abs(units[s]),)
     if NA == 0:
         row_thr = thr
         den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
         for s in tl.static_range(P):
-            lv = _slot_level(units[s], lev, thr, NL)
+            lv = _magnitude_of_abs(mags[s], lev, row_thr, H)
             den += lv * lv
         cn2 = tl.sum(den, axis=1)
     else:  # scale search: largest cosine <unit, L[codes]> / ||L[codes]||, the first candidate on ties
         best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
         cn2 = tl.zeros([BLOCK_T], dtype=tl.float32)
         kept = tl.zeros([BLOCK_T], dtype=tl.int32)
-        H: tl.constexpr = NL // 2
-        if SYM:
-            mags = ()
-            for s in tl.static_range(P):
-                mags = mags + (tl.abs(units[s]),)
         for a in range(NA):  # a runtime loop: one copy of the body (compile time, code size)
             above = ()
-            below = ()
             for j in tl.static_range(H - 1):
                 above = above + (tl.load(thr_ptr + a * NL + H + j),)
-                if not SYM:
-                    below = below + (tl.load(thr_ptr + a * NL + H - 2 - j),)
             num = tl.zeros([BLOCK_T, J], dtype=tl.float32)
             den = tl.zeros([BLOCK_T, J], dtype=tl.float32)
             for s in tl.static_range(P):
                 # u * levels[code] = |u| * |levels[code]| (the level has u's sign; u = +-0 adds a zero either way)
-                if SYM:
-                    lv = _magnitude_of_abs(mags[s], lev, above, H)
-                    num += mags[s] * lv
-                else:
-                    lv = _slot_magnitude(units[s], lev, above, below, H)
-                    num += tl.abs(units[s]) * lv
+                lv = _magnitude_of_abs(mags[s], lev, above, H)
+                num += mags[s] * lv
                 den += lv * lv
             den_a = tl.sum(den, axis=1)
             cos = tl.math.div_rn(tl.sum(num, axis=1), tl.maximum(tl.sqrt_rn(den_a), TINY))
@@ -510,43 +460,26 @@ def _v2_group(
             cn2 = tl.where(better, den_a, cn2)
             kept = tl.where(better, a, kept)
         row_thr = ()
-        if SYM:  # the upward thresholds only: codes from |u| and the sign
-            for j in tl.static_range(H - 1):
-                row_thr = row_thr + (tl.load(thr_ptr + kept * NL + H + j),)
-        else:
-            for k in tl.static_range(NL - 1):
-                row_thr = row_thr + (tl.load(thr_ptr + kept * NL + k),)
+        for j in tl.static_range(H - 1):
+            row_thr = row_thr + (tl.load(thr_ptr + kept * NL + H + j)[:, None],)
     corrected = tl.math.div_rn(n, tl.maximum(tl.sqrt_rn(cn2), TINY))
     tl.store(norms_ptr + out_tok * NG + g, corrected.to(tl.float16), mask=t < T)
-    # codes against the row's thresholds, packed per stored word
-    if NA > 0:  # broadcast here, not at the loads above: 129 against 132 instructions per element (sm_90, s30)
-        rt = ()
-        for k in tl.static_range(len(row_thr)):
-            rt = rt + (row_thr[k][:, None],)
-        row_thr = rt
+    # codes packed per stored word: code = H + m above 0, H - 1 - m at or below (m: |u|'s level above 0), i.e. the
+    # sign bit, then m's bits flipped below 0
     lo = tl.zeros([BLOCK_T, J], dtype=tl.int32)
     hi = tl.zeros([BLOCK_T, J], dtype=tl.int32)
     for s in tl.static_range(P):
-        if SYM and NA > 0:  # code = H + m above 0, H - 1 - m at or below: the sign, then m's bits flipped below
-            up = (units[s] > 0).to(tl.int32)
-            mbits = _code_bits(mags[s], row_thr, BITS - 1)  # |u|, from the search
-            m = tl.zeros([BLOCK_T, J], dtype=tl.int32)
-            for i in tl.static_range(BITS - 1):
-                m |= mbits[i].to(tl.int32) << (BITS - 2 - i)
-            low = m ^ ((up - 1) & (H - 1))
-            if BITS == 3:
-                hi |= up << s  # the 1-bit plane
-                lo |= low << (LB * s)
-            else:
-                lo |= ((up << (BITS - 1)) | low) << (LB * s)
+        up = (units[s] > 0).to(tl.int32)
+        mbits = _code_bits(mags[s], row_thr, BITS - 1)
+        m = tl.zeros([BLOCK_T, J], dtype=tl.int32)
+        for i in tl.static_range(BITS - 1):
+            m |= mbits[i].to(tl.int32) << (BITS - 2 - i)
+        low = m ^ ((up - 1) & (H - 1))
+        if BITS == 3:
+            hi |= up << s  # the 1-bit plane
+            lo |= low << (LB * s)
         else:
-            bits = _code_bits(units[s], row_thr, BITS)  # most significant first
-            for i in tl.static_range(BITS):
-                b = bits[i].to(tl.int32)
-                if BITS == 3 and i == 0:
-                    hi |= b << s  # the 1-bit plane
-                else:
-                    lo |= b << (LB * s + BITS - 1 - i)
+            lo |= ((up << (BITS - 1)) | low) << (LB * s)
     wl = crow + g * (G * LB // 8) + jj[None, :] * 4
     tl.store(wl.to(tl.pointer_type(tl.int32)), lo, mask=t_ok)
     if BITS == 3:
@@ -586,7 +519,6 @@ def _quantize_v2_kernel(
     SPLIT: tl.constexpr = False,
     FOLD: tl.constexpr = False,
     PIPE: tl.constexpr = False,
-    SYM: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -602,13 +534,13 @@ def _quantize_v2_kernel(
     out_tok = bh.to(tl.int64) * T + t.to(tl.int64)
     crow = codes_ptr + out_tok[:, None] * CB
     jj = tl.arange(0, J)
-    # the levels, and the thresholds of the plain codes (u > b <=> u >= the next float above b)
+    # the levels, and the upward thresholds of the plain codes (|u| > b <=> |u| >= the next float above b)
     lev = ()
     for k in tl.static_range(NL):
         lev = lev + (tl.load(lev_ptr + k),)
     thr = ()
     if NA == 0:
-        for k in tl.static_range(NL - 1):
+        for k in tl.static_range(NL // 2, NL - 1):
             thr = thr + (_float_up((lev[k] + lev[k + 1]) * 0.5),)
     # the groups unrolled for planar and dense rotations; blocks of 3 or 4 (rotor, iso) run them in a runtime loop
     # that keeps one copy of the group's code: Triton 3.6's coalesce pass took minutes over the unrolled groups
@@ -652,5 +584,4 @@ def _quantize_v2_kernel(
                 SPLIT,
                 FOLD,
                 PIPE,
-                SYM,
             )

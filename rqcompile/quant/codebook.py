@@ -67,7 +67,7 @@ def lloyd_max_distortion(bits: int) -> float:
 def codebook(bits: int, group: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Levels for the coordinates of a unit vector in R^group: Lloyd-Max of N(0, 1/group), float32, ascending and
     exactly symmetric (levels[k] == -levels[-1 - k]: the v2 encoder's scale search codes magnitudes from the upper
-    half, quantize_v2._slot_magnitude). The iteration's levels are symmetric to ~1e-16; averaging each with its
+    half, quantize_v2._magnitude_of_abs). The iteration's levels are symmetric to ~1e-16; averaging each with its
     mirror makes it exact (rounding to float32 is symmetric too) and changes no float32 level."""
     levels = torch.tensor(lloyd_max_normal(bits), dtype=torch.float64)
     levels = (levels - levels.flip(0)) * 0.5 / math.sqrt(group)

@@ -250,13 +250,22 @@ def _permute(u: torch.Tensor, perm: torch.Tensor | None, inverse: bool = False) 
     return u.gather(-1, index)
 
 
+def boundary_codes(u: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Codes of u [...] against ascending decision boundaries [L - 1]: how many boundaries u exceeds, where a u
+    exactly on a boundary rounds toward zero (below 0 it counts the boundary, at or above 0 it does not). Under a
+    symmetric codebook this codes -u as the mirror of u, so an encoder may search |u| alone (docs/FORMAT.md,
+    "Ties"); every encoder here follows this rule."""
+    u = u.unsqueeze(-1)
+    return torch.where(u < 0, u >= bounds, u > bounds).sum(-1)
+
+
 def _codes(unit: torch.Tensor, table) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of the unit groups [..., G, g] (how many decision boundaries each coordinate exceeds in its run's
-    codebook) and the levels they decode to."""
+    """Codes of the unit groups [..., G, g] (`boundary_codes` in each run's codebook) and the levels they decode
+    to."""
     flat = unit.flatten(-2)
     codes, values = [], []
     for start, count, codebook_levels in table:
-        c = (flat[..., start : start + count].unsqueeze(-1) > boundaries(codebook_levels)).sum(-1)
+        c = boundary_codes(flat[..., start : start + count], boundaries(codebook_levels))
         codes.append(c)
         values.append(codebook_levels[c])
     shape = unit.shape
