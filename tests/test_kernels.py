@@ -1312,6 +1312,39 @@ def test_keys_m_takes_a_register_cap_when_asked(monkeypatch):
     assert seen[0]["grid"][0] == wave_splits(-(-5000 // 64), 8 * 4, sm_count(0), 4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch,mask_kind,kv_start", [(8, "key_range", 1), (1, "kv_len", 0)])
+def test_an_eager_keys_m_decode_takes_the_register_cap_where_it_buys_splits(monkeypatch, batch, mask_kind, kv_start):
+    """`DEFAULTS["keys_m_maxnreg"]`: apply's default decode (dense K rotation, V along keys, kv_len, kv_start) builds
+    keys-m with more than 168 registers, two programs per SM. An eager launch takes the cap where three programs give
+    wave_splits a larger split count (batch 8 at 32K keys), and launches uncapped where the count stays (batch 1:
+    the cap would only add its spills); the output is the reference's either way. A wrapped (compiled) launch never
+    names it (torch's wrap_triton drops the option: test_a_wrapped_launch_... in test_quantize_fast)."""
+    from rqcompile.kernels.common import sm_count
+    from rqcompile.kernels.splits import programs_per_sm, wave_splits
+
+    monkeypatch.setitem(kattn.DEFAULTS, "keys_m_maxnreg", 168)
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    tk, heads = 32768, 4
+    gains = wave_splits(tk // 64, batch * heads, sm_count(0), 3) > wave_splits(tk // 64, batch * heads, sm_count(0), 2)
+    assert gains == (batch == 8)  # the premise of each case, on this GPU's SM count
+    torch.manual_seed(0)
+    _attention_case(
+        "iso", 3, 3, 256, "cuda", tk=tk, batch=batch, heads=heads, rep=6, mask_kind=mask_kind, kv_start=kv_start,
+        v_along_keys=True, rotation_stages="full",
+    )  # fmt: skip
+    (launch,) = seen
+    compiled = launch["compiled"]
+    compiled._init_handles()
+    fits = programs_per_sm(compiled, 4, 0)
+    assert launch["grid"][0] == wave_splits(tk // 64, batch * heads, sm_count(0), fits)
+    if batch == 8:
+        assert launch.get("maxnreg") == 168 and compiled.n_regs <= 168 and fits == 3
+    else:
+        assert "maxnreg" not in launch and compiled.n_regs > 168 and fits == 2
+
+
 # ---------------------------------------------------------------- the rope_ab score term (rq::attention's rope_ab)
 
 # (backend, K bits, V bits, head_dim, h pairs, the kernel that must run, _attention_case keywords); 300 key slots: the

@@ -89,10 +89,15 @@ PINS = {
         (2.0, 6.5),
         0.079,
     ),
+    # Session 35: the format's tie rule (exact ties toward zero: 4 negative ties among this run's 44M coded units
+    # changed code) moved this row from +7.18% KL 0.1397 to +10.90% KL 0.1418. With 2-bit V this window's ppl is
+    # chaotic in a handful of codes (per-token NLL moved by up to 2.3 nats, 64 nats summed over the 256 steps);
+    # coding those 4 ties away from zero instead gives +7.18% again. KL barely moves, so its pin stays; the ppl
+    # ceiling is 25% above the new value.
     "iso-K3V3/2-rope-prompt": (
         RQConfig(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0),
         "prompt",
-        (3.0, 9.0),
+        (3.0, 13.6),
         0.175,
     ),
     "rotor-K3/2V2-rope-prompt": (

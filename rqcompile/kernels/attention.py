@@ -51,6 +51,14 @@ LOG2E = 1.4426950408889634
 # split_waves: the split kernel's key splits, about this many programs per SM; keys-m decode launches on CUDA take
 # the count of splits.wave_splits instead (whole waves of resident programs; session 19: -1 to -36% at batch 8,
 # -10 to -17% at batch 1), unless a caller passes split_waves or num_splits
+# keys_m_maxnreg: the register cap of an eager keys-m decode launch without the rope term or a per-row mask, taken
+# where its extra resident programs give wave_splits a larger split count (the cap then pays for its spills): the
+# default's build goes from 203 registers (two programs per SM) to 168 and 24 B of stack (three), its loop from 968
+# to 892 instructions (the uncapped allocation's register moves). H200, session 35 (attn_profile.py, V along keys,
+# kv_len): iso full mixing B8 128K 566 -> 528 us, B8 32K 155 -> 147; with apply's decode mask -8% / -6%; 4 bits
+# -8% / -6%; planar -7% / -4%; B1 128K 84.5 -> 81.4 us, B1 512K 287 -> 268, B2 32K 49.7 -> 49.1. At B1 32K the
+# split count is the same either way and the cap cost 1.5-9% (spills only), hence the rule. With the rope term (255
+# registers, 352 B of stack under the cap) it was 16-42% slower; a per-row mask's build (238-255) was not tried.
 DEFAULTS = {
     "block_n": 64,
     "num_warps": 4,
@@ -61,6 +69,7 @@ DEFAULTS = {
     "variant": "keys-m",
     "k_prefetch": True,
     "v_prefetch": False,
+    "keys_m_maxnreg": 168,
 }
 DECODES = {"tree": 0, "prmt": 1, "prmt-emulated": 2}
 VARIANTS = ("split", "keys-m")
@@ -458,6 +467,14 @@ def launch_attention(
         fits = _keys_m_fits(args, keys_m_meta, device.index or 0)
         if fits != guess:
             num_splits = wave_splits(total_blocks, work_rows, sms, fits)
+        cap = DEFAULTS["keys_m_maxnreg"]
+        eager = wrap is _identity and not interpreting()
+        if cap and eager and not maxnreg_given and guess == 3:  # no rope term or per-row mask; maxnreg=0: no cap
+            capped_meta = {**keys_m_meta, "maxnreg": cap}  # eager only: wrap_triton drops the option
+            capped_fits = _keys_m_fits(args, capped_meta, device.index or 0)
+            capped_splits = wave_splits(total_blocks, work_rows, sms, capped_fits)
+            if capped_splits > num_splits:
+                keys_m_meta, num_splits = capped_meta, capped_splits
     elif num_splits is None:
         target = split_waves * sm_count(device.index or 0) if device.type == "cuda" else 4
         num_splits = triton.cdiv(target, work_rows)
