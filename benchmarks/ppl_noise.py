@@ -1,0 +1,104 @@
+"""How much of a config's decode-time ppl delta is noise (session 35): the 1K harness (quality_harness.py) with the
+units' code decisions jittered by a few float ulps.
+
+Session 35 changed the format's tie rule: 4 codes of 44M moved one config's ppl delta on the pins' window from +7.18%
+to +10.90% while its KL moved 0.1397 -> 0.1418. That is the size of change an exact tie, another float summation
+order or another device makes. Here each seed multiplies every unit by (1 + 2^-20 r), r uniform in [-1, 1] from a
+seeded generator, right before its boundary compares (`quantizer.boundary_codes`, which the drop-in cache's
+reference encoder calls), so only units within ~1e-6 (relative) of a boundary change code; the stored norms follow
+the codes as always. The first row of each config is the unperturbed run. Reported per window: ppl delta and KL per
+seed, and their spread; "flips" counts the unit codes that changed over all of a run's compares (every scale
+candidate's, not only the kept one's).
+
+    .venv/bin/python benchmarks/ppl_noise.py --seeds 8 --offsets 0,8192 --out benchmarks/results/ppl_noise_s35.json
+
+Configs (`--configs`, comma-separated names of CONFIGS): the default drop-in cache (prompt calibration, as the README
+builds it), and two presets of QUALITY.md's "Session 14" table without the recent window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_harness import Harness, add_arguments  # noqa: E402
+
+from rqcompile.cache import RQCache  # noqa: E402
+from rqcompile.config import RQConfig  # noqa: E402
+from rqcompile.quant import quantizer  # noqa: E402
+
+K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))  # benchmarks/presets.py: the layers with 4-bit keys
+CONFIGS = {
+    "default": RQConfig(),
+    "iso K4/3 V3": RQConfig(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
+    "iso K3 V3/2": RQConfig(
+        key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0
+    ),
+}
+JITTER = 2.0**-20
+
+
+def jittered(seed: int, flips: list[int]):
+    """A `boundary_codes` that codes u (1 + JITTER r) and counts the codes that differ from u's own."""
+    exact = quantizer.boundary_codes
+    generator = torch.Generator().manual_seed(seed)
+
+    def codes(u: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        r = torch.rand(u.shape, generator=generator, dtype=torch.float32) * 2 - 1
+        out = exact(u * (1 + JITTER * r), bounds)
+        flips[0] += int((out != exact(u, bounds)).sum())
+        return out
+
+    return codes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--out", default="")
+    parser.set_defaults(offsets="0,8192")
+    args = parser.parse_args()
+    harness = Harness.load(args)
+    exact = quantizer.boundary_codes
+    results = {"command": " ".join(sys.argv), "jitter": JITTER, "prefill": args.prefill, "decode": args.decode}
+    results["offsets"], results["configs"] = args.offsets, {}
+    for name in args.configs.split(","):
+        config = CONFIGS[name]
+        runs = []
+        for seed in [-1, *range(args.seeds)]:
+            flips = [0]
+            quantizer.boundary_codes = exact if seed < 0 else jittered(seed, flips)
+            t0 = time.time()
+            try:
+                deltas, kls = harness.score(
+                    lambda c=config: RQCache(c, calibration="prompt", model_config=harness.model.config)
+                )
+            finally:
+                quantizer.boundary_codes = exact
+            runs.append({"seed": seed, "ppl_delta": deltas, "kl": kls, "flips": flips[0]})
+            cells = " / ".join(f"{d:+.2f}% (KL {k:.4f})" for d, k in zip(deltas, kls, strict=True))
+            print(f"{name} seed {seed:2d}: {cells}, {flips[0]} flips, {time.time() - t0:.0f} s", flush=True)
+        results["configs"][name] = runs
+        for w, offset in enumerate(args.offsets.split(",")):
+            d = [r["ppl_delta"][w] for r in runs]
+            k = [r["kl"][w] for r in runs]
+            print(
+                f"{name} window {offset}: ppl delta {min(d):+.2f} .. {max(d):+.2f}% (sd {statistics.stdev(d):.2f}), "
+                f"KL {min(k):.4f} .. {max(k):.4f} (sd {statistics.stdev(k):.4f}) over {len(runs)} runs",
+                flush=True,
+            )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
