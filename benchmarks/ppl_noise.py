@@ -14,6 +14,12 @@ candidate's, not only the kept one's).
 
 Configs (`--configs`, comma-separated names of CONFIGS): the default drop-in cache (prompt calibration, as the README
 builds it), and two presets of QUALITY.md's "Session 14" table without the recent window.
+
+`--pins` runs every quality pin of tests/test_quality_pins.py instead, on the pins' own harness (its window, 256
+steps, its calibrations), and prints each pin's bounds beside the range the seeds reach, marking the bounds a seed
+crosses: a pin must hold on any machine whose float sums round otherwise, not only on the one it was set on.
+
+    .venv/bin/python benchmarks/ppl_noise.py --pins --seeds 6 --out benchmarks/results/ppl_noise_pins_s35.json
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_harness import Harness, add_arguments  # noqa: E402
 
+from rqcompile import models  # noqa: E402
 from rqcompile.cache import RQCache  # noqa: E402
 from rqcompile.config import RQConfig  # noqa: E402
+from rqcompile.eval import decode_time_ppl, license_corpus  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
 
 K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))  # benchmarks/presets.py: the layers with 4-bit keys
@@ -59,14 +67,59 @@ def jittered(seed: int, flips: list[int]):
     return codes
 
 
+def pins_noise(seeds: int) -> dict:
+    """Every pin of tests/test_quality_pins.py under the jitter, on the pins' harness: per pin its runs and bounds."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path.insert(0, str(tests))
+    import test_quality_pins as pins  # noqa: PLC0415  (a test module: imported only for this mode)
+
+    torch.set_num_threads(1)
+    smollm2 = models.load_smollm2()
+    ids = license_corpus(smollm2[1], pins.PREFILL + pins.DECODE + 1)
+    reference = decode_time_ppl(smollm2[0], ids, prefill=pins.PREFILL, decode=pins.DECODE, chunk=pins.DECODE)
+    calibrations, out = {}, {}
+    exact = quantizer.boundary_codes
+    for name, (config, kind, (low, high), kl_high) in sorted(pins.PINS.items()):
+        if kind not in calibrations:
+            calibrations[kind] = pins.make_calibration(kind, smollm2)
+        runs = []
+        for seed in [-1, *range(seeds)]:
+            flips = [0]
+            quantizer.boundary_codes = exact if seed < 0 else jittered(seed, flips)
+            try:
+                delta, kl, _ = pins._measure(
+                    smollm2, ids, reference, config, calibrations[kind], prompt_means=kind == "prompt means"
+                )
+            finally:
+                quantizer.boundary_codes = exact
+            runs.append({"seed": seed, "ppl_delta": delta, "kl": kl, "flips": flips[0]})
+        d, k = [r["ppl_delta"] for r in runs], [r["kl"] for r in runs]
+        crossed = [what for what, bad in (("floor", min(d) <= low), ("ceiling", max(d) >= high)) if bad]
+        crossed += ["KL"] if max(k) >= kl_high else []
+        out[name] = {"runs": runs, "bounds": [low, high], "kl_bound": kl_high, "crossed": crossed}
+        print(
+            f"{name}: ppl delta {d[0]:+.2f}% (seeds {min(d):+.2f} .. {max(d):+.2f}, pinned {low} .. {high}), "
+            f"KL {k[0]:.4f} (seeds {min(k):.4f} .. {max(k):.4f}, pinned < {kl_high})"
+            + (f"  CROSSED: {', '.join(crossed)}" if crossed else ""),
+            flush=True,
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--pins", action="store_true", help="every pin of tests/test_quality_pins.py instead")
     parser.add_argument("--out", default="")
     parser.set_defaults(offsets="0,8192")
     args = parser.parse_args()
+    if args.pins:
+        results = {"command": " ".join(sys.argv), "jitter": JITTER, "pins": pins_noise(args.seeds)}
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return
     harness = Harness.load(args)
     exact = quantizer.boundary_codes
     results = {"command": " ".join(sys.argv), "jitter": JITTER, "prefill": args.prefill, "decode": args.decode}

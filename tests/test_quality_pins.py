@@ -6,9 +6,13 @@ forward: `decode_time_ppl(chunk=256)`, the same as one token at a time; a cache 
 for the plain format (planar, 3 bits, no search), the default config with and without calibration, and the presets of
 QUALITY.md: calibrated (`calibrate(...,
 value_scale=True)` on 2048 stdlib tokens, never the evaluation text), one exact sink token, scale search. Each delta
-must stay below a bound ~25% above the value measured when the pin was set (and KL likewise), and above a floor that
-shows the cache really quantizes. Measured at pin time (torch 2.13 CPU, transformers 5.24, one thread): see PINS.
-A block backend's codes can flip on float-rounding differences and cascade (~1-2% ppl), hence the margins.
+must stay below a bound ~25% above the value measured when the pin was set (and KL likewise), and above a floor; KL
+must stay above a quarter of its bound, which shows the cache really quantizes. Measured at pin time (torch 2.13 CPU,
+transformers 5.24, one thread): see PINS.
+A few codes flipped by float-rounding differences (another machine's sums) move a block preset's ppl delta on this
+window by several points, far more than its KL: session 35 measured every pin with a few dozen codes flipped per run
+(`benchmarks/ppl_noise.py --pins --seeds 6`, QUALITY.md "Session 35"), and where a run crossed a bound the bound was
+widened to 15% outside the runs' range (KL bounds to 10% above it).
 
 The full-length numbers come from benchmarks/presets.py; tests/test_quality_bench.py runs benchmarks/quality.py (slow).
 """
@@ -71,13 +75,13 @@ PINS = {
     "rotor-K4/3V3-full-keymean": (
         RQConfig(backend="rotor", bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
         "key mean",
-        (3.0, 14.0),
+        (3.0, 17.0),
         0.11,
     ),
     "iso-K3V3/2-full-keymean": (
         RQConfig(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0),
         "key mean",
-        (6.0, 24.0),
+        (6.0, 27.5),
         0.24,
     ),
     # QUALITY.md "Session 14": each width's best block preset with the offset (1K harness, prompt calibration, no
@@ -86,63 +90,63 @@ PINS = {
     "iso-K4/3V3-rope-prompt": (
         RQConfig(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
         "prompt",
-        (2.0, 6.5),
+        (2.0, 10.0),
         0.079,
     ),
     # Session 35: the format's tie rule (exact ties toward zero: 4 negative ties among this run's 44M coded units
     # changed code) moved this row from +7.18% KL 0.1397 to +10.90% KL 0.1418. With 2-bit V this window's ppl is
     # chaotic in a handful of codes (per-token NLL moved by up to 2.3 nats, 64 nats summed over the 256 steps);
-    # coding those 4 ties away from zero instead gives +7.18% again. KL barely moves, so its pin stays; the ppl
-    # ceiling is 25% above the new value.
+    # coding those 4 ties away from zero instead gives +7.18% again, and runs with a few dozen codes flipped reach
+    # +6.22% .. +13.18% (the module docstring); KL barely moves, so its pin stays.
     "iso-K3V3/2-rope-prompt": (
         RQConfig(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0),
         "prompt",
-        (3.0, 13.6),
+        (3.0, 15.5),
         0.175,
     ),
     "rotor-K3/2V2-rope-prompt": (
         RQConfig(backend="rotor", bits=2, layer_bits=tuple((i, 3, 2) for i in K4_LAYERS), residual_window=0),
         "prompt",
-        (20.0, 48.0),
+        (20.0, 49.0),
         0.39,
     ),
     # Session 16: prompt_means=True, calibrate()'s defaults with the key means measured on the prompt (QUALITY.md
     # "Session 16"); at pin time on this window: the default +4.50% KL 0.0252, iso K4/3 V3 +1.66% KL 0.0561, iso
     # K3 V3/2 +5.81% KL 0.1243
-    "default-prompt-means": (RQConfig(), "prompt means", (1.0, 8.0), 0.032),
+    "default-prompt-means": (RQConfig(), "prompt means", (1.0, 8.5), 0.032),
     "iso-K4/3V3-rope-prompt-means": (
         RQConfig(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
         "prompt means",
-        (0.0, 4.0),
+        (-3.0, 4.0),
         0.070,
     ),
     "iso-K3V3/2-rope-prompt-means": (
         RQConfig(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0),
         "prompt means",
-        (2.0, 9.0),
+        (2.0, 11.5),
         0.155,
     ),
-    "default-uncalibrated": (RQConfig(), False, (2.0, 12.0), 0.076),
+    "default-uncalibrated": (RQConfig(), False, (2.0, 12.0), 0.09),
     # what the drop-in cache does given model_config: the pre-RoPE key mean removed too (session 15's default)
     "default-prompt-calibrated": (RQConfig(), "prompt", (1.0, 8.0), 0.032),
-    "default-prompt-calibrated-post-rope-mean-only": (RQConfig(rope_key_mean=False), "prompt", (1.5, 8.0), 0.037),
+    "default-prompt-calibrated-post-rope-mean-only": (RQConfig(rope_key_mean=False), "prompt", (1.0, 8.0), 0.037),
     # what rqcompile.apply carries by default: calibrate()'s key means (post- and pre-RoPE) on stdlib text
-    "default-stdlib-calibrated": (RQConfig(), "default", (1.5, 6.5), 0.027),
-    "default-calibrated-key-and-value-scales": (RQConfig(rope_key_mean=False), True, (0.5, 5.0), 0.053),
-    "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (0.5, 9.0), 0.12),
+    "default-stdlib-calibrated": (RQConfig(), "default", (1.5, 7.5), 0.027),
+    "default-calibrated-key-and-value-scales": (RQConfig(rope_key_mean=False), True, (0.0, 5.0), 0.053),
+    "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (0.5, 10.5), 0.12),
     "default-no-window-post-rope-mean-only": (
         RQConfig(residual_window=0, rope_key_mean=False),
         "prompt",
         (5.0, 20.0),
-        0.176,
+        0.19,
     ),
     "rotor-K3V3-full-prompt-calibrated": (
         RQConfig(backend="rotor", residual_window=0, rope_key_mean=False),
         "prompt",
-        (5.0, 21.0),
+        (5.0, 24.5),
         0.245,
     ),
-    "iso-K3V3-block-uncalibrated": (RQConfig(**PRESET), False, (60.0, 165.0), 1.0),
+    "iso-K3V3-block-uncalibrated": (RQConfig(**PRESET), False, (60.0, 175.0), 1.052),
     "iso-K3V3-block-prompt-calibrated": (RQConfig(**PRESET, rope_key_mean=False), "prompt", (12.0, 44.0), 0.34),
     "planar-3": (
         RQConfig(backend="planar", bits=3, scale_search=(), rotation_stages=1, residual_window=0),
@@ -153,10 +157,10 @@ PINS = {
     "iso-K4V3-preset": (
         RQConfig(backend="iso", key_bits=4, value_bits=3, **PRESET),
         True,
-        (3.0, 13.0),
+        (3.0, 18.0),
         0.115,
     ),
-    "iso-K3V3-preset": (RQConfig(backend="iso", bits=3, **PRESET), True, (12.0, 35.0), 0.31),
+    "iso-K3V3-preset": (RQConfig(backend="iso", bits=3, **PRESET), True, (12.0, 36.0), 0.31),
     "rotor-K3V2-preset": (
         RQConfig(backend="rotor", key_bits=3, value_bits=2, **PRESET),
         True,
@@ -166,13 +170,13 @@ PINS = {
     "iso-K3.5V3-alloc": (
         RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION, **PRESET),
         True,
-        (3.0, 11.0),
+        (3.0, 11.5),
         0.12,
     ),
     "planar-K3V2.5-alloc": (
         RQConfig(backend="planar", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION, **PRESET),
         True,
-        (12.0, 32.0),
+        (12.0, 33.0),
         0.245,
     ),
 }
@@ -191,24 +195,35 @@ def ids(smollm2):
     return license_corpus(smollm2[1], PREFILL + DECODE + 1)
 
 
+def make_calibration(kind, smollm2):
+    """A pin's calibration from its PINS kind (never from the evaluation text): True, the presets' (measured before
+    the pre-RoPE key mean existed: key mean + K/V scales on 2048 stdlib tokens); "key mean", its key mean only;
+    "default" / "prompt means", `calibrate(model, tokenizer=tok)` as a user calls it (2048 stdlib tokens, the key
+    means post- and pre-RoPE, key scales from the queries); "prompt" as it is (the cache measures its prompt); False,
+    none. benchmarks/ppl_noise.py --pins builds them here too."""
+    model, tok = smollm2
+    if kind is True or kind == "key mean":
+        scales = kind is True
+        text = stdlib_corpus(tok, 2048)
+        return calibrate(model, text, key_scale=scales, value_scale=scales, rope_key_mean=False, source="stdlib 2048")
+    if kind in ("default", "prompt means"):
+        return calibrate(model, tokenizer=tok)
+    return None if kind is False else kind
+
+
 @pytest.fixture(scope="module")
 def calibration(smollm2):
-    """The presets' calibration (measured before the pre-RoPE key mean existed): key mean + K/V scales."""
-    text = stdlib_corpus(smollm2[1], 2048)
-    return calibrate(smollm2[0], text, key_scale=True, value_scale=True, rope_key_mean=False, source="stdlib 2048")
+    return make_calibration(True, smollm2)
 
 
 @pytest.fixture(scope="module")
 def key_mean_calibration(smollm2):
-    text = stdlib_corpus(smollm2[1], 2048)
-    return calibrate(smollm2[0], text, key_scale=False, value_scale=False, rope_key_mean=False, source="stdlib 2048")
+    return make_calibration("key mean", smollm2)
 
 
 @pytest.fixture(scope="module")
 def default_calibration(smollm2):
-    """`calibrate(model, tokenizer=tok)` as a user calls it: 2048 stdlib tokens, the key means (post- and pre-RoPE)
-    and key scales from the queries."""
-    return calibrate(smollm2[0], tokenizer=smollm2[1])
+    return make_calibration("default", smollm2)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +256,7 @@ def test_decode_time_quality_pin(name, smollm2, ids, calibration, reference, req
         cal = {True: calibration, False: None}.get(calibrated, calibrated)
     delta, kl, cache = _measure(smollm2, ids, reference, config, cal, prompt_means=calibrated == "prompt means")
     assert low < delta < high, f"{name}: ppl delta {delta:+.2f}% (KL {kl:.4f}), pinned to ({low}, {high})%"
-    assert kl < kl_high, f"{name}: KL {kl:.4f} (ppl delta {delta:+.2f}%), pinned below {kl_high}"
+    assert kl_high / 4 < kl < kl_high, f"{name}: KL {kl:.4f} (ppl delta {delta:+.2f}%), pinned below {kl_high}"
     if not config.sink_tokens:
         assert _bits_per_element(cache, smollm2[0].config) == pytest.approx(3.25)
 
