@@ -467,9 +467,11 @@ def launch_attention(
         fits = _keys_m_fits(args, keys_m_meta, device.index or 0)
         if fits != guess:
             num_splits = wave_splits(total_blocks, work_rows, sms, fits)
+        # the register cap where three programs would fit but the build allows two (not with the rope term or a
+        # per-row mask, not when the caller chose a cap: maxnreg=0 asks for none)
         cap = DEFAULTS["keys_m_maxnreg"]
         eager = wrap is _identity and not interpreting()
-        if cap and eager and not maxnreg_given and guess == 3:  # no rope term or per-row mask; maxnreg=0: no cap
+        if cap and eager and not maxnreg_given and guess == 3 and fits < 3:
             capped_meta = {**keys_m_meta, "maxnreg": cap}  # eager only: wrap_triton drops the option
             capped_fits = _keys_m_fits(args, capped_meta, device.index or 0)
             capped_splits = wave_splits(total_blocks, work_rows, sms, capped_fits)
