@@ -1319,8 +1319,8 @@ def test_an_eager_keys_m_decode_takes_the_register_cap_where_it_buys_splits(monk
     """`DEFAULTS["keys_m_maxnreg"]`: apply's default decode (dense K rotation, V along keys, kv_len, kv_start) builds
     keys-m with more than 168 registers, two programs per SM. An eager launch takes the cap where three programs give
     wave_splits a larger split count (batch 8 at 32K keys), and launches uncapped where the count stays (batch 1:
-    the cap would only add its spills); the output is the reference's either way. A wrapped (compiled) launch never
-    names it (torch's wrap_triton drops the option: test_a_wrapped_launch_... in test_quantize_fast)."""
+    the cap would only add its spills); the output is the reference's either way. A wrapped launch (what
+    torch.compile's wrap_triton gives, which would drop the option) never names it."""
     from rqcompile.kernels.common import sm_count
     from rqcompile.kernels.splits import programs_per_sm, wave_splits
 
@@ -1339,10 +1339,20 @@ def test_an_eager_keys_m_decode_takes_the_register_cap_where_it_buys_splits(monk
     compiled._init_handles()
     fits = programs_per_sm(compiled, 4, 0)
     assert launch["grid"][0] == wave_splits(tk // 64, batch * heads, sm_count(0), fits)
-    if batch == 8:
-        assert launch.get("maxnreg") == 168 and compiled.n_regs <= 168 and fits == 3
-    else:
+    if batch == 1:
         assert "maxnreg" not in launch and compiled.n_regs > 168 and fits == 2
+    else:
+        assert launch.get("maxnreg") == 168 and compiled.n_regs <= 168 and fits == 3
+        # the same call through a wrapper (as torch.compile's wrap_triton is) does not name the cap
+        q = torch.randn(batch, heads * 6, 1, 256, device="cuda")
+        ks = _state("iso", 3, "k", heads, 256, "cuda", rotation_stages="full")
+        x = torch.randn(batch, heads, tk, 256, device="cuda")
+        kc, kn = quantizer.quantize(x, *ks.tensors().values(), 3, ks.group)
+        st = (ks.rotation, ks.scale, ks.levels, ks.rotation, ks.mean, ks.scale, ks.levels, 3, 3)
+        args = (q, kc, kn, pack_along_keys(kc, 3, 256), kn, *st, None, 1 / 16, torch.full((batch,), tk, device="cuda"))
+        for wrap, capped in ((None, True), (lambda kernel: kernel, False)):
+            kattn.launch_attention(*args, wrap=wrap, v_along_keys=True, kv_start=1)
+            assert ("maxnreg" in seen[-1]) == capped
 
 
 # ---------------------------------------------------------------- the rope_ab score term (rq::attention's rope_ab)
