@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from presets import MIXED  # noqa: E402
 from quality_harness import Harness, add_arguments  # noqa: E402
 
 from rqcompile import models  # noqa: E402
@@ -42,13 +43,10 @@ from rqcompile.config import RQConfig  # noqa: E402
 from rqcompile.eval import decode_time_ppl, license_corpus  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
 
-K4_LAYERS = tuple(range(0, 5)) + tuple(range(10, 20))  # benchmarks/presets.py: the layers with 4-bit keys
 CONFIGS = {
     "default": RQConfig(),
-    "iso K4/3 V3": RQConfig(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
-    "iso K3 V3/2": RQConfig(
-        key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0
-    ),
+    "iso K4/3 V3": RQConfig(**MIXED["K4/3 V3"], residual_window=0),
+    "iso K3 V3/2": RQConfig(**MIXED["K3 V3/2"], residual_window=0),
 }
 JITTER = 2.0**-20
 

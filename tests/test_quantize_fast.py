@@ -26,6 +26,7 @@ import triton.language as tl  # noqa: E402
 from rqcompile.kernels import quantize as kquant  # noqa: E402
 from rqcompile.kernels import quantize_v2  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
+from rqcompile.quant.codebook import boundaries  # noqa: E402
 from rqcompile.quant.rotations import rotate  # noqa: E402
 
 if not HAS_CUDA:
@@ -571,7 +572,7 @@ def test_the_search_reads_the_magnitude_of_the_reference_code_from_abs_u(bits, d
     u = torch.cat([t, torch.nextafter(t, inf), torch.nextafter(t, -inf), special, torch.randn(4000, generator=g) / 8])
     n = triton.next_power_of_2(u.numel())
     u = torch.cat([u, torch.randn(n - u.numel(), generator=g) / 8])
-    bounds = (levels[1:nl] + levels[: nl - 1]) * 0.5
+    bounds = boundaries(levels[:nl])
     for a in range(na):
         mag = torch.empty(n, device=device)
         _magnitude_kernel[(1,)](u.to(device), levels.to(device), thr, mag, a, N=n, NL=nl)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from rqcompile.quant.codebook import boundaries
+
 
 def tie_levels(bits: int) -> tuple[torch.Tensor, int]:
     """A symmetric codebook with magnitudes (2k + 1) / (2n) (so its boundaries are k / n, exact midpoints) and the
@@ -50,5 +52,4 @@ def tie_params(bits: int, heads: int = 2, dim: int = 256, group: int = 128, sear
 def strict_codes(unit: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Codes under the rule the format had before session 35 (`u > b` on both sides of 0): what a test compares
     with to show that its input holds ties the two rules split."""
-    bounds = (levels[1:] + levels[:-1]) * 0.5
-    return (unit.unsqueeze(-1) > bounds).sum(-1)
+    return (unit.unsqueeze(-1) > boundaries(levels)).sum(-1)
