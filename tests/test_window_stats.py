@@ -1,0 +1,53 @@
+"""benchmarks/window_stats.py: the many-window verdicts on issue 6's targets come from its parse and statistics, so
+a row it misreads or a wrong interval would misstate whether a target is met."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from benchmark_modules import load_benchmark
+
+LOG = """\
+prefill 512, decode 256, windows 0,1,2,3, w0
+iso K4/3 V3    prompt + offset + stdlib query key scales                +1.00% / -1.00% / +3.00% / +1.00% (KL 0.0100 / 0.0200 / 0.0300 / 0.0200; mean 0.0200) 15s
+hadamard K4/3 V3 prompt + offset + stdlib query key scales                +2.00% / +0.00% / +5.00% / +1.00% (KL 0.0200 / 0.0200 / 0.0300 / 0.0300; mean 0.0250) 14s
+planar K3 V3/2 prompt + offset + stdlib query key scales                +10.50% / +9.50% / +11.00% / +9.00% (KL 0.1000 / 0.1000 / 0.1000 / 0.1000; mean 0.1000) 14s
+"""  # noqa: E501
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return load_benchmark("window_stats", "window_stats")
+
+
+def test_every_row_is_read_with_its_backend_widths_and_per_window_cells(stats):
+    rows = stats.parse_rows("Loading weights: 100%\n" + LOG)
+    assert [(r["backend"], r["width"]) for r in rows] == [("iso", "K4/3 V3"), ("hadamard", "K4/3 V3"),
+                                                        ("planar", "K3 V3/2")]  # fmt: skip
+    assert rows[0]["variant"] == "prompt + offset + stdlib query key scales"
+    assert rows[0]["deltas"] == [1.0, -1.0, 3.0, 1.0]
+    assert rows[1]["kls"] == [0.02, 0.02, 0.03, 0.03]
+
+
+def test_a_row_whose_windows_disagree_between_ppl_and_kl_is_refused(stats):
+    with pytest.raises(ValueError, match="2 ppl deltas but 3 KLs"):
+        stats.parse_rows("iso K3V3      x   +1.00% / +2.00% (KL 0.1 / 0.2 / 0.3; mean 0.2) 1s")
+
+
+def test_the_interval_is_students_over_the_windows(stats):
+    mean, half = stats.mean_ci([1.0, -1.0, 3.0, 1.0])  # sd = sqrt(8/3), t(3) = 3.182
+    assert mean == 1.0
+    assert half == pytest.approx(3.182 * math.sqrt(8 / 3) / 2)
+    assert math.isnan(stats.mean_ci([2.0])[1])
+
+
+def test_block_backends_are_compared_with_hadamard_window_by_window(stats):
+    summary = {(s["backend"], s["width"]): s for s in stats.summarize(stats.parse_rows(LOG))}
+    iso = summary["iso", "K4/3 V3"]
+    assert iso["delta"] == 1.0 and iso["delta_median"] == 1.0
+    diff, half = iso["vs_hadamard_delta"]  # differences -1, -1, -2, 0: mean -1, sd sqrt(2/3)
+    assert diff == -1.0 and half == pytest.approx(3.182 * math.sqrt(2 / 3) / 2)
+    assert iso["vs_hadamard_kl"][0] == pytest.approx(-0.005)
+    assert "vs_hadamard_delta" not in summary["hadamard", "K4/3 V3"]
+    assert "vs_hadamard_delta" not in summary["planar", "K3 V3/2"]  # no hadamard row of its widths
