@@ -30,17 +30,22 @@ _ROW = re.compile(
 
 
 def parse_rows(text: str) -> list[dict]:
-    """Every logged row: backend, widths, variant, per-window ppl deltas (%) and KLs."""
-    rows = []
+    """Every logged row: backend, widths, variant, the windows' offsets (from the log's `windows ...` line), per-window
+    ppl deltas (%) and KLs."""
+    rows, offsets = [], None
     for line in text.splitlines():
+        header = re.search(r"\bwindows (\d+(?:,\d+)*)", line)
+        if header:
+            offsets = [int(o) for o in header[1].split(",")]
         m = _ROW.match(line.strip())
         if m is None or m["backend"] not in _BACKENDS:
             continue
         deltas = [float(d.strip().rstrip("%")) for d in m["deltas"].split("/")]
         kls = [float(k) for k in m["kls"].split("/")]
-        if len(deltas) != len(kls):
-            raise ValueError(f"{len(deltas)} ppl deltas but {len(kls)} KLs in: {line}")
-        rows.append(dict(backend=m["backend"], width=m["width"].strip(), variant=m["variant"], deltas=deltas, kls=kls))
+        if len(deltas) != len(kls) or (offsets is not None and len(offsets) != len(deltas)):
+            raise ValueError(f"{len(deltas)} ppl deltas, {len(kls)} KLs and windows {offsets} in: {line}")
+        row = dict(backend=m["backend"], width=m["width"].strip(), variant=m["variant"], offsets=offsets)
+        rows.append(dict(row, deltas=deltas, kls=kls))
     return rows
 
 
@@ -64,20 +69,34 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     return mean, _t95(n - 1) * sd / math.sqrt(n)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per row: mean ppl delta / KL with CIs, the median delta, and the paired difference to the Hadamard row of the
-    same widths and variant (block backends only; absent without one)."""
+def _key(row: dict) -> tuple:
+    return row["backend"], row["width"], row["variant"]
+
+
+def _paired(row: dict, ref: dict | None) -> dict:
+    """Mean and 95% CI of row - ref window by window (ppl points, KL), or {} unless both cover the same windows."""
+    if ref is None or ref is row or ref["offsets"] != row["offsets"] or len(ref["deltas"]) != len(row["deltas"]):
+        return {}
+    return dict(
+        delta=mean_ci([a - b for a, b in zip(row["deltas"], ref["deltas"], strict=True)]),
+        kl=mean_ci([a - b for a, b in zip(row["kls"], ref["kls"], strict=True)]),
+    )
+
+
+def summarize(rows: list[dict], baseline: list[dict] = ()) -> list[dict]:
+    """Per row: mean ppl delta / KL with CIs, the median delta, and two paired differences over the same windows:
+    to the Hadamard row of the same widths and variant (`vs_hadamard`, block backends), and to the row of the same
+    config in `baseline` (`vs_baseline`, e.g. another run with one setting changed)."""
     hadamard = {(r["width"], r["variant"]): r for r in rows if r["backend"] == "hadamard"}
+    base = {_key(r): r for r in baseline}
     out = []
     for r in rows:
         d, dci = mean_ci(r["deltas"])
         k, kci = mean_ci(r["kls"])
         s = dict(r, windows=len(r["deltas"]), delta=d, delta_ci=dci, kl=k, kl_ci=kci)
         s["delta_median"] = sorted(r["deltas"])[len(r["deltas"]) // 2]
-        ref = hadamard.get((r["width"], r["variant"]))
-        if r["backend"] != "hadamard" and ref is not None and len(ref["deltas"]) == len(r["deltas"]):
-            s["vs_hadamard_delta"] = mean_ci([a - b for a, b in zip(r["deltas"], ref["deltas"], strict=True)])
-            s["vs_hadamard_kl"] = mean_ci([a - b for a, b in zip(r["kls"], ref["kls"], strict=True)])
+        s["vs_hadamard"] = _paired(r, hadamard.get((r["width"], r["variant"])))
+        s["vs_baseline"] = _paired(r, base.get(_key(r)))
         out.append(s)
     return out
 
@@ -86,31 +105,42 @@ def _pm(mean: float, ci: float, fmt: str) -> str:
     return f"{mean:{fmt}}" if math.isnan(ci) else f"{mean:{fmt}} ± {ci:{fmt[1:] if fmt[0] == '+' else fmt}}"
 
 
+def _vs(paired: dict) -> tuple[str, str]:
+    if not paired:
+        return "-", "-"
+    return _pm(*paired["delta"], "+.2f") + " pts", _pm(*paired["kl"], "+.4f")
+
+
 def markdown(summary: list[dict]) -> str:
-    lines = [
-        "| config | windows | ppl delta (mean ± 95% CI) | median | KL (mean ± 95% CI) | vs hadamard: ppl "
-        "| vs hadamard: KL |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    with_base = any(s["vs_baseline"] for s in summary)
+    head = "| config | windows | ppl delta (mean ± 95% CI) | median | KL (mean ± 95% CI) | vs hadamard: ppl | KL |"
+    lines = [head + (" vs baseline: ppl | KL |" if with_base else ""), "|---" * (9 if with_base else 7) + "|"]
     for s in summary:
-        vs_d = _pm(*s["vs_hadamard_delta"], "+.2f") + " pts" if "vs_hadamard_delta" in s else "-"
-        vs_k = _pm(*s["vs_hadamard_kl"], "+.4f") if "vs_hadamard_kl" in s else "-"
-        lines.append(
-            f"| {s['backend']} {s['width']} | {s['windows']} | {_pm(s['delta'], s['delta_ci'], '+.2f')}% "
-            f"| {s['delta_median']:+.2f}% | {_pm(s['kl'], s['kl_ci'], '.4f')} | {vs_d} | {vs_k} |"
-        )
+        cells = [
+            f"{s['backend']} {s['width']}",
+            str(s["windows"]),
+            f"{_pm(s['delta'], s['delta_ci'], '+.2f')}%",
+            f"{s['delta_median']:+.2f}%",
+            _pm(s["kl"], s["kl_ci"], ".4f"),
+            *_vs(s["vs_hadamard"]),
+            *(_vs(s["vs_baseline"]) if with_base else ()),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", type=Path)
+    p.add_argument(
+        "--baseline", type=Path, help="a log of the same configs and windows to compare with, window by window"
+    )
     p.add_argument("--json", type=Path, help="write the summary here")
     args = p.parse_args()
     rows = [r for path in args.logs for r in parse_rows(path.read_text())]
     if not rows:
         raise SystemExit(f"no result rows in {', '.join(map(str, args.logs))}")
-    summary = summarize(rows)
+    summary = summarize(rows, parse_rows(args.baseline.read_text()) if args.baseline else ())
     print(markdown(summary))
     if args.json:
         args.json.write_text(json.dumps(dict(logs=[str(p) for p in args.logs], rows=summary), indent=1) + "\n")
