@@ -86,7 +86,15 @@ def main() -> None:
         default="",
         help="research: comma-separated scale candidates for 4-bit K/V states only (the rest keep --scale-search)",
     )
+    p.add_argument(
+        "--k4-layers",
+        default="",
+        help="research: the layers of 'K4/3 V3' with 4-bit keys, e.g. '5-19' (default: presets.K4_LAYERS)",
+    )
     args = p.parse_args()
+    if args.k4_layers:
+        lo, hi = (int(x) for x in args.k4_layers.split("-"))
+        WIDTHS["K4/3 V3"] = dict(bits=3, layer_bits=tuple((i, 4, 3) for i in range(lo, hi + 1)))
     if args.wide_scale_search:
         _wide_scale_search(tuple(float(c) for c in args.wide_scale_search.split(",")))
     harness = Harness.load(args)
@@ -111,7 +119,8 @@ def main() -> None:
     stats = {**variants[name].stats, **{(layer, "v", "scale"): s for layer, s in value_scales.items()}}
     name = "+ query key scales (calibrate) + output value scales"
     variants[name] = Calibration(stats, name, lib.rope)
-    print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}", flush=True)
+    k4 = f", K4/3 V3's 4-bit keys in {args.k4_layers}" if args.k4_layers else ""
+    print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}{k4}", flush=True)
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)
         config = RQConfig(backend=backend, residual_window=args.window, seed=args.seed, **WIDTHS[widths])

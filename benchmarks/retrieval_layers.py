@@ -27,19 +27,39 @@ from rqcompile.config import RQConfig
 LAYERS = 30  # SmolLM2-135M
 
 
-def configs(backend: str, blocks: list[int], size: int, extra: list[str]) -> dict[str, RQConfig]:
-    """K3V3 + w32, then 4-bit keys in each listed block of `size` layers, then any `extra` layer lists
-    ("0-4+10-14": the union of those ranges), then 4-bit keys everywhere."""
-    base = RQConfig(backend=backend, bits=3, residual_window=32)
-    out = {"K3V3": base}
-    spans = [(b * size, min(LAYERS, (b + 1) * size)) for b in blocks]
+def _layers(spec: str) -> list[int]:
+    """ "0-4+10-14" -> [0, ..., 4, 10, ..., 14]."""
+    spans = [tuple(int(x) for x in part.split("-")) for part in spec.split("+")]
+    return sorted({i for lo, *hi in spans for i in range(lo, (hi[0] if hi else lo) + 1)})
+
+
+def _override(base: RQConfig, spec: str) -> RQConfig:
+    """`spec` "k4=15-19,v3=0-9" (or a bare layer set "5-19", meaning k4=...): those layers' key / value widths."""
+    widths = {}
+    for part in spec.split(","):
+        kind, bits, layers = (
+            ("k", 4, part)
+            if "=" not in part
+            else (part[0], int(part[1 : part.index("=")]), part[part.index("=") + 1 :])
+        )
+        for i in _layers(layers):
+            k, v = widths.get(i, (base.bits_for(i, "k"), base.bits_for(i, "v")))
+            widths[i] = (bits, v) if kind == "k" else (k, bits)
+    return base.replace(layer_bits=tuple((i, k, v) for i, (k, v) in sorted(widths.items())))
+
+
+def configs(backend: str, bits: tuple[int, int], blocks: list[int], size: int, extra: list[str]) -> dict[str, RQConfig]:
+    """K`bits[0]`V`bits[1]` + w32, then 4-bit keys in each listed block of `size` layers, then any `extra` overrides
+    ("5-19": 4-bit keys there; "k4=15-19,v3=0-9": per-kind widths), then 4-bit keys everywhere."""
+    base = RQConfig(backend=backend, key_bits=bits[0], value_bits=bits[1], residual_window=32)
+    name = f"K{bits[0]}V{bits[1]}"
+    out = {name: base}
     for spec in extra:
-        spans_of = [tuple(int(x) for x in part.split("-")) for part in spec.split("+")]
-        layers = sorted({i for lo, hi in spans_of for i in range(lo, hi + 1)})
-        out[f"K4 in {spec}"] = base.replace(layer_bits=tuple((i, 4, 3) for i in layers))
-    for lo, hi in spans:
-        out[f"K4 in {lo}-{hi - 1}"] = base.replace(layer_bits=tuple((i, 4, 3) for i in range(lo, hi)))
-    out["K4V3"] = base.replace(key_bits=4, value_bits=3)
+        out[f"{name} {spec}" if "=" in spec else f"K4 in {spec}"] = _override(base, spec)
+    for b in blocks:
+        lo, hi = b * size, min(LAYERS, (b + 1) * size) - 1
+        out[f"K4 in {lo}-{hi}"] = _override(base, f"{lo}-{hi}")
+    out[f"K4V{bits[1]}"] = base.replace(key_bits=4)
     return out
 
 
@@ -48,9 +68,10 @@ def main() -> None:
     add_arguments(p)
     p.set_defaults(prefill=7679, decode=512, offsets="32768")
     p.add_argument("--backend", default="iso")
+    p.add_argument("--bits", default="3,3", help="key and value widths of the base config")
     p.add_argument("--blocks", default="0,1,2,3,4,5", help="blocks of --size layers to give 4-bit keys, one at a time")
     p.add_argument("--size", type=int, default=5)
-    p.add_argument("--extra", default="", help="';'-separated layer sets to try too, e.g. '0-4+10-14;20-24'")
+    p.add_argument("--extra", default="", help="';'-separated overrides, e.g. '0-4+10-14;k4=15-19,v3=0-9'")
     p.add_argument("--only", default="", help="'|'-separated substrings of the config names to run")
     args = p.parse_args()
     harness = Harness.load(args)
@@ -58,7 +79,8 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",") if b]
     extra = [e for e in args.extra.split(";") if e]
     print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w32, {args.backend}", flush=True)
-    for name, config in configs(args.backend, blocks, args.size, extra).items():
+    bits = tuple(int(b) for b in args.bits.split(","))
+    for name, config in configs(args.backend, bits, blocks, args.size, extra).items():
         if args.only and not any(part in name for part in args.only.split("|")):
             continue
         t0 = time.perf_counter()

@@ -33,10 +33,13 @@ def main() -> None:
     p.add_argument("--gap", type=int, default=1024, help="unrelated stdlib tokens between the passage and its copy")
     p.add_argument("--offset", type=int, default=8192, help="stdlib token offset of the passage")
     p.add_argument("--calib-tokens", type=int, default=4096, help="stdlib tokens for the calibration")
+    p.add_argument("--random", action="store_true", help="a passage of random token ids (only a lookup predicts it)")
     args = p.parse_args()
     torch.set_num_threads(1)
     model, tok = models.load_smollm2()
     passage = stdlib_corpus(tok, args.tokens, offset=args.offset)
+    if args.random:
+        passage = torch.randint(1000, 30000, passage.shape, generator=torch.Generator().manual_seed(0))
     gap = stdlib_corpus(tok, args.gap, offset=args.offset + args.tokens)
     ids = torch.cat([passage, gap, passage, passage[:, :1]], dim=1)
     prefill = args.tokens + args.gap
@@ -44,7 +47,8 @@ def main() -> None:
     calibration = harness.query_scale_calibration()
     ref = decode_time_ppl(model, ids, prefill=prefill, decode=args.tokens, chunk=args.tokens)
     base = RQConfig(backend=args.backend, bits=3, residual_window=32)
-    print(f"passage {args.tokens}, gap {args.gap}, fp ppl of the copy {ref.ppl:.3f}", flush=True)
+    kind = "random" if args.random else "stdlib"
+    print(f"{kind} passage {args.tokens}, gap {args.gap}, fp ppl of the copy {ref.ppl:.3f}", flush=True)
     results = {}
     for layer in [None, *range(LAYERS)]:
         config = base if layer is None else base.replace(layer_bits=((layer, 4, 3),))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 _BACKENDS = ("planar", "iso", "rotor", "hadamard")
 # `iso K4/3 V3     <variant name>  +1.00% / -0.50% (KL 0.0100 / 0.0200; mean 0.0150) 42s`
-_WIDTH = r"K[\d.]+(?:/[\d.]+)? ?V[\d.]+(?:/[\d.]+)?"  # K4V4, K4/3 V3, K3 V3/2 (presets.py's names)
+_WIDTH = r"K[\d.]+(?:/[\d.]+)? ?V[\d.]+(?:/[\d.]+)?(?: \([\d-]+\))?"  # K4V4, K4/3 V3, K4/3 V3 (5-19): presets.py
 _CELLS = r"[-+]\d+\.\d+%(?: / [-+]\d+\.\d+%)*"
 _ROW = re.compile(
     rf"^(?P<backend>\w+) (?P<width>{_WIDTH})\s+(?P<variant>.+?)\s+(?P<deltas>{_CELLS}) \(KL (?P<kls>[^;]+);"

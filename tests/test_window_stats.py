@@ -29,6 +29,8 @@ def test_every_row_is_read_with_its_backend_widths_and_per_window_cells(stats):
     assert rows[0]["deltas"] == [1.0, -1.0, 3.0, 1.0]
     assert rows[1]["kls"] == [0.02, 0.02, 0.03, 0.03]
     assert rows[2]["offsets"] == [0, 1, 2, 3]
+    named = stats.parse_rows("iso K4/3 V3 (5-19) prompt + offset   +1.00% / +2.00% (KL 0.1 / 0.2; mean 0.15) 9s")
+    assert (named[0]["width"], named[0]["variant"]) == ("K4/3 V3 (5-19)", "prompt + offset")  # presets' layer sets
 
 
 @pytest.mark.parametrize(
