@@ -23,6 +23,7 @@ import time
 
 from presets import MIXED
 from quality_harness import Harness, add_arguments, row
+from retrieval_layers import layer_set
 
 from rqcompile.cache import RQCache
 from rqcompile.calibrate import Calibration, calibrate
@@ -89,12 +90,11 @@ def main() -> None:
     p.add_argument(
         "--k4-layers",
         default="",
-        help="research: the layers of 'K4/3 V3' with 4-bit keys, e.g. '5-19' (default: presets.K4_LAYERS)",
+        help="research: the layers of 'K4/3 V3' with 4-bit keys, e.g. '5-19' or '0-4+10-19' (default: K4_LAYERS)",
     )
     args = p.parse_args()
     if args.k4_layers:
-        lo, hi = (int(x) for x in args.k4_layers.split("-"))
-        WIDTHS["K4/3 V3"] = dict(bits=3, layer_bits=tuple((i, 4, 3) for i in range(lo, hi + 1)))
+        WIDTHS["K4/3 V3"] = dict(bits=3, layer_bits=tuple((i, 4, 3) for i in layer_set(args.k4_layers)))
     if args.wide_scale_search:
         _wide_scale_search(tuple(float(c) for c in args.wide_scale_search.split(",")))
     harness = Harness.load(args)

@@ -27,7 +27,7 @@ from rqcompile.config import RQConfig
 LAYERS = 30  # SmolLM2-135M
 
 
-def _layers(spec: str) -> list[int]:
+def layer_set(spec: str) -> list[int]:
     """ "0-4+10-14" -> [0, ..., 4, 10, ..., 14]."""
     spans = [tuple(int(x) for x in part.split("-")) for part in spec.split("+")]
     return sorted({i for lo, *hi in spans for i in range(lo, (hi[0] if hi else lo) + 1)})
@@ -42,7 +42,7 @@ def _override(base: RQConfig, spec: str) -> RQConfig:
             if "=" not in part
             else (part[0], int(part[1 : part.index("=")]), part[part.index("=") + 1 :])
         )
-        for i in _layers(layers):
+        for i in layer_set(layers):
             k, v = widths.get(i, (base.bits_for(i, "k"), base.bits_for(i, "v")))
             widths[i] = (bits, v) if kind == "k" else (k, bits)
     return base.replace(layer_bits=tuple((i, k, v) for i, (k, v) in sorted(widths.items())))

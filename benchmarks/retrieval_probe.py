@@ -5,10 +5,11 @@ layers (15-19) buy half of what 4-bit keys everywhere buy. A preset cannot name 
 whether a cheap probe on *calibration* text (never the evaluation text) finds the same layers: stdlib text
 followed by a copy of itself, so that the second copy can be predicted by looking back (what induction heads
 do); per layer, the KL of the second copy's predictions against the fp model with 4-bit keys in that layer only
-(3-bit elsewhere, the default window), against K3V3 everywhere. The layers whose upgrade cuts KL most are the
-probe's choice.
+(3-bit elsewhere, the default window), against K3V3 everywhere. The layers whose upgrade cuts KL most would be the
+probe's choice. Measured (QUALITY.md "Session 36"): both forms rank layer 18 first, as the 8K copying window does,
+but the single-layer changes are noise-sized (most layers came out *worse* with 4-bit keys), so it chooses nothing yet.
 
-    .venv/bin/python benchmarks/retrieval_probe.py --tokens 1024 --gap 2048
+    .venv/bin/python benchmarks/retrieval_probe.py --tokens 512 --gap 1024 [--random]
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def parse_rows(text: str) -> list[dict]:
     return rows
 
 
-# two-sided 95% Student t quantiles by degrees of freedom (normal beyond the table)
+# two-sided 95% Student t quantiles by degrees of freedom; _t95 takes the nearest tabulated one at or below (a wider
+# interval, never a narrower one)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 23: 2.069, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000}  # fmt: skip
 
