@@ -37,11 +37,8 @@ def _override(base: RQConfig, spec: str) -> RQConfig:
     """`spec` "k4=15-19,v3=0-9" (or a bare layer set "5-19", meaning k4=...): those layers' key / value widths."""
     widths = {}
     for part in spec.split(","):
-        kind, bits, layers = (
-            ("k", 4, part)
-            if "=" not in part
-            else (part[0], int(part[1 : part.index("=")]), part[part.index("=") + 1 :])
-        )
+        width, _, layers = part.rpartition("=")  # "k4=15-19", or a bare "5-19" for k4
+        kind, bits = (width or "k4")[0], int((width or "k4")[1:])
         for i in layer_set(layers):
             k, v = widths.get(i, (base.bits_for(i, "k"), base.bits_for(i, "v")))
             widths[i] = (bits, v) if kind == "k" else (k, bits)
