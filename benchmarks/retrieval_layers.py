@@ -21,6 +21,7 @@ import time
 
 from quality_harness import Harness, add_arguments, row
 
+from rqcompile import key_sensitivity
 from rqcompile.cache import RQCache
 from rqcompile.config import RQConfig
 
@@ -70,13 +71,28 @@ def main() -> None:
     p.add_argument("--size", type=int, default=5)
     p.add_argument("--extra", default="", help="';'-separated overrides, e.g. '0-4+10-14;k4=15-19,v3=0-9'")
     p.add_argument("--only", default="", help="'|'-separated substrings of the config names to run")
+    p.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        help="also 4-bit keys in the N layers rqcompile.key_sensitivity ranks first (stdlib text; the base config "
+        "and this calibration)",
+    )
     args = p.parse_args()
     harness = Harness.load(args)
     calibration = harness.query_scale_calibration()
     blocks = [int(b) for b in args.blocks.split(",") if b]
     extra = [e for e in args.extra.split(";") if e]
-    print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w32, {args.backend}", flush=True)
     bits = tuple(int(b) for b in args.bits.split(","))
+    if args.probe:
+        base = RQConfig(backend=args.backend, key_bits=bits[0], value_bits=bits[1])
+        found = key_sensitivity(
+            harness.model, base, tokenizer=harness.tokenizer, calibration=calibration, prompt_means=True
+        )
+        chosen = sorted(found.ranked()[: args.probe])
+        print(f"key_sensitivity ({found.source}): ranked {found.ranked()}; top {args.probe}: {chosen}", flush=True)
+        extra.append("+".join(str(i) for i in chosen))
+    print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w32, {args.backend}", flush=True)
     for name, config in configs(args.backend, bits, blocks, args.size, extra).items():
         if args.only and not any(part in name for part in args.only.split("|")):
             continue

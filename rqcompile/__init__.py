@@ -1,13 +1,14 @@
 """rqcompile: KV-cache compression by block rotations + Lloyd-Max quantization.
 
 Public API: `apply` (compile a model with a compressed cache), `load` (run an exported artifact), the drop-in
-transformers caches, `calibrate`, and `RQConfig`.
+transformers caches, `calibrate`, `key_sensitivity` (which layers' keys to widen), and `RQConfig`.
 """
 
 from rqcompile.api import CompiledLM, apply
 from rqcompile.cache import IsoQuantCache, PlanarQuantCache, RotorQuantCache, RQCache
 from rqcompile.calibrate import Calibration, calibrate
 from rqcompile.config import RQConfig
+from rqcompile.sensitivity import KeySensitivity, key_sensitivity
 
 __all__ = [
     "RQConfig",
@@ -20,6 +21,8 @@ __all__ = [
     "RotorQuantCache",
     "Calibration",
     "calibrate",
+    "KeySensitivity",
+    "key_sensitivity",
 ]
 __version__ = "0.1.0"
 

@@ -735,9 +735,7 @@ class RQCache(Cache):
             if idx == layer_idx and linear:
                 self.layers.append(LinearAttentionLayer())
             else:
-                self.layers.append(
-                    RQCacheLayer(self.rq_config, idx, self._layer_calibration, self._rope, self.prompt_means)
-                )
+                self.layers.append(self._make_layer("full_attention", idx, None))
 
     # -- padding ----------------------------------------------------------------------------------------------
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:

@@ -95,7 +95,6 @@ def _calibration(args, config, model, tok):
         if config.bit_allocation:
             raise SystemExit("error: --bit-allocation needs a calibration; drop --no-calibration (or backend none)")
         return None
-    import torch
 
     from rqcompile.calibrate import QUERY_SCALES, calibrate
 
@@ -105,10 +104,7 @@ def _calibration(args, config, model, tok):
 
         ids, source = stdlib_corpus(tok, count), "stdlib"
     elif args.tiny_qwen3_5:  # random weights: random tokens are as representative as any text
-        ids, source = (
-            torch.randint(0, model.config.vocab_size, (1, count), generator=torch.Generator().manual_seed(0)),
-            "random ids",
-        )
+        ids, source = _random_ids(model.config.vocab_size, count), "random ids"
     elif config.bit_allocation:
         raise SystemExit(
             "error: --bit-allocation needs a calibration on sample text, and this model has no tokenizer to encode "
@@ -129,16 +125,48 @@ def _calibration(args, config, model, tok):
     )
 
 
-def _eager_caches(args, config, model, calibration):
-    """A factory of the drop-in cache `generate` / `eval` / `bench` run (checked before any work):
-    `--prompt-means` re-measures the calibration's key means on each prompt (`RQCache(prompt_means=True)`)."""
-    from rqcompile.cache import RQCache
-
-    if args.prompt_means and calibration is None:
+def _configured(args, model, tok):
+    """The config and its calibration, with `--wide-keys N`: 4-bit keys in the N attention layers
+    `rqcompile.key_sensitivity` finds retrieval needs most (a copy probe on stdlib text, one pass per layer)."""
+    config = _rq_config(args)
+    calibration = _calibration(args, config, model, tok)
+    prompt_means = getattr(args, "prompt_means", False)  # the eager commands' option
+    if prompt_means and calibration is None:
         raise SystemExit(
             "error: --prompt-means re-measures the calibration's key means on the prompt, and there is no "
             "calibration (--no-calibration, backend none, or a model without a tokenizer)"
         )
+    if not args.wide_keys:
+        return config, calibration
+    from rqcompile.sensitivity import key_sensitivity
+
+    if tok is not None:
+        probe = {"tokenizer": tok}
+    elif args.tiny_qwen3_5:  # random weights: random tokens probe them as well as any text
+        probe = {"input_ids": _random_ids(model.config.vocab_size, 256), "passage": 128, "gap": 128}
+    else:
+        raise SystemExit("error: --wide-keys probes the model on sample text; this model has no tokenizer to encode it")
+    _progress(f"probing which layers' keys retrieval needs (--wide-keys {args.wide_keys}; one pass per layer)")
+    found = key_sensitivity(model, config, calibration=calibration, prompt_means=prompt_means, **probe)
+    try:
+        config = found.raise_keys(config, args.wide_keys)
+    except ValueError as exc:
+        raise SystemExit(f"error: --wide-keys: {exc}") from None
+    _progress(f"4-bit keys in layers {sorted(found.ranked()[: args.wide_keys])}")
+    return config, calibration
+
+
+def _random_ids(vocab: int, length: int):
+    import torch
+
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def _eager_caches(args, config, model, calibration):
+    """A factory of the drop-in cache `generate` / `eval` / `bench` run: `--prompt-means` (checked by `_configured`)
+    re-measures the calibration's key means on each prompt (`RQCache(prompt_means=True)`)."""
+    from rqcompile.cache import RQCache
+
     return lambda: RQCache(config, model_config=model.config, calibration=calibration, prompt_means=args.prompt_means)
 
 
@@ -182,8 +210,7 @@ def cmd_export(args) -> int:
             from rqcompile.api import apply
         except ImportError as exc:
             raise SystemExit(f"rqcompile.api is not available ({exc}); use --uncompressed") from exc
-        config = _rq_config(args)
-        calibration = _calibration(args, config, model, tok)
+        config, calibration = _configured(args, model, tok)
         _progress(f"capturing and compressing the K/V cache ({args.backend}, {_describe_bits(args)})")
         program = apply(
             model,
@@ -242,8 +269,8 @@ def cmd_generate(args) -> int:
     else:
         model, tok, _ = _load_model(args)
         ids = _prompt_ids(args, tok, model.config.vocab_size)
-        config = _rq_config(args)
-        make_cache = _eager_caches(args, config, model, _calibration(args, config, model, tok))
+        config, calibration = _configured(args, model, tok)
+        make_cache = _eager_caches(args, config, model, calibration)
         with torch.no_grad():
             out = model.generate(
                 ids,
@@ -271,8 +298,8 @@ def cmd_eval(args) -> int:
         ids = license_corpus(tok, need)
     else:
         ids = torch.randint(0, model.config.vocab_size, (1, need), generator=torch.Generator().manual_seed(0))
-    config = _rq_config(args)
-    make_cache = _eager_caches(args, config, model, _calibration(args, config, model, tok))
+    config, calibration = _configured(args, model, tok)
+    make_cache = _eager_caches(args, config, model, calibration)
     _progress(f"decode-time perplexity: prefill {args.prefill}, decode {args.decode} tokens")
     ref = decode_time_ppl(
         model, ids, lambda: DynamicCache(config=model.config), args.prefill, args.decode, progress=True
@@ -304,8 +331,8 @@ def cmd_bench(args) -> int:
     torch.manual_seed(0)
     model, tok, _ = _load_model(args)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill + args.steps + 1))
-    config = _rq_config(args)
-    make_cache = _eager_caches(args, config, model, _calibration(args, config, model, tok))
+    config, calibration = _configured(args, model, tok)
+    make_cache = _eager_caches(args, config, model, calibration)
     rows = []
     from tqdm.auto import tqdm
 
@@ -484,6 +511,15 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
         help="also remove the keys' pre-RoPE mean, turned to each key's position (KL -13%% to -45%% on SmolLM2, "
         "QUALITY.md 'Session 14'); default: on for models with a static RoPE (the calibration measures it), "
         "--no-rope-key-mean for the format without it",
+    )
+    g.add_argument(
+        "--wide-keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="4-bit keys in the N attention layers whose key error costs retrieval most, found by a copy probe on "
+        "stdlib text (rqcompile.key_sensitivity; one forward per layer first). About half the layers buys long-context "
+        "retrieval (QUALITY.md 'Session 37'); default 0",
     )
     g.add_argument(
         "--rotation-stages",

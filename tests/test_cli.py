@@ -215,6 +215,23 @@ def test_prompt_means_reaches_the_eager_cache_and_is_refused_where_it_cannot_app
         main(["generate", str(tmp_path), "--prompt-means", "--prompt-ids", "1,2"])
 
 
+def test_wide_keys_gives_the_probed_layers_4_bit_keys(monkeypatch, capsys):
+    """`--wide-keys N` runs `key_sensitivity` and widens the keys of the N layers it ranks first, in the config the
+    eager cache (and `apply`) is built with; more layers than the model has attention layers is a clear error."""
+    import rqcompile.cli as cli
+
+    built = []
+    real = cli._eager_caches
+    monkeypatch.setattr(cli, "_eager_caches", lambda *args: built.append(args[1]) or real(*args))
+    flags = ["--calibration-tokens", "32", "--prefill", "16", "--decode", "4", "--json"]
+    assert main(["eval", *TINY, "--wide-keys", "1", *flags]) == 0
+    (layer, key_bits, value_bits), *more = built[-1].layer_bits
+    assert not more and key_bits == 4 and value_bits == 3
+    assert f"4-bit keys in layers [{layer}]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--wide-keys: layers must be in 0..2"):
+        main(["eval", *TINY, "--wide-keys", "5", *flags])
+
+
 def test_inspect_refuses_a_tampered_artifact(tmp_path):
     from rqcompile.export.artifact import ArtifactIntegrityError, write_artifact
 

@@ -1,0 +1,115 @@
+"""`key_sensitivity` scores each attention layer by what quantizing its keys alone costs a copy of earlier text, and
+`KeySensitivity.raise_keys` gives the highest-scoring layers wider keys."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_qwen3_5
+
+from rqcompile import KeySensitivity, RQConfig, key_sensitivity, models
+from rqcompile.sensitivity import _OneLayerKeysCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ids(model, length: int) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_probe_cache_compresses_the_probed_layers_keys_and_nothing_else():
+    model = tiny_llama(num_hidden_layers=3)
+    cache = _OneLayerKeysCache(RQConfig(residual_window=0), 1, model_config=model.config, calibration=None)
+    shape = (1, 2, 20, 64)
+    for layer in range(3):
+        keys, values = torch.randn(shape), torch.randn(shape)
+        got_keys, got_values = cache.update(keys, values, layer)
+        assert torch.equal(got_values, values), f"layer {layer}'s values must stay exact"
+        if layer == 1:
+            assert not torch.equal(got_keys, keys), "the probed layer's keys must be quantized"
+            assert torch.equal(got_keys[:, :, :1], keys[:, :, :1]), "its sink token stays exact, as in RQCache"
+            rel = (got_keys - keys).norm() / keys.norm()
+            assert 0.02 < rel < 0.5, f"3-bit keys should be close but not equal, relative error {rel:.3f}"
+        else:
+            assert torch.equal(got_keys, keys), f"layer {layer} is not probed: its keys must stay exact"
+    assert cache.attention_layers == [0, 1, 2]
+    assert cache.get_seq_length() == 20
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3_5])
+def test_every_attention_layer_gets_a_finite_score_and_only_those(factory):
+    model = factory()
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    attention = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    found = key_sensitivity(model, input_ids=_ids(model, 40), passage=16, gap=8, calibration=None)
+    assert sorted(found.kl) == attention
+    assert all(math.isfinite(kl) and kl >= 0 for kl in found.kl.values())
+    assert any(kl > 0 for kl in found.kl.values()), "quantized keys must change some prediction"
+    assert found.ranked() == sorted(attention, key=lambda i: -found.kl[i])
+
+
+def test_the_probe_is_deterministic():
+    model = tiny_llama()
+    first = key_sensitivity(model, input_ids=_ids(model, 40), passage=16, gap=8)
+    again = key_sensitivity(model, input_ids=_ids(model, 40), passage=16, gap=8)
+    assert first == again
+
+
+def test_raise_keys_widens_the_top_layers_keys_and_keeps_every_other_width():
+    scores = KeySensitivity(kl={0: 0.1, 1: 0.5, 2: 0.3, 3: 0.0}, key_bits=3)
+    config = RQConfig(bits=3, value_bits=2, layer_bits=((0, 3, 3),))
+    raised = scores.raise_keys(config, layers=2)
+    assert raised.layer_bits == ((0, 3, 3), (1, 4, 2), (2, 4, 2))
+    assert raised.replace(layer_bits=()) == config.replace(layer_bits=())
+    assert scores.raise_keys(config, layers=3).layer_bits == ((0, 4, 3), (1, 4, 2), (2, 4, 2))
+    assert scores.raise_keys(config, layers=0) == config
+    with pytest.raises(ValueError, match=r"layers must be in 0\.\.4"):
+        scores.raise_keys(config, layers=5)
+
+
+def test_bad_arguments_get_clear_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="exactly one of tokenizer"):
+        key_sensitivity(model)
+    with pytest.raises(ValueError, match="needs passage \\+ gap = 24"):
+        key_sensitivity(model, input_ids=_ids(model, 20), passage=16, gap=8)
+    with pytest.raises(ValueError, match="passages must be in 1..3"):
+        key_sensitivity(model, input_ids=_ids(model, 40), passages=4)
+
+
+class _NoCacheLM(torch.nn.Module):
+    """An LM that never writes K/V to the cache it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = tiny_llama().config
+        self.embed = torch.nn.Embedding(self.config.vocab_size, self.config.vocab_size)
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+        return type("Out", (), {"logits": self.embed(input_ids)})()
+
+
+def test_a_model_without_attention_the_cache_sees_is_refused():
+    with pytest.raises(ValueError, match="saw no attention layer"):
+        key_sensitivity(_NoCacheLM(), input_ids=torch.arange(3, 30), passage=8, gap=4)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load_smollm2()
+
+
+def test_on_smollm2_fewer_key_bits_cost_retrieval_more_and_layer_18_leads(smollm2):
+    """The real model: 2-bit keys must cost more than 4-bit keys in total, and the layer the 8K copying windows
+    found most in need of wide keys (18, QUALITY.md "Session 36") must rank first, as it does in every probe measured
+    (QUALITY.md "Session 37")."""
+    model, tok = smollm2
+    probe = {"tokenizer": tok, "passage": 64, "gap": 64, "passages": 1}
+    two = key_sensitivity(model, RQConfig(bits=2), **probe)
+    four = key_sensitivity(model, RQConfig(bits=4), **probe)
+    assert sorted(two.kl) == list(range(30))
+    assert sum(two.kl.values()) > 2 * sum(four.kl.values())
+    assert two.ranked()[0] == 18 and four.ranked()[0] == 18
