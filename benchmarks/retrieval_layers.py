@@ -8,6 +8,10 @@ of the bits. The 8K harness with the default 32-token window; calibration as the
 prompt's key means with stdlib query key scales, `RQCache(..., prompt_means=True)`).
 
     .venv/bin/python benchmarks/retrieval_layers.py --offsets 32768 --blocks 0,1,2,3,4,5
+    .venv/bin/python benchmarks/retrieval_layers.py --offsets 4096,30720 --blocks "" --probe 15 --only "K4 in"
+
+`--probe N` (session 37) adds 4-bit keys in the N layers `rqcompile.key_sensitivity` ranks first on stdlib text, so
+that a layer choice made without the evaluation corpus is scored on it.
 
 Copying windows of the license corpus at prefill 7679 / decode 512 (share of decode tokens whose preceding 8-gram
 is in the prompt): 4096 (0.96), 6144 (0.65), 14336 (0.38), 30720 (0.98), 32768 (1.00); prose (< 0.05): 0, 8192,
@@ -90,7 +94,9 @@ def main() -> None:
             harness.model, base, tokenizer=harness.tokenizer, calibration=calibration, prompt_means=True
         )
         chosen = sorted(found.ranked()[: args.probe])
-        print(f"key_sensitivity ({found.source}): ranked {found.ranked()}; top {args.probe}: {chosen}", flush=True)
+        kl = ", ".join(f"{i}: {found.kl[i]:.5f}" for i in sorted(found.kl))
+        print(f"key_sensitivity ({found.source}): KL {{{kl}}}", flush=True)
+        print(f"ranked {found.ranked()}; top {args.probe}: {chosen}", flush=True)
         extra.append("+".join(str(i) for i in chosen))
     print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w32, {args.backend}", flush=True)
     for name, config in configs(args.backend, bits, blocks, args.size, extra).items():

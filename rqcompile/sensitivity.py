@@ -127,7 +127,8 @@ def key_sensitivity(
     over `2 * passage + gap` tokens, for each passage (SmolLM2-135M, 2-core CPU: ~4 s a pass, ~4 min in all).
 
     `KeySensitivity.raise_keys(config, layers=n)` then gives the `n` highest-scoring layers wider keys. Measured on
-    SmolLM2 (QUALITY.md "Session 37"): see there for how the chosen layers did on held-out long-context windows.
+    SmolLM2 at 8K tokens (QUALITY.md "Session 37"): its 15 layers against the hand-chosen 5-19 at the same bytes,
+    mean KL 0.041 vs 0.045 (iso) and 0.033 vs 0.037 (planar) over six windows the probe never saw.
     """
     if (tokenizer is None) == (input_ids is None):
         raise ValueError("key_sensitivity needs exactly one of tokenizer (built-in stdlib text) or input_ids")
