@@ -129,6 +129,8 @@ def _configured(args, model, tok):
     """The config and its calibration, with `--wide-keys N`: 4-bit keys in the N attention layers
     `rqcompile.key_sensitivity` finds retrieval needs most (a copy probe on stdlib text, one pass per layer)."""
     config = _rq_config(args)
+    if args.wide_keys and config.bit_allocation:  # before the calibration's and the probe's minutes
+        raise SystemExit("error: --wide-keys widens whole layers' keys; --bit-allocation sets widths per coordinate")
     calibration = _calibration(args, config, model, tok)
     prompt_means = getattr(args, "prompt_means", False)  # the eager commands' option
     if prompt_means and calibration is None:
@@ -446,6 +448,16 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     g.add_argument("--tiny-qwen3_5", action="store_true", help="a tiny random-weight hybrid Qwen3.5 (for smoke tests)")
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (an integer >= 0)")
+    return value
+
+
 def _bits(text: str) -> int | float:
     """A code width: 2, 3 or 4 (RQConfig checks), or a fractional average such as 3.5 with --bit-allocation."""
     try:
@@ -514,7 +526,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--wide-keys",
-        type=int,
+        type=_count,
         default=0,
         metavar="N",
         help="4-bit keys in the N attention layers whose key error costs retrieval most, found by a copy probe on "

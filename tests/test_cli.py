@@ -230,6 +230,11 @@ def test_wide_keys_gives_the_probed_layers_4_bit_keys(monkeypatch, capsys):
     assert f"4-bit keys in layers [{layer}]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--wide-keys: layers must be in 0..2"):
         main(["eval", *TINY, "--wide-keys", "5", *flags])
+    with pytest.raises(SystemExit, match="--bit-allocation sets widths per coordinate"):
+        main(["eval", *TINY, "--wide-keys", "1", "--bits", "3.5", "--bit-allocation", "2,3,4,5,6", *flags])
+    with pytest.raises(SystemExit):
+        main(["eval", *TINY, "--wide-keys", "-1", *flags])
+    assert "is not a count" in capsys.readouterr().err
 
 
 def test_inspect_refuses_a_tampered_artifact(tmp_path):
