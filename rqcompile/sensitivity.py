@@ -124,7 +124,7 @@ def key_sensitivity(
     overrides, so that every layer is scored at the same width, and without the recent window (it would keep the
     copy's nearest keys exact; where retrieval looks is what is measured). `calibration` / `prompt_means` as
     `RQCache` takes them: use what the cache will be given. Cost: one exact pass and one pass per attention layer
-    over `2 * passage + gap` tokens, for each passage (SmolLM2-135M, 2-core CPU: ~4 s a pass, ~4 min in all).
+    over `2 * passage + gap` tokens, for each passage (SmolLM2-135M, 2-core CPU, 2 threads: 230 s in all).
 
     `KeySensitivity.raise_keys(config, layers=n)` then gives the `n` highest-scoring layers wider keys. Measured on
     SmolLM2 at 8K tokens (QUALITY.md "Session 37"): its 15 layers against the hand-chosen 5-19 at the same bytes,
