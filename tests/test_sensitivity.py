@@ -104,8 +104,8 @@ def smollm2():
 
 def test_on_smollm2_fewer_key_bits_cost_retrieval_more_and_layer_18_leads(smollm2):
     """The real model: 2-bit keys must cost more than 4-bit keys in total, and the layer the 8K copying windows
-    found most in need of wide keys (18, QUALITY.md "Session 36") must rank first, as it does in every probe measured
-    (QUALITY.md "Session 37")."""
+    found most in need of wide keys (18, QUALITY.md "Session 36") must rank first, as it does in the library probes
+    QUALITY.md "Session 37" reports (iso and planar, two passages)."""
     model, tok = smollm2
     probe = {"tokenizer": tok, "passage": 64, "gap": 64, "passages": 1}
     two = key_sensitivity(model, RQConfig(bits=2), **probe)
