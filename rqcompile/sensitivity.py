@@ -24,7 +24,7 @@ from rqcompile.cache import _LINEAR_TYPES, PROMPT, RQCache, RQCacheLayer
 from rqcompile.calibrate import Calibration
 from rqcompile.config import RQConfig
 from rqcompile.eval.corpus import stdlib_corpus
-from rqcompile.eval.metrics import decode_time_ppl, kl_divergence
+from rqcompile.eval.metrics import _check_ids, decode_time_ppl, kl_divergence
 
 # Stdlib token offsets of the built-in probe passages (past the first 2048 tokens, which `calibrate` reads).
 PASSAGE_OFFSETS = (8192, 16384, 24576)
@@ -90,9 +90,7 @@ class _OneLayerKeysCache(RQCache):
 def _probe_ids(tokenizer, input_ids: torch.Tensor | None, passage: int, gap: int, passages: int) -> list[torch.Tensor]:
     """[1, passage + gap + passage + 1] id sequences: passage, gap, the passage again (+1 id for the last target)."""
     if input_ids is not None:
-        ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
-        if ids.dim() != 2 or ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [T] or [1, T], got shape {tuple(input_ids.shape)}")
+        ids = _check_ids(input_ids, 0)  # [T] or [1, T]
         if ids.shape[1] < passage + gap:
             raise ValueError(
                 f"input_ids has {ids.shape[1]} tokens; the probe needs passage + gap = {passage + gap} of them"
