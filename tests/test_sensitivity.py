@@ -113,3 +113,21 @@ def test_on_smollm2_fewer_key_bits_cost_retrieval_more_and_layer_18_leads(smollm
     assert sorted(two.kl) == list(range(30))
     assert sum(two.kl.values()) > 2 * sum(four.kl.values())
     assert two.ranked()[0] == 18 and four.ranked()[0] == 18
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3_5])
+def test_on_the_gpu_it_scores_what_the_cpu_scores(factory):
+    """On CUDA the probed layer's keys are written by the Triton kernels, not the torch reference; both code the same
+    units, so each layer's score must be the CPU's up to float rounding (the model's own GPU matmuls included)."""
+    import copy
+
+    model = factory()
+    ids = _ids(model, 40)
+    probe = {"input_ids": ids, "passage": 16, "gap": 8, "calibration": None}
+    cpu = key_sensitivity(model, **probe)
+    gpu = key_sensitivity(copy.deepcopy(model).cuda(), **probe)
+    assert sorted(gpu.kl) == sorted(cpu.kl)
+    for layer, kl in cpu.kl.items():
+        assert math.isfinite(gpu.kl[layer])
+        assert gpu.kl[layer] == pytest.approx(kl, rel=0.05, abs=1e-6), f"layer {layer}"
