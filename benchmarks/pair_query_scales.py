@@ -92,9 +92,21 @@ def main() -> None:
         default="",
         help="research: the layers of 'K4/3 V3' with 4-bit keys, e.g. '5-19' or '0-4+10-19' (default: K4_LAYERS)",
     )
+    p.add_argument(
+        "--v3-layers", default="", help="research: the layers of 'K3 V3/2' with 3-bit values (default V3_LAYERS)"
+    )
+    p.add_argument(
+        "--k3-layers", default="", help="research: the layers of 'K3/2 V2' with 3-bit keys (default K4_LAYERS)"
+    )
     args = p.parse_args()
     if args.k4_layers:
         WIDTHS["K4/3 V3"] = dict(bits=3, layer_bits=tuple((i, 4, 3) for i in layer_set(args.k4_layers)))
+    if args.v3_layers:
+        WIDTHS["K3 V3/2"] = dict(
+            key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in layer_set(args.v3_layers))
+        )
+    if args.k3_layers:
+        WIDTHS["K3/2 V2"] = dict(bits=2, layer_bits=tuple((i, 3, 2) for i in layer_set(args.k3_layers)))
     if args.wide_scale_search:
         _wide_scale_search(tuple(float(c) for c in args.wide_scale_search.split(",")))
     harness = Harness.load(args)
@@ -120,6 +132,8 @@ def main() -> None:
     name = "+ query key scales (calibrate) + output value scales"
     variants[name] = Calibration(stats, name, lib.rope)
     k4 = f", K4/3 V3's 4-bit keys in {args.k4_layers}" if args.k4_layers else ""
+    k4 += f", K3 V3/2's 3-bit values in {args.v3_layers}" if args.v3_layers else ""
+    k4 += f", K3/2 V2's 3-bit keys in {args.k3_layers}" if args.k3_layers else ""
     print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}{k4}", flush=True)
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)

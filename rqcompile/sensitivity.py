@@ -56,13 +56,16 @@ class KeySensitivity:
 
 
 class _OneLayerKeysCache(RQCache):
-    """`RQCache` whose only compressed tensor is layer `probed`'s keys (None: none); every other attention layer, and
-    that layer's values, are returned exact. Records which layers are attention layers."""
+    """`RQCache` whose only compressed tensor is layer `probed`'s keys (None: none; `part="v"`: its values instead);
+    every other attention layer, and the probed layer's other part, are returned exact. Records which layers are
+    attention layers."""
 
-    def __init__(self, config: RQConfig, probed: int | None, **cache_kwargs: Any) -> None:
-        self.probed = probed
+    def __init__(self, config: RQConfig, probed: int | None, part: str = "k", **cache_kwargs: Any) -> None:
+        if part not in ("k", "v"):
+            raise ValueError(f"part must be 'k' or 'v', got {part!r}")
+        self.probed, self.part = probed, part
         self.attention_layers: list[int] = []
-        self._exact_values = DynamicLayer()
+        self._exact = DynamicLayer()
         super().__init__(config, **cache_kwargs)
 
     def _make_layer(self, layer_type: str, idx: int, sliding_window: int | None):
@@ -79,9 +82,9 @@ class _OneLayerKeysCache(RQCache):
         if layer_idx not in self.attention_layers:
             self.attention_layers.append(layer_idx)
         if isinstance(layer, RQCacheLayer):
-            keys, _ = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-            _, values = self._exact_values.update(key_states, value_states)
-            return keys, values
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            exact_keys, exact_values = self._exact.update(key_states, value_states)
+            return (keys, exact_values) if self.part == "k" else (exact_keys, values)
         if isinstance(layer, DynamicLayer):
             return layer.update(key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)  # its clear error
@@ -122,12 +125,38 @@ def key_sensitivity(
     overrides, so that every layer is scored at the same width, and without the recent window (it would keep the
     copy's nearest keys exact; where retrieval looks is what is measured). `calibration` / `prompt_means` as
     `RQCache` takes them: use what the cache will be given. Cost: one exact pass and one pass per attention layer
-    over `2 * passage + gap` tokens, for each passage (SmolLM2-135M, 2-core CPU, 2 threads: 230 s in all).
+    over `2 * passage + gap` tokens, for each passage (SmolLM2-135M, 2-core CPU, 2 threads: 230 s in all; one
+    H200: 38 s in SmolLM2's shapes, 156 s at Qwen3.5-27B's dimensions).
 
     `KeySensitivity.raise_keys(config, layers=n)` then gives the `n` highest-scoring layers wider keys. Measured on
     SmolLM2 at 8K tokens (QUALITY.md "Session 37"): its 15 layers against the hand-chosen 5-19 at the same bytes,
     mean KL 0.041 vs 0.045 (iso) and 0.033 vs 0.037 (planar) over six windows the probe never saw.
     """
+    found = _layer_scores(
+        model, config, "k", tokenizer=tokenizer, input_ids=input_ids, calibration=calibration,
+        prompt_means=prompt_means, passage=passage, gap=gap, passages=passages, progress=progress,
+    )  # fmt: skip
+    config = config or RQConfig()
+    return KeySensitivity(kl=found.kl, key_bits=config.k_bits, source=found.source)
+
+
+def _layer_scores(
+    model,
+    config: RQConfig | None,
+    part: str,
+    *,
+    tokenizer,
+    input_ids: torch.Tensor | None,
+    calibration: Calibration | str | None,
+    prompt_means: bool,
+    passage: int,
+    gap: int,
+    passages: int,
+    progress: bool | None,
+) -> KeySensitivity:
+    """`key_sensitivity`'s probe for one `part` ("k", or "v": only the probed layer's values quantized, a research
+    variant; QUALITY.md "Session 38" found value layers chosen this way level with the presets'). `key_bits` of the
+    result is the probed part's width."""
     if (tokenizer is None) == (input_ids is None):
         raise ValueError("key_sensitivity needs exactly one of tokenizer (built-in stdlib text) or input_ids")
     if passage < 1 or gap < 0:
@@ -142,7 +171,7 @@ def key_sensitivity(
     cache_kwargs = {"model_config": model.config, "calibration": calibration, "prompt_means": prompt_means}
 
     def run(ids: torch.Tensor, probed: int | None) -> tuple[Any, _OneLayerKeysCache]:
-        cache = _OneLayerKeysCache(config, probed, **cache_kwargs)
+        cache = _OneLayerKeysCache(config, probed, part, **cache_kwargs)
         result = decode_time_ppl(model, ids, lambda: cache, prefill, passage, progress=False, chunk=passage)
         return result, cache
 
@@ -154,11 +183,11 @@ def key_sensitivity(
                 raise ValueError(
                     "key_sensitivity saw no attention layer: the model does not write its K/V through the cache"
                 )
-            bar = tqdm(seen.attention_layers, desc=f"key sensitivity {n + 1}/{len(probes)}", unit="layer",
+            bar = tqdm(seen.attention_layers, desc=f"{part} sensitivity {n + 1}/{len(probes)}", unit="layer",
                        disable=None if progress is None else not progress, leave=False)  # fmt: skip
             for layer in bar:
                 probed, _ = run(ids, layer)
                 kl = kl_divergence(reference, probed).mean().item()
                 totals[layer] = totals.get(layer, 0.0) + kl / len(probes)
     source = "input_ids" if input_ids is not None else f"stdlib, {len(probes)} x ({passage}, gap {gap}, copy)"
-    return KeySensitivity(kl=totals, key_bits=config.k_bits, source=source)
+    return KeySensitivity(kl=totals, key_bits=config.k_bits if part == "k" else config.v_bits, source=source)

@@ -19,23 +19,28 @@ def _ids(model, length: int) -> torch.Tensor:
     return torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
 
 
-def test_probe_cache_compresses_the_probed_layers_keys_and_nothing_else():
+@pytest.mark.parametrize("part", ["k", "v"])
+def test_probe_cache_compresses_the_probed_layers_part_and_nothing_else(part):
+    """Keys by default; values (the research variant QUALITY.md "Session 38" measured) with part="v"."""
     model = tiny_llama(num_hidden_layers=3)
-    cache = _OneLayerKeysCache(RQConfig(residual_window=0), 1, model_config=model.config, calibration=None)
+    cache = _OneLayerKeysCache(RQConfig(residual_window=0), 1, part, model_config=model.config, calibration=None)
     shape = (1, 2, 20, 64)
     for layer in range(3):
         keys, values = torch.randn(shape), torch.randn(shape)
-        got_keys, got_values = cache.update(keys, values, layer)
-        assert torch.equal(got_values, values), f"layer {layer}'s values must stay exact"
-        if layer == 1:
-            assert not torch.equal(got_keys, keys), "the probed layer's keys must be quantized"
-            assert torch.equal(got_keys[:, :, :1], keys[:, :, :1]), "its sink token stays exact, as in RQCache"
-            rel = (got_keys - keys).norm() / keys.norm()
-            assert 0.02 < rel < 0.5, f"3-bit keys should be close but not equal, relative error {rel:.3f}"
-        else:
-            assert torch.equal(got_keys, keys), f"layer {layer} is not probed: its keys must stay exact"
+        got = dict(zip("kv", cache.update(keys, values, layer), strict=True))
+        sent = {"k": keys, "v": values}
+        for kind in "kv":
+            if layer == 1 and kind == part:
+                assert not torch.equal(got[kind], sent[kind]), f"the probed layer's {kind} must be quantized"
+                assert torch.equal(got[kind][:, :, :1], sent[kind][:, :, :1]), "the sink token stays exact"
+                rel = (got[kind] - sent[kind]).norm() / sent[kind].norm()
+                assert 0.02 < rel < 0.5, f"3-bit {kind} should be close but not equal, relative error {rel:.3f}"
+            else:
+                assert torch.equal(got[kind], sent[kind]), f"layer {layer}'s {kind} is not probed: it must stay exact"
     assert cache.attention_layers == [0, 1, 2]
     assert cache.get_seq_length() == 20
+    with pytest.raises(ValueError, match="part must be 'k' or 'v'"):
+        _OneLayerKeysCache(RQConfig(), 1, "q", model_config=model.config)
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3_5])
