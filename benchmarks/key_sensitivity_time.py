@@ -74,7 +74,8 @@ def main() -> None:
         def probe() -> KeySensitivity:
             # input_ids give one probe each; the tokenizer path's two passages are two calls, scores averaged
             runs = [key_sensitivity(model, input_ids=row[None], progress=False) for row in rows]
-            return KeySensitivity(kl={i: sum(r.kl[i] for r in runs) / len(runs) for i in runs[0].kl}, key_bits=3)
+            kl = {i: sum(r.kl[i] for r in runs) / len(runs) for i in runs[0].kl}
+            return KeySensitivity(kl=kl, key_bits=runs[0].key_bits)
 
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -55,7 +55,7 @@ class KeySensitivity:
         return config.replace(layer_bits=tuple((layer, *entries[layer]) for layer in sorted(entries)))
 
 
-class _OneLayerKeysCache(RQCache):
+class _ProbeCache(RQCache):
     """`RQCache` whose only compressed tensor is layer `probed`'s keys (None: none; `part="v"`: its values instead);
     every other attention layer, and the probed layer's other part, are returned exact. Records which layers are
     attention layers."""
@@ -132,12 +132,10 @@ def key_sensitivity(
     SmolLM2 at 8K tokens (QUALITY.md "Session 37"): its 15 layers against the hand-chosen 5-19 at the same bytes,
     mean KL 0.041 vs 0.045 (iso) and 0.033 vs 0.037 (planar) over six windows the probe never saw.
     """
-    found = _layer_scores(
+    return _layer_scores(
         model, config, "k", tokenizer=tokenizer, input_ids=input_ids, calibration=calibration,
         prompt_means=prompt_means, passage=passage, gap=gap, passages=passages, progress=progress,
     )  # fmt: skip
-    config = config or RQConfig()
-    return KeySensitivity(kl=found.kl, key_bits=config.k_bits, source=found.source)
 
 
 def _layer_scores(
@@ -170,8 +168,8 @@ def _layer_scores(
     prefill = passage + gap
     cache_kwargs = {"model_config": model.config, "calibration": calibration, "prompt_means": prompt_means}
 
-    def run(ids: torch.Tensor, probed: int | None) -> tuple[Any, _OneLayerKeysCache]:
-        cache = _OneLayerKeysCache(config, probed, part, **cache_kwargs)
+    def run(ids: torch.Tensor, probed: int | None) -> tuple[Any, _ProbeCache]:
+        cache = _ProbeCache(config, probed, part, **cache_kwargs)
         result = decode_time_ppl(model, ids, lambda: cache, prefill, passage, progress=False, chunk=passage)
         return result, cache
 

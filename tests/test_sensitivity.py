@@ -10,7 +10,7 @@ import torch
 from tiny_models import tiny_llama, tiny_qwen3_5
 
 from rqcompile import KeySensitivity, RQConfig, key_sensitivity, models
-from rqcompile.sensitivity import _OneLayerKeysCache
+from rqcompile.sensitivity import _ProbeCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +23,7 @@ def _ids(model, length: int) -> torch.Tensor:
 def test_probe_cache_compresses_the_probed_layers_part_and_nothing_else(part):
     """Keys by default; values (the research variant QUALITY.md "Session 38" measured) with part="v"."""
     model = tiny_llama(num_hidden_layers=3)
-    cache = _OneLayerKeysCache(RQConfig(residual_window=0), 1, part, model_config=model.config, calibration=None)
+    cache = _ProbeCache(RQConfig(residual_window=0), 1, part, model_config=model.config, calibration=None)
     shape = (1, 2, 20, 64)
     for layer in range(3):
         keys, values = torch.randn(shape), torch.randn(shape)
@@ -40,7 +40,7 @@ def test_probe_cache_compresses_the_probed_layers_part_and_nothing_else(part):
     assert cache.attention_layers == [0, 1, 2]
     assert cache.get_seq_length() == 20
     with pytest.raises(ValueError, match="part must be 'k' or 'v'"):
-        _OneLayerKeysCache(RQConfig(), 1, "q", model_config=model.config)
+        _ProbeCache(RQConfig(), 1, "q", model_config=model.config)
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3_5])
