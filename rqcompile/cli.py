@@ -131,6 +131,8 @@ def _configured(args, model, tok):
     config = _rq_config(args)
     if args.wide_keys and config.bit_allocation:  # before the calibration's and the probe's minutes
         raise SystemExit("error: --wide-keys widens whole layers' keys; --bit-allocation sets widths per coordinate")
+    if args.wide_keys and config.k_bits >= 4:
+        raise SystemExit(f"error: --wide-keys gives layers 4-bit keys; these keys are {config.k_bits:g}-bit already")
     calibration = _calibration(args, config, model, tok)
     prompt_means = getattr(args, "prompt_means", False)  # the eager commands' option
     if prompt_means and calibration is None:

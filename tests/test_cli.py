@@ -217,7 +217,8 @@ def test_prompt_means_reaches_the_eager_cache_and_is_refused_where_it_cannot_app
 
 def test_wide_keys_gives_the_probed_layers_4_bit_keys(monkeypatch, capsys):
     """`--wide-keys N` runs `key_sensitivity` and widens the keys of the N layers it ranks first, in the config the
-    eager cache (and `apply`) is built with; more layers than the model has attention layers is a clear error."""
+    eager cache (and `apply`) is built with; more layers than the model has attention layers, or keys that are 4-bit
+    already, are clear errors."""
     import rqcompile.cli as cli
 
     built = []
@@ -232,6 +233,8 @@ def test_wide_keys_gives_the_probed_layers_4_bit_keys(monkeypatch, capsys):
         main(["eval", *TINY, "--wide-keys", "5", *flags])
     with pytest.raises(SystemExit, match="--bit-allocation sets widths per coordinate"):
         main(["eval", *TINY, "--wide-keys", "1", "--bits", "3.5", "--bit-allocation", "2,3,4,5,6", *flags])
+    with pytest.raises(SystemExit, match="4-bit keys; these keys are 4-bit already"):
+        main(["eval", *TINY, "--wide-keys", "1", "--bits", "4", *flags])
     with pytest.raises(SystemExit):
         main(["eval", *TINY, "--wide-keys", "-1", *flags])
     assert "is not a count" in capsys.readouterr().err
