@@ -45,10 +45,14 @@ class KeySensitivity:
 
     def raise_keys(self, config: RQConfig, layers: int, bits: int = 4) -> RQConfig:
         """`config` with `bits`-wide keys in its `layers` most sensitive layers (`layer_bits`); every other width
-        (values, other layers, earlier `layer_bits` entries) as `config` has it."""
+        (values, other layers, earlier `layer_bits` entries) as `config` has it. A chosen layer whose keys are wider
+        than `bits` already is an error, not a silent narrowing."""
         if not 0 <= layers <= len(self.kl):
             raise ValueError(f"layers must be in 0..{len(self.kl)} (the attention layers probed), got {layers}")
         chosen = set(self.ranked()[:layers])
+        narrowed = sorted(layer for layer in chosen if config.bits_for(layer, "k") > bits)
+        if narrowed:
+            raise ValueError(f"raise_keys(bits={bits}) would narrow the wider keys of layers {narrowed}")
         entries = {layer: (key_bits, value_bits) for layer, key_bits, value_bits in config.layer_bits}
         for layer in chosen:
             entries[layer] = (bits, config.bits_for(layer, "v"))

@@ -72,6 +72,8 @@ def test_raise_keys_widens_the_top_layers_keys_and_keeps_every_other_width():
     assert scores.raise_keys(config, layers=0) == config
     with pytest.raises(ValueError, match=r"layers must be in 0\.\.4"):
         scores.raise_keys(config, layers=5)
+    with pytest.raises(ValueError, match=r"raise_keys\(bits=3\) would narrow the wider keys of layers \[1, 2\]"):
+        scores.raise_keys(RQConfig(bits=4), layers=2, bits=3)
 
 
 def test_bad_arguments_get_clear_errors():
