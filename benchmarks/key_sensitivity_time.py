@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
 
     if args.model == "smollm2":
         model, tok = models.load_smollm2()
@@ -77,19 +78,19 @@ def main() -> None:
             kl = {i: sum(r.kl[i] for r in runs) / len(runs) for i in runs[0].kl}
             return KeySensitivity(kl=kl, key_bits=runs[0].key_bits)
 
-    if args.device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     found = probe()
-    if args.device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} threads"
     print(
         f"key_sensitivity, {args.model}, defaults ({PASSAGES} passages x {len(found.kl) + 1} passes of "
         f"{2 * PASSAGE + GAP} tokens), {where}, torch {torch.__version__}: {seconds:.1f} s"
     )
-    if args.device.startswith("cuda"):
+    if cuda:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"top {min(15, len(found.kl))} layers: {sorted(found.ranked()[:15])}")
 

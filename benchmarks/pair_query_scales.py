@@ -131,10 +131,10 @@ def main() -> None:
     stats = {**variants[name].stats, **{(layer, "v", "scale"): s for layer, s in value_scales.items()}}
     name = "+ query key scales (calibrate) + output value scales"
     variants[name] = Calibration(stats, name, lib.rope)
-    k4 = f", K4/3 V3's 4-bit keys in {args.k4_layers}" if args.k4_layers else ""
-    k4 += f", K3 V3/2's 3-bit values in {args.v3_layers}" if args.v3_layers else ""
-    k4 += f", K3/2 V2's 3-bit keys in {args.k3_layers}" if args.k3_layers else ""
-    print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}{k4}", flush=True)
+    layers = f", K4/3 V3's 4-bit keys in {args.k4_layers}" if args.k4_layers else ""
+    layers += f", K3 V3/2's 3-bit values in {args.v3_layers}" if args.v3_layers else ""
+    layers += f", K3/2 V2's 3-bit keys in {args.k3_layers}" if args.k3_layers else ""
+    print(f"prefill {args.prefill}, decode {args.decode}, windows {args.offsets}, w{args.window}{layers}", flush=True)
     for spec in args.configs.split(","):
         backend, widths = spec.strip().split(" ", 1)
         config = RQConfig(backend=backend, residual_window=args.window, seed=args.seed, **WIDTHS[widths])
