@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from rqcompile import cache as cache_module
 from rqcompile.eval.corpus import stdlib_corpus
 from rqcompile.models import load_smollm2
-from rqcompile.quant.rope_offset import RopeSpec, static_rope_spec, unrotate
+from rqcompile.quant.rope_offset import RopeSpec, _cos_sin, static_rope_spec, unrotate
 
 SPAN = int(os.environ.get("PRE_ROPE_SPAN", "8192"))  # query-key distances the transform is averaged over
 TRANSFORMS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (A, A^-1), [H, d, d] float32
@@ -44,8 +44,7 @@ TRANSFORMS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (A, A^
 def rotate(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
     """RoPE_p of pre-RoPE vectors x [B, H, T, d] (the inverse of `unrotate`)."""
     half = spec.dims // 2
-    angles = positions.float()[:, None, :, None] * spec.inv_freq.to(positions.device)
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = _cos_sin(positions, spec)
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     s = spec.scaling
     return torch.cat([s * (x1 * cos - x2 * sin), s * (x2 * cos + x1 * sin), rest], dim=-1)
