@@ -220,12 +220,22 @@ def quantize(
     _check_finite(x, "K/V input")
     candidates = levels[codebook_size(widths) :]
     u = _permute((x.float() - mean[:, None, :]) / scale[:, None, :], perm)
-    y = rotate(u, rotation).unflatten(-1, (dim // group, group))
+    y = _rotate_batch_invariant(u, rotation).unflatten(-1, (dim // group, group))
     norm = y.norm(dim=-1, keepdim=True)
     unit = torch.where(norm > 0, y / norm.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(y))
     codes, chosen = _search_codes(unit, table, candidates) if candidates.numel() else _codes(unit, table)
     corrected = norm.squeeze(-1) / chosen.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
     return pack(codes.flatten(-2), widths), corrected.to(torch.float16)
+
+
+def _rotate_batch_invariant(u: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """`rotate` for the encoder, accumulated in float64 and rounded to float32.
+
+    A token's codes must not depend on how many tokens it is quantized with (a chunked prefill, the residual window
+    spilling one token or many): matrix-multiply libraries pick their accumulation order by the number of rows, and
+    a one-ulp difference flips a code that sits on a decision boundary. Accumulated in float64, the float32 result is
+    the same for any row count unless the exact value lies within ~1e-16 of a float32 rounding point."""
+    return rotate(u.double(), rotation.double()).float()
 
 
 def _run_table(widths: tuple[int, ...], levels: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
