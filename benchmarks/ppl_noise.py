@@ -18,6 +18,7 @@ builds it), and two presets of QUALITY.md's "Session 14" table without the recen
 `--pins` runs every quality pin of tests/test_quality_pins.py instead, on the pins' own harness (its window, 256
 steps, its calibrations), and prints each pin's bounds beside the range the seeds reach, marking the bounds a seed
 crosses: a pin must hold on any machine whose float sums round otherwise, not only on the one it was set on.
+`--comparisons` does the same for the test module's COMPARISONS (KL with a method / without it, same bytes).
 
     .venv/bin/python benchmarks/ppl_noise.py --pins --seeds 6 --out benchmarks/results/ppl_noise_pins_s35.json
 """
@@ -25,10 +26,12 @@ crosses: a pin must hold on any machine whose float sums round otherwise, not on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,31 +68,21 @@ def jittered(seed: int, flips: list[int]):
     return codes
 
 
-def pins_noise(seeds: int) -> dict:
+def pins_noise(seeds: int, only: set[str]) -> dict:
     """Every pin of tests/test_quality_pins.py under the jitter, on the pins' harness: per pin its runs and bounds."""
-    tests = Path(__file__).resolve().parent.parent / "tests"
-    sys.path.insert(0, str(tests))
-    import test_quality_pins as pins  # noqa: PLC0415  (a test module: imported only for this mode)
-
-    torch.set_num_threads(1)
-    smollm2 = models.load_smollm2()
-    ids = license_corpus(smollm2[1], pins.PREFILL + pins.DECODE + 1)
-    reference = decode_time_ppl(smollm2[0], ids, prefill=pins.PREFILL, decode=pins.DECODE, chunk=pins.DECODE)
+    pins, smollm2, ids, reference = _pins_harness()
     calibrations, out = {}, {}
-    exact = quantizer.boundary_codes
     for name, (config, kind, (low, high), kl_high) in sorted(pins.PINS.items()):
+        if only and name not in only:
+            continue
         if kind not in calibrations:
             calibrations[kind] = pins.make_calibration(kind, smollm2)
         runs = []
         for seed in [-1, *range(seeds)]:
-            flips = [0]
-            quantizer.boundary_codes = exact if seed < 0 else jittered(seed, flips)
-            try:
+            with _jitter(seed) as flips:
                 delta, kl, _ = pins._measure(
                     smollm2, ids, reference, config, calibrations[kind], prompt_means=kind == "prompt means"
                 )
-            finally:
-                quantizer.boundary_codes = exact
             runs.append({"seed": seed, "ppl_delta": delta, "kl": kl, "flips": flips[0]})
         d, k = [r["ppl_delta"] for r in runs], [r["kl"] for r in runs]
         crossed = [what for what, bad in (("floor", min(d) <= low), ("ceiling", max(d) >= high)) if bad]
@@ -104,37 +97,91 @@ def pins_noise(seeds: int) -> dict:
     return out
 
 
+def comparisons_noise(seeds: int) -> dict:
+    """Every comparison of tests/test_quality_pins.py (COMPARISONS) under the jitter: per comparison, KL with and
+    without the method in each run (both caches jittered by the same seed) and their ratio against its bound."""
+    pins, smollm2, ids, reference = _pins_harness()
+    calibrations, out = {}, {}
+    for name, (with_it, without_it, kind, bound) in sorted(pins.COMPARISONS.items()):
+        if kind not in calibrations:
+            calibrations[kind] = pins.make_calibration(kind, smollm2)
+        runs = []
+        for seed in [-1, *range(seeds)]:
+            kls = []
+            for config in (with_it, without_it):
+                with _jitter(seed):
+                    kls.append(pins._measure(smollm2, ids, reference, config, calibrations[kind])[1])
+            runs.append({"seed": seed, "kl_with": kls[0], "kl_without": kls[1], "ratio": kls[0] / kls[1]})
+        ratios = [r["ratio"] for r in runs]
+        crossed = max(ratios) >= bound
+        out[name] = {"runs": runs, "bound": bound, "crossed": crossed}
+        print(
+            f"{name}: KL ratio {ratios[0]:.3f} (seeds {min(ratios):.3f} .. {max(ratios):.3f}, pinned < {bound})"
+            + ("  CROSSED" if crossed else ""),
+            flush=True,
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _jitter(seed: int) -> Iterator[list[int]]:
+    """The reference encoder's boundary compares jittered by `seed` (-1: exact) while inside; yields the flip count."""
+    exact, flips = quantizer.boundary_codes, [0]
+    quantizer.boundary_codes = exact if seed < 0 else jittered(seed, flips)
+    try:
+        yield flips
+    finally:
+        quantizer.boundary_codes = exact
+
+
+def _pins_harness():
+    """tests/test_quality_pins.py (whose tables and `_measure` the --pins and --comparisons modes use), SmolLM2, the
+    pins' window and its unquantized reference scores."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path.insert(0, str(tests))
+    import test_quality_pins as pins  # noqa: PLC0415  (a test module: imported only for these modes)
+
+    torch.set_num_threads(1)
+    smollm2 = models.load_smollm2()
+    ids = license_corpus(smollm2[1], pins.PREFILL + pins.DECODE + 1)
+    reference = decode_time_ppl(smollm2[0], ids, prefill=pins.PREFILL, decode=pins.DECODE, chunk=pins.DECODE)
+    return pins, smollm2, ids, reference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--pins", action="store_true", help="every pin of tests/test_quality_pins.py instead")
+    parser.add_argument("--only", default="", help="with --pins: these pins only (comma-separated names)")
+    parser.add_argument(
+        "--comparisons", action="store_true", help="every comparison of tests/test_quality_pins.py instead"
+    )
     parser.add_argument("--out", default="")
     parser.set_defaults(offsets="0,8192")
     args = parser.parse_args()
-    if args.pins:
-        results = {"command": " ".join(sys.argv), "jitter": JITTER, "pins": pins_noise(args.seeds)}
+    if args.pins or args.comparisons:
+        results = {"command": " ".join(sys.argv), "jitter": JITTER}
+        if args.pins:
+            results["pins"] = pins_noise(args.seeds, set(filter(None, args.only.split(","))))
+        if args.comparisons:
+            results["comparisons"] = comparisons_noise(args.seeds)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return
     harness = Harness.load(args)
-    exact = quantizer.boundary_codes
     results = {"command": " ".join(sys.argv), "jitter": JITTER, "prefill": args.prefill, "decode": args.decode}
     results["offsets"], results["configs"] = args.offsets, {}
     for name in args.configs.split(","):
         config = CONFIGS[name]
         runs = []
         for seed in [-1, *range(args.seeds)]:
-            flips = [0]
-            quantizer.boundary_codes = exact if seed < 0 else jittered(seed, flips)
             t0 = time.time()
-            try:
+            with _jitter(seed) as flips:
                 deltas, kls = harness.score(
                     lambda c=config: RQCache(c, calibration="prompt", model_config=harness.model.config)
                 )
-            finally:
-                quantizer.boundary_codes = exact
             runs.append({"seed": seed, "ppl_delta": deltas, "kl": kls, "flips": flips[0]})
             cells = " / ".join(f"{d:+.2f}% (KL {k:.4f})" for d, k in zip(deltas, kls, strict=True))
             print(f"{name} seed {seed:2d}: {cells}, {flips[0]} flips, {time.time() - t0:.0f} s", flush=True)
