@@ -12,7 +12,13 @@ transformers 5.24, one thread): see PINS.
 A few codes flipped by float-rounding differences (another machine's sums) move a block preset's ppl delta on this
 window by several points, far more than its KL: session 35 measured every pin with a few dozen codes flipped per run
 (`benchmarks/ppl_noise.py --pins --seeds 6`, QUALITY.md "Session 35"), and where a run crossed a bound the bound was
-widened to 15% outside the runs' range (KL bounds to 10% above it).
+widened to 15% outside the runs' range (KL bounds to 10% above it). Session 41 made the encoder's rotation
+accumulate in float64 (a token's codes no longer depend on how many tokens it is quantized with), which moved codes
+on this window; it reran the seeds (`ppl_noise.py --pins --comparisons --seeds 6`, benchmarks/results/
+ppl_noise_pins_s41.json) and gave *every* pin that headroom, crossed or not: two pins' runs crossed their ceiling
+(iso-K4/3V3-rope-prompt at +11.85% unjittered against 10, iso-K3V3/2-rope-prompt-means) and eleven more had less
+headroom than that. The comparisons' bounds sit 10% above their runs' worst ratio (CI had failed bit allocation at
+0.853 against 0.85 before the change).
 
 The full-length numbers come from benchmarks/presets.py; tests/test_quality_bench.py runs benchmarks/quality.py (slow).
 """
@@ -76,14 +82,14 @@ PINS = {
     "rotor-K4/3V3-full-keymean": (
         RQConfig(backend="rotor", bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
         "key mean",
-        (3.0, 17.0),
-        0.11,
+        (3.0, 19.0),
+        0.116,
     ),
     "iso-K3V3/2-full-keymean": (
         RQConfig(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0),
         "key mean",
-        (6.0, 27.5),
-        0.24,
+        (6.0, 28.5),
+        0.25,
     ),
     # QUALITY.md "Session 14": each width's best block preset with the offset (1K harness, prompt calibration, no
     # window); at pin time on this window: iso K4/3 V3 +5.19% KL 0.0633, iso K3 V3/2 +7.18% KL 0.1397, rotor
@@ -91,8 +97,8 @@ PINS = {
     "iso-K4/3V3-rope-prompt": (
         RQConfig(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
         "prompt",
-        (2.0, 10.0),
-        0.079,
+        (2.0, 14.5),
+        0.083,
     ),
     # Session 35: the format's tie rule (exact ties toward zero: 4 negative ties among this run's 44M coded units
     # changed code) moved this row from +7.18% KL 0.1397 to +10.90% KL 0.1418. With 2-bit V this window's ppl is
@@ -114,7 +120,7 @@ PINS = {
     # Session 16: prompt_means=True, calibrate()'s defaults with the key means measured on the prompt (QUALITY.md
     # "Session 16"); at pin time on this window: the default +4.50% KL 0.0252, iso K4/3 V3 +1.66% KL 0.0561, iso
     # K3 V3/2 +5.81% KL 0.1243
-    "default-prompt-means": (RQConfig(), "prompt means", (1.0, 8.5), 0.032),
+    "default-prompt-means": (RQConfig(), "prompt means", (1.0, 8.5), 0.034),
     "iso-K4/3V3-rope-prompt-means": (
         RQConfig(bits=3, layer_bits=tuple((i, 4, 3) for i in K4_LAYERS), residual_window=0),
         "prompt means",
@@ -124,17 +130,17 @@ PINS = {
     "iso-K3V3/2-rope-prompt-means": (
         RQConfig(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0),
         "prompt means",
-        (2.0, 11.5),
+        (2.0, 14.0),
         0.155,
     ),
-    "default-uncalibrated": (RQConfig(), False, (2.0, 12.0), 0.09),
+    "default-uncalibrated": (RQConfig(), False, (2.0, 14.0), 0.09),
     # what the drop-in cache does given model_config: the pre-RoPE key mean removed too (session 15's default)
-    "default-prompt-calibrated": (RQConfig(), "prompt", (1.0, 8.0), 0.032),
+    "default-prompt-calibrated": (RQConfig(), "prompt", (1.0, 8.0), 0.034),
     "default-prompt-calibrated-post-rope-mean-only": (RQConfig(rope_key_mean=False), "prompt", (1.0, 8.0), 0.037),
     # what rqcompile.apply carries by default: calibrate()'s key means (post- and pre-RoPE) on stdlib text
-    "default-stdlib-calibrated": (RQConfig(), "default", (1.5, 7.5), 0.027),
+    "default-stdlib-calibrated": (RQConfig(), "default", (1.5, 8.0), 0.027),
     "default-calibrated-key-and-value-scales": (RQConfig(rope_key_mean=False), True, (0.0, 5.0), 0.053),
-    "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (0.5, 10.5), 0.12),
+    "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (0.5, 11.5), 0.122),
     "default-no-window-post-rope-mean-only": (
         RQConfig(residual_window=0, rope_key_mean=False),
         "prompt",
@@ -159,9 +165,9 @@ PINS = {
         RQConfig(backend="iso", key_bits=4, value_bits=3, **PRESET),
         True,
         (3.0, 18.0),
-        0.115,
+        0.125,
     ),
-    "iso-K3V3-preset": (RQConfig(backend="iso", bits=3, **PRESET), True, (12.0, 36.0), 0.31),
+    "iso-K3V3-preset": (RQConfig(backend="iso", bits=3, **PRESET), True, (12.0, 37.5), 0.31),
     "rotor-K3V2-preset": (
         RQConfig(backend="rotor", key_bits=3, value_bits=2, **PRESET),
         True,
@@ -171,13 +177,13 @@ PINS = {
     "iso-K3.5V3-alloc": (
         RQConfig(backend="iso", key_bits=3.5, value_bits=3, bit_allocation=ALLOCATION, **PRESET),
         True,
-        (3.0, 11.5),
+        (3.0, 12.5),
         0.12,
     ),
     "planar-K3V2.5-alloc": (
         RQConfig(backend="planar", key_bits=3, value_bits=2.5, bit_allocation=ALLOCATION, **PRESET),
         True,
-        (12.0, 33.0),
+        (12.0, 36.5),
         0.245,
     ),
 }
@@ -280,7 +286,10 @@ def test_the_default_config_is_the_pinned_staged_iso_3_bit_preset():
 # PINS, the bound on KL with / KL without). Measured at pin time (KL with / without): full mixing against one block
 # layer and against Hadamard (session 8, prompt calibration, before the pre-RoPE key mean): 0.1407 / 0.2196 and
 # / 0.158; the pre-RoPE key mean removed too (session 13): 0.0952 / 0.1407; the scale search on the calibrated iso
-# K4V3 preset: 0.091 / 0.141; calibrated bit allocation (2-6 bits at iso K3V3's bytes): 0.186 / 0.251.
+# K4V3 preset: 0.091 / 0.141; calibrated bit allocation (2-6 bits at iso K3V3's bytes): 0.186 / 0.251. Session 41's
+# ratios, unjittered run (and the jittered seeds' range): one block layer 0.364 (0.360 .. 0.413), Hadamard 0.773
+# (0.729 .. 0.857), pre-RoPE key mean 0.690 (0.628 .. 0.762), scale search 0.662 (0.625 .. 0.788), bit allocation
+# 0.818 (0.714 .. 0.829); bounds 10% above the worst ratio where the old ones were closer.
 _NO_ROPE_MEAN = RQConfig(rope_key_mean=False)  # as measured in session 8, before the pre-RoPE key mean
 _WITHOUT_WINDOW = RQConfig(residual_window=0, rope_key_mean=False)
 COMPARISONS = {
@@ -293,31 +302,32 @@ COMPARISONS = {
     # across presets and windows the two are level (QUALITY.md "Staged rotations in the format"); on this one window
     # full mixing is lower
     "full mixing against hadamard": (_NO_ROPE_MEAN, _NO_ROPE_MEAN.replace(backend="hadamard"), "prompt", 1.0),
-    # the positional offset removed before quantizing cuts KL by about a third (QUALITY.md "Session 13")
+    # the positional offset removed before quantizing cuts KL by about a third on this window (QUALITY.md "Session 13")
     "pre-RoPE key mean against post-RoPE only": (
         _WITHOUT_WINDOW.replace(rope_key_mean=True),
         _WITHOUT_WINDOW,
         "prompt",
-        0.8,
+        0.84,
     ),
     "scale search on the calibrated iso K4V3 preset": (
         PINS["iso-K4V3-preset"][0],
         PINS["iso-K4V3-preset"][0].replace(scale_search=()),
         True,
-        0.85,
+        0.87,
     ),
     "bit allocation against uniform 3-bit codes": (
         PINS["iso-K3V3-preset"][0].replace(bit_allocation=ALLOCATION),
         PINS["iso-K3V3-preset"][0],
         True,
-        0.85,
+        0.92,
     ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(COMPARISONS))
 def test_a_method_lowers_the_error_at_the_same_bytes(name, smollm2, ids, reference, request):
-    """Each method of COMPARISONS, against the same config without it: the same bytes allocated, clearly lower KL."""
+    """Each method of COMPARISONS, against the same config without it: the same bytes allocated, lower KL by more
+    than a few flipped codes move it."""
     with_it, without_it, kind, bound = COMPARISONS[name]
     calibration = _calibration(kind, request)
     held = [_bytes_after_prompt(smollm2, ids, config, calibration) for config in (with_it, without_it)]
