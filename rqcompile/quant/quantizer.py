@@ -1,4 +1,5 @@
-"""The reference quantizer: plain torch, fp32 math, any device. Every kernel and export is checked against it.
+"""The reference quantizer: plain torch, fp32 math (the encoder's rotation accumulated in fp64), any device. Every
+kernel and export is checked against it.
 
 `QuantState` holds one (layer, K|V)'s parameters as tensors; the functions below implement docs/FORMAT.md.
 """
