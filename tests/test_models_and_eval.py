@@ -148,36 +148,36 @@ def test_chunked_teacher_forcing_scores_the_same_targets_as_one_token_at_a_time(
     assert (chunked.token_nll - reference.token_nll).abs().max().item() < 1e-4
 
 
-def test_chunked_teacher_forcing_through_a_compressed_cache_writes_the_same_codes(smollm2, ids):
-    """Per-token quantization: feeding the decode tokens in one chunk stores the same codes as one at a time, so the
-    scores agree. (Shown with hadamard 3-bit, where no value on this text sits within float rounding of a decision
-    boundary; with block backends a single rounding-level code flip in a deep layer can cascade through the later
-    layers - see benchmarks/quality.py, which reports that noise floor.)"""
+@pytest.fixture(scope="module")
+def smollm2_float64(smollm2):
+    """SmolLM2 in float64: a chunk's K/V then round to the same float32 values as one token's (in float32 they are
+    ~1e-6 apart, since the model's matmuls accumulate in another order, enough to flip a code on a boundary), so the
+    chunked-vs-token-by-token tests check the cache alone."""
+    return copy.deepcopy(smollm2[0]).double()
+
+
+@pytest.mark.parametrize("backend", ["hadamard", "iso", "planar"])
+def test_chunked_teacher_forcing_through_a_compressed_cache_writes_the_same_codes(smollm2_float64, ids, backend):
+    """Per-token quantization: feeding the decode tokens in one chunk stores the same codes as one at a time (the
+    encoder codes a token alike at any row count: docs/FORMAT.md "Row-count invariance"), so the scores agree."""
     from rqcompile import RQCache, RQConfig
 
-    # the search adds near-ties between candidates; without a sink token (the config this was shown with: exact
-    # token 0 changes every later hidden state, and with it which values sit near a boundary); uncalibrated, as when
-    # it was shown (the caches' default calibrates on the prompt)
-    config = RQConfig(backend="hadamard", bits=3, scale_search=(), sink_tokens=0, residual_window=0)
-    caches = {1: RQCache(config, calibration=None), DECODE: RQCache(config, calibration=None)}
-    runs = {n: decode_time_ppl(smollm2[0], ids, lambda n=n: caches[n], PREFILL, DECODE, chunk=n) for n in caches}
+    config = RQConfig(backend=backend, bits=3, residual_window=0)  # the default's scale search and sink token
+    caches = {1: RQCache(config), DECODE: RQCache(config)}
+    runs = {n: decode_time_ppl(smollm2_float64, ids, lambda n=n: caches[n], PREFILL, DECODE, chunk=n) for n in caches}
     for one, many in zip(caches[1].layers, caches[DECODE].layers, strict=True):
         assert torch.equal(one.k_codes, many.k_codes) and torch.equal(one.v_codes, many.v_codes)
     assert (runs[1].token_nll - runs[DECODE].token_nll).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("backend", ["hadamard", "iso"])
-def test_a_windowed_cache_fed_in_one_chunk_scores_as_if_fed_token_by_token(smollm2, ids, backend):
+def test_a_windowed_cache_fed_in_one_chunk_scores_as_if_fed_token_by_token(smollm2_float64, ids, backend):
     """`residual_window`: each query of a chunk must see the exact window it would have seen fed alone (the real
-    cache, fed a chunk, shows every query the window at the chunk's end: the second assertion shows that differs).
-
-    The model runs in float64: in float32 a chunk's K/V differ from one token's by ~1e-6 (the matmuls accumulate in
-    another order), enough to flip a code that sits on a decision boundary; in float64 they round to the same float32
-    values the quantizer reads, so what is compared is the window view alone."""
+    cache, fed a chunk, shows every query the window at the chunk's end: the second assertion shows that differs)."""
     from rqcompile import RQCache, RQConfig
     from rqcompile.eval.metrics import _decode
 
-    model = copy.deepcopy(smollm2[0]).double()
+    model = smollm2_float64
     config = RQConfig(backend=backend, bits=3, scale_search=(), sink_tokens=1, residual_window=8)
     make = lambda: RQCache(config, calibration=None)  # noqa: E731
     one = decode_time_ppl(model, ids, make, PREFILL, DECODE, chunk=1)
