@@ -235,7 +235,7 @@ def _rotate_batch_invariant(u: torch.Tensor, rotation: torch.Tensor) -> torch.Te
     A token's codes must not depend on how many tokens it is quantized with (a chunked prefill, the residual window
     spilling one token or many): matrix-multiply libraries pick their accumulation order by the number of rows, and
     a one-ulp difference flips a code that sits on a decision boundary. Accumulated in float64, the float32 result is
-    the same for any row count unless the exact value lies within ~1e-16 of a float32 rounding point."""
+    the same for any row count unless the exact value lies within ~1e-16 (relative) of a float32 rounding point."""
     return rotate(u.double(), rotation.double()).float()
 
 
