@@ -32,14 +32,20 @@ from rqcompile.ops import quantize_state
 from rqcompile.quant.quantizer import QuantState, make_state
 
 
-def differing_groups(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], group: int) -> tuple:
+def differing_groups(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple:
     """(fraction of norm groups whose code bytes differ, fraction of stored norms that differ) between two
-    (codes, norms) results; the codes of a group are its `group * bits / 8` bytes."""
+    (codes, norms) results; a row's code bytes split evenly among its groups (one norm each)."""
     codes_a, codes_b = a[0].flatten(0, 2), b[0].flatten(0, 2)
     groups = a[1].shape[-1]
     code_groups = (codes_a != codes_b).unflatten(-1, (groups, -1)).any(-1)
     norms = a[1].flatten(0, 2) != b[1].flatten(0, 2)
     return code_groups.float().mean().item(), norms.float().mean().item()
+
+
+def one_token_per_call(encode, x: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, norms) of x's first `tokens` tokens, each coded by its own `encode` call."""
+    calls = [encode(x[:, :, t : t + 1]) for t in range(tokens)]
+    return tuple(torch.cat(parts, dim=2) for parts in zip(*calls, strict=True))
 
 
 def encode(x: torch.Tensor, state: QuantState, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,14 +61,13 @@ def measure(config: RQConfig, x: torch.Tensor, per_token: int) -> dict[str, tupl
     rows, bulk = encode(x, state, "rows"), encode(x, state, "v2")
     reference = quantize_state(x.cpu(), state.to("cpu"))
     reference = tuple(t.to(x.device) for t in reference)
-    single = [encode(x[:, :, t : t + 1], state, "rows") for t in range(per_token)]
-    single = tuple(torch.cat(parts, dim=2) for parts in zip(*single, strict=True))
+    single = one_token_per_call(lambda t: encode(t, state, "rows"), x, per_token)
     head = tuple(t[:, :, :per_token] for t in rows)
     return {
-        "rows one token / rows all": differing_groups(single, head, state.group),
-        "rows / v2": differing_groups(rows, bulk, state.group),
-        "rows / reference": differing_groups(rows, reference, state.group),
-        "v2 / reference": differing_groups(bulk, reference, state.group),
+        "rows one token / rows all": differing_groups(single, head),
+        "rows / v2": differing_groups(rows, bulk),
+        "rows / reference": differing_groups(rows, reference),
+        "v2 / reference": differing_groups(bulk, reference),
     }
 
 
@@ -100,12 +105,11 @@ def measure_onnx(config: RQConfig, x: torch.Tensor, per_token: int, flavour: str
         return tuple(torch.from_numpy(o) for o in session.run(None, {name: t.contiguous().numpy()}))
 
     whole = run(x)
-    single = [run(x[:, :, t : t + 1]) for t in range(per_token)]
-    single = tuple(torch.cat(parts, dim=2) for parts in zip(*single, strict=True))
+    single = one_token_per_call(run, x, per_token)
     head = tuple(t[:, :, :per_token] for t in whole)
     return {
-        "one token / all": differing_groups(single, head, state.group),
-        "all / reference": differing_groups(whole, quantize_state(x, state), state.group),
+        "one token / all": differing_groups(single, head),
+        "all / reference": differing_groups(whole, quantize_state(x, state)),
     }
 
 
