@@ -18,6 +18,8 @@ combine step's output columns per program of a dense block (session 28 timed 32 
 `--variants "c32:kattn.COMBINE_DENSE_COLS=32;c64:kattn.COMBINE_DENSE_COLS=64;c128:"`.
 `v_along_keys=1` times V's codes packed along keys (`RQConfig.value_layout="keys"`, `packing.pack_along_keys`) on V
 re-packed that way, and reports its output's relative difference from the default launch's on the same data.
+`rope_table=1` (with `--rope`) passes keys-m the rope term's cos / sin as `rope_term.rope_table` and reports the
+output's relative difference from the same launch computing them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from rqcompile.kernels import attention as kattn
 from rqcompile.kernels import dense_query
 from rqcompile.kernels.attention import launch_attention
 from rqcompile.kernels.quantize import launch_quantize
+from rqcompile.kernels.rope_term import rope_table
 from rqcompile.quant import quantizer
 from rqcompile.quant.packing import pack_along_keys
 
@@ -249,7 +252,7 @@ def main() -> None:
                     if args.decode_mask:
                         mask = torch.ones(1, 1, 1, ctx, dtype=torch.bool, device="cuda")
                         mask[..., :1] = mask[..., -32:] = False
-                    run_args, diff = op_args, None
+                    run_args, diff, diff_label = op_args, None, "vs V per token"
                     if settings.get("v_along_keys"):
                         keys_args = along_keys(op_args, args.bits) if keys_args is None else keys_args
                         run_args = keys_args
@@ -260,6 +263,13 @@ def main() -> None:
                         out = launch_attention(*run_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings).float()
                         default_out = default_out.float()
                         diff = ((out - default_out).norm() / default_out.norm()).item()
+
+                    if settings.get("rope_table"):  # "rope_table=1": rope_term.rope_table for these frequencies
+                        without = {k: v for k, v in settings.items() if k != "rope_table"}
+                        base = launch_attention(*run_args, mask, sm, kv_len, **rope, **without).float()
+                        settings = {**settings, "rope_table": rope_table(rope["rope_inv_freq"], ctx)}
+                        out = launch_attention(*run_args, mask, sm, kv_len, **rope, **settings).float()
+                        diff, diff_label = ((out - base).norm() / base.norm()).item(), "vs the turned cos / sin"
 
                     def fused(op_args=run_args, settings=settings, kv_len=kv_len, mask=mask, rope=rope):
                         return launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings)
@@ -287,7 +297,7 @@ def main() -> None:
                     print(
                         f"B{batch} {ctx // 1024}K {backend:6s} {name:10s} {ms * 1e3:8.1f} us  "
                         f"SDPA {sdpa_ms * 1e3:7.1f} us "
-                        f"({sdpa_ms / ms:.2f}x)  | {ks}" + ("" if diff is None else f"  | vs V per token {diff:.1e}"),
+                        f"({sdpa_ms / ms:.2f}x)  | {ks}" + ("" if diff is None else f"  | {diff_label} {diff:.1e}"),
                         flush=True,
                     )
             del k, v, op_args, keys_args, default_out

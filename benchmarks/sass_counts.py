@@ -22,7 +22,8 @@ norms at the copy bandwidth measured in session 26 (4275 GB/s):
 Each argument is one build: kernel (keys-m | split), kb / vb (bits), kvlen (0/1), mask (0/1/2), mrow (1: the mask is
 one row per batch, as apply's decode steps pass it), maxnreg, stages, ablate (keys-m's timing ablations,
 attention_keys_m.ABLATIONS bits), kpre / vpre (keys-m's KPREFETCH / VPREFETCH), rope (ROPE_K: the rope score
-term's padded pair count, 0 = none), vkeys (keys-m's VKEYS: V packed along keys), kvstart (rq::attention's
+term's padded pair count, 0 = none), rtab (keys-m's ROPE_TABLE: that term's cos / sin read from
+rope_term.rope_table), vkeys (keys-m's VKEYS: V packed along keys), kvstart (rq::attention's
 kv_start: keys before it masked, as apply's decode steps without a mask pass it), krb (K's rotation blocks as the
 kernel sees them: 2, the default here, rotates q in the kernel by 2 x 2 blocks, as planar does; 0 takes q rotated
 before, in float32, as the default full mixing launches it. The two allocate differently: session 25 found the
@@ -65,6 +66,7 @@ POINTERS = {
     "pacc_ptr": "*fp32",
     "rope_ptr": "*fp32",
     "rfreq_ptr": "*fp32",
+    "rtab_ptr": "*fp16",
 }
 DIVISIBLE = (*POINTERS, "sqb", "sqh", "sqt", "Tk", "span")
 SHARED_OPS = re.compile(r"(STS|LDS|LDSM|STSM|BAR|SHFL|HGMMA|HMMA)")
@@ -87,6 +89,7 @@ def build(
     vkeys=0,
     kvstart=0,
     krb=2,
+    rtab=0,
 ):
     fn = kattn._attn_keys_m_kernel if kernel == "keys-m" else kattn._attn_split_kernel
     sig = {name: "i32" for name in fn.arg_names}
@@ -102,6 +105,7 @@ def build(
         const.update(smn=1)
     if kernel == "keys-m":
         const.update(ABLATE=ablate, KPREFETCH=bool(kpre), VPREFETCH=bool(vpre), VKEYS=bool(vkeys))
+        const.update(ROPE_TABLE=bool(rtab))
     sig.update({name: "constexpr" for name in const})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if sig[n] != "constexpr"}
     options = {"num_warps": 4, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}

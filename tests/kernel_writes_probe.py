@@ -71,6 +71,7 @@ def written(opaque: bool, kernel=kattn._attn_split_kernel, vkeys: bool = False) 
         "KPREFETCH": kattn.DEFAULTS["k_prefetch"],
         "VPREFETCH": kattn.DEFAULTS["v_prefetch"],
         "VKEYS": vkeys,
+        "ROPE_TABLE": False,
     }
     kwargs = {name: args.get(name, 1) for name in kernel.arg_names}  # the int sizes: 1
     triton.runtime.driver.set_active(Sm90Driver())

@@ -29,6 +29,7 @@ import rqcompile.ops  # noqa: E402
 from rqcompile.config import RQConfig  # noqa: E402
 from rqcompile.kernels import attention as kattn  # noqa: E402
 from rqcompile.kernels import quantize as kquant  # noqa: E402
+from rqcompile.kernels import rope_term  # noqa: E402
 from rqcompile.quant import quantizer  # noqa: E402
 from rqcompile.quant.packing import pack_along_keys, runs, unpack  # noqa: E402
 from rqcompile.quant.rotations import rotate  # noqa: E402
@@ -163,12 +164,14 @@ def _attention_case(
     decode=None,
     v_along_keys=False,
     kv_start=0,
+    rope_table=False,
     **config,
 ):
     """The kernels against the reference; `lse`: rq::attention_lse, its lse checked too; `rope_h`: with a rope_ab
-    term over that many pairs (_rope_inputs); `variant`, `decode`: launch_attention's (CPU and direct launches);
-    `v_along_keys`: V re-packed along keys (packing.pack_along_keys), launched directly. mask_kind "key_range": no
-    mask, keys kv_start <= j < kv_len[b] (a decode step's range, passes.decode_key_range), batch row 0's empty."""
+    term over that many pairs (_rope_inputs); `rope_table`: its cos / sin passed as rope_term.rope_table; `variant`,
+    `decode`: launch_attention's (CPU and direct launches); `v_along_keys`: V re-packed along keys
+    (packing.pack_along_keys), launched directly. mask_kind "key_range": no mask, keys kv_start <= j < kv_len[b] (a
+    decode step's range, passes.decode_key_range), batch row 0's empty."""
     ks = _state(backend, kb, "k", heads, dim, device, layout=layout, **config)
     vs = _state(backend, vb, "v", heads, dim, device, seed=1, layout=layout, **config)
     kb, k_perm, k_widths = rqcompile.ops.layout_args(ks)
@@ -212,7 +215,7 @@ def _attention_case(
     if v_along_keys:
         args = (*args[:3], pack_along_keys(vc, vb, dim), *args[4:])
     _poison(device)
-    direct = kv_len is not None or splits or variant or decode or v_along_keys
+    direct = kv_len is not None or splits or variant or decode or v_along_keys or rope_table
     if device == "cuda" and not direct:
         op = torch.ops.rq.attention_lse if lse else torch.ops.rq.attention
         out = op(*args, mask, sm, None, *layout_args, *rope)
@@ -230,6 +233,7 @@ def _attention_case(
             decode=decode,
             v_along_keys=v_along_keys,
             kv_start=kv_start,
+            rope_table=rope_term.rope_table(rope[1], tk + 5) if rope_table else None,  # any table of >= tk slots
         )
     if lse:
         out, got_lse = out
@@ -1261,7 +1265,7 @@ def test_attention_keys_m_gpu(monkeypatch, kb, vb, dim, kw):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("case", ["plain", "kv_len", "row_mask", "query_mask", "rope"])
+@pytest.mark.parametrize("case", ["plain", "kv_len", "row_mask", "query_mask", "rope", "rope_table"])
 @pytest.mark.parametrize("backend", ["iso", "planar"])
 def test_keys_m_splits_fill_whole_waves_of_the_programs_that_fit(monkeypatch, case, backend):
     """A decode launch on CUDA takes splits.wave_splits' count for as many programs per SM as the build that runs
@@ -1276,17 +1280,18 @@ def test_keys_m_splits_fill_whole_waves_of_the_programs_that_fit(monkeypatch, ca
     k = torch.randn(batch, heads, tk, dim, device="cuda")
     kc, kn = quantizer.quantize(k, ks.rotation, ks.mean, ks.scale, ks.levels, 3, ks.group)
     q = torch.randn(batch, heads * rep, 1, dim, device="cuda")
-    mask = kv_len = rope_ab = rope_freq = None
+    mask = kv_len = rope_ab = rope_freq = table = None
     if case == "kv_len":
         kv_len = torch.full((batch,), tk, device="cuda")
     elif case == "row_mask":
         mask = torch.rand(batch, 1, 1, tk, device="cuda") > 0.1
     elif case == "query_mask":
         mask = torch.randn(batch, heads * rep, 1, tk, device="cuda")
-    elif case == "rope":
+    elif case.startswith("rope"):
         rope_ab, rope_freq = torch.randn(batch, heads * rep, 1, 64, device="cuda"), torch.rand(32, device="cuda")
+        table = rope_term.rope_table(rope_freq, tk) if case == "rope_table" else None
     args = (q, kc, kn, kc, kn, ks.rotation, ks.scale, ks.levels, vs.rotation, vs.mean, vs.scale, vs.levels, 3, 3)
-    kattn.launch_attention(*args, mask, 1 / 16, kv_len=kv_len, rope_ab=rope_ab, rope_inv_freq=rope_freq)
+    kattn.launch_attention(*args, mask, 1 / 16, kv_len, rope_ab=rope_ab, rope_inv_freq=rope_freq, rope_table=table)
     (launch,) = seen
     fits = programs_per_sm(launch["compiled"], 4, 0)
     assert launch["grid"] == (wave_splits(tk // 64, batch * heads, sm_count(0), fits), batch * heads, 1)
@@ -1407,6 +1412,45 @@ def test_attention_interpret_rope(monkeypatch, backend, kb, vb, dim, h, kernel, 
 
 
 @cpu_only
+@pytest.mark.parametrize("backend,kb,vb,dim,h,kernel,kw", [c for c in ROPE_CASES if c[5] == "keys-m"])
+def test_attention_interpret_rope_table(monkeypatch, backend, kb, vb, dim, h, kernel, kw):
+    """keys-m reading the rope term's cos / sin from rope_term.rope_table instead of computing them: the same
+    reference, the same tolerance, the build with ROPE_TABLE."""
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    kw = {"batch": 2, "heads": 2, "rep": 3, "tk": 300, **kw}
+    _attention_case(backend, kb, vb, dim, "cpu", rope_h=h, rope_table=True, **kw)
+    assert len(seen) == 1 and seen[0]["ROPE_TABLE"] and seen[0]["ROPE_K"] == max(16, triton.next_power_of_2(h))
+
+
+def test_rope_table_holds_the_fp16_cos_and_sin_of_the_fp32_slot_angles():
+    """Row j: cos(float32(j) * theta_i) in column i, sin in column ROPE_K + i, zeros in the padding, each rounded
+    once from the exact value; the angle is the fp32 product the reference takes (at slot 70,000 the product's
+    rounding moves the fastest pair's angle by up to ~4e-3 rad, so a float64 product would differ)."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 24, 2, dtype=torch.float32) / 24)  # h = 12: ROPE_K 16
+    table = rope_term.rope_table(inv_freq, 70_001)
+    assert table.dtype == torch.float16 and table.shape == (70_001, 32)
+    angles = (torch.arange(70_001, dtype=torch.float32)[:, None] * inv_freq).double()
+    assert torch.equal(table[:, :12], angles.cos().half()) and torch.equal(table[:, 16:28], angles.sin().half())
+    assert not table[:, 12:16].any() and not table[:, 28:].any()
+    exact64 = (torch.arange(70_001, dtype=torch.float64)[:, None] * inv_freq.double()).cos().half()
+    assert not torch.equal(table[:, :12], exact64)
+
+
+@cpu_only
+def test_a_rope_table_that_does_not_fit_the_call_is_refused():
+    """Wrong dtype, too few slots, the wrong width, or a table without the term: a ValueError naming rope_table."""
+    args = _tiny_attention_args()
+    ab, freq = torch.randn(1, 2, 1, 6), torch.rand(3)
+    good = rope_term.rope_table(freq, 16)
+    kattn.launch_attention(*args, rope_ab=ab, rope_inv_freq=freq, rope_table=good)
+    for bad in (good.float(), good[:7], good[:, :16], torch.cat([good, good], 1)):
+        with pytest.raises(ValueError, match="rope_table"):
+            kattn.launch_attention(*args, rope_ab=ab, rope_inv_freq=freq, rope_table=bad)
+    with pytest.raises(ValueError, match="rope_table"):
+        kattn.launch_attention(*args, rope_table=good)
+
+
+@cpu_only
 def test_attention_interpret_rope_split_variant_at_keys_m_shapes(monkeypatch):
     """variant="split" forced on a decode shape keys-m would take: the split kernel's rope term at head_dim 256 with
     the prmt data path (DECODE 2: two norm groups, one half dot each, q's columns permuted)."""
@@ -1471,14 +1515,18 @@ def test_cuda_dispatch_sends_rope_calls_to_the_kernels():
     _check_lse(lse, ref_lse)
 
 
-@pytest.mark.parametrize("kernel", ["_attn_split_kernel", "_attn_keys_m_kernel"])
-def test_compiled_rope_attention_writes_only_its_partial_results(kernel):
+@pytest.mark.parametrize(
+    "kernel,table", [("_attn_split_kernel", False), ("_attn_keys_m_kernel", False), ("_attn_keys_m_kernel", True)]
+)
+def test_compiled_rope_attention_writes_only_its_partial_results(kernel, table):
     """With the rope term, torch's analysis of the compiled kernel (as tests/kernel_writes_probe.py runs it, the rope
-    arguments added) still finds only the partial results written: rope_ab and the frequencies are read only."""
+    arguments added) still finds only the partial results written: rope_ab, the frequencies and keys-m's rope_table
+    are read only."""
     import json
     import subprocess
     import sys
 
+    extra = '"ROPE_TABLE": True, "rtab_ptr": torch.empty(64, 64, dtype=torch.float16)' if table else ""
     code = f"""
 import json, sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
@@ -1487,7 +1535,7 @@ from torch._higher_order_ops import triton_kernel_wrap as wrap
 name = "identify_accessed_tensors" if hasattr(wrap, "identify_accessed_tensors") else "identify_mutated_tensors"
 real = getattr(wrap, name)
 def with_rope(kernel, kwargs, *rest):
-    rope = {{"ROPE_K": 32, "rope_ptr": torch.empty(1, 24, 1, 64), "rfreq_ptr": torch.empty(32), "rope_h": 32}}
+    rope = {{"ROPE_K": 32, "rope_ptr": torch.empty(1, 24, 1, 64), "rfreq_ptr": torch.empty(32), "rope_h": 32, {extra}}}
     return real(kernel, {{**kwargs, **rope}}, *rest)
 setattr(wrap, name, with_rope)
 print(json.dumps(probe.written(False, probe.kattn.{kernel})))
@@ -1498,38 +1546,39 @@ print(json.dumps(probe.written(False, probe.kattn.{kernel})))
     assert set(json.loads(run.stdout.strip().splitlines()[-1])) == {"pm_ptr", "pl_ptr", "pacc_ptr"}
 
 
+# (backend, K bits, V bits, head_dim, h pairs, the kernel that must run, _attention_case keywords) at real sizes
+ROPE_GPU_CASES = [
+    # Qwen3.5-27B decode through rq::attention(_lse): keys-m, partial rotary h = 32 of 128 pairs
+    ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8}),
+    ("iso", 3, 3, 256, 32, "keys-m", {"batch": 4, "lse": True, "rotation_stages": "full"}),
+    ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8, "mask_kind": "kv_len"}),  # launched directly
+    # a bool row per batch ([B, 1, 1, T], as apply's decode steps pass it): keys-m's one-row mask with the term
+    ("iso", 3, 3, 256, 32, "keys-m", {"batch": 4, "mask_kind": "bool", "rotation_stages": "full"}),
+    # ... and V packed along keys, as apply's GPU programs read it (what a calibrated Qwen3.5-27B decode runs)
+    (
+        "iso",
+        3,
+        3,
+        256,
+        32,
+        "keys-m",
+        {"batch": 4, "mask_kind": "bool", "rotation_stages": "full", "v_along_keys": True, "tk": 9008},
+    ),
+    # ... and as apply's decode step passes it since passes.decode_key_range: no mask, keys [33, kv_len[b])
+    ("iso", 3, 3, 256, 32, "keys-m", {"batch": 8, "mask_kind": "key_range", "kv_start": 33, "v_along_keys": True}),
+    ("planar", 4, 4, 256, 32, "split", {"batch": 2, "variant": "split", "lse": True}),  # the split kernel forced
+    # prefill: 64 positions under a causal mask (split kernel, BLOCK_M 64)
+    ("iso", 3, 3, 256, 32, "split", {"batch": 1, "mask_kind": "causal", "tq": 64, "lse": True}),
+    ("planar", 3.5, 3, 256, 32, "layout", {"batch": 2, "layout": True, "mask_kind": "float", "tq": 5}),
+    # SmolLM2-like: head_dim 64, full rotary h = 32
+    ("planar", 3, 3, 64, 32, "split", {"batch": 8, "heads": 3, "rep": 3, "tk": 4000}),
+    ("hadamard", 3, 3, 128, 64, "keys-m", {"batch": 4, "heads": 2, "rep": 4, "lse": True}),  # full rotary
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize(
-    "backend,kb,vb,dim,h,kernel,kw",
-    [
-        # Qwen3.5-27B decode through rq::attention(_lse): keys-m, partial rotary h = 32 of 128 pairs
-        ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8}),
-        ("iso", 3, 3, 256, 32, "keys-m", {"batch": 4, "lse": True, "rotation_stages": "full"}),
-        ("planar", 3, 3, 256, 32, "keys-m", {"batch": 8, "mask_kind": "kv_len"}),  # launched directly
-        # a bool row per batch ([B, 1, 1, T], as apply's decode steps pass it): keys-m's one-row mask with the term
-        ("iso", 3, 3, 256, 32, "keys-m", {"batch": 4, "mask_kind": "bool", "rotation_stages": "full"}),
-        # ... and V packed along keys, as apply's GPU programs read it (what a calibrated Qwen3.5-27B decode runs)
-        (
-            "iso",
-            3,
-            3,
-            256,
-            32,
-            "keys-m",
-            {"batch": 4, "mask_kind": "bool", "rotation_stages": "full", "v_along_keys": True, "tk": 9008},
-        ),
-        # ... and as apply's decode step passes it since passes.decode_key_range: no mask, keys [33, kv_len[b])
-        ("iso", 3, 3, 256, 32, "keys-m", {"batch": 8, "mask_kind": "key_range", "kv_start": 33, "v_along_keys": True}),
-        ("planar", 4, 4, 256, 32, "split", {"batch": 2, "variant": "split", "lse": True}),  # the split kernel forced
-        # prefill: 64 positions under a causal mask (split kernel, BLOCK_M 64)
-        ("iso", 3, 3, 256, 32, "split", {"batch": 1, "mask_kind": "causal", "tq": 64, "lse": True}),
-        ("planar", 3.5, 3, 256, 32, "layout", {"batch": 2, "layout": True, "mask_kind": "float", "tq": 5}),
-        # SmolLM2-like: head_dim 64, full rotary h = 32
-        ("planar", 3, 3, 64, 32, "split", {"batch": 8, "heads": 3, "rep": 3, "tk": 4000}),
-        ("hadamard", 3, 3, 128, 64, "keys-m", {"batch": 4, "heads": 2, "rep": 4, "lse": True}),  # full rotary
-    ],
-)
+@pytest.mark.parametrize("backend,kb,vb,dim,h,kernel,kw", ROPE_GPU_CASES)
 def test_attention_rope_gpu(monkeypatch, backend, kb, vb, dim, h, kernel, kw):
     """The rope_ab term at real sizes (9000 key slots: angles up to 9e3 radians), each kernel against the op's
     reference; the expected kernel ran with the term."""
@@ -1539,3 +1588,14 @@ def test_attention_rope_gpu(monkeypatch, backend, kb, vb, dim, h, kernel, kw):
     assert {name: len(calls) for name, calls in seen.items() if calls} == {kernel: 1}
     assert seen[kernel][0]["ROPE_K"] == max(16, triton.next_power_of_2(h))
     assert seen[kernel][0].get("VKEYS", False) == kw.get("v_along_keys", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend,kb,vb,dim,h,kernel,kw", [c for c in ROPE_GPU_CASES if c[5] == "keys-m"])
+def test_attention_rope_table_gpu(monkeypatch, backend, kb, vb, dim, h, kernel, kw):
+    """keys-m reading the rope term's cos / sin from rope_term.rope_table at real sizes, against the op's reference."""
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel")
+    kw = {"heads": 4, "rep": 6, "tk": 9008 if kw.get("v_along_keys") else 9000, **kw}
+    _attention_case(backend, kb, vb, dim, "cuda", rope_h=h, rope_table=True, **kw)
+    assert len(seen) == 1 and seen[0]["ROPE_TABLE"] and seen[0]["ROPE_K"] == max(16, triton.next_power_of_2(h))

@@ -212,6 +212,24 @@ def _rope_args(rope_ab, rope_inv_freq, q):
     return rope_width(rope_ab), (ab, *ab.stride(), freq, half)
 
 
+def check_rope_table(rope_table, rope_k: int, slots: int, device) -> None:
+    """A rope_table the launch can read: fp16 [>= slots, 2 ROPE_K] on q's device, only with rope_ab."""
+    import torch
+
+    if rope_table is None:
+        return
+    if rope_k == 0:
+        raise ValueError("rope_table is the rope term's cos / sin: pass it only with rope_ab and rope_inv_freq")
+    shape = tuple(rope_table.shape)
+    if rope_table.dtype != torch.float16 or len(shape) != 2 or shape[1] != 2 * rope_k or shape[0] < slots:
+        raise ValueError(
+            f"rope_table must be float16 [>= {slots}, {2 * rope_k}] (rope_term.rope_table for these frequencies and "
+            f"key slots), not {rope_table.dtype} {list(shape)}"
+        )
+    if rope_table.device != device or not rope_table.is_contiguous():
+        raise ValueError(f"rope_table must be contiguous on {device}, not on {rope_table.device}")
+
+
 def _identity(kernel):
     return kernel
 
@@ -290,6 +308,7 @@ def launch_attention(
     v_prefetch: bool | None = None,
     v_along_keys: bool = False,
     kv_start: int = 0,
+    rope_table=None,
 ):
     """rq::attention on the packed cache with Triton (see module docstring). kv_len: optional int [B]; kv_start: keys
     before it are masked (a constant of the build: 0 compiles to the kernels without the bound).
@@ -305,7 +324,9 @@ def launch_attention(
     words one tile ahead into registers instead of through the pipeliner's shared-memory copies. `num_splits`: key
     splits per row (at most MAX_SPLITS); by default keys-m on CUDA takes splits.wave_splits' count, everything else
     about `split_waves` programs per SM. `v_along_keys`: v_codes are packed along keys (packing.pack_along_keys,
-    `RQConfig.value_layout="keys"`), read in place by keys-m; the other kernels get a copy re-packed per token."""
+    `RQConfig.value_layout="keys"`), read in place by keys-m; the other kernels get a copy re-packed per token.
+    `rope_table` (rope_term.rope_table(rope_inv_freq, slots >= Tk)): the rope term's cos / sin per key slot, which
+    keys-m then reads instead of computing (the other kernels compute them from rope_inv_freq as before)."""
     import torch
 
     from rqcompile.ops import check_kv_len, check_kv_start
@@ -404,6 +425,7 @@ def launch_attention(
     mask_row = mask_kind != 0 and mstrides[1] == 0 and mstrides[2] == 0
     q_args = (q_in, q_in.stride(0), q_in.stride(1), q_in.stride(2), q_in.stride(3))
     rope_k, rope_args = _rope_args(rope_ab, rope_inv_freq, q)
+    check_rope_table(rope_table, rope_k, tk, device)
     meta = {
         "D": dim,
         "NGK": k_norms.shape[-1],
@@ -441,12 +463,15 @@ def launch_attention(
         "KPREFETCH": bool(DEFAULTS["k_prefetch"] if k_prefetch is None else k_prefetch),
         "VPREFETCH": bool(DEFAULTS["v_prefetch"] if v_prefetch is None else v_prefetch) and not v_along_keys,
         "VKEYS": bool(v_along_keys),
+        "ROPE_TABLE": rope_table is not None,
         **meta,
         **launch_opts,  # a register cap, where asked for (before session 19 keys-m launches dropped it)
     }
 
     def tail(pm, pl, pacc, splits: int, span: int) -> tuple:
         return (mask, *mstrides, kvl, pm, pl, pacc, heads, rep, q_len, tk, rows, splits, span, qk_scale, *rope_args)
+
+    rtab = q if rope_table is None else rope_table  # keys-m's last argument (a placeholder the build never reads)
 
     total_blocks = max(1, triton.cdiv(tk, block_n))
 
@@ -459,11 +484,11 @@ def launch_attention(
     static_shape = all(type(n) is int for n in (batch, heads, tk))  # not torch.SymInt (dynamic shapes)
     if num_splits is None and keys_m and not split_waves_given and device.type == "cuda" and static_shape:
         sms = sm_count(device.index or 0)
-        guess = keys_m_programs_per_sm(mask_kind != 0 and not mask_row, rope_ab is not None)
+        guess = keys_m_programs_per_sm(mask_kind != 0 and not mask_row, rope_ab is not None and rope_table is None)
         num_splits = wave_splits(total_blocks, work_rows, sms, guess)
         # the build this launch will run (Triton's cache entry for these arguments) says how many programs really fit
         f32 = MockTensor(torch.float32)  # the partial results, not allocated yet
-        args = (*uniform_args, *tail(f32, f32, f32, *split_plan(num_splits)))
+        args = (*uniform_args, *tail(f32, f32, f32, *split_plan(num_splits)), rtab)
         fits = _keys_m_fits(args, keys_m_meta, device.index or 0)
         if fits != guess:
             num_splits = wave_splits(total_blocks, work_rows, sms, fits)
@@ -488,7 +513,7 @@ def launch_attention(
     grid = (num_splits, batch * heads, m_tiles)
     tail_args = tail(pm, pl, pacc, num_splits, span)
     if keys_m:
-        wrap(_attn_keys_m_kernel)[grid](*uniform_args, *tail_args, **keys_m_meta)
+        wrap(_attn_keys_m_kernel)[grid](*uniform_args, *tail_args, rtab, **keys_m_meta)
     elif layouts is None:
         wrap(_attn_split_kernel)[grid](
             *uniform_args,

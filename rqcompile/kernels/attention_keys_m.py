@@ -241,6 +241,7 @@ def _attn_keys_m_kernel(
     srd,
     rfreq_ptr,
     rope_h,
+    rtab_ptr,
     D: tl.constexpr,
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
@@ -260,11 +261,13 @@ def _attn_keys_m_kernel(
     KPREFETCH: tl.constexpr = False,
     VPREFETCH: tl.constexpr = False,
     VKEYS: tl.constexpr = False,
+    ROPE_TABLE: tl.constexpr = False,
 ):
     """_attn_split_kernel's contract (same arguments, same partial outputs) with keys as the mma's M side.
     ABLATE: timing ablations only (ABLATIONS), 0 in every real launch. VKEYS (`RQConfig.value_layout="keys"`,
     launch_attention's `v_along_keys`): V's codes packed along keys, decoded straight into V^T's A fragment, read
-    one tile ahead; the tile's keys then sit in _vkeys_key's order on the scores' rows."""
+    one tile ahead; the tile's keys then sit in _vkeys_key's order on the scores' rows. ROPE_TABLE: the rope term's
+    cos / sin of each key slot read from rtab_ptr (rope_term.rope_table) instead of computed."""
     KDECODE: tl.constexpr = 3 if ABLATE & 1 else DECODE
     VDECODE: tl.constexpr = 3 if ABLATE & 2 else DECODE
     tl.static_assert(BLOCK_N == 64)
@@ -304,7 +307,10 @@ def _attn_keys_m_kernel(
     if VKEYS:  # the scores' row r holds key _vkeys_key(r): the rows' keys (norms, masks) and K's loads follow
         load_order = _vkeys_key(load_order)
         i = _vkeys_key(i)
-    if ROPE:  # the cos / sin of the slots' offsets inside a tile, turned by each tile's start angle in the loop
+    if ROPE and ROPE_TABLE:  # [cos | sin] weights against rope_table's [cos | sin] columns: one dot per tile
+        wab = tl.join(wa, wb).permute(2, 0, 1).reshape(2 * ROPE_K, BLOCK_M)
+        tcol = tl.arange(0, 2 * ROPE_K)
+    elif ROPE:  # the cos / sin of the slots' offsets inside a tile, turned by each tile's start angle in the loop
         cos_j, sin_j = _cos_sin(i.to(tl.float32)[:, None] * rfreq[None, :])
     # the norms are read one tile ahead: Triton's pipeliner stages only the loads that feed a dot, and these plain
     # loads, consumed in the same iteration, left every warp waiting on global memory (ncu, benchmarks/NOTES.md v10)
@@ -364,7 +370,10 @@ def _attn_keys_m_kernel(
             sc = tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, KDECODE, 0), q0) * nk0[:, None]
             if NGK == 2:
                 sc += tl.dot(_key_fragment(krow, nl < n_hi, ktab, D, KBITS, KDECODE, 1), q1) * nk1[:, None]
-        if ROPE:
+        if ROPE and ROPE_TABLE:
+            tab = tl.load(rtab_ptr + n64[:, None] * (2 * ROPE_K) + tcol[None, :], mask=(n < n_hi)[:, None], other=0.0)
+            sc = tl.dot(tab, wab, sc)
+        elif ROPE:
             sc = _rope_scores_turned(sc, wa, wb, rfreq, start, cos_j, sin_j)
         sc = tl.where(n_ok[:, None], sc, float("-inf"))
         if MASK_KIND != 0:

@@ -11,6 +11,13 @@ the term). h is padded with zero weights and zero frequencies to ROPE_K, a power
 (tl.dot's smallest K). ROPE_K 0: no term; the kernels test ROPE_K >= 16, so the rope-free build is the same code
 as before the term existed (and tests/kernel_writes_probe.py's placeholder 1 for an argument it does not know is
 rope-free too).
+
+keys-m can instead read the cos / sin from `rope_table(rope_inv_freq, slots)`, a per-model constant of fp16 [slots, 2
+ROPE_K] (launch_attention's `rope_table`): one fp16 dot per tile against loop-constant weights, no angles, no
+turning, and exact to fp16 (the turned angles drift by ~1 ulp of the angle). sm_90 SASS (Triton 3.6, V along keys,
+kv_len + kv_start, ROPE_K 32): 211 registers and 1,048 loop instructions uncapped, 168 with no stack and 969 under
+keys-m's register cap, against 255 / 1,084 and, capped, 352 B of stack / 1,181 for the turned tables (the build
+without the term: 203 / 968, capped 168 / 892).
 """
 
 from __future__ import annotations
@@ -19,6 +26,22 @@ import triton
 import triton.language as tl
 
 from rqcompile.kernels.common import interpreting
+
+
+def rope_table(rope_inv_freq, slots: int):
+    """fp16 [slots, 2 ROPE_K]: row j holds cos(a_ji) in columns i < h and sin(a_ji) in columns ROPE_K + i, zeros
+    elsewhere, with a_ji = float32(j) * theta_i (the fp32 product ops.rope_score_bias and transformers take), its cos /
+    sin evaluated in float64 and rounded once to fp16. On rope_inv_freq's device."""
+    import torch
+
+    half = rope_inv_freq.numel()
+    width = max(16, triton.next_power_of_2(half))
+    freq = rope_inv_freq.detach().reshape(-1).to(torch.float32)
+    angles = (torch.arange(slots, device=freq.device, dtype=torch.float32)[:, None] * freq[None, :]).double()
+    table = torch.zeros(slots, 2 * width, dtype=torch.float64, device=freq.device)
+    table[:, :half] = angles.cos()
+    table[:, width : width + half] = angles.sin()
+    return table.to(torch.float16)
 
 
 @triton.jit
