@@ -256,6 +256,14 @@ def main() -> None:
                     if settings.get("v_along_keys"):
                         keys_args = along_keys(op_args, args.bits) if keys_args is None else keys_args
                         run_args = keys_args
+                    if settings.get("rope_table"):  # "rope_table=1": rope_term.rope_table for these frequencies
+                        without = {k: v for k, v in settings.items() if k != "rope_table"}
+                        base = launch_attention(*run_args, mask, sm, kv_len, **rope, **without).float()
+                        settings = {**settings, "rope_table": rope_table(rope["rope_inv_freq"], ctx)}
+                        out = launch_attention(*run_args, mask, sm, kv_len, **rope, **settings).float()
+                        diff, diff_label = ((out - base).norm() / base.norm()).item(), "vs the turned cos / sin"
+
+                    if settings.get("v_along_keys") and diff is None:
                         # against V per token with the same settings (split count included), so the two layouts
                         # sum the same keys in the same splits
                         per_token = {k: v for k, v in settings.items() if k != "v_along_keys"}
@@ -263,13 +271,6 @@ def main() -> None:
                         out = launch_attention(*run_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings).float()
                         default_out = default_out.float()
                         diff = ((out - default_out).norm() / default_out.norm()).item()
-
-                    if settings.get("rope_table"):  # "rope_table=1": rope_term.rope_table for these frequencies
-                        without = {k: v for k, v in settings.items() if k != "rope_table"}
-                        base = launch_attention(*run_args, mask, sm, kv_len, **rope, **without).float()
-                        settings = {**settings, "rope_table": rope_table(rope["rope_inv_freq"], ctx)}
-                        out = launch_attention(*run_args, mask, sm, kv_len, **rope, **settings).float()
-                        diff, diff_label = ((out - base).norm() / base.norm()).item(), "vs the turned cos / sin"
 
                     def fused(op_args=run_args, settings=settings, kv_len=kv_len, mask=mask, rope=rope):
                         return launch_attention(*op_args, mask, 1 / math.sqrt(DIM), kv_len, **rope, **settings)

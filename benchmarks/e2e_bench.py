@@ -590,6 +590,12 @@ def main(argv: list[str] | None = None) -> None:
         "one-row mask per tile as before session 23, for an A/B against the default on one machine",
     )
     p.add_argument(
+        "--no-rope-table",
+        action="store_true",
+        help="with --rope-key-mean: apply without passes.rope_table (the decode kernel computes the offset term's "
+        "cos / sin, as before session 42)",
+    )
+    p.add_argument(
         "--rows-max-tokens",
         type=int,
         default=None,
@@ -644,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         "rope_key_mean": args.rope_key_mean,
         "value_layout": args.value_layout,
         "keep_decode_mask": args.keep_decode_mask,
+        "no_rope_table": args.no_rope_table,
     }
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.stages is not None and args.stages.isdigit():
@@ -653,6 +660,7 @@ def main(argv: list[str] | None = None) -> None:
     name += " rope-mean" if args.rope_key_mean else ""
     name += " v-along-keys" if args.value_layout == "keys" else ""
     name += " decode-mask" if args.keep_decode_mask else ""
+    name += " no-rope-table" if args.no_rope_table else ""
     model = build_model(args.layers, "cuda")
     log(
         f"model built in {time.perf_counter() - t0:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
@@ -700,7 +708,11 @@ def main(argv: list[str] | None = None) -> None:
             log(f"apply path under a {args.cap_gib} GiB allocator cap")
         t1 = time.perf_counter()
         keep_mask = mock.patch.object(rqcompile.api, "decode_key_range", lambda gm: gm)
-        with keep_mask if args.keep_decode_mask else contextlib.nullcontext():
+        no_table = mock.patch.object(rqcompile.api, "rope_table", lambda gm: gm)
+        with (
+            keep_mask if args.keep_decode_mask else contextlib.nullcontext(),
+            no_table if args.no_rope_table else contextlib.nullcontext(),
+        ):
             lm = guarded(
                 "apply",
                 rqcompile.apply,

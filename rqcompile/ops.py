@@ -141,6 +141,7 @@ def attention(
     rope_inv_freq: torch.Tensor | None = None,
     v_along_keys: bool = False,
     kv_start: int = 0,
+    rope_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over the compressed cache, computed in the rotated space (GQA by head grouping).
 
@@ -156,6 +157,11 @@ def attention(
     (`RQConfig.rope_key_mean`; `rqcompile.quant.rope_offset.rope_score_weights` makes `rope_ab` from q and m).
 
     `v_along_keys`: V's codes are packed along keys (`RQConfig.value_layout="keys"`).
+
+    `rope_table` (optional, with `rope_ab`): `rqcompile.kernels.rope_term.rope_table(rope_inv_freq, n)` for n >= the
+    cache's slots, the term's cos / sin per slot in fp16, which the CUDA decode kernel then reads instead of computing
+    them (`passes.rope_table`). It changes no result beyond fp16 rounding of the cos / sin; the torch implementation
+    ignores it.
     """
     args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
     args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
@@ -237,11 +243,13 @@ def attention_lse(
     rope_inv_freq: torch.Tensor | None = None,
     v_along_keys: bool = False,
     kv_start: int = 0,
+    rope_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rq::attention plus `lse` float32 [B, Hq, Tq]: the natural-log sum-exp of each query row's scaled, masked
     scores (-inf for a fully masked row, whose output is V's mean, as rq::attention's). Two attentions over disjoint
     key sets merge exactly by their lse. The scores omit the key mean's term `sm_scale * q . k_mean` (softmax ignores
-    it; a merge with other keys must add it); the `rope_ab` term, which does depend on the key, is included."""
+    it; a merge with other keys must add it); the `rope_ab` term, which does depend on the key, is included.
+    `rope_table` as for rq::attention."""
     args = (q, k_codes, k_norms, v_codes, v_norms, k_rotation, k_scale, k_levels, v_rotation, v_mean, v_scale)
     args += (v_levels, k_bits, v_bits, attn_mask, sm_scale, kv_len, k_perm, v_perm, k_widths, v_widths)
     return reference_attention_lse(*args, rope_ab, rope_inv_freq, v_along_keys, kv_start)

@@ -642,6 +642,60 @@ def test_rope_key_mean_graphs_hold_the_offset_and_no_materialized_cache(models):
         assert names["rq_k_rope_mean_0"].shape == (2, 64) and names["rq_rope_inv_freq_0"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("config", [ROPE_PLAIN, ROPE_WINDOW], ids=["codes-only", "sink-and-window"])
+def test_rope_table_gives_every_rope_site_one_shared_cos_sin_table_and_changes_no_logit(models, config):
+    """passes.rope_table (what `apply` runs on a CUDA decode program; here by hand on the CPU's): every site that
+    reads the offset term gets `rope_table=` one buffer for the whole program, fp16 [max_cache_len, 2 ROPE_K] of the
+    model's frequencies; the program's logits stay exactly what they were (the torch implementation ignores it)."""
+    from rqcompile.kernels.rope_term import rope_table as build_table
+    from rqcompile.passes.rope_table import rope_table
+
+    model = models["qwen3_5"]  # partial rotary: 8 of 32 pairs, ROPE_K 16
+    lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=_rope_calibration(model))
+    assert "rq_rope_table" not in dict(lm.decode_module.named_buffers())  # not on the CPU
+    ids = _ids()
+    before = _steps(lm, ids, PROMPT)
+    rope_table(lm.decode_module)
+    reader = torch.ops.rq.attention.default if config is ROPE_PLAIN else attention_with_exact_tokens
+    calls = [n for n in lm.decode_module.graph.nodes if n.op == "call_function" and n.target is reader]
+    assert len(calls) == len(lm.sites) == lm.decode_module.meta["rq_rope_table"]
+    assert {n.kwargs["rope_table"].target for n in calls} == {"rq_rope_table"}
+    table = lm.decode_module.get_buffer("rq_rope_table")
+    inv_freq = lm.decode_module.get_buffer("rq_rope_inv_freq_3")
+    assert table.shape == (MAX_LEN, 32) and torch.equal(table, build_table(inv_freq, MAX_LEN))
+    assert torch.equal(_steps(lm, ids, PROMPT), before)
+    rope_table(lm.decode_module)  # again: nothing to add
+    assert lm.decode_module.meta["rq_rope_table"] == 0
+
+
+def test_a_decode_program_with_a_rope_table_exports_to_onnx_without_it(models, tmp_path):
+    """A CUDA model's decode program carries the table; its ONNX export computes the term from the frequencies (the
+    translation ignores the table, and no initializer holds it) and generates what the programs generate."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    import rqcompile
+    from rqcompile.passes.rope_table import rope_table
+
+    model = models["llama"]
+    lm = apply(model, config=ROPE_WINDOW, max_cache_len=MAX_LEN, calibration=_rope_calibration(model))
+    ids = _ids(PROMPT, seed=6)
+    reference = lm.generate(ids, 8)
+    assert rope_table(lm.decode_module).meta["rq_rope_table"] == len(lm.sites)
+    lm.export(str(tmp_path / "onnx"), target="onnx")
+    assert torch.equal(rqcompile.load(tmp_path / "onnx").generate(ids, 8, eos_token_id=[]), reference)
+    graph = onnx.load(str(tmp_path / "onnx" / "decode.onnx"), load_external_data=False).graph
+    assert not [t.name for t in [*graph.input, *graph.initializer] if "rope_table" in t.name]
+
+
+def test_rope_table_leaves_programs_without_the_offset_alone(models):
+    from rqcompile.passes.rope_table import rope_table
+
+    lm = apply(models["llama"], config=RQConfig(residual_window=4), max_cache_len=MAX_LEN)
+    code = lm.decode_module.code
+    assert rope_table(lm.decode_module).meta["rq_rope_table"] == 0 and lm.decode_module.code == code
+
+
 def test_rope_key_mean_needs_a_calibration_that_measured_it(models):
     """Compiled programs cannot measure the prompt: `apply` asks for `calibrate(..., rope_key_mean=True)`, and a
     Calibration measured that way is refused without the option (its key statistics are of the offset-free keys).
@@ -730,6 +784,7 @@ def test_rope_key_mean_on_the_gpu_equals_the_eager_cache(models):
     model = copy.deepcopy(models["qwen3_5"]).cuda()
     calib = _rope_calibration(model)
     lm = apply(model, config=ROPE_WINDOW, max_cache_len=MAX_LEN, calibration=calib, prefill_logits="all")
+    assert lm.decode_module.meta["rq_rope_table"] == len(lm.sites)  # passes.rope_table ran (CUDA only)
     ids = _ids().cuda()
     got = _steps(lm, ids, PROMPT)
     ref = _eager(model, RQCache(ROPE_WINDOW, model_config=model.config, calibration=calib), ids, PROMPT)

@@ -471,6 +471,7 @@ def make_attention(flavour: str = "standard", *, with_lse: bool = False) -> Call
         rope_inv_freq=None,
         v_along_keys: bool = False,
         kv_start: int = 0,
+        rope_table=None,  # the CUDA decode kernel's cos / sin (passes.rope_table): computed from rope_inv_freq here
     ):
         _refuse_along_keys(v_along_keys)
         out, scores = _attention(

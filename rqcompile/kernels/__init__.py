@@ -114,6 +114,7 @@ _ATTENTION_ARGS = (
     "rope_inv_freq",
     "v_along_keys",
     "kv_start",
+    "rope_table",
 )
 _POSITIONAL = _ATTENTION_ARGS.index("v_along_keys")  # launch_attention's positional arguments; the rest by name
 
@@ -151,13 +152,18 @@ def _attention_ok(*args, **kwargs):
     )
 
 
+def _attention_options(a: dict) -> dict:
+    """launch_attention's keywords from rq::attention's arguments by name."""
+    return {"v_along_keys": a["v_along_keys"], "kv_start": a["kv_start"], "rope_table": a["rope_table"]}
+
+
 def _attention_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
     a = _attention_args(args, kwargs)
     ordered = [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]]
     wrap = None if wrap is _plain else wrap  # None: eager (may use maxnreg)
-    return launch_attention(*ordered, wrap=wrap, v_along_keys=a["v_along_keys"], kv_start=a["kv_start"])
+    return launch_attention(*ordered, wrap=wrap, **_attention_options(a))
 
 
 def _attention_reference(*args, **kwargs):
@@ -172,7 +178,7 @@ def _attention_lse_launch(*args, wrap=_plain, **kwargs):
     a = _attention_args(args, kwargs)
     ordered = [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]]
     wrap = None if wrap is _plain else wrap
-    return launch_attention(*ordered, wrap=wrap, with_lse=True, v_along_keys=a["v_along_keys"], kv_start=a["kv_start"])
+    return launch_attention(*ordered, wrap=wrap, with_lse=True, **_attention_options(a))
 
 
 def _attention_lse_reference(*args, **kwargs):

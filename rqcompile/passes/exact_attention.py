@@ -126,6 +126,7 @@ def attention_with_exact_tokens(
     rope_inv_freq: torch.Tensor | None = None,
     v_along_keys: bool = False,
     causal: bool = False,
+    rope_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA of q [B, Hq, Tq, d] over `exact_read(dequantize(codes), sink, window, cache_position)` (K and V), GQA by
     head grouping, in q's dtype. The compressed arguments are rq::attention's, plus `k_mean`: rq::attention_lse's
@@ -133,7 +134,8 @@ def attention_with_exact_tokens(
     compressed part's lse. `kv_len` (optional int [B]) only bounds the compressed keys read, as for rq::attention.
     `k_rope_mean` ([H, d], `offset_base`) with `rope_inv_freq` [h]: the codes hold the keys without their pre-RoPE
     offset (`RQConfig.rope_key_mean`), whose score term rq::attention_lse adds per key (`rope_ab`) and whose
-    unrotated coordinates join the key mean's term. `v_along_keys`: V's codes are packed along keys.
+    unrotated coordinates join the key mean's term (`rope_table`: rq::attention_lse's, as `passes.rope_table` gives
+    it). `v_along_keys`: V's codes are packed along keys.
 
     `causal` (with `attn_mask` and `kv_len` None; one query token): the query sees the keys at positions <=
     cache_position, what the capture's decode mask says (`passes.decode_key_range`). The compressed keys it may read
@@ -183,6 +185,7 @@ def attention_with_exact_tokens(
         rope_inv_freq,
         v_along_keys,
         kv_start,
+        rope_table,
     )
     rep = q.shape[1] // k_mean.shape[0]
     mean_term = (q.float() * k_mean.repeat_interleave(rep, dim=0)[:, None, :]).sum(-1)  # [B, Hq, Tq]
