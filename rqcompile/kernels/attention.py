@@ -57,8 +57,10 @@ LOG2E = 1.4426950408889634
 # to 892 instructions (the uncapped allocation's register moves). H200, session 35 (attn_profile.py, V along keys,
 # kv_len): iso full mixing B8 128K 566 -> 528 us, B8 32K 155 -> 147; with apply's decode mask -8% / -6%; 4 bits
 # -8% / -6%; planar -7% / -4%; B1 128K 84.5 -> 81.4 us, B1 512K 287 -> 268, B2 32K 49.7 -> 49.1. At B1 32K the
-# split count is the same either way and the cap cost 1.5-9% (spills only), hence the rule. With the rope term (255
-# registers, 352 B of stack under the cap) it was 16-42% slower; a per-row mask's build (238-255) was not tried.
+# split count is the same either way and the cap cost 1.5-9% (spills only), hence the rule. With the rope term's
+# cos / sin computed in the kernel (255 registers, 352 B of stack under the cap) it was 16-42% slower; read from a
+# rope_table (211 registers, none spilled under the cap) the cap applies as without the term (session 42: B8 128K
+# 653.5 -> 549.4 us with the table and the cap). A per-row mask's build (238-255) was not tried.
 DEFAULTS = {
     "block_n": 64,
     "num_warps": 4,
@@ -238,7 +240,8 @@ def keys_m_programs_per_sm(full_mask: bool, rope: bool) -> int:
     """The launcher's first guess of keys-m programs (4 warps each) resident on one H100/H200 SM, by registers
     (Triton 3.6, sm_90; benchmarks/sass_counts.py): 155-172 per thread without a mask or the rope term, or with a
     row-constant mask, where q is rotated in the kernel (block rotations), i.e. three programs in 64K registers at
-    <= 168; a mask per query row (238-255) or the rope term (178-255): two. The default's dense rotation (q rotated
+    <= 168; a mask per query row (238-255) or the rope term with its cos / sin computed (178-255): two (`rope` means
+    that build; read from a rope_table, 211 with the dense rotation). The default's dense rotation (q rotated
     before, KRB 0) builds with 203 (session 25): two. The launcher checks the guess against the build it runs
     (_keys_m_fits)."""
     return 2 if full_mask or rope else 3
@@ -492,8 +495,8 @@ def launch_attention(
         fits = _keys_m_fits(args, keys_m_meta, device.index or 0)
         if fits != guess:
             num_splits = wave_splits(total_blocks, work_rows, sms, fits)
-        # the register cap where three programs would fit but the build allows two (not with the rope term or a
-        # per-row mask, not when the caller chose a cap: maxnreg=0 asks for none)
+        # the register cap where three programs would fit but the build allows two (not with the computed rope term
+        # or a per-row mask, not when the caller chose a cap: maxnreg=0 asks for none)
         cap = DEFAULTS["keys_m_maxnreg"]
         eager = wrap is _identity and not interpreting()
         if cap and eager and not maxnreg_given and guess == 3 and fits < 3:
