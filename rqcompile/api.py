@@ -270,10 +270,14 @@ class CompiledLM:
         return self._exported[which]
 
     def memory_report(self) -> MemoryReport:
-        """Bytes allocated by the compressed K/V buffers (plus sink / recent-window buffers) vs a bf16 cache of the
-        same max_cache_len (real tensors)."""
+        """Bytes allocated by the compressed K/V buffers (plus sink / recent-window buffers, and a CUDA decode
+        program's rope table, `passes.rope_table`, shared out over the layers: it grows with max_cache_len) vs a bf16
+        cache of the same max_cache_len (real tensors)."""
+        tables = [t for n, t in self.decode_module.named_buffers() if n.startswith("rq_rope_table")]
+        table_bytes = sum(t.untyped_storage().nbytes() for t in tables)
+        share, rest = divmod(table_bytes, len(self.sites))  # each layer's share of the table, the rest on the first
         layers = {}
-        for site in self.sites:
+        for index, site in enumerate(self.sites):
             i = site.layer_idx
             tensors = [self.buffers[f"{kind}_{part}_{i}"] for kind in "kv" for part in ("codes", "norms")]
             compressed = sum(t.untyped_storage().nbytes() for t in tensors)
@@ -283,6 +287,7 @@ class CompiledLM:
                 "tokens": site.max_cache_len,
                 "compressed_bytes": compressed,
                 "window_bytes": exact,  # sink + recent-window tokens in the model dtype
+                "rope_table_bytes": share + (rest if index == 0 else 0),
                 "bf16_bytes": bf16,
             }
         return MemoryReport(layers)

@@ -605,7 +605,10 @@ class MemoryReport:
 
     @property
     def compressed_bytes(self) -> int:
-        return sum(m["compressed_bytes"] + m["window_bytes"] for m in self.layers.values())
+        """Everything the compressed cache allocates: codes and norms, exact tokens, and (compiled CUDA programs)
+        each layer's share of the rope table."""
+        parts = ("compressed_bytes", "window_bytes", "rope_table_bytes")
+        return sum(m.get(part, 0) for m in self.layers.values() for part in parts)
 
     @property
     def bf16_bytes(self) -> int:

@@ -646,7 +646,8 @@ def test_rope_key_mean_graphs_hold_the_offset_and_no_materialized_cache(models):
 def test_rope_table_gives_every_rope_site_one_shared_cos_sin_table_and_changes_no_logit(models, config):
     """passes.rope_table (what `apply` runs on a CUDA decode program; here by hand on the CPU's): every site that
     reads the offset term gets `rope_table=` one buffer for the whole program, fp16 [max_cache_len, 2 ROPE_K] of the
-    model's frequencies; the program's logits stay exactly what they were (the torch implementation ignores it)."""
+    model's frequencies; the program's logits stay exactly what they were (the torch implementation ignores it), and
+    the memory report counts the table's bytes."""
     from rqcompile.kernels.rope_term import rope_table as build_table
     from rqcompile.passes.rope_table import rope_table
 
@@ -654,7 +655,7 @@ def test_rope_table_gives_every_rope_site_one_shared_cos_sin_table_and_changes_n
     lm = apply(model, config=config, max_cache_len=MAX_LEN, calibration=_rope_calibration(model))
     assert "rq_rope_table" not in dict(lm.decode_module.named_buffers())  # not on the CPU
     ids = _ids()
-    before = _steps(lm, ids, PROMPT)
+    before, held = _steps(lm, ids, PROMPT), lm.memory_report().compressed_bytes
     rope_table(lm.decode_module)
     reader = torch.ops.rq.attention.default if config is ROPE_PLAIN else attention_with_exact_tokens
     calls = [n for n in lm.decode_module.graph.nodes if n.op == "call_function" and n.target is reader]
@@ -664,6 +665,7 @@ def test_rope_table_gives_every_rope_site_one_shared_cos_sin_table_and_changes_n
     inv_freq = lm.decode_module.get_buffer("rq_rope_inv_freq_3")
     assert table.shape == (MAX_LEN, 32) and torch.equal(table, build_table(inv_freq, MAX_LEN))
     assert torch.equal(_steps(lm, ids, PROMPT), before)
+    assert lm.memory_report().compressed_bytes == held + MAX_LEN * 32 * 2  # it grows with the cache: counted
     rope_table(lm.decode_module)  # again: nothing to add
     assert lm.decode_module.meta["rq_rope_table"] == 0
 
