@@ -1438,12 +1438,13 @@ def test_rope_table_holds_the_fp16_cos_and_sin_of_the_fp32_slot_angles():
 
 @cpu_only
 def test_a_rope_table_that_does_not_fit_the_call_is_refused():
-    """Wrong dtype, too few slots, the wrong width, or a table without the term: a ValueError naming rope_table."""
+    """Wrong dtype, too few slots, the wrong width, not contiguous, or a table without the term: a ValueError naming
+    rope_table."""
     args = _tiny_attention_args()
     ab, freq = torch.randn(1, 2, 1, 6), torch.rand(3)
     good = rope_term.rope_table(freq, 16)
     kattn.launch_attention(*args, rope_ab=ab, rope_inv_freq=freq, rope_table=good)
-    for bad in (good.float(), good[:7], good[:, :16], torch.cat([good, good], 1)):
+    for bad in (good.float(), good[:7], good[:, :16], torch.cat([good, good], 1), good.t().contiguous().t()):
         with pytest.raises(ValueError, match="rope_table"):
             kattn.launch_attention(*args, rope_ab=ab, rope_inv_freq=freq, rope_table=bad)
     with pytest.raises(ValueError, match="rope_table"):

@@ -59,7 +59,7 @@ LOG2E = 1.4426950408889634
 # -8% / -6%; planar -7% / -4%; B1 128K 84.5 -> 81.4 us, B1 512K 287 -> 268, B2 32K 49.7 -> 49.1. At B1 32K the
 # split count is the same either way and the cap cost 1.5-9% (spills only), hence the rule. With the rope term's
 # cos / sin computed in the kernel (255 registers, 352 B of stack under the cap) it was 16-42% slower; read from a
-# rope_table (211 registers, none spilled under the cap) the cap applies as without the term (session 42: B8 128K
+# rope_table (211 registers, 8 B of stack under the cap) the cap applies as without the term (session 42: B8 128K
 # 653.5 -> 549.4 us with the table and the cap). A per-row mask's build (238-255) was not tried.
 DEFAULTS = {
     "block_n": 64,
@@ -229,7 +229,10 @@ def check_rope_table(rope_table, rope_k: int, slots: int, device) -> None:
             f"key slots), not {rope_table.dtype} {list(shape)}"
         )
     if rope_table.device != device or not rope_table.is_contiguous():
-        raise ValueError(f"rope_table must be contiguous on {device}, not on {rope_table.device}")
+        raise ValueError(
+            f"rope_table must be contiguous and on q's device {device}; got one on {rope_table.device}, "
+            f"{'' if rope_table.is_contiguous() else 'not '}contiguous"
+        )
 
 
 def _identity(kernel):

@@ -15,8 +15,8 @@ rope-free too).
 keys-m can instead read the cos / sin from `rope_table(rope_inv_freq, slots)`, a per-model constant of fp16 [slots, 2
 ROPE_K] (launch_attention's `rope_table`): one fp16 dot per tile against loop-constant weights, no angles, no
 turning, and exact to fp16 (the turned angles drift by ~1 ulp of the angle). sm_90 SASS (Triton 3.6, V along keys,
-kv_len + kv_start, ROPE_K 32): 211 registers and 1,048 loop instructions uncapped, 168 with no stack and 969 under
-keys-m's register cap, against 255 / 1,084 and, capped, 352 B of stack / 1,181 for the turned tables (the build
+kv_len + kv_start, ROPE_K 32): 211 registers and 1,032 loop instructions uncapped, 168 with 8 B of stack and 967
+under keys-m's register cap, against 255 / 1,084 and, capped, 352 B of stack / 1,181 for the turned tables (the build
 without the term: 203 / 968, capped 168 / 892).
 """
 
