@@ -904,6 +904,52 @@ def test_values_packed_along_keys_on_the_gpu_are_read_in_place_by_keys_m(monkeyp
     assert compiled or (True in vkeys and False in vkeys)  # eager: both layouts ran keys-m, one of them VKEYS
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+def test_a_calibrated_decode_on_keys_m_reads_the_rope_table_and_equals_the_eager_cache(monkeypatch, compiled):
+    """On CUDA at head_dim 128 (keys-m's shape) with the pre-RoPE key offset: the decode program holds the table,
+    keys-m's decode launches read it (ROPE_TABLE), and the logits, eager or compiled, equal the eager cache's within
+    the kernels' tolerance, far closer than without the offset."""
+    from rqcompile.kernels import attention as kattn
+
+    model = tiny_models.tiny_llama_head_dim_128().cuda()
+    gen = torch.Generator().manual_seed(4)
+    calib = Calibration(
+        {(layer, "k", "mean"): torch.randn(2, 128, generator=gen) * 0.3 for layer in range(2)}
+        | {(layer, "k", "rope_mean"): torch.randn(2, 128, generator=gen) * 2 for layer in range(2)}
+    )
+    config = RQConfig(rope_key_mean=True, residual_window=4)
+    tables = []
+    real = kattn._attn_keys_m_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tables.append(kwargs["ROPE_TABLE"])
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    if not compiled:  # wrap_triton takes the kernel itself
+        monkeypatch.setattr(kattn, "_attn_keys_m_kernel", Spy())
+    lm = apply(model, config=config, max_cache_len=48, calibration=calib, prefill_logits="all")
+    assert lm.decode_module.meta["rq_rope_table"] == len(lm.sites)
+    assert lm.memory_report().compressed_bytes > sum(lm.buffers[n].nbytes for n in lm.cache_names)
+    if compiled:
+        lm.compile()
+    ids = _ids(40, seed=6).cuda()
+    got = _steps(lm, ids, 9)
+    ref = _eager(model, RQCache(config, model_config=model.config, calibration=calib), ids, 9)
+    plain = _eager(model, RQCache(config.replace(rope_key_mean=False), calibration=None), ids, 9)
+    assert torch.isfinite(got).all()
+    err, effect = (got - ref).abs().max().item(), (plain - ref).abs().max().item()
+    assert err < 0.2 * effect and err < 2e-2, (err, effect)
+    assert compiled or (tables and all(tables))  # eager: every keys-m launch (the decode steps') read the table
+
+
 def test_by_default_values_are_packed_along_keys_only_where_the_gpu_decode_kernel_reads_them_in_place(models):
     """value_layout=None ("auto") resolves per program: on the CPU every reader would re-pack a copy, so V stays per
     token; on CUDA, keys where every site's decode shape is the keys-m kernel's (norm groups of 128, <= 16 query
