@@ -943,7 +943,8 @@ def test_a_calibrated_decode_on_keys_m_reads_the_rope_table_and_gives_the_logits
     with mock.patch.object(rqcompile.api, "rope_table", lambda gm: gm):
         turned = apply(model, config=config, max_cache_len=48, calibration=calib, prefill_logits="all")
     plain_calib = Calibration({key: t for key, t in calib.stats.items() if key[2] != "rope_mean"})
-    plain = apply(model, config=config.replace(rope_key_mean=False), max_cache_len=48, calibration=plain_calib)
+    plain_config = config.replace(rope_key_mean=False)
+    plain = apply(model, config=plain_config, max_cache_len=48, calibration=plain_calib, prefill_logits="all")
     assert lm.decode_module.meta["rq_rope_table"] == len(lm.sites) and "rq_rope_table" not in turned.decode_module.meta
     assert lm.memory_report().compressed_bytes == turned.memory_report().compressed_bytes + 48 * 128 * 2
     if compiled:
