@@ -18,7 +18,12 @@ on this window; it reran the seeds (`ppl_noise.py --pins --comparisons --seeds 6
 ppl_noise_pins_s41.json) and gave *every* pin that headroom, crossed or not: two pins' runs crossed their ceiling
 (iso-K4/3V3-rope-prompt at +11.85% unjittered against 10, iso-K3V3/2-rope-prompt-means) and eleven more had less
 headroom than that. The comparisons' bounds sit 10% above their runs' worst ratio (CI had failed bit allocation at
-0.853 against 0.85 before the change).
+0.853 against 0.85 before the change). Session 42's machine (a 2-core AMD EPYC; the same torch, transformers and
+code) moved every pin's unjittered value by -18% to +28% of KL against session 41's (`ppl_noise.py --pins --seeds
+0`, benchmarks/results/ppl_noise_pins_s42_unjittered.json; the model's fp ppl the same, 12.1735): another CPU's
+float rounding in the model's own matmuls reaches codes all over the cache, more than the jitter's few dozen. CI
+failed default-no-window-prompt-calibrated there (KL 0.1250 against 0.122); it and iso-K3V3/2-rope-prompt (0.1665
+against 0.175) now have their KL ceilings 15% above the larger of the two machines' values.
 
 The full-length numbers come from benchmarks/presets.py; tests/test_quality_bench.py runs benchmarks/quality.py (slow).
 """
@@ -109,7 +114,7 @@ PINS = {
         RQConfig(key_bits=3, value_bits=2, layer_bits=tuple((i, 3, 3) for i in range(15)), residual_window=0),
         "prompt",
         (3.0, 15.5),
-        0.175,
+        0.19,  # KL 0.143 .. 0.152 on session 41's machine (jittered), 0.1665 on session 42's
     ),
     "rotor-K3/2V2-rope-prompt": (
         RQConfig(backend="rotor", bits=2, layer_bits=tuple((i, 3, 2) for i in K4_LAYERS), residual_window=0),
@@ -140,7 +145,8 @@ PINS = {
     # what rqcompile.apply carries by default: calibrate()'s key means (post- and pre-RoPE) on stdlib text
     "default-stdlib-calibrated": (RQConfig(), "default", (1.5, 8.0), 0.027),
     "default-calibrated-key-and-value-scales": (RQConfig(rope_key_mean=False), True, (0.0, 5.0), 0.053),
-    "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (0.5, 11.5), 0.122),
+    # KL 0.096 .. 0.110 on session 41's machine (jittered), 0.1250 on session 42's (the module docstring)
+    "default-no-window-prompt-calibrated": (RQConfig(residual_window=0), "prompt", (0.5, 11.5), 0.144),
     "default-no-window-post-rope-mean-only": (
         RQConfig(residual_window=0, rope_key_mean=False),
         "prompt",
