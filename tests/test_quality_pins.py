@@ -23,7 +23,9 @@ code) moved every pin's unjittered value by -18% to +28% of KL against session 4
 0`, benchmarks/results/ppl_noise_pins_s42_unjittered.json; the model's fp ppl the same, 12.1735): another CPU's
 float rounding in the model's own matmuls reaches codes all over the cache, more than the jitter's few dozen. CI
 failed default-no-window-prompt-calibrated there (KL 0.1250 against 0.122); it and iso-K3V3/2-rope-prompt (0.1665
-against 0.175) now have their KL ceilings 15% above the larger of the two machines' values.
+against 0.175) now have their KL ceilings 15% above the larger of the two machines' values, and
+rotor-K3/2V2-rope-prompt (+45.08% against 49) its ppl ceiling 15% above it; every other bound already had session
+41's headroom (ppl 15%, KL 10%) over both machines' values.
 
 The full-length numbers come from benchmarks/presets.py; tests/test_quality_bench.py runs benchmarks/quality.py (slow).
 """
@@ -119,7 +121,7 @@ PINS = {
     "rotor-K3/2V2-rope-prompt": (
         RQConfig(backend="rotor", bits=2, layer_bits=tuple((i, 3, 2) for i in K4_LAYERS), residual_window=0),
         "prompt",
-        (20.0, 49.0),
+        (20.0, 52.0),  # ppl +45.08% on session 42's machine (the module docstring)
         0.39,
     ),
     # Session 16: prompt_means=True, calibrate()'s defaults with the key means measured on the prompt (QUALITY.md
