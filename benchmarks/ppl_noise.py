@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -148,6 +149,26 @@ def _pins_harness():
     return pins, smollm2, ids, reference
 
 
+def machine() -> dict:
+    """What the numbers depend on beyond the code (session 42: another CPU moved every pin's KL by -18..+28%)."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
@@ -162,7 +183,7 @@ def main() -> None:
     parser.set_defaults(offsets="0,8192")
     args = parser.parse_args()
     if args.pins or args.comparisons:
-        results = {"command": " ".join(sys.argv), "jitter": JITTER}
+        results = {"command": " ".join(sys.argv), "machine": machine(), "jitter": JITTER}
         if args.pins:
             results["pins"] = pins_noise(args.seeds, set(filter(None, args.only.split(","))))
         if args.comparisons:
@@ -171,7 +192,8 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return
     harness = Harness.load(args)
-    results = {"command": " ".join(sys.argv), "jitter": JITTER, "prefill": args.prefill, "decode": args.decode}
+    results = {"command": " ".join(sys.argv), "machine": machine(), "jitter": JITTER}
+    results.update(prefill=args.prefill, decode=args.decode)
     results["offsets"], results["configs"] = args.offsets, {}
     for name in args.configs.split(","):
         config = CONFIGS[name]

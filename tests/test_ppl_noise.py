@@ -25,3 +25,10 @@ def test_the_jitter_flips_only_codes_within_ulps_of_a_boundary():
     assert (codes - exact).abs().max() == 1
     assert torch.equal(noise.jittered(0, [0])(u, bounds), codes)  # a seed repeats
     assert not torch.equal(noise.jittered(1, [0])(u, bounds), codes)
+
+
+def test_a_noise_run_records_the_machine_it_ran_on():
+    """Pins move with the CPU's float rounding (QUALITY.md "Session 42"), so a run's JSON names what it ran on."""
+    machine = load_benchmark("ppl_noise", "ppl_noise").machine()
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["threads"] == torch.get_num_threads()
+    assert machine["torch"] == torch.__version__
