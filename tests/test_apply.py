@@ -869,22 +869,16 @@ def test_values_packed_along_keys_compile_without_graph_breaks(models):
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
-def test_values_packed_along_keys_on_the_gpu_are_read_in_place_by_keys_m(monkeypatch, compiled):
-    """On CUDA at head_dim 128 (keys-m's shape): the decode steps' attention reads V along keys in place (the
-    kernel's VKEYS build, no per-token copy), the Triton write kernel fills the blocks, and the logits are the
-    per-token layout's (the same codes; the kernels' sums differ only in order)."""
+def _keys_m_flags(monkeypatch, flag: str) -> list:
+    """A spy on keys-m's eager launches: the list each launch appends its `flag` meta-argument to."""
     from rqcompile.kernels import attention as kattn
 
-    model = tiny_models.tiny_llama_head_dim_128().cuda()
-    vkeys = []
-    real = kattn._attn_keys_m_kernel
+    seen, real = [], kattn._attn_keys_m_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                vkeys.append(kwargs["VKEYS"])
+                seen.append(kwargs[flag])
                 return real[grid](*args, **kwargs)
 
             return launch
@@ -892,8 +886,18 @@ def test_values_packed_along_keys_on_the_gpu_are_read_in_place_by_keys_m(monkeyp
         def __getattr__(self, name):
             return getattr(real, name)
 
-    if not compiled:  # wrap_triton takes the kernel itself
-        monkeypatch.setattr(kattn, "_attn_keys_m_kernel", Spy())
+    monkeypatch.setattr(kattn, "_attn_keys_m_kernel", Spy())
+    return seen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+def test_values_packed_along_keys_on_the_gpu_are_read_in_place_by_keys_m(monkeypatch, compiled):
+    """On CUDA at head_dim 128 (keys-m's shape): the decode steps' attention reads V along keys in place (the
+    kernel's VKEYS build, no per-token copy), the Triton write kernel fills the blocks, and the logits are the
+    per-token layout's (the same codes; the kernels' sums differ only in order)."""
+    model = tiny_models.tiny_llama_head_dim_128().cuda()
+    vkeys = _keys_m_flags(monkeypatch, "VKEYS") if not compiled else []  # wrap_triton takes the kernel itself
     per_token, along = _along_keys_pair(model, residual_window=4)
     ids = _ids(40, seed=6).cuda()
     if compiled:
@@ -916,7 +920,6 @@ def test_a_calibrated_decode_on_keys_m_reads_the_rope_table_and_gives_the_logits
     from unittest import mock
 
     import rqcompile.api
-    from rqcompile.kernels import attention as kattn
 
     model = tiny_models.tiny_llama_head_dim_128().cuda()
     gen = torch.Generator().manual_seed(4)
@@ -925,20 +928,6 @@ def test_a_calibrated_decode_on_keys_m_reads_the_rope_table_and_gives_the_logits
         | {(layer, "k", "rope_mean"): torch.randn(2, 128, generator=gen) * 2 for layer in range(2)}
     )
     config = RQConfig(rope_key_mean=True, residual_window=4)
-    tables = []
-    real = kattn._attn_keys_m_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                tables.append(kwargs["ROPE_TABLE"])
-                return real[grid](*args, **kwargs)
-
-            return launch
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
     lm = apply(model, config=config, max_cache_len=48, calibration=calib, prefill_logits="all")
     with mock.patch.object(rqcompile.api, "rope_table", lambda gm: gm):
         turned = apply(model, config=config, max_cache_len=48, calibration=calib, prefill_logits="all")
@@ -947,11 +936,12 @@ def test_a_calibrated_decode_on_keys_m_reads_the_rope_table_and_gives_the_logits
     plain = apply(model, config=plain_config, max_cache_len=48, calibration=plain_calib, prefill_logits="all")
     assert lm.decode_module.meta["rq_rope_table"] == len(lm.sites) and "rq_rope_table" not in turned.decode_module.meta
     assert lm.memory_report().compressed_bytes == turned.memory_report().compressed_bytes + 48 * 128 * 2
+    tables = []
     if compiled:
         for program in (lm, turned, plain):
             program.compile()
     else:  # wrap_triton takes the kernel itself
-        monkeypatch.setattr(kattn, "_attn_keys_m_kernel", Spy())
+        tables = _keys_m_flags(monkeypatch, "ROPE_TABLE")
     ids = _ids(40, seed=6).cuda()
     got = _steps(lm, ids, 9)
     assert compiled or (tables and all(tables))  # eager: every keys-m launch (the decode steps') read the table
