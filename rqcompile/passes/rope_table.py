@@ -27,24 +27,24 @@ from rqcompile.passes.exact_attention import attention_with_exact_tokens
 
 __all__ = ["rope_table"]
 
-# each reader of the term: (its positional index of rope_inv_freq, of the K codes)
+# each reader of the term: its positional index of rope_inv_freq (the K codes are argument 1 of all three)
 _READERS = {
-    torch.ops.rq.attention.default: (22, 1),
-    torch.ops.rq.attention_lse.default: (22, 1),
-    attention_with_exact_tokens: (28, 1),
+    torch.ops.rq.attention.default: 22,
+    torch.ops.rq.attention_lse.default: 22,
+    attention_with_exact_tokens: 28,
 }
 
 
 def _inv_freq(node: fx.Node) -> fx.Node | None:
     """The site's `rope_inv_freq` when it is a buffer (the programs' `rq_rope_inv_freq_i`), else None."""
-    index, _ = _READERS[node.target]
+    index = _READERS[node.target]
     arg = node.args[index] if len(node.args) > index else node.kwargs.get("rope_inv_freq")
     return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
 def _slots(node: fx.Node, gm: fx.GraphModule) -> int:
     """The cache's key slots: the K codes' third dimension (a buffer, or any node with a fake value)."""
-    codes = node.args[_READERS[node.target][1]]
+    codes = node.args[1]
     if codes.op == "get_attr":
         return int(gm.get_buffer(codes.target).shape[2])
     return int(codes.meta["val"].shape[2])
