@@ -602,6 +602,13 @@ def main(argv: list[str] | None = None) -> None:
         help="kernels.quantize DEFAULTS['rows_max_tokens']: 0 sends a decode step's quantize to the tiled kernel",
     )
     p.add_argument(
+        "--keys-m-maxnreg",
+        type=int,
+        default=None,
+        help="kernels.attention DEFAULTS['keys_m_maxnreg']: 0 launches keys-m uncapped everywhere (compiled calls "
+        "are then decomposed into the kernels, as before session 43)",
+    )
+    p.add_argument(
         "--compile-mode",
         default=None,
         help="torch.compile mode for both compiled paths, e.g. reduce-overhead (CUDA graphs); default: torch's",
@@ -613,6 +620,10 @@ def main(argv: list[str] | None = None) -> None:
         from rqcompile.kernels import attention as kattn
 
         kattn.DEFAULTS["variant"] = args.attn_variant
+    if args.keys_m_maxnreg is not None:
+        from rqcompile.kernels import attention as kattn
+
+        kattn.DEFAULTS["keys_m_maxnreg"] = args.keys_m_maxnreg
     if args.compile_mode:
         COMPILE_OPTIONS["mode"] = args.compile_mode
     if args.rows_max_tokens is not None:

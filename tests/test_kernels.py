@@ -931,6 +931,25 @@ def test_only_eager_launches_are_opaque(monkeypatch):
     assert [k["OPAQUE"] for k in seen] == [True, False]
 
 
+def test_the_launch_plan_decides_as_the_launch_and_launches_nothing(monkeypatch):
+    """`eager_launch_options` (what torch.compile asks before decomposing rq::attention) names the kernel and the
+    launch options an eager launch of the same arguments takes, and launches nothing. The interpreter takes no
+    register cap; outside it a decode tile (BLOCK_M 16) of the split kernel takes DEFAULTS["maxnreg"]."""
+    seen = _spy_on(monkeypatch, "_attn_split_kernel")
+    args = _tiny_attention_args()
+    kattn.launch_attention(*args)
+    (launch,) = seen
+    plan = kattn.eager_launch_options(*args)
+    assert plan == ("split", {"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
+    monkeypatch.setattr(kattn, "interpreting", lambda: False)
+    assert kattn.eager_launch_options(*args)[1]["maxnreg"] == kattn.DEFAULTS["maxnreg"]
+    assert "maxnreg" not in kattn.eager_launch_options(*args, maxnreg=0)[1]  # maxnreg=0 asks for none
+    assert kattn.eager_launch_options(*args, maxnreg=96)[1]["maxnreg"] == 96
+    assert len(seen) == 1
+    with pytest.raises(TypeError, match="no wrap"):
+        kattn.eager_launch_options(*args, wrap=lambda kernel: kernel)
+
+
 def test_prmt_decode_is_the_tree_in_the_interpreter(monkeypatch):
     """The launcher forces the tree for DECODE=1 where inline asm cannot run."""
     if HAS_CUDA:
@@ -1358,6 +1377,85 @@ def test_an_eager_keys_m_decode_takes_the_register_cap_where_it_buys_splits(monk
         for wrap, capped in ((None, True), (lambda kernel: kernel, False)):
             kattn.launch_attention(*args, wrap=wrap, v_along_keys=True, kv_start=1)
             assert ("maxnreg" in seen[-1]) == capped
+
+
+def _capped_decode_call(batch: int, tk: int = 32768) -> tuple:
+    """rq::attention's arguments for apply's default decode at Qwen3.5-27B's shape (iso full mixing, 3 bits, V along
+    keys, kv_len, kv_start 1): the call whose eager launch takes keys-m's register cap at batch 8, not at batch 1."""
+    heads = 4
+    q = torch.randn(batch, heads * 6, 1, 256, device="cuda", dtype=torch.bfloat16)
+    ks = _state("iso", 3, "k", heads, 256, "cuda", rotation_stages="full")
+    x = torch.randn(batch, heads, tk, 256, device="cuda")
+    kc, kn = quantizer.quantize(x, *ks.tensors().values(), 3, ks.group)
+    vc, vn = quantizer.quantize(x.flip(2), *ks.tensors().values(), 3, ks.group)
+    st = (ks.rotation, ks.scale, ks.levels, ks.rotation, ks.mean, ks.scale, ks.levels, 3, 3)
+    args = (q, kc, kn, pack_along_keys(vc, 3, 256), vn, *st, None, 1 / 16)
+    kv_len = torch.randint(tk // 2, tk + 1, (batch,), device="cuda", dtype=torch.int32)
+    return args, {"kv_len": kv_len, "v_along_keys": True, "kv_start": 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch", [8, 1])
+def test_a_compiled_call_the_eager_launch_caps_stays_the_op_and_gives_the_eager_output(monkeypatch, batch):
+    """torch 2.11's Inductor drops a user kernel's `maxnreg`, so a decomposed call would run keys-m's uncapped build
+    (two programs per SM where the capped one fits three). Under torch.compile a call whose eager launch takes the
+    cap stays rq::attention: Inductor calls the op, i.e. the eager launcher, which runs the capped build with the
+    same splits, and the output is the eager one bit for bit. A call the launcher would not cap (batch 1) is
+    decomposed into the kernels as before."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setitem(kattn.DEFAULTS, "keys_m_maxnreg", 168)
+    torch.manual_seed(0)
+    args, kw = _capped_decode_call(batch)
+    kernel, options = kattn.eager_launch_options(*args, **kw)
+    assert kernel == "keys-m" and options.get("maxnreg") == (168 if batch == 8 else None)
+
+    def attend(*a):
+        return torch.ops.rq.attention(*a, **kw)
+
+    torch._dynamo.reset()
+    seen = _spy_on(monkeypatch, "_attn_keys_m_kernel") if batch == 8 else []  # wrap_triton takes no spy
+    out, code = run_and_get_code(torch.compile(attend, fullgraph=True), *args)
+    src = "\n".join(code)
+    if batch == 8:
+        assert "torch.ops.rq.attention.default(" in src and "_attn_keys_m_kernel" not in src, src[-3000:]
+        assert [launch.get("maxnreg") for launch in seen] == [168]
+    else:
+        assert "_attn_keys_m_kernel" in src and "torch.ops.rq.attention.default(" not in src, src[-3000:]
+    eager = torch.ops.rq.attention(*args, **kw)
+    assert not out.isnan().any()
+    if batch == 8:
+        assert torch.equal(out, eager)
+    else:  # the same kernels and splits through Inductor's launch
+        assert ((out - eager).float().norm() / eager.float().norm()).item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_aotinductor_compiles_a_call_the_eager_launch_caps_into_the_package(tmp_path, monkeypatch):
+    """AOTInductor's package must hold every kernel (no call back into the Python launcher), so there the capped
+    call is decomposed as before, at the uncapped build's register count."""
+    import zipfile
+
+    from torch._inductor import aoti_compile_and_package
+
+    monkeypatch.setitem(kattn.DEFAULTS, "keys_m_maxnreg", 168)
+    torch.manual_seed(0)
+    args, kw = _capped_decode_call(8, tk=16384)
+    assert kattn.eager_launch_options(*args, **kw)[1].get("maxnreg") == 168
+
+    class Attend(torch.nn.Module):
+        def forward(self, *a):
+            return torch.ops.rq.attention(*a, **kw)
+
+    ep = torch.export.export(Attend(), args)
+    path = aoti_compile_and_package(ep, package_path=str(tmp_path / "attend.pt2"))
+    with zipfile.ZipFile(path) as package:
+        names = package.namelist()
+        text = "\n".join(package.read(n).decode(errors="ignore") for n in names if n.endswith((".cpp", ".py", ".json")))
+    assert "attn_keys_m_kernel" in text or any("attn_keys_m_kernel" in n for n in names), names
+    assert "proxy_executor_call_function" not in text  # how an AOTI package calls an op it does not compile
 
 
 # ---------------------------------------------------------------- the rope_ab score term (rq::attention's rope_ab)

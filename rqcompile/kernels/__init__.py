@@ -166,6 +166,17 @@ def _attention_launch(*args, wrap=_plain, **kwargs):
     return launch_attention(*ordered, wrap=wrap, **_attention_options(a))
 
 
+def _attention_keys_m_capped(*args, **kwargs) -> bool:
+    """Whether the eager launch of these rq::attention(_lse) arguments runs keys-m under its register cap (kept
+    opaque when compiled: see `_OPAQUE_WHEN`)."""
+    from rqcompile.kernels.attention import eager_launch_options
+
+    a = _attention_args(args, kwargs)
+    ordered = [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]]
+    kernel, options = eager_launch_options(*ordered, **_attention_options(a))
+    return kernel == "keys-m" and "maxnreg" in options
+
+
 def _attention_reference(*args, **kwargs):
     from rqcompile.ops import reference_attention
 
@@ -213,12 +224,28 @@ _IMPLS = {
 }
 
 
+# name -> whether a call stays opaque under torch.compile (Inductor calls the op, i.e. the eager launcher): keys-m's
+# eager register cap, which torch 2.11's Inductor would drop from a decomposed launch. The launcher takes it only
+# where it buys splits (batch 8 at 32K keys: 600 -> 549 us per call at 128K, session 42), calls long enough to hide
+# the eager launcher's host time; the split kernel's decode cap (every small call) stays decomposed.
+_OPAQUE_WHEN = {"rq::attention": _attention_keys_m_capped, "rq::attention_lse": _attention_keys_m_capped}
+
+
 def _first_tensor(args):
     return next(a for a in args if isinstance(a, torch.Tensor))
 
 
-def _functional_rule(ok, launch):
-    """Like `torch.library.triton_op`'s rule: decompose into wrap_triton launches under AOT tracing (CUDA only)."""
+def _aot_compiling() -> bool:
+    """Inside AOTInductor's compile: every kernel must be in the package (no call back into this launcher)."""
+    from torch._inductor.virtualized import V
+
+    return bool(V.aot_compilation)
+
+
+def _functional_rule(ok, launch, opaque=None):
+    """Like `torch.library.triton_op`'s rule: decompose into wrap_triton launches under AOT tracing (CUDA only).
+    `opaque(*args, **kwargs)`: keep such a call the op (Inductor calls it, i.e. the eager launcher) under
+    torch.compile, not AOTInductor."""
 
     def rule(mode, op, types, args, kwargs):
         from torch.export._trace import custom_triton_ops_decomposition_disabled
@@ -232,6 +259,11 @@ def _functional_rule(ok, launch):
         known = (torch.Tensor, FunctionalTensor)
         if any(not issubclass(t, torch._subclasses.FakeTensor) and t not in known for t in types):
             return NotImplemented
+        if opaque is not None and not _aot_compiling():
+            with mode:  # the plan's allocations are traced as dead code
+                keep = opaque(*args, **kwargs)
+            if keep:
+                return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             return launch(*args, **kwargs, wrap=torch.library.wrap_triton)
 
@@ -261,7 +293,8 @@ def register() -> bool:
 
     for name, (ok, launch, reference) in _IMPLS.items():
         torch.library.register_kernel(name, "cuda", _eager(ok, launch, reference))
-        torch.library.register_torch_dispatch(name, FunctionalTensorMode, _functional_rule(ok, launch))
+        rule = _functional_rule(ok, launch, _OPAQUE_WHEN.get(name))
+        torch.library.register_torch_dispatch(name, FunctionalTensorMode, rule)
     _REGISTERED = True
     return True
 

@@ -239,6 +239,16 @@ def _identity(kernel):
     return kernel
 
 
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _plan(kernel):
+    """launch_attention's wrap for `eager_launch_options`: decides as an eager launch would and launches nothing."""
+    return _NoLaunch()
+
+
 def keys_m_programs_per_sm(full_mask: bool, rope: bool) -> int:
     """The launcher's first guess of keys-m programs (4 warps each) resident on one H100/H200 SM, by registers
     (Triton 3.6, sm_90; benchmarks/sass_counts.py): 155-172 per thread without a mask or the rope term, or with a
@@ -384,7 +394,8 @@ def launch_attention(
     if interpreting():  # no inline asm: the split kernel takes the tree, keys-m the prmt steps in Triton ops
         decode = 2 if keys_m else (0 if decode == 1 else decode)
     # keys-m: 160 registers uncapped (3 programs per SM either way down to 144); capped only when asked
-    capped = maxnreg and block_m == 16 and wrap is _identity and not interpreting() and layouts is None
+    eager = (wrap is _identity or wrap is _plan) and not interpreting()  # launches that keep Triton's options
+    capped = maxnreg and block_m == 16 and eager and layouts is None
     capped = capped and (maxnreg_given or not keys_m)
     launch_opts = {"maxnreg": maxnreg} if capped else {}
     m_tiles = triton.cdiv(rows, block_m)
@@ -426,6 +437,8 @@ def launch_attention(
         kvl = kvl.expand(batch).contiguous()
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=device) if with_lse else None
     if batch * q_heads * q_len == 0:
+        if wrap is _plan:
+            return "none", {}
         empty = torch.empty(q.shape, dtype=q.dtype, device=device)
         return (empty, lse) if with_lse else empty
     mask_row = mask_kind != 0 and mstrides[1] == 0 and mstrides[2] == 0
@@ -501,7 +514,6 @@ def launch_attention(
         # the register cap where three programs would fit but the build allows two (not with the computed rope term
         # or a per-row mask, not when the caller chose a cap: maxnreg=0 asks for none)
         cap = DEFAULTS["keys_m_maxnreg"]
-        eager = wrap is _identity and not interpreting()
         if cap and eager and not maxnreg_given and guess == 3 and fits < 3:
             capped_meta = {**keys_m_meta, "maxnreg": cap}  # eager only: wrap_triton drops the option
             capped_fits = _keys_m_fits(args, capped_meta, device.index or 0)
@@ -512,6 +524,10 @@ def launch_attention(
         target = split_waves * sm_count(device.index or 0) if device.type == "cuda" else 4
         num_splits = triton.cdiv(target, work_rows)
     num_splits, span = split_plan(num_splits)
+    if wrap is _plan:
+        options = keys_m_meta if keys_m else {**meta, **launch_opts}
+        kernel = "keys-m" if keys_m else ("split" if layouts is None else "layout")
+        return kernel, {k: options[k] for k in ("num_warps", "num_stages", "maxnreg") if k in options}
 
     pm = torch.empty((batch * heads, num_splits, rows), dtype=torch.float32, device=device)
     pl = torch.empty((batch * heads, num_splits, rows), dtype=torch.float32, device=device)
@@ -584,6 +600,17 @@ def launch_attention(
         num_warps=combine_warps,
     )
     return (out, lse) if with_lse else out
+
+
+def eager_launch_options(*args, **kwargs) -> tuple[str, dict]:
+    """(kernel, Triton launch options) of an eager `launch_attention(*args, **kwargs)`: "keys-m", "split" or
+    "layout" ("none" for an empty call), with num_warps, num_stages and, where the launcher caps registers, maxnreg.
+    torch 2.11's Inductor drops `maxnreg` from user kernels (sessions 33, 35), so the compiled path asks this to keep
+    a capped keys-m call an opaque op, launched by this launcher as in eager mode. Works on fake tensors (nothing is
+    launched; what it allocates is dead code in a trace)."""
+    if "wrap" in kwargs:
+        raise TypeError("eager_launch_options plans the eager launch: it takes no wrap")
+    return launch_attention(*args, wrap=_plan, **kwargs)
 
 
 def default_sm_scale(dim: int) -> float:
