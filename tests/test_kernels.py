@@ -1381,15 +1381,20 @@ def test_an_eager_keys_m_decode_takes_the_register_cap_where_it_buys_splits(monk
 
 def _capped_decode_call(batch: int, tk: int = 32768) -> tuple:
     """rq::attention's arguments for apply's default decode at Qwen3.5-27B's shape (iso full mixing, 3 bits, V along
-    keys, kv_len, kv_start 1): the call whose eager launch takes keys-m's register cap at batch 8, not at batch 1."""
-    heads = 4
-    q = torch.randn(batch, heads * 6, 1, 256, device="cuda", dtype=torch.bfloat16)
-    ks = _state("iso", 3, "k", heads, 256, "cuda", rotation_stages="full")
-    x = torch.randn(batch, heads, tk, 256, device="cuda")
-    kc, kn = quantizer.quantize(x, *ks.tensors().values(), 3, ks.group)
-    vc, vn = quantizer.quantize(x.flip(2), *ks.tensors().values(), 3, ks.group)
+    keys, kv_len, kv_start 1): the call whose eager launch takes keys-m's register cap at batch 8, not at batch 1.
+    The codes are random bytes (the tests compare launches of one kernel with each other, not with the reference):
+    a quantized 32K-key cache at batch 8 held ~40 GB of the GPU in the reference's float64 rotation."""
+    heads, dim = 4, 256
+    q = torch.randn(batch, heads * 6, 1, dim, device="cuda", dtype=torch.bfloat16)
+    ks = _state("iso", 3, "k", heads, dim, "cuda", rotation_stages="full")
+
+    def codes_and_norms():
+        codes = torch.randint(0, 256, (batch, heads, tk, dim * 3 // 8), dtype=torch.uint8, device="cuda")
+        return codes, torch.rand(batch, heads, tk, dim // 128, device="cuda", dtype=torch.float16) + 0.5
+
+    (kc, kn), (vc, vn) = codes_and_norms(), codes_and_norms()
     st = (ks.rotation, ks.scale, ks.levels, ks.rotation, ks.mean, ks.scale, ks.levels, 3, 3)
-    args = (q, kc, kn, pack_along_keys(vc, 3, 256), vn, *st, None, 1 / 16)
+    args = (q, kc, kn, pack_along_keys(vc, 3, dim), vn, *st, None, 1 / 16)
     kv_len = torch.randint(tk // 2, tk + 1, (batch,), device="cuda", dtype=torch.int32)
     return args, {"kv_len": kv_len, "v_along_keys": True, "kv_start": 1}
 

@@ -38,7 +38,8 @@ from rqcompile.kernels.splits import MAX_SPLITS, programs_per_sm, wave_splits
 LOG2E = 1.4426950408889634
 # launch defaults (the sweep winner on the H200 with the prmt decode, benchmarks/NOTES.md v6); num_stages: software
 # pipelining of the loop
-# maxnreg: register cap per thread (more programs per SM; eager launches only, see launch_attention)
+# maxnreg: register cap per thread (more programs per SM; eager launches only, see launch_attention; a compiled
+# call the eager launch would cap keys-m for stays an opaque op, kernels.__init__._OPAQUE_WHEN, session 43)
 # decode: how a tile of codes becomes fp16 codebook values: 0 = binary select tree ("tree"), 1 = prmt byte-table
 # lookup in inline PTX ("prmt", compiled code only; the interpreter runs the tree), 2 = the prmt steps transcribed
 # into Triton integer ops (any backend; to test the prmt data path in the interpreter)
@@ -515,7 +516,7 @@ def launch_attention(
         # or a per-row mask, not when the caller chose a cap: maxnreg=0 asks for none)
         cap = DEFAULTS["keys_m_maxnreg"]
         if cap and eager and not maxnreg_given and guess == 3 and fits < 3:
-            capped_meta = {**keys_m_meta, "maxnreg": cap}  # eager only: wrap_triton drops the option
+            capped_meta = {**keys_m_meta, "maxnreg": cap}  # eager (and planned) only: wrap_triton drops the option
             capped_fits = _keys_m_fits(args, capped_meta, device.index or 0)
             capped_splits = wave_splits(total_blocks, work_rows, sms, capped_fits)
             if capped_splits > num_splits:
