@@ -152,18 +152,19 @@ def _attention_ok(*args, **kwargs):
     )
 
 
-def _attention_options(a: dict) -> dict:
-    """launch_attention's keywords from rq::attention's arguments by name."""
-    return {"v_along_keys": a["v_along_keys"], "kv_start": a["kv_start"], "rope_table": a["rope_table"]}
+def _launcher_args(args, kwargs) -> tuple[list, dict]:
+    """launch_attention's positional arguments and keywords from rq::attention's arguments."""
+    a = _attention_args(args, kwargs)
+    options = {"v_along_keys": a["v_along_keys"], "kv_start": a["kv_start"], "rope_table": a["rope_table"]}
+    return [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]], options
 
 
 def _attention_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
-    a = _attention_args(args, kwargs)
-    ordered = [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]]
+    ordered, options = _launcher_args(args, kwargs)
     wrap = None if wrap is _plain else wrap  # None: eager (may use maxnreg)
-    return launch_attention(*ordered, wrap=wrap, **_attention_options(a))
+    return launch_attention(*ordered, wrap=wrap, **options)
 
 
 def _attention_keys_m_capped(*args, **kwargs) -> bool:
@@ -171,10 +172,9 @@ def _attention_keys_m_capped(*args, **kwargs) -> bool:
     opaque when compiled: see `_OPAQUE_WHEN`)."""
     from rqcompile.kernels.attention import eager_launch_options
 
-    a = _attention_args(args, kwargs)
-    ordered = [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]]
-    kernel, options = eager_launch_options(*ordered, **_attention_options(a))
-    return kernel == "keys-m" and "maxnreg" in options
+    ordered, options = _launcher_args(args, kwargs)
+    kernel, launch_options = eager_launch_options(*ordered, **options)
+    return kernel == "keys-m" and "maxnreg" in launch_options
 
 
 def _attention_reference(*args, **kwargs):
@@ -186,10 +186,9 @@ def _attention_reference(*args, **kwargs):
 def _attention_lse_launch(*args, wrap=_plain, **kwargs):
     from rqcompile.kernels.attention import launch_attention
 
-    a = _attention_args(args, kwargs)
-    ordered = [a[name] for name in _ATTENTION_ARGS[:_POSITIONAL]]
+    ordered, options = _launcher_args(args, kwargs)
     wrap = None if wrap is _plain else wrap
-    return launch_attention(*ordered, wrap=wrap, with_lse=True, **_attention_options(a))
+    return launch_attention(*ordered, wrap=wrap, with_lse=True, **options)
 
 
 def _attention_lse_reference(*args, **kwargs):
